@@ -1,0 +1,74 @@
+"""Shared fixtures: generated image folders, the real datasets beside the project, tiny configs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATASETS = Path(os.environ.get("TUNEBOARD_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+
+def shared_dataset(name: str) -> Path:
+    path = DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {name} not found at {path} (the shared/datasets folder beside the project)")
+    return path
+
+
+def write_image(path: Path, color=(200, 30, 30), size=(40, 32), mode="RGB", fmt=None, noise=0, seed=0) -> Path:
+    """A real image file: a solid colour with optional noise, in any mode and format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arr = np.empty((size[1], size[0], 3), dtype=np.int16)
+    arr[:] = color
+    if noise:
+        arr += rng.integers(-noise, noise + 1, size=arr.shape, dtype=np.int16)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+    return path
+
+
+def make_dataset(root: Path, classes=("cat", "dog"), per_class=6, test_per_class=3, size=(40, 32),
+                 split_names=("train", "test"), flat=False, noise=20) -> Path:
+    """A learnable dataset: each class its own colour (with noise)."""
+    colors = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 40)]
+    for k, c in enumerate(classes):
+        color = colors[k % len(colors)]
+        if flat:
+            for i in range(per_class + test_per_class):
+                write_image(root / c / f"{c}_{i}.png", color, size, noise=noise, seed=k * 1000 + i)
+        else:
+            for i in range(per_class):
+                write_image(root / split_names[0] / c / f"{c}_{i}.png", color, size, noise=noise, seed=k * 1000 + i)
+            for i in range(test_per_class):
+                write_image(root / split_names[1] / c / f"{c}_t{i}.png", color, size, noise=noise,
+                            seed=k * 1000 + 500 + i)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    return make_dataset(tmp_path / "tiny", per_class=12, test_per_class=4)
+
+
+@pytest.fixture
+def tiny_config(tiny_dataset, tmp_path):
+    """Settings that train in a second or two on the CPU: a random-init ResNet-18 at 32 px."""
+    from finetune_core.config import TrainConfig
+
+    return TrainConfig(data=str(tiny_dataset), backbone="resnet18", weights="none", image_size=32,
+                       batch_size=8, epochs=2, lr=0.01, loss_reduction="mean", eval_batch_size=16)
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> str:
+    return str(tmp_path / "cache")

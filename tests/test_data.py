@@ -1,0 +1,290 @@
+"""The dataset layer: layouts, image modes, every problem the scan must name, loading, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, make_dataset, shared_dataset, write_image
+from finetune_core.data import (DatasetError, ImageListDataset, book_test_transform, book_train_transform,
+                                load_rgb, scan_dataset, skip_none_collate)
+
+
+def problems_by_path(report):
+    out = {}
+    for p in report.problems:
+        out.setdefault(os.path.basename(p.path), []).append(p)
+    return out
+
+
+# --- layouts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("test_name", ["test", "val", "valid", "validation"])
+def test_split_layout_accepts_each_test_split_name(tmp_path, test_name):
+    root = make_dataset(tmp_path / "d", split_names=("train", test_name), per_class=10)
+    report = scan_dataset(root)
+    assert report.layout == "splits"
+    assert report.test_split_name == test_name
+    assert report.classes == ["cat", "dog"]
+    assert report.splits == {"train": {"cat": 10, "dog": 10}, "test": {"cat": 3, "dog": 3}}
+    assert report.usable and not report.errors
+
+
+def test_flat_layout_gets_a_stratified_split_that_never_changes(tmp_path):
+    root = make_dataset(tmp_path / "flat", flat=True, per_class=17, test_per_class=3)  # 20 per class
+    first = scan_dataset(root)
+    assert first.layout == "flat"
+    assert first.splits == {"train": {"cat": 16, "dog": 16}, "test": {"cat": 4, "dog": 4}}
+    again = scan_dataset(root)
+    assert [r.path for r in again.samples["test"]] == [r.path for r in first.samples["test"]]
+    assert not {r.path for r in first.samples["test"]} & {r.path for r in first.samples["train"]}
+    half = scan_dataset(root, test_fraction=0.5)
+    assert half.splits["test"] == {"cat": 10, "dog": 10}
+
+
+def test_split_of_a_class_does_not_depend_on_other_files(tmp_path):
+    root = make_dataset(tmp_path / "flat", flat=True, per_class=17, test_per_class=3)
+    before = {r.path for r in scan_dataset(root).samples["test"] if "/cat/" in r.path}
+    for i in range(5):
+        write_image(root / "dog" / f"extra_{i}.png", (40, 60, 220), seed=99 + i)
+    after = {r.path for r in scan_dataset(root).samples["test"] if "/cat/" in r.path}
+    assert before == after
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_dataset_one_folder_down_is_found(tmp_path, flat):
+    make_dataset(tmp_path / "upload" / "my_photos", flat=flat, per_class=10)
+    report = scan_dataset(tmp_path / "upload")
+    assert report.root == str(tmp_path / "upload" / "my_photos")
+    assert report.classes == ["cat", "dog"] and report.usable
+
+
+# --- image formats and modes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,mode,fmt", [
+    ("a.jpg", "RGB", "JPEG"), ("b.JPG", "RGB", "JPEG"), ("c.jpeg", "RGB", "JPEG"), ("d.png", "RGB", "PNG"),
+    ("e.bmp", "RGB", "BMP"), ("f.webp", "RGB", "WEBP"), ("g.tif", "RGB", "TIFF"), ("h.TIFF", "RGB", "TIFF"),
+    ("gray.png", "L", "PNG"), ("rgba.png", "RGBA", "PNG"), ("la.png", "LA", "PNG"), ("cmyk.jpg", "CMYK", "JPEG"),
+    ("pal.gif", "P", "GIF"), ("pal.png", "P", "PNG"),
+])
+def test_every_format_and_mode_loads_as_rgb(tmp_path, name, mode, fmt):
+    path = write_image(tmp_path / name, color=(200, 100, 50), mode=mode, fmt=fmt)
+    img = load_rgb(path)
+    assert img.mode == "RGB" and img.size == (40, 32)
+    tensor = book_test_transform(24)(img)
+    assert tensor.shape == (3, 24, 24) and tensor.dtype == torch.float32
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    arr = np.zeros((10, 10, 4), dtype=np.uint8)  # fully transparent black
+    Image.fromarray(arr, "RGBA").save(tmp_path / "clear.png")
+    assert load_rgb(tmp_path / "clear.png").getpixel((5, 5)) == (255, 255, 255)
+    pal = Image.new("P", (10, 10), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "pal.png", transparency=0)
+    assert load_rgb(tmp_path / "pal.png").getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    arr = np.full((12, 12), 32768, dtype=np.uint16)  # mid grey in 16 bits
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    r, g, b = load_rgb(tmp_path / "deep.png").getpixel((3, 3))
+    assert r == g == b and 126 <= r <= 129
+
+
+def test_cmyk_colour_converts(tmp_path):
+    path = write_image(tmp_path / "c.jpg", color=(250, 10, 10), mode="CMYK", fmt="JPEG")
+    r, g, b = load_rgb(path).getpixel((10, 10))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_animated_gif_uses_first_frame(tmp_path):
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    r, g, b = load_rgb(tmp_path / "anim.gif").getpixel((10, 10))
+    assert r > 200 and b < 50
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_rgb(tmp_path / "rot.jpg").size == (20, 40)
+
+
+# --- problems ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def messy(tmp_path):
+    root = make_dataset(tmp_path / "messy", per_class=12, test_per_class=4)
+    train = root / "train"
+    (train / "cat" / "empty.jpg").write_bytes(b"")
+    good = (train / "cat" / "cat_0.png").read_bytes()
+    jpg = write_image(tmp_path / "full.jpg", size=(50, 50), noise=40)
+    (train / "cat" / "truncated.jpg").write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])
+    (train / "cat" / "corrupt.jpg").write_bytes(bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8)))
+    (train / "cat" / "notes.txt").write_text("not an image")
+    (train / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    write_image(train / "cat" / "tiny.png", size=(8, 8))
+    write_image(train / "dog" / "huge.png", size=(60, 60))
+    (train / "emptyclass").mkdir()
+    write_image(root / "test" / "bird" / "bird_0.png")  # class only in the test split
+    (root / "test" / "dog" / "leak.png").write_bytes(good)  # same bytes as a training image
+    (train / "dog" / "loop").symlink_to(train / "dog", target_is_directory=True)
+    return root
+
+
+def test_scan_names_every_problem_with_path_and_severity(messy):
+    report = scan_dataset(messy, max_pixels=3000)  # 60x60 = 3600 pixels counts as a bomb here
+    by = problems_by_path(report)
+    expect = {
+        "empty.jpg": "empty file", "truncated.jpg": "truncated", "corrupt.jpg": "not an image Pillow can read",
+        "notes.txt": "not an image file", ".DS_Store": "hidden", "tiny.png": "too small",
+        "huge.png": "decompression bomb", "emptyclass": "no usable images", "leak.png": "test leakage",
+        "loop": "symbolic link loop",
+    }
+    for name, text in expect.items():
+        assert name in by, f"{name} not reported; problems: {report.problems}"
+        assert any(text in p.problem for p in by[name]), (name, by[name])
+        assert all(p.severity == "warning" for p in by[name])
+        assert all(os.path.isabs(p.path) for p in by[name])
+    assert any("test split only" in p.problem for p in by["bird"])
+    assert report.usable  # all of these are skipped files, not errors
+    assert report.classes == ["cat", "dog"]
+    assert report.splits["train"] == {"cat": 12, "dog": 12}
+    used = {os.path.basename(r.path) for rs in report.samples.values() for r in rs}
+    assert not used & set(expect)
+
+
+def test_decompression_bomb_at_pillow_default_limit_is_skipped(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "d", per_class=10)
+    write_image(root / "train" / "cat" / "bomb.png", size=(50, 50))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2x this raises DecompressionBombError
+    report = scan_dataset(root, min_side=1)
+    bombs = [p for p in report.problems if "decompression bomb" in p.problem]
+    assert {os.path.basename(p.path) for p in bombs} >= {"bomb.png"}
+
+
+def test_few_images_and_imbalance_are_warned(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=30, test_per_class=3)
+    for f in sorted((root / "train" / "dog").iterdir())[4:]:
+        f.unlink()
+    report = scan_dataset(root)
+    texts = [p.problem for p in report.warnings]
+    assert any("only 4 training images" in t for t in texts)
+    assert any("strong class imbalance in train" in t and "ratio 7.5" in t for t in texts)
+    assert report.usable
+
+
+@pytest.mark.parametrize("build,expected", [
+    (lambda r: make_dataset(r, classes=("only",)), "fewer than two classes"),
+    (lambda r: (make_dataset(r), [f.unlink() for f in (r / "test").rglob("*.png")]), "the test split has no usable images"),
+    (lambda r: (r / "a").mkdir(parents=True) or (r / "b").mkdir() or (r / "a" / "x.txt").write_text("x"),
+     "no dataset found"),
+    (lambda r: [(r / "train" / c).mkdir(parents=True) or (r / "test" / c).mkdir(parents=True) for c in "ab"],
+     "no usable images"),
+])
+def test_unusable_datasets_are_errors(tmp_path, build, expected):
+    root = tmp_path / "bad"
+    root.mkdir()
+    build(root)
+    report = scan_dataset(root)
+    assert not report.usable
+    assert any(expected in p.problem and p.severity == "error" for p in report.problems), report.problems
+    assert expected in report.reason() or report.errors[0].problem in report.reason()
+
+
+def test_missing_path_and_file_path_raise(tmp_path):
+    with pytest.raises(DatasetError, match="no such folder"):
+        scan_dataset(tmp_path / "nope")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(DatasetError, match="not a folder"):
+        scan_dataset(tmp_path / "f.txt")
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def test_loader_yields_rgb_tensors_and_skips_a_file_that_breaks_later(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=4)
+    report = scan_dataset(root)
+    records = report.samples["train"]
+    ds = ImageListDataset(records, book_train_transform(28))
+    os.remove(records[0].path)  # fails after the scan
+    batch = skip_none_collate([ds[i] for i in range(len(ds))])
+    x, y = batch
+    assert x.shape == (len(records) - 1, 3, 28, 28) and y.shape == (len(records) - 1,)
+    assert len(ds.failures) == 1 and records[0].path == ds.failures[0].path
+    assert "failed to load" in ds.failures[0].problem
+
+
+# --- the real datasets ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,classes,train,test", [
+    ("seefood", ["hot_dog", "not_hot_dog"], {"hot_dog": 249, "not_hot_dog": 249}, {"hot_dog": 250, "not_hot_dog": 249}),
+    ("hymenoptera", ["ants", "bees"], {"ants": 124, "bees": 121}, {"ants": 70, "bees": 83}),
+])
+def test_real_datasets_match_their_readme(name, classes, train, test):
+    root = shared_dataset(name)
+    report = scan_dataset(root)
+    assert report.classes == classes
+    assert report.splits == {"train": train, "test": test}
+    assert report.usable and not report.errors, report.errors
+    assert not report.warnings, report.warnings
+
+
+def test_hymenoptera_gif_and_jpeg_extension_load():
+    root = shared_dataset("hymenoptera")
+    for rel in ("train/ants/imageNotFound.gif", "train/ants/formica.jpeg"):
+        img = load_rgb(root / rel)
+        assert img.mode == "RGB" and min(img.size) > 16
+    used = {os.path.relpath(r.path, root) for r in scan_dataset(root).samples["train"]}
+    assert {"train/ants/imageNotFound.gif", "train/ants/formica.jpeg"} <= used
+
+
+# --- the scan command ----------------------------------------------------------------------------
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "finetune_core", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_scan_command_json(messy):
+    out = run_cli("scan", str(messy), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert {"layout", "classes", "splits", "problems", "usable"} <= set(report)
+    assert report["layout"] == "splits" and report["usable"] is True
+    assert report["splits"]["train"] == {"cat": 12, "dog": 13}  # huge.png is fine at Pillow's own limit
+    assert all({"path", "problem", "severity"} <= set(p) for p in report["problems"])
+
+
+def test_scan_command_readable_report(messy):
+    out = run_cli("scan", str(messy))
+    assert out.returncode == 0
+    assert "cat" in out.stdout and "truncated image" in out.stdout and "Usable: yes" in out.stdout
+
+
+def test_scan_command_exit_2_with_one_line_reason(tmp_path):
+    for target, text in ((tmp_path / "missing", "no such folder"), (tmp_path, "no dataset found")):
+        out = run_cli("scan", str(target))
+        assert out.returncode == 2
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and text in lines[0], out.stderr
+    (tmp_path / "file.txt").write_text("x")
+    out = run_cli("scan", str(tmp_path / "file.txt"))
+    assert out.returncode == 2 and "not a folder" in out.stderr
