@@ -1,0 +1,206 @@
+"""Background training jobs: one worker thread per device, runs queued in order.
+
+The dashboard keeps one `JobManager` per server process (in `st.cache_resource`). A worker
+thread never touches Streamlit: it trains through `engine.train`, which writes to the run
+directory, and updates its job's fields under the manager's lock. Pages read both back.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import TrainConfig
+from .engine import train
+from .models import resolve_device
+from .runs import RunDir, mark_interrupted, new_run_dir, now_iso
+
+
+@dataclass
+class Job:
+    run_id: str
+    run: RunDir
+    config: TrainConfig
+    device: str
+    resume: bool = False
+    state: str = "queued"
+    message: str = "waiting for the device"
+    progress: float = 0.0
+    last_event: dict = field(default_factory=dict)
+    submitted_at: str = field(default_factory=now_iso)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def snapshot(self, position: int | None = None) -> dict:
+        return {"run_id": self.run_id, "path": str(self.run.path), "name": self.config.name or self.run_id,
+                "state": self.state, "message": self.message, "progress": self.progress, "device": self.device,
+                "backbone": self.config.backbone, "dataset": self.config.data, "queue_position": position,
+                "submitted_at": self.submitted_at, "last_event": dict(self.last_event),
+                "stopping": self.stop_event.is_set() and self.state == "running"}
+
+
+def device_key(device: str) -> str:
+    d = resolve_device(device)
+    if d.type == "cuda":
+        return f"cuda:{d.index or 0}"
+    return d.type
+
+
+class JobManager:
+    """Submit configs, get run ids; one job at a time per device, the rest wait in order."""
+
+    def __init__(self, runs_dir: str | Path, cache_dir: str | None = None,
+                 train_fn: Callable = train):
+        self.runs_dir = Path(runs_dir).expanduser()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = cache_dir
+        self.train_fn = train_fn
+        self._lock = threading.Condition()
+        self._jobs: dict[str, Job] = {}
+        self._queues: dict[str, deque[Job]] = {}
+        self._workers: dict[str, threading.Thread] = {}
+        self._closed = False
+        self.interrupted = mark_interrupted(self.runs_dir)
+
+    # --- submitting ----------------------------------------------------------------------------
+    def submit(self, config: TrainConfig) -> str:
+        """Queue a run. Raises ConfigError (before creating anything) when a setting is invalid."""
+        config.check(check_paths=True)
+        run = new_run_dir(self.runs_dir, config.name or config.backbone)
+        run.write_config({"config": config.to_dict(), "classes": [], "dataset": {"root": config.data}})
+        run.write_status(state="queued", message="waiting for the device", progress=0.0, submitted_at=now_iso())
+        return self._enqueue(Job(run.id, run, config, device_key(config.device)))
+
+    def resume(self, run_id: str) -> str:
+        """Queue an interrupted or stopped run again; it continues from its last checkpoint."""
+        run = RunDir(self.runs_dir / run_id)
+        with self._lock:
+            job = self._jobs.get(run_id)
+            if job is not None and job.state in ("queued", "running"):
+                raise RuntimeError(f"run {run_id} is already {job.state}")
+        config = TrainConfig.from_dict(run.read_config()["config"])
+        run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None)
+        return self._enqueue(Job(run_id, run, config, device_key(config.device), resume=True,
+                                 message="waiting for the device (resuming)"))
+
+    def _enqueue(self, job: Job) -> str:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the job manager is shut down")
+            self._jobs[job.run_id] = job
+            self._queues.setdefault(job.device, deque()).append(job)
+            worker = self._workers.get(job.device)
+            if worker is None or not worker.is_alive():
+                worker = threading.Thread(target=self._work, args=(job.device,), daemon=True,
+                                          name=f"tuneboard-worker-{job.device}")
+                self._workers[job.device] = worker
+                worker.start()
+            self._lock.notify_all()
+        return job.run_id
+
+    # --- stopping ------------------------------------------------------------------------------
+    def stop(self, run_id: str) -> str:
+        """Stop a running job (within a batch) or take a queued one off the queue. Returns its state."""
+        with self._lock:
+            job = self._jobs.get(run_id)
+            if job is None:
+                raise KeyError(f"no job {run_id}")
+            if job.state == "queued":
+                self._queues[job.device].remove(job)
+                job.state, job.message = "stopped", "stopped before it started"
+                job.run.write_status(state="stopped", message=job.message, ended_at=now_iso())
+                job.done.set()
+            elif job.state == "running":
+                job.stop_event.set()
+                job.message = "stopping..."
+            return job.state
+
+    # --- reading -------------------------------------------------------------------------------
+    def jobs(self) -> list[dict]:
+        """Every job this manager knows, queued ones with their place in the queue."""
+        with self._lock:
+            positions = {j.run_id: k for q in self._queues.values() for k, j in enumerate(q, start=1)}
+            return [j.snapshot(positions.get(j.run_id)) for j in self._jobs.values()]
+
+    def active(self) -> list[dict]:
+        return [j for j in self.jobs() if j["state"] in ("queued", "running")]
+
+    def job(self, run_id: str) -> dict | None:
+        with self._lock:
+            job = self._jobs.get(run_id)
+            return job.snapshot() if job else None
+
+    def wait(self, run_id: str, timeout: float | None = None) -> dict:
+        with self._lock:
+            job = self._jobs[run_id]
+        job.done.wait(timeout)
+        return job.snapshot()
+
+    def shutdown(self, stop_running: bool = True, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._closed = True
+            for q in self._queues.values():
+                while q:
+                    job = q.popleft()
+                    job.state, job.message = "stopped", "stopped: the server shut down"
+                    job.run.write_status(state="stopped", message=job.message, ended_at=now_iso())
+                    job.done.set()
+            if stop_running:
+                for job in self._jobs.values():
+                    job.stop_event.set()
+            self._lock.notify_all()
+            workers = list(self._workers.values())
+        for w in workers:
+            w.join(timeout)
+
+    # --- the worker ----------------------------------------------------------------------------
+    def _work(self, device: str) -> None:
+        while True:
+            with self._lock:
+                queue = self._queues[device]
+                while not queue and not self._closed:
+                    self._lock.wait(timeout=1.0)
+                if not queue:
+                    return
+                job = queue.popleft()
+                job.state, job.message = "running", "starting"
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        def on_event(event: dict) -> None:
+            with self._lock:
+                job.last_event = event
+                if "progress" in event:
+                    job.progress = float(event["progress"])
+                if "message" in event and not job.stop_event.is_set():
+                    job.message = event["message"]
+
+        try:
+            status = self.train_fn(job.config, job.run, on_event=on_event, stop_event=job.stop_event,
+                                   resume=job.resume, cache_dir=self.cache_dir)
+            state, message = status.get("state", "failed"), status.get("message", "")
+        except BaseException as exc:  # noqa: BLE001 - a crashed worker marks its run and keeps serving
+            state, message = "failed", f"the worker crashed: {type(exc).__name__}: {exc}"
+            try:
+                job.run.log(traceback.format_exc())
+                job.run.write_status(state=state, message=message, ended_at=now_iso())
+            except OSError:
+                pass
+        with self._lock:
+            job.state, job.message = state, message
+            job.done.set()
+            self._lock.notify_all()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it is true or `timeout` passes (for tests and scripts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,193 @@
+"""Load a trained model (a run directory or an exported bundle) and classify images; export bundles.
+
+A bundle is a folder (or a zip of it) that works without Tuneboard's UI:
+    model.json             backbone, classes, preprocessing (resize, crop, mean, std)
+    weights.safetensors    the state_dict (safetensors: loading it can never run code)
+    model.torchscript.pt   the whole model as TorchScript: torch.jit.load(...) and call it on a
+                           normalised float batch N x 3 x S x S
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import load_rgb, resize_size_for
+from .models import build_model
+from .prepare import normalize_batch
+from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, RunDir
+
+MAX_IMAGE_BYTES = 25 * 1024 * 1024
+BUNDLE_FORMAT = "tuneboard-bundle-1"
+
+
+class PredictError(ValueError):
+    """An image or model that cannot be used; the message names it."""
+
+
+@dataclass
+class Prediction:
+    name: str
+    top: list[tuple[str, float]]  # (class, probability), most likely first
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "top": [{"class": c, "probability": p} for c, p in self.top],
+                "error": self.error}
+
+
+def image_from_bytes(data: bytes, name: str = "image") -> Image.Image:
+    if len(data) > MAX_IMAGE_BYTES:
+        raise PredictError(f"{name}: {len(data) / 1e6:.1f} MB is over the {MAX_IMAGE_BYTES // 2**20} MB limit")
+    if not data:
+        raise PredictError(f"{name}: the file is empty")
+    try:
+        return load_rgb(name, data=data)
+    except Image.DecompressionBombWarning as exc:
+        raise PredictError(f"{name}: too many pixels to be a photo ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise PredictError(f"{name}: too many pixels to be a photo ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise PredictError(f"{name}: not an image that can be read ({type(exc).__name__})") from exc
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, classes: list[str], image_size: int, mean, std,
+                 backbone: str = "", source: str = ""):
+        self.model = model.eval()
+        self.classes = list(classes)
+        self.image_size = int(image_size)
+        self.resize = resize_size_for(self.image_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.backbone = backbone
+        self.source = source
+
+    # --- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, checkpoint: str = "last") -> "Predictor":
+        run = RunDir(run_dir)
+        try:
+            config = run.read_config()
+        except FileNotFoundError as exc:
+            raise PredictError(f"{run_dir}: not a run folder (no config.json)") from exc
+        path = run.file(CHECKPOINT_BEST if checkpoint == "best" else CHECKPOINT_LAST)
+        if not path.exists():
+            raise PredictError(f"{run_dir}: has no checkpoint yet (the run has not finished an epoch)")
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        cfg = config["config"]
+        model = build_model(cfg["backbone"], len(config["classes"]), weights="none")
+        model.load_state_dict(state)
+        norm = config["normalisation"]
+        return cls(model, config["classes"], cfg["image_size"], norm["mean"], norm["std"], cfg["backbone"], str(path))
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike) -> "Predictor":
+        path = Path(path)
+        if path.is_file() and zipfile.is_zipfile(path):
+            import tempfile
+
+            tmp = Path(tempfile.mkdtemp(prefix="tuneboard-bundle-"))
+            with zipfile.ZipFile(path) as zf:
+                for name in ("model.json", "weights.safetensors"):
+                    with zf.open(name) as src:
+                        (tmp / name).write_bytes(src.read())
+            path = tmp
+        try:
+            meta = json.loads((path / "model.json").read_text())
+        except FileNotFoundError as exc:
+            raise PredictError(f"{path}: not a bundle (no model.json)") from exc
+        from safetensors.torch import load_file
+
+        model = build_model(meta["backbone"], len(meta["classes"]), weights="none")
+        model.load_state_dict(load_file(str(path / "weights.safetensors")))
+        pre = meta["preprocessing"]
+        return cls(model, meta["classes"], pre["image_size"], pre["mean"], pre["std"], meta["backbone"], str(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, checkpoint: str = "last") -> "Predictor":
+        """A run folder or a bundle (folder or zip)."""
+        path = Path(path)
+        if not path.exists():
+            raise PredictError(f"{path}: no such run folder or bundle")
+        if path.is_dir() and (path / "config.json").exists():
+            return cls.from_run(path, checkpoint)
+        return cls.from_bundle(path)
+
+    # --- predicting ----------------------------------------------------------------------------
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+
+        img = TF.center_crop(img.resize((self.resize, self.resize), Image.BILINEAR), [self.image_size] * 2)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+    @torch.inference_mode()
+    def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
+        batch = torch.stack([self.preprocess(img) for img in images])
+        x = normalize_batch(batch, self.mean, self.std, channels_last=False)
+        return torch.softmax(self.model(x).float(), dim=1)
+
+    def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        values, indices = probs.topk(min(k, len(self.classes)))
+        return [(self.classes[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
+
+    def predict_files(self, paths: list[str | os.PathLike], top_k: int = 3) -> list[Prediction]:
+        out = []
+        for p in paths:
+            try:
+                data = Path(p).read_bytes()
+            except OSError as exc:
+                out.append(Prediction(str(p), [], f"{p}: cannot be read ({exc.strerror or exc})"))
+                continue
+            out.append(self.predict_bytes(data, str(p), top_k))
+        return out
+
+    def predict_bytes(self, data: bytes, name: str, top_k: int = 3) -> Prediction:
+        try:
+            img = image_from_bytes(data, name)
+        except PredictError as exc:
+            return Prediction(name, [], str(exc))
+        return Prediction(name, self.top_k(self.probabilities([img])[0], top_k))
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoint: str = "last") -> Path:
+    """Write a bundle folder for a finished run (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    predictor = Predictor.from_run(run_dir, checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in predictor.model.state_dict().items()}
+    save_file(state, str(out / "weights.safetensors"))
+    meta = {
+        "format": BUNDLE_FORMAT, "backbone": predictor.backbone, "classes": predictor.classes,
+        "preprocessing": {"image_size": predictor.image_size, "resize": predictor.resize,
+                          "steps": f"RGB, Resize([{predictor.resize}, {predictor.resize}]) bilinear, "
+                                   f"CenterCrop({predictor.image_size}), scale to [0, 1], Normalize(mean, std)",
+                          "mean": list(predictor.mean), "std": list(predictor.std)},
+        "source_run": str(Path(run_dir).resolve()),
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=2))
+    example = torch.zeros(1, 3, predictor.image_size, predictor.image_size)
+    with torch.no_grad():
+        scripted = torch.jit.trace(predictor.model, example, check_trace=False)
+    scripted.save(str(out / "model.torchscript.pt"))
+    return out
+
+
+def bundle_zip_bytes(bundle_dir: str | os.PathLike) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(Path(bundle_dir).iterdir()):
+            zf.write(f, f.name)
+    return buf.getvalue()

@@ -1,0 +1,320 @@
+"""Decode each image once, then build batches from uint8 tensors.
+
+The book's loop opens, decodes and resizes every JPEG with PIL on every epoch. Here every
+image is decoded once into a uint8 array (kept in memory, or memory-mapped from a disk cache
+keyed by the files' contents and the size, so a second run on the same data decodes nothing):
+
+- test images exactly as the book's test transform leaves them before ToTensor:
+  Resize([R, R]) then CenterCrop(S) with PIL (R = 256 for S = 224);
+- training images squeezed to a T x T square (T = up to 2 S, never above the images' own size)
+  together with their original width and height. The book's RandomResizedCrop + flip then run
+  per batch: the crop box is drawn in the original image's coordinates with the same algorithm
+  and mapped onto the square, so the geometry is the book's; on a GPU the crops of a whole batch
+  are cut and resized at once with roi_align.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import WARNING, ImageRecord, Problem, ScanReport, load_rgb, resize_size_for
+
+MEMORY_BUDGET_BYTES = 2 * 1024**3  # above this, decoded images are memory-mapped from the disk cache
+CACHE_FORMAT = "tuneboard-decoded-1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TUNEBOARD_CACHE", Path.home() / ".cache" / "tuneboard" / "decoded"))
+
+
+@dataclass
+class PreparedData:
+    classes: list[str]
+    image_size: int
+    resize: int
+    train_side: int
+    train_images: np.ndarray          # N x 3 x T x T uint8 (RAM or memory-mapped)
+    train_sizes: np.ndarray           # N x 2 (width, height) of the decoded originals
+    train_labels: torch.Tensor        # N int64
+    train_paths: list[str]
+    test_images: torch.Tensor         # M x 3 x S x S uint8
+    test_labels: torch.Tensor
+    test_paths: list[str]
+    skipped: list[Problem] = field(default_factory=list)
+    device_train_images: torch.Tensor | None = None  # a copy on the GPU when it fits
+
+
+def _open_scaled(path: str, target: int) -> Image.Image:
+    """Decode, letting JPEG decode at a reduced scale when the file is over twice the target."""
+    with Image.open(path) as img:
+        if img.format == "JPEG" and min(img.size) > 2 * target:
+            img.draft("RGB", (2 * target, 2 * target))
+        img.load()
+        from .data import to_rgb
+
+        return to_rgb(img).copy()
+
+
+def decode_train(path: str, side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    img = _open_scaled(path, side)
+    size = img.size
+    arr = np.asarray(img.resize((side, side), Image.BILINEAR), dtype=np.uint8)
+    return arr.transpose(2, 0, 1), size
+
+
+def decode_test(path: str, image_size: int, resize: int) -> np.ndarray:
+    """The book's test transform up to ToTensor: Resize([R, R]) then CenterCrop(S), in PIL."""
+    from torchvision.transforms import functional as TF
+
+    img = _open_scaled(path, resize)
+    img = TF.center_crop(img.resize((resize, resize), Image.BILINEAR), [image_size, image_size])
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def choose_train_side(records: list[ImageRecord], image_size: int) -> int:
+    """Up to twice the crop size (room for the small crops of RandomResizedCrop), but never above
+    what most images hold (upscaling stores nothing new)."""
+    if not records:
+        return image_size
+    short = np.percentile([min(r.width, r.height) for r in records], 90)
+    return int(min(2 * image_size, max(image_size, short)))
+
+
+def _cache_key(records: list[ImageRecord], kind: str, *sizes: int) -> str:
+    h = hashlib.sha1(f"{CACHE_FORMAT}|{kind}|{sizes}".encode())
+    for r in records:
+        h.update(r.sha1.encode())
+    return h.hexdigest()[:24]
+
+
+def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cache_dir: Path | None, key: str,
+                progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[tuple], list[Problem]]:
+    """Decode every record into one uint8 array (rows of failed files are dropped)."""
+    n = len(records)
+    meta_path = cache_dir / f"{key}.json" if cache_dir else None
+    array_path = cache_dir / f"{key}.npy" if cache_dir else None
+    nbytes = n * int(np.prod(shape))
+    if meta_path is not None and meta_path.exists() and array_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            arr = np.load(array_path, mmap_mode="r" if nbytes > MEMORY_BUDGET_BYTES else None)
+            if arr.shape[1:] == shape and arr.shape[0] == meta["valid"]:
+                if progress:
+                    progress(n, n)
+                return arr, [tuple(s) if s else None for s in meta["sizes"]], [Problem(**p) for p in meta["skipped"]]
+        except (OSError, ValueError, KeyError):
+            pass  # damaged cache entry: decode again
+    tmp_path = None
+    if nbytes > MEMORY_BUDGET_BYTES and cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp_path = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
+        arr = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(n, *shape))
+    else:
+        arr = np.empty((n, *shape), dtype=np.uint8)
+    sizes: list = [None] * n
+    ok = [False] * n
+    skipped: list[Problem] = []
+
+    def work(i):
+        try:
+            out = decode(records[i].path)
+        except Exception as exc:  # noqa: BLE001 - a file that fails now is skipped and reported
+            return i, None, f"failed to decode ({type(exc).__name__}: {exc}), skipped"
+        return i, out, ""
+
+    workers = min(8, os.cpu_count() or 1)
+    done = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, out, error in pool.map(work, range(n)):
+            if error:
+                skipped.append(Problem(records[i].path, error, WARNING))
+            else:
+                image, size = out if isinstance(out, tuple) else (out, None)
+                arr[i] = image
+                sizes[i] = size
+                ok[i] = True
+            done += 1
+            if progress and (done % 32 == 0 or done == n):
+                progress(done, n)
+    valid = [i for i in range(n) if ok[i]]
+    for new_i, old_i in enumerate(valid):  # compact in place: drop the failed rows
+        if new_i != old_i:
+            arr[new_i] = arr[old_i]
+    arr = arr[:len(valid)]
+    sizes = [sizes[i] for i in valid]
+    if cache_dir is not None:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            if tmp_path is not None:
+                arr.flush()
+                del arr
+                # The memmap file holds n rows; rewrite its header for the valid ones.
+                full = np.load(tmp_path, mmap_mode="r")
+                if len(valid) != n:
+                    np.save(array_path, np.asarray(full[:len(valid)]))
+                    os.unlink(tmp_path)
+                else:
+                    os.replace(tmp_path, array_path)
+                arr = np.load(array_path, mmap_mode="r")
+            else:
+                tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp.npy")
+                np.save(tmp, arr)
+                os.replace(tmp, array_path)
+            meta = {"valid": len(valid), "sizes": sizes, "skipped": [p.__dict__ for p in skipped]}
+            meta_path.write_text(json.dumps(meta))
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+    return arr, sizes, skipped
+
+
+def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLike | None = None,
+                 device: torch.device | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> PreparedData:
+    """Decode the scanned train and test images once. cache_dir: None for the default cache
+    folder, "" to keep everything in memory only."""
+    cache = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir else None)
+    train_records, test_records = report.samples["train"], report.samples["test"]
+    resize = resize_size_for(image_size)
+    side = choose_train_side(train_records, image_size)
+    total = len(train_records) + len(test_records)
+
+    def train_progress(done, n):
+        if progress:
+            progress(done, total)
+
+    def test_progress(done, n):
+        if progress:
+            progress(len(train_records) + done, total)
+
+    train_arr, train_sizes, skipped_train = _decode_all(
+        train_records, (3, side, side), lambda p: decode_train(p, side), cache,
+        _cache_key(train_records, "train", side), train_progress)
+    test_arr, _, skipped_test = _decode_all(
+        test_records, (3, image_size, image_size), lambda p: (decode_test(p, image_size, resize), None), cache,
+        _cache_key(test_records, "test", image_size, resize), test_progress)
+    skipped = skipped_train + skipped_test
+    bad = {p.path for p in skipped}
+    train_ok = [r for r in train_records if r.path not in bad]
+    test_ok = [r for r in test_records if r.path not in bad]
+    if not train_ok or not test_ok:
+        from .data import DatasetError
+
+        raise DatasetError("no image of the " + ("train" if not train_ok else "test") + " split could be decoded")
+    data = PreparedData(
+        classes=report.classes, image_size=image_size, resize=resize, train_side=side,
+        train_images=train_arr, train_sizes=np.asarray(train_sizes, dtype=np.int64).reshape(-1, 2),
+        train_labels=torch.tensor([r.label for r in train_ok], dtype=torch.int64),
+        train_paths=[r.path for r in train_ok],
+        test_images=torch.from_numpy(np.ascontiguousarray(test_arr)),
+        test_labels=torch.tensor([r.label for r in test_ok], dtype=torch.int64),
+        test_paths=[r.path for r in test_ok], skipped=skipped)
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if train_arr.nbytes < free // 4:
+            data.device_train_images = torch.from_numpy(np.ascontiguousarray(train_arr)).to(device)
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+def sample_resized_crop(rng: random.Random, width: int, height: int, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a crop, drawn as torchvision's RandomResizedCrop does."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment_batch(data: PreparedData, idx: list[int], image_size: int, rng: random.Random,
+                  device: torch.device) -> torch.Tensor:
+    """The book's RandomResizedCrop(S) + RandomHorizontalFlip on a batch: uint8 B x 3 x S x S."""
+    side = data.train_side
+    boxes, flips = [], []
+    for i in idx:
+        w, h = (int(v) for v in data.train_sizes[i])
+        top, left, ch, cw = sample_resized_crop(rng, w, h)
+        sx, sy = side / w, side / h
+        boxes.append((left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+        flips.append(rng.random() < 0.5)
+    if device.type == "cuda":
+        from torchvision.ops import roi_align
+
+        src = data.device_train_images
+        if src is not None:
+            batch = src[torch.as_tensor(idx, device=device)]
+        else:
+            batch = torch.from_numpy(np.asarray(data.train_images[np.asarray(idx)])).pin_memory().to(device, non_blocking=True)
+        rois = torch.tensor([(k, *b) for k, b in enumerate(boxes)], dtype=torch.float32, device=device)
+        out = roi_align(batch.float(), rois, (image_size, image_size), 1.0, -1, aligned=True)
+        out = out.round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        from torchvision.transforms.v2 import functional as F2
+
+        crops = []
+        for k, i in enumerate(idx):
+            x0, y0, x1, y1 = boxes[k]
+            top, left = int(round(y0)), int(round(x0))
+            h = max(1, min(side - top, int(round(y1 - y0))))
+            w = max(1, min(side - left, int(round(x1 - x0))))
+            src = torch.from_numpy(np.asarray(data.train_images[i]))
+            crops.append(F2.resized_crop(src, top, left, h, w, [image_size, image_size], antialias=True))
+        out = torch.stack(crops)
+    flip = torch.tensor(flips, device=out.device)
+    if flip.any():
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+def center_view_batch(data: PreparedData, idx: list[int], image_size: int, device: torch.device) -> torch.Tensor:
+    """Training images seen as the test transform sees them (Resize([R, R]) + CenterCrop(S))."""
+    from torchvision.transforms.v2 import functional as F2
+
+    src = torch.from_numpy(np.asarray(data.train_images[np.asarray(idx)])).to(device)
+    resized = F2.resize(src, [data.resize, data.resize], antialias=True)
+    return F2.center_crop(resized, [image_size, image_size])
+
+
+def normalize_batch(images_u8: torch.Tensor, mean, std, channels_last: bool = True) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> float, scaled to [0, 1] and normalised (ToTensor + Normalize)."""
+    x = images_u8.float().div_(255.0)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    x = x.sub_(m).div_(s)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def load_image_tensor(path: str, image_size: int) -> torch.Tensor:
+    """One image through the test transform as uint8 3 x S x S (for prediction)."""
+    from torchvision.transforms import functional as TF
+
+    resize = resize_size_for(image_size)
+    img = load_rgb(path)
+    img = TF.center_crop(img.resize((resize, resize), Image.BILINEAR), [image_size, image_size])
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())

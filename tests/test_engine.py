@@ -1,0 +1,297 @@
+"""The training engine and its run directories, on tiny generated datasets."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+from finetune_core import prepare
+from finetune_core.data import scan_dataset
+from finetune_core.engine import load_checkpoint, train
+from finetune_core.predict import Predictor
+from finetune_core.runs import RunDir, list_runs, mark_interrupted
+
+
+def epoch_rows(run_dir):
+    m = pd.read_csv(run_dir / "metrics.csv")
+    return m[m["kind"] == "epoch"].reset_index(drop=True)
+
+
+def test_a_tiny_run_writes_the_whole_run_directory(tiny_config, tmp_path, cache_dir):
+    events = []
+    status = train(tiny_config, tmp_path / "run", on_event=events.append, cache_dir=cache_dir)
+    run = tmp_path / "run"
+    assert status["state"] == "completed", status["message"]
+    assert {"config.json", "status.json", "metrics.csv", "checkpoint_last.pt", "checkpoint_best.pt",
+            "predictions.csv", "log.txt"} <= {p.name for p in run.iterdir()}
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["lr"] == tiny_config.lr and config["classes"] == ["cat", "dog"]
+    assert config["backbone"]["name"] == "resnet18" and config["normalisation"]["mean"] == [0.485, 0.456, 0.406]
+    assert {"torch", "torchvision", "python"} <= set(config["versions"]) and config["device"] == "cpu"
+
+    metrics = pd.read_csv(run / "metrics.csv")
+    batches = metrics[metrics["kind"] == "batch"]
+    assert len(batches) == 2 * 3  # 24 training images, batch 8, 2 epochs
+    assert list(batches["epoch"])[:3] == pytest.approx([1 / 3, 2 / 3, 1.0], abs=1e-3)
+    epochs = epoch_rows(run)
+    assert list(epochs["epoch"]) == [1, 2] and epochs["test_acc"].between(0, 1).all()
+    assert (batches["images_per_s"] > 0).all() and (batches["lr"] == 0.01).all()
+    assert np.allclose(batches["head_lr"], 0.1)
+
+    kinds = {e["kind"] for e in events}
+    assert {"prepare", "batch", "epoch", "end"} <= kinds
+    batch_event = next(e for e in events if e["kind"] == "batch")
+    assert {"loss", "train_acc", "lr", "head_lr", "images_per_s", "elapsed_s", "epoch", "progress", "eta_s"} <= set(batch_event)
+
+    preds = pd.read_csv(run / "predictions.csv")
+    assert len(preds) == 8 and {"path", "true", "predicted", "confidence", "loss", "prob_cat", "prob_dog"} <= set(preds)
+    assert np.allclose(preds[["prob_cat", "prob_dog"]].sum(axis=1), 1.0, atol=1e-5)
+    assert (preds["true"] == preds["predicted"]).mean() == pytest.approx(epochs["test_acc"].iloc[-1])
+
+    ckpt = load_checkpoint(run / "checkpoint_last.pt")  # weights_only=True
+    assert ckpt["epoch"] == 2 and ckpt["classes"] == ["cat", "dog"] and "optimizer" in ckpt
+    assert status["best_test_acc"] == epochs["test_acc"].max()
+
+
+def test_predictions_from_the_checkpoint_equal_the_live_model(tiny_config, tmp_path, cache_dir):
+    train(tiny_config, tmp_path / "run", cache_dir=cache_dir)
+    preds = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    predictor = Predictor.from_run(tmp_path / "run")
+    results = predictor.predict_files(list(preds["path"]), top_k=2)
+    for (_, row), result in zip(preds.iterrows(), results):
+        probs = dict(result.top)
+        assert result.top[0][0] == row["predicted"]
+        assert probs["cat"] == pytest.approx(row["prob_cat"], abs=1e-4)
+
+
+def test_frozen_backbone_trains_only_the_head_on_cached_features(tiny_dataset, tmp_path, cache_dir):
+    from finetune_core.config import preset_config
+
+    config = preset_config("fast", data=str(tiny_dataset), backbone="efficientnet_lite0", image_size=64, epochs=4,
+                           batch_size=8)
+    before = {k: v.clone() for k, v in load_lite0_body().items()}
+    status = train(config, tmp_path / "run", cache_dir=cache_dir)
+    assert status["state"] == "completed", status["message"]
+    assert status["test_acc"] == 1.0  # each class is one colour: a pretrained network separates them at once
+    state = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")["model"]
+    changed = [k for k in before if not torch.equal(before[k], state[k])]
+    assert changed == []  # every backbone tensor (BN statistics included) is untouched
+    assert not torch.equal(state["classifier.weight"], torch.zeros_like(state["classifier.weight"]))
+
+
+def load_lite0_body():
+    from finetune_core.models import pretrained_state_dict
+
+    return {k: v for k, v in pretrained_state_dict("efficientnet_lite0").items() if not k.startswith("classifier")}
+
+
+def test_warmup_epochs_then_full_fine_tuning(tiny_config, tmp_path, cache_dir):
+    config = tiny_config.replace(epochs=3, warmup_epochs=1)
+    status = train(config, tmp_path / "run", cache_dir=cache_dir)
+    assert status["state"] == "completed", status["message"]
+    assert list(epoch_rows(tmp_path / "run")["epoch"]) == [1, 2, 3]
+
+
+def test_stop_is_honoured_within_a_batch_and_keeps_metrics(tiny_config, tmp_path, cache_dir):
+    stop = threading.Event()
+    seen = []
+
+    def on_event(e):
+        if e["kind"] == "batch":
+            seen.append(e["step"])
+            if e["step"] == 4:
+                stop.set()
+
+    status = train(tiny_config, tmp_path / "run", on_event=on_event, stop_event=stop, cache_dir=cache_dir)
+    assert status["state"] == "stopped" and "stopped by the user" in status["message"]
+    assert seen[-1] == 4  # no batch ran after the stop was asked for
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert len(metrics[metrics["kind"] == "batch"]) == 4 and len(epoch_rows(tmp_path / "run")) == 1
+
+
+def test_divergence_ends_the_run_naming_step_and_learning_rate(tiny_config, tmp_path, cache_dir):
+    status = train(tiny_config.replace(lr=1e12, loss_reduction="sum"), tmp_path / "run", cache_dir=cache_dir)
+    assert status["state"] == "diverged"
+    assert "at step" in status["message"] and "learning rate 1e+12" in status["message"]
+    assert (tmp_path / "run" / "metrics.csv").exists() or "step 1 " in status["message"]
+
+
+def test_an_exception_fails_the_run_with_its_message_and_keeps_metrics(tiny_config, tmp_path, cache_dir):
+    def on_event(e):
+        if e["kind"] == "batch" and e["step"] == 3:
+            raise RuntimeError("disk on fire")
+
+    status = train(tiny_config, tmp_path / "run", on_event=on_event, cache_dir=cache_dir)
+    assert status["state"] == "failed" and "disk on fire" in status["message"]
+    assert "Traceback" in (tmp_path / "run" / "log.txt").read_text()
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert len(metrics) >= 3
+
+
+def test_a_missing_weights_file_fails_with_a_clear_message(tiny_config, tmp_path, cache_dir):
+    from finetune_core.config import ConfigError
+
+    bad = tiny_config.replace(weights=str(tmp_path / "nope.pt"))
+    with pytest.raises(ConfigError, match="no such weights file"):
+        bad.check(check_paths=True)
+    status = train(bad, tmp_path / "run", cache_dir=cache_dir)
+    assert status["state"] == "failed" and "nope.pt" in status["message"]
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tiny_config, tmp_path, cache_dir):
+    config = tiny_config.replace(epochs=3)
+    train(config, tmp_path / "straight", cache_dir=cache_dir)
+
+    stop = threading.Event()
+    status = train(config, tmp_path / "resumed", cache_dir=cache_dir, stop_event=stop,
+                   on_event=lambda e: e["kind"] == "batch" and e["step"] == 5 and stop.set())
+    assert status["state"] == "stopped"
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint_last.pt")["epoch"] == 1
+    status = train(config, tmp_path / "resumed", cache_dir=cache_dir, resume=True)
+    assert status["state"] == "completed"
+    a, b = epoch_rows(tmp_path / "straight"), epoch_rows(tmp_path / "resumed")
+    assert list(b["epoch"]) == [1, 2, 3]
+    for col in ("loss", "train_acc", "test_acc", "test_loss"):
+        assert np.allclose(a[col], b[col], atol=1e-5), col
+
+
+def test_a_file_that_fails_after_the_scan_is_skipped_and_reported(tiny_config, tmp_path, cache_dir, monkeypatch):
+    report = scan_dataset(tiny_config.data)
+    victim = report.samples["train"][0].path
+    real = prepare.decode_train
+
+    def flaky(path, side):
+        if path == victim:
+            raise OSError("unexpected end of file")
+        return real(path, side)
+
+    monkeypatch.setattr(prepare, "decode_train", flaky)
+    status = train(tiny_config, tmp_path / "run", cache_dir=cache_dir)
+    assert status["state"] == "completed"
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert victim in log and "unexpected end of file" in log
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"]["skipped_files"] == 1
+
+
+def test_decoded_images_are_cached_on_disk_and_reused(tiny_dataset, tmp_path, monkeypatch):
+    report = scan_dataset(tiny_dataset)
+    first = prepare.prepare_data(report, 32, cache_dir=tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2
+    monkeypatch.setattr(prepare, "decode_train", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(prepare, "decode_test", lambda *a: pytest.fail("decoded again"))
+    second = prepare.prepare_data(report, 32, cache_dir=tmp_path / "c")
+    assert np.array_equal(first.train_images, second.train_images)
+    assert torch.equal(first.test_images, second.test_images)
+
+
+def test_test_images_are_exactly_the_books_test_transform(tiny_dataset, tmp_path):
+    from finetune_core.data import IMAGENET_MEAN, IMAGENET_STD, book_test_transform, load_rgb
+
+    report = scan_dataset(tiny_dataset)
+    data = prepare.prepare_data(report, 32, cache_dir="")
+    ours = prepare.normalize_batch(data.test_images[:3], IMAGENET_MEAN, IMAGENET_STD, channels_last=False)
+    book = torch.stack([book_test_transform(32)(load_rgb(p)) for p in data.test_paths[:3]])
+    assert torch.allclose(ours, book, atol=1e-5)
+
+
+def test_crops_are_drawn_like_torchvisions_random_resized_crop():
+    rng = random.Random(0)
+    boxes = [prepare.sample_resized_crop(rng, 500, 300) for _ in range(2000)]
+    areas = np.array([h * w / (500 * 300) for _, _, h, w in boxes])
+    ratios = np.array([w / h for _, _, h, w in boxes])
+    assert all(0 <= top and 0 <= left and top + h <= 300 and left + w <= 500 for top, left, h, w in boxes)
+    assert areas.min() >= 0.07 and areas.max() <= 1.0 and 0.3 < np.median(areas) < 0.6
+    assert ratios.min() >= 0.74 and ratios.max() <= 1.34
+
+
+def test_augmented_batches_have_the_right_shape_and_flip(tiny_dataset):
+    report = scan_dataset(tiny_dataset)
+    data = prepare.prepare_data(report, 32, cache_dir="")
+    batch = prepare.augment_batch(data, list(range(8)), 32, random.Random(0), torch.device("cpu"))
+    assert batch.shape == (8, 3, 32, 32) and batch.dtype == torch.uint8
+    again = prepare.augment_batch(data, list(range(8)), 32, random.Random(0), torch.device("cpu"))
+    assert torch.equal(batch, again)  # seeded: the same augmentation every time
+
+
+# --- run listing ---------------------------------------------------------------------------------
+
+
+def test_listing_survives_a_damaged_run_folder(tiny_config, tmp_path, cache_dir):
+    runs = tmp_path / "runs"
+    train(tiny_config.replace(epochs=1), runs / "good", cache_dir=cache_dir)
+    (runs / "damaged").mkdir()
+    (runs / "damaged" / "status.json").write_text("{not json")
+    (runs / "empty").mkdir()
+    infos = {i.id: i for i in list_runs(runs)}
+    assert infos["good"].state == "completed" and not infos["good"].error
+    assert infos["good"].best_test_acc is not None and infos["good"].duration_s >= 0
+    assert "damaged run folder" in infos["damaged"].error and "damaged run folder" in infos["empty"].error
+
+
+def test_runs_left_running_are_marked_interrupted(tmp_path):
+    run = RunDir(tmp_path / "r1")
+    run.path.mkdir()
+    run.write_config({"config": {}})
+    run.write_status(state="running")
+    assert mark_interrupted(tmp_path) == ["r1"]
+    assert run.read_status()["state"] == "interrupted"
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "finetune_core", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_train_command_json_then_runs_and_predict(tiny_dataset, tmp_path):
+    runs = tmp_path / "runs"
+    out = cli("train", "--data", str(tiny_dataset), "--backbone", "resnet18", "--weights", "none", "--lr", "0.01",
+              "--head-lr-mult", "5", "--no-param-groups", "--loss-reduction", "mean", "--batch-size", "8",
+              "--epochs", "1", "--image-size", "32", "--runs-dir", str(runs), "--name", "cli test", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "completed"
+    assert {"run_dir", "status", "test_acc", "train_acc", "loss", "images_per_s"} <= set(result)
+    saved = json.loads((tmp_path / "runs" / result["run_dir"].split("/")[-1] / "config.json").read_text())["config"]
+    assert saved["param_groups"] is False and saved["head_lr_mult"] == 5 and saved["name"] == "cli test"
+
+    listing = json.loads(cli("runs", "--runs-dir", str(runs), "--json").stdout)
+    assert [r["state"] for r in listing] == ["completed"]
+
+    image = next((tiny_dataset / "test" / "cat").iterdir())
+    (tmp_path / "notes.txt").write_text("hello")
+    out = cli("predict", "--run", result["run_dir"], str(image), "--json", "--top-k", "2")
+    assert out.returncode == 0, out.stderr
+    preds = json.loads(out.stdout)
+    assert len(preds[0]["top"]) == 2 and {t["class"] for t in preds[0]["top"]} == {"cat", "dog"}
+    out = cli("predict", "--run", result["run_dir"], str(tmp_path / "notes.txt"))
+    assert out.returncode == 2 and "not an image" in out.stdout
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--lr", "-1"], "lr: must be greater than zero"),
+    (["--batch-size", "0"], "batch_size: must be at least 1"),
+    (["--weights", "/no/such/file.pt"], "no such weights file"),
+])
+def test_train_command_refuses_bad_settings_without_a_run_folder(tiny_dataset, tmp_path, args, text):
+    out = cli("train", "--data", str(tiny_dataset), "--runs-dir", str(tmp_path / "runs"), *args)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and text in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_command_refuses_an_unusable_dataset(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = cli("train", "--data", str(tmp_path / "empty"), "--runs-dir", str(tmp_path / "runs"))
+    assert out.returncode == 2 and "no usable dataset" in out.stderr and not (tmp_path / "runs").exists()
