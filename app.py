@@ -1,6 +1,62 @@
-"""Tuneboard home page (filled in by the dashboard work)."""
+"""Tuneboard home: what is running, recent runs, the device, offline backbones, a quick start."""
+from __future__ import annotations
+
 import streamlit as st
 
-st.set_page_config(page_title="Tuneboard", layout="wide")
+from finetune_core import datastore
+from finetune_core.config import preset_config
+from finetune_core.models import BACKBONES, device_description, offline_backbones
+from finetune_core.runs import list_runs
+from tuneboard_ui import LIVE_REFRESH_S, format_seconds, job_controls, manager, page, state_label
+
+page("Home", "🌭")
 st.title("Tuneboard")
-st.write("Fine-tune an ImageNet-pretrained classifier on your own photos.")
+st.write("Fine-tune an ImageNet-pretrained image classifier on your own photos: pick a folder, set the "
+         "learning rate and the head's multiplier, press Train, and watch it learn. It starts from the "
+         "fine-tuning chapter of *Dive into Deep Learning*.")
+
+offline = offline_backbones()
+c = st.columns(3)
+c[0].metric("Device", device_description().split(" (")[0])
+c[0].caption(device_description())
+c[1].metric("Backbones with weights offline", f"{len(offline)} of {len(BACKBONES)}")
+c[1].caption(", ".join(offline) or "none: train from scratch or place weights in the torch cache")
+c[2].metric("Data folder", datastore.data_root().name)
+c[2].caption(str(datastore.data_root()))
+
+st.subheader("Quick start")
+st.write("Train the fast preset on the built-in example (handwritten digits, no internet needed), "
+         f"with {'efficientnet_lite0' if 'efficientnet_lite0' in offline else offline[0] if offline else 'resnet18'}.")
+if st.button("Start the example", type="primary", key="quick_start"):
+    data = datastore.ensure_example_dataset()
+    backbone = "efficientnet_lite0" if "efficientnet_lite0" in offline else (offline[0] if offline else "resnet18")
+    config = preset_config("fast", data=str(data), backbone=backbone, image_size=128, epochs=8,
+                           weights="auto" if backbone in offline else "none", name="digits quick start",
+                           group="quick-start")
+    manager().submit(config)
+    st.success("Queued: follow it here or on the Train page.")
+
+
+@st.fragment(run_every=LIVE_REFRESH_S)
+def now_running() -> None:
+    st.subheader("Running and queued")
+    active = manager().active()
+    if not active:
+        st.caption("Nothing is training right now.")
+    for job in active:
+        job_controls(job, "home")
+
+
+now_running()
+
+st.subheader("Recent runs")
+runs = list_runs(datastore.runs_root())[:20]
+if not runs:
+    st.caption("No runs yet.")
+else:
+    st.dataframe([{
+        "run": r.name, "state": state_label(r.state) if not r.error else "damaged",
+        "dataset": r.dataset, "backbone": r.backbone,
+        "best test acc": None if r.best_test_acc is None else round(r.best_test_acc, 3),
+        "duration": format_seconds(r.duration_s), "message": r.error or r.message,
+    } for r in runs], width="stretch", hide_index=True)

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     name: str = ""
     preset: str = ""               # which preset these settings came from, for display only
+    group: str = ""                # runs launched together (a run and its comparison runs), for display
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -184,3 +185,57 @@ def preset_config(preset: str, **overrides) -> TrainConfig:
         raise ConfigError({"preset": f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}"})
     values = {**PRESETS[preset], "preset": preset, **overrides}
     return TrainConfig(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# What the dashboard's form sends: strings and numbers, parsed with errors named by setting.
+
+FLOAT_FIELDS = ("lr", "head_lr_mult", "weight_decay", "momentum", "test_fraction")
+INT_FIELDS = ("batch_size", "epochs", "image_size", "seed", "warmup_epochs", "feature_views", "eval_batch_size")
+
+
+def config_from_form(values: dict) -> tuple[TrainConfig | None, dict[str, str]]:
+    """Parse a form's values (numbers may arrive as text, e.g. "5e-5") into a validated config.
+    Returns (config, {}) or (None, {setting: message})."""
+    errors: dict[str, str] = {}
+    parsed = {}
+    for key, value in values.items():
+        if key in FLOAT_FIELDS and isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                errors[key] = f"must be a number, got {value!r}"
+                continue
+        elif key in INT_FIELDS and isinstance(value, (str, float)) and not isinstance(value, bool):
+            try:
+                as_float = float(str(value).strip())
+            except ValueError:
+                errors[key] = f"must be a whole number, got {value!r}"
+                continue
+            if not as_float.is_integer():
+                errors[key] = f"must be a whole number, got {value!r}"
+                continue
+            value = int(as_float)
+        parsed[key] = value
+    try:
+        config = TrainConfig.from_dict(parsed)
+    except ConfigError as exc:
+        return None, {**exc.errors, **errors}
+    errors = {**config.validate(check_paths=True), **errors}
+    return (None, errors) if errors else (config, {})
+
+
+def comparison_configs(config: TrainConfig, also_scratch: bool = False, also_single_group: bool = False,
+                       group: str = "") -> list[TrainConfig]:
+    """The run and the book's comparisons on the same data: the scratch run (random init, one
+    group, lr 5e-4) and the same recipe without parameter groups. All share one group name."""
+    base_name = config.name or config.backbone
+    runs = [config.replace(group=group, name=base_name)]
+    keep = dict(data=config.data, backbone=config.backbone, batch_size=config.batch_size, epochs=config.epochs,
+                image_size=config.image_size, device=config.device, seed=config.seed, precision=config.precision,
+                test_fraction=config.test_fraction, loss_reduction=config.loss_reduction, group=group)
+    if also_scratch:
+        runs.append(preset_config("book-scratch", **keep, name=f"{base_name} (scratch)"))
+    if also_single_group:
+        runs.append(config.replace(param_groups=False, group=group, name=f"{base_name} (one group)"))
+    return runs

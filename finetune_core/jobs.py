@@ -39,6 +39,7 @@ class Job:
         return {"run_id": self.run_id, "path": str(self.run.path), "name": self.config.name or self.run_id,
                 "state": self.state, "message": self.message, "progress": self.progress, "device": self.device,
                 "backbone": self.config.backbone, "dataset": self.config.data, "queue_position": position,
+                "group": self.config.group, "epochs": self.config.epochs,
                 "submitted_at": self.submitted_at, "last_event": dict(self.last_event),
                 "stopping": self.stop_event.is_set() and self.state == "running"}
 

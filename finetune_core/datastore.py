@@ -1,0 +1,202 @@
+"""Where datasets live for the dashboard: the data root, its datasets, safe zip uploads, the
+built-in example, and the book's hot-dog set.
+
+Everything the dashboard writes goes under one data root (default: `data/` beside the app,
+`TUNEBOARD_DATA_ROOT` to change it), and a folder browser never leaves it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+from .data import DatasetError, find_dataset_root
+
+APP_DIR = Path(__file__).resolve().parents[1]
+EXAMPLE_NAME = "digits"
+HOTDOG_URL = "https://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
+HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
+
+MAX_ZIP_BYTES = 500 * 1024**2        # compressed upload
+MAX_UNPACKED_BYTES = 2 * 1024**3     # what it may unpack to
+MAX_ZIP_FILES = 50_000
+
+
+class UploadError(ValueError):
+    """An archive that is refused; the message says why."""
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("TUNEBOARD_DATA_ROOT", APP_DIR / "data")).expanduser().resolve()
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("TUNEBOARD_RUNS_DIR", APP_DIR / "runs")).expanduser().resolve()
+
+
+@dataclass
+class DatasetEntry:
+    name: str
+    path: str     # the folder the user picked
+    root: str     # where the dataset really starts (may be one folder down)
+    layout: str
+
+
+def list_datasets(root: str | os.PathLike | None = None) -> list[DatasetEntry]:
+    """The folders directly under the data root that hold a dataset."""
+    root = Path(root) if root else data_root()
+    out = []
+    if not root.is_dir():
+        return out
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        try:
+            found, layout = find_dataset_root(p)
+        except DatasetError:
+            continue
+        if layout:
+            out.append(DatasetEntry(p.name, str(p), str(found), layout))
+    return out
+
+
+def inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def browse(root: str | os.PathLike, relative: str = "") -> tuple[Path, list[str]]:
+    """(folder, its sub-folder names) for a folder browser that never leaves `root`."""
+    root = Path(root).resolve()
+    folder = (root / relative).resolve()
+    if not inside(root, folder) or not folder.is_dir():
+        folder = root
+    subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return folder, subs
+
+
+# --------------------------------------------------------------------------------------------
+# Uploads
+
+
+def safe_dataset_name(name: str) -> str:
+    stem = Path(name).stem if name.lower().endswith(".zip") else name
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip("._")
+    return cleaned[:64] or "upload"
+
+
+def extract_zip(source, dest_root: str | os.PathLike, name: str, max_unpacked: int = MAX_UNPACKED_BYTES,
+                max_files: int = MAX_ZIP_FILES) -> Path:
+    """Unpack an uploaded zip into dest_root/<name> safely: no absolute paths, no '..', no links,
+    limits on total size and file count (checked before writing and while writing). The folder
+    appears only when everything unpacked; a refused archive leaves nothing behind."""
+    dest_root = Path(dest_root)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    target = dest_root / safe_dataset_name(name)
+    if target.exists():
+        raise UploadError(f"a dataset called '{target.name}' already exists in {dest_root}; rename the zip")
+    try:
+        zf = zipfile.ZipFile(source)
+    except zipfile.BadZipFile as exc:
+        raise UploadError(f"{name}: not a zip archive ({exc})") from exc
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > max_files:
+            raise UploadError(f"{name}: {len(infos)} entries is over the limit of {max_files}")
+        total = sum(i.file_size for i in infos)
+        if total > max_unpacked:
+            raise UploadError(f"{name}: unpacks to {total / 1e6:.0f} MB, over the limit of {max_unpacked / 1e6:.0f} MB")
+        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=dest_root))
+        try:
+            written = 0
+            for info in infos:
+                parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+                if info.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                    raise UploadError(f"{name}: entry '{info.filename}' points outside the archive")
+                mode = info.external_attr >> 16
+                if stat.S_ISLNK(mode):
+                    raise UploadError(f"{name}: entry '{info.filename}' is a symbolic link")
+                out = tmp.joinpath(*parts) if parts else tmp
+                if info.is_dir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(out, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_unpacked:  # the header lied about sizes
+                            raise UploadError(f"{name}: unpacks to more than {max_unpacked / 1e6:.0f} MB")
+                        dst.write(chunk)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in example and the book's data set
+
+
+def ensure_example_dataset(root: str | os.PathLike | None = None, size: int = 32) -> Path:
+    """scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes) as an ImageFolder
+    (root/digits/<digit>/*.png, upscaled to `size` px); written once, no internet needed."""
+    root = Path(root) if root else data_root()
+    target = root / EXAMPLE_NAME
+    if target.is_dir():  # written atomically below: if it exists, it is complete
+        return target
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".example-", dir=root))
+    try:
+        for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+            folder = tmp / str(label)
+            folder.mkdir(exist_ok=True)
+            pixels = (255 - image * (255 / 16)).clip(0, 255).astype(np.uint8)  # dark ink on white
+            Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(folder / f"digit_{i:04d}.png")
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+    return target
+
+
+def download_hotdog(root: str | os.PathLike | None = None, timeout: float = 30.0) -> Path:
+    """The book's hot-dog set (2,000 train / 800 test), checksum-verified, into the data root."""
+    root = Path(root) if root else data_root()
+    target = root / "hotdog"
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=root, suffix=".zip", delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(HOTDOG_URL, timeout=timeout) as response:  # noqa: S310 - fixed URL
+                sha1 = hashlib.sha1()
+                while chunk := response.read(1 << 20):
+                    sha1.update(chunk)
+                    tmp.write(chunk)
+        except OSError as exc:
+            os.unlink(tmp.name)
+            raise UploadError(f"could not download the hot-dog set from {HOTDOG_URL} ({exc}); are you offline?") from exc
+    if sha1.hexdigest() != HOTDOG_SHA1:
+        os.unlink(tmp.name)
+        raise UploadError(f"the downloaded hot-dog set has sha1 {sha1.hexdigest()}, expected {HOTDOG_SHA1}")
+    try:
+        return extract_zip(tmp.name, root, "hotdog", max_unpacked=MAX_UNPACKED_BYTES)
+    finally:
+        os.unlink(tmp.name)

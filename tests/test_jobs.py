@@ -1,0 +1,126 @@
+"""The background job manager: queue order, stop, crashes, restarts, concurrent submits."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from finetune_core.config import ConfigError
+from finetune_core.jobs import JobManager, wait_until
+from finetune_core.runs import RunDir
+
+
+class FakeTrainer:
+    """Stands in for engine.train: records the order runs start in and blocks until released."""
+
+    def __init__(self):
+        self.started: list[str] = []
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, config, run, on_event=None, stop_event=None, resume=False, cache_dir=None):
+        with self.lock:
+            self.started.append(config.name)
+        run.write_status(state="running")
+        while not self.release.is_set():
+            on_event({"kind": "batch", "progress": 0.5, "message": "working"})
+            if stop_event.wait(0.01):
+                return run.write_status(state="stopped", message="stopped by the user")
+        if config.name == "boom":
+            raise RuntimeError("worker exploded")
+        return run.write_status(state="completed", message="done")
+
+
+@pytest.fixture
+def fake():
+    return FakeTrainer()
+
+
+def test_one_job_at_a_time_per_device_in_submission_order(tiny_config, tmp_path, fake):
+    mgr = JobManager(tmp_path / "runs", train_fn=fake)
+    ids = [mgr.submit(tiny_config.replace(name=f"r{i}", device="cpu")) for i in range(3)]
+    assert wait_until(lambda: fake.started == ["r0"])
+    states = {j["run_id"]: j for j in mgr.jobs()}
+    assert states[ids[0]]["state"] == "running"
+    assert [states[i]["queue_position"] for i in ids[1:]] == [1, 2]
+    assert RunDir(states[ids[1]]["path"]).read_status()["state"] == "queued"
+    fake.release.set()
+    for i in ids:
+        assert mgr.wait(i, 10)["state"] == "completed"
+    assert fake.started == ["r0", "r1", "r2"]
+
+
+def test_stop_a_running_and_a_queued_job(tiny_config, tmp_path, fake):
+    mgr = JobManager(tmp_path / "runs", train_fn=fake)
+    first = mgr.submit(tiny_config.replace(name="first", device="cpu"))
+    second = mgr.submit(tiny_config.replace(name="second", device="cpu"))
+    assert wait_until(lambda: fake.started == ["first"])
+    assert mgr.stop(second) == "stopped"
+    assert RunDir(mgr.job(second)["path"]).read_status()["state"] == "stopped"
+    mgr.stop(first)
+    assert mgr.wait(first, 10)["state"] == "stopped"
+    assert fake.started == ["first"]  # the queued one never started
+
+
+def test_a_crashing_worker_marks_its_run_failed_and_keeps_serving(tiny_config, tmp_path, fake):
+    mgr = JobManager(tmp_path / "runs", train_fn=fake)
+    fake.release.set()
+    boom = mgr.submit(tiny_config.replace(name="boom", device="cpu"))
+    after = mgr.submit(tiny_config.replace(name="after", device="cpu"))
+    job = mgr.wait(boom, 10)
+    assert job["state"] == "failed" and "worker exploded" in job["message"]
+    status = RunDir(job["path"]).read_status()
+    assert status["state"] == "failed" and "worker exploded" in status["message"]
+    assert mgr.wait(after, 10)["state"] == "completed"
+
+
+def test_a_restart_marks_runs_left_running_as_interrupted(tiny_config, tmp_path, fake):
+    mgr = JobManager(tmp_path / "runs", train_fn=fake)
+    run_id = mgr.submit(tiny_config.replace(device="cpu"))
+    assert wait_until(lambda: fake.started)
+    # the server dies here: a new process starts a new manager on the same folder
+    again = JobManager(tmp_path / "runs", train_fn=fake)
+    assert again.interrupted == [run_id]
+    assert RunDir(tmp_path / "runs" / run_id).read_status()["state"] == "interrupted"
+    fake.release.set()
+
+
+def test_concurrent_submits_are_all_queued_once(tiny_config, tmp_path, fake):
+    mgr = JobManager(tmp_path / "runs", train_fn=fake)
+    fake.release.set()
+    ids, lock = [], threading.Lock()
+
+    def submit(k):
+        run_id = mgr.submit(tiny_config.replace(name=f"c{k}", device="cpu"))
+        with lock:
+            ids.append(run_id)
+
+    threads = [threading.Thread(target=submit, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 12
+    for i in ids:
+        assert mgr.wait(i, 20)["state"] == "completed"
+    assert sorted(fake.started) == sorted(f"c{k}" for k in range(12))
+
+
+def test_bad_settings_are_refused_before_anything_is_created(tiny_config, tmp_path, fake):
+    mgr = JobManager(tmp_path / "runs", train_fn=fake)
+    with pytest.raises(ConfigError, match="lr"):
+        mgr.submit(tiny_config.replace(lr=-1.0))
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_real_run_through_the_manager_then_resume(tiny_config, tmp_path, cache_dir):
+    mgr = JobManager(tmp_path / "runs", cache_dir=cache_dir)
+    run_id = mgr.submit(tiny_config.replace(epochs=10, device="cpu"))
+    assert wait_until(lambda: (mgr.job(run_id)["last_event"].get("step", 0) >= 4), timeout=120)
+    mgr.stop(run_id)
+    assert mgr.wait(run_id, 60)["state"] == "stopped"
+    mgr.resume(run_id)
+    job = mgr.wait(run_id, 120)
+    assert job["state"] == "completed", job["message"]
+    metrics = RunDir(job["path"]).read_metrics()
+    assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == list(range(1, 11))

@@ -1,0 +1,146 @@
+"""The dashboard's pages through Streamlit's AppTest (one page at a time, no browser)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT, make_dataset
+
+TIMEOUT = 120
+
+
+@pytest.fixture
+def dashboard_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEBOARD_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("TUNEBOARD_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("TUNEBOARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(ROOT)
+    return tmp_path
+
+
+def page(name: str) -> AppTest:
+    return AppTest.from_file(str(ROOT / name), default_timeout=TIMEOUT)
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def set_text(at: AppTest, key: str, value) -> None:
+    at.text_input(key=key).set_value(value)
+
+
+def use_folder(at: AppTest, path) -> AppTest:
+    at.radio(key="data_source").set_value("A folder path").run()
+    set_text(at, "data_path_text", str(path))
+    return at.run()
+
+
+def tiny_recipe(at: AppTest, lr="0.01", head="10") -> None:
+    at.selectbox(key="f_backbone").set_value("resnet18")
+    at.radio(key="f_weights_kind").set_value("none (random init)")
+    at.checkbox(key="f_freeze_backbone").set_value(False)
+    at.selectbox(key="f_loss_reduction").set_value("mean")
+    at.number_input(key="f_image_size").set_value(32)
+    at.number_input(key="f_batch_size").set_value(8)
+    at.number_input(key="f_epochs").set_value(1)
+    set_text(at, "f_lr", lr)
+    set_text(at, "f_head_lr_mult", head)
+
+
+def wait_for_runs(at: AppTest, runs_dir, n: int, timeout: float = 120) -> list[dict]:
+    from finetune_core.runs import list_runs
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        infos = list_runs(runs_dir)
+        if len(infos) >= n and all(i.state not in ("queued", "running") for i in infos):
+            return [i.to_dict() for i in infos]
+        time.sleep(0.5)
+    raise AssertionError(f"runs did not finish: {[(i.id, i.state) for i in list_runs(runs_dir)]}")
+
+
+def test_home_page_shows_device_backbones_and_runs(dashboard_env):
+    at = page("app.py").run()
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Device"] == "CPU"
+    assert metrics["Backbones with weights offline"].endswith("of 7")
+    assert any("efficientnet_lite0" in c.value for c in at.caption)
+    assert at.button(key="quick_start")
+
+
+def test_train_page_defaults_to_a_working_offline_example(dashboard_env):
+    at = page("pages/1_Train.py").run()
+    assert not at.exception
+    assert (dashboard_env / "data" / "digits").is_dir()
+    assert {m.label: m.value for m in at.metric}["Classes"] == "10"
+    assert at.selectbox(key="f_backbone").value == "efficientnet_lite0"  # resnet18 weights are not cached here
+    assert not at.button(key="train_button").disabled
+
+
+@pytest.mark.parametrize("field,value,text", [
+    ("f_lr", "-1", "lr: must be greater than zero"), ("f_lr", "abc", "lr: must be a number"),
+    ("f_head_lr_mult", "0", "head_lr_mult: must be greater than zero"), ("f_momentum", "1.5", "momentum: must be below 1"),
+])
+def test_train_form_refuses_bad_values_next_to_the_field(dashboard_env, field, value, text):
+    at = page("pages/1_Train.py").run()
+    set_text(at, field, value)
+    at.run()
+    assert any(text in e.value for e in at.error), [e.value for e in at.error]
+    assert at.button(key="train_button").disabled
+    set_text(at, field, "0.5")
+    at.run()
+    assert not at.button(key="train_button").disabled
+
+
+def test_an_unusable_dataset_disables_train(dashboard_env):
+    (dashboard_env / "empty" / "only_class").mkdir(parents=True)
+    at = use_folder(page("pages/1_Train.py").run(), dashboard_env / "empty")
+    assert any("cannot be used" in e.value for e in at.error)
+    assert at.button(key="train_button").disabled
+    assert any("Train is disabled" in c.value for c in at.caption)
+
+
+def test_a_tiny_run_launches_shows_progress_and_its_curves(dashboard_env):
+    data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.number_input(key="f_epochs").set_value(2)
+    at.checkbox(key="also_single").set_value(True)  # the comparison run without parameter groups
+    at.run()
+    assert not at.button(key="train_button").disabled, [e.value for e in at.error]
+    at.button(key="train_button").click().run()
+    runs = wait_for_runs(at, dashboard_env / "runs", 2)
+    assert {r["state"] for r in runs} == {"completed"}
+    at.run()
+    assert not at.exception
+    spec = charts(at)[-1]  # the live curves: both runs, three panels
+    names = {t["name"] for t in spec["data"]}
+    assert len(names) == 2 and any("one group" in n for n in names)
+    test_acc = [t for t in spec["data"] if t.get("xaxis") == "x3"]
+    assert all(len(t["x"]) == 2 for t in test_acc)  # one test point per epoch per run
+    from finetune_core.runs import RunDir
+
+    configs = [RunDir(r["path"]).read_config()["config"] for r in runs]
+    assert sorted(c["param_groups"] for c in configs) == [False, True]
+    assert all(c["lr"] == 0.01 and c["head_lr_mult"] == 10 for c in configs)
+
+
+def test_a_second_session_sees_the_running_job(dashboard_env):
+    data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.number_input(key="f_epochs").set_value(200)
+    at.run()
+    at.button(key="train_button").click().run()
+    other = page("pages/1_Train.py").run()  # a refresh: new session, same server
+    texts = " ".join(str(p.proto.text) for p in other.get("progress"))
+    assert "resnet18" in texts and ("running" in texts or "queued" in texts)
+    stop = [b for b in other.button if b.label == "Stop"]
+    stop[0].click().run()
+    runs = wait_for_runs(other, dashboard_env / "runs", 1, timeout=60)
+    assert runs[0]["state"] == "stopped"
