@@ -3,8 +3,8 @@
 A bundle is a folder (or a zip of it) that works without Tuneboard's UI:
     model.json             backbone, classes, preprocessing (resize, crop, mean, std)
     weights.safetensors    the state_dict (safetensors: loading it can never run code)
-    model.torchscript.pt   the whole model as TorchScript: torch.jit.load(...) and call it on a
-                           normalised float batch N x 3 x S x S
+    model.pt2              the whole model as a torch.export program: torch.export.load(path).module()
+                           takes a normalised float batch N x 3 x S x S (any N) and returns logits
 """
 from __future__ import annotations
 
@@ -178,10 +178,9 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
         "source_run": str(Path(run_dir).resolve()),
     }
     (out / "model.json").write_text(json.dumps(meta, indent=2))
-    example = torch.zeros(1, 3, predictor.image_size, predictor.image_size)
-    with torch.no_grad():
-        scripted = torch.jit.trace(predictor.model, example, check_trace=False)
-    scripted.save(str(out / "model.torchscript.pt"))
+    example = torch.zeros(2, 3, predictor.image_size, predictor.image_size)
+    program = torch.export.export(predictor.model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(program, str(out / "model.pt2"))
     return out
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: generated image folders, the real datasets beside the project, tiny configs."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -72,3 +73,43 @@ def tiny_config(tiny_dataset, tmp_path):
 @pytest.fixture
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "cache")
+
+
+# --- the dashboard through AppTest ---------------------------------------------------------------
+
+PAGE_TIMEOUT = 120
+
+
+@pytest.fixture
+def dashboard_env(tmp_path, monkeypatch):
+    """A private data root, runs folder and decode cache for the pages under test."""
+    monkeypatch.setenv("TUNEBOARD_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("TUNEBOARD_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("TUNEBOARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(ROOT)
+    return tmp_path
+
+
+def page(name: str):
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(str(ROOT / name), default_timeout=PAGE_TIMEOUT)
+
+
+def charts(at) -> list[dict]:
+    """The plotly figures on a page (AppTest hands them back as JSON specs)."""
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def plotly_array(value):
+    """Plotly's JSON keeps numeric arrays as lists or as base64 typed arrays: a numpy array either way."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(value, dict) and "bdata" in value:
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        if "shape" in value:
+            arr = arr.reshape([int(n) for n in str(value["shape"]).split(",")])
+        return arr
+    return np.asarray(value)

@@ -1,33 +1,12 @@
 """The dashboard's pages through Streamlit's AppTest (one page at a time, no browser)."""
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, make_dataset
-
-TIMEOUT = 120
-
-
-@pytest.fixture
-def dashboard_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNEBOARD_DATA_ROOT", str(tmp_path / "data"))
-    monkeypatch.setenv("TUNEBOARD_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("TUNEBOARD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(ROOT)
-    return tmp_path
-
-
-def page(name: str) -> AppTest:
-    return AppTest.from_file(str(ROOT / name), default_timeout=TIMEOUT)
-
-
-def charts(at: AppTest) -> list[dict]:
-    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
-
+from conftest import ROOT, charts, make_dataset, page, plotly_array
 
 def set_text(at: AppTest, key: str, value) -> None:
     at.text_input(key=key).set_value(value)
@@ -122,7 +101,7 @@ def test_a_tiny_run_launches_shows_progress_and_its_curves(dashboard_env):
     names = {t["name"] for t in spec["data"]}
     assert len(names) == 2 and any("one group" in n for n in names)
     test_acc = [t for t in spec["data"] if t.get("xaxis") == "x3"]
-    assert all(len(t["x"]) == 2 for t in test_acc)  # one test point per epoch per run
+    assert len(test_acc) == 2 and all(len(plotly_array(t["x"])) == 2 for t in test_acc)  # one test point per epoch per run
     from finetune_core.runs import RunDir
 
     configs = [RunDir(r["path"]).read_config()["config"] for r in runs]

@@ -1,0 +1,80 @@
+"""What the dashboard computes from run directories: comparisons, confusion matrices, per-class
+metrics and galleries. Pure functions over pandas frames (scikit-learn does the metrics)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .runs import RunDir, RunInfo
+
+COMPARE_SETTINGS = ["preset", "backbone", "weights", "lr", "head_lr_mult", "param_groups", "freeze_backbone",
+                    "loss_reduction", "batch_size", "epochs", "weight_decay", "momentum", "schedule",
+                    "warmup_epochs", "image_size", "precision", "seed"]
+
+
+def confusion(predictions: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """Rows: true class; columns: predicted class (the order of `classes`)."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(predictions["true"].astype(str), predictions["predicted"].astype(str),
+                            labels=[str(c) for c in classes])
+
+
+def per_class_metrics(predictions: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = [str(c) for c in classes]
+    p, r, f, s = precision_recall_fscore_support(predictions["true"].astype(str), predictions["predicted"].astype(str),
+                                                 labels=labels, zero_division=0)
+    return pd.DataFrame({"class": labels, "precision": p, "recall": r, "f1": f, "support": s})
+
+
+def gallery(predictions: pd.DataFrame, mistakes_only: bool = False, true_class: str | None = None,
+            sort: str = "loss") -> pd.DataFrame:
+    """Test images to show: optionally only the mistakes or one true class, sorted by
+    'loss' (worst first), 'confidence' (most confident first) or 'least confident'."""
+    frame = predictions
+    if mistakes_only:
+        frame = frame[frame["true"] != frame["predicted"]]
+    if true_class is not None:
+        frame = frame[frame["true"].astype(str) == str(true_class)]
+    if sort == "loss":
+        frame = frame.sort_values("loss", ascending=False)
+    elif sort == "confidence":
+        frame = frame.sort_values("confidence", ascending=False)
+    elif sort == "least confident":
+        frame = frame.sort_values("confidence", ascending=True)
+    return frame
+
+
+def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run: its settings and final metrics; plus the settings that differ."""
+    rows = []
+    for info in infos:
+        run = RunDir(info.path)
+        try:
+            cfg = run.read_config().get("config", {})
+        except (OSError, ValueError):
+            cfg = {}
+        status = run.read_status(default={})
+        row = {"run": info.name, "state": info.state}
+        row.update({k: cfg.get(k) for k in COMPARE_SETTINGS})
+        row.update({"final loss": status.get("loss"), "final train acc": status.get("train_acc"),
+                    "final test acc": status.get("test_acc"), "best test acc": status.get("best_test_acc"),
+                    "images/s": status.get("images_per_s"), "duration (s)": info.duration_s})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    differing = [k for k in COMPARE_SETTINGS if k in frame and frame[k].astype(str).nunique() > 1]
+    return frame, differing
+
+
+def metrics_of(infos: list[RunInfo]) -> pd.DataFrame:
+    """Every logged point of several runs in one frame, with a `run` column (for CSV download)."""
+    frames = []
+    for info in infos:
+        m = RunDir(info.path).read_metrics()
+        if not m.empty:
+            frames.append(m.assign(run=info.name, run_id=info.id))
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,96 @@
+"""Predict: what the model gets right and wrong, classify dropped images, export the model."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+
+from finetune_core import analysis, plots
+from finetune_core.datastore import runs_root
+from finetune_core.predict import Predictor, bundle_zip_bytes, export_bundle
+from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, list_runs
+from tuneboard_ui import page, state_label
+
+page("Predict", "🔮")
+st.title("Predict")
+
+runs = [r for r in list_runs(runs_root()) if not r.error and r.has_checkpoint
+        and (Path(r.path) / PREDICTIONS).exists()]
+if not runs:
+    st.info("No finished run with a model yet: train one on the Train page.")
+    st.stop()
+by_id = {r.id: r for r in runs}
+run_id = st.selectbox("Run", list(by_id), key="predict_run",
+                      format_func=lambda i: f"{by_id[i].name} · {state_label(by_id[i].state)} · best test acc "
+                                            f"{by_id[i].best_test_acc or 0:.3f} · {i}")
+info = by_id[run_id]
+run = RunDir(info.path)
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def predictor(path: str, stamp: float) -> Predictor:
+    return Predictor.from_run(path)
+
+
+model = predictor(info.path, (Path(info.path) / CHECKPOINT_LAST).stat().st_mtime)
+predictions = run.read_predictions()
+classes = model.classes
+accuracy = float((predictions["true"].astype(str) == predictions["predicted"].astype(str)).mean())
+st.caption(f"{model.backbone}, {len(classes)} classes, {model.image_size} px · test accuracy {accuracy:.3f} "
+           f"on {len(predictions)} images")
+
+tab_images, tab_metrics, tab_classify, tab_export = st.tabs(
+    ["Test images", "Confusion and per-class metrics", "Classify your images", "Export"])
+
+with tab_images:
+    c = st.columns(3)
+    mistakes = c[0].checkbox("Mistakes only", key="mistakes_only")
+    cls = c[1].selectbox("True class", ["all"] + [str(x) for x in classes], key="gallery_class")
+    sort = c[2].selectbox("Order", ["loss", "confidence", "least confident"], key="gallery_sort",
+                          format_func=lambda s: {"loss": "worst mistakes first", "confidence": "most confident first",
+                                                 "least confident": "least confident first"}[s])
+    shown = analysis.gallery(predictions, mistakes, None if cls == "all" else cls, sort)
+    st.caption(f"{len(shown)} images" + (f", the first 30 shown" if len(shown) > 30 else ""))
+    grid = st.columns(6)
+    for k, (_, row) in enumerate(shown.head(30).iterrows()):
+        ok = str(row["true"]) == str(row["predicted"])
+        with grid[k % 6]:
+            st.image(row["path"], width="stretch")
+            st.caption(f"{'✅' if ok else '❌'} true **{row['true']}** · predicted **{row['predicted']}** "
+                       f"({row['confidence']:.0%})")
+
+with tab_metrics:
+    matrix = analysis.confusion(predictions, classes)
+    st.plotly_chart(plots.confusion_figure(matrix, [str(x) for x in classes]), width="stretch", key="confusion")
+    st.dataframe(analysis.per_class_metrics(predictions, classes).round(3), width="stretch", hide_index=True)
+
+with tab_classify:
+    files = st.file_uploader("Drop one or more images", accept_multiple_files=True, key="classify_upload")
+    if st.toggle("Use the camera", key="use_camera"):
+        shot = st.camera_input("Take a picture", key="camera")
+        if shot is not None:
+            files = list(files or []) + [shot]
+    top_k = st.slider("Classes to show", 1, max(1, min(10, len(classes))), min(3, len(classes)), key="top_k")
+    for f in files or []:
+        result = model.predict_bytes(f.getvalue(), f.name, top_k=top_k)
+        cols = st.columns([1, 3])
+        if result.error:
+            cols[1].error(result.error)
+            continue
+        cols[0].image(f.getvalue(), width="stretch")
+        best, p = result.top[0]
+        cols[1].markdown(f"**{f.name}**: **{best}** ({p:.1%})")
+        cols[1].plotly_chart(plots.top_k_figure(result.top), width="stretch", key=f"topk-{f.name}-{f.file_id}")
+
+with tab_export:
+    st.write("A bundle that works without Tuneboard: `weights.safetensors`, `model.json` (classes and "
+             "preprocessing) and `model.pt2` (a `torch.export` program). `python -m finetune_core predict --run bundle.zip IMAGE` "
+             "accepts it.")
+    if st.button("Build the bundle", key="build_bundle"):
+        with st.spinner("Exporting…"):
+            with tempfile.TemporaryDirectory() as tmp:
+                st.session_state["bundle"] = (run_id, bundle_zip_bytes(export_bundle(info.path, Path(tmp) / "b")))
+    if st.session_state.get("bundle", (None,))[0] == run_id:
+        st.download_button("Download bundle.zip", st.session_state["bundle"][1], file_name=f"{run_id}-bundle.zip",
+                           mime="application/zip", key="download_bundle")

@@ -1,0 +1,160 @@
+"""Part 2 of the dashboard: analysis, export bundles, and the Compare and Predict pages."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, charts, page, plotly_array
+from finetune_core import analysis
+from finetune_core.engine import train
+from finetune_core.predict import Predictor, bundle_zip_bytes, export_bundle
+from finetune_core.runs import RunDir, list_runs
+
+
+def hand_predictions():
+    # true:      a a a b b c
+    # predicted: a b a b c c
+    return pd.DataFrame({"true": list("aaabbc"), "predicted": list("abab" "cc"),
+                         "confidence": [.9, .6, .8, .7, .5, .99], "loss": [.1, .9, .2, .3, 1.2, .01],
+                         "path": [f"{i}.png" for i in range(6)]})
+
+
+def test_confusion_matrix_and_per_class_metrics_equal_a_hand_computed_case():
+    preds = hand_predictions()
+    assert analysis.confusion(preds, ["a", "b", "c"]).tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    m = analysis.per_class_metrics(preds, ["a", "b", "c"]).set_index("class")
+    # a: precision 2/2, recall 2/3; b: precision 1/2, recall 1/2; c: precision 1/2, recall 1/1
+    assert m.loc["a", "precision"] == 1.0 and m.loc["a", "recall"] == pytest.approx(2 / 3)
+    assert m.loc["b", "precision"] == 0.5 and m.loc["b", "recall"] == 0.5
+    assert m.loc["c", "precision"] == 0.5 and m.loc["c", "recall"] == 1.0
+    assert m.loc["a", "f1"] == pytest.approx(0.8) and m.loc["c", "f1"] == pytest.approx(2 / 3)
+    assert list(m["support"]) == [3, 2, 1]
+
+
+def test_gallery_filters_and_sorts():
+    preds = hand_predictions()
+    worst = analysis.gallery(preds, mistakes_only=True, sort="loss")
+    assert list(worst["path"]) == ["4.png", "1.png"]
+    only_a = analysis.gallery(preds, true_class="a", sort="least confident")
+    assert list(only_a["confidence"]) == [.6, .8, .9]
+
+
+@pytest.fixture
+def finished_runs(tiny_config, tmp_path):
+    runs = tmp_path / "runs"
+    train(tiny_config.replace(name="fine", epochs=2), runs / "20260101-000000-fine", cache_dir="")
+    train(tiny_config.replace(name="single", param_groups=False, lr=0.02, epochs=2), runs / "20260101-000001-single",
+          cache_dir="")
+    return runs
+
+
+def test_compare_table_marks_the_settings_that_differ(finished_runs):
+    table, differing = analysis.compare_table(list_runs(finished_runs))
+    assert set(differing) == {"lr", "param_groups"}
+    assert set(table["run"]) == {"fine", "single"} and table["final test acc"].notna().all()
+    metrics = analysis.metrics_of(list_runs(finished_runs))
+    assert set(metrics["run"]) == {"fine", "single"} and (metrics["kind"] == "epoch").sum() == 4
+
+
+def test_export_bundle_reloads_with_equal_outputs(finished_runs, tmp_path):
+    run = finished_runs / "20260101-000000-fine"
+    original = Predictor.from_run(run)
+    bundle = export_bundle(run, tmp_path / "bundle")
+    assert {p.name for p in bundle.iterdir()} == {"model.json", "weights.safetensors", "model.pt2"}
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["classes"] == ["cat", "dog"] and meta["preprocessing"]["image_size"] == 32
+
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = original.model(x)
+        reloaded = Predictor.from_bundle(bundle).model(x)
+        exported = torch.export.load(str(bundle / "model.pt2")).module()(x)
+    assert torch.allclose(expected, reloaded, atol=1e-6)
+    assert torch.allclose(expected, exported, atol=1e-5)
+
+    (tmp_path / "bundle.zip").write_bytes(bundle_zip_bytes(bundle))
+    assert zipfile.is_zipfile(tmp_path / "bundle.zip")
+    image = pd.read_csv(run / "predictions.csv")["path"][0]
+    out = subprocess.run([sys.executable, "-m", "finetune_core", "predict", "--run", str(tmp_path / "bundle.zip"),
+                          image, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    top = json.loads(out.stdout)[0]["top"]
+    live = original.predict_files([image], top_k=2)[0].top
+    assert top[0]["class"] == live[0][0] and top[0]["probability"] == pytest.approx(live[0][1], abs=1e-5)
+
+
+def test_predict_refuses_what_is_not_an_image(finished_runs, tmp_path):
+    predictor = Predictor.from_run(finished_runs / "20260101-000000-fine")
+    assert "not an image" in predictor.predict_bytes(b"hello, I am text", "notes.txt").error
+    assert "empty" in predictor.predict_bytes(b"", "nothing.png").error
+    huge = predictor.predict_bytes(b"\0" * (26 * 1024 * 1024), "big.jpg").error
+    assert "over the 25 MB limit" in huge
+
+
+# --- pages -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dashboard_runs(dashboard_env, tiny_config):
+    runs = dashboard_env / "runs"
+    train(tiny_config.replace(name="fine", epochs=2, group="g1"), runs / "20260101-000000-fine", cache_dir="")
+    train(tiny_config.replace(name="single", param_groups=False, epochs=2, group="g1"),
+          runs / "20260101-000001-single", cache_dir="")
+    return runs
+
+
+def test_compare_page_overlays_runs_and_highlights_differences(dashboard_runs):
+    at = page("pages/2_Compare.py").run()
+    assert not at.exception
+    assert sorted(at.multiselect(key="compare_runs").value) == sorted(p.name for p in dashboard_runs.iterdir())
+    spec = charts(at)[0]
+    assert {t["name"] for t in spec["data"]} == {"fine (0-fine)", "single (single)"}
+    assert any("settings that differ" in c.value for c in at.caption)
+    at.radio(key="compare_x").set_value("wall time").run()
+    assert charts(at)[0]["layout"]["xaxis"]["title"]["text"] == "elapsed s"
+
+
+def test_compare_page_renames_tags_and_deletes_after_asking(dashboard_runs):
+    at = page("pages/2_Compare.py").run()
+    target = at.selectbox(key="manage_run").value
+    at.text_input(key=f"name-{target}").set_value("renamed")
+    at.text_input(key=f"tags-{target}").set_value("best, keep")
+    at.button(key="save_meta").click().run()
+    meta = RunDir(dashboard_runs / target).read_meta()
+    assert meta == {"name": "renamed", "tags": ["best", "keep"]}
+    assert at.button(key="delete_run").disabled  # nothing is deleted before the user confirms
+    at.checkbox(key=f"sure-{target}").check().run()
+    at.button(key="delete_run").click().run()
+    assert not (dashboard_runs / target).exists()
+
+
+def test_predict_page_gallery_confusion_and_uploads(dashboard_runs):
+    at = page("pages/3_Predict.py").run()
+    assert not at.exception
+    heatmap = [c for c in charts(at) if c["data"][0]["type"] == "heatmap"][0]
+    preds = pd.read_csv(dashboard_runs / at.selectbox(key="predict_run").value / "predictions.csv")
+    assert plotly_array(heatmap["data"][0]["z"]).sum() == len(preds)
+    assert len(at.dataframe) >= 1
+
+    import sklearn.datasets
+
+    photo = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images", "flower.jpg")
+    with open(photo, "rb") as f:
+        at.file_uploader(key="classify_upload").set_value([("flower.jpg", f.read(), "image/jpeg"),
+                                                           ("notes.txt", b"just text", "text/plain")])
+    at.run()
+    assert not at.exception
+    answers = [m.value for m in at.markdown if "flower.jpg" in m.value]
+    assert answers and ("cat" in answers[0] or "dog" in answers[0]) and "%" in answers[0]
+    assert any("notes.txt" in e.value and "not an image" in e.value for e in at.error)
+
+    at.button(key="build_bundle").click().run()
+    assert at.get("download_button")
