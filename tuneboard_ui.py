@@ -9,8 +9,6 @@ from finetune_core.jobs import JobManager
 from finetune_core.runs import list_runs
 
 LIVE_REFRESH_S = 1.0
-STATE_ICONS = {"queued": "⏳", "running": "▶️", "completed": "✅", "stopped": "⏹️", "failed": "❌",
-               "diverged": "💥", "interrupted": "⚠️"}
 
 
 @st.cache_resource(show_spinner=False)
@@ -29,7 +27,8 @@ def page(title: str, icon: str = "🔧") -> None:
 
 
 def state_label(state: str) -> str:
-    return f"{STATE_ICONS.get(state, '')} {state}".strip()
+    """A run's state as shown in tables and progress lines (plain words: they read everywhere)."""
+    return state.upper() if state in ("failed", "diverged", "interrupted") else state
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -47,6 +47,12 @@ def gallery(predictions: pd.DataFrame, mistakes_only: bool = False, true_class: 
     return frame
 
 
+def run_labels(infos: list[RunInfo]) -> dict[str, str]:
+    """{run id: label}: the run's name, with its id added where names repeat."""
+    names = [i.name for i in infos]
+    return {i.id: i.name if names.count(i.name) == 1 else f"{i.name} · {i.id}" for i in infos}
+
+
 def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
     """One row per run: its settings and final metrics; plus the settings that differ."""
     rows = []

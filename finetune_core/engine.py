@@ -78,10 +78,21 @@ def normalisation(config: TrainConfig) -> tuple[tuple, tuple]:
     return tuple(config.mean or spec.mean), tuple(config.std or spec.std)
 
 
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def use_bf16(config: TrainConfig, device: torch.device) -> bool:
-    if config.precision == "bf16":
-        return True
-    return config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 autocast: 'auto' uses it on CUDA only (the book's fp32 elsewhere); 'bf16' asks for it
+    wherever the hardware runs it natively (CUDA, or a CPU with AVX-512 BF16 / AMX), else fp32."""
+    if device.type == "cuda":
+        return config.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return config.precision == "bf16" and cpu_has_native_bf16()
+    return False
 
 
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:

@@ -127,7 +127,7 @@ def apply_preset() -> None:
         elif key == "weights":
             st.session_state["f_weights_kind"] = "none (random init)" if value == "none" else "ImageNet (pretrained)"
         elif key in ("param_groups", "freeze_backbone", "loss_reduction", "batch_size", "epochs", "schedule",
-                     "warmup_epochs", "image_size"):
+                     "warmup_epochs", "image_size", "precision"):
             st.session_state[f"f_{key}"] = value
 
 
@@ -185,6 +185,9 @@ with col3:
     field_error("warmup_epochs")
     devices = ["auto", "cpu"] + (["cuda"] if "GPU" in device_description() else [])
     st.selectbox("Device", devices, key="f_device", help=f"auto = {device_description()}")
+    st.selectbox("Precision", ["auto", "fp32", "bf16"], key="f_precision",
+                 help="auto: bf16 autocast on a GPU, fp32 on the CPU (the book). bf16: also on a CPU that runs "
+                      "it natively (AVX-512 BF16 / AMX), else fp32.")
     st.number_input("Seed", min_value=0, step=1, key="f_seed", value=0)
     st.text_input("Run name", key="f_name", placeholder="optional")
 
@@ -204,7 +207,8 @@ form = {
     "epochs": st.session_state["f_epochs"], "weight_decay": st.session_state["f_weight_decay"],
     "momentum": st.session_state["f_momentum"], "schedule": st.session_state["f_schedule"],
     "warmup_epochs": st.session_state["f_warmup_epochs"], "image_size": st.session_state["f_image_size"],
-    "device": st.session_state["f_device"], "seed": st.session_state["f_seed"],
+    "device": st.session_state["f_device"], "precision": st.session_state["f_precision"],
+    "seed": st.session_state["f_seed"],
     "name": st.session_state["f_name"], "preset": st.session_state["preset"],
 }
 config, new_errors = config_from_form(form)

@@ -26,7 +26,9 @@ def label(run_id: str) -> str:
 # Default: the newest group of runs launched together, else the two newest runs.
 newest_group = RunDir(runs[0].path).read_config().get("config", {}).get("group", "")
 default = [r.id for r in runs if newest_group and
-           RunDir(r.path).read_config().get("config", {}).get("group") == newest_group] or [r.id for r in runs[:2]]
+           RunDir(r.path).read_config().get("config", {}).get("group") == newest_group]
+if len(default) < 2:
+    default = [r.id for r in runs[:2]]
 chosen = st.multiselect("Runs", list(by_id), default=default, format_func=label, key="compare_runs")
 x_axis = st.radio("Against", ["epoch", "wall time"], horizontal=True, key="compare_x")
 
@@ -34,7 +36,8 @@ x_axis = st.radio("Against", ["epoch", "wall time"], horizontal=True, key="compa
 @st.fragment(run_every=LIVE_REFRESH_S * 2)
 def curves() -> None:
     infos = [by_id[i] for i in chosen]
-    frames = {f"{by_id[i].name} ({i[-6:]})": RunDir(by_id[i].path).read_metrics() for i in chosen}
+    labels = analysis.run_labels(infos)
+    frames = {labels[i]: RunDir(by_id[i].path).read_metrics() for i in chosen}
     x = "epoch" if x_axis == "epoch" else "elapsed_s"
     st.plotly_chart(plots.overlay_figure(frames, x=x), width="stretch", key="compare_curves")
     table, differing = analysis.compare_table(infos)

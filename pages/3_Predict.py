@@ -57,7 +57,7 @@ with tab_images:
         ok = str(row["true"]) == str(row["predicted"])
         with grid[k % 6]:
             st.image(row["path"], width="stretch")
-            st.caption(f"{'✅' if ok else '❌'} true **{row['true']}** · predicted **{row['predicted']}** "
+            st.caption(f"{'right' if ok else 'WRONG'}: true **{row['true']}** · predicted **{row['predicted']}** "
                        f"({row['confidence']:.0%})")
 
 with tab_metrics:

@@ -56,6 +56,14 @@ def finished_runs(tiny_config, tmp_path):
     return runs
 
 
+def test_run_labels_are_unique_when_names_repeat():
+    from finetune_core.runs import RunInfo
+
+    infos = [RunInfo(path="a", id="1-x", name="resnet18"), RunInfo(path="b", id="2-x", name="resnet18"),
+             RunInfo(path="c", id="3-y", name="other")]
+    assert analysis.run_labels(infos) == {"1-x": "resnet18 · 1-x", "2-x": "resnet18 · 2-x", "3-y": "other"}
+
+
 def test_compare_table_marks_the_settings_that_differ(finished_runs):
     table, differing = analysis.compare_table(list_runs(finished_runs))
     assert set(differing) == {"lr", "param_groups"}
@@ -116,7 +124,7 @@ def test_compare_page_overlays_runs_and_highlights_differences(dashboard_runs):
     assert not at.exception
     assert sorted(at.multiselect(key="compare_runs").value) == sorted(p.name for p in dashboard_runs.iterdir())
     spec = charts(at)[0]
-    assert {t["name"] for t in spec["data"]} == {"fine (0-fine)", "single (single)"}
+    assert {t["name"] for t in spec["data"]} == {"fine", "single"}
     assert any("settings that differ" in c.value for c in at.caption)
     at.radio(key="compare_x").set_value("wall time").run()
     assert charts(at)[0]["layout"]["xaxis"]["title"]["text"] == "elapsed s"

@@ -1,0 +1,158 @@
+"""Tuneboard's engine against the book's training loop, side by side, in one process.
+
+    python benchmarks/bench_train.py [--data ../shared/datasets/seefood] [--backbone efficientnet_lite0]
+                                     [--target 0.85] [--epochs 5] [--skip book,engine,fast]
+
+Runs on the same data and device, one after the other:
+  1. the book's loop exactly as GUIDE.md gives it: torchvision ImageFolder + DataLoader with the
+     PIL transforms in the main process, fp32, two SGD groups (head x10, lr 5e-5), summed loss,
+     weight decay 1e-3, batch 128, test accuracy after every epoch;
+  2. Tuneboard's engine with the identical recipe (same normalisation, fp32 on the CPU), then the
+     same with bf16 autocast (where the hardware runs bf16 natively);
+  3. Tuneboard's "fast" preset.
+For each: training images/s (training time only) and the wall time from the start (data and model
+loading included, no decode cache) until test accuracy first reaches --target. Prints a table and
+a final JSON line; --out writes the table as Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from finetune_core.config import preset_config  # noqa: E402
+from finetune_core.data import IMAGENET_MEAN, IMAGENET_STD, book_test_transform, book_train_transform  # noqa: E402
+from finetune_core.engine import train  # noqa: E402
+from finetune_core.models import build_model, device_description, get_head, resolve_device  # noqa: E402
+
+
+def book_loop(data: Path, backbone: str, epochs: int, target: float, device: torch.device, lr=5e-5,
+              batch_size=128) -> dict:
+    """d2l's train_fine_tuning / train_ch13, written out."""
+    import torchvision
+
+    t0 = time.perf_counter()
+    train_ds = torchvision.datasets.ImageFolder(str(data / "train"), transform=book_train_transform(
+        224, IMAGENET_MEAN, IMAGENET_STD))
+    test_ds = torchvision.datasets.ImageFolder(str(data / "test"), transform=book_test_transform(
+        224, IMAGENET_MEAN, IMAGENET_STD))
+    train_iter = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True)
+    test_iter = torch.utils.data.DataLoader(test_ds, batch_size=batch_size)
+    torch.manual_seed(0)
+    net = build_model(backbone, len(train_ds.classes), "auto").to(device)  # new head, Xavier init
+    head_ids = {id(p) for p in get_head(net, backbone).parameters()}
+    params_1x = [p for p in net.parameters() if id(p) not in head_ids]
+    trainer = torch.optim.SGD([{"params": params_1x},
+                               {"params": get_head(net, backbone).parameters(), "lr": lr * 10}],
+                              lr=lr, weight_decay=0.001)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    train_seconds, train_images, reached, curve = 0.0, 0, None, []
+    for epoch in range(epochs):
+        net.train()
+        t_epoch = time.perf_counter()
+        for X, y in train_iter:
+            X, y = X.to(device), y.to(device)
+            trainer.zero_grad()
+            l = loss(net(X), y)
+            l.sum().backward()
+            trainer.step()
+            train_images += len(y)
+        train_seconds += time.perf_counter() - t_epoch
+        net.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for X, y in test_iter:
+                X, y = X.to(device), y.to(device)
+                correct += (net(X).argmax(1) == y).sum().item()
+                total += len(y)
+        acc = correct / total
+        curve.append(round(acc, 3))
+        if reached is None and acc >= target:
+            reached = time.perf_counter() - t0
+        print(f"  book loop epoch {epoch + 1}: test acc {acc:.3f}, {train_images / train_seconds:.2f} img/s, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return {"images_per_s": train_images / train_seconds, "time_to_target_s": reached, "test_acc_by_epoch": curve,
+            "wall_s": time.perf_counter() - t0}
+
+
+def engine_run(config, target: float, runs: Path, label: str) -> dict:
+    t0 = time.perf_counter()
+    status = train(config, runs / label, cache_dir="")
+    wall = time.perf_counter() - t0
+    import pandas as pd
+
+    m = pd.read_csv(runs / label / "metrics.csv")
+    epochs = m[m["kind"] == "epoch"]
+    # elapsed_s counts from the start of train() (scan, weights and decoding included)
+    hit = epochs[epochs["test_acc"] >= target]
+    result = {"images_per_s": status.get("images_per_s"), "state": status["state"],
+              "time_to_target_s": float(hit["elapsed_s"].iloc[0]) if len(hit) else None,
+              "test_acc_by_epoch": [round(v, 3) for v in epochs["test_acc"]], "wall_s": wall}
+    print(f"  {label}: {result}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "seefood"))
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--target", type=float, default=0.85)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip", default="", help="comma-separated: book, engine, bf16, fast")
+    parser.add_argument("--out", help="write the Markdown table here")
+    args = parser.parse_args()
+    data, device = Path(args.data), resolve_device(args.device)
+    skip = set(filter(None, args.skip.split(",")))
+    print(f"{device_description(device)}; {data.name}; {args.backbone}; target {args.target}", flush=True)
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "book" not in skip:
+            results["book loop"] = book_loop(data, args.backbone, args.epochs, args.target, device)
+        if "engine" not in skip:
+            same = preset_config("book-finetune", data=str(data), backbone=args.backbone, epochs=args.epochs,
+                                 mean=IMAGENET_MEAN, std=IMAGENET_STD, device=args.device, precision="auto")
+            results["engine, identical recipe"] = engine_run(same, args.target, Path(tmp), "engine")
+        if "bf16" not in skip:
+            same_bf16 = preset_config("book-finetune", data=str(data), backbone=args.backbone, epochs=args.epochs,
+                                      mean=IMAGENET_MEAN, std=IMAGENET_STD, device=args.device, precision="bf16")
+            results["engine, identical recipe, bf16"] = engine_run(same_bf16, args.target, Path(tmp), "engine-bf16")
+        if "fast" not in skip:
+            fast = preset_config("fast", data=str(data), backbone=args.backbone, device=args.device)
+            results["engine, fast preset"] = engine_run(fast, args.target, Path(tmp), "fast")
+
+    book = results.get("book loop", {})
+    lines = [f"{device_description(device)}, {data.name}, {args.backbone}, target test acc {args.target}: "
+             f"`python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+             "| run | train images/s | x book | time to target (s) | x sooner than book | test acc by epoch |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        ratio = r["images_per_s"] / book["images_per_s"] if book and r.get("images_per_s") else None
+        sooner = (book["time_to_target_s"] / r["time_to_target_s"]
+                  if book.get("time_to_target_s") and r.get("time_to_target_s") else None)
+        r["ratio_images_per_s"], r["ratio_time_to_target"] = ratio, sooner
+        ttt = f"{r['time_to_target_s']:.0f}" if r.get("time_to_target_s") else f"not reached ({r['wall_s']:.0f} s run)"
+        lines.append(f"| {name} | {r['images_per_s']:.1f} | {ratio and f'{ratio:.1f}x' or '-'} | {ttt} | "
+                     f"{sooner and f'{sooner:.1f}x' or '-'} | {', '.join(map(str, r['test_acc_by_epoch']))} |")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    print(json.dumps({"device": device_description(device), "data": data.name, "backbone": args.backbone,
+                      "target": args.target, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                      "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The whole product in a real browser: Debian's Chromium driven by Playwright against
+`streamlit run app.py` on a free port, with its own data root and runs folder.
+
+Screenshots of every step go to $TUNEBOARD_SCREENSHOTS (default: artifacts/e2e). The README's
+pictures are made with:  TUNEBOARD_SCREENSHOTS=docs/screenshots python -m pytest tests/test_e2e_browser.py
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_dataset, write_image
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+pytestmark = pytest.mark.browser
+
+
+def chromium_or_skip() -> str:
+    path = shutil.which("chromium") or (CHROMIUM if os.path.exists(CHROMIUM) else None)
+    if path:
+        return path
+    if os.environ.get("TUNEBOARD_REQUIRE_BROWSER"):
+        pytest.fail("Chromium is required here (TUNEBOARD_REQUIRE_BROWSER is set) but /usr/bin/chromium is missing")
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium); the browser test needs it")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    chromium_or_skip()
+    tmp = tmp_path_factory.mktemp("e2e")
+    data = tmp / "data"
+    # 100 training images per class at batch 2: long enough to watch the curves grow.
+    make_dataset(data / "shapes", classes=("red", "blue"), per_class=100, test_per_class=10, size=(48, 48))
+    port = free_port()
+    env = {**os.environ, "TUNEBOARD_DATA_ROOT": str(data), "TUNEBOARD_RUNS_DIR": str(tmp / "runs"),
+           "TUNEBOARD_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.address", "127.0.0.1", "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail(f"streamlit did not start: {(tmp / 'streamlit.log').read_text()[-2000:]}")
+    yield {"url": url, "data": data, "tmp": tmp}
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_or_skip(), args=FLAGS,
+                                    ignore_default_args=["--headless=old"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        yield page
+        browser.close()
+
+
+SHOTS = Path(os.environ.get("TUNEBOARD_SCREENSHOTS", ROOT / "artifacts" / "e2e"))
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+POINTS_JS = """Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .map(gd => (gd._fullData || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0))
+        .reduce((a, b) => a + b, 0)"""
+
+
+def plotted_points(page) -> int:
+    """How many points the page's plotly charts hold right now (read from the live charts)."""
+    return page.evaluate(f"() => {POINTS_JS}")
+
+
+def wait_idle(page) -> None:
+    """Until Streamlit has finished the current script run."""
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"] button')",
+                           timeout=60_000)
+    page.wait_for_timeout(400)
+
+
+def fill(page, label: str, value: str) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(value)
+    box.press("Enter")
+    wait_idle(page)
+
+
+def set_recipe(page, server, param_groups: bool) -> None:
+    page.get_by_text("A folder path", exact=True).click()
+    wait_idle(page)
+    fill(page, "Folder", str(server["data"] / "shapes"))
+    page.get_by_text("Training images", exact=True).wait_for()
+    fill(page, "Learning rate", "0.01")
+    fill(page, "Head learning-rate multiplier", "5")
+    freeze = page.get_by_role("checkbox", name="Freeze the pretrained layers (train the head only)", exact=True)
+    if freeze.is_checked():
+        freeze.uncheck(force=True)
+        wait_idle(page)
+    groups = page.get_by_role("checkbox", name="Parameter groups (head at lr × multiplier)", exact=True)
+    if groups.is_checked() != param_groups:
+        groups.set_checked(param_groups, force=True)
+        wait_idle(page)
+    fill(page, "Image size (px)", "64")
+    fill(page, "Batch size", "2")
+    fill(page, "Epochs", "1")
+
+
+def test_the_dashboard_end_to_end(server, browser_page):
+    page, url = browser_page, server["url"]
+
+    # 1. The home page loads.
+    page.goto(url)
+    page.get_by_text("Quick start").wait_for()
+    page.get_by_text("Backbones with weights offline").wait_for()
+    shot(page, "01-home")
+
+    # 2. Train: a small dataset, a learning rate and head multiplier, a tiny run; watch it grow.
+    page.goto(f"{url}/Train")
+    page.get_by_text("1 · Data").wait_for()
+    set_recipe(page, server, param_groups=True)
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.get_by_text("running").first.wait_for()
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 2")
+    page.wait_for_function(f"() => ({POINTS_JS}) >= 2", timeout=120_000)  # the first batches are logged
+    first = plotted_points(page)
+    # Two looks at the live chart: it must hold more points later, while the run is still going.
+    page.wait_for_function(f"() => ({POINTS_JS}) > {first}", timeout=60_000)
+    second = plotted_points(page)
+    shot(page, "02-train-live")
+    assert second > first, f"the live curves did not grow ({first} -> {second} points)"
+    assert page.get_by_text("running").first.is_visible()
+
+    # 6. Reload mid-run: the same job is still shown.
+    page.reload()
+    page.get_by_text("running").first.wait_for()
+    page.get_by_text("efficientnet_lite0", exact=False).first.wait_for()
+    shot(page, "03-train-after-reload")
+    page.get_by_text("completed").first.wait_for(timeout=180_000)
+
+    # 2b/3. A second run without parameter groups; stop it and see it marked stopped.
+    set_recipe(page, server, param_groups=False)
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.get_by_text("running").first.wait_for()
+    page.wait_for_timeout(4000)
+    page.get_by_role("button", name="Stop").first.click()
+    page.get_by_text("stopped", exact=False).first.wait_for(timeout=60_000)
+    shot(page, "04-train-stopped")
+
+    # 4. Compare: both runs overlaid.
+    page.goto(f"{url}/Compare")
+    page.get_by_text("Compare runs").wait_for()
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 1")
+    page.wait_for_timeout(1500)
+    names = page.evaluate("""() => Array.from(new Set(Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .flatMap(gd => (gd.data || []).map(t => t.name))))""")
+    assert len(names) >= 2, names
+    shot(page, "05-compare")
+
+    # 5. Predict: drop an image, then a text file.
+    page.goto(f"{url}/Predict")
+    page.get_by_text("test accuracy").first.wait_for()
+    page.get_by_role("tab", name="Classify your images").click()
+    image = write_image(server["tmp"] / "a_red_thing.png", (220, 40, 40), (64, 64), noise=20)
+    page.locator("input[type=file]").first.set_input_files(str(image))
+    page.get_by_text("a_red_thing.png:", exact=False).wait_for()
+    answer = page.get_by_text("a_red_thing.png:", exact=False).inner_text()
+    assert ("red" in answer or "blue" in answer) and "%" in answer, answer
+    shot(page, "06-predict")
+    notes = server["tmp"] / "notes.txt"
+    notes.write_text("this is not an image")
+    page.locator("input[type=file]").first.set_input_files(str(notes))
+    page.get_by_text("not an image that can be read", exact=False).wait_for()
+    shot(page, "07-predict-not-an-image")
