@@ -285,29 +285,19 @@ class Trainer:
         self.run.append_metrics(event)
         self.emit(event)
 
-    def train_epoch(self, epoch: int) -> EpochResult:
-        cfg, data = self.config, self.data
-        self.model.train()
-        gen = random.Random(epoch_seed(cfg.seed, epoch, 1))
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout etc.
-        order = list(range(len(data.train_labels)))
-        gen.shuffle(order)
+    def run_batches(self, epoch: int, forward: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> EpochResult:
+        """The book's train_batch for each batch of one epoch; forward(b) returns (logits, labels)."""
         loss_sum, correct, seen = 0.0, 0, 0
         t0 = time.perf_counter()
         for b in range(self.batches_per_epoch):
             self.check_stop()
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            images_u8 = augment_batch(data, idx, cfg.image_size, gen, self.device)
-            x = normalize_batch(images_u8, self.mean, self.std, cfg.channels_last)
-            y = data.train_labels[idx].to(self.device, non_blocking=True)
             self.set_lrs()
-            with self.autocast():
-                logits = self.model(x)
+            logits, y = forward(b)
             total, losses = self.loss_of(logits, y)
             if not torch.isfinite(total):
-                _, head_lr = self.lrs()
+                body_lr, head_lr = self.lrs()
                 raise Diverged(f"the loss became {total.item()} at step {self.step + 1} (epoch {epoch + 1}, batch "
-                               f"{b + 1}) with learning rate {self.lrs()[0]:g} (head {head_lr:g}); "
+                               f"{b + 1}) with learning rate {body_lr:g} (head {head_lr:g}); "
                                "try a lower learning rate")
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -315,10 +305,32 @@ class Trainer:
             self.step += 1
             loss_sum += losses.detach().sum().item()
             correct += (logits.argmax(1) == y).sum().item()
-            seen += len(idx)
+            seen += len(y)
             self._batch_event(epoch, b, loss_sum, correct, seen, t0)
-        seconds = time.perf_counter() - t0
-        return EpochResult(loss_sum / seen, correct / seen, seen, seconds)
+        return EpochResult(loss_sum / seen, correct / seen, seen, time.perf_counter() - t0)
+
+    def shuffled(self, epoch: int) -> tuple[random.Random, list[int]]:
+        """This epoch's random generator and training order (seeded by seed and epoch)."""
+        gen = random.Random(epoch_seed(self.config.seed, epoch, 1))
+        order = list(range(len(self.data.train_labels)))
+        gen.shuffle(order)
+        return gen, order
+
+    def train_epoch(self, epoch: int) -> EpochResult:
+        cfg, data = self.config, self.data
+        self.model.train()
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout etc.
+        gen, order = self.shuffled(epoch)
+
+        def forward(b: int):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            images_u8 = augment_batch(data, idx, cfg.image_size, gen, self.device)
+            x = normalize_batch(images_u8, self.mean, self.std, cfg.channels_last)
+            with self.autocast():
+                logits = self.model(x)
+            return logits, data.train_labels[idx].to(self.device, non_blocking=True)
+
+        return self.run_batches(epoch, forward)
 
     # --- frozen backbone: features computed once per view ---------------------------------------
     def features_model(self) -> nn.Module:
@@ -373,36 +385,17 @@ class Trainer:
         """Head-only training on cached backbone features: the view used cycles through
         `feature_views` (the centre view, then augmented views)."""
         cfg = self.config
-        n_views = cfg.feature_views
-        feats = self.train_view_features(epoch % n_views)
+        feats = self.train_view_features(epoch % cfg.feature_views)
         self.features_model()
-        head = self._head
-        head.train()
-        gen = random.Random(epoch_seed(cfg.seed, epoch, 1))
-        order = list(range(len(feats)))
-        gen.shuffle(order)
+        self._head.train()
+        _, order = self.shuffled(epoch)
         labels = self.data.train_labels.to(self.device)
-        loss_sum, correct, seen = 0.0, 0, 0
-        t0 = time.perf_counter()
-        for b in range(self.batches_per_epoch):
-            self.check_stop()
+
+        def forward(b: int):
             idx = torch.tensor(order[b * cfg.batch_size:(b + 1) * cfg.batch_size], device=self.device)
-            self.set_lrs()
-            logits = head(feats[idx])
-            y = labels[idx]
-            total, losses = self.loss_of(logits, y)
-            if not torch.isfinite(total):
-                raise Diverged(f"the loss became {total.item()} at step {self.step + 1} (epoch {epoch + 1}) "
-                               f"with head learning rate {self.lrs()[1]:g}; try a lower learning rate")
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
-            self.step += 1
-            loss_sum += losses.detach().sum().item()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(idx)
-            self._batch_event(epoch, b, loss_sum, correct, seen, t0)
-        return EpochResult(loss_sum / seen, correct / seen, seen, time.perf_counter() - t0)
+            return self._head(feats[idx]), labels[idx]
+
+        return self.run_batches(epoch, forward)
 
     # --- evaluation ----------------------------------------------------------------------------
     @torch.inference_mode()

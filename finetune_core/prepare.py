@@ -264,32 +264,43 @@ def augment_batch(data: PreparedData, idx: list[int], image_size: int, rng: rand
         boxes.append((left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
         flips.append(rng.random() < 0.5)
     if device.type == "cuda":
-        from torchvision.ops import roi_align
-
         src = data.device_train_images
         if src is not None:
             batch = src[torch.as_tensor(idx, device=device)]
         else:
             batch = torch.from_numpy(np.asarray(data.train_images[np.asarray(idx)])).pin_memory().to(device, non_blocking=True)
-        rois = torch.tensor([(k, *b) for k, b in enumerate(boxes)], dtype=torch.float32, device=device)
-        out = roi_align(batch.float(), rois, (image_size, image_size), 1.0, -1, aligned=True)
-        out = out.round_().clamp_(0, 255).to(torch.uint8)
+        out = crops_batched(batch, boxes, image_size)
     else:
-        from torchvision.transforms.v2 import functional as F2
-
-        crops = []
-        for k, i in enumerate(idx):
-            x0, y0, x1, y1 = boxes[k]
-            top, left = int(round(y0)), int(round(x0))
-            h = max(1, min(side - top, int(round(y1 - y0))))
-            w = max(1, min(side - left, int(round(x1 - x0))))
-            src = torch.from_numpy(np.asarray(data.train_images[i]))
-            crops.append(F2.resized_crop(src, top, left, h, w, [image_size, image_size], antialias=True))
-        out = torch.stack(crops)
+        out = crops_per_image([np.asarray(data.train_images[i]) for i in idx], boxes, image_size)
     flip = torch.tensor(flips, device=out.device)
     if flip.any():
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     return out
+
+
+def crops_batched(batch_u8: torch.Tensor, boxes: list[tuple], image_size: int) -> torch.Tensor:
+    """Cut and resize every box of a batch at once (roi_align: bilinear, averaging over each output
+    pixel's footprint when shrinking). The GPU path: one kernel for the whole batch."""
+    from torchvision.ops import roi_align
+
+    rois = torch.tensor([(k, *b) for k, b in enumerate(boxes)], dtype=torch.float32, device=batch_u8.device)
+    out = roi_align(batch_u8.float(), rois, (image_size, image_size), 1.0, -1, aligned=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def crops_per_image(images: list[np.ndarray], boxes: list[tuple], image_size: int) -> torch.Tensor:
+    """The CPU path: slice each crop out of its uint8 image and resize only that (antialiased)."""
+    from torchvision.transforms.v2 import functional as F2
+
+    crops = []
+    for image, (x0, y0, x1, y1) in zip(images, boxes):
+        side_h, side_w = image.shape[1:]
+        top, left = int(round(y0)), int(round(x0))
+        h = max(1, min(side_h - top, int(round(y1 - y0))))
+        w = max(1, min(side_w - left, int(round(x1 - x0))))
+        crops.append(F2.resized_crop(torch.from_numpy(image), top, left, h, w, [image_size, image_size],
+                                     antialias=True))
+    return torch.stack(crops)
 
 
 def center_view_batch(data: PreparedData, idx: list[int], image_size: int, device: torch.device) -> torch.Tensor:

@@ -295,3 +295,26 @@ def test_train_command_refuses_an_unusable_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
     out = cli("train", "--data", str(tmp_path / "empty"), "--runs-dir", str(tmp_path / "runs"))
     assert out.returncode == 2 and "no usable dataset" in out.stderr and not (tmp_path / "runs").exists()
+
+
+def test_the_gpu_crop_path_matches_the_cpu_path():
+    """roi_align (one kernel per batch, used on CUDA) cuts the same crops as the per-image CPU path."""
+    yy, xx = np.meshgrid(np.linspace(0, 255, 64), np.linspace(0, 255, 64), indexing="ij")
+    image = np.stack([yy, xx, (yy + xx) / 2]).astype(np.uint8)
+    boxes = [(8.0, 8.0, 40.0, 48.0), (0.0, 0.0, 64.0, 64.0), (20.0, 4.0, 60.0, 30.0)]
+    batched = prepare.crops_batched(torch.from_numpy(np.stack([image] * 3)), boxes, 32)
+    per_image = prepare.crops_per_image([image] * 3, boxes, 32)
+    assert batched.shape == per_image.shape == (3, 3, 32, 32)
+    assert (batched.float() - per_image.float()).abs().mean() < 2.0
+
+
+def test_live_curves_stay_small_with_thousands_of_points():
+    from finetune_core import plots
+
+    n = 5000
+    metrics = pd.DataFrame({"kind": ["batch"] * n, "epoch": np.linspace(0.001, 5, n), "loss": np.random.rand(n),
+                            "train_acc": np.random.rand(n), "test_acc": np.nan})
+    fig = plots.overlay_figure({"run": metrics}, epochs=5)
+    lengths = [len(t.x) for t in fig.data]
+    assert max(lengths) <= plots.MAX_POINTS + 1 and lengths[0] > 100
+    assert fig.data[0].x[-1] == pytest.approx(5.0)  # the newest point is always drawn
