@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from finetune_core.datastore import data_root, runs_root
+from finetune_core.datastore import runs_root
 from finetune_core.jobs import JobManager
 from finetune_core.runs import list_runs
 
@@ -69,7 +69,3 @@ def job_controls(job: dict, key_prefix: str) -> None:
 
 def resumable_runs() -> list:
     return [i for i in list_runs(runs_root()) if i.state in ("interrupted", "stopped") and i.has_checkpoint]
-
-
-def data_root_path() -> str:
-    return str(data_root())

@@ -63,7 +63,7 @@ def _progress_printer():
 
 
 def cmd_train(args) -> int:
-    from .config import PRESETS, ConfigError, TrainConfig, preset_config
+    from .config import ConfigError, TrainConfig, preset_config
     from .data import scan_dataset
     from .engine import train
     from .runs import new_run_dir

@@ -11,7 +11,7 @@ either of them possibly one folder down (what unzipping an archive usually leave
 of each split, and every problem with its path and severity. Errors make the dataset unusable;
 warnings name files that will be skipped or things the user should know. Training only ever
 uses the files the scan accepted, and an image that still fails to load later is skipped and
-reported by the loader (see `load_rgb` and `engine`), never silently.
+reported (prepare.py), never silently.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 TEST_SPLIT_NAMES = ("test", "val", "valid", "validation")
@@ -532,34 +532,3 @@ def book_test_transform(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_
 def resize_size_for(image_size: int) -> int:
     """The book resizes to 256 before a 224 centre crop; keep that ratio for other sizes."""
     return int(math.floor(image_size * 256 / 224 + 0.5))
-
-
-class ImageListDataset:
-    """A map-style dataset over (path, label) pairs of scanned files. A file that fails to load
-    is recorded in `failures` and yields None; use `skip_none_collate` to drop it from the batch."""
-
-    def __init__(self, records: list[ImageRecord], transform=None):
-        self.records = records
-        self.transform = transform
-        self.failures: list[Problem] = []
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i):
-        r = self.records[i]
-        try:
-            img = load_rgb(r.path)
-        except Exception as exc:  # noqa: BLE001 - any decode failure skips the file
-            self.failures.append(Problem(r.path, f"failed to load during training ({exc}), skipped", WARNING))
-            return None
-        return (self.transform(img) if self.transform else img), r.label
-
-
-def skip_none_collate(batch):
-    import torch.utils.data
-
-    batch = [b for b in batch if b is not None]
-    if not batch:
-        return None
-    return torch.utils.data.default_collate(batch)

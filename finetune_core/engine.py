@@ -493,13 +493,13 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
         trainer.write_predictions()
         best = max(trainer.best_test_acc, 0.0)
         status = run.write_status(state="completed", progress=1.0, eta_s=0, ended_at=now_iso(),
-                                  message=f"completed: best test accuracy {best:.3f}", **trainer.final_summary())
+                                  message=f"best test accuracy {best:.3f}", **trainer.final_summary())
     except StopRequested:
         status = run.write_status(state="stopped", ended_at=now_iso(), message="stopped by the user"
                                   + ("; it can be resumed from its last checkpoint" if run.has_checkpoint() else ""),
                                   **trainer.final_summary())
     except Diverged as exc:
-        status = run.write_status(state="diverged", ended_at=now_iso(), message=f"diverged: {exc}",
+        status = run.write_status(state="diverged", ended_at=now_iso(), message=str(exc),
                                   **trainer.final_summary())
     except torch.OutOfMemoryError as exc:
         run.log(traceback.format_exc())
@@ -510,7 +510,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
         run.log(traceback.format_exc())
         status = run.write_status(state="failed", ended_at=now_iso(), message=f"{type(exc).__name__}: {exc}",
                                   **trainer.final_summary())
-    run.log(f"ended: {status.get('message')}")
+    run.log(f"ended {status.get('state')}: {status.get('message')}")
     if trainer.on_event is not None:
         trainer.on_event({"kind": "end", **status})
     return status

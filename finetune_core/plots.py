@@ -32,21 +32,6 @@ def _curve_points(metrics: pd.DataFrame, metric: str, x: str) -> pd.DataFrame:
     return downsample(rows)
 
 
-def animator_figure(metrics: pd.DataFrame, title: str = "", x: str = "epoch", epochs: int | None = None) -> go.Figure:
-    """One run as the book's animator draws it: train loss, train acc, test acc against epoch."""
-    fig = go.Figure()
-    for metric, color, dash in (("loss", COLORS[0], "solid"), ("train_acc", COLORS[1], "dash"),
-                                ("test_acc", COLORS[2], "dot")):
-        pts = _curve_points(metrics, metric, x)
-        fig.add_trace(go.Scatter(x=pts[x], y=pts[metric], name=METRIC_LABELS[metric], mode="lines+markers"
-                                 if metric == "test_acc" else "lines", line=dict(color=color, dash=dash)))
-    fig.update_layout(title=title or None, xaxis_title=x.replace("_", " "), height=360,
-                      margin=dict(l=40, r=10, t=40 if title else 10, b=40), legend=dict(orientation="h", y=-0.2))
-    if epochs and x == "epoch":
-        fig.update_xaxes(range=[0, epochs])
-    return fig
-
-
 def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", "test_acc"), x: str = "epoch",
                    epochs: int | None = None) -> go.Figure:
     """Several runs overlaid, one panel per metric; each run keeps one colour across panels."""
@@ -58,10 +43,13 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
             fig.add_trace(go.Scatter(x=pts[x], y=pts[metric], name=label, legendgroup=label, showlegend=col == 1,
                                      mode="lines+markers" if metric.startswith("test") else "lines",
                                      line=dict(color=color)), row=1, col=col)
+    for col, metric in enumerate(metrics, start=1):
+        if metric.endswith("_acc"):
+            fig.update_yaxes(range=[0, 1.02], row=1, col=col)
     fig.update_layout(height=360, margin=dict(l=40, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.25))
     fig.update_xaxes(title_text=x.replace("_", " "))
     if epochs and x == "epoch":
-        fig.update_xaxes(range=[0, epochs])
+        fig.update_xaxes(range=[0, epochs * 1.03])
     return fig
 
 

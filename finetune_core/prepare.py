@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import WARNING, ImageRecord, Problem, ScanReport, load_rgb, resize_size_for
+from .data import WARNING, ImageRecord, Problem, ScanReport, resize_size_for
 
 MEMORY_BUDGET_BYTES = 2 * 1024**3  # above this, decoded images are memory-mapped from the disk cache
 CACHE_FORMAT = "tuneboard-decoded-1"
@@ -319,13 +319,3 @@ def normalize_batch(images_u8: torch.Tensor, mean, std, channels_last: bool = Tr
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     x = x.sub_(m).div_(s)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def load_image_tensor(path: str, image_size: int) -> torch.Tensor:
-    """One image through the test transform as uint8 3 x S x S (for prediction)."""
-    from torchvision.transforms import functional as TF
-
-    resize = resize_size_for(image_size)
-    img = load_rgb(path)
-    img = TF.center_crop(img.resize((resize, resize), Image.BILINEAR), [image_size, image_size])
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())

@@ -51,7 +51,7 @@ with tab_images:
                           format_func=lambda s: {"loss": "worst mistakes first", "confidence": "most confident first",
                                                  "least confident": "least confident first"}[s])
     shown = analysis.gallery(predictions, mistakes, None if cls == "all" else cls, sort)
-    st.caption(f"{len(shown)} images" + (f", the first 30 shown" if len(shown) > 30 else ""))
+    st.caption(f"{len(shown)} images" + (", the first 30 shown" if len(shown) > 30 else ""))
     grid = st.columns(6)
     for k, (_, row) in enumerate(shown.head(30).iterrows()):
         ok = str(row["true"]) == str(row["predicted"])

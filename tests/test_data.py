@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, make_dataset, shared_dataset, write_image
-from finetune_core.data import (DatasetError, ImageListDataset, book_test_transform, book_train_transform,
-                                load_rgb, scan_dataset, skip_none_collate)
+from finetune_core.data import DatasetError, book_test_transform, load_rgb, scan_dataset
 
 
 def problems_by_path(report):
@@ -217,17 +216,20 @@ def test_missing_path_and_file_path_raise(tmp_path):
 # --- loading -------------------------------------------------------------------------------------
 
 
-def test_loader_yields_rgb_tensors_and_skips_a_file_that_breaks_later(tmp_path):
+def test_loading_yields_rgb_tensors_and_skips_a_file_that_breaks_later(tmp_path):
+    from finetune_core.prepare import prepare_data
+
     root = make_dataset(tmp_path / "d", per_class=4)
+    write_image(root / "train" / "cat" / "gray.png", (90, 90, 90), mode="L")
+    write_image(root / "train" / "dog" / "cmyk.jpg", (40, 60, 220), mode="CMYK", fmt="JPEG")
     report = scan_dataset(root)
-    records = report.samples["train"]
-    ds = ImageListDataset(records, book_train_transform(28))
-    os.remove(records[0].path)  # fails after the scan
-    batch = skip_none_collate([ds[i] for i in range(len(ds))])
-    x, y = batch
-    assert x.shape == (len(records) - 1, 3, 28, 28) and y.shape == (len(records) - 1,)
-    assert len(ds.failures) == 1 and records[0].path == ds.failures[0].path
-    assert "failed to load" in ds.failures[0].problem
+    broken = report.samples["train"][0].path
+    os.remove(broken)  # fails after the scan
+    data = prepare_data(report, 28, cache_dir="")
+    assert data.train_images.shape == (9, 3, data.train_side, data.train_side)
+    assert data.test_images.shape == (6, 3, 28, 28) and data.test_images.dtype == torch.uint8
+    assert broken not in data.train_paths and len(data.train_labels) == 9
+    assert [p.path for p in data.skipped] == [broken] and "failed to decode" in data.skipped[0].problem
 
 
 # --- the real datasets ---------------------------------------------------------------------------

@@ -91,10 +91,15 @@ def browser_page(server):
 SHOTS = Path(os.environ.get("TUNEBOARD_SCREENSHOTS", ROOT / "artifacts" / "e2e"))
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, scroll_to: str | None = None) -> None:
+    """A screenshot of what the user sees (Streamlit scrolls inside its own container, so scroll the
+    part that matters into view first)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
+    if scroll_to:
+        page.get_by_text(scroll_to, exact=True).first.scroll_into_view_if_needed()
+        page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]')?.scrollBy(0, -20)")
     page.wait_for_timeout(300)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
 POINTS_JS = """Array.from(document.querySelectorAll('.js-plotly-plot'))
@@ -126,7 +131,7 @@ def set_recipe(page, server, param_groups: bool) -> None:
     wait_idle(page)
     fill(page, "Folder", str(server["data"] / "shapes"))
     page.get_by_text("Training images", exact=True).wait_for()
-    fill(page, "Learning rate", "0.01")
+    fill(page, "Learning rate", "0.002")
     fill(page, "Head learning-rate multiplier", "5")
     freeze = page.get_by_role("checkbox", name="Freeze the pretrained layers (train the head only)", exact=True)
     if freeze.is_checked():
@@ -162,7 +167,7 @@ def test_the_dashboard_end_to_end(server, browser_page):
     # Two looks at the live chart: it must hold more points later, while the run is still going.
     page.wait_for_function(f"() => ({POINTS_JS}) > {first}", timeout=60_000)
     second = plotted_points(page)
-    shot(page, "02-train-live")
+    shot(page, "02-train-live", scroll_to="3 · Live")
     assert second > first, f"the live curves did not grow ({first} -> {second} points)"
     assert page.get_by_text("running").first.is_visible()
 
@@ -170,8 +175,10 @@ def test_the_dashboard_end_to_end(server, browser_page):
     page.reload()
     page.get_by_text("running").first.wait_for()
     page.get_by_text("efficientnet_lite0", exact=False).first.wait_for()
-    shot(page, "03-train-after-reload")
+    shot(page, "03-train-after-reload", scroll_to="3 · Live")
     page.get_by_text("completed").first.wait_for(timeout=180_000)
+    page.wait_for_timeout(1500)
+    shot(page, "04-train-completed", scroll_to="3 · Live")
 
     # 2b/3. A second run without parameter groups; stop it and see it marked stopped.
     set_recipe(page, server, param_groups=False)
@@ -180,7 +187,7 @@ def test_the_dashboard_end_to_end(server, browser_page):
     page.wait_for_timeout(4000)
     page.get_by_role("button", name="Stop").first.click()
     page.get_by_text("stopped", exact=False).first.wait_for(timeout=60_000)
-    shot(page, "04-train-stopped")
+    shot(page, "05-train-stopped", scroll_to="3 · Live")
 
     # 4. Compare: both runs overlaid.
     page.goto(f"{url}/Compare")
@@ -190,7 +197,7 @@ def test_the_dashboard_end_to_end(server, browser_page):
     names = page.evaluate("""() => Array.from(new Set(Array.from(document.querySelectorAll('.js-plotly-plot'))
         .flatMap(gd => (gd.data || []).map(t => t.name))))""")
     assert len(names) >= 2, names
-    shot(page, "05-compare")
+    shot(page, "06-compare")
 
     # 5. Predict: drop an image, then a text file.
     page.goto(f"{url}/Predict")
@@ -201,9 +208,9 @@ def test_the_dashboard_end_to_end(server, browser_page):
     page.get_by_text("a_red_thing.png:", exact=False).wait_for()
     answer = page.get_by_text("a_red_thing.png:", exact=False).inner_text()
     assert ("red" in answer or "blue" in answer) and "%" in answer, answer
-    shot(page, "06-predict")
+    shot(page, "07-predict")
     notes = server["tmp"] / "notes.txt"
     notes.write_text("this is not an image")
     page.locator("input[type=file]").first.set_input_files(str(notes))
     page.get_by_text("not an image that can be read", exact=False).wait_for()
-    shot(page, "07-predict-not-an-image")
+    shot(page, "08-predict-not-an-image")

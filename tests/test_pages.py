@@ -6,7 +6,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, charts, make_dataset, page, plotly_array
+from conftest import charts, make_dataset, page, plotly_array
 
 def set_text(at: AppTest, key: str, value) -> None:
     at.text_input(key=key).set_value(value)
