@@ -89,3 +89,25 @@ def test_the_library_never_imports_streamlit():
     for path in (ROOT / "finetune_core").glob("*.py"):
         text = path.read_text()
         assert "import streamlit" not in text and "from streamlit" not in text, path
+
+
+def test_hotdog_download_is_checksum_verified(tmp_path, monkeypatch):
+    import urllib.request
+
+    fake = zip_bytes({"hotdog/train/hotdog/1.png": b"not the real set"})
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: fake)
+    with pytest.raises(datastore.UploadError, match="expected fba480ffa8aa7e0febbb511d181409f899b9baa5"):
+        datastore.download_hotdog(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left
+
+
+def test_hotdog_download_offline_says_so(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(url, timeout):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(datastore.UploadError, match="are you offline"):
+        datastore.download_hotdog(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -1,12 +1,14 @@
 """The dashboard's pages through Streamlit's AppTest (one page at a time, no browser)."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import charts, make_dataset, page, plotly_array
+
 
 def set_text(at: AppTest, key: str, value) -> None:
     at.text_input(key=key).set_value(value)
@@ -123,3 +125,21 @@ def test_a_second_session_sees_the_running_job(dashboard_env):
     stop[0].click().run()
     runs = wait_for_runs(other, dashboard_env / "runs", 1, timeout=60)
     assert runs[0]["state"] == "stopped"
+
+
+def test_an_interrupted_run_is_offered_for_resume_and_finishes(dashboard_env, tiny_config):
+    from finetune_core.engine import train
+    from finetune_core.runs import RunDir
+
+    runs = dashboard_env / "runs"
+    stop_after_first_epoch = threading.Event()
+    train(tiny_config.replace(epochs=3), runs / "20260101-000000-cut", cache_dir="", stop_event=stop_after_first_epoch,
+          on_event=lambda e: e["kind"] == "epoch" and stop_after_first_epoch.set())
+    RunDir(runs / "20260101-000000-cut").write_status(state="running")  # as a server that died leaves it
+    at = page("pages/1_Train.py").run()  # a new server process marks it interrupted
+    assert RunDir(runs / "20260101-000000-cut").read_status()["state"] == "interrupted"
+    at.button(key="resume-20260101-000000-cut").click().run()
+    infos = wait_for_runs(at, runs, 1)
+    assert infos[0]["state"] == "completed"
+    metrics = RunDir(runs / "20260101-000000-cut").read_metrics()
+    assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == [1, 2, 3]
