@@ -216,7 +216,7 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
         train_images=train_arr, train_sizes=np.asarray(train_sizes, dtype=np.int64).reshape(-1, 2),
         train_labels=torch.tensor([r.label for r in train_ok], dtype=torch.int64),
         train_paths=[r.path for r in train_ok],
-        test_images=torch.from_numpy(np.ascontiguousarray(test_arr)),
+        test_images=torch.from_numpy(test_arr if test_arr.flags.writeable else np.array(test_arr)),
         test_labels=torch.tensor([r.label for r in test_ok], dtype=torch.int64),
         test_paths=[r.path for r in test_ok], skipped=skipped)
     if device is not None and device.type == "cuda":
@@ -271,7 +271,7 @@ def augment_batch(data: PreparedData, idx: list[int], image_size: int, rng: rand
             batch = torch.from_numpy(np.asarray(data.train_images[np.asarray(idx)])).pin_memory().to(device, non_blocking=True)
         out = crops_batched(batch, boxes, image_size)
     else:
-        out = crops_per_image([np.asarray(data.train_images[i]) for i in idx], boxes, image_size)
+        out = crops_per_image([np.array(data.train_images[i]) for i in idx], boxes, image_size)  # copies
     flip = torch.tensor(flips, device=out.device)
     if flip.any():
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)

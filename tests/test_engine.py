@@ -318,3 +318,23 @@ def test_live_curves_stay_small_with_thousands_of_points():
     lengths = [len(t.x) for t in fig.data]
     assert max(lengths) <= plots.MAX_POINTS + 1 and lengths[0] > 100
     assert fig.data[0].x[-1] == pytest.approx(5.0)  # the newest point is always drawn
+
+
+def test_sets_too_big_for_memory_are_memory_mapped_from_the_disk_cache(tiny_config, tmp_path, monkeypatch):
+    """Above the memory budget the decoded images live in a memory-mapped file; a file that fails
+    to decode is dropped from it, and training runs the same."""
+    monkeypatch.setattr(prepare, "MEMORY_BUDGET_BYTES", 1000)
+    report = scan_dataset(tiny_config.data)
+    victim = report.samples["train"][3].path
+    real = prepare.decode_train
+    monkeypatch.setattr(prepare, "decode_train", lambda p, side: (_ for _ in ()).throw(OSError("bad")) if p == victim
+                        else real(p, side))
+    data = prepare.prepare_data(report, 32, cache_dir=tmp_path / "c")
+    assert isinstance(data.train_images, np.memmap)
+    assert len(data.train_images) == len(data.train_labels) == len(report.samples["train"]) - 1
+    in_memory = prepare.prepare_data(report, 32, cache_dir="")
+    assert np.array_equal(np.asarray(data.train_images), in_memory.train_images)
+    again = prepare.prepare_data(report, 32, cache_dir=tmp_path / "c")  # from the cache, still mapped
+    assert isinstance(again.train_images, np.memmap) and [p.path for p in again.skipped] == [victim]
+    status = train(tiny_config, tmp_path / "run", cache_dir=str(tmp_path / "c"))
+    assert status["state"] == "completed"
