@@ -385,7 +385,10 @@ class Trainer:
         """Head-only training on cached backbone features: the view used cycles through
         `feature_views` (the centre view, then augmented views)."""
         cfg = self.config
+        t0 = time.perf_counter()
         feats = self.train_view_features(epoch % cfg.feature_views)
+        # Computing the features is this epoch's training work too: count it in images/s.
+        self.train_seconds += time.perf_counter() - t0
         self.features_model()
         self._head.train()
         _, order = self.shuffled(epoch)
