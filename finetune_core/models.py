@@ -270,11 +270,10 @@ def build_model(backbone: str, n_classes: int, weights: str = "auto") -> nn.Modu
         _load_into(model, pretrained_state_dict(backbone), backbone, f"the ImageNet weights of {backbone}", True)
     elif weights != "none":
         state = load_weights_file(weights)
-        head_keys = head_parameter_names(backbone)
-        own = model.state_dict()
-        # A file from a Tuneboard run already holds a head of another size: replace the head first.
-        head_w = state.get(BACKBONES[backbone].head + ".weight")
-        if head_w is not None and head_w.shape != own[next(iter(sorted(head_keys)))].shape \
+        head_key = BACKBONES[backbone].head + ".weight"
+        # A Tuneboard checkpoint already holds a head for n_classes: put that head in place and keep it.
+        head_w = state.get(head_key)
+        if head_w is not None and head_w.shape != model.state_dict()[head_key].shape \
                 and head_w.shape[0] == n_classes:
             replace_head(model, backbone, n_classes)
             _load_into(model, state, backbone, str(weights), False)

@@ -178,3 +178,14 @@ def test_defaults_are_the_books_fine_tuning_run():
     assert TrainConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="unknown setting"):
         TrainConfig.from_dict({"data": "x", "learning_rate": 1})
+
+
+def test_a_runs_checkpoint_as_weights_keeps_its_trained_head(tmp_path):
+    torch.manual_seed(3)
+    trained = build_model("resnet18", 4, "none")
+    torch.save({"model": trained.state_dict(), "epoch": 2}, tmp_path / "checkpoint_last.pt")
+    again = build_model("resnet18", 4, str(tmp_path / "checkpoint_last.pt"))
+    assert torch.equal(again.fc.weight, trained.fc.weight) and torch.equal(again.layer2[0].conv1.weight,
+                                                                           trained.layer2[0].conv1.weight)
+    other = build_model("resnet18", 3, str(tmp_path / "checkpoint_last.pt"))  # another class count: new head
+    assert other.fc.out_features == 3 and torch.equal(other.conv1.weight, trained.conv1.weight)
