@@ -338,6 +338,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def available_devices() -> list[str]:
+    """The device choices that work on this machine."""
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+        if torch.cuda.device_count() > 1:
+            devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
 def device_description(device: torch.device | str | None = None) -> str:
     device = resolve_device("auto") if device is None else torch.device(device)
     if device.type == "cuda":
