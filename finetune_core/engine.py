@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import threading
 import time
 import traceback
@@ -445,10 +446,11 @@ class Trainer:
         cfg_dict, classes = self.config.to_dict(), self.classes
         save_checkpoint(self.run.file(CHECKPOINT_LAST), self.model, self.optimizer, epoch + 1,
                         max(self.best_test_acc, test_acc), cfg_dict, classes)
-        if test_acc > self.best_test_acc:
+        if test_acc > self.best_test_acc:  # the same state: copy the file rather than serialise twice
             self.best_test_acc = test_acc
-            save_checkpoint(self.run.file(CHECKPOINT_BEST), self.model, self.optimizer, epoch + 1,
-                            test_acc, cfg_dict, classes)
+            tmp = self.run.file(f".{CHECKPOINT_BEST}.tmp")
+            shutil.copyfile(self.run.file(CHECKPOINT_LAST), tmp)
+            os.replace(tmp, self.run.file(CHECKPOINT_BEST))
 
     def write_predictions(self) -> None:
         """predictions.csv: the final model on the test split."""

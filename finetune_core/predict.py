@@ -15,13 +15,12 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .data import load_rgb, resize_size_for
 from .models import build_model
-from .prepare import normalize_batch
+from .prepare import normalize_batch, test_view
 from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, RunDir
 
 MAX_IMAGE_BYTES = 25 * 1024 * 1024
@@ -122,10 +121,7 @@ class Predictor:
 
     # --- predicting ----------------------------------------------------------------------------
     def preprocess(self, img: Image.Image) -> torch.Tensor:
-        from torchvision.transforms import functional as TF
-
-        img = TF.center_crop(img.resize((self.resize, self.resize), Image.BILINEAR), [self.image_size] * 2)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+        return torch.from_numpy(test_view(img, self.image_size).copy())
 
     @torch.inference_mode()
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:

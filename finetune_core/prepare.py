@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import WARNING, ImageRecord, Problem, ScanReport, resize_size_for
+from .data import WARNING, ImageRecord, Problem, ScanReport, load_rgb, resize_size_for, to_rgb
 
 MEMORY_BUDGET_BYTES = 2 * 1024**3  # above this, decoded images are memory-mapped from the disk cache
-CACHE_FORMAT = "tuneboard-decoded-1"
+CACHE_FORMAT = "tuneboard-decoded-2"
 
 
 def default_cache_dir() -> Path:
@@ -56,13 +56,12 @@ class PreparedData:
 
 
 def _open_scaled(path: str, target: int) -> Image.Image:
-    """Decode, letting JPEG decode at a reduced scale when the file is over twice the target."""
+    """Decode, letting JPEG decode at a reduced scale when the file is over twice the target
+    (training images only: their random crops are resized anyway)."""
     with Image.open(path) as img:
         if img.format == "JPEG" and min(img.size) > 2 * target:
             img.draft("RGB", (2 * target, 2 * target))
         img.load()
-        from .data import to_rgb
-
         return to_rgb(img).copy()
 
 
@@ -73,13 +72,18 @@ def decode_train(path: str, side: int) -> tuple[np.ndarray, tuple[int, int]]:
     return arr.transpose(2, 0, 1), size
 
 
-def decode_test(path: str, image_size: int, resize: int) -> np.ndarray:
-    """The book's test transform up to ToTensor: Resize([R, R]) then CenterCrop(S), in PIL."""
+def test_view(img: Image.Image, image_size: int) -> np.ndarray:
+    """The book's test transform up to ToTensor, in PIL: Resize([R, R]) then CenterCrop(S), as
+    uint8 3 x S x S. Evaluation and prediction both go through here."""
     from torchvision.transforms import functional as TF
 
-    img = _open_scaled(path, resize)
+    resize = resize_size_for(image_size)
     img = TF.center_crop(img.resize((resize, resize), Image.BILINEAR), [image_size, image_size])
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def decode_test(path: str, image_size: int) -> np.ndarray:
+    return test_view(load_rgb(path), image_size)
 
 
 def choose_train_side(records: list[ImageRecord], image_size: int) -> int:
@@ -201,7 +205,7 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
         train_records, (3, side, side), lambda p: decode_train(p, side), cache,
         _cache_key(train_records, "train", side), train_progress)
     test_arr, _, skipped_test = _decode_all(
-        test_records, (3, image_size, image_size), lambda p: (decode_test(p, image_size, resize), None), cache,
+        test_records, (3, image_size, image_size), lambda p: (decode_test(p, image_size), None), cache,
         _cache_key(test_records, "test", image_size, resize), test_progress)
     skipped = skipped_train + skipped_test
     bad = {p.path for p in skipped}
