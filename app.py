@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from finetune_core import datastore
+from finetune_core import datastore, memory
 from finetune_core.config import preset_config
 from finetune_core.models import BACKBONES, device_description, offline_backbones
 from finetune_core.runs import list_runs
@@ -18,11 +18,15 @@ st.write("Fine-tune an ImageNet-pretrained image classifier on your own photos: 
 offline = offline_backbones()
 c = st.columns(3)
 c[0].metric("Device", device_description().split(" (")[0])
-c[0].caption(device_description())
+c[0].caption(f"{device_description()}; {memory.describe()}")
 c[1].metric("Backbones with weights offline", f"{len(offline)} of {len(BACKBONES)}")
 c[1].caption(", ".join(offline) or "none: train from scratch or place weights in the torch cache")
 c[2].metric("Data folder", datastore.data_root().name)
 c[2].caption(str(datastore.data_root()))
+
+if memory.wanted() and not memory.is_tuned() and device_description().startswith("CPU"):
+    st.info("This server was started without Tuneboard's memory settings, so training on the CPU runs up to "
+            "2x slower. Start it with `python serve.py` instead of `streamlit run app.py`.")
 
 st.subheader("Quick start")
 st.write("Train the fast preset on the built-in example (handwritten digits, no internet needed), "

@@ -5,6 +5,10 @@
     python -m finetune_core predict --run RUN_DIR_OR_BUNDLE IMAGE... [--top-k K] [--json]
     python -m finetune_core runs [--runs-dir DIR] [--json]
     python -m finetune_core export --run RUN_DIR --out DIR
+    python -m finetune_core info [--json]
+
+The command starts Python once more with glibc's malloc settings from finetune_core.memory (about
+2x faster CPU training on Linux); TUNEBOARD_ALLOCATOR=default turns that off.
 
 Exit codes: 0 success, 1 the run did not complete, 2 bad input (one line on stderr).
 """
@@ -152,6 +156,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    import torch
+
+    from . import __version__, memory
+    from .models import available_devices, device_description, offline_backbones
+
+    info = {"tuneboard": __version__, "torch": torch.__version__, "device": device_description(),
+            "devices": available_devices(), "threads": torch.get_num_threads(),
+            "allocator_tuned": memory.supported() and memory.is_tuned(), "allocator": memory.describe(),
+            "offline_backbones": offline_backbones()}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print("\n".join(f"{key}: {', '.join(value) if isinstance(value, list) else value}"
+                        for key, value in info.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import LOSS_REDUCTIONS, PRECISIONS, PRESETS, SCHEDULES
     from .models import BACKBONES
@@ -206,11 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("export", help="write a bundle (safetensors + JSON + TorchScript) of a run")
+    p = sub.add_parser("export", help="write a bundle (safetensors + JSON + torch.export program) of a run")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", choices=["last", "best"], default="last")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="the device, threads, memory settings and offline backbones")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
     return parser
 
 
@@ -220,4 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from .memory import reexec_tuned
+
+    reexec_tuned()  # before torch is imported: glibc reads its malloc settings at start only
     sys.exit(main())

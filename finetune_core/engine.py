@@ -17,6 +17,7 @@ writes everything to the run directory as it goes (see runs.py). What it adds:
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import platform
@@ -36,6 +37,8 @@ from torch import nn
 from . import __version__
 from .config import TrainConfig
 from .data import DatasetError, scan_dataset
+from .memory import describe as describe_memory
+from .memory import release_memory
 from .models import BACKBONES, build_model, parameter_groups, resolve_device, split_backbone_head
 from .prepare import PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data
 from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, now_iso
@@ -173,6 +176,8 @@ class Trainer:
             raise DatasetError(f"dataset not usable: {report.reason()}")
         self.report = report
         self.classes = report.classes
+        if self.device.type == "cpu":
+            self.run.log(describe_memory())
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.emit({"kind": "prepare", "message": f"loading {cfg.backbone} weights ({cfg.weights})",
@@ -518,4 +523,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     run.log(f"ended {status.get('state')}: {status.get('message')}")
     if trainer.on_event is not None:
         trainer.on_event({"kind": "end", **status})
+    del trainer
+    gc.collect()  # the model, optimiser and decoded images, cycles included
+    release_memory()  # the tuned allocator keeps a run's peak heap until asked
     return status

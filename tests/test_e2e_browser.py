@@ -1,5 +1,6 @@
 """The whole product in a real browser: Debian's Chromium driven by Playwright against
-`streamlit run app.py` on a free port, with its own data root and runs folder.
+the dashboard started as the README starts it (`python serve.py`), on a free port, with its own
+data root and runs folder.
 
 Screenshots of every step go to $TUNEBOARD_SCREENSHOTS (default: artifacts/e2e). The README's
 pictures are made with:  TUNEBOARD_SCREENSHOTS=docs/screenshots python -m pytest tests/test_e2e_browser.py
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, make_dataset, write_image
+from finetune_core import memory
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -51,7 +53,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "TUNEBOARD_DATA_ROOT": str(data), "TUNEBOARD_RUNS_DIR": str(tmp / "runs"),
            "TUNEBOARD_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
     log = open(tmp / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+    env = {k: v for k, v in env.items() if k not in ("GLIBC_TUNABLES", "TUNEBOARD_ALLOCATOR")}
+    proc = subprocess.Popen([sys.executable, "serve.py", "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true",
                              "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -153,6 +156,9 @@ def test_the_dashboard_end_to_end(server, browser_page):
     page.goto(url)
     page.get_by_text("Quick start").wait_for()
     page.get_by_text("Backbones with weights offline").wait_for()
+    if memory.supported():  # serve.py started the server with glibc's fast malloc settings
+        page.get_by_text("glibc keeps freed memory").wait_for()
+        assert page.get_by_text("started without Tuneboard's memory settings").count() == 0
     shot(page, "01-home")
 
     # 2. Train: a small dataset, a learning rate and head multiplier, a tiny run; watch it grow.

@@ -22,7 +22,7 @@ def test_ci_runs_the_readmes_test_command():
 
 
 def test_readme_start_command_runs_the_dashboard():
-    start = next(b for b in bash_blocks(README) if b.endswith("streamlit run app.py"))
+    start = next(b for b in bash_blocks(README) if b.endswith("python serve.py"))
     assert "\n" not in start and "pip install -r requirements.txt" in start
 
 
