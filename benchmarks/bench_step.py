@@ -2,15 +2,21 @@
 
     python benchmarks/bench_step.py [--backbone efficientnet_lite0] [--size 224] [--batches 32 128]
 
-One SGD step (forward, summed cross-entropy, backward, update) on random tensors, for each batch
-size, memory layout (NCHW / channels_last) and precision (fp32 / bf16 autocast). Prints images/s.
-If Tuneboard's loop trains at the channels_last rate for its batch size, data handling costs nothing
-and only a cheaper step (another layout, precision, batch or network) can make it faster.
+One SGD step (forward, summed cross-entropy, backward, update) on random tensors, in a worker
+thread as the dashboard trains, for each batch size, memory layout (NCHW / channels_last),
+precision (fp32 / bf16 autocast) and glibc malloc settings (its defaults / Tuneboard's, each in a
+child process since glibc reads them at start). Prints images/s and the share of the time spent
+in the kernel (page faults, mostly). If Tuneboard's loop trains at the step's rate for its batch
+size, data handling costs nothing and only a cheaper step can make it faster.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import resource
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,10 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from finetune_core import memory  # noqa: E402
 from finetune_core.models import build_model, device_description  # noqa: E402
 
 
-def step_rate(backbone: str, size: int, batch: int, channels_last: bool, bf16: bool, steps: int) -> float:
+def step_rate(backbone: str, size: int, batch: int, channels_last: bool, bf16: bool,
+              steps: int) -> tuple[float, float]:
+    """(images/s, share of the CPU time spent in the kernel) over `steps` steps after a warm-up one."""
     torch.manual_seed(0)
     model = build_model(backbone, 2, "none").train()
     if channels_last:
@@ -41,10 +50,22 @@ def step_rate(backbone: str, size: int, batch: int, channels_last: bool, bf16: b
         opt.step()
 
     step()  # warm-up
-    t0 = time.perf_counter()
+    cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(steps):
         step()
-    return batch * steps / (time.perf_counter() - t0)
+    seconds, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    sys_s, user_s = cpu1.ru_stime - cpu0.ru_stime, cpu1.ru_utime - cpu0.ru_utime
+    return batch * steps / seconds, sys_s / max(sys_s + user_s, 1e-9)
+
+
+def measure(backbone: str, size: int, batch: int, channels_last: bool, bf16: bool) -> tuple[float, float]:
+    """(images/s, kernel share of the time) of steps after a warm-up, in a worker thread."""
+    out = []
+    worker = threading.Thread(target=lambda: out.append(
+        step_rate(backbone, size, batch, channels_last, bf16, max(2, 256 // batch))))
+    worker.start()
+    worker.join()
+    return out[0]
 
 
 def main() -> None:
@@ -52,15 +73,27 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--one", nargs=3, type=int, help=argparse.SUPPRESS)  # child: batch channels_last bf16
     args = parser.parse_args()
-    print(f"{device_description()}, {args.backbone}, {args.size} px")
-    print("| batch | layout | precision | images/s |\n|---|---|---|---|")
+    if args.one:
+        rate, kernel = measure(args.backbone, args.size, args.one[0], bool(args.one[1]), bool(args.one[2]))
+        print(f"RESULT {rate} {kernel}")
+        return
+    print(f"{device_description()}, {args.backbone}, {args.size} px: `python benchmarks/bench_step.py "
+          f"{' '.join(sys.argv[1:])}`".rstrip())
+    print("| batch | layout | precision | glibc malloc settings | images/s | time in the kernel |\n|---|---|---|---|---|---|")
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", memory.OPT_OUT_VARIABLE)}
+    allocators = {"default": base, "Tuneboard's": memory.tuned_environ(base)} if memory.supported() else {"system": base}
     for batch in args.batches:
         for channels_last in (False, True):
             for bf16 in (False, True):
-                rate = step_rate(args.backbone, args.size, batch, channels_last, bf16, max(2, 128 // batch))
-                print(f"| {batch} | {'channels_last' if channels_last else 'NCHW'} | {'bf16' if bf16 else 'fp32'} | "
-                      f"{rate:.1f} |", flush=True)
+                for allocator, env in allocators.items():
+                    child = [sys.executable, __file__, "--backbone", args.backbone, "--size", str(args.size),
+                             "--one", str(batch), str(int(channels_last)), str(int(bf16))]
+                    proc = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
+                    rate, kernel = map(float, proc.stdout.split("RESULT ")[-1].split())
+                    print(f"| {batch} | {'channels_last' if channels_last else 'NCHW'} | {'bf16' if bf16 else 'fp32'} "
+                          f"| {allocator} | {rate:.1f} | {kernel:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ measurement) through the same job manager the page uses, then measures:
     metrics.csv, the overlay figure serialised to JSON (what goes to the browser);
   - a whole rerun of the Train page through Streamlit's AppTest (everything on the page, the
     scan served from Streamlit's cache), an upper bound for the fragment's refresh.
-Prints the median and 95th percentile of each in milliseconds, and a JSON line.
+Prints the median and 95th percentile of each in milliseconds, and a JSON line. Runs under the
+malloc settings `serve.py` starts the dashboard with (one arena shared by the page and the job).
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+from finetune_core.memory import describe, reexec_tuned  # noqa: E402
+
+reexec_tuned()  # as serve.py starts the dashboard
 
 
 def percentile(values, q):
@@ -73,10 +78,10 @@ def main() -> None:
     manager.wait(run_id, 60)
     result = {"metrics_rows": rows, "fragment_ms_median": statistics.median(fragment_ms),
               "fragment_ms_p95": percentile(fragment_ms, 0.95), "page_ms_median": statistics.median(page_ms),
-              "page_ms_p95": percentile(page_ms, 0.95), "looks": args.looks}
+              "page_ms_p95": percentile(page_ms, 0.95), "looks": args.looks, "memory": describe()}
     print(f"live fragment work: median {result['fragment_ms_median']:.0f} ms, p95 {result['fragment_ms_p95']:.0f} ms; "
           f"whole Train page rerun: median {result['page_ms_median']:.0f} ms, p95 {result['page_ms_p95']:.0f} ms "
-          f"(with a job training on the same 2 cores, {rows} metric rows)")
+          f"(with a job training on the same 2 cores, {rows} metric rows; {describe()})")
     print(json.dumps(result))
 
 
