@@ -5,7 +5,7 @@ import streamlit as st
 
 from finetune_core import datastore, memory
 from finetune_core.config import preset_config
-from finetune_core.models import BACKBONES, device_description, offline_backbones
+from finetune_core.models import BACKBONES, device_description, offline_backbones, resolve_device
 from finetune_core.runs import list_runs
 from tuneboard_ui import LIVE_REFRESH_S, format_seconds, job_controls, manager, page, state_label
 
@@ -17,14 +17,15 @@ st.write("Fine-tune an ImageNet-pretrained image classifier on your own photos: 
 
 offline = offline_backbones()
 c = st.columns(3)
-c[0].metric("Device", device_description().split(" (")[0])
-c[0].caption(f"{device_description()}; {memory.describe()}")
+device = device_description()
+c[0].metric("Device", device.split(" (")[0])
+c[0].caption(f"{device}; {memory.describe()}")
 c[1].metric("Backbones with weights offline", f"{len(offline)} of {len(BACKBONES)}")
 c[1].caption(", ".join(offline) or "none: train from scratch or place weights in the torch cache")
 c[2].metric("Data folder", datastore.data_root().name)
 c[2].caption(str(datastore.data_root()))
 
-if memory.wanted() and not memory.is_tuned() and device_description().startswith("CPU"):
+if memory.wanted() and not memory.is_tuned() and resolve_device("auto").type == "cpu":
     st.info("This server was started without Tuneboard's memory settings, so training on the CPU runs up to "
             "2x slower. Start it with `python serve.py` instead of `streamlit run app.py`.")
 

@@ -12,7 +12,6 @@ size, data handling costs nothing and only a cheaper step can make it faster.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def main() -> None:
     print(f"{device_description()}, {args.backbone}, {args.size} px: `python benchmarks/bench_step.py "
           f"{' '.join(sys.argv[1:])}`".rstrip())
     print("| batch | layout | precision | glibc malloc settings | images/s | time in the kernel |\n|---|---|---|---|---|---|")
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", memory.OPT_OUT_VARIABLE)}
+    base = memory.untuned_environ()
     allocators = {"default": base, "Tuneboard's": memory.tuned_environ(base)} if memory.supported() else {"system": base}
     for batch in args.batches:
         for channels_last in (False, True):

@@ -167,7 +167,7 @@ def main() -> None:
     results = {}
     for name in names:
         label, allocator = RUNS[name]
-        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", memory.OPT_OUT_VARIABLE)}
+        env = memory.untuned_environ()
         env = memory.tuned_environ(env) if allocator == "tuned" and memory.supported() else env
         child = [sys.executable, __file__, "--one", name, "--data", str(data), "--backbone", args.backbone,
                  "--target", str(args.target), "--epochs", str(args.epochs), "--device", args.device]

@@ -53,7 +53,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "TUNEBOARD_DATA_ROOT": str(data), "TUNEBOARD_RUNS_DIR": str(tmp / "runs"),
            "TUNEBOARD_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
     log = open(tmp / "streamlit.log", "w")
-    env = {k: v for k, v in env.items() if k not in ("GLIBC_TUNABLES", "TUNEBOARD_ALLOCATOR")}
+    env = memory.untuned_environ(env)  # serve.py must add the settings itself
     proc = subprocess.Popen([sys.executable, "serve.py", "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true",
                              "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,

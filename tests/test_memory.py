@@ -49,9 +49,7 @@ print(json.dumps(out))
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", memory.OPT_OUT_VARIABLE,
-                                                              "TUNEBOARD_REEXECUTED")}
-    return {**env, **extra}
+    return {**memory.untuned_environ(), **extra}
 
 
 def probe(env: dict) -> dict:
@@ -69,6 +67,8 @@ def test_tuned_environ_adds_the_settings_and_keeps_the_users_own():
     assert not memory.is_tuned(env)  # one arena per thread again: not Tuneboard's settings
     assert memory.is_tuned(memory.tuned_environ({}))
     assert not memory.is_tuned({})
+    plain = memory.untuned_environ({**env, memory.OPT_OUT_VARIABLE: "default"})
+    assert plain == {"HOME": "/h"}  # what a benchmark's "glibc defaults" child starts with
 
 
 @needs_glibc
