@@ -2,6 +2,7 @@
 
     python -m finetune_core scan DATA [--json]
     python -m finetune_core train --data DATA [--preset NAME] [--backbone NAME] ... [--json]
+                                  (a flag for every setting: see config.TrainConfig)
     python -m finetune_core predict --run RUN_DIR_OR_BUNDLE IMAGE... [--top-k K] [--json]
     python -m finetune_core runs [--runs-dir DIR] [--json]
     python -m finetune_core export --run RUN_DIR --out DIR
@@ -9,6 +10,9 @@
 
 The command starts Python once more with glibc's malloc settings from finetune_core.memory (about
 2x faster CPU training on Linux); TUNEBOARD_ALLOCATOR=default turns that off.
+
+Runs go to runs.default_runs_dir() (TUNEBOARD_RUNS_DIR, else runs/ beside the app), as the
+dashboard's do; --runs-dir changes it. `runs` does not import torch.
 
 Exit codes: 0 success, 1 the run did not complete, 2 bad input (one line on stderr).
 """
@@ -18,9 +22,6 @@ import argparse
 import json
 import sys
 import threading
-
-DEFAULT_RUNS_DIR = "runs"
-
 
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
@@ -44,59 +45,66 @@ def cmd_scan(args) -> int:
     return 0
 
 
-def _progress_printer():
-    """A one-line progress bar on stderr."""
-    state = {"last": ""}
+class ProgressBar:
+    """The run's progress on stderr: a tqdm bar (preparation, then batches, with the time left)
+    and one line per finished epoch."""
 
-    def on_event(event: dict) -> None:
+    def __init__(self, file=None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, file=file or sys.stderr, dynamic_ncols=True, leave=False,
+                        bar_format="{percentage:3.0f}%|{bar}| {desc} {postfix}")
+
+    def __call__(self, event: dict) -> None:
         kind = event.get("kind")
         if kind == "epoch":
-            sys.stderr.write("\r" + " " * len(state["last"]) + "\r")
-            sys.stderr.write(f"{event['message']} ({event['images_per_s']:.1f} img/s)\n")
-            state["last"] = ""
+            self.bar.write(f"{event['message']} ({event['images_per_s']:.1f} img/s)")
         elif kind in ("batch", "prepare"):
-            p = float(event.get("progress", 0.0))
-            bar = "#" * int(p * 30)
-            eta = f", {event['eta_s']:.0f} s left" if event.get("eta_s") is not None and kind == "batch" else ""
-            line = f"[{bar:<30}] {p:5.1%} {event.get('message', '')}{eta}"
-            sys.stderr.write("\r" + line.ljust(len(state["last"])))
-            state["last"] = line
-        sys.stderr.flush()
+            self.bar.set_description_str(event.get("message", ""), refresh=False)
+            if kind == "batch" and event.get("eta_s") is not None:
+                self.bar.set_postfix_str(f"{event['eta_s']:.0f} s left, {event.get('images_per_s', 0):.1f} img/s",
+                                         refresh=False)
+            self.bar.update(max(0.0, 100 * float(event.get("progress", 0.0)) - self.bar.n))
+        elif kind == "end":
+            self.close()
 
-    return on_event
+    def close(self) -> None:
+        self.bar.close()
+
+
+def config_from_args(args) -> "TrainConfig":  # noqa: F821 - imported lazily
+    """The train command's settings: the preset (if any), then every flag that was given."""
+    from .config import TrainConfig, preset_config, settings
+
+    overrides = {name: getattr(args, name) for name, s in settings().items()
+                 if s.flag is not None and getattr(args, name, None) is not None}
+    return preset_config(args.preset, **overrides) if args.preset else TrainConfig(**overrides)
 
 
 def cmd_train(args) -> int:
-    from .config import ConfigError, TrainConfig, preset_config
+    from .config import ConfigError
     from .data import scan_dataset
     from .engine import train
     from .runs import new_run_dir
 
-    overrides = {k: v for k, v in {
-        "data": args.data, "backbone": args.backbone, "weights": args.weights, "lr": args.lr,
-        "head_lr_mult": args.head_lr_mult, "param_groups": False if args.no_param_groups else None,
-        "freeze_backbone": True if args.freeze_backbone else None, "loss_reduction": args.loss_reduction,
-        "batch_size": args.batch_size, "epochs": args.epochs, "weight_decay": args.weight_decay,
-        "momentum": args.momentum, "schedule": args.schedule, "image_size": args.image_size,
-        "device": args.device, "precision": args.precision, "seed": args.seed, "name": args.name,
-        "warmup_epochs": args.warmup_epochs, "feature_views": args.feature_views,
-    }.items() if v is not None}
     try:
-        config = preset_config(args.preset, **overrides) if args.preset else TrainConfig(**overrides)
-        config.check(check_paths=True)
+        config = config_from_args(args).check(check_paths=True)
     except ConfigError as exc:
-        return fail(f"invalid settings: {exc}")
+        return fail("invalid settings: " + "; ".join(exc.errors.values()))
     report = scan_dataset(config.data, test_fraction=config.test_fraction)
     if not report.usable:
         return fail(f"no usable dataset: {report.reason()}")
     run = new_run_dir(args.runs_dir, config.name or config.backbone)
     stop = threading.Event()
-    on_event = None if args.quiet else _progress_printer()
+    progress = None if args.quiet else ProgressBar()
     try:
-        status = train(config, run, on_event=on_event, stop_event=stop)
+        status = train(config, run, on_event=progress, stop_event=stop, **_accepted(train, report=report))
     except KeyboardInterrupt:
         stop.set()
         status = run.read_status()
+    finally:
+        if progress is not None:
+            progress.close()
     result = {"run_dir": str(run.path), "status": status.get("state"), "message": status.get("message"),
               "test_acc": status.get("test_acc"), "best_test_acc": status.get("best_test_acc"),
               "train_acc": status.get("train_acc"), "loss": status.get("loss"),
@@ -106,6 +114,14 @@ def cmd_train(args) -> int:
     else:
         print(f"{result['status']}: {result['message']}\nrun folder: {run.path}")
     return 0 if status.get("state") == "completed" else 1
+
+
+def _accepted(function, **keywords) -> dict:
+    """The keywords `function` takes (the scan report is passed on where the engine accepts it)."""
+    import inspect
+
+    params = inspect.signature(function).parameters
+    return {k: v for k, v in keywords.items() if k in params}
 
 
 def cmd_predict(args) -> int:
@@ -174,9 +190,42 @@ def cmd_info(args) -> int:
     return 0
 
 
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, from its definition (config.TrainConfig's field metadata): the
+    type, the choices, a --[no-]flag pair for on/off settings, the help with its unit and default.
+    Every default is None: a flag that is not given leaves the preset's or the default value."""
+    from .config import SECTIONS, settings
+
+    groups = {key: parser.add_argument_group(f"settings: {title.lower()}") for key, title in SECTIONS.items()}
+    for s in settings().values():
+        if s.flag_name is None:
+            continue
+        group = groups[s.section]
+        default = ("on" if s.default else "off") if s.kind is bool else s.default if s.default not in ("", None) \
+            else "none"
+        text = s.label + (f" ({s.unit})" if s.unit else "") + (f": {s.help}" if s.help else "")
+        text = f"{text} [default: {default}]".replace("%", "%%")
+        if s.kind is bool:
+            group.add_argument(s.flag_name, dest=s.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        else:
+            choices = None if callable(s.choices) else s.choice_list()
+            metavar = None if choices else s.metavar or {int: "N", float: "F", str: "TEXT"}[s.kind]
+            group.add_argument(s.flag_name, dest=s.name, type=s.kind, choices=choices, metavar=metavar,
+                               default=None, required=s.required, help=text)
+        for flag, value, shorthand_help in s.shorthands:
+            group.add_argument(flag, dest=s.name, action="store_const", const=value, help=shorthand_help)
+
+
+def add_runs_dir(parser: argparse.ArgumentParser) -> None:
+    from .runs import default_runs_dir
+
+    parser.add_argument("--runs-dir", default=str(default_runs_dir()),
+                        help="where runs live (TUNEBOARD_RUNS_DIR, else runs/ beside the app) [default: %(default)s]")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .config import LOSS_REDUCTIONS, PRECISIONS, PRESETS, SCHEDULES
-    from .models import BACKBONES
+    from .config import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m finetune_core", description="Tuneboard: fine-tune an "
                                      "ImageNet-pretrained classifier on a folder of images.")
@@ -189,28 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("train", help="fine-tune a backbone on a dataset folder")
-    p.add_argument("--data", required=True)
     p.add_argument("--preset", choices=list(PRESETS), help="start from a preset; other flags override it")
-    p.add_argument("--backbone", choices=list(BACKBONES))
-    p.add_argument("--weights", help="auto | none | path to a .pt/.pth/.safetensors state_dict")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--head-lr-mult", type=float)
-    p.add_argument("--no-param-groups", action="store_true", help="one group at --lr (the book's param_group=False)")
-    p.add_argument("--freeze-backbone", action="store_true", help="train the new head only")
-    p.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--warmup-epochs", type=int, help="head-only epochs on cached features before unfreezing")
-    p.add_argument("--feature-views", type=int)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--device")
-    p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
-    p.add_argument("--name")
+    add_setting_flags(p)
+    add_runs_dir(p)
     p.add_argument("--json", action="store_true", help="print a final JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -224,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("runs", help="list the runs in a runs folder")
-    p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
+    add_runs_dir(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
 
@@ -238,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
     return parser
+
+
+def subcommand_flags(name: str) -> set[str]:
+    """Every flag of one subcommand (for the README's check), without -h/--help."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {o for a in sub.choices[name]._actions for o in a.option_strings if o not in ("-h", "--help")}
 
 
 def main(argv: list[str] | None = None) -> int:

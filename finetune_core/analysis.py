@@ -1,15 +1,15 @@
-"""What the dashboard computes from run directories: comparisons, confusion matrices, per-class
-metrics and galleries. Pure functions over pandas frames (scikit-learn does the metrics)."""
+"""What the dashboard computes from run directories and jobs: comparisons, which runs to show,
+confusion matrices, per-class metrics and galleries. Pure functions over pandas frames
+(scikit-learn does the metrics)."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from .config import compare_settings, saved_settings
 from .runs import RunDir, RunInfo
 
-COMPARE_SETTINGS = ["preset", "backbone", "weights", "lr", "head_lr_mult", "param_groups", "freeze_backbone",
-                    "loss_reduction", "batch_size", "epochs", "weight_decay", "momentum", "schedule",
-                    "warmup_epochs", "image_size", "precision", "seed"]
+COMPARE_SETTINGS = compare_settings()  # from the settings' definitions (config.Setting.compare)
 
 
 def confusion(predictions: pd.DataFrame, classes: list[str]) -> np.ndarray:
@@ -64,7 +64,8 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
             cfg = {}
         status = run.read_status(default={})
         row = {"run": info.name, "state": info.state}
-        row.update({k: cfg.get(k) for k in COMPARE_SETTINGS})
+        values = saved_settings(cfg)  # older runs: today's defaults for settings they did not have
+        row.update({k: values[k] for k in COMPARE_SETTINGS})
         row.update({"final loss": status.get("loss"), "final train acc": status.get("train_acc"),
                     "final test acc": status.get("test_acc"), "best test acc": status.get("best_test_acc"),
                     "images/s": status.get("images_per_s"), "duration (s)": info.duration_s})
@@ -72,6 +73,26 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
     frame = pd.DataFrame(rows)
     differing = [k for k in COMPARE_SETTINGS if k in frame and frame[k].astype(str).nunique() > 1]
     return frame, differing
+
+
+def default_selection(infos: list[RunInfo]) -> list[str]:
+    """The runs the Compare page opens on (ids, newest first): the newest run's group when it has
+    companions, else the two newest runs."""
+    if not infos:
+        return []
+    group = infos[0].group
+    chosen = [i.id for i in infos if group and i.group == group]
+    return chosen if len(chosen) >= 2 else [i.id for i in infos[:2]]
+
+
+def current_group(jobs: list[dict], preferred: str = "") -> str:
+    """The group of jobs the Train page follows: `preferred` (the one launched from this tab) while
+    the server knows it, else the newest active group, else the newest group (so a refresh or a
+    second tab shows the same running job). "" when there are no jobs."""
+    if preferred and any(j["group"] == preferred for j in jobs):
+        return preferred
+    candidates = [j for j in jobs if j["state"] in ("running", "queued")] or jobs
+    return max(candidates, key=lambda j: j["submitted_at"])["group"] if candidates else ""
 
 
 def metrics_of(infos: list[RunInfo]) -> pd.DataFrame:

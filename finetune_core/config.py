@@ -1,19 +1,38 @@
-"""Every training setting in one dataclass, its validation, and the presets.
+"""Every training setting, defined once: its type, default, allowed values, the label and help the
+user sees, its unit and its section. The command line's flags, the dashboard's form, the
+validation messages and the Compare table's columns are all derived from these definitions.
 
 The defaults are the book's fine-tuning run ("Dive into Deep Learning", Fine-Tuning): ResNet-18
 pretrained on ImageNet, a new head trained at 10x the learning rate (two SGD parameter groups),
 lr 5e-5 on a SUMMED loss, weight decay 1e-3, batch 128, 5 epochs, 224 px.
+
+Nothing here imports torch: listing runs and building the command line stay fast. Checks that
+need the backbone registry import it when they run.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 LOSS_REDUCTIONS = ("sum", "mean")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# The sections of the settings, in the order the Train page and the README present them.
+SECTIONS: dict[str, str] = {
+    "data": "Data",
+    "model": "Model",
+    "learning": "What trains, and how fast",
+    "optimiser": "Optimiser and schedule",
+    "selection": "Model selection and evaluation",
+    "hardware": "Hardware",
+    "run": "Run",
+}
 
 
 class ConfigError(ValueError):
@@ -24,52 +43,157 @@ class ConfigError(ValueError):
         super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What Tuneboard knows about one setting. Bounds: `minimum`/`maximum` are inclusive,
+    `above`/`below` exclusive. `choices` is a tuple, or a function returning the choices (for
+    those that need the backbone registry). `flag`: the command line's flag ("" = from the name,
+    None = no flag); `shorthands`: extra flags that set a fixed value, as (flag, value, help)."""
+
+    label: str
+    help: str = ""
+    unit: str = ""
+    section: str = "run"
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    below: float | None = None
+    choices: tuple | Callable[[], Sequence[str]] | None = None
+    step: float | None = None          # the form's step for whole numbers
+    metavar: str = ""                  # the command line's name for the value ("" = from the type)
+    flag: str | None = ""
+    shorthands: tuple = ()
+    required: bool = False             # a flag the command line requires
+    form: bool = True                  # drawn in the Train page's recipe form
+    compare: bool = True               # a column of the Compare table
+    # Filled in from the dataclass field by `settings()`:
+    name: str = ""
+    kind: type = str                   # bool, int, float, str, or tuple (three numbers or None)
+    default: Any = None
+
+    def choice_list(self) -> list | None:
+        if self.choices is None:
+            return None
+        return list(self.choices() if callable(self.choices) else self.choices)
+
+    @property
+    def flag_name(self) -> str | None:
+        return None if self.flag is None else (self.flag or "--" + self.name.replace("_", "-"))
+
+
+def setting(default, label: str, **meta) -> Any:
+    """A TrainConfig field with its Setting in the field's metadata."""
+    return field(default=default, metadata={"setting": Setting(label=label, **meta)})
+
+
+def _backbone_choices() -> list[str]:
+    from .models import BACKBONES
+
+    return ["auto", *BACKBONES]
+
+
 @dataclass
 class TrainConfig:
-    data: str = ""                 # dataset folder (see data.scan_dataset)
-    backbone: str = "resnet18"
-    weights: str = "auto"          # auto | none | path to a local state_dict
-    lr: float = 5e-5
-    head_lr_mult: float = 10.0     # the new head trains at lr * head_lr_mult
-    param_groups: bool = True      # False: one group at lr for everything (the book's param_group=False)
-    freeze_backbone: bool = False  # train the head only
-    loss_reduction: str = "sum"    # the book sums the loss over the batch
-    batch_size: int = 128
-    epochs: int = 5
-    weight_decay: float = 1e-3
-    momentum: float = 0.0
-    schedule: str = "constant"     # constant | cosine
-    warmup_epochs: int = 0         # epochs of head-only training (backbone frozen) before unfreezing
-    feature_views: int = 1         # frozen epochs: views of each training image whose features are cached
-    image_size: int = 224
-    mean: tuple[float, float, float] | None = None  # None: the backbone's own normalisation
-    std: tuple[float, float, float] | None = None
-    test_fraction: float = 0.2     # for datasets without a test split
-    device: str = "auto"           # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
-    precision: str = "auto"        # auto: bf16 autocast on CUDA, fp32 elsewhere | fp32 | bf16 (where native)
-    channels_last: bool = True
-    eval_batch_size: int = 256
-    seed: int = 0
-    name: str = ""
-    preset: str = ""               # which preset these settings came from, for display only
-    group: str = ""                # runs launched together (a run and its comparison runs), for display
+    # --- data
+    data: str = setting("", "Dataset folder", section="data", required=True, metavar="DIR", form=False, compare=False,
+                        help="a folder of class folders, with or without train/test splits")
+    test_fraction: float = setting(0.2, "Test fraction", section="data", above=0, below=1, form=False,
+                                   unit="of each class", help="held out for testing when the folder has no test split")
+    # --- model
+    backbone: str = setting("resnet18", "Backbone", section="model", choices=_backbone_choices, metavar="NAME",
+                            help="auto: the best backbone whose ImageNet weights are on this machine")
+    weights: str = setting("auto", "Weights", section="model", metavar="auto|none|PATH",
+                           help="auto (ImageNet), none (random init) or the path of a .pt/.pth/.safetensors "
+                                "state_dict, loaded without running code")
+    image_size: int = setting(224, "Image size", section="model", minimum=16, maximum=1024, step=16, unit="px")
+    mean: tuple[float, float, float] | None = setting(None, "Normalisation mean", section="model", flag=None,
+                                                      form=False, compare=False,
+                                                      help="None: the backbone's own normalisation")
+    std: tuple[float, float, float] | None = setting(None, "Normalisation std", section="model", flag=None,
+                                                     form=False, compare=False, above=0,
+                                                     help="None: the backbone's own normalisation")
+    # --- what trains, and how fast
+    lr: float = setting(5e-5, "Learning rate", section="learning", above=0,
+                        help="of the pretrained layers (and of everything with one group)")
+    head_lr_mult: float = setting(10.0, "Head learning-rate multiplier", section="learning", above=0, unit="×",
+                                  help="the new head trains at lr × this")
+    param_groups: bool = setting(True, "Parameter groups (head at lr × multiplier)", section="learning",
+                                 help="off: one group at lr for every layer (the book's param_group=False)")
+    train_stages: str = setting("all", "Trainable part", section="learning", metavar="head|N|all",
+                                shorthands=(("--freeze-backbone", "head", "train the new head only "
+                                             "(the same as --train-stages head)"),),
+                                help="head: only the new head (the backbone frozen); N: the last N stages of the "
+                                     "backbone and the head, on cached activations of the frozen part; "
+                                     "all: every layer (the book)")
+    feature_views: int = setting(1, "Cached augmented views per image", section="learning", minimum=1, step=1,
+                                 help="when part of the network is frozen: its output is computed once for each of "
+                                      "this many augmented views of every training image, cycled over the epochs")
+    loss_reduction: str = setting("sum", "Loss over a batch", section="learning", choices=LOSS_REDUCTIONS,
+                                  help="the book sums the loss (lr 5e-5 with sum ≈ 6.4e-3 with mean at batch 128)")
+    label_smoothing: float = setting(0.0, "Label smoothing", section="learning", minimum=0, below=1,
+                                     help="0: the book's plain cross-entropy")
+    # --- optimiser and schedule
+    batch_size: int = setting(128, "Batch size", section="optimiser", minimum=1, maximum=4096, step=8)
+    epochs: int = setting(5, "Epochs", section="optimiser", minimum=1, maximum=1000, step=1)
+    weight_decay: float = setting(1e-3, "Weight decay", section="optimiser", minimum=0)
+    momentum: float = setting(0.0, "Momentum", section="optimiser", minimum=0, below=1,
+                              help="SGD momentum; the book uses none")
+    schedule: str = setting("constant", "Learning-rate schedule", section="optimiser", choices=SCHEDULES)
+    warmup_epochs: int = setting(0, "Warm-up epochs", section="optimiser", minimum=0, maximum=100, step=1,
+                                 unit="epochs",
+                                 help="epochs of head-only training on cached features before the rest unfreezes")
+    # --- model selection and evaluation
+    val_fraction: float = setting(0.0, "Validation fraction", section="selection", minimum=0, below=0.9,
+                                  unit="of the training images",
+                                  help="held out (stratified, the same files every time) to choose the best "
+                                       "checkpoint and stop early; 0: the book's way, testing every epoch")
+    patience: int = setting(0, "Early-stopping patience", section="selection", minimum=0, step=1, unit="epochs",
+                            help="stop after this many epochs without improvement on the validation split (the test "
+                                 "split without one); 0: off")
+    tta_flip: bool = setting(False, "Flip test-time augmentation", section="selection",
+                             help="average the predictions of each image and its mirror image, in evaluation "
+                                  "and prediction")
+    eval_batch_size: int = setting(256, "Evaluation batch size", section="selection", minimum=1, form=False,
+                                   compare=False)
+    # --- hardware
+    device: str = setting("auto", "Device", section="hardware", metavar="D",
+                          help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    precision: str = setting("auto", "Precision", section="hardware", choices=PRECISIONS,
+                             help="auto: bf16 autocast on a GPU, fp32 on the CPU (the book); bf16: also on a CPU "
+                                  "that runs it natively (AVX-512 BF16 / AMX), else fp32")
+    channels_last: bool = setting(True, "Channels-last memory layout", section="hardware", form=False,
+                                  compare=False)
+    seed: int = setting(0, "Seed", section="hardware", minimum=0, step=1)
+    # --- run
+    name: str = setting("", "Run name", section="run", compare=False, metavar="NAME",
+                       help="optional; the run folder's name ends with it")
+    preset: str = setting("", "Preset", section="run", flag=None, form=False,
+                          help="which preset these settings came from, for display only")
+    group: str = setting("", "Group", section="run", flag=None, form=False, compare=False,
+                         help="runs launched together (a run and its comparison runs), for display")
+
+    @property
+    def freeze_backbone(self) -> bool:
+        """Deprecated spelling of train_stages == "head" (read-only; not a setting)."""
+        return self.train_stages == "head"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for key in ("mean", "std"):
-            if d[key] is not None:
+            if isinstance(d[key], tuple):
                 d[key] = list(d[key])
         return d
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Settings as saved in a run's config.json. Older runs' settings are upgraded
+        (`freeze_backbone: true` is `train_stages: "head"`); unknown settings are refused."""
+        values = upgrade_settings(values)
+        unknown = sorted(set(values) - set(settings()))
         if unknown:
             raise ConfigError({k: "unknown setting" for k in unknown})
-        values = dict(values)
         for key in ("mean", "std"):
-            if values.get(key) is not None:
+            if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         return cls(**values)
 
@@ -77,73 +201,36 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self, check_paths: bool = False) -> dict[str, str]:
-        """Every problem with these settings, as {setting: message}; empty when valid."""
-        from .models import BACKBONES
-
+        """Every problem with these settings, as {setting: message that starts with its label};
+        empty when valid. A value of the wrong type is reported, never raised."""
         errors: dict[str, str] = {}
+        for s in settings().values():
+            problem = check_value(s, getattr(self, s.name))
+            if problem:
+                errors[s.name] = f"{s.label} {problem}"
 
-        def positive_finite(name, allow_zero=False):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                errors[name] = f"must be a number, got {value!r}"
-            elif not math.isfinite(value):
-                errors[name] = f"must be finite, got {value}"
-            elif value < 0 or (value == 0 and not allow_zero):
-                errors[name] = f"must be {'zero or more' if allow_zero else 'greater than zero'}, got {value}"
+        def report(name: str, problem: str) -> None:
+            if name not in errors:
+                errors[name] = f"{settings()[name].label} {problem}"
 
-        def int_at_least(name, low):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                errors[name] = f"must be a whole number, got {value!r}"
-            elif value < low:
-                errors[name] = f"must be at least {low}, got {value}"
-
-        positive_finite("lr")
-        positive_finite("head_lr_mult")
-        positive_finite("weight_decay", allow_zero=True)
-        positive_finite("momentum", allow_zero=True)
-        if "momentum" not in errors and self.momentum >= 1:
-            errors["momentum"] = f"must be below 1, got {self.momentum}"
-        int_at_least("batch_size", 1)
-        int_at_least("eval_batch_size", 1)
-        int_at_least("epochs", 1)
-        int_at_least("warmup_epochs", 0)
-        int_at_least("feature_views", 1)
-        int_at_least("image_size", 16)
-        int_at_least("seed", 0)
-        if "warmup_epochs" not in errors and "epochs" not in errors and self.warmup_epochs > self.epochs:
-            errors["warmup_epochs"] = f"must not exceed epochs ({self.epochs}), got {self.warmup_epochs}"
-        if "image_size" not in errors and self.image_size > 1024:
-            errors["image_size"] = f"must be at most 1024, got {self.image_size}"
-        if self.backbone not in BACKBONES:
-            errors["backbone"] = f"unknown backbone '{self.backbone}'; choose one of {', '.join(BACKBONES)}"
-        if self.loss_reduction not in LOSS_REDUCTIONS:
-            errors["loss_reduction"] = f"must be 'sum' or 'mean', got {self.loss_reduction!r}"
-        if self.schedule not in SCHEDULES:
-            errors["schedule"] = f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
-        if self.precision not in PRECISIONS:
-            errors["precision"] = f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-        if not (self.device in DEVICES or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
-            errors["device"] = f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
-        if not isinstance(self.test_fraction, (int, float)) or not 0 < self.test_fraction < 1:
-            errors["test_fraction"] = f"must be between 0 and 1, got {self.test_fraction!r}"
-        for key in ("mean", "std"):
-            value = getattr(self, key)
-            if value is not None and (len(value) != 3 or not all(isinstance(v, (int, float)) for v in value)):
-                errors[key] = f"must be three numbers, got {value!r}"
-        if self.std is not None and "std" not in errors and any(v <= 0 for v in self.std):
-            errors["std"] = f"must be positive, got {self.std!r}"
-        if not self.weights:
-            errors["weights"] = "must be 'auto', 'none' or the path of a weights file"
-        if not self.data:
-            errors["data"] = "no dataset folder given"
+        if not {"warmup_epochs", "epochs"} & set(errors) and self.warmup_epochs > self.epochs:
+            report("warmup_epochs", f"must not exceed the epochs ({self.epochs}), got {self.warmup_epochs}")
+        if "train_stages" not in errors and "backbone" not in errors:
+            problem = _train_stages_problem(self.backbone, self.train_stages)
+            if problem:
+                report("train_stages", problem)
+        if not self.weights and "weights" not in errors:
+            report("weights", "must be 'auto', 'none' or the path of a weights file")
+        if not self.data and "data" not in errors:
+            report("data", "must be given")
         if check_paths:
             from pathlib import Path
 
-            if self.data and not Path(self.data).expanduser().is_dir():
-                errors["data"] = f"{self.data}: no such folder"
-            if self.weights not in ("auto", "none") and not Path(self.weights).expanduser().is_file():
-                errors["weights"] = f"{self.weights}: no such weights file"
+            if "data" not in errors and not Path(self.data).expanduser().is_dir():
+                report("data", f"{self.data}: no such folder")
+            if "weights" not in errors and self.weights not in ("auto", "none") \
+                    and not Path(self.weights).expanduser().is_file():
+                report("weights", f"{self.weights}: no such weights file")
         return errors
 
     def check(self, check_paths: bool = False) -> "TrainConfig":
@@ -153,30 +240,215 @@ class TrainConfig:
         return self
 
 
+# --------------------------------------------------------------------------------------------
+# The settings, as data
+
+
+def _kind(hint) -> type:
+    if hint in (bool, int, float, str):
+        return hint
+    return tuple  # tuple[float, float, float] | None
+
+
+_SETTINGS: dict[str, Setting] = {}
+
+
+def settings() -> dict[str, Setting]:
+    """{name: Setting} for every field of TrainConfig, in the order they are defined."""
+    if not _SETTINGS:
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(TrainConfig):
+            _SETTINGS[f.name] = dataclasses.replace(f.metadata["setting"], name=f.name, kind=_kind(hints[f.name]),
+                                                    default=f.default)
+    return _SETTINGS
+
+
+def _number(x: float) -> str:
+    return "zero" if x == 0 else f"{x:g}"
+
+
+def _shown(value) -> str:
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _check_number(s: Setting, value) -> str | None:
+    if s.above is not None and value <= s.above:
+        return f"must be greater than {_number(s.above)}, got {_shown(value)}"
+    if s.minimum is not None and value < s.minimum:
+        wording = "zero or more" if s.minimum == 0 else f"at least {s.minimum:g}"
+        return f"must be {wording}, got {_shown(value)}"
+    if s.below is not None and value >= s.below:
+        return f"must be below {s.below:g}, got {_shown(value)}"
+    if s.maximum is not None and value > s.maximum:
+        return f"must be at most {s.maximum:g}, got {_shown(value)}"
+    return None
+
+
+def check_value(s: Setting, value) -> str | None:
+    """What is wrong with one value of one setting, worded to follow its label; None when fine."""
+    if s.kind is bool:
+        return None if isinstance(value, bool) else f"must be on or off (true or false), got {value!r}"
+    if s.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be a whole number, got {value!r}"
+        return _check_number(s, value)
+    if s.kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"must be finite, got {value}"
+        return _check_number(s, value)
+    if s.kind is tuple:
+        if value is None:
+            return None
+        if not isinstance(value, (tuple, list)) or len(value) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            return f"must be three numbers, got {value!r}"
+        problems = [_check_number(s, v) for v in value]
+        return next((f"{p} (in {list(value)})" for p in problems if p), None)
+    if not isinstance(value, str):
+        return f"must be text, got {value!r}"
+    if s.name == "backbone":
+        choices = s.choice_list()
+        return None if value in choices else f"must be one of {', '.join(choices)}: unknown backbone {value!r}"
+    if s.name == "device":
+        ok = value in DEVICES or (value.startswith("cuda:") and value[5:].isdigit())
+        return None if ok else f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}"
+    if s.name == "train_stages":
+        ok = value in ("head", "all") or (value.isascii() and value.isdigit() and value == str(int(value))
+                                          and int(value) >= 1)
+        return None if ok else f"must be head, all or a number of stages (1, 2, ...), got {value!r}"
+    choices = s.choice_list()
+    if choices is not None and value not in choices:
+        quoted = [repr(c) for c in choices]
+        wording = " or ".join(quoted) if len(quoted) == 2 else "one of " + ", ".join(quoted)
+        return f"must be {wording}, got {value!r}"
+    return None
+
+
+def _train_stages_problem(backbone: str, train_stages: str) -> str | None:
+    """A stage count the backbone does not have (unknown for "auto" until it is resolved)."""
+    if backbone == "auto" or not train_stages.isdigit():
+        return None
+    from . import models
+
+    stage_names = getattr(models, "stage_names", None)
+    if stage_names is None:
+        return None
+    try:
+        n = len(stage_names(backbone))
+    except Exception:  # noqa: BLE001 - a backbone without a known split: the engine says so
+        return None
+    if int(train_stages) > n:
+        return f"must be head, all or a number of stages from 1 to {n} for {backbone}, got {train_stages!r}"
+    return None
+
+
+# Settings that older run folders saved and that are now spelled differently.
+def upgrade_settings(values: dict) -> dict:
+    """A copy of saved settings in today's spelling: `freeze_backbone` (removed) becomes
+    train_stages="head" when it was on, and is dropped when it was off."""
+    values = dict(values)
+    if "freeze_backbone" in values:
+        frozen = values.pop("freeze_backbone")
+        if frozen is True and "train_stages" not in values:
+            values["train_stages"] = "head"
+    return values
+
+
+def saved_settings(values: dict) -> dict:
+    """Every setting of a saved config (from config.json), today's defaults filling in those that
+    an older run did not have. Lenient: for display, never raises."""
+    defaults = {name: s.default for name, s in settings().items()}
+    return {**defaults, **{k: v for k, v in upgrade_settings(values or {}).items() if k in defaults}}
+
+
+def compare_settings() -> list[str]:
+    """The settings the Compare table shows, in definition order."""
+    return [name for name, s in settings().items() if s.compare]
+
+
+def form_settings() -> list[str]:
+    """The settings the Train page's recipe form draws, in definition order."""
+    return [name for name, s in settings().items() if s.form]
+
+
+# --------------------------------------------------------------------------------------------
+# What has no effect for a given config
+
+
+def inactive_settings(config: TrainConfig) -> dict[str, str]:
+    """{setting: why it has no effect} for the settings that do nothing with this config, in the
+    words the dashboard shows next to a greyed-out control. Wrong-typed values count as unknown."""
+    inactive: dict[str, str] = {}
+    stages = config.train_stages if isinstance(config.train_stages, str) else None
+    groups = config.param_groups if isinstance(config.param_groups, bool) else None
+
+    def whole(value) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    # With train_stages="head" the one group is the head's: at lr × multiplier with parameter groups,
+    # at lr without. So parameter groups still act there (they switch the multiplier on), and the
+    # multiplier is inert only without them, as with any other depth.
+    if groups is False:
+        inactive["head_lr_mult"] = "one group at the learning rate: the multiplier has no effect"
+    warmup, epochs, patience = whole(config.warmup_epochs), whole(config.epochs), whole(config.patience)
+    if stages == "head":
+        inactive["warmup_epochs"] = "only the head trains from the start: there is nothing to unfreeze later"
+    if stages == "all" and warmup == 0:
+        inactive["feature_views"] = ("the whole network trains on fresh augmented crops every epoch: nothing is "
+                                     "cached (views are used only when part of it is frozen, or in warm-up)")
+    # Early stopping watches the validation split, or the test split without one (setting_notes
+    # says so); it can only act when it could stop before the last epoch.
+    if patience and epochs is not None and patience >= epochs - 1:
+        inactive["patience"] = (f"with {epochs} epoch{'s' if epochs > 1 else ''}, {patience} without improvement "
+                                "can only come at the end: training always runs every epoch")
+    return inactive
+
+
+def setting_notes(config: TrainConfig) -> dict[str, str]:
+    """{setting: a remark the dashboard shows under an active control}: how the settings combine."""
+    notes: dict[str, str] = {}
+    if config.train_stages == "head" and config.param_groups is True:
+        notes["param_groups"] = "only the head trains: one group, at lr × multiplier"
+    elif config.train_stages == "head" and config.param_groups is False:
+        notes["param_groups"] = "only the head trains: one group, at lr"
+    if config.val_fraction == 0 and isinstance(config.patience, int) and config.patience > 0:
+        notes["patience"] = "no validation split: early stopping and the best checkpoint watch the test split"
+    return notes
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+
 # The book's two runs, and the fastest way to the book's accuracy measured on this project's
 # machines (see benchmarks/ and the README). A preset is a set of changes to TrainConfig.
 PRESETS: dict[str, dict] = {
-    "book-finetune": dict(lr=5e-5, head_lr_mult=10.0, param_groups=True, freeze_backbone=False,
-                          weights="auto", loss_reduction="sum", batch_size=128, epochs=5,
-                          weight_decay=1e-3, momentum=0.0, schedule="constant", warmup_epochs=0,
-                          image_size=224, precision="auto"),
-    "book-scratch": dict(lr=5e-4, head_lr_mult=10.0, param_groups=False, freeze_backbone=False,
-                         weights="none", loss_reduction="sum", batch_size=128, epochs=5,
-                         weight_decay=1e-3, momentum=0.0, schedule="constant", warmup_epochs=0,
-                         image_size=224, precision="auto"),
-    # Head-only training on cached backbone features, then nothing else: the cheapest run that
-    # matches the book's fine-tuned accuracy on seefood/hymenoptera (benchmarks/bench_train.py).
-    "fast": dict(lr=0.02, head_lr_mult=10.0, param_groups=True, freeze_backbone=True,
-                 weights="auto", loss_reduction="mean", batch_size=64, epochs=10,
-                 weight_decay=1e-3, momentum=0.9, schedule="cosine", warmup_epochs=0,
-                 feature_views=1, image_size=224, precision="bf16"),
+    "book-finetune": dict(backbone="resnet18", weights="auto", train_stages="all", lr=5e-5, head_lr_mult=10.0,
+                          param_groups=True, loss_reduction="sum", batch_size=128, epochs=5, weight_decay=1e-3,
+                          momentum=0.0, schedule="constant", warmup_epochs=0, image_size=224, precision="auto"),
+    "book-scratch": dict(backbone="resnet18", weights="none", train_stages="all", lr=5e-4, head_lr_mult=10.0,
+                         param_groups=False, loss_reduction="sum", batch_size=128, epochs=5, weight_decay=1e-3,
+                         momentum=0.0, schedule="constant", warmup_epochs=0, image_size=224, precision="auto"),
+    # Partial fine-tuning on cached activations: the last two stages and the new head train on
+    # augmented views of the frozen bottom's output, with an ImageNet backbone that works offline.
+    "fast": dict(backbone="efficientnet_lite0", weights="auto", train_stages="2", feature_views=4, lr=0.02,
+                 head_lr_mult=10.0, param_groups=True, loss_reduction="mean", label_smoothing=0.1,
+                 batch_size=64, epochs=10, weight_decay=1e-3, momentum=0.9, schedule="cosine", warmup_epochs=0,
+                 val_fraction=0.0, tta_flip=True, image_size=224, precision="bf16"),
 }
 
+PRESET_LABELS = {"book-finetune": "The book: fine-tune", "book-scratch": "The book: from scratch", "fast": "Fast"}
+
 PRESET_DESCRIPTIONS = {
-    "book-finetune": "The book's fine-tuning run: pretrained weights, head at 10x lr 5e-5, summed loss, 5 epochs.",
+    "book-finetune": "The book's fine-tuning run: ResNet-18 with ImageNet weights, head at 10x lr 5e-5, summed "
+                     "loss, 5 epochs.",
     "book-scratch": "The book's scratch run: random init, one group at lr 5e-4, summed loss, 5 epochs.",
-    "fast": "Fastest to the book's accuracy: frozen pretrained backbone, features computed once (bf16 where "
-            "the hardware has it), head trained with momentum and a cosine schedule.",
+    "fast": "Partial fine-tuning: EfficientNet-Lite0 (weights offline), its last 2 stages and a new head train on "
+            "cached activations of 4 augmented views per image, with momentum, a cosine schedule, label "
+            "smoothing and flip test-time augmentation (bf16 where the hardware has it).",
 }
 
 
@@ -187,36 +459,77 @@ def preset_config(preset: str, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def default_preset(device_type: str) -> str:
+    """The preset a new user starts from: the book's recipe on a GPU (seconds an epoch), the fast
+    preset elsewhere."""
+    return "book-finetune" if device_type in ("cuda", "mps") else "fast"
+
+
+def offline_backbone(preferred: str, offline: Sequence[str]) -> str:
+    """`preferred` if its ImageNet weights are on this machine (or it is "auto"), else the one
+    that works offline out of the box (EfficientNet-Lite0), else any offline one, else `preferred`."""
+    if preferred == "auto" or preferred in offline or not offline:
+        return preferred
+    return "efficientnet_lite0" if "efficientnet_lite0" in offline else offline[0]
+
+
+def preset_for_machine(preset: str, offline: Sequence[str], **overrides) -> tuple[TrainConfig, str]:
+    """The preset's settings with a backbone whose weights are on this machine, and a sentence
+    saying so when the preset's own backbone had to be replaced ("" otherwise)."""
+    config = preset_config(preset, **overrides)
+    if config.weights != "auto":
+        return config, ""
+    backbone = offline_backbone(config.backbone, offline)
+    if backbone == config.backbone:
+        return config, ""
+    return (config.replace(backbone=backbone),
+            f"{config.backbone}'s ImageNet weights are not on this machine: using {backbone}, whose weights are.")
+
+
+def quick_start_config(data: str, offline: Sequence[str]) -> TrainConfig:
+    """The home page's one-click example: the fast preset on the built-in digits, small images,
+    a backbone whose weights are here (from scratch, all layers, if none is)."""
+    config, _ = preset_for_machine("fast", offline, data=data, image_size=128, epochs=8, name="digits quick start",
+                                   group="quick-start")
+    if config.backbone not in offline:
+        config = config.replace(weights="none", train_stages="all")
+    return config
+
+
 # --------------------------------------------------------------------------------------------
 # What the dashboard's form sends: strings and numbers, parsed with errors named by setting.
 
-FLOAT_FIELDS = ("lr", "head_lr_mult", "weight_decay", "momentum", "test_fraction")
-INT_FIELDS = ("batch_size", "epochs", "image_size", "seed", "warmup_epochs", "feature_views", "eval_batch_size")
 
-
-def config_from_form(values: dict) -> tuple[TrainConfig | None, dict[str, str]]:
-    """Parse a form's values (numbers may arrive as text, e.g. "5e-5") into a validated config.
-    Returns (config, {}) or (None, {setting: message})."""
+def parse_form(values: dict) -> tuple[dict, dict[str, str]]:
+    """The form's values with numbers that arrived as text (e.g. "5e-5") parsed by each setting's
+    type: (parsed values, {setting: message}) for those that could not be read."""
     errors: dict[str, str] = {}
     parsed = {}
     for key, value in values.items():
-        if key in FLOAT_FIELDS and isinstance(value, str):
+        s = settings().get(key)
+        if s is not None and s.kind is float and isinstance(value, str):
             try:
                 value = float(value.strip())
             except ValueError:
-                errors[key] = f"must be a number, got {value!r}"
+                errors[key] = f"{s.label} must be a number, got {value!r}"
                 continue
-        elif key in INT_FIELDS and isinstance(value, (str, float)) and not isinstance(value, bool):
+        elif s is not None and s.kind is int and isinstance(value, (str, float)):
             try:
                 as_float = float(str(value).strip())
             except ValueError:
-                errors[key] = f"must be a whole number, got {value!r}"
-                continue
+                as_float = math.nan
             if not as_float.is_integer():
-                errors[key] = f"must be a whole number, got {value!r}"
+                errors[key] = f"{s.label} must be a whole number, got {value!r}"
                 continue
             value = int(as_float)
         parsed[key] = value
+    return parsed, errors
+
+
+def config_from_form(values: dict) -> tuple[TrainConfig | None, dict[str, str]]:
+    """Parse a form's values into a validated config (paths checked too).
+    Returns (config, {}) or (None, {setting: message})."""
+    parsed, errors = parse_form(values)
     try:
         config = TrainConfig.from_dict(parsed)
     except ConfigError as exc:
@@ -228,12 +541,13 @@ def config_from_form(values: dict) -> tuple[TrainConfig | None, dict[str, str]]:
 def comparison_configs(config: TrainConfig, also_scratch: bool = False, also_single_group: bool = False,
                        group: str = "") -> list[TrainConfig]:
     """The run and the book's comparisons on the same data: the scratch run (random init, one
-    group, lr 5e-4) and the same recipe without parameter groups. All share one group name."""
+    group, lr 5e-4, every layer) and the same recipe without parameter groups. All share one group."""
     base_name = config.name or config.backbone
     runs = [config.replace(group=group, name=base_name)]
     keep = dict(data=config.data, backbone=config.backbone, batch_size=config.batch_size, epochs=config.epochs,
                 image_size=config.image_size, device=config.device, seed=config.seed, precision=config.precision,
-                test_fraction=config.test_fraction, loss_reduction=config.loss_reduction, group=group)
+                test_fraction=config.test_fraction, val_fraction=config.val_fraction,
+                loss_reduction=config.loss_reduction, group=group)
     if also_scratch:
         runs.append(preset_config("book-scratch", **keep, name=f"{base_name} (scratch)"))
     if also_single_group:

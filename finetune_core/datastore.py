@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .data import DatasetError, find_dataset_root
+from .runs import default_runs_dir
 
 APP_DIR = Path(__file__).resolve().parents[1]
 EXAMPLE_NAME = "digits"
@@ -40,7 +41,8 @@ def data_root() -> Path:
 
 
 def runs_root() -> Path:
-    return Path(os.environ.get("TUNEBOARD_RUNS_DIR", APP_DIR / "runs")).expanduser().resolve()
+    """The runs folder (one definition for the dashboard and the command line: runs.default_runs_dir)."""
+    return default_runs_dir()
 
 
 @dataclass

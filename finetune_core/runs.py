@@ -1,5 +1,8 @@
 """The run directory: the contract between the trainer, the UI, the command line and other tools.
 
+Runs live under one folder, `default_runs_dir()`: `TUNEBOARD_RUNS_DIR` if set, else `runs/` beside
+the app. The dashboard and every command of the command line use it.
+
     <runs_dir>/<run_id>/
       config.json          every setting, dataset, classes, backbone, normalisation, versions, device
       status.json          state, message, progress, times, best test accuracy
@@ -26,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+APP_DIR = Path(__file__).resolve().parents[1]
+
 STATES = ("queued", "running", "completed", "stopped", "failed", "diverged", "interrupted")
 ACTIVE_STATES = ("queued", "running")
 FINISHED_STATES = ("completed", "stopped", "failed", "diverged", "interrupted")
@@ -36,6 +41,12 @@ CHECKPOINT_LAST, CHECKPOINT_BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 
 METRIC_COLUMNS = ["kind", "epoch", "step", "loss", "train_acc", "test_loss", "test_acc", "lr", "head_lr",
                   "images_per_s", "elapsed_s"]
+
+
+def default_runs_dir() -> Path:
+    """Where runs live: `TUNEBOARD_RUNS_DIR` if set, else `runs/` beside the app (whatever the
+    current directory), for the dashboard and the command line alike."""
+    return Path(os.environ.get("TUNEBOARD_RUNS_DIR") or APP_DIR / "runs").expanduser().resolve()
 
 
 def now_iso() -> str:
@@ -187,6 +198,7 @@ class RunInfo:
     dataset: str = ""
     backbone: str = ""
     preset: str = ""
+    group: str = ""               # runs launched together share it
     best_test_acc: float | None = None
     final_test_acc: float | None = None
     progress: float = 0.0
@@ -233,6 +245,7 @@ def run_info(path: str | os.PathLike) -> RunInfo:
     info.dataset = config.get("dataset", {}).get("root", cfg.get("data", ""))
     info.backbone = cfg.get("backbone", "")
     info.preset = cfg.get("preset", "")
+    info.group = cfg.get("group", "")
     info.best_test_acc = status.get("best_test_acc")
     info.final_test_acc = status.get("test_acc")
     info.progress = float(status.get("progress", 0.0) or 0.0)
