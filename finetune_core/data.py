@@ -25,9 +25,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+def _readable_image_extensions() -> frozenset[str]:
+    """Every file extension of a format Pillow can open and decode by itself (lower case, with the
+    dot). Leaves out the formats it can only write (.pdf) and its stubs that need an outside
+    handler to decode (.h5, .grib, .bufr, .wmf): a file with any other extension is named by the
+    scan as "not an image file"."""
+
+    def decodes(fmt: str) -> bool:
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        return factory is not None and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if decodes(fmt))
+
+
+IMAGE_EXTENSIONS = _readable_image_extensions()
 TEST_SPLIT_NAMES = ("test", "val", "valid", "validation")
 TRAIN_SPLIT_NAMES = ("train", "training")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
