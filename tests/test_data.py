@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_dataset, shared_dataset, write_image
-from finetune_core.data import DatasetError, book_test_transform, load_rgb, scan_dataset
+from conftest import make_dataset, shared_dataset, write_image
+from finetune_core.__main__ import main as cli_main
+from finetune_core.data import IMAGE_EXTENSIONS, DatasetError, book_test_transform, load_rgb, scan_dataset
 
 
 def problems_by_path(report):
@@ -114,6 +113,24 @@ def test_animated_gif_uses_first_frame(tmp_path):
     assert r > 200 and b < 50
 
 
+def test_image_extensions_are_pillows_readable_formats_in_any_case(tmp_path):
+    assert {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"} <= IMAGE_EXTENSIONS
+    root = make_dataset(tmp_path / "d", per_class=10)
+    cat = root / "train" / "cat"
+    for name, fmt in (("netpbm.PPM", "PPM"), ("targa.Tga", "TGA"), ("icon.ico", "ICO"), ("photo.JFIF", "JPEG")):
+        write_image(cat / name, color=(220, 40, 40), fmt=fmt)
+    Image.new("RGB", (40, 32), (220, 40, 40)).save(cat / "scan.pdf")  # Pillow writes PDFs but cannot read them
+    (cat / "table.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))  # a stub format: no decoder in Pillow
+    (cat / "notes.TXT").write_text("not an image")
+    report = scan_dataset(root)
+    used = {os.path.basename(r.path) for r in report.samples["train"]}
+    assert {"netpbm.PPM", "targa.Tga", "icon.ico", "photo.JFIF"} <= used
+    by = problems_by_path(report)
+    for name in ("scan.pdf", "table.h5", "notes.TXT"):
+        assert [p.problem for p in by[name]] == [f"not an image file (extension '{os.path.splitext(name)[1]}'), skipped"]
+    assert not {"netpbm.PPM", "targa.Tga", "icon.ico", "photo.JFIF"} & set(by)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     img = Image.new("RGB", (40, 20), (10, 200, 10))
     exif = Image.Exif()
@@ -125,8 +142,10 @@ def test_exif_orientation_is_applied(tmp_path):
 # --- problems ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def messy(tmp_path):
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    """Every kind of bad file at once. Shared by the tests of this module: none of them changes it."""
+    tmp_path = tmp_path_factory.mktemp("messy")
     root = make_dataset(tmp_path / "messy", per_class=12, test_per_class=4)
     train = root / "train"
     (train / "cat" / "empty.jpg").write_bytes(b"")
@@ -202,7 +221,19 @@ def test_unusable_datasets_are_errors(tmp_path, build, expected):
     report = scan_dataset(root)
     assert not report.usable
     assert any(expected in p.problem and p.severity == "error" for p in report.problems), report.problems
-    assert expected in report.reason() or report.errors[0].problem in report.reason()
+    reason = report.reason()  # the one line the CLI and the Train page show
+    assert expected in reason and "\n" not in reason, reason
+
+
+def test_the_reason_names_the_first_error_and_counts_the_others(tmp_path):
+    root = make_dataset(tmp_path / "bad", classes=("only",))
+    for f in (root / "test").rglob("*.png"):
+        f.unlink()
+    report = scan_dataset(root)
+    first, *others = report.errors
+    assert others, report.errors
+    assert report.reason() == f"{first.path}: {first.problem} (and {len(others)} more errors)"
+    assert scan_dataset(make_dataset(tmp_path / "good")).reason() == ""
 
 
 def test_missing_path_and_file_path_raise(tmp_path):
@@ -260,33 +291,39 @@ def test_hymenoptera_gif_and_jpeg_extension_load():
 # --- the scan command ----------------------------------------------------------------------------
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "finetune_core", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+# In-process: `python -m finetune_core` itself (its re-exec with the malloc settings) is tested in
+# test_memory.py; here a fresh interpreter would only add the cost of importing torch again.
 
 
-def test_scan_command_json(messy):
-    out = run_cli("scan", str(messy), "--json")
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python -m finetune_core ARGS`."""
+    code = cli_main([*args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_scan_command_json(messy, capsys):
+    code, stdout, stderr = run_cli(capsys, "scan", str(messy), "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
     assert {"layout", "classes", "splits", "problems", "usable"} <= set(report)
     assert report["layout"] == "splits" and report["usable"] is True
     assert report["splits"]["train"] == {"cat": 12, "dog": 13}  # huge.png is fine at Pillow's own limit
-    assert all({"path", "problem", "severity"} <= set(p) for p in report["problems"])
+    assert report["problems"] and all({"path", "problem", "severity"} <= set(p) for p in report["problems"])
+    assert {os.path.basename(p["path"]) for p in report["problems"]} >= {"empty.jpg", "truncated.jpg", "leak.png"}
 
 
-def test_scan_command_readable_report(messy):
-    out = run_cli("scan", str(messy))
-    assert out.returncode == 0
-    assert "cat" in out.stdout and "truncated image" in out.stdout and "Usable: yes" in out.stdout
+def test_scan_command_readable_report(messy, capsys):
+    code, stdout, _ = run_cli(capsys, "scan", str(messy))
+    assert code == 0
+    assert "cat" in stdout and "truncated image" in stdout and "Usable: yes" in stdout
 
 
-def test_scan_command_exit_2_with_one_line_reason(tmp_path):
-    for target, text in ((tmp_path / "missing", "no such folder"), (tmp_path, "no dataset found")):
-        out = run_cli("scan", str(target))
-        assert out.returncode == 2
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and text in lines[0], out.stderr
+def test_scan_command_exit_2_with_one_line_reason(tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
-    out = run_cli("scan", str(tmp_path / "file.txt"))
-    assert out.returncode == 2 and "not a folder" in out.stderr
+    for target, text in ((tmp_path / "missing", "no such folder"), (tmp_path, "no dataset found"),
+                         (tmp_path / "file.txt", "not a folder")):
+        code, _, stderr = run_cli(capsys, "scan", str(target))
+        assert code == 2, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and text in lines[0], stderr
