@@ -1,22 +1,37 @@
 """Training and evaluation: the book's recipe, with the production concerns added.
 
-`train(config, run_dir)` does what the book's `train_fine_tuning` does (SGD over two parameter
-groups, cross-entropy summed or averaged over the batch, test accuracy after every epoch) and
-writes everything to the run directory as it goes (see runs.py). What it adds:
+Read it top to bottom. `train(config, run_dir)` does what the book's `train_fine_tuning` does:
 
-- Speed: every image is decoded once (prepare.py: uint8 tensors in memory or a disk cache),
-  the book's augmentation (RandomResizedCrop + flip) runs on batches of tensors, the network
-  runs in channels_last, with bf16 autocast on CUDA, evaluation under inference_mode in large
-  batches; a frozen backbone's features are computed once per image view and only the head
-  trains on them.
+    net = pretrained backbone with a new Xavier-initialised head
+    trainer = SGD([{body, lr}, {head, lr * 10}], weight_decay=1e-3)
+    for epoch in range(num_epochs):
+        for X, y in train_iter:  l = loss(net(X), y); l.sum().backward(); trainer.step()
+        test accuracy
+
+`train_one_epoch` is that inner loop and `evaluate` the test accuracy; both are free functions
+over an iterator of (inputs, labels) batches. What the engine adds around them:
+
+- Partial fine-tuning (`train_stages`): the network is split into a frozen bottom and a
+  trainable top (models.split_model). With `all` the bottom is empty and the batches are
+  augmented images, as in the book. Otherwise the frozen bottom runs once per augmented view
+  of each image (eval mode, inference_mode) and its output activations are cached
+  (FeatureCache); the batches are then those activations, and only the top (the last stages
+  and the head) runs forward and backward each step. The same loop trains both.
+- Speed: every image is decoded once (prepare.py), the book's augmentation runs on batches of
+  uint8 tensors, channels_last, bf16 autocast where it is native, evaluation in large batches.
+- Model selection: `val_fraction` holds out a stratified validation split of the training
+  images; the best checkpoint and early stopping (`patience`) then use it, and the test split is
+  evaluated once at the end. Without it (the book's way) the test split is evaluated every epoch.
 - Safety: a cooperative stop checked before every batch; a non-finite loss ends the run as
   `diverged`; any exception ends it as `failed` with the message (traceback in log.txt);
   metrics logged so far are always kept; checkpoints are written atomically.
-- Reproducibility: every random choice of epoch e is seeded from (seed, e), so a run resumed
-  from its epoch-end checkpoint continues exactly as it would have without the interruption.
+- Reproducibility: every random choice of epoch e is seeded from (seed, e), and cached views
+  from (seed, view), so a run resumed from its epoch-end checkpoint continues exactly as it
+  would have without the interruption.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -26,25 +41,30 @@ import shutil
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
 from .config import TrainConfig
-from .data import DatasetError, scan_dataset
+from .data import DatasetError, ScanReport, scan_dataset
 from .memory import describe as describe_memory
 from .memory import release_memory
-from .models import BACKBONES, build_model, parameter_groups, resolve_device, split_backbone_head
-from .prepare import PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data
+from .models import BACKBONES, build_model, parameter_groups, resolve_backbone, resolve_device, split_model
+from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
+                      validation_split)
 from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, now_iso
 
 Event = dict
 EventCallback = Callable[[Event], None]
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+FEATURE_MEMORY_BUDGET = 4 * 1024**3  # cached activations above this go to a memory-mapped file
 
 
 class StopRequested(Exception):
@@ -57,10 +77,14 @@ class Diverged(Exception):
 
 @dataclass
 class EpochResult:
-    loss: float
+    loss: float      # mean per-example training loss over the epoch (the book's animator)
     train_acc: float
     images: int
     seconds: float
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces of the recipe
 
 
 def library_versions() -> dict:
@@ -109,18 +133,29 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     return 1.0
 
 
-def batch_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, per-example losses): summed over the batch as in the book, or averaged."""
-    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    losses = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
     return (losses.sum() if reduction == "sum" else losses.mean()), losses
 
 
-def save_checkpoint(path: Path, model, optimizer, epoch: int, best_test_acc: float, config: dict,
+def stages_of_epoch(config: TrainConfig, epoch: int) -> str:
+    """What trains in this epoch: the head alone during warm-up epochs, then `train_stages`."""
+    return "head" if epoch < config.warmup_epochs else config.train_stages
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each parameter group's current learning rate by its name (backbone, head or all)."""
+    return {g.get("name", f"group{k}"): g["lr"] for k, g in enumerate(optimizer.param_groups)}
+
+
+def save_checkpoint(path: Path, model, optimizer, epoch: int, best_score: float, config: dict,
                     classes: list[str]) -> None:
     """Write a checkpoint atomically: it loads with torch.load(..., weights_only=True)."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "epoch": epoch, "best_test_acc": best_test_acc,
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "best_test_acc": best_score,
                 "config": config, "classes": classes, "format": "tuneboard-checkpoint-1"}, tmp)
     os.replace(tmp, path)
 
@@ -129,31 +164,62 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class Trainer:
-    """One training run. Use `train()` below; this class keeps the loop's state in one place."""
+def config_record(config: TrainConfig, report: ScanReport | None = None, data: PreparedData | None = None,
+                  device: torch.device | None = None, bf16: bool | None = None) -> dict:
+    """config.json: every setting and what the run was made of. Written when a run is queued
+    (what is known then) and again when it starts; the format is the same."""
+    record: dict = {"config": config.to_dict(), "classes": report.classes if report else [],
+                    "dataset": {"root": report.root if report else config.data}}
+    if report is not None:
+        record["dataset"].update(layout=report.layout, splits=report.splits,
+                                 test_split_name=report.test_split_name,
+                                 skipped_files=len(report.warnings) + (len(data.skipped) if data else 0))
+    if config.backbone in BACKBONES:
+        spec = BACKBONES[config.backbone]
+        mean, std = normalisation(config)
+        record["backbone"] = {"name": config.backbone, "head": spec.head, "description": spec.description}
+        record["normalisation"] = {"mean": list(mean), "std": list(std)}
+    record["weights"] = config.weights
+    if data is not None:
+        record["preprocessing"] = {
+            "image_size": config.image_size, "resize": data.resize,
+            "test_transform": f"Resize([{data.resize}, {data.resize}]), CenterCrop({config.image_size}), "
+                              "ToTensor(), Normalize(mean, std)" + (", averaged with its mirror image"
+                                                                   if config.tta_flip else "")}
+    record["loss_reduction"] = config.loss_reduction
+    if device is not None:
+        record["device"] = str(device)
+        record["precision"] = "bf16 autocast" if bf16 else "fp32"
+    record["versions"] = library_versions()
+    record["created_at"] = now_iso()
+    return record
 
-    def __init__(self, config: TrainConfig, run: RunDir, on_event: EventCallback | None = None,
-                 stop_event: threading.Event | None = None, cache_dir: str | None = None):
-        self.config = config
+
+# --------------------------------------------------------------------------------------------
+# Events: progress for the page and the command line, status.json, the stop request
+
+
+class Reporter:
+    """Sends events to the caller, keeps status.json current (at most twice a second) and
+    raises StopRequested when the user asked to stop."""
+
+    def __init__(self, run: RunDir, on_event: EventCallback | None, stop_event: threading.Event | None,
+                 elapsed_before: float = 0.0):
         self.run = run
         self.on_event = on_event
         self.stop_event = stop_event or threading.Event()
-        self.cache_dir = cache_dir
-        self.device = resolve_device(config.device)
-        self.bf16 = use_bf16(config, self.device)
-        self.mean, self.std = normalisation(config)
-        self.step = 0
-        self.start_epoch = 0
-        self.best_test_acc = -1.0
-        self.t_start = time.perf_counter()
-        self.train_seconds = 0.0
-        self.train_images = 0
+        self.t_start = time.perf_counter() - elapsed_before
         self._last_status_write = 0.0
-        self.last_test_logits: torch.Tensor | None = None
 
-    # --- events --------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def check_stop(self) -> None:
+        if self.stop_event.is_set():
+            raise StopRequested()
+
     def emit(self, event: Event, force_status: bool = False) -> None:
-        event.setdefault("elapsed_s", round(time.perf_counter() - self.t_start, 3))
+        event.setdefault("elapsed_s", round(self.elapsed(), 3))
         if self.on_event is not None:
             self.on_event(event)
         now = time.perf_counter()
@@ -163,367 +229,532 @@ class Trainer:
                       if k in event}
             self.run.write_status(**fields)
 
-    def check_stop(self) -> None:
-        if self.stop_event.is_set():
-            raise StopRequested()
+    def prepare(self, message: str, progress: float = 0.0, force_status: bool = False) -> None:
+        """A setup step (scan, weights, decoding, cached activations): checks for a stop first."""
+        self.check_stop()
+        self.emit({"kind": "prepare", "message": message, "progress": round(progress, 4)}, force_status)
 
-    # --- setup ---------------------------------------------------------------------------------
-    def setup(self, resume: bool) -> None:
-        cfg = self.config
-        self.emit({"kind": "prepare", "message": "scanning the dataset", "progress": 0.0}, force_status=True)
-        report = scan_dataset(cfg.data, test_fraction=cfg.test_fraction)
-        if not report.usable:
-            raise DatasetError(f"dataset not usable: {report.reason()}")
-        self.report = report
-        self.classes = report.classes
-        if self.device.type == "cpu":
-            self.run.log(describe_memory())
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        self.emit({"kind": "prepare", "message": f"loading {cfg.backbone} weights ({cfg.weights})",
-                   "progress": 0.0}, force_status=True)
-        self.model = build_model(cfg.backbone, len(self.classes), cfg.weights)
-        self.model.to(self.device)
-        if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        groups = parameter_groups(self.model, cfg.backbone, cfg.lr, cfg.head_lr_mult, cfg.param_groups,
-                                  cfg.freeze_backbone)
-        for g in groups:
-            g["initial_lr"] = g["lr"]
-        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-        def progress(done, total):
-            self.check_stop()
-            self.emit({"kind": "prepare", "message": f"decoding images ({done}/{total})", "progress": 0.0})
+# --------------------------------------------------------------------------------------------
+# The two loops
 
-        self.data: PreparedData = prepare_data(report, cfg.image_size, cache_dir=self.cache_dir,
-                                               device=self.device, progress=progress)
-        for problem in self.data.skipped:
-            self.run.log(f"skipped {problem.path}: {problem.problem}")
-        self.batches_per_epoch = max(1, math.ceil(len(self.data.train_labels) / cfg.batch_size))
-        self.total_steps = self.batches_per_epoch * cfg.epochs
-        self.write_config()
-        if resume:
-            self.restore()
 
-    def write_config(self) -> None:
-        cfg = self.config
-        spec = BACKBONES[cfg.backbone]
-        self.run.write_config({
-            "config": cfg.to_dict(),
-            "classes": self.classes,
-            "dataset": {"root": self.report.root, "layout": self.report.layout, "splits": self.report.splits,
-                        "test_split_name": self.report.test_split_name,
-                        "skipped_files": len(self.report.warnings) + len(self.data.skipped)},
-            "backbone": {"name": cfg.backbone, "head": spec.head, "description": spec.description},
-            "weights": cfg.weights,
-            "normalisation": {"mean": list(self.mean), "std": list(self.std)},
-            "preprocessing": {"image_size": cfg.image_size, "resize": self.data.resize,
-                              "test_transform": f"Resize([{self.data.resize}, {self.data.resize}]), "
-                                                f"CenterCrop({cfg.image_size}), ToTensor(), Normalize(mean, std)"},
-            "loss_reduction": cfg.loss_reduction,
-            "device": str(self.device),
-            "precision": "bf16 autocast" if self.bf16 else "fp32",
-            "versions": library_versions(),
-            "created_at": now_iso(),
-        })
+def train_one_epoch(model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, batches: Batches,
+                    before_step: Callable[[], None], after_step: Callable[[float, int, int], None],
+                    autocast: Callable[[], contextlib.AbstractContextManager]) -> EpochResult:
+    """The book's train_batch for every batch of one epoch. `before_step` sets the learning rates
+    and checks for a stop; `after_step(loss_sum, correct, seen)` logs the running averages."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for inputs, labels in batches:
+        before_step()
+        with autocast():
+            logits = model(inputs)
+        loss, losses = loss_fn(logits, labels)
+        if not torch.isfinite(loss):
+            raise Diverged(f"the loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += losses.detach().sum().item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        after_step(loss_sum, correct, seen)
+    return EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), seen, time.perf_counter() - t0)
 
-    def restore(self) -> None:
-        path = self.run.file(CHECKPOINT_LAST)
-        if not path.exists():
-            self.run.log("resume: no checkpoint yet, starting from the beginning")
-            self.run.truncate_metrics(0)
-            return
-        ckpt = load_checkpoint(path)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.start_epoch = int(ckpt["epoch"])
-        self.best_test_acc = float(ckpt.get("best_test_acc", -1.0))
-        self.step = self.start_epoch * self.batches_per_epoch
-        self.run.truncate_metrics(self.start_epoch)
-        self.run.log(f"resumed from the end of epoch {self.start_epoch}")
 
-    # --- the loop ------------------------------------------------------------------------------
-    def autocast(self):
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable[tuple[list[torch.Tensor], torch.Tensor]],
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a whole split. Each batch holds one or more views of the same images
+    (the image and its mirror with test-time augmentation): their logits are averaged."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for views, labels in batches:
+        with autocast():
+            logits = torch.stack([model(v).float() for v in views]).mean(0)
+        all_logits.append(logits)
+        all_labels.append(labels)
+    return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
+
+
+def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of a split's logits."""
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------
+# Batches: augmented images, or cached activations of the frozen bottom
+
+
+def image_batches(data: PreparedData, order: list[int], batch_size: int, image_size: int, rng: random.Random,
+                  device: torch.device, mean, std, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The book's training batches: RandomResizedCrop + flip of each image, normalised."""
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        x = normalize_batch(augment_batch(data, idx, image_size, rng, device), mean, std, channels_last)
+        yield x, data.train_labels[idx].to(device, non_blocking=True)
+
+
+def tensor_batches(inputs: torch.Tensor, labels: torch.Tensor, order: list[int], batch_size: int,
+                   device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of cached activations in the given order, as float32 on the device."""
+    for start in range(0, len(order), batch_size):
+        idx = torch.as_tensor(order[start:start + batch_size])
+        x = inputs[idx].to(device, non_blocking=True).float()
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, labels[idx].to(device, non_blocking=True)
+
+
+class FeatureCache:
+    """Activations of the frozen bottom, computed once per (split, view) and kept in memory in
+    float16 (or in a memory-mapped file above FEATURE_MEMORY_BUDGET). Training views: view 0 is
+    the test transform's centre view; views 1, 2, ... are the book's RandomResizedCrop + flip,
+    seeded by (seed, view) so a resumed run sees the same ones."""
+
+    def __init__(self, bottom: nn.Module, stages: str, ctx: "Setup", reporter: Reporter):
+        self.bottom, self.stages, self.ctx, self.reporter = bottom, stages, ctx, reporter
+        self._cache: dict[tuple, torch.Tensor] = {}
+        self._files: list[Path] = []
+
+    def get(self, split: str, view: int = 0, flip: bool = False) -> torch.Tensor:
+        key = (split, view, flip)
+        if key not in self._cache:
+            self._cache[key] = self._compute(split, view, flip)
+        return self._cache[key]
+
+    def _images(self, split: str, view: int, flip: bool) -> tuple[int, Callable[[list[int]], torch.Tensor]]:
+        ctx, data, size = self.ctx, self.ctx.data, self.ctx.config.image_size
+        if split == "train" and view > 0:
+            rng = random.Random(epoch_seed(ctx.config.seed, view, 3))
+            indices = ctx.train_idx
+            return len(indices), lambda idx: augment_batch(data, [indices[i] for i in idx], size, rng, ctx.device)
+        if split in ("train", "val"):
+            indices = ctx.train_idx if split == "train" else ctx.val_idx
+            batch = lambda idx: center_view_batch(data, [indices[i] for i in idx], size, ctx.device)  # noqa: E731
+        else:
+            batch = lambda idx: data.test_images[idx].to(ctx.device)  # noqa: E731
+            indices = range(len(data.test_labels))
+        if flip:
+            return len(indices), lambda idx: batch(idx).flip(-1)
+        return len(indices), batch
+
+    @torch.inference_mode()
+    def _compute(self, split: str, view: int, flip: bool) -> torch.Tensor:
+        ctx, cfg = self.ctx, self.ctx.config
+        n, images_of = self._images(split, view, flip)
+        what = {"train": f"training view {view + 1}", "val": "validation images", "test": "test images"}[split]
+        what += " (mirrored)" if flip else ""
+        self.bottom.eval()
+        out: torch.Tensor | None = None
+        t0 = time.perf_counter()
+        for start in range(0, n, cfg.eval_batch_size):
+            self.reporter.prepare(f"computing the frozen layers' output for {what} ({start}/{n})",
+                                  ctx.progress())
+            idx = list(range(start, min(n, start + cfg.eval_batch_size)))
+            x = normalize_batch(images_of(idx), ctx.mean, ctx.std, cfg.channels_last)
+            with ctx.autocast():
+                y = self.bottom(x).to(torch.float16).cpu()
+            if out is None:
+                out = self._allocate((n, *y.shape[1:]))
+            out[start:start + len(idx)] = y
+        if split == "train":  # the frozen layers' work counts as training time in images/s
+            ctx.train_seconds += time.perf_counter() - t0
+        assert out is not None
+        return out
+
+    def _allocate(self, shape: tuple) -> torch.Tensor:
+        nbytes = 2 * int(np.prod(shape))
+        total = nbytes + sum(t.numel() * 2 for t in self._cache.values())
+        if total <= FEATURE_MEMORY_BUDGET:
+            return torch.empty(shape, dtype=torch.float16)
+        import tempfile
+
+        folder = Path(self.ctx.cache_dir or tempfile.gettempdir())
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix="tuneboard-activations-", suffix=".f16")
+        os.close(fd)
+        self._files.append(Path(name))
+        array = np.memmap(name, dtype=np.float16, mode="w+", shape=shape)
+        return torch.from_numpy(array)
+
+    def close(self) -> None:
+        self._cache.clear()
+        for f in self._files:
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# Setup: everything a run holds, created in one place
+
+
+@dataclass
+class Setup:
+    config: TrainConfig
+    run: RunDir
+    device: torch.device
+    bf16: bool
+    mean: tuple
+    std: tuple
+    report: ScanReport
+    data: PreparedData
+    classes: list[str]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_idx: list[int]
+    val_idx: list[int]
+    batches_per_epoch: int
+    total_steps: int
+    cache_dir: str | None = None
+    start_epoch: int = 0
+    step: int = 0
+    best_score: float = -1.0
+    epochs_without_gain: int = 0
+    elapsed_at_start: float = 0.0     # wall time before this process took over (resume)
+    last_logits: torch.Tensor | None = None  # the latest test-split logits, for predictions.csv
+    train_seconds: float = 0.0
+    train_images: int = 0
+    caches: dict[str, FeatureCache] = field(default_factory=dict)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def set_lrs(self) -> None:
-        factor = lr_factor(self.config, self.step, self.total_steps)
-        for g in self.optimizer.param_groups:
+    def progress(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+    @property
+    def selection_split(self) -> str:
+        """Where the best checkpoint and early stopping look: validation if held out, else test."""
+        return "val" if self.val_idx else "test"
+
+
+def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanReport | None = None,
+          cache_dir: str | None = None) -> Setup:
+    """Scan (unless the caller already did), build the model and optimiser, decode the images."""
+    device = resolve_device(config.device)
+    if report is None:
+        reporter.prepare("scanning the dataset", force_status=True)
+        report = scan_dataset(config.data, test_fraction=config.test_fraction)
+    if not report.usable:
+        raise DatasetError(f"dataset not usable: {report.reason()}")
+    if device.type == "cpu":
+        run.log(describe_memory())
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    reporter.prepare(f"loading {config.backbone} weights ({config.weights})", force_status=True)
+    model = build_model(config.backbone, len(report.classes), config.weights).to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    groups = parameter_groups(model, config.backbone, config.lr, config.head_lr_mult, config.param_groups,
+                              train_stages=config.train_stages)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+    def decoding(done, total):
+        reporter.prepare(f"decoding images ({done}/{total})")
+
+    data = prepare_data(report, config.image_size, cache_dir=cache_dir, device=device, progress=decoding)
+    for problem in data.skipped:
+        run.log(f"skipped {problem.path}: {problem.problem}")
+    train_idx, val_idx = validation_split(data, config.val_fraction, report.root)
+    batches_per_epoch = max(1, math.ceil(len(train_idx) / config.batch_size))
+    mean, std = normalisation(config)
+    return Setup(config=config, run=run, device=device, bf16=use_bf16(config, device), mean=mean, std=std,
+                 report=report, data=data, classes=report.classes, model=model, optimizer=optimizer,
+                 train_idx=train_idx, val_idx=val_idx, batches_per_epoch=batches_per_epoch,
+                 total_steps=batches_per_epoch * config.epochs, cache_dir=cache_dir)
+
+
+def restore(ctx: Setup, reporter: Reporter) -> None:
+    """Continue from the last checkpoint: weights, optimiser, epoch, best score, elapsed time."""
+    path = ctx.run.file(CHECKPOINT_LAST)
+    if not path.exists():
+        ctx.run.log("resume: no checkpoint yet, starting from the beginning")
+        ctx.run.truncate_metrics(0)
+        return
+    ckpt = load_checkpoint(path)
+    ctx.model.load_state_dict(ckpt["model"])
+    ctx.optimizer.load_state_dict(ckpt["optimizer"])
+    ctx.start_epoch = int(ckpt["epoch"])
+    ctx.best_score = float(ckpt.get("best_test_acc", -1.0))
+    ctx.step = ctx.start_epoch * ctx.batches_per_epoch
+    ctx.run.truncate_metrics(ctx.start_epoch)
+    metrics = ctx.run.read_metrics()
+    if len(metrics) and "elapsed_s" in metrics:
+        reporter.t_start -= float(metrics["elapsed_s"].max())  # the wall-time axis keeps running
+    ctx.run.log(f"resumed from the end of epoch {ctx.start_epoch}")
+
+
+# --------------------------------------------------------------------------------------------
+# One epoch of the run: pick the batches, train, evaluate, log, checkpoint
+
+
+def split_for(ctx: Setup, stages: str, reporter: Reporter) -> tuple[nn.Module, FeatureCache | None]:
+    """(the part that trains, the cache of the frozen part's outputs or None when all trains)."""
+    bottom, top = split_model(ctx.model, ctx.config.backbone, stages)
+    if stages == "all":
+        return top, None
+    if stages not in ctx.caches:
+        ctx.caches[stages] = FeatureCache(bottom, stages, ctx, reporter)
+    return top, ctx.caches[stages]
+
+
+def training_batches(ctx: Setup, epoch: int, cache: FeatureCache | None) -> Iterator:
+    cfg = ctx.config
+    gen = random.Random(epoch_seed(cfg.seed, epoch, 1))
+    order = list(range(len(ctx.train_idx)))
+    gen.shuffle(order)
+    if cache is None:
+        indices = [ctx.train_idx[i] for i in order]
+        return image_batches(ctx.data, indices, cfg.batch_size, cfg.image_size, gen, ctx.device, ctx.mean, ctx.std,
+                             cfg.channels_last)
+    inputs = cache.get("train", view=epoch % cfg.feature_views)
+    labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)]
+    return tensor_batches(inputs, labels, order, cfg.batch_size, ctx.device, cfg.channels_last)
+
+
+def evaluation_batches(ctx: Setup, split: str, cache: FeatureCache | None) -> Iterator:
+    """Batches of [view, mirrored view] (or [view]) and labels for the validation or test split."""
+    cfg, data = ctx.config, ctx.data
+    if split == "val":
+        labels = data.train_labels[torch.as_tensor(ctx.val_idx)]
+    else:
+        labels = data.test_labels
+    n = len(labels)
+    if cache is not None:
+        views = [cache.get(split, 0, False)] + ([cache.get(split, 0, True)] if cfg.tta_flip else [])
+    for start in range(0, n, cfg.eval_batch_size):
+        ctx_labels = labels[start:start + cfg.eval_batch_size].to(ctx.device)
+        if cache is not None:
+            xs = [v[start:start + cfg.eval_batch_size].to(ctx.device).float() for v in views]
+            if cfg.channels_last:
+                xs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs]
+        else:
+            if split == "val":
+                idx = ctx.val_idx[start:start + cfg.eval_batch_size]
+                u8 = center_view_batch(data, idx, cfg.image_size, ctx.device)
+            else:
+                u8 = data.test_images[start:start + cfg.eval_batch_size].to(ctx.device)
+            x = normalize_batch(u8, ctx.mean, ctx.std, cfg.channels_last)
+            xs = [x, x.flip(-1)] if cfg.tta_flip else [x]
+        yield xs, ctx_labels
+
+
+def evaluate_split(ctx: Setup, split: str, stages: str, reporter: Reporter) -> tuple[float, float, torch.Tensor]:
+    """(loss, accuracy, logits) of the current model on `val` or `test`."""
+    top, cache = split_for(ctx, stages, reporter)
+    logits, labels = evaluate(top, evaluation_batches(ctx, split, cache), ctx.autocast)
+    loss, acc = accuracy_and_loss(logits, labels)
+    return loss, acc, logits
+
+
+def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
+    """Train one epoch, evaluate, log the epoch row and write the checkpoints. Returns the row."""
+    cfg = ctx.config
+    stages = stages_of_epoch(cfg, epoch)
+    top, cache = split_for(ctx, stages, reporter)
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout
+    batches = training_batches(ctx, epoch, cache)  # may compute this epoch's cached view
+    loss_fn = lambda logits, y: batch_loss(logits, y, cfg.loss_reduction, cfg.label_smoothing)  # noqa: E731
+    epoch_start_step = ctx.step
+    t_epoch = time.perf_counter()
+
+    def before_step() -> None:
+        reporter.check_stop()
+        factor = lr_factor(cfg, ctx.step, ctx.total_steps)
+        for g in ctx.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
 
-    def lrs(self) -> tuple[float, float]:
-        groups = {g.get("name", ""): g["lr"] for g in self.optimizer.param_groups}
-        head = groups.get("head", groups.get("all"))
-        body = groups.get("backbone", groups.get("all", head))
-        return body, head
+    def after_step(loss_sum: float, correct: int, seen: int) -> None:
+        ctx.step += 1
+        seconds = ctx.train_seconds + (time.perf_counter() - t_epoch)
+        steps_here = ctx.step - ctx.start_epoch * ctx.batches_per_epoch
+        b = ctx.step - epoch_start_step
+        event = {"kind": "batch", "epoch": round(ctx.step / ctx.batches_per_epoch, 4), "step": ctx.step,
+                 "batch": b, "batches_per_epoch": ctx.batches_per_epoch, "loss": loss_sum / seen,
+                 "train_acc": correct / seen, **lr_columns(ctx, stages),
+                 "images_per_s": round((ctx.train_images + seen) / seconds, 2) if seconds > 0 else 0.0,
+                 "progress": round(ctx.progress(), 4),
+                 "eta_s": round((ctx.total_steps - ctx.step) * (time.perf_counter() - reporter.t_start
+                                                                 - ctx.elapsed_at_start) / max(1, steps_here), 1),
+                 "message": f"epoch {epoch + 1}/{cfg.epochs}, batch {b}/{ctx.batches_per_epoch}"}
+        event["elapsed_s"] = round(reporter.elapsed(), 3)
+        ctx.run.append_metrics(event)
+        reporter.emit(event)
 
-    def loss_of(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_loss(logits, labels, self.config.loss_reduction)
+    try:
+        result = train_one_epoch(top, loss_fn, ctx.optimizer, batches, before_step, after_step, ctx.autocast)
+    except Diverged as exc:
+        lrs = group_lrs(ctx.optimizer)
+        raise Diverged(f"{exc} at step {ctx.step + 1} (epoch {epoch + 1}) with learning rate "
+                       + ", ".join(f"{name} {lr:g}" for name, lr in lrs.items())
+                       + "; try a lower learning rate") from None
+    ctx.train_seconds += result.seconds
+    ctx.train_images += result.images
+    split = ctx.selection_split
+    sel_loss, sel_acc, logits = evaluate_split(ctx, split, stages, reporter)
+    ctx.last_logits = logits if split == "test" else None
+    ips = ctx.train_images / ctx.train_seconds if ctx.train_seconds else 0.0
+    row = {"kind": "epoch", "epoch": epoch + 1, "step": ctx.step, "loss": result.loss,
+           "train_acc": result.train_acc, f"{split}_loss": sel_loss, f"{split}_acc": sel_acc,
+           **lr_columns(ctx, stages), "images_per_s": round(ips, 2), "progress": round(ctx.progress(), 4),
+           "message": f"epoch {epoch + 1}/{cfg.epochs}: loss {result.loss:.3f}, train acc "
+                      f"{result.train_acc:.3f}, {'validation' if split == 'val' else 'test'} acc {sel_acc:.3f}"}
+    row["elapsed_s"] = round(reporter.elapsed(), 3)
+    ctx.run.append_metrics(row)
+    reporter.emit(row, force_status=True)
+    improved = sel_acc > ctx.best_score
+    ctx.epochs_without_gain = 0 if improved else ctx.epochs_without_gain + 1
+    ctx.best_score = max(ctx.best_score, sel_acc)
+    status = {"loss": result.loss, "train_acc": result.train_acc, "epochs_done": epoch + 1,
+              "selection_split": split}
+    if split == "test":
+        status.update(test_acc=sel_acc, test_loss=sel_loss, best_test_acc=ctx.best_score)
+    else:
+        status.update(val_acc=sel_acc, val_loss=sel_loss, best_val_acc=ctx.best_score)
+    ctx.run.write_status(**status)
+    save_checkpoint(ctx.run.file(CHECKPOINT_LAST), ctx.model, ctx.optimizer, epoch + 1, ctx.best_score,
+                    cfg.to_dict(), ctx.classes)
+    if improved:  # the same state: copy the file rather than serialise twice
+        tmp = ctx.run.file(f".{CHECKPOINT_BEST}.tmp")
+        shutil.copyfile(ctx.run.file(CHECKPOINT_LAST), tmp)
+        os.replace(tmp, ctx.run.file(CHECKPOINT_BEST))
+    return row
 
-    def epoch_uses_features(self, epoch: int) -> bool:
-        return self.config.freeze_backbone or epoch < self.config.warmup_epochs
 
-    def run_all(self) -> None:
-        cfg = self.config
-        for epoch in range(self.start_epoch, cfg.epochs):
-            if self.epoch_uses_features(epoch):
-                result = self.train_epoch_on_features(epoch)
-            else:
-                result = self.train_epoch(epoch)
-            test_loss, test_acc = self.evaluate(frozen=self.epoch_uses_features(epoch))
-            self.end_epoch(epoch, result, test_loss, test_acc)
+def lr_columns(ctx: Setup, stages: str) -> dict:
+    """metrics.csv's `lr` (the pretrained layers', or the one group's) and `head_lr` (the head's).
+    When only the head trains, the pretrained layers have no rate: `lr` stays empty."""
+    lrs = group_lrs(ctx.optimizer)
+    head = lrs.get("head", lrs.get("all"))
+    body = lrs.get("backbone", lrs.get("all"))
+    return {"lr": None if stages == "head" else body, "head_lr": head}
 
-    def _batch_event(self, epoch: int, b: int, loss_sum: float, correct: int, seen: int, t0: float) -> None:
-        seconds = self.train_seconds + (time.perf_counter() - t0)
-        images = self.train_images + seen
-        ips = images / seconds if seconds > 0 else 0.0
-        progress = self.step / self.total_steps
-        done_epochs = self.step / self.batches_per_epoch
-        remaining = (self.total_steps - self.step) * (seconds / max(1, self.step - self.start_epoch * self.batches_per_epoch))
-        body_lr, head_lr = self.lrs()
-        event = {"kind": "batch", "epoch": round(done_epochs, 4), "step": self.step, "batch": b + 1,
-                 "batches_per_epoch": self.batches_per_epoch, "loss": loss_sum / seen,
-                 "train_acc": correct / seen, "lr": body_lr, "head_lr": head_lr, "images_per_s": round(ips, 2),
-                 "progress": round(progress, 4), "eta_s": round(remaining, 1),
-                 "message": f"epoch {epoch + 1}/{self.config.epochs}, batch {b + 1}/{self.batches_per_epoch}"}
-        event.setdefault("elapsed_s", round(time.perf_counter() - self.t_start, 3))
-        self.run.append_metrics(event)
-        self.emit(event)
 
-    def run_batches(self, epoch: int, forward: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> EpochResult:
-        """The book's train_batch for each batch of one epoch; forward(b) returns (logits, labels)."""
-        loss_sum, correct, seen = 0.0, 0, 0
-        t0 = time.perf_counter()
-        for b in range(self.batches_per_epoch):
-            self.check_stop()
-            self.set_lrs()
-            logits, y = forward(b)
-            total, losses = self.loss_of(logits, y)
-            if not torch.isfinite(total):
-                body_lr, head_lr = self.lrs()
-                raise Diverged(f"the loss became {total.item()} at step {self.step + 1} (epoch {epoch + 1}, batch "
-                               f"{b + 1}) with learning rate {body_lr:g} (head {head_lr:g}); "
-                               "try a lower learning rate")
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
-            self.step += 1
-            loss_sum += losses.detach().sum().item()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            self._batch_event(epoch, b, loss_sum, correct, seen, t0)
-        return EpochResult(loss_sum / seen, correct / seen, seen, time.perf_counter() - t0)
+def final_test(ctx: Setup, reporter: Reporter) -> tuple[float, float, torch.Tensor]:
+    """The test split, once, with the model the run selected (its best validation checkpoint
+    when a validation split was held out; the final model otherwise)."""
+    stages = stages_of_epoch(ctx.config, ctx.config.epochs - 1)
+    if ctx.val_idx and ctx.run.file(CHECKPOINT_BEST).exists():
+        ctx.model.load_state_dict(load_checkpoint(ctx.run.file(CHECKPOINT_BEST))["model"])
+    elif ctx.last_logits is not None:
+        loss, acc = accuracy_and_loss(ctx.last_logits, ctx.data.test_labels)
+        return loss, acc, ctx.last_logits
+    reporter.prepare("evaluating on the test split", ctx.progress(), force_status=True)
+    return evaluate_split(ctx, "test", stages, reporter)
 
-    def shuffled(self, epoch: int) -> tuple[random.Random, list[int]]:
-        """This epoch's random generator and training order (seeded by seed and epoch)."""
-        gen = random.Random(epoch_seed(self.config.seed, epoch, 1))
-        order = list(range(len(self.data.train_labels)))
-        gen.shuffle(order)
-        return gen, order
 
-    def train_epoch(self, epoch: int) -> EpochResult:
-        cfg, data = self.config, self.data
-        self.model.train()
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout etc.
-        gen, order = self.shuffled(epoch)
+def write_predictions(ctx: Setup, logits: torch.Tensor) -> None:
+    """predictions.csv: the selected model on the test split."""
+    import pandas as pd
 
-        def forward(b: int):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            images_u8 = augment_batch(data, idx, cfg.image_size, gen, self.device)
-            x = normalize_batch(images_u8, self.mean, self.std, cfg.channels_last)
-            with self.autocast():
-                logits = self.model(x)
-            return logits, data.train_labels[idx].to(self.device, non_blocking=True)
+    probs = torch.softmax(logits, dim=1)
+    labels = ctx.data.test_labels
+    conf, pred = probs.max(1)
+    frame = pd.DataFrame({
+        "path": ctx.data.test_paths,
+        "true": [ctx.classes[i] for i in labels.tolist()],
+        "predicted": [ctx.classes[i] for i in pred.tolist()],
+        "confidence": conf.numpy(),
+        "loss": F.cross_entropy(logits, labels, reduction="none").numpy(),
+    })
+    for i, c in enumerate(ctx.classes):
+        frame[f"prob_{c}"] = probs[:, i].numpy()
+    tmp = ctx.run.file(f".{PREDICTIONS}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, ctx.run.file(PREDICTIONS))
 
-        return self.run_batches(epoch, forward)
 
-    # --- frozen backbone: features computed once per view ---------------------------------------
-    def features_model(self) -> nn.Module:
-        if not hasattr(self, "_features"):
-            self._features, self._head = split_backbone_head(self.model, self.config.backbone)
-        return self._features
+def fit(ctx: Setup, reporter: Reporter) -> dict:
+    """Every epoch, early stopping, then the test split and predictions. Returns status fields."""
+    cfg = ctx.config
+    ctx.elapsed_at_start = reporter.elapsed()
+    stopped_early = ""
+    for epoch in range(ctx.start_epoch, cfg.epochs):
+        run_epoch(ctx, epoch, reporter)
+        if cfg.patience and ctx.epochs_without_gain >= cfg.patience and epoch + 1 < cfg.epochs:
+            stopped_early = (f"; stopped early after epoch {epoch + 1}: no gain on the "
+                             f"{'validation' if ctx.val_idx else 'test'} split for {cfg.patience} epochs")
+            ctx.run.log(stopped_early[2:])
+            break
+    test_loss, test_acc, logits = final_test(ctx, reporter)
+    write_predictions(ctx, logits)
+    fields = {"test_acc": test_acc, "test_loss": test_loss}
+    if ctx.val_idx:
+        row = {"kind": "test", "epoch": ctx.run.read_status().get("epochs_done", cfg.epochs), "step": ctx.step,
+               "test_loss": test_loss, "test_acc": test_acc, "elapsed_s": round(reporter.elapsed(), 3)}
+        ctx.run.append_metrics(row)
+        message = (f"test accuracy {test_acc:.3f} with the checkpoint of the best validation accuracy "
+                   f"({ctx.best_score:.3f})")
+        fields["best_test_acc"] = test_acc
+    else:
+        message = f"best test accuracy {ctx.best_score:.3f}"
+    return {**fields, "message": message + stopped_early}
 
-    @torch.inference_mode()
-    def compute_features(self, images_of_batch: Callable[[list[int]], torch.Tensor], n: int,
-                         what: str) -> torch.Tensor:
-        cfg = self.config
-        model = self.features_model()
-        model.eval()
-        out = []
-        for start in range(0, n, cfg.eval_batch_size):
-            self.check_stop()
-            idx = list(range(start, min(n, start + cfg.eval_batch_size)))
-            x = normalize_batch(images_of_batch(idx), self.mean, self.std, cfg.channels_last)
-            with self.autocast():
-                out.append(model(x).float())
-            self.emit({"kind": "prepare", "message": f"computing {what} ({idx[-1] + 1}/{n})",
-                       "progress": round(self.step / self.total_steps, 4)})
-        return torch.cat(out)
 
-    def train_view_features(self, view: int) -> torch.Tensor:
-        """Backbone features of every training image. View 0 is the test-style centre view;
-        views 1, 2, ... are the book's random augmentation, seeded by the view number."""
-        if not hasattr(self, "_view_features"):
-            self._view_features = {}
-        if view not in self._view_features:
-            data, cfg = self.data, self.config
-            if view == 0:
-                def batch(idx):
-                    return center_view_batch(data, idx, cfg.image_size, self.device)
-            else:
-                gen = random.Random(epoch_seed(cfg.seed, view, 3))
-
-                def batch(idx):
-                    return augment_batch(data, idx, cfg.image_size, gen, self.device)
-            self._view_features[view] = self.compute_features(batch, len(data.train_labels),
-                                                              f"backbone features, view {view + 1}")
-        return self._view_features[view]
-
-    def test_features(self) -> torch.Tensor:
-        if not hasattr(self, "_test_features"):
-            data = self.data
-            self._test_features = self.compute_features(
-                lambda idx: data.test_images[idx].to(self.device), len(data.test_labels), "test features")
-        return self._test_features
-
-    def train_epoch_on_features(self, epoch: int) -> EpochResult:
-        """Head-only training on cached backbone features: the view used cycles through
-        `feature_views` (the centre view, then augmented views)."""
-        cfg = self.config
-        t0 = time.perf_counter()
-        feats = self.train_view_features(epoch % cfg.feature_views)
-        # Computing the features is this epoch's training work too: count it in images/s.
-        self.train_seconds += time.perf_counter() - t0
-        self.features_model()
-        self._head.train()
-        _, order = self.shuffled(epoch)
-        labels = self.data.train_labels.to(self.device)
-
-        def forward(b: int):
-            idx = torch.tensor(order[b * cfg.batch_size:(b + 1) * cfg.batch_size], device=self.device)
-            return self._head(feats[idx]), labels[idx]
-
-        return self.run_batches(epoch, forward)
-
-    # --- evaluation ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def evaluate(self, frozen: bool = False) -> tuple[float, float]:
-        """Test loss (mean per example) and accuracy; keeps the logits for predictions.csv."""
-        data, cfg = self.data, self.config
-        if frozen:
-            self.features_model()
-            self._head.eval()
-            logits = self._head(self.test_features()).float()
-        else:
-            self.model.eval()
-            chunks = []
-            for start in range(0, len(data.test_labels), cfg.eval_batch_size):
-                self.check_stop()
-                x = data.test_images[start:start + cfg.eval_batch_size].to(self.device)
-                x = normalize_batch(x, self.mean, self.std, cfg.channels_last)
-                with self.autocast():
-                    chunks.append(self.model(x).float())
-            logits = torch.cat(chunks)
-        labels = data.test_labels.to(logits.device)
-        loss = F.cross_entropy(logits, labels).item()
-        acc = (logits.argmax(1) == labels).float().mean().item()
-        self.last_test_logits = logits.cpu()
-        return loss, acc
-
-    def end_epoch(self, epoch: int, result: EpochResult, test_loss: float, test_acc: float) -> None:
-        self.train_seconds += result.seconds
-        self.train_images += result.images
-        ips = self.train_images / self.train_seconds if self.train_seconds else 0.0
-        body_lr, head_lr = self.lrs()
-        event = {"kind": "epoch", "epoch": epoch + 1, "step": self.step, "loss": result.loss,
-                 "train_acc": result.train_acc, "test_loss": test_loss, "test_acc": test_acc,
-                 "lr": body_lr, "head_lr": head_lr, "images_per_s": round(ips, 2),
-                 "progress": round(self.step / self.total_steps, 4),
-                 "message": f"epoch {epoch + 1}/{self.config.epochs}: loss {result.loss:.3f}, "
-                            f"train acc {result.train_acc:.3f}, test acc {test_acc:.3f}"}
-        event.setdefault("elapsed_s", round(time.perf_counter() - self.t_start, 3))
-        self.run.append_metrics(event)
-        self.emit(event, force_status=True)
-        self.run.write_status(loss=result.loss, train_acc=result.train_acc, test_acc=test_acc,
-                              test_loss=test_loss, best_test_acc=max(self.best_test_acc, test_acc),
-                              epochs_done=epoch + 1)
-        cfg_dict, classes = self.config.to_dict(), self.classes
-        save_checkpoint(self.run.file(CHECKPOINT_LAST), self.model, self.optimizer, epoch + 1,
-                        max(self.best_test_acc, test_acc), cfg_dict, classes)
-        if test_acc > self.best_test_acc:  # the same state: copy the file rather than serialise twice
-            self.best_test_acc = test_acc
-            tmp = self.run.file(f".{CHECKPOINT_BEST}.tmp")
-            shutil.copyfile(self.run.file(CHECKPOINT_LAST), tmp)
-            os.replace(tmp, self.run.file(CHECKPOINT_BEST))
-
-    def write_predictions(self) -> None:
-        """predictions.csv: the final model on the test split."""
-        import pandas as pd
-
-        if self.last_test_logits is None:
-            self.evaluate(frozen=self.epoch_uses_features(self.config.epochs - 1))
-        probs = torch.softmax(self.last_test_logits, dim=1)
-        labels = self.data.test_labels
-        conf, pred = probs.max(1)
-        losses = F.cross_entropy(self.last_test_logits, labels, reduction="none")
-        frame = pd.DataFrame({
-            "path": self.data.test_paths,
-            "true": [self.classes[i] for i in labels.tolist()],
-            "predicted": [self.classes[i] for i in pred.tolist()],
-            "confidence": conf.numpy(),
-            "loss": losses.numpy(),
-        })
-        for i, c in enumerate(self.classes):
-            frame[f"prob_{c}"] = probs[:, i].numpy()
-        tmp = self.run.file(f".{PREDICTIONS}.tmp")
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, self.run.file(PREDICTIONS))
-
-    def final_summary(self) -> dict:
-        ips = self.train_images / self.train_seconds if self.train_seconds else 0.0
-        return {"images_per_s": round(ips, 2), "train_seconds": round(self.train_seconds, 2)}
+# --------------------------------------------------------------------------------------------
+# The entry point
 
 
 def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: EventCallback | None = None,
-          stop_event: threading.Event | None = None, resume: bool = False,
-          cache_dir: str | None = None) -> dict:
+          stop_event: threading.Event | None = None, resume: bool = False, cache_dir: str | None = None,
+          report: ScanReport | None = None) -> dict:
     """Run one training to its end and return its final status. Never raises for a failed run:
     the state (completed, stopped, failed, diverged) and message are in the returned status and
-    in status.json. Raises ConfigError for invalid settings before writing anything."""
+    in status.json. Raises ConfigError for invalid settings before writing anything. `report`: the
+    dataset's scan when the caller already has it (it is not scanned again)."""
     config.check()
+    if config.backbone == "auto":
+        config = config.replace(backbone=resolve_backbone("auto")[0])
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None)
     run.log(f"{'resuming' if resume else 'starting'} run {run.id}")
-    trainer = Trainer(config, run, on_event, stop_event, cache_dir)
+    reporter = Reporter(run, on_event, stop_event)
+    ctx: Setup | None = None
+
+    def summary() -> dict:
+        if ctx is None or not ctx.train_seconds:
+            return {}
+        return {"images_per_s": round(ctx.train_images / ctx.train_seconds, 2),
+                "train_seconds": round(ctx.train_seconds, 2)}
+
     try:
-        trainer.setup(resume)
-        trainer.run_all()
-        trainer.write_predictions()
-        best = max(trainer.best_test_acc, 0.0)
-        status = run.write_status(state="completed", progress=1.0, eta_s=0, ended_at=now_iso(),
-                                  message=f"best test accuracy {best:.3f}", **trainer.final_summary())
+        ctx = setup(config, run, reporter, report, cache_dir)
+        run.write_config(config_record(config, ctx.report, ctx.data, ctx.device, ctx.bf16))
+        if resume:
+            restore(ctx, reporter)
+        fields = fit(ctx, reporter)
+        status = run.write_status(state="completed", progress=1.0, eta_s=0, ended_at=now_iso(), **fields,
+                                  **summary())
     except StopRequested:
         status = run.write_status(state="stopped", ended_at=now_iso(), message="stopped by the user"
                                   + ("; it can be resumed from its last checkpoint" if run.has_checkpoint() else ""),
-                                  **trainer.final_summary())
+                                  **summary())
     except Diverged as exc:
-        status = run.write_status(state="diverged", ended_at=now_iso(), message=str(exc),
-                                  **trainer.final_summary())
+        status = run.write_status(state="diverged", ended_at=now_iso(), message=str(exc), **summary())
     except torch.OutOfMemoryError as exc:
         run.log(traceback.format_exc())
+        device = ctx.device if ctx else config.device
         status = run.write_status(state="failed", ended_at=now_iso(),
-                                  message=f"out of memory on {trainer.device}: try a smaller batch size or image "
-                                          f"size ({str(exc).splitlines()[0]})", **trainer.final_summary())
+                                  message=f"out of memory on {device}: try a smaller batch size or image "
+                                          f"size ({str(exc).splitlines()[0]})", **summary())
     except Exception as exc:  # noqa: BLE001 - a failed run must say why and keep its metrics
         run.log(traceback.format_exc())
         status = run.write_status(state="failed", ended_at=now_iso(), message=f"{type(exc).__name__}: {exc}",
-                                  **trainer.final_summary())
+                                  **summary())
+    finally:
+        if ctx is not None:
+            for cache in ctx.caches.values():
+                cache.close()
     run.log(f"ended {status.get('state')}: {status.get('message')}")
-    if trainer.on_event is not None:
-        trainer.on_event({"kind": "end", **status})
-    del trainer
+    if on_event is not None:
+        on_event({"kind": "end", **status})
+    ctx = None  # drop the model, optimiser and decoded images before collecting
     gc.collect()  # the model, optimiser and decoded images, cycles included
     release_memory()  # the tuned allocator keeps a run's peak heap until asked
     return status

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from .config import TrainConfig
-from .engine import train
+from .data import ScanReport
+from .engine import config_record, train
 from .models import resolve_device
 from .runs import RunDir, mark_interrupted, new_run_dir, now_iso
 
@@ -27,6 +28,7 @@ class Job:
     config: TrainConfig
     device: str
     resume: bool = False
+    report: ScanReport | None = None  # the dataset's scan, when the page already made it
     state: str = "queued"
     message: str = "waiting for the device"
     progress: float = 0.0
@@ -68,13 +70,14 @@ class JobManager:
         self.interrupted = mark_interrupted(self.runs_dir)
 
     # --- submitting ----------------------------------------------------------------------------
-    def submit(self, config: TrainConfig) -> str:
-        """Queue a run. Raises ConfigError (before creating anything) when a setting is invalid."""
+    def submit(self, config: TrainConfig, report: ScanReport | None = None) -> str:
+        """Queue a run. Raises ConfigError (before creating anything) when a setting is invalid.
+        `report`: the dataset's scan if the caller has it, so that the run does not scan again."""
         config.check(check_paths=True)
         run = new_run_dir(self.runs_dir, config.name or config.backbone)
-        run.write_config({"config": config.to_dict(), "classes": [], "dataset": {"root": config.data}})
+        run.write_config(config_record(config, report))
         run.write_status(state="queued", message="waiting for the device", progress=0.0, submitted_at=now_iso())
-        return self._enqueue(Job(run.id, run, config, device_key(config.device)))
+        return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report))
 
     def resume(self, run_id: str) -> str:
         """Queue an interrupted or stopped run again; it continues from its last checkpoint."""
@@ -182,7 +185,7 @@ class JobManager:
 
         try:
             status = self.train_fn(job.config, job.run, on_event=on_event, stop_event=job.stop_event,
-                                   resume=job.resume, cache_dir=self.cache_dir)
+                                   resume=job.resume, cache_dir=self.cache_dir, report=job.report)
             state, message = status.get("state", "failed"), status.get("message", "")
         except BaseException as exc:  # noqa: BLE001 - a crashed worker marks its run and keeps serving
             state, message = "failed", f"the worker crashed: {type(exc).__name__}: {exc}"

@@ -323,3 +323,29 @@ def normalize_batch(images_u8: torch.Tensor, mean, std, channels_last: bool = Tr
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     x = x.sub_(m).div_(s)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def validation_split(data: PreparedData, fraction: float, root: str | os.PathLike) -> tuple[list[int], list[int]]:
+    """(training indices, validation indices) into `data.train_*`: `fraction` of each class held
+    out, the same files every time (ordered by the hash of each path relative to the dataset
+    root, as the train/test split of a flat folder). fraction 0: everything trains."""
+    n = len(data.train_labels)
+    if not fraction:
+        return list(range(n)), []
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(data.train_labels.tolist()):
+        by_class.setdefault(label, []).append(i)
+    val: list[int] = []
+
+    def key(i: int) -> str:
+        rel = os.path.relpath(data.train_paths[i], root).replace(os.sep, "/")
+        return hashlib.sha1(f"validation|{rel}".encode()).hexdigest()
+
+    for indices in by_class.values():
+        if len(indices) < 2:
+            continue
+        ordered = sorted(indices, key=key)
+        k = min(max(1, int(round(len(ordered) * fraction))), len(ordered) - 1)
+        val.extend(ordered[:k])
+    held = set(val)
+    return [i for i in range(n) if i not in held], sorted(val)

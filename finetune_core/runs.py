@@ -39,8 +39,8 @@ CONFIG, STATUS, METRICS, PREDICTIONS, LOG, META = (
     "config.json", "status.json", "metrics.csv", "predictions.csv", "log.txt", "meta.json")
 CHECKPOINT_LAST, CHECKPOINT_BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 
-METRIC_COLUMNS = ["kind", "epoch", "step", "loss", "train_acc", "test_loss", "test_acc", "lr", "head_lr",
-                  "images_per_s", "elapsed_s"]
+METRIC_COLUMNS = ["kind", "epoch", "step", "loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc",
+                  "lr", "head_lr", "images_per_s", "elapsed_s"]
 
 
 def default_runs_dir() -> Path:

@@ -1,0 +1,242 @@
+"""Partial fine-tuning on cached activations, the validation split, test-time flips, label
+smoothing, early stopping and the learning-rate finder (issue 12), on tiny generated data."""
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from finetune_core import engine, prepare
+from finetune_core.config import TrainConfig
+from finetune_core.data import scan_dataset
+from finetune_core.engine import Reporter, epoch_seed, load_checkpoint, setup, split_for, train
+from finetune_core.lr_find import find_lr, lr_range_test, suggest_lr
+from finetune_core.models import build_model, split_model
+from finetune_core.runs import RunDir
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from conftest import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiny", per_class=12, test_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """A random ResNet-18 with a 2-class head saved as a weights file: every run starts from
+    exactly these tensors, head included, so a test can tell what changed."""
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("weights") / "start.pt"
+    torch.save(build_model("resnet18", 2, "none").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def config_for(dataset, weights_file, **changes) -> TrainConfig:
+    base = dict(data=str(dataset), backbone="resnet18", weights=str(weights_file), image_size=32, batch_size=8,
+                epochs=2, lr=0.02, head_lr_mult=10.0, momentum=0.9, loss_reduction="mean", eval_batch_size=16,
+                train_stages="1", feature_views=2)
+    return TrainConfig(**{**base, **changes})
+
+
+def module_tensors(module: torch.nn.Module) -> dict[int, torch.Tensor]:
+    return {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+
+
+@pytest.mark.parametrize("stages", ["head", "1", "2"])
+def test_only_the_chosen_part_of_the_network_changes(dataset, weights_file, cache, tmp_path, stages):
+    config = config_for(dataset, weights_file, train_stages=stages)
+    status = train(config, tmp_path / "run", cache_dir=cache)
+    assert status["state"] == "completed", status["message"]
+    start = build_model("resnet18", 2, str(weights_file))
+    bottom, top = split_model(start, "resnet18", stages)
+    frozen = {id(t) for t in list(bottom.parameters()) + list(bottom.buffers())}
+    trained = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["model"]
+    initial = start.state_dict(keep_vars=True)
+    same = {name: torch.equal(initial[name].detach(), trained[name]) for name in initial}
+    frozen_names = [n for n, t in initial.items() if id(t) in frozen]
+    assert frozen_names and all(same[n] for n in frozen_names)  # bit-identical, BN statistics included
+    head = ["fc.weight", "fc.bias"]
+    assert not any(same[n] for n in head)
+    top_weights = [n for n, t in initial.items() if id(t) not in frozen and n not in head and n.endswith("weight")]
+    if stages == "head":
+        assert top_weights == []
+    else:
+        assert top_weights and not all(same[n] for n in top_weights)  # the last stages trained too
+
+
+@pytest.mark.parametrize("stages", ["head", "1", "all"])
+@pytest.mark.parametrize("param_groups", [True, False])
+def test_rates_and_multiplier_reach_the_optimiser_for_every_depth(dataset, weights_file, cache, tmp_path, stages,
+                                                                   param_groups):
+    config = config_for(dataset, weights_file, train_stages=stages, param_groups=param_groups, head_lr_mult=7.0,
+                        lr=0.01, epochs=1)
+    ctx = setup(config, RunDir(tmp_path), Reporter(RunDir(tmp_path), None, None), cache_dir=cache)
+    lrs = {g["name"]: g["lr"] for g in ctx.optimizer.param_groups}
+    if stages == "head":
+        assert lrs == {"head": pytest.approx(0.07 if param_groups else 0.01)}
+    elif param_groups:
+        assert lrs == {"backbone": pytest.approx(0.01), "head": pytest.approx(0.07)}
+    else:
+        assert lrs == {"all": pytest.approx(0.01)}
+    _, top = split_model(ctx.model, "resnet18", stages)
+    in_groups = {id(p) for g in ctx.optimizer.param_groups for p in g["params"]}
+    assert in_groups == {id(p) for p in top.parameters()}  # exactly the part that trains
+
+
+def test_the_head_multiplier_changes_the_result(dataset, weights_file, cache, tmp_path):
+    finals = []
+    for mult in (1.0, 10.0):
+        train(config_for(dataset, weights_file, head_lr_mult=mult, epochs=1), tmp_path / f"m{mult}", cache_dir=cache)
+        finals.append(load_checkpoint(tmp_path / f"m{mult}" / "checkpoint_last.pt")["model"])
+    assert not torch.equal(finals[0]["fc.weight"], finals[1]["fc.weight"])
+    assert not torch.equal(finals[0]["layer4.1.conv2.weight"], finals[1]["layer4.1.conv2.weight"])
+
+
+def test_cached_activations_are_the_frozen_layers_output_on_that_views_crop(dataset, weights_file, cache, tmp_path):
+    config = config_for(dataset, weights_file, train_stages="1", feature_views=3, channels_last=False)
+    reporter = Reporter(RunDir(tmp_path), None, None)
+    ctx = setup(config, RunDir(tmp_path), reporter, cache_dir=cache)
+    _, features = split_for(ctx, "1", reporter)
+    bottom, _ = split_model(ctx.model, "resnet18", "1")
+    bottom.eval()
+    for view in (0, 2):
+        cached = features.get("train", view).float()
+        if view == 0:
+            crops = prepare.center_view_batch(ctx.data, ctx.train_idx, 32, ctx.device)
+        else:
+            rng = random.Random(epoch_seed(config.seed, view, 3))
+            crops = prepare.augment_batch(ctx.data, ctx.train_idx, 32, rng, ctx.device)
+        with torch.no_grad():
+            expected = bottom(prepare.normalize_batch(crops, ctx.mean, ctx.std, channels_last=False))
+        assert cached.shape == expected.shape
+        assert torch.allclose(cached, expected, rtol=2e-3, atol=2e-3)  # stored as float16
+    assert not torch.equal(features.get("train", 1), features.get("train", 2))  # views differ
+
+
+def test_a_resumed_partial_run_equals_an_uninterrupted_one(dataset, weights_file, cache, tmp_path):
+    config = config_for(dataset, weights_file, epochs=3, train_stages="1", feature_views=2)
+    train(config, tmp_path / "straight", cache_dir=cache)
+    stop = threading.Event()
+    status = train(config, tmp_path / "resumed", cache_dir=cache, stop_event=stop,
+                   on_event=lambda e: e["kind"] == "batch" and e["step"] == 5 and stop.set())
+    assert status["state"] == "stopped"
+    train(config, tmp_path / "resumed", cache_dir=cache, resume=True)
+    a = pd.read_csv(tmp_path / "straight" / "metrics.csv")
+    b = pd.read_csv(tmp_path / "resumed" / "metrics.csv")
+    a, b = a[a["kind"] == "epoch"], b[b["kind"] == "epoch"]
+    assert list(b["epoch"]) == [1, 2, 3]
+    for col in ("loss", "train_acc", "test_acc"):
+        assert np.allclose(a[col], b[col], atol=1e-6), col
+    assert b["elapsed_s"].is_monotonic_increasing  # the wall-time axis does not restart at zero
+
+
+def test_the_validation_split_is_stable_stratified_and_apart_from_the_test_split(dataset):
+    report = scan_dataset(dataset)
+    data = prepare.prepare_data(report, 32, cache_dir="")
+    train_idx, val_idx = prepare.validation_split(data, 0.25, report.root)
+    again = prepare.validation_split(prepare.prepare_data(report, 32, cache_dir=""), 0.25, report.root)
+    assert (train_idx, val_idx) == again
+    assert set(train_idx).isdisjoint(val_idx) and sorted(train_idx + val_idx) == list(range(len(data.train_labels)))
+    val_paths = {data.train_paths[i] for i in val_idx}
+    assert val_paths.isdisjoint(data.test_paths)
+    labels = data.train_labels[val_idx].tolist()
+    assert labels.count(0) == labels.count(1) == 3  # a quarter of each class's 12
+    assert prepare.validation_split(data, 0.0, report.root) == (list(range(len(data.train_labels))), [])
+
+
+def test_with_a_validation_split_the_test_split_is_evaluated_once_at_the_end(dataset, weights_file, cache, tmp_path):
+    status = train(config_for(dataset, weights_file, val_fraction=0.25, epochs=2), tmp_path / "run", cache_dir=cache)
+    assert status["state"] == "completed", status["message"]
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    epochs = metrics[metrics["kind"] == "epoch"]
+    assert epochs["val_acc"].notna().all() and epochs["test_acc"].isna().all()
+    test_rows = metrics[metrics["test_acc"].notna()]
+    assert list(test_rows["kind"]) == ["test"]
+    assert status["test_acc"] == pytest.approx(test_rows["test_acc"].iloc[0])
+    assert "validation" in status["message"]
+    preds = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert (preds["true"] == preds["predicted"]).mean() == pytest.approx(status["test_acc"])
+
+
+def test_early_stopping_ends_the_run_after_patience_epochs_without_gain(dataset, weights_file, cache, tmp_path,
+                                                                        monkeypatch):
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.9])
+    real = engine.evaluate_split
+
+    def scripted(ctx, split, stages, reporter):
+        loss, _, logits = real(ctx, split, stages, reporter)
+        return loss, next(scores), logits
+
+    monkeypatch.setattr(engine, "evaluate_split", scripted)
+    status = train(config_for(dataset, weights_file, epochs=6, patience=2, train_stages="head"), tmp_path / "run",
+                   cache_dir=cache)
+    assert status["state"] == "completed"
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == [1, 2, 3, 4]  # no gain after epoch 2 for 2 epochs
+    assert "stopped early after epoch 4" in status["message"]
+
+
+def test_flip_averaging_averages_the_logits_of_the_image_and_its_mirror():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    x = torch.randn(5, 3, 4, 4)
+    labels = torch.zeros(5, dtype=torch.long)
+    logits, _ = engine.evaluate(model, [([x, x.flip(-1)], labels)], lambda: torch.autocast("cpu", enabled=False))
+    assert torch.allclose(logits, (model(x) + model(x.flip(-1))) / 2, atol=1e-6)
+
+
+def test_tta_and_label_smoothing_reach_the_run(dataset, weights_file, cache, tmp_path):
+    plain = train(config_for(dataset, weights_file, epochs=1), tmp_path / "plain", cache_dir=cache)
+    smooth = train(config_for(dataset, weights_file, epochs=1, label_smoothing=0.3, tta_flip=True),
+                   tmp_path / "smooth", cache_dir=cache)
+    assert plain["loss"] != pytest.approx(smooth["loss"])
+    config = RunDir(tmp_path / "smooth").read_config()
+    assert "mirror" in config["preprocessing"]["test_transform"]
+
+
+def test_the_lr_finder_sweeps_the_trainable_part_and_puts_the_weights_back(dataset, weights_file, cache, tmp_path):
+    config = config_for(dataset, weights_file, train_stages="1", head_lr_mult=10.0)
+    reporter = Reporter(RunDir(tmp_path), None, None)
+    ctx = setup(config, RunDir(tmp_path), reporter, cache_dir=cache)
+    before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    seen_ratios = []
+    real_step = torch.optim.SGD.step
+
+    def spy(self, *a, **kw):
+        lrs = {g["name"]: g["lr"] for g in self.param_groups}
+        seen_ratios.append(lrs["head"] / lrs["backbone"])
+        return real_step(self, *a, **kw)
+
+    torch.optim.SGD.step = spy
+    try:
+        result = lr_range_test(ctx, reporter, start_lr=1e-5, end_lr=10.0, steps=12)
+    finally:
+        torch.optim.SGD.step = real_step
+    after = ctx.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert seen_ratios and all(r == pytest.approx(10.0) for r in seen_ratios)
+    assert len(result.lrs) == len(result.losses) >= 3
+    assert all(b > a for a, b in zip(result.lrs, result.lrs[1:]))
+
+
+def test_find_lr_writes_no_run_folder(dataset, weights_file, cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = find_lr(config_for(dataset, weights_file, train_stages="head"), cache_dir=cache, steps=8)
+    assert len(result.lrs) == len(result.losses) > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_suggestion_is_where_the_loss_falls_fastest():
+    losses = [2.0] * 5 + [1.9, 1.5, 1.2, 1.15, 1.1, 1.08] + [1.5, 3.0, 8.0]
+    lrs = [10 ** (-6 + k * 0.25) for k in range(len(losses))]
+    assert suggest_lr(lrs, losses) == lrs[6]  # 1.9 -> 1.2 across it: the steepest fall before the minimum
+    assert suggest_lr(lrs, [float(k) for k in range(14)]) is None  # never falls
