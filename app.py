@@ -4,46 +4,41 @@ from __future__ import annotations
 import streamlit as st
 
 from finetune_core import datastore, memory
-from finetune_core.config import preset_config
+from finetune_core.config import quick_start_config
 from finetune_core.models import BACKBONES, device_description, offline_backbones, resolve_device
 from finetune_core.runs import list_runs
-from tuneboard_ui import LIVE_REFRESH_S, format_seconds, job_controls, manager, page, state_label
+from tuneboard_ui import LIVE_REFRESH_S, format_seconds, job_controls, manager, page, state_label, submit
 
-page("Home", "🌭")
-st.title("Tuneboard")
-st.write("Fine-tune an ImageNet-pretrained image classifier on your own photos: pick a folder, set the "
-         "learning rate and the head's multiplier, press Train, and watch it learn. It starts from the "
-         "fine-tuning chapter of *Dive into Deep Learning*.")
 
-offline = offline_backbones()
-c = st.columns(3)
-device = device_description()
-c[0].metric("Device", device.split(" (")[0])
-c[0].caption(f"{device}; {memory.describe()}")
-c[1].metric("Backbones with weights offline", f"{len(offline)} of {len(BACKBONES)}")
-c[1].caption(", ".join(offline) or "none: train from scratch or place weights in the torch cache")
-c[2].metric("Data folder", datastore.data_root().name)
-c[2].caption(str(datastore.data_root()))
+def machine_section(offline: list[str]) -> None:
+    """The device, the backbones that work offline, the data folder; a note if memory settings are off."""
+    c = st.columns(3)
+    device = device_description()
+    c[0].metric("Device", device.split(" (")[0])
+    c[0].caption(f"{device}; {memory.describe()}")
+    c[1].metric("Backbones with weights offline", f"{len(offline)} of {len(BACKBONES)}")
+    c[1].caption(", ".join(offline) or "none: train from scratch or place weights in the torch cache")
+    c[2].metric("Data folder", datastore.data_root().name)
+    c[2].caption(str(datastore.data_root()))
+    if memory.wanted() and not memory.is_tuned() and resolve_device("auto").type == "cpu":
+        st.info("This server was started without Tuneboard's memory settings, so training on the CPU runs up to "
+                "2x slower. Start it with `python serve.py` instead of `streamlit run app.py`.")
 
-if memory.wanted() and not memory.is_tuned() and resolve_device("auto").type == "cpu":
-    st.info("This server was started without Tuneboard's memory settings, so training on the CPU runs up to "
-            "2x slower. Start it with `python serve.py` instead of `streamlit run app.py`.")
 
-st.subheader("Quick start")
-st.write("Train the fast preset on the built-in example (handwritten digits, no internet needed), "
-         f"with {'efficientnet_lite0' if 'efficientnet_lite0' in offline else offline[0] if offline else 'resnet18'}.")
-if st.button("Start the example", type="primary", key="quick_start"):
-    data = datastore.ensure_example_dataset()
-    backbone = "efficientnet_lite0" if "efficientnet_lite0" in offline else (offline[0] if offline else "resnet18")
-    config = preset_config("fast", data=str(data), backbone=backbone, image_size=128, epochs=8,
-                           weights="auto" if backbone in offline else "none", name="digits quick start",
-                           group="quick-start")
-    manager().submit(config)
-    st.success("Queued: follow it here or on the Train page.")
+def quick_start_section(offline: list[str]) -> None:
+    """One click: the fast preset on the built-in example (config.quick_start_config)."""
+    st.subheader("Quick start")
+    recipe = quick_start_config(str(datastore.data_root() / datastore.EXAMPLE_NAME), offline)
+    st.write("Train the fast preset on the built-in example (handwritten digits, no internet needed), "
+             f"with {recipe.backbone}.")
+    if st.button("Start the example", type="primary", key="quick_start"):
+        recipe = recipe.replace(data=str(datastore.ensure_example_dataset()))
+        submit(recipe)
+        st.success("Queued: follow it here or on the Train page.")
 
 
 @st.fragment(run_every=LIVE_REFRESH_S)
-def now_running() -> None:
+def running_section() -> None:
     st.subheader("Running and queued")
     active = manager().active()
     if not active:
@@ -52,16 +47,31 @@ def now_running() -> None:
         job_controls(job, "home")
 
 
-now_running()
-
-st.subheader("Recent runs")
-runs = list_runs(datastore.runs_root())[:20]
-if not runs:
-    st.caption("No runs yet.")
-else:
+def recent_runs_section() -> None:
+    st.subheader("Recent runs")
+    runs = list_runs(datastore.runs_root())[:20]
+    if not runs:
+        st.caption("No runs yet.")
+        return
     st.dataframe([{
         "run": r.name, "state": state_label(r.state) if not r.error else "damaged",
         "dataset": r.dataset, "backbone": r.backbone,
         "best test acc": None if r.best_test_acc is None else round(r.best_test_acc, 3),
         "duration": format_seconds(r.duration_s), "message": r.error or r.message,
     } for r in runs], width="stretch", hide_index=True)
+
+
+def main() -> None:
+    page("Home", "🌭")
+    st.title("Tuneboard")
+    st.write("Fine-tune an ImageNet-pretrained image classifier on your own photos: pick a folder, set the "
+             "learning rate and the head's multiplier, press Train, and watch it learn. It starts from the "
+             "fine-tuning chapter of *Dive into Deep Learning*.")
+    offline = offline_backbones()
+    machine_section(offline)
+    quick_start_section(offline)
+    running_section()
+    recent_runs_section()
+
+
+main()

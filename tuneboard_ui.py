@@ -2,8 +2,11 @@
 Only drawing and gathering input here; computation lives in finetune_core."""
 from __future__ import annotations
 
+import inspect
+
 import streamlit as st
 
+from finetune_core.config import Setting, TrainConfig
 from finetune_core.datastore import runs_root
 from finetune_core.jobs import JobManager
 from finetune_core.runs import list_runs
@@ -19,6 +22,16 @@ def _job_manager(runs_dir: str) -> JobManager:
 def manager() -> JobManager:
     """The one job manager of this server process (shared by every page, tab and browser)."""
     return _job_manager(str(runs_root()))
+
+
+def submit(config: TrainConfig, report=None) -> str:
+    """Queue a run; the page's dataset scan goes with it (so the run does not scan again) when the
+    job manager takes one and it was made with the run's test fraction."""
+    jobs = manager()
+    if report is not None and "report" in inspect.signature(jobs.submit).parameters \
+            and getattr(report, "test_fraction", None) == config.test_fraction:
+        return jobs.submit(config, report=report)
+    return jobs.submit(config)
 
 
 def page(title: str, icon: str = "🔧") -> None:
@@ -69,3 +82,38 @@ def job_controls(job: dict, key_prefix: str) -> None:
 
 def resumable_runs() -> list:
     return [i for i in list_runs(runs_root()) if i.state in ("interrupted", "stopped") and i.has_checkpoint]
+
+
+# --------------------------------------------------------------------------------------------
+# A setting's control, chosen from its definition (finetune_core.config.Setting)
+
+
+def widget_value(s: Setting, value):
+    """A setting's value as its control holds it: numbers with a fraction as text ("5e-05"), so
+    that the form takes any notation and a bad value is reported by name instead of clamped."""
+    if s.kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}"
+    return value
+
+
+def setting_input(s: Setting, key: str, disabled: bool = False, help: str | None = None,
+                  options: list | None = None, format_func=str) -> None:
+    """The control for one setting, by its type: a checkbox for on/off, a number box for whole
+    numbers (with the setting's bounds), a selectbox for choices, a text box otherwise (fractions
+    included). Its value lives in st.session_state[key]."""
+    label, help = s.display_label, help or (s.help[:1].upper() + s.help[1:] if s.help else None)
+    options = options if options is not None else (None if callable(s.choices) else s.choice_list())
+    if s.kind is bool:
+        st.checkbox(label, key=key, disabled=disabled, help=help)
+    elif options is not None:
+        current = st.session_state.get(key)
+        if current is not None and current not in options:
+            options = [*options, current]  # keep a value the choices no longer hold: validation names it
+        st.selectbox(label, options, key=key, disabled=disabled, help=help, format_func=format_func)
+    elif s.kind is int:
+        low = s.minimum if s.minimum is not None else None
+        st.number_input(label, key=key, disabled=disabled, help=help, step=int(s.step or 1),
+                        min_value=None if low is None else int(low),
+                        max_value=None if s.maximum is None else int(s.maximum))
+    else:
+        st.text_input(label, key=key, disabled=disabled, help=help, placeholder="optional" if s.name == "name" else None)

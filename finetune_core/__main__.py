@@ -203,7 +203,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
         group = groups[s.section]
         default = ("on" if s.default else "off") if s.kind is bool else s.default if s.default not in ("", None) \
             else "none"
-        text = s.label + (f" ({s.unit})" if s.unit else "") + (f": {s.help}" if s.help else "")
+        text = s.display_label + (f": {s.help}" if s.help else "")
         text = f"{text} [default: {default}]".replace("%", "%%")
         if s.kind is bool:
             group.add_argument(s.flag_name, dest=s.name, action=argparse.BooleanOptionalAction, default=None,

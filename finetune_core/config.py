@@ -52,7 +52,7 @@ class Setting:
 
     label: str
     help: str = ""
-    unit: str = ""
+    unit: str = ""                     # short, shown after the label: "Image size (px)"
     section: str = "run"
     minimum: float | None = None
     maximum: float | None = None
@@ -77,6 +77,11 @@ class Setting:
         return list(self.choices() if callable(self.choices) else self.choices)
 
     @property
+    def display_label(self) -> str:
+        """The label with its unit, as a form shows it: "Image size (px)"."""
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+    @property
     def flag_name(self) -> str | None:
         return None if self.flag is None else (self.flag or "--" + self.name.replace("_", "-"))
 
@@ -98,7 +103,7 @@ class TrainConfig:
     data: str = setting("", "Dataset folder", section="data", required=True, metavar="DIR", form=False, compare=False,
                         help="a folder of class folders, with or without train/test splits")
     test_fraction: float = setting(0.2, "Test fraction", section="data", above=0, below=1, form=False,
-                                   unit="of each class", help="held out for testing when the folder has no test split")
+                                   help="of each class, held out for testing when the folder has no test split")
     # --- model
     backbone: str = setting("resnet18", "Backbone", section="model", choices=_backbone_choices, metavar="NAME",
                             help="auto: the best backbone whose ImageNet weights are on this machine")
@@ -115,7 +120,7 @@ class TrainConfig:
     # --- what trains, and how fast
     lr: float = setting(5e-5, "Learning rate", section="learning", above=0,
                         help="of the pretrained layers (and of everything with one group)")
-    head_lr_mult: float = setting(10.0, "Head learning-rate multiplier", section="learning", above=0, unit="×",
+    head_lr_mult: float = setting(10.0, "Head learning-rate multiplier", section="learning", above=0,
                                   help="the new head trains at lr × this")
     param_groups: bool = setting(True, "Parameter groups (head at lr × multiplier)", section="learning",
                                  help="off: one group at lr for every layer (the book's param_group=False)")
@@ -140,12 +145,10 @@ class TrainConfig:
                               help="SGD momentum; the book uses none")
     schedule: str = setting("constant", "Learning-rate schedule", section="optimiser", choices=SCHEDULES)
     warmup_epochs: int = setting(0, "Warm-up epochs", section="optimiser", minimum=0, maximum=100, step=1,
-                                 unit="epochs",
                                  help="epochs of head-only training on cached features before the rest unfreezes")
     # --- model selection and evaluation
     val_fraction: float = setting(0.0, "Validation fraction", section="selection", minimum=0, below=0.9,
-                                  unit="of the training images",
-                                  help="held out (stratified, the same files every time) to choose the best "
+                                  help="the part of the training images held out (stratified, the same files every time) to choose the best "
                                        "checkpoint and stop early; 0: the book's way, testing every epoch")
     patience: int = setting(0, "Early-stopping patience", section="selection", minimum=0, step=1, unit="epochs",
                             help="stop after this many epochs without improvement on the validation split (the test "

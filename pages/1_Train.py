@@ -1,4 +1,10 @@
-"""Train: pick the data, set the recipe, launch in the background, watch it learn live."""
+"""Train: pick the data, set the recipe, launch in the background, watch it learn live.
+
+The recipe form is drawn from the settings' definitions (finetune_core.config): one control per
+setting, chosen by its type, with its label, help, error and, when it has no effect with the
+other settings, greyed out with the reason. Decisions (the default preset, which group to follow,
+what has no effect) live in the library; this file only gathers input and draws.
+"""
 from __future__ import annotations
 
 import uuid
@@ -6,71 +12,111 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import datastore, plots
-from finetune_core.config import PRESET_DESCRIPTIONS, PRESETS, comparison_configs, config_from_form
+from finetune_core import analysis, datastore, models, plots
+from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, TrainConfig,
+                                  comparison_configs, config_from_form, default_preset, form_settings,
+                                  inactive_settings, parse_form, preset_for_machine, setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, scan_dataset
-from finetune_core.models import BACKBONES, available_devices, device_description, offline_backbones
 from finetune_core.runs import RunDir
-from tuneboard_ui import LIVE_REFRESH_S, job_controls, manager, page, resumable_runs, state_label
+from tuneboard_ui import (LIVE_REFRESH_S, job_controls, manager, page, resumable_runs, setting_input, state_label,
+                          submit, widget_value)
 
-page("Train", "🏋️")
-st.title("Train")
+DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
+WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
+# Where each section of the recipe goes: three columns.
+COLUMNS = [("learning",), ("model", "selection"), ("optimiser", "hardware", "run")]
+
+
+def key(name: str) -> str:
+    """The session-state key of a setting's control."""
+    return f"f_{name}"
+
 
 # --------------------------------------------------------------------------------------------
 # 1. Data
-st.header("1 · Data")
-root = datastore.data_root()
-sources = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
-source = st.radio("Where are the images?", sources, horizontal=True, key="data_source")
-data_path = ""
-if source == sources[0]:
+
+
+def dataset_section():
+    """Where the images are, and their scan. Returns (folder, scan report or None)."""
+    st.header("1 · Data")
+    root = datastore.data_root()
+    source = st.radio("Where are the images?", DATA_SOURCES, horizontal=True, key="data_source")
+    if source == DATA_SOURCES[0]:
+        data_path = example_dataset(root)
+    elif source == DATA_SOURCES[1]:
+        data_path = dataset_in_data_folder(root)
+    elif source == DATA_SOURCES[2]:
+        data_path = folder_path(root)
+    else:
+        data_path = uploaded_zip(root)
+    report = None
+    if data_path:
+        try:
+            path = Path(data_path).expanduser()
+            report = scan(str(path), TrainConfig.test_fraction, path.stat().st_mtime)
+        except (DatasetError, OSError) as exc:
+            st.error(f"{data_path}: {exc}")
+    if report is not None:
+        show_scan(report)
+    return data_path, report
+
+
+def example_dataset(root: Path) -> str:
     with st.spinner("Writing the example dataset (once)…"):
-        data_path = str(datastore.ensure_example_dataset(root))
-    st.caption("1,797 real scans of handwritten digits that ship with scikit-learn, 10 classes; "
-               "no internet needed.")
-elif source == sources[1]:
+        path = str(datastore.ensure_example_dataset(root))
+    st.caption("1,797 real scans of handwritten digits that ship with scikit-learn, 10 classes; no internet needed.")
+    return path
+
+
+def dataset_in_data_folder(root: Path) -> str:
     entries = datastore.list_datasets(root)
+    path = ""
     if not entries:
         st.info(f"No datasets in {root} yet: upload a zip, or put class folders there.")
     else:
-        names = [e.name for e in entries]
-        choice = st.selectbox("Dataset", names, key="data_choice")
-        data_path = next(e.path for e in entries if e.name == choice)
+        choice = st.selectbox("Dataset", [e.name for e in entries], key="data_choice")
+        path = next(e.path for e in entries if e.name == choice)
     if st.button("Fetch the book's hot-dog set (needs internet)"):
         try:
             with st.spinner("Downloading hotdog.zip and checking its checksum…"):
                 st.success(f"Saved in {datastore.download_hotdog(root)}")
         except datastore.UploadError as exc:
             st.error(str(exc))
-elif source == sources[2]:
-    data_path = st.text_input("Folder", key="data_path_text", placeholder="/path/to/photos")
+    return path
+
+
+def folder_path(root: Path) -> str:
+    path = st.text_input("Folder", key="data_path_text", placeholder="/path/to/photos")
     with st.expander(f"Browse {root}"):
-        rel = st.session_state.get("browse_rel", "")
-        folder, subs = datastore.browse(root, rel)
+        folder, subs = datastore.browse(root, st.session_state.get("browse_rel", ""))
         st.caption(f"In {folder}")
         pick = st.selectbox("Sub-folder", ["(this folder)", ".."] + subs, key="browse_pick")
         cols = st.columns(2)
-        if cols[0].button("Open") and pick not in ("(this folder)",):
+        if cols[0].button("Open") and pick != "(this folder)":
             target = folder.parent if pick == ".." else folder / pick
             st.session_state["browse_rel"] = str(target.relative_to(root)) if datastore.inside(root, target) else ""
             st.rerun()
         if cols[1].button("Use this folder"):
             st.session_state["data_path_text"] = str(folder if pick in ("(this folder)", "..") else folder / pick)
             st.rerun()
-else:
+    return path
+
+
+def uploaded_zip(root: Path) -> str:
     upload = st.file_uploader("A zip of class folders (with or without train/test splits)", type=["zip"],
                               key="zip_upload")
-    if upload is not None:
-        done = st.session_state.setdefault("unzipped", {})
-        key = f"{upload.name}:{upload.size}"
-        if key not in done:
-            try:
-                done[key] = str(datastore.extract_zip(upload, root, upload.name))
-            except datastore.UploadError as exc:
-                st.error(str(exc))
-        if key in done:
-            data_path = done[key]
-            st.success(f"Unpacked into {data_path}")
+    if upload is None:
+        return ""
+    done = st.session_state.setdefault("unzipped", {})
+    upload_key = f"{upload.name}:{upload.size}"
+    if upload_key not in done:
+        try:
+            done[upload_key] = str(datastore.extract_zip(upload, root, upload.name))
+        except datastore.UploadError as exc:
+            st.error(str(exc))
+            return ""
+    st.success(f"Unpacked into {done[upload_key]}")
+    return done[upload_key]
 
 
 @st.cache_data(ttl=60, show_spinner="Scanning the dataset…")
@@ -78,15 +124,7 @@ def scan(path: str, test_fraction: float, stamp: float):
     return scan_dataset(path, test_fraction=test_fraction)
 
 
-report = None
-if data_path:
-    try:
-        stamp = Path(data_path).expanduser().stat().st_mtime
-        report = scan(str(Path(data_path).expanduser()), 0.2, stamp)
-    except (DatasetError, OSError) as exc:
-        st.error(f"{data_path}: {exc}")
-
-if report is not None:
+def show_scan(report) -> None:
     splits = report.splits
     c = st.columns(4)
     c[0].metric("Classes", len(report.classes))
@@ -111,145 +149,175 @@ if report is not None:
     if not report.usable:
         st.error(f"This dataset cannot be used: {report.reason()}")
 
+
 # --------------------------------------------------------------------------------------------
 # 2. Recipe
-st.header("2 · Recipe")
-offline = offline_backbones()
-# On a GPU the book's recipe takes seconds an epoch; on a CPU the fast preset is the sensible start.
-default_preset = "book-finetune" if "GPU" in device_description() else "fast"
-FIELD_DEFAULTS = {"lr": "5e-05", "head_lr_mult": "10", "weight_decay": "0.001", "momentum": "0"}
 
 
-def apply_preset() -> None:
-    values = PRESETS[st.session_state["preset"]]
-    for key, value in values.items():
-        if key in FIELD_DEFAULTS:
-            st.session_state[f"f_{key}"] = f"{value:g}"
-        elif key == "weights":
-            st.session_state["f_weights_kind"] = "none (random init)" if value == "none" else "ImageNet (pretrained)"
-        elif key in ("param_groups", "freeze_backbone", "loss_reduction", "batch_size", "epochs", "schedule",
-                     "warmup_epochs", "image_size", "precision"):
-            st.session_state[f"f_{key}"] = value
+def apply_preset(offline: list[str]) -> None:
+    """Every control of the form takes the chosen preset's value (its backbone replaced by one whose
+    weights are on this machine, with a note saying so)."""
+    config, note = preset_for_machine(st.session_state["preset"], offline)
+    for name in form_settings():
+        st.session_state[key(name)] = widget_value(settings()[name], getattr(config, name))
+    kind = "auto" if config.weights == "auto" else "none" if config.weights == "none" else ""
+    st.session_state["f_weights_kind"] = next(k for k, v in WEIGHTS_KINDS.items() if v == kind)
+    st.session_state["f_weights_path"] = "" if kind else config.weights
+    st.session_state["preset_note"] = note
 
 
-if "preset" not in st.session_state:
-    st.session_state["preset"] = default_preset
-    apply_preset()
-    st.session_state["f_backbone"] = "resnet18" if "resnet18" in offline else "efficientnet_lite0"
-
-st.selectbox("Preset", list(PRESETS), key="preset", on_change=apply_preset,
-             format_func=lambda p: {"book-finetune": "The book: fine-tune", "book-scratch": "The book: from scratch",
-                                    "fast": "Fast"}.get(p, p))
-st.caption(PRESET_DESCRIPTIONS[st.session_state["preset"]])
-errors: dict[str, str] = st.session_state.get("form_errors", {})
-
-
-def field_error(name: str) -> None:
-    if name in errors:
-        st.error(f"{name}: {errors[name]}", icon="🚫")
+def form_values(data_path: str) -> dict:
+    """What the controls hold (kept in the session between reruns), as the settings they are;
+    the settings the form does not show come from the preset."""
+    preset = st.session_state["preset"]
+    values = {name: value for name, value in PRESETS[preset].items() if name not in form_settings()}
+    values.update({name: st.session_state[key(name)] for name in form_settings() if key(name) in st.session_state})
+    kind = WEIGHTS_KINDS[st.session_state["f_weights_kind"]]
+    values.update(data=data_path, preset=preset, weights=kind or st.session_state.get("f_weights_path", "").strip())
+    return values
 
 
-col1, col2, col3 = st.columns(3)
-with col1:
-    st.text_input("Learning rate", key="f_lr", help="Of the pretrained layers (and of everything with one group)")
-    field_error("lr")
-    st.text_input("Head learning-rate multiplier", key="f_head_lr_mult", help="The new head trains at lr × this")
-    field_error("head_lr_mult")
-    st.checkbox("Parameter groups (head at lr × multiplier)", key="f_param_groups",
-                help="Off: one group at lr for every layer (the book's param_group=False)")
-    st.checkbox("Freeze the pretrained layers (train the head only)", key="f_freeze_backbone")
-    st.selectbox("Loss over a batch", ["sum", "mean"], key="f_loss_reduction",
-                 help="The book sums the loss (lr 5e-5 with sum ≈ 6.4e-3 with mean at batch 128)")
-    reduction = st.session_state["f_loss_reduction"]
-    st.caption(f"In force: **{reduction}** of the per-image losses" +
-               (" (the book's choice)" if reduction == "sum" else ""))
-with col2:
-    def backbone_label(name: str) -> str:
-        return f"{name} ({'weights offline' if name in offline else 'weights need a download'})"
+def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str, str]]:
+    """The preset and every setting. Returns (a valid config or None, {setting: message})."""
+    st.header("2 · Recipe")
+    offline = models.offline_backbones()
+    if "preset" not in st.session_state:
+        st.session_state["preset"] = default_preset(models.resolve_device("auto").type)
+        apply_preset(offline)
+    st.selectbox("Preset", list(PRESETS), key="preset", on_change=apply_preset, args=(offline,),
+                 format_func=lambda p: PRESET_LABELS.get(p, p))
+    st.caption(PRESET_DESCRIPTIONS[st.session_state["preset"]])
+    if st.session_state.get("preset_note"):
+        st.caption(st.session_state["preset_note"])
 
-    st.selectbox("Backbone", list(BACKBONES), key="f_backbone", format_func=backbone_label)
-    field_error("backbone")
-    st.radio("Weights", ["ImageNet (pretrained)", "none (random init)", "a local file"], key="f_weights_kind")
-    if st.session_state["f_weights_kind"] == "a local file":
-        st.text_input("Weights file (.pt, .pth, .safetensors; loaded without running code)", key="f_weights_path")
-    field_error("weights")
-    st.number_input("Batch size", min_value=1, max_value=4096, step=8, key="f_batch_size")
-    st.number_input("Epochs", min_value=1, max_value=1000, step=1, key="f_epochs")
-    st.number_input("Image size (px)", min_value=16, max_value=1024, step=16, key="f_image_size")
-with col3:
-    st.text_input("Weight decay", key="f_weight_decay")
-    field_error("weight_decay")
-    st.text_input("Momentum", key="f_momentum")
-    field_error("momentum")
-    st.selectbox("Schedule", ["constant", "cosine"], key="f_schedule")
-    st.number_input("Warm-up epochs (head only, then unfreeze)", min_value=0, max_value=100, key="f_warmup_epochs")
-    field_error("warmup_epochs")
-    st.selectbox("Device", available_devices(), key="f_device", help=f"auto = {device_description()}")
-    st.selectbox("Precision", ["auto", "fp32", "bf16"], key="f_precision",
-                 help="auto: bf16 autocast on a GPU, fp32 on the CPU (the book). bf16: also on a CPU that runs "
-                      "it natively (AVX-512 BF16 / AMX), else fp32.")
-    st.number_input("Seed", min_value=0, step=1, key="f_seed", value=0)
-    st.text_input("Run name", key="f_name", placeholder="optional")
+    values = form_values(data_path)
+    config, errors = config_from_form(values)
+    parsed, _ = parse_form(values)
+    draft = TrainConfig(**{k: v for k, v in parsed.items() if k in settings()})  # what is known so far
+    inactive, notes = inactive_settings(draft), setting_notes(draft)
+    n_classes = len(report.classes) if report is not None and report.classes else 2
+    for column, sections in zip(st.columns(len(COLUMNS)), COLUMNS):
+        with column:
+            for section in sections:
+                st.markdown(f"**{SECTIONS[section]}**")
+                for name in form_settings():
+                    if settings()[name].section == section:
+                        setting_control(name, draft, offline, n_classes, inactive.get(name), notes.get(name))
+                        if name in errors:
+                            st.error(errors[name], icon="🚫")
+    if config is not None and config.weights == "auto" and config.backbone not in (*offline, "auto"):
+        st.warning(f"The ImageNet weights of {config.backbone} are not on this machine; the run will try to download "
+                   f"them. Offline, choose one of: {', '.join(offline)}.")
+    return config, errors
 
-also = st.columns(2)
-also_scratch = also[0].checkbox("Also train from scratch (the book's comparison)", key="also_scratch")
-also_single = also[1].checkbox("Also without parameter groups", key="also_single")
 
-# Both values change often in the form; everything else comes from the session state.
-weights_kind = st.session_state["f_weights_kind"]
-form = {
-    "data": data_path, "backbone": st.session_state["f_backbone"],
-    "weights": {"ImageNet (pretrained)": "auto", "none (random init)": "none"}.get(
-        weights_kind, st.session_state.get("f_weights_path", "")),
-    "lr": st.session_state["f_lr"], "head_lr_mult": st.session_state["f_head_lr_mult"],
-    "param_groups": st.session_state["f_param_groups"], "freeze_backbone": st.session_state["f_freeze_backbone"],
-    "loss_reduction": reduction, "batch_size": st.session_state["f_batch_size"],
-    "epochs": st.session_state["f_epochs"], "weight_decay": st.session_state["f_weight_decay"],
-    "momentum": st.session_state["f_momentum"], "schedule": st.session_state["f_schedule"],
-    "warmup_epochs": st.session_state["f_warmup_epochs"], "image_size": st.session_state["f_image_size"],
-    "device": st.session_state["f_device"], "precision": st.session_state["f_precision"],
-    "seed": st.session_state["f_seed"],
-    "name": st.session_state["f_name"], "preset": st.session_state["preset"],
-}
-config, new_errors = config_from_form(form)
-if new_errors != errors:
-    st.session_state["form_errors"] = new_errors
-    st.rerun()  # draw the messages next to their fields
-if config is not None and config.weights == "auto" and config.backbone not in offline:
-    st.warning(f"The ImageNet weights of {config.backbone} are not on this machine; the run will try to download "
-               f"them. Offline, choose one of: {', '.join(offline)}.")
+def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes: int, inactive: str | None,
+                    note: str | None) -> None:
+    """One setting's control. Most are drawn from the setting's definition alone; the weights, the
+    backbone, the trainable part and the device need what this machine has."""
+    s = settings()[name]
+    disabled = inactive is not None
+    help = f"No effect here: {inactive}" if disabled else None
+    if name == "weights":
+        st.radio(s.label, list(WEIGHTS_KINDS), key="f_weights_kind", help=s.help)
+        if st.session_state["f_weights_kind"] == "a local file":
+            st.text_input("Weights file (.pt, .pth, .safetensors; loaded without running code)", key="f_weights_path")
+    elif name == "backbone":
+        auto = resolved_backbone("auto")
 
-blocked = ("choose a dataset" if not data_path else
-           f"the dataset cannot be used: {report.reason()}" if report is not None and not report.usable else
-           "the dataset could not be read" if report is None else
-           "fix the settings marked above" if errors else "")
-if blocked:
-    st.caption(f"Train is disabled: {blocked}.")
-if st.button("Train", type="primary", disabled=bool(blocked), key="train_button"):
-    group = uuid.uuid4().hex[:8]
-    ids = [manager().submit(c) for c in comparison_configs(config, also_scratch, also_single, group)]
-    st.session_state["group"] = group
-    st.toast(f"Queued {len(ids)} run(s)")
+        def backbone_label(b: str) -> str:
+            if b == "auto":
+                return f"auto ({auto} on this machine)"
+            return f"{b} ({'weights offline' if b in offline else 'weights need a download'})"
+
+        setting_input(s, key(name), options=["auto", *models.BACKBONES], format_func=backbone_label)
+    elif name == "train_stages":
+        backbone = resolved_backbone(draft.backbone)
+        setting_input(s, key(name), options=stage_choices(backbone), format_func=stage_label)
+        summary = trainable_summary(backbone, draft.train_stages, n_classes)
+        if summary:
+            st.caption(summary)
+    elif name == "device":
+        setting_input(s, key(name), options=models.available_devices(),
+                      help=f"auto = {models.device_description()}")
+    else:
+        setting_input(s, key(name), disabled=disabled, help=help)
+    if name == "loss_reduction":
+        reduction = draft.loss_reduction
+        st.caption(f"In force: **{reduction}** of the per-image losses" +
+                   (" (the book's choice)" if reduction == "sum" else ""))
+    if disabled:
+        st.caption(f"Not used: {inactive}.")
+    elif note:
+        st.caption(f"{note[:1].upper()}{note[1:]}.")
+
+
+def resolved_backbone(name: str) -> str:
+    """A backbone name, with "auto" resolved to the one this machine would use."""
+    resolve = getattr(models, "resolve_backbone", None)
+    if name != "auto" or resolve is None:
+        return name
+    return resolve(name)[0]
+
+
+def stage_choices(backbone: str) -> list[str]:
+    choices = getattr(models, "train_stages_choices", None)
+    try:
+        return choices(backbone) if choices else ["head", "all"]
+    except (KeyError, ValueError):
+        return ["head", "all"]
+
+
+def stage_label(value: str) -> str:
+    if value == "head":
+        return "the new head only (backbone frozen)"
+    if value == "all":
+        return "every layer (the book)"
+    return f"the last {value} stage{'s' if value != '1' else ''} + head"
+
+
+@st.cache_data(show_spinner=False)
+def trainable_summary(backbone: str, train_stages: str, n_classes: int) -> str:
+    summary = getattr(models, "trainable_summary", None)
+    if summary is None:
+        return ""
+    try:
+        return summary(backbone, train_stages, n_classes=n_classes)
+    except (KeyError, ValueError, TypeError):
+        return ""
+
 
 # --------------------------------------------------------------------------------------------
-# 3. Live
-st.header("3 · Live")
+# 3. Launch
 
 
-def current_group(jobs: list[dict]) -> str:
-    """The runs to draw: those launched from this tab, else the newest active group on the server
-    (so a refresh or a second tab shows the same running job)."""
-    group = st.session_state.get("group")
-    if group and any(j["group"] == group for j in jobs):
-        return group
-    candidates = [j for j in jobs if j["state"] in ("running", "queued")] or jobs
-    return max(candidates, key=lambda j: j["submitted_at"])["group"] if candidates else ""
+def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path: str, report) -> None:
+    """The comparison runs to add, and Train (disabled, saying why, while something is missing)."""
+    also = st.columns(2)
+    also_scratch = also[0].checkbox("Also train from scratch (the book's comparison)", key="also_scratch")
+    also_single = also[1].checkbox("Also without parameter groups", key="also_single")
+    blocked = ("choose a dataset" if not data_path else
+               "the dataset could not be read" if report is None else
+               f"the dataset cannot be used: {report.reason()}" if not report.usable else
+               "fix the settings marked above" if errors or config is None else "")
+    if blocked:
+        st.caption(f"Train is disabled: {blocked}.")
+    if st.button("Train", type="primary", disabled=bool(blocked), key="train_button"):
+        group = uuid.uuid4().hex[:8]
+        ids = [submit(c, report) for c in comparison_configs(config, also_scratch, also_single, group)]
+        st.session_state["group"] = group
+        st.toast(f"Queued {len(ids)} run(s)")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Live
 
 
 @st.fragment(run_every=LIVE_REFRESH_S)
-def live() -> None:
+def live_section() -> None:
+    """The group of runs this tab follows (analysis.current_group): progress, Stop, curves."""
     jobs = manager().jobs()
-    group = current_group(jobs)
+    group = analysis.current_group(jobs, st.session_state.get("group", ""))
     members = [j for j in jobs if j["group"] == group] if jobs else []
     if not members:
         st.info("No run yet. Set the recipe and press Train.")
@@ -270,10 +338,10 @@ def live() -> None:
             job_controls(job, "other")
 
 
-live()
-
-resumable = [i for i in resumable_runs() if i.state == "interrupted"]
-if resumable:
+def resume_section() -> None:
+    resumable = [i for i in resumable_runs() if i.state == "interrupted"]
+    if not resumable:
+        return
     st.subheader("Interrupted runs")
     for info in resumable:
         cols = st.columns([5, 1])
@@ -281,3 +349,17 @@ if resumable:
         if cols[1].button("Resume", key=f"resume-{info.id}"):
             manager().resume(info.id)
             st.rerun()
+
+
+def main() -> None:
+    page("Train", "🏋️")
+    st.title("Train")
+    data_path, report = dataset_section()
+    config, errors = recipe_section(data_path, report)
+    launch_section(config, errors, data_path, report)
+    st.header("3 · Live")
+    live_section()
+    resume_section()
+
+
+main()

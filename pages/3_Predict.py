@@ -9,23 +9,22 @@ import streamlit as st
 from finetune_core import analysis, plots
 from finetune_core.datastore import runs_root
 from finetune_core.predict import Predictor, bundle_zip_bytes, export_bundle
-from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, list_runs
+from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, RunInfo, list_runs
 from tuneboard_ui import page, state_label
 
-page("Predict", "🔮")
-st.title("Predict")
 
-runs = [r for r in list_runs(runs_root()) if not r.error and r.has_checkpoint
-        and (Path(r.path) / PREDICTIONS).exists()]
-if not runs:
-    st.info("No finished run with a model yet: train one on the Train page.")
-    st.stop()
-by_id = {r.id: r for r in runs}
-run_id = st.selectbox("Run", list(by_id), key="predict_run",
-                      format_func=lambda i: f"{by_id[i].name} · {state_label(by_id[i].state)} · best test acc "
-                                            f"{by_id[i].best_test_acc or 0:.3f} · {i}")
-info = by_id[run_id]
-run = RunDir(info.path)
+def choose_run() -> RunInfo | None:
+    """A finished run with a model and test predictions; None when there is none yet."""
+    runs = [r for r in list_runs(runs_root()) if not r.error and r.has_checkpoint
+            and (Path(r.path) / PREDICTIONS).exists()]
+    if not runs:
+        st.info("No finished run with a model yet: train one on the Train page.")
+        return None
+    by_id = {r.id: r for r in runs}
+    run_id = st.selectbox("Run", list(by_id), key="predict_run",
+                          format_func=lambda i: f"{by_id[i].name} · {state_label(by_id[i].state)} · best test acc "
+                                                f"{by_id[i].best_test_acc or 0:.3f} · {i}")
+    return by_id[run_id]
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -33,17 +32,7 @@ def predictor(path: str, stamp: float) -> Predictor:
     return Predictor.from_run(path)
 
 
-model = predictor(info.path, (Path(info.path) / CHECKPOINT_LAST).stat().st_mtime)
-predictions = run.read_predictions()
-classes = model.classes
-accuracy = float((predictions["true"].astype(str) == predictions["predicted"].astype(str)).mean())
-st.caption(f"{model.backbone}, {len(classes)} classes, {model.image_size} px · test accuracy {accuracy:.3f} "
-           f"on {len(predictions)} images")
-
-tab_images, tab_metrics, tab_classify, tab_export = st.tabs(
-    ["Test images", "Confusion and per-class metrics", "Classify your images", "Export"])
-
-with tab_images:
+def gallery_tab(predictions, classes) -> None:
     c = st.columns(3)
     mistakes = c[0].checkbox("Mistakes only", key="mistakes_only")
     cls = c[1].selectbox("True class", ["all"] + [str(x) for x in classes], key="gallery_class")
@@ -60,12 +49,15 @@ with tab_images:
             st.caption(f"{'right' if ok else 'WRONG'}: true **{row['true']}** · predicted **{row['predicted']}** "
                        f"({row['confidence']:.0%})")
 
-with tab_metrics:
+
+def metrics_tab(predictions, classes) -> None:
     matrix = analysis.confusion(predictions, classes)
     st.plotly_chart(plots.confusion_figure(matrix, [str(x) for x in classes]), width="stretch", key="confusion")
     st.dataframe(analysis.per_class_metrics(predictions, classes).round(3), width="stretch", hide_index=True)
 
-with tab_classify:
+
+def classify_tab(model: Predictor) -> None:
+    classes = model.classes
     files = st.file_uploader("Drop one or more images", accept_multiple_files=True, key="classify_upload")
     if st.toggle("Use the camera", key="use_camera"):
         shot = st.camera_input("Take a picture", key="camera")
@@ -83,14 +75,42 @@ with tab_classify:
         cols[1].markdown(f"**{f.name}**: **{best}** ({p:.1%})")
         cols[1].plotly_chart(plots.top_k_figure(result.top), width="stretch", key=f"topk-{f.name}-{f.file_id}")
 
-with tab_export:
+
+def export_tab(info: RunInfo) -> None:
     st.write("A bundle that works without Tuneboard: `weights.safetensors`, `model.json` (classes and "
-             "preprocessing) and `model.pt2` (a `torch.export` program). `python -m finetune_core predict --run bundle.zip IMAGE` "
-             "accepts it.")
+             "preprocessing) and `model.pt2` (a `torch.export` program). `python -m finetune_core predict --run "
+             "bundle.zip IMAGE` accepts it.")
     if st.button("Build the bundle", key="build_bundle"):
         with st.spinner("Exporting…"):
             with tempfile.TemporaryDirectory() as tmp:
-                st.session_state["bundle"] = (run_id, bundle_zip_bytes(export_bundle(info.path, Path(tmp) / "b")))
-    if st.session_state.get("bundle", (None,))[0] == run_id:
-        st.download_button("Download bundle.zip", st.session_state["bundle"][1], file_name=f"{run_id}-bundle.zip",
+                st.session_state["bundle"] = (info.id, bundle_zip_bytes(export_bundle(info.path, Path(tmp) / "b")))
+    if st.session_state.get("bundle", (None,))[0] == info.id:
+        st.download_button("Download bundle.zip", st.session_state["bundle"][1], file_name=f"{info.id}-bundle.zip",
                            mime="application/zip", key="download_bundle")
+
+
+def main() -> None:
+    page("Predict", "🔮")
+    st.title("Predict")
+    info = choose_run()
+    if info is None:
+        return
+    model = predictor(info.path, (Path(info.path) / CHECKPOINT_LAST).stat().st_mtime)
+    predictions = RunDir(info.path).read_predictions()
+    classes = model.classes
+    accuracy = float((predictions["true"].astype(str) == predictions["predicted"].astype(str)).mean())
+    st.caption(f"{model.backbone}, {len(classes)} classes, {model.image_size} px · test accuracy {accuracy:.3f} "
+               f"on {len(predictions)} images")
+    tab_images, tab_metrics, tab_classify, tab_export = st.tabs(
+        ["Test images", "Confusion and per-class metrics", "Classify your images", "Export"])
+    with tab_images:
+        gallery_tab(predictions, classes)
+    with tab_metrics:
+        metrics_tab(predictions, classes)
+    with tab_classify:
+        classify_tab(model)
+    with tab_export:
+        export_tab(info)
+
+
+main()

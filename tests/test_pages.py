@@ -23,7 +23,7 @@ def use_folder(at: AppTest, path) -> AppTest:
 def tiny_recipe(at: AppTest, lr="0.01", head="10") -> None:
     at.selectbox(key="f_backbone").set_value("resnet18")
     at.radio(key="f_weights_kind").set_value("none (random init)")
-    at.checkbox(key="f_freeze_backbone").set_value(False)
+    at.selectbox(key="f_train_stages").set_value("all")
     at.selectbox(key="f_loss_reduction").set_value("mean")
     at.number_input(key="f_image_size").set_value(32)
     at.number_input(key="f_batch_size").set_value(8)
@@ -45,27 +45,36 @@ def wait_for_runs(at: AppTest, runs_dir, n: int, timeout: float = 120) -> list[d
 
 
 def test_home_page_shows_device_backbones_and_runs(dashboard_env):
+    from finetune_core.models import BACKBONES, device_description
+
     at = page("app.py").run()
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Device"] == "CPU"
-    assert metrics["Backbones with weights offline"].endswith("of 7")
+    assert metrics["Device"] == device_description().split(" (")[0]
+    assert metrics["Backbones with weights offline"].endswith(f"of {len(BACKBONES)}")
     assert any("efficientnet_lite0" in c.value for c in at.caption)
     assert at.button(key="quick_start")
 
 
 def test_train_page_defaults_to_a_working_offline_example(dashboard_env):
+    from finetune_core.config import default_preset
+    from finetune_core.models import offline_backbones, resolve_device
+
     at = page("pages/1_Train.py").run()
     assert not at.exception
     assert (dashboard_env / "data" / "digits").is_dir()
     assert {m.label: m.value for m in at.metric}["Classes"] == "10"
-    assert at.selectbox(key="f_backbone").value == "efficientnet_lite0"  # resnet18 weights are not cached here
+    assert at.selectbox(key="preset").value == default_preset(resolve_device("auto").type)
+    assert at.selectbox(key="f_backbone").value in offline_backbones()  # its weights are on this machine
     assert not at.button(key="train_button").disabled
 
 
 @pytest.mark.parametrize("field,value,text", [
-    ("f_lr", "-1", "lr: must be greater than zero"), ("f_lr", "abc", "lr: must be a number"),
-    ("f_head_lr_mult", "0", "head_lr_mult: must be greater than zero"), ("f_momentum", "1.5", "momentum: must be below 1"),
+    ("f_lr", "-1", "Learning rate must be greater than zero, got -1"), ("f_lr", "abc", "Learning rate must be a number"),
+    ("f_head_lr_mult", "0", "Head learning-rate multiplier must be greater than zero"),
+    ("f_momentum", "1.5", "Momentum must be below 1"),
+    ("f_label_smoothing", "1", "Label smoothing must be below 1"),
+    ("f_val_fraction", "0.95", "Validation fraction must be below 0.9"),
 ])
 def test_train_form_refuses_bad_values_next_to_the_field(dashboard_env, field, value, text):
     at = page("pages/1_Train.py").run()
@@ -76,6 +85,27 @@ def test_train_form_refuses_bad_values_next_to_the_field(dashboard_env, field, v
     set_text(at, field, "0.5")
     at.run()
     assert not at.button(key="train_button").disabled
+
+
+def test_the_form_is_drawn_from_the_settings_and_greys_out_what_has_no_effect(dashboard_env):
+    from finetune_core.config import form_settings, settings
+
+    at = page("pages/1_Train.py").run()
+    labels = {w.label for kind in ("text_input", "number_input", "checkbox", "selectbox", "radio") for w in at.get(kind)}
+    assert {settings()[n].display_label for n in form_settings()} <= labels
+    at.selectbox(key="preset").set_value("book-finetune").run()
+    assert at.selectbox(key="f_train_stages").value == "all" and at.text_input(key="f_lr").value == "5e-05"
+    assert at.number_input(key="f_feature_views").disabled  # every layer trains on fresh crops
+    assert not at.text_input(key="f_head_lr_mult").disabled
+    at.checkbox(key="f_param_groups").set_value(False).run()
+    assert at.text_input(key="f_head_lr_mult").disabled
+    assert any("the multiplier has no effect" in c.value for c in at.caption)
+    at.checkbox(key="f_param_groups").set_value(True)
+    at.selectbox(key="f_train_stages").set_value("head").run()
+    assert at.number_input(key="f_warmup_epochs").disabled and not at.number_input(key="f_feature_views").disabled
+    assert not at.checkbox(key="f_param_groups").disabled  # it still decides the head's rate
+    assert any("head only" in c.value and "parameters" in c.value for c in at.caption)  # what trains
+    assert not at.exception
 
 
 def test_an_unusable_dataset_disables_train(dashboard_env):
