@@ -13,6 +13,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# One intra-op thread for torch here and in every process the tests start (read when torch is
+# imported, which is after this). The tests train tiny models: a second OpenMP thread gains little
+# on them, and on a shared 2-core machine it costs several times the run (measured: a 2-epoch
+# tiny run 1.7-3 s with one thread, 9-14 s with two while other work ran). Set it to run otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 DATASETS = Path(os.environ.get("TUNEBOARD_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 
@@ -56,18 +62,29 @@ def make_dataset(root: Path, classes=("cat", "dog"), per_class=6, test_per_class
     return root
 
 
-@pytest.fixture
-def tiny_dataset(tmp_path) -> Path:
-    return make_dataset(tmp_path / "tiny", per_class=12, test_per_class=4)
+def make_tiny_dataset(root: Path) -> Path:
+    """Two colours, 12 training and 4 test images each: learnable in a couple of epochs."""
+    return make_dataset(root, per_class=12, test_per_class=4)
 
 
-@pytest.fixture
-def tiny_config(tiny_dataset, tmp_path):
-    """Settings that train in a second or two on the CPU: a random-init ResNet-18 at 32 px."""
+def tiny_train_config(data: Path, **changes):
+    """Settings that train in a second or two: a random-init ResNet-18 at 32 px. On the CPU even
+    where a GPU is present, so that what the tests see (the run's device, its speed, where a stop
+    lands) is the same on every machine."""
     from finetune_core.config import TrainConfig
 
-    return TrainConfig(data=str(tiny_dataset), backbone="resnet18", weights="none", image_size=32,
-                       batch_size=8, epochs=2, lr=0.01, loss_reduction="mean", eval_batch_size=16)
+    return TrainConfig(data=str(data), backbone="resnet18", weights="none", image_size=32, batch_size=8,
+                       epochs=2, lr=0.01, loss_reduction="mean", eval_batch_size=16, device="cpu").replace(**changes)
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    return make_tiny_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture
+def tiny_config(tiny_dataset):
+    return tiny_train_config(tiny_dataset)
 
 
 @pytest.fixture
@@ -82,10 +99,12 @@ PAGE_TIMEOUT = 120
 
 @pytest.fixture
 def dashboard_env(tmp_path, monkeypatch):
-    """A private data root, runs folder and decode cache for the pages under test."""
+    """A private data root, runs folder and decode cache for the pages under test, and an empty
+    torch hub: what the pages offer must not depend on weights cached on this machine."""
     monkeypatch.setenv("TUNEBOARD_DATA_ROOT", str(tmp_path / "data"))
     monkeypatch.setenv("TUNEBOARD_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("TUNEBOARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.chdir(ROOT)
     return tmp_path
 
