@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from finetune_core import engine
 from finetune_core.config import ConfigError
 from finetune_core.jobs import JobManager, wait_until
 from finetune_core.runs import RunDir
@@ -18,7 +19,7 @@ class FakeTrainer:
         self.release = threading.Event()
         self.lock = threading.Lock()
 
-    def __call__(self, config, run, on_event=None, stop_event=None, resume=False, cache_dir=None):
+    def __call__(self, config, run, on_event=None, stop_event=None, **options):
         with self.lock:
             self.started.append(config.name)
         run.write_status(state="running")
@@ -113,14 +114,31 @@ def test_bad_settings_are_refused_before_anything_is_created(tiny_config, tmp_pa
     assert list((tmp_path / "runs").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_real_run_through_the_manager_then_resume(tiny_config, tmp_path, cache_dir):
-    mgr = JobManager(tmp_path / "runs", cache_dir=cache_dir)
-    run_id = mgr.submit(tiny_config.replace(epochs=10, device="cpu"))
-    assert wait_until(lambda: (mgr.job(run_id)["last_event"].get("step", 0) >= 4), timeout=120)
+    reached_step_4 = threading.Event()
+
+    def train_holding_at_step_4(config, run, on_event=None, stop_event=None, **options):
+        """engine.train, except that the first attempt waits at step 4 until it is told to stop:
+        the stop then lands mid-run on any machine, however fast."""
+        def hold(event):
+            on_event(event)
+            if event.get("kind") == "batch" and event.get("step") == 4 and not options.get("resume"):
+                reached_step_4.set()
+                stop_event.wait(60)
+
+        return engine.train(config, run, on_event=hold, stop_event=stop_event, **options)
+
+    mgr = JobManager(tmp_path / "runs", cache_dir=cache_dir, train_fn=train_holding_at_step_4)
+    run_id = mgr.submit(tiny_config.replace(epochs=3))  # 3 batches an epoch: step 4 is in epoch 2
+    assert reached_step_4.wait(120)
     mgr.stop(run_id)
-    assert mgr.wait(run_id, 60)["state"] == "stopped"
+    job = mgr.wait(run_id, 60)
+    assert job["state"] == "stopped", job["message"]
+    stopped = RunDir(job["path"]).read_metrics()
+    assert stopped[stopped["kind"] == "batch"]["step"].max() == 4
     mgr.resume(run_id)
     job = mgr.wait(run_id, 120)
     assert job["state"] == "completed", job["message"]
     metrics = RunDir(job["path"]).read_metrics()
-    assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == list(range(1, 11))
+    assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == [1, 2, 3]
