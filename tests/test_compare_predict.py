@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 import zipfile
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, charts, page, plotly_array
+from conftest import charts, make_tiny_dataset, page, plotly_array, tiny_train_config
 from finetune_core import analysis
+from finetune_core.__main__ import main as cli_main
 from finetune_core.engine import train
 from finetune_core.predict import Predictor, bundle_zip_bytes, export_bundle
 from finetune_core.runs import RunDir, list_runs
@@ -46,13 +46,32 @@ def test_gallery_filters_and_sorts():
     assert list(only_a["confidence"]) == [.6, .8, .9]
 
 
-@pytest.fixture
-def finished_runs(tiny_config, tmp_path):
-    runs = tmp_path / "runs"
-    train(tiny_config.replace(name="fine", epochs=2), runs / "20260101-000000-fine", cache_dir="")
-    train(tiny_config.replace(name="single", param_groups=False, lr=0.02, epochs=2), runs / "20260101-000001-single",
-          cache_dir="")
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """Two finished tiny runs in one group that differ in lr and param_groups, trained once for the
+    module. Tests read them; a test that changes runs works on a copy (dashboard_runs)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    config = tiny_train_config(make_tiny_dataset(tmp / "tiny"), epochs=2, group="g1")
+    runs = tmp / "runs"
+    train(config.replace(name="fine"), runs / "20260101-000000-fine", cache_dir="")
+    train(config.replace(name="single", param_groups=False, lr=0.02), runs / "20260101-000001-single", cache_dir="")
     return runs
+
+
+def copy_runs(src, dst):
+    """A private copy of a runs folder. Checkpoints are hard links: they are only ever replaced
+    (written aside, then renamed), never changed in place, so the shared ones stay intact."""
+    def link_checkpoints(source, target):
+        if source.endswith((".pt", ".safetensors")):
+            try:
+                os.link(source, target)
+                return target
+            except OSError:
+                pass
+        return shutil.copy2(source, target)
+
+    shutil.copytree(src, dst, copy_function=link_checkpoints)
+    return dst
 
 
 def test_run_labels_are_unique_when_names_repeat():
@@ -63,6 +82,7 @@ def test_run_labels_are_unique_when_names_repeat():
     assert analysis.run_labels(infos) == {"1-x": "resnet18 · 1-x", "2-x": "resnet18 · 2-x", "3-y": "other"}
 
 
+@pytest.mark.slow
 def test_compare_table_marks_the_settings_that_differ(finished_runs):
     table, differing = analysis.compare_table(list_runs(finished_runs))
     assert set(differing) == {"lr", "param_groups"}
@@ -71,7 +91,8 @@ def test_compare_table_marks_the_settings_that_differ(finished_runs):
     assert set(metrics["run"]) == {"fine", "single"} and (metrics["kind"] == "epoch").sum() == 4
 
 
-def test_export_bundle_reloads_with_equal_outputs(finished_runs, tmp_path):
+@pytest.mark.slow
+def test_export_bundle_reloads_with_equal_outputs(finished_runs, tmp_path, capsys):
     run = finished_runs / "20260101-000000-fine"
     original = Predictor.from_run(run)
     bundle = export_bundle(run, tmp_path / "bundle")
@@ -90,15 +111,16 @@ def test_export_bundle_reloads_with_equal_outputs(finished_runs, tmp_path):
     (tmp_path / "bundle.zip").write_bytes(bundle_zip_bytes(bundle))
     assert zipfile.is_zipfile(tmp_path / "bundle.zip")
     image = pd.read_csv(run / "predictions.csv")["path"][0]
-    out = subprocess.run([sys.executable, "-m", "finetune_core", "predict", "--run", str(tmp_path / "bundle.zip"),
-                          image, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    top = json.loads(out.stdout)[0]["top"]
+    code = cli_main(["predict", "--run", str(tmp_path / "bundle.zip"), image, "--json"])  # in-process
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    top = json.loads(out.out)[0]["top"]
     live = original.predict_files([image], top_k=2)[0].top
     assert top[0]["class"] == live[0][0] and top[0]["probability"] == pytest.approx(live[0][1], abs=1e-5)
 
 
-def test_predict_refuses_what_is_not_an_image(finished_runs, tmp_path):
+@pytest.mark.slow
+def test_predict_refuses_what_is_not_an_image(finished_runs):
     predictor = Predictor.from_run(finished_runs / "20260101-000000-fine")
     assert "not an image" in predictor.predict_bytes(b"hello, I am text", "notes.txt").error
     assert "empty" in predictor.predict_bytes(b"", "nothing.png").error
@@ -110,14 +132,12 @@ def test_predict_refuses_what_is_not_an_image(finished_runs, tmp_path):
 
 
 @pytest.fixture
-def dashboard_runs(dashboard_env, tiny_config):
-    runs = dashboard_env / "runs"
-    train(tiny_config.replace(name="fine", epochs=2, group="g1"), runs / "20260101-000000-fine", cache_dir="")
-    train(tiny_config.replace(name="single", param_groups=False, epochs=2, group="g1"),
-          runs / "20260101-000001-single", cache_dir="")
-    return runs
+def dashboard_runs(dashboard_env, finished_runs):
+    """The finished runs, copied into this test's own runs folder (the pages rename and delete)."""
+    return copy_runs(finished_runs, dashboard_env / "runs")
 
 
+@pytest.mark.slow
 def test_compare_page_overlays_runs_and_highlights_differences(dashboard_runs):
     at = page("pages/2_Compare.py").run()
     assert not at.exception
@@ -129,7 +149,8 @@ def test_compare_page_overlays_runs_and_highlights_differences(dashboard_runs):
     assert charts(at)[0]["layout"]["xaxis"]["title"]["text"] == "elapsed s"
 
 
-def test_compare_page_renames_tags_and_deletes_after_asking(dashboard_runs):
+@pytest.mark.slow
+def test_compare_page_renames_tags_and_deletes_after_asking(dashboard_runs, finished_runs):
     at = page("pages/2_Compare.py").run()
     target = at.selectbox(key="manage_run").value
     at.text_input(key=f"name-{target}").set_value("renamed")
@@ -141,15 +162,19 @@ def test_compare_page_renames_tags_and_deletes_after_asking(dashboard_runs):
     at.checkbox(key=f"sure-{target}").check().run()
     at.button(key="delete_run").click().run()
     assert not (dashboard_runs / target).exists()
+    assert (finished_runs / target / "checkpoint_last.pt").is_file()  # the shared original is untouched
 
 
+@pytest.mark.slow
 def test_predict_page_gallery_confusion_and_uploads(dashboard_runs):
     at = page("pages/3_Predict.py").run()
     assert not at.exception
     heatmap = [c for c in charts(at) if c["data"][0]["type"] == "heatmap"][0]
-    preds = pd.read_csv(dashboard_runs / at.selectbox(key="predict_run").value / "predictions.csv")
+    run = dashboard_runs / at.selectbox(key="predict_run").value
+    preds = pd.read_csv(run / "predictions.csv")
     assert plotly_array(heatmap["data"][0]["z"]).sum() == len(preds)
-    assert len(at.dataframe) >= 1
+    per_class = at.dataframe[0].value  # the per-class metrics under the confusion matrix
+    assert list(per_class["class"]) == ["cat", "dog"] and per_class["support"].sum() == len(preds)
 
     import sklearn.datasets
 
@@ -160,8 +185,12 @@ def test_predict_page_gallery_confusion_and_uploads(dashboard_runs):
     at.run()
     assert not at.exception
     answers = [m.value for m in at.markdown if "flower.jpg" in m.value]
-    assert answers and ("cat" in answers[0] or "dog" in answers[0]) and "%" in answers[0]
+    best, probability = Predictor.from_run(run).predict_files([photo], top_k=1)[0].top[0]
+    other = ({"cat", "dog"} - {best}).pop()
+    assert len(answers) == 1 and best in answers[0] and other not in answers[0], answers  # what the model says
+    assert f"{probability:.1%}" in answers[0], answers
     assert any("notes.txt" in e.value and "not an image" in e.value for e in at.error)
 
     at.button(key="build_bundle").click().run()
-    assert at.get("download_button")
+    assert not at.exception
+    assert [b.proto.label for b in at.get("download_button")] == ["Download bundle.zip"]
