@@ -49,16 +49,17 @@ class ProgressBar:
     """The run's progress on stderr: a tqdm bar (preparation, then batches, with the time left)
     and one line per finished epoch."""
 
-    def __init__(self, file=None):
+    def __init__(self, file=None, mininterval: float = 0.1):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=100, file=file or sys.stderr, dynamic_ncols=True, leave=False,
-                        bar_format="{percentage:3.0f}%|{bar}| {desc} {postfix}")
+        self.file = file or sys.stderr
+        self.bar = tqdm(total=100, file=self.file, dynamic_ncols=True, leave=False, mininterval=mininterval,
+                        bar_format="{percentage:3.0f}%|{bar}| {desc}{postfix}")
 
     def __call__(self, event: dict) -> None:
         kind = event.get("kind")
         if kind == "epoch":
-            self.bar.write(f"{event['message']} ({event['images_per_s']:.1f} img/s)")
+            self.bar.write(f"{event['message']} ({event['images_per_s']:.1f} img/s)", file=self.file)
         elif kind in ("batch", "prepare"):
             self.bar.set_description_str(event.get("message", ""), refresh=False)
             if kind == "batch" and event.get("eta_s") is not None:

@@ -1,5 +1,5 @@
-"""The README's promises: CI runs its test command, and the run-directory contract it documents
-is the one the code writes."""
+"""The README's promises: CI runs its test command, the run-directory contract it documents is the
+one the code writes, and its command-line flags and settings are the ones the code defines."""
 from __future__ import annotations
 
 import re
@@ -34,3 +34,37 @@ def test_readme_documents_every_run_file_and_metric_column():
         assert f"`{column}`" in README, column
     for state in runs.STATES:
         assert f"`{state}`" in README, state
+
+
+def readme_train_flags() -> set[str]:
+    """The flags of the README's `train` usage (its lines up to the next command), with
+    `--[no-]x` standing for both `--x` and `--no-x`."""
+    block = next(b for b in bash_blocks(README) if "python -m finetune_core train" in b)
+    lines = block[block.index("python -m finetune_core train"):].splitlines()
+    usage = [lines[0]]
+    for line in lines[1:]:
+        if line.startswith("python -m finetune_core"):
+            break
+        usage.append(line)
+    text = " ".join(usage)
+    flags = set(re.findall(r"(?<![\w\]-])--[a-z][a-z0-9-]*", text))
+    for name in re.findall(r"--\[no-\]([a-z][a-z0-9-]*)", text):
+        flags |= {f"--{name}", f"--no-{name}"}
+    return flags
+
+
+def test_readme_lists_exactly_the_train_commands_flags():
+    from finetune_core.__main__ import subcommand_flags
+
+    documented, actual = readme_train_flags(), subcommand_flags("train")
+    assert documented == actual, f"missing from the README: {sorted(actual - documented)}; " \
+                                 f"not flags: {sorted(documented - actual)}"
+
+
+def test_readme_documents_every_setting():
+    from finetune_core.config import settings
+
+    for name, s in settings().items():
+        assert f"| `{name}` |" in README, name
+        if s.flag_name:
+            assert s.flag_name.removeprefix("--") in README, s.flag_name

@@ -1,0 +1,178 @@
+"""The settings: one definition per setting (TrainConfig's field metadata), and what is derived
+from it: validation worded with the label the user sees, form parsing, presets, what has no
+effect for a given config, and the library's decisions the pages used to make."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from finetune_core import analysis
+from finetune_core.config import (PRESETS, SECTIONS, ConfigError, TrainConfig, compare_settings, config_from_form,
+                                  default_preset, form_settings, inactive_settings, preset_config,
+                                  preset_for_machine, quick_start_config, saved_settings, setting_notes, settings)
+
+
+def test_every_setting_is_defined_once_with_its_label_type_and_section():
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert list(settings()) == fields
+    for name, s in settings().items():
+        assert s.name == name and s.label and s.section in SECTIONS, name
+        assert s.kind in (bool, int, float, str, tuple), name
+        assert s.default == TrainConfig.__dataclass_fields__[name].default
+    assert settings()["lr"].label == "Learning rate" and settings()["lr"].kind is float
+    assert settings()["image_size"].display_label == "Image size (px)"
+    assert "freeze_backbone" not in settings()
+
+
+def test_the_defaults_are_the_books_fine_tuning_run_and_valid():
+    c = TrainConfig(data="x")
+    assert (c.backbone, c.train_stages, c.lr, c.head_lr_mult, c.param_groups, c.loss_reduction) == \
+        ("resnet18", "all", 5e-5, 10.0, True, "sum")
+    assert (c.val_fraction, c.patience, c.label_smoothing, c.tta_flip) == (0.0, 0, 0.0, False)
+    assert c.validate() == {}
+
+
+@pytest.mark.parametrize("changes,field,message", [
+    (dict(lr=-1.0), "lr", "Learning rate must be greater than zero, got -1"),
+    (dict(lr="abc"), "lr", "Learning rate must be a number, got 'abc'"),
+    (dict(epochs=2.5), "epochs", "Epochs must be a whole number, got 2.5"),
+    (dict(param_groups="yes"), "param_groups", "must be on or off"),
+    (dict(momentum=1.0), "momentum", "Momentum must be below 1, got 1"),
+    (dict(weight_decay=-0.1), "weight_decay", "Weight decay must be zero or more"),
+    (dict(image_size=2048), "image_size", "Image size must be at most 1024"),
+    (dict(label_smoothing=1.0), "label_smoothing", "Label smoothing must be below 1"),
+    (dict(val_fraction=0.9), "val_fraction", "Validation fraction must be below 0.9"),
+    (dict(val_fraction=-0.1), "val_fraction", "Validation fraction must be zero or more"),
+    (dict(patience=-1), "patience", "Early-stopping patience must be zero or more"),
+    (dict(tta_flip=1), "tta_flip", "must be on or off"),
+    (dict(train_stages="some"), "train_stages", "Trainable part must be head, all or a number of stages"),
+    (dict(train_stages="0"), "train_stages", "Trainable part must be head, all or a number of stages"),
+    (dict(train_stages=2), "train_stages", "Trainable part must be text"),
+    (dict(backbone="vgg99"), "backbone", "unknown backbone 'vgg99'"),
+    (dict(loss_reduction="max"), "loss_reduction", "Loss over a batch must be 'sum' or 'mean', got 'max'"),
+    (dict(device="tpu"), "device", "Device must be auto, cpu, cuda, cuda:N or mps"),
+    (dict(warmup_epochs=9, epochs=5), "warmup_epochs", "Warm-up epochs must not exceed the epochs (5)"),
+    (dict(mean=(0.5, 0.5)), "mean", "Normalisation mean must be three numbers"),
+    (dict(std=(0.5, 0.0, 0.5)), "std", "Normalisation std must be greater than zero"),
+    (dict(data=""), "data", "Dataset folder must be given"),
+])
+def test_a_wrong_value_is_reported_with_the_label_the_user_sees(changes, field, message):
+    config = TrainConfig(**{"data": "x", **changes})
+    errors = config.validate()  # reports, never raises, whatever the type
+    assert message in errors[field], errors
+    with pytest.raises(ConfigError, match=field):
+        config.check()
+
+
+def test_train_stages_is_checked_against_the_backbones_stages():
+    from finetune_core import models
+
+    n = len(models.stage_names("resnet18"))
+    assert TrainConfig(data="x", train_stages=str(n)).validate() == {}
+    assert TrainConfig(data="x", train_stages="head").validate() == {}
+    too_deep = TrainConfig(data="x", train_stages=str(n + 1)).validate()
+    assert f"from 1 to {n} for resnet18" in too_deep["train_stages"]
+    assert TrainConfig(data="x", backbone="auto", train_stages="3").validate() == {}  # resolved at launch
+
+
+def test_paths_are_checked_when_asked(tmp_path):
+    config = TrainConfig(data=str(tmp_path / "missing"), weights=str(tmp_path / "w.pt"))
+    assert config.validate() == {}
+    errors = config.validate(check_paths=True)
+    assert "no such folder" in errors["data"] and "no such weights file" in errors["weights"]
+
+
+def test_old_run_folders_still_load_and_unknown_settings_are_refused():
+    old = {"data": "x", "lr": 0.01, "freeze_backbone": True}
+    assert TrainConfig.from_dict(old).train_stages == "head"
+    assert TrainConfig.from_dict({**old, "freeze_backbone": False}).train_stages == "all"
+    assert TrainConfig.from_dict(old).freeze_backbone  # the read-only old spelling
+    c = preset_config("fast", data="x", mean=(0.5, 0.5, 0.5))
+    assert TrainConfig.from_dict(c.to_dict()) == c and c.to_dict()["mean"] == [0.5, 0.5, 0.5]
+    with pytest.raises(ConfigError, match="unknown setting"):
+        TrainConfig.from_dict({"data": "x", "learning_rate": 1})
+    assert saved_settings({"lr": 0.1, "freeze_backbone": True, "gone": 1}) == {
+        **TrainConfig().to_dict(), "lr": 0.1, "train_stages": "head", "mean": None, "std": None}
+
+
+def test_the_form_sends_text_and_gets_numbers_or_labelled_errors(tmp_path):
+    config, errors = config_from_form({"data": str(tmp_path), "lr": " 5e-5 ", "epochs": "3", "batch_size": 16.0,
+                                       "label_smoothing": "0.1", "param_groups": False})
+    assert errors == {} and (config.lr, config.epochs, config.batch_size, config.label_smoothing) == (5e-5, 3, 16, 0.1)
+    config, errors = config_from_form({"data": str(tmp_path), "lr": "fast", "epochs": "2.5", "patience": "x"})
+    assert config is None
+    assert errors == {"lr": "Learning rate must be a number, got 'fast'",
+                      "epochs": "Epochs must be a whole number, got '2.5'",
+                      "patience": "Early-stopping patience must be a whole number, got 'x'"}
+    assert "unknown setting" in config_from_form({"data": str(tmp_path), "freeze": True})[1]["freeze"]
+
+
+def test_presets_are_valid_settings_and_name_their_backbone():
+    for name, values in PRESETS.items():
+        assert set(values) <= set(settings()), name
+        assert preset_config(name, data="x").validate() == {}, name
+    for name in ("book-finetune", "book-scratch"):
+        assert (PRESETS[name]["backbone"], PRESETS[name]["train_stages"]) == ("resnet18", "all")
+    fast = preset_config("fast", data="x")
+    assert (fast.backbone, fast.train_stages, fast.feature_views, fast.tta_flip, fast.label_smoothing) == \
+        ("efficientnet_lite0", "2", 4, True, 0.1)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset_config("slow")
+
+
+def test_the_default_preset_is_the_book_on_a_gpu_and_fast_elsewhere():
+    assert default_preset("cuda") == "book-finetune" and default_preset("mps") == "book-finetune"
+    assert default_preset("cpu") == "fast"
+
+
+def test_a_preset_uses_a_backbone_whose_weights_are_here():
+    config, note = preset_for_machine("book-finetune", ["efficientnet_lite0"])
+    assert config.backbone == "efficientnet_lite0" and "resnet18" in note
+    config, note = preset_for_machine("book-finetune", ["resnet18", "efficientnet_lite0"])
+    assert config.backbone == "resnet18" and note == ""
+    config, note = preset_for_machine("book-scratch", [])  # random init needs no weights
+    assert config.backbone == "resnet18" and note == ""
+
+
+def test_the_quick_start_recipe():
+    config = quick_start_config("/data/digits", ["efficientnet_lite0"])
+    assert (config.preset, config.backbone, config.weights, config.image_size, config.data) == \
+        ("fast", "efficientnet_lite0", "auto", 128, "/data/digits")
+    assert config.validate() == {}
+    nothing_offline = quick_start_config("/data/digits", [])
+    assert (nothing_offline.weights, nothing_offline.train_stages) == ("none", "all")
+
+
+def test_what_has_no_effect_says_why():
+    book = TrainConfig(data="x")
+    assert set(inactive_settings(book)) == {"feature_views"}  # every layer trains on fresh crops
+    assert "feature_views" not in inactive_settings(book.replace(warmup_epochs=1))  # warm-up uses cached views
+
+    one_group = inactive_settings(book.replace(param_groups=False))
+    assert one_group["head_lr_mult"] == "one group at the learning rate: the multiplier has no effect"
+
+    head = book.replace(train_stages="head")
+    assert "param_groups" not in inactive_settings(head) and "head_lr_mult" not in inactive_settings(head)
+    assert setting_notes(head)["param_groups"] == "only the head trains: one group, at lr × multiplier"
+    assert "warmup_epochs" in inactive_settings(head) and "feature_views" not in inactive_settings(head)
+    assert "head_lr_mult" in inactive_settings(head.replace(param_groups=False))
+
+    assert "patience" not in inactive_settings(book.replace(patience=2, epochs=10))
+    assert "patience" in inactive_settings(book.replace(patience=4, epochs=5))  # cannot stop before the end
+    assert "test split" in setting_notes(book.replace(patience=2, epochs=10))["patience"]
+    assert set(inactive_settings(book.replace(param_groups="yes", patience="x"))) == {"feature_views"}  # no raise
+
+
+def test_the_form_the_command_line_and_the_compare_table_come_from_the_definitions():
+    from finetune_core.__main__ import subcommand_flags
+
+    flags = subcommand_flags("train")
+    for name, s in settings().items():
+        if s.flag_name:
+            assert s.flag_name in flags, name
+    assert {"--no-param-groups", "--freeze-backbone", "--head-lr-mult", "--runs-dir", "--json", "--quiet"} <= flags
+    assert form_settings() == [n for n, s in settings().items() if s.form]
+    assert "train_stages" in form_settings() and "data" not in form_settings()
+    assert analysis.COMPARE_SETTINGS == compare_settings()
+    assert {"lr", "head_lr_mult", "param_groups", "train_stages", "val_fraction", "tta_flip"} <= set(compare_settings())
