@@ -1,8 +1,9 @@
-"""Command line: scan, train, predict, runs, export (the same engine as the dashboard).
+"""Command line: scan, train, lr-find, predict, runs, export, info (the same engine as the dashboard).
 
     python -m finetune_core scan DATA [--json]
     python -m finetune_core train --data DATA [--preset NAME] [--backbone NAME] ... [--json]
                                   (a flag for every setting: see config.TrainConfig)
+    python -m finetune_core lr-find --data DATA [the train flags] [--steps N] [--json]
     python -m finetune_core predict --run RUN_DIR_OR_BUNDLE IMAGE... [--top-k K] [--json]
     python -m finetune_core runs [--runs-dir DIR] [--json]
     python -m finetune_core export --run RUN_DIR --out DIR
@@ -60,7 +61,7 @@ class ProgressBar:
         kind = event.get("kind")
         if kind == "epoch":
             self.bar.write(f"{event['message']} ({event['images_per_s']:.1f} img/s)", file=self.file)
-        elif kind in ("batch", "prepare"):
+        elif kind in ("batch", "prepare", "lr_find"):
             self.bar.set_description_str(event.get("message", ""), refresh=False)
             if kind == "batch" and event.get("eta_s") is not None:
                 self.bar.set_postfix_str(f"{event['eta_s']:.0f} s left, {event.get('images_per_s', 0):.1f} img/s",
@@ -123,6 +124,41 @@ def _accepted(function, **keywords) -> dict:
 
     params = inspect.signature(function).parameters
     return {k: v for k, v in keywords.items() if k in params}
+
+
+def cmd_lr_find(args) -> int:
+    from .config import ConfigError
+    from .data import scan_dataset
+    from .lr_find import find_lr
+
+    try:
+        config = config_from_args(args).check(check_paths=True)
+    except ConfigError as exc:
+        return fail("invalid settings: " + "; ".join(exc.errors.values()))
+    report = scan_dataset(config.data, test_fraction=config.test_fraction)
+    if not report.usable:
+        return fail(f"no usable dataset: {report.reason()}")
+    progress = None if args.quiet else ProgressBar()
+    try:
+        result = find_lr(config, report=report, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,
+                         on_event=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    every = max(1, len(result.lrs) // 20)
+    print(f"lr        {result.curve}")
+    for lr, loss in list(zip(result.lrs, result.losses))[::every]:
+        print(f"{lr:<9.2g} {loss:.4f}")
+    if result.stopped:
+        print(result.stopped)
+    if result.suggestion is None:
+        print("no suggestion: the loss did not fall over this range")
+    else:
+        print(f"suggested learning rate: {result.suggestion:.2g} (train ... --lr {result.suggestion:.2g})")
+    return 0
 
 
 def cmd_predict(args) -> int:
@@ -245,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a final JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("lr-find", help="sweep the learning rate on what a run would train; suggest one "
+                       "(writes no run folder)")
+    p.add_argument("--preset", choices=list(PRESETS), help="start from a preset; other flags override it")
+    add_setting_flags(p)
+    p.add_argument("--start-lr", type=float, default=1e-6, help="[default: %(default)s]")
+    p.add_argument("--end-lr", type=float, default=1.0, help="[default: %(default)s]")
+    p.add_argument("--steps", type=int, default=60, help="steps of the sweep, at most [default: %(default)s]")
+    p.add_argument("--json", action="store_true", help="print the curve and the suggestion as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("predict", help="classify images with a trained run or an exported bundle")
     p.add_argument("--run", required=True, help="a run folder, or a bundle folder or zip")

@@ -418,8 +418,10 @@ def setting_notes(config: TrainConfig) -> dict[str, str]:
         notes["param_groups"] = "only the head trains: one group, at lr × multiplier"
     elif config.train_stages == "head" and config.param_groups is False:
         notes["param_groups"] = "only the head trains: one group, at lr"
-    if config.val_fraction == 0 and isinstance(config.patience, int) and config.patience > 0:
-        notes["patience"] = "no validation split: early stopping and the best checkpoint watch the test split"
+    if config.val_fraction == 0:
+        notes["val_fraction"] = "no validation split: the best checkpoint is chosen on the test split (the book's way)"
+        if isinstance(config.patience, int) and not isinstance(config.patience, bool) and config.patience > 0:
+            notes["patience"] = "no validation split: early stopping watches the test split"
     return notes
 
 

@@ -99,3 +99,13 @@ def test_the_progress_bar_shows_batches_and_prints_each_epoch():
     text = out.getvalue()
     assert "epoch 1/2, batch 1/4" in text and "12 s left" in text
     assert "epoch 1/2: loss 0.500, train acc 0.800, test acc 0.750 (7.5 img/s)\n" in text
+
+
+def test_lr_find_suggests_a_rate_and_writes_no_run(tiny_dataset, runs_env, capsys):
+    code = main(["lr-find", "--data", str(tiny_dataset), "--backbone", "resnet18", "--weights", "none",
+                 "--loss-reduction", "mean", "--batch-size", "8", "--image-size", "32", "--steps", "8", "--json",
+                 "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and 1 <= len(result["lrs"]) <= 8 and len(result["losses"]) == len(result["lrs"])
+    assert result["lrs"] == sorted(result["lrs"])  # exponentially increasing
+    assert not runs_env.exists()
