@@ -287,6 +287,59 @@ def trainable_summary(backbone: str, train_stages: str, n_classes: int) -> str:
         return ""
 
 
+def lr_finder_section(config: TrainConfig | None, report) -> None:
+    """The learning-rate finder on what this recipe would train: loss against lr, and the
+    suggested rate taken into the form in one click. Runs here, in this page's session."""
+    with st.expander("Find a learning rate", expanded="lr_find" in st.session_state):
+        st.caption("A short sweep: the learning rate grows exponentially, step by step, on exactly what this "
+                   "recipe trains (the head keeps its multiplier), until the loss explodes. The model and the "
+                   "runs folder are left as they were.")
+        if st.button("Run the learning-rate finder", key="lr_find_button",
+                     disabled=config is None or report is None or not report.usable):
+            st.session_state["lr_find"] = run_lr_finder(config, report)
+        found = st.session_state.get("lr_find")
+        if not found:
+            return
+        st.plotly_chart(lr_finder_figure(found), width="stretch", key="lr_find_curve")
+        if found["stopped"]:
+            st.caption(found["stopped"][:1].upper() + found["stopped"][1:] + ".")
+        if found["suggestion"] is None:
+            st.caption("No suggestion: the loss did not fall over this range.")
+        else:
+            st.button(f"Use lr = {found['suggestion']:.2g}", key="lr_find_use", on_click=use_lr,
+                      args=(found["suggestion"],))
+
+
+def run_lr_finder(config: TrainConfig, report) -> dict:
+    from finetune_core.lr_find import find_lr
+
+    bar = st.progress(0.0, text="Preparing the learning-rate finder…")
+
+    def on_event(event: dict) -> None:
+        if event.get("kind") in ("prepare", "lr_find"):
+            bar.progress(min(1.0, float(event.get("progress", 0.0))), text=event.get("message", ""))
+
+    result = find_lr(config, report=report if report.test_fraction == config.test_fraction else None,
+                     on_event=on_event).to_dict()
+    bar.empty()
+    return result
+
+
+def lr_finder_figure(found: dict):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=found["lrs"], y=found["losses"], mode="lines", name=found["curve"]))
+    if found["suggestion"] is not None:
+        fig.add_vline(x=found["suggestion"], line_dash="dash", annotation_text=f"suggested {found['suggestion']:.2g}")
+    fig.update_layout(xaxis_type="log", xaxis_title="learning rate", yaxis_title=found["curve"], height=300,
+                      margin=dict(l=10, r=10, t=30, b=10))
+    return fig
+
+
+def use_lr(lr: float) -> None:
+    st.session_state[key("lr")] = f"{lr:.2g}"
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Launch
 
@@ -356,6 +409,7 @@ def main() -> None:
     st.title("Train")
     data_path, report = dataset_section()
     config, errors = recipe_section(data_path, report)
+    lr_finder_section(config, report)
     launch_section(config, errors, data_path, report)
     st.header("3 · Live")
     live_section()

@@ -108,6 +108,24 @@ def test_the_form_is_drawn_from_the_settings_and_greys_out_what_has_no_effect(da
     assert not at.exception
 
 
+def test_the_lr_finder_draws_its_curve_and_its_suggestion_fills_the_form(dashboard_env):
+    data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.run()
+    at.button(key="lr_find_button").click().run()
+    assert not at.exception
+    curve = next(c for c in charts(at) if c["layout"].get("xaxis", {}).get("type") == "log")
+    assert len(plotly_array(curve["data"][0]["x"])) >= 5
+    assert not list((dashboard_env / "runs").glob("*"))  # the finder writes no run
+
+    at.session_state["lr_find"] = {"lrs": [1e-4, 1e-3, 1e-2], "losses": [1.0, 0.5, 2.0], "raw_losses": [],
+                                   "suggestion": 0.00123, "curve": "training loss", "stopped": ""}
+    at.run()
+    at.button(key="lr_find_use").click().run()  # one click puts the suggestion in the form
+    assert at.text_input(key="f_lr").value == "0.0012"
+
+
 def test_an_unusable_dataset_disables_train(dashboard_env):
     (dashboard_env / "empty" / "only_class").mkdir(parents=True)
     at = use_folder(page("pages/1_Train.py").run(), dashboard_env / "empty")
