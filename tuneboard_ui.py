@@ -116,4 +116,5 @@ def setting_input(s: Setting, key: str, disabled: bool = False, help: str | None
                         min_value=None if low is None else int(low),
                         max_value=None if s.maximum is None else int(s.maximum))
     else:
-        st.text_input(label, key=key, disabled=disabled, help=help, placeholder="optional" if s.name == "name" else None)
+        st.text_input(label, key=key, disabled=disabled, help=help,
+                      placeholder="optional" if s.name == "name" else None)

@@ -23,6 +23,10 @@ import argparse
 import json
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
@@ -74,7 +78,7 @@ class ProgressBar:
         self.bar.close()
 
 
-def config_from_args(args) -> "TrainConfig":  # noqa: F821 - imported lazily
+def config_from_args(args) -> TrainConfig:
     """The train command's settings: the preset (if any), then every flag that was given."""
     from .config import TrainConfig, preset_config, settings
 

@@ -148,8 +148,9 @@ class TrainConfig:
                                  help="epochs of head-only training on cached features before the rest unfreezes")
     # --- model selection and evaluation
     val_fraction: float = setting(0.0, "Validation fraction", section="selection", minimum=0, below=0.9,
-                                  help="the part of the training images held out (stratified, the same files every time) to choose the best "
-                                       "checkpoint and stop early; 0: the book's way, testing every epoch")
+                                  help="the part of the training images held out (stratified, the same files every "
+                                       "time) to choose the best checkpoint and stop early; 0: the book's way, "
+                                       "testing every epoch")
     patience: int = setting(0, "Early-stopping patience", section="selection", minimum=0, step=1, unit="epochs",
                             help="stop after this many epochs without improvement on the validation split (the test "
                                  "split without one); 0: off")

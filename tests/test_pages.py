@@ -70,7 +70,8 @@ def test_train_page_defaults_to_a_working_offline_example(dashboard_env):
 
 
 @pytest.mark.parametrize("field,value,text", [
-    ("f_lr", "-1", "Learning rate must be greater than zero, got -1"), ("f_lr", "abc", "Learning rate must be a number"),
+    ("f_lr", "-1", "Learning rate must be greater than zero, got -1"),
+    ("f_lr", "abc", "Learning rate must be a number"),
     ("f_head_lr_mult", "0", "Head learning-rate multiplier must be greater than zero"),
     ("f_momentum", "1.5", "Momentum must be below 1"),
     ("f_label_smoothing", "1", "Label smoothing must be below 1"),
@@ -91,7 +92,8 @@ def test_the_form_is_drawn_from_the_settings_and_greys_out_what_has_no_effect(da
     from finetune_core.config import form_settings, settings
 
     at = page("pages/1_Train.py").run()
-    labels = {w.label for kind in ("text_input", "number_input", "checkbox", "selectbox", "radio") for w in at.get(kind)}
+    kinds = ("text_input", "number_input", "checkbox", "selectbox", "radio")
+    labels = {w.label for kind in kinds for w in at.get(kind)}
     assert {settings()[n].display_label for n in form_settings()} <= labels
     at.selectbox(key="preset").set_value("book-finetune").run()
     assert at.selectbox(key="f_train_stages").value == "all" and at.text_input(key="f_lr").value == "5e-05"
