@@ -4,6 +4,9 @@ data root and runs folder.
 
 Screenshots of every step go to $TUNEBOARD_SCREENSHOTS (default: artifacts/e2e). The README's
 pictures are made with:  TUNEBOARD_SCREENSHOTS=docs/screenshots python -m pytest tests/test_e2e_browser.py
+
+One server and one browser for the module; every wait is on something the page shows, never a
+fixed sleep (bar the 0.1 s Streamlit's own browser tests allow a widget change to reach the server).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from finetune_core import memory
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def chromium_or_skip() -> str:
@@ -50,8 +53,12 @@ def server(tmp_path_factory):
     # 100 training images per class at batch 2: long enough to watch the curves grow.
     make_dataset(data / "shapes", classes=("red", "blue"), per_class=100, test_per_class=10, size=(48, 48))
     port = free_port()
+    # An empty torch hub, and no GPU: the form's defaults must not depend on weights cached on
+    # this machine, and the test watches a run grow and stops one mid-way, which a GPU would finish
+    # before the page could show it.
     env = {**os.environ, "TUNEBOARD_DATA_ROOT": str(data), "TUNEBOARD_RUNS_DIR": str(tmp / "runs"),
-           "TUNEBOARD_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+           "TUNEBOARD_CACHE": str(tmp / "cache"), "TORCH_HOME": str(tmp / "torch_home"), "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONUNBUFFERED": "1"}
     log = open(tmp / "streamlit.log", "w")
     env = memory.untuned_environ(env)  # serve.py must add the settings itself
     proc = subprocess.Popen([sys.executable, "serve.py", "--server.port", str(port),
@@ -65,11 +72,11 @@ def server(tmp_path_factory):
             if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
                 break
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.2)
     else:
         proc.terminate()
         pytest.fail(f"streamlit did not start: {(tmp / 'streamlit.log').read_text()[-2000:]}")
-    yield {"url": url, "data": data, "tmp": tmp}
+    yield {"url": url, "data": data, "tmp": tmp, "runs": tmp / "runs"}
     proc.terminate()
     try:
         proc.wait(20)
@@ -101,25 +108,35 @@ def shot(page, name: str, scroll_to: str | None = None) -> None:
     if scroll_to:
         page.get_by_text(scroll_to, exact=True).first.scroll_into_view_if_needed()
         page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]')?.scrollBy(0, -20)")
-    page.wait_for_timeout(300)
+    page.wait_for_timeout(150)  # one frame for the scroll to be drawn
     page.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
-POINTS_JS = """Array.from(document.querySelectorAll('.js-plotly-plot'))
-        .map(gd => (gd._fullData || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0))
+# Only the live curves (the Data section's class-count chart has points from the start), and only
+# the named run's traces (right after Train the chart still shows the previous run's).
+LIVE = ".st-key-live_curves .js-plotly-plot"
+
+
+def points_js(run_name: str) -> str:
+    return f"""Array.from(document.querySelectorAll('{LIVE}'))
+        .map(gd => (gd._fullData || []).filter(t => t.name === '{run_name}')
+                                       .reduce((n, t) => n + (t.x ? t.x.length : 0), 0))
         .reduce((a, b) => a + b, 0)"""
 
 
-def plotted_points(page) -> int:
-    """How many points the page's plotly charts hold right now (read from the live charts)."""
-    return page.evaluate(f"() => {POINTS_JS}")
+def plotted_points(page, run_name: str) -> int:
+    """How many points the live curves hold for one run right now (read from the page's charts)."""
+    return page.evaluate(f"() => {points_js(run_name)}")
+
+
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning'][data-test-connection-state='CONNECTED']"
 
 
 def wait_idle(page) -> None:
-    """Until Streamlit has finished the current script run."""
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"] button')",
-                           timeout=60_000)
-    page.wait_for_timeout(400)
+    """Until Streamlit has finished the script run the last action started (as Streamlit's own
+    browser tests wait: a tenth of a second for the change to reach the server, then the state)."""
+    page.wait_for_timeout(100)
+    page.wait_for_selector(IDLE, timeout=60_000)
 
 
 def fill(page, label: str, value: str) -> None:
@@ -129,17 +146,26 @@ def fill(page, label: str, value: str) -> None:
     wait_idle(page)
 
 
-def set_recipe(page, server, param_groups: bool) -> None:
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the select box labelled `label` (typed, as a user can, so that the option
+    is in the list whatever its length)."""
+    box = page.get_by_role("combobox", name=label, exact=True)
+    if box.input_value() == option:
+        return
+    box.click()
+    box.fill(option)
+    page.get_by_role("option", name=option, exact=True).click()
+    wait_idle(page)
+
+
+def set_recipe(page, server, name: str, param_groups: bool) -> None:
     page.get_by_text("A folder path", exact=True).click()
     wait_idle(page)
     fill(page, "Folder", str(server["data"] / "shapes"))
     page.get_by_text("Training images", exact=True).wait_for()
     fill(page, "Learning rate", "0.002")
     fill(page, "Head learning-rate multiplier", "5")
-    freeze = page.get_by_role("checkbox", name="Freeze the pretrained layers (train the head only)", exact=True)
-    if freeze.is_checked():
-        freeze.uncheck(force=True)
-        wait_idle(page)
+    choose(page, "Trainable part", "every layer (the book)")
     groups = page.get_by_role("checkbox", name="Parameter groups (head at lr × multiplier)", exact=True)
     if groups.is_checked() != param_groups:
         groups.set_checked(param_groups, force=True)
@@ -147,6 +173,17 @@ def set_recipe(page, server, param_groups: bool) -> None:
     fill(page, "Image size (px)", "64")
     fill(page, "Batch size", "2")
     fill(page, "Epochs", "1")
+    fill(page, "Run name", name)
+
+
+def selected_run(page, runs_dir):
+    """The run the Predict page shows (its id ends the selected option's text)."""
+    from finetune_core.runs import list_runs
+
+    shown = page.get_by_role("combobox", name="Run", exact=True).input_value()
+    matches = [i for i in list_runs(runs_dir) if shown.strip().endswith(i.id)]
+    assert len(matches) == 1, (shown, [i.id for i in list_runs(runs_dir)])
+    return matches[0]
 
 
 def test_the_dashboard_end_to_end(server, browser_page):
@@ -164,45 +201,43 @@ def test_the_dashboard_end_to_end(server, browser_page):
     # 2. Train: a small dataset, a learning rate and head multiplier, a tiny run; watch it grow.
     page.goto(f"{url}/Train")
     page.get_by_text("1 · Data").wait_for()
-    set_recipe(page, server, param_groups=True)
+    set_recipe(page, server, "e2e-groups", param_groups=True)
     page.get_by_role("button", name="Train", exact=True).click()
-    page.get_by_text("running").first.wait_for()
-    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 2")
-    page.wait_for_function(f"() => ({POINTS_JS}) >= 2", timeout=120_000)  # the first batches are logged
-    first = plotted_points(page)
+    page.get_by_text("e2e-groups running").first.wait_for()
+    page.wait_for_function(f"() => ({points_js('e2e-groups')}) >= 2", timeout=120_000)  # the first batches
+    first = plotted_points(page, "e2e-groups")
     # Two looks at the live chart: it must hold more points later, while the run is still going.
-    page.wait_for_function(f"() => ({POINTS_JS}) > {first}", timeout=60_000)
-    second = plotted_points(page)
+    page.wait_for_function(f"() => ({points_js('e2e-groups')}) > {first}", timeout=60_000)
+    second = plotted_points(page, "e2e-groups")
     shot(page, "02-train-live", scroll_to="3 · Live")
     assert second > first, f"the live curves did not grow ({first} -> {second} points)"
-    assert page.get_by_text("running").first.is_visible()
+    assert page.get_by_text("e2e-groups running").first.is_visible()
 
-    # 6. Reload mid-run: the same job is still shown.
+    # 6. Reload mid-run: a new session finds the same job, still running.
     page.reload()
-    page.get_by_text("running").first.wait_for()
-    page.get_by_text("efficientnet_lite0", exact=False).first.wait_for()
+    page.get_by_text("e2e-groups running").first.wait_for()
     shot(page, "03-train-after-reload", scroll_to="3 · Live")
-    page.get_by_text("completed").first.wait_for(timeout=180_000)
-    page.wait_for_timeout(1500)
+    page.get_by_text("e2e-groups completed").first.wait_for(timeout=180_000)
     shot(page, "04-train-completed", scroll_to="3 · Live")
 
-    # 2b/3. A second run without parameter groups; stop it and see it marked stopped.
-    set_recipe(page, server, param_groups=False)
+    # 2b/3. A second run without parameter groups; stop it once it has trained a few batches.
+    set_recipe(page, server, "e2e-single", param_groups=False)
     page.get_by_role("button", name="Train", exact=True).click()
-    page.get_by_text("running").first.wait_for()
-    page.wait_for_timeout(4000)
-    page.get_by_role("button", name="Stop").first.click()
-    page.get_by_text("stopped", exact=False).first.wait_for(timeout=60_000)
+    page.get_by_text("e2e-single running").first.wait_for()
+    page.wait_for_function(f"() => ({points_js('e2e-single')}) >= 2", timeout=120_000)
+    # The job's own Stop (Streamlit's toolbar has a Stop button too, for the script run).
+    page.locator("[class*='st-key-live-stop-'] button").first.click()
+    page.get_by_text("e2e-single stopped").first.wait_for(timeout=60_000)
     shot(page, "05-train-stopped", scroll_to="3 · Live")
 
     # 4. Compare: both runs overlaid.
     page.goto(f"{url}/Compare")
     page.get_by_text("Compare runs").wait_for()
-    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 1")
-    page.wait_for_timeout(1500)
-    names = page.evaluate("""() => Array.from(new Set(Array.from(document.querySelectorAll('.js-plotly-plot'))
-        .flatMap(gd => (gd.data || []).map(t => t.name))))""")
-    assert len(names) >= 2, names
+    names_js = """() => Array.from(new Set(Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .flatMap(gd => (gd.data || []).map(t => t.name))))"""
+    page.wait_for_function(f"() => ({names_js})().length >= 2")
+    names = page.evaluate(names_js)
+    assert {"e2e-groups", "e2e-single"} <= set(names), names
     shot(page, "06-compare")
 
     # 5. Predict: drop an image, then a text file.
@@ -213,7 +248,13 @@ def test_the_dashboard_end_to_end(server, browser_page):
     page.locator("input[type=file]").first.set_input_files(str(image))
     page.get_by_text("a_red_thing.png:", exact=False).wait_for()
     answer = page.get_by_text("a_red_thing.png:", exact=False).inner_text()
-    assert ("red" in answer or "blue" in answer) and "%" in answer, answer
+    from finetune_core.predict import Predictor
+
+    run = selected_run(page, server["runs"])
+    best, probability = Predictor.from_run(run.path).predict_files([image], top_k=1)[0].top[0]
+    other = ({"red", "blue"} - {best}).pop()
+    assert best in answer and other not in answer.replace("a_red_thing", ""), (answer, run.name, best)
+    assert f"{probability:.1%}" in answer, (answer, probability)
     shot(page, "07-predict")
     notes = server["tmp"] / "notes.txt"
     notes.write_text("this is not an image")
