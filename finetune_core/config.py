@@ -133,6 +133,9 @@ class TrainConfig:
     feature_views: int = setting(1, "Cached augmented views per image", section="learning", minimum=1, step=1,
                                  help="when part of the network is frozen: its output is computed once for each of "
                                       "this many augmented views of every training image, cycled over the epochs")
+    crop_scale: float = setting(0.08, "Smallest random crop", section="learning", above=0, maximum=1,
+                                help="RandomResizedCrop's smallest area, as a fraction of the image (the book: "
+                                     "0.08); larger keeps more of each photo in every augmented view")
     loss_reduction: str = setting("sum", "Loss over a batch", section="learning", choices=LOSS_REDUCTIONS,
                                   help="the book sums the loss (lr 5e-5 with sum ≈ 6.4e-3 with mean at batch 128)")
     label_smoothing: float = setting(0.0, "Label smoothing", section="learning", minimum=0, below=1,

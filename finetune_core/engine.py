@@ -65,6 +65,7 @@ EventCallback = Callable[[Event], None]
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 FEATURE_MEMORY_BUDGET = 4 * 1024**3  # cached activations above this go to a memory-mapped file
+FEATURE_DTYPE = torch.float16        # how cached activations are stored (benchmarks/explore_fast.py --fp32-cache)
 
 
 class StopRequested(Exception):
@@ -288,12 +289,13 @@ def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
 # Batches: augmented images, or cached activations of the frozen bottom
 
 
-def image_batches(data: PreparedData, order: list[int], batch_size: int, image_size: int, rng: random.Random,
-                  device: torch.device, mean, std, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def image_batches(data: PreparedData, order: list[int], config: TrainConfig, rng: random.Random,
+                  device: torch.device, mean, std) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The book's training batches: RandomResizedCrop + flip of each image, normalised."""
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        x = normalize_batch(augment_batch(data, idx, image_size, rng, device), mean, std, channels_last)
+    for start in range(0, len(order), config.batch_size):
+        idx = order[start:start + config.batch_size]
+        images = augment_batch(data, idx, config.image_size, rng, device, config.crop_scale)
+        x = normalize_batch(images, mean, std, config.channels_last)
         yield x, data.train_labels[idx].to(device, non_blocking=True)
 
 
@@ -310,7 +312,7 @@ def tensor_batches(inputs: torch.Tensor, labels: torch.Tensor, order: list[int],
 
 class FeatureCache:
     """Activations of the frozen bottom, computed once per (split, view) and kept in memory in
-    float16 (or in a memory-mapped file above FEATURE_MEMORY_BUDGET). Training views: view 0 is
+    FEATURE_DTYPE, float16 (or in a memory-mapped file above FEATURE_MEMORY_BUDGET). Training views: view 0 is
     the test transform's centre view; views 1, 2, ... are the book's RandomResizedCrop + flip,
     seeded by (seed, view) so a resumed run sees the same ones."""
 
@@ -330,7 +332,8 @@ class FeatureCache:
         if split == "train" and view > 0:
             rng = random.Random(epoch_seed(ctx.config.seed, view, 3))
             indices = ctx.train_idx
-            return len(indices), lambda idx: augment_batch(data, [indices[i] for i in idx], size, rng, ctx.device)
+            return len(indices), lambda idx: augment_batch(data, [indices[i] for i in idx], size, rng, ctx.device,
+                                                           ctx.config.crop_scale)
         if split in ("train", "val"):
             indices = ctx.train_idx if split == "train" else ctx.val_idx
             batch = lambda idx: center_view_batch(data, [indices[i] for i in idx], size, ctx.device)  # noqa: E731
@@ -356,7 +359,7 @@ class FeatureCache:
             idx = list(range(start, min(n, start + cfg.eval_batch_size)))
             x = normalize_batch(images_of(idx), ctx.mean, ctx.std, cfg.channels_last)
             with ctx.autocast():
-                y = self.bottom(x).to(torch.float16).cpu()
+                y = self.bottom(x).to(FEATURE_DTYPE).cpu()
             if out is None:
                 out = self._allocate((n, *y.shape[1:]))
             out[start:start + len(idx)] = y
@@ -366,10 +369,10 @@ class FeatureCache:
         return out
 
     def _allocate(self, shape: tuple) -> torch.Tensor:
-        nbytes = 2 * int(np.prod(shape))
-        total = nbytes + sum(t.numel() * 2 for t in self._cache.values())
+        itemsize = torch.empty((), dtype=FEATURE_DTYPE).element_size()
+        total = itemsize * int(np.prod(shape)) + sum(t.numel() * t.element_size() for t in self._cache.values())
         if total <= FEATURE_MEMORY_BUDGET:
-            return torch.empty(shape, dtype=torch.float16)
+            return torch.empty(shape, dtype=FEATURE_DTYPE)
         import tempfile
 
         folder = Path(self.ctx.cache_dir or tempfile.gettempdir())
@@ -377,7 +380,7 @@ class FeatureCache:
         fd, name = tempfile.mkstemp(dir=folder, prefix="tuneboard-activations-", suffix=".f16")
         os.close(fd)
         self._files.append(Path(name))
-        array = np.memmap(name, dtype=np.float16, mode="w+", shape=shape)
+        array = np.memmap(name, dtype=np.float16 if itemsize == 2 else np.float32, mode="w+", shape=shape)
         return torch.from_numpy(array)
 
     def close(self) -> None:
@@ -510,8 +513,7 @@ def training_batches(ctx: Setup, epoch: int, cache: FeatureCache | None) -> Iter
     gen.shuffle(order)
     if cache is None:
         indices = [ctx.train_idx[i] for i in order]
-        return image_batches(ctx.data, indices, cfg.batch_size, cfg.image_size, gen, ctx.device, ctx.mean, ctx.std,
-                             cfg.channels_last)
+        return image_batches(ctx.data, indices, cfg, gen, ctx.device, ctx.mean, ctx.std)
     inputs = cache.get("train", view=epoch % cfg.feature_views)
     labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)]
     return tensor_batches(inputs, labels, order, cfg.batch_size, ctx.device, cfg.channels_last)

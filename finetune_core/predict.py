@@ -59,7 +59,7 @@ def image_from_bytes(data: bytes, name: str = "image") -> Image.Image:
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, classes: list[str], image_size: int, mean, std,
-                 backbone: str = "", source: str = ""):
+                 backbone: str = "", source: str = "", tta_flip: bool = False):
         self.model = model.eval()
         self.classes = list(classes)
         self.image_size = int(image_size)
@@ -67,6 +67,7 @@ class Predictor:
         self.mean, self.std = tuple(mean), tuple(std)
         self.backbone = backbone
         self.source = source
+        self.tta_flip = bool(tta_flip)  # average the logits of each image and its mirror, as the run evaluated
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -84,7 +85,8 @@ class Predictor:
         model = build_model(cfg["backbone"], len(config["classes"]), weights="none")
         model.load_state_dict(state)
         norm = config["normalisation"]
-        return cls(model, config["classes"], cfg["image_size"], norm["mean"], norm["std"], cfg["backbone"], str(path))
+        return cls(model, config["classes"], cfg["image_size"], norm["mean"], norm["std"], cfg["backbone"], str(path),
+                   tta_flip=cfg.get("tta_flip", False))
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike) -> "Predictor":
@@ -107,7 +109,8 @@ class Predictor:
         model = build_model(meta["backbone"], len(meta["classes"]), weights="none")
         model.load_state_dict(load_file(str(path / "weights.safetensors")))
         pre = meta["preprocessing"]
-        return cls(model, meta["classes"], pre["image_size"], pre["mean"], pre["std"], meta["backbone"], str(path))
+        return cls(model, meta["classes"], pre["image_size"], pre["mean"], pre["std"], meta["backbone"], str(path),
+                   tta_flip=pre.get("tta_flip", False))
 
     @classmethod
     def load(cls, path: str | os.PathLike, checkpoint: str = "last") -> "Predictor":
@@ -127,7 +130,10 @@ class Predictor:
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
         batch = torch.stack([self.preprocess(img) for img in images])
         x = normalize_batch(batch, self.mean, self.std, channels_last=False)
-        return torch.softmax(self.model(x).float(), dim=1)
+        logits = self.model(x).float()
+        if self.tta_flip:
+            logits = (logits + self.model(x.flip(-1)).float()) / 2
+        return torch.softmax(logits, dim=1)
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
         values, indices = probs.topk(min(k, len(self.classes)))
@@ -169,8 +175,11 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
         "format": BUNDLE_FORMAT, "backbone": predictor.backbone, "classes": predictor.classes,
         "preprocessing": {"image_size": predictor.image_size, "resize": predictor.resize,
                           "steps": f"RGB, Resize([{predictor.resize}, {predictor.resize}]) bilinear, "
-                                   f"CenterCrop({predictor.image_size}), scale to [0, 1], Normalize(mean, std)",
-                          "mean": list(predictor.mean), "std": list(predictor.std)},
+                                   f"CenterCrop({predictor.image_size}), scale to [0, 1], Normalize(mean, std)"
+                                   + ("; average the logits with the mirrored image's (tta_flip)"
+                                      if predictor.tta_flip else ""),
+                          "mean": list(predictor.mean), "std": list(predictor.std),
+                          "tta_flip": predictor.tta_flip},
         "source_run": str(Path(run_dir).resolve()),
     }
     (out / "model.json").write_text(json.dumps(meta, indent=2))

@@ -257,13 +257,14 @@ def sample_resized_crop(rng: random.Random, width: int, height: int, scale=(0.08
 
 
 def augment_batch(data: PreparedData, idx: list[int], image_size: int, rng: random.Random,
-                  device: torch.device) -> torch.Tensor:
-    """The book's RandomResizedCrop(S) + RandomHorizontalFlip on a batch: uint8 B x 3 x S x S."""
+                  device: torch.device, crop_scale: float = 0.08) -> torch.Tensor:
+    """The book's RandomResizedCrop(S, scale=(crop_scale, 1)) + RandomHorizontalFlip on a batch:
+    uint8 B x 3 x S x S."""
     side = data.train_side
     boxes, flips = [], []
     for i in idx:
         w, h = (int(v) for v in data.train_sizes[i])
-        top, left, ch, cw = sample_resized_crop(rng, w, h)
+        top, left, ch, cw = sample_resized_crop(rng, w, h, scale=(crop_scale, 1.0))
         sx, sy = side / w, side / h
         boxes.append((left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
         flips.append(rng.random() < 0.5)

@@ -240,3 +240,31 @@ def test_the_suggestion_is_where_the_loss_falls_fastest():
     lrs = [10 ** (-6 + k * 0.25) for k in range(len(losses))]
     assert suggest_lr(lrs, losses) == lrs[6]  # 1.9 -> 1.2 across it: the steepest fall before the minimum
     assert suggest_lr(lrs, [float(k) for k in range(14)]) is None  # never falls
+
+
+def test_prediction_averages_the_mirror_image_when_the_run_did(dataset, weights_file, cache, tmp_path):
+    from finetune_core.predict import Predictor
+
+    train(config_for(dataset, weights_file, epochs=1, train_stages="all", tta_flip=True), tmp_path / "run",
+          cache_dir=cache)
+    predictor = Predictor.from_run(tmp_path / "run")
+    assert predictor.tta_flip
+    preds = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    probs = predictor.predict_files(list(preds["path"]), top_k=2)
+    for (_, row), result in zip(preds.iterrows(), probs):
+        assert dict(result.top)["cat"] == pytest.approx(row["prob_cat"], abs=1e-4)
+    # An image whose mirror looks different: the averaged answer is the average of both logits.
+    from PIL import Image
+
+    from finetune_core.prepare import normalize_batch
+
+    pixels = np.zeros((48, 48, 3), dtype=np.uint8)
+    pixels[:, :16] = (230, 30, 30)
+    pixels[:, 16:] = (20, 40, 220)
+    image = Image.fromarray(pixels)
+    x = normalize_batch(predictor.preprocess(image)[None], predictor.mean, predictor.std, channels_last=False)
+    with torch.no_grad():
+        plain, mirrored = predictor.model(x), predictor.model(x.flip(-1))
+    assert not torch.allclose(plain, mirrored, atol=1e-4)
+    expected = torch.softmax((plain + mirrored) / 2, dim=1)
+    assert torch.allclose(predictor.probabilities([image]), expected, atol=1e-5)
