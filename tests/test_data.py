@@ -127,7 +127,8 @@ def test_image_extensions_are_pillows_readable_formats_in_any_case(tmp_path):
     assert {"netpbm.PPM", "targa.Tga", "icon.ico", "photo.JFIF"} <= used
     by = problems_by_path(report)
     for name in ("scan.pdf", "table.h5", "notes.TXT"):
-        assert [p.problem for p in by[name]] == [f"not an image file (extension '{os.path.splitext(name)[1]}'), skipped"]
+        extension = os.path.splitext(name)[1]
+        assert [p.problem for p in by[name]] == [f"not an image file (extension '{extension}'), skipped"]
     assert not {"netpbm.PPM", "targa.Tga", "icon.ico", "photo.JFIF"} & set(by)
 
 
@@ -208,7 +209,8 @@ def test_few_images_and_imbalance_are_warned(tmp_path):
 
 @pytest.mark.parametrize("build,expected", [
     (lambda r: make_dataset(r, classes=("only",)), "fewer than two classes"),
-    (lambda r: (make_dataset(r), [f.unlink() for f in (r / "test").rglob("*.png")]), "the test split has no usable images"),
+    (lambda r: (make_dataset(r), [f.unlink() for f in (r / "test").rglob("*.png")]),
+     "the test split has no usable images"),
     (lambda r: (r / "a").mkdir(parents=True) or (r / "b").mkdir() or (r / "a" / "x.txt").write_text("x"),
      "no dataset found"),
     (lambda r: [(r / "train" / c).mkdir(parents=True) or (r / "test" / c).mkdir(parents=True) for c in "ab"],
