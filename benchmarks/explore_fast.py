@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=0, help="0: each backbone's native size")
     parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--fp32-cache", action="store_true", help="store cached activations in float32")
     parser.add_argument("--crop-scale", type=float, default=0.0, help="RandomResizedCrop's smallest area "
                         "(0: the setting's default)")
@@ -50,8 +51,8 @@ def main() -> None:
     from finetune_core.models import BACKBONES
     from finetune_core.runs import RunDir
 
-    lines = ["| dataset | backbone | px | stages | lr | head x | best val acc | val acc by epoch | test acc "
-             "(selected) | cache s | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | backbone | px | views | stages | lr | head x | final val acc | best val acc | val acc by "
+             "epoch | test acc (best-val checkpoint) | cache s | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in args.datasets:
         for backbone in args.backbones:
             size = args.image_size or BACKBONES[backbone].native_size
@@ -60,6 +61,7 @@ def main() -> None:
                     config = preset_config("fast", data=str(DATASETS / name), backbone=backbone, image_size=size,
                                            train_stages=stages, feature_views=args.views, epochs=args.epochs,
                                            val_fraction=args.val_fraction, lr=args.lrs[0],
+                                           batch_size=args.batch_size,
                                            **({"crop_scale": args.crop_scale} if args.crop_scale else {}))
                     run = RunDir(scratch)
                     reporter = Reporter(run, None, None)
@@ -87,7 +89,8 @@ def main() -> None:
                             vals = [run_epoch(ctx, e, reporter)["val_acc"] for e in range(args.epochs)]
                             train_s = time.perf_counter() - t1
                             _, test_acc, _ = final_test(ctx, reporter)
-                            line = (f"| {name} | {backbone} | {size} | {stages} | {lr:g} | {mult:g} | {max(vals):.3f} | "
+                            line = (f"| {name} | {backbone} | {size} | {args.views} | {stages} | {lr:g} | {mult:g} | "
+                                    f"{vals[-1]:.3f} | {max(vals):.3f} | "
                                     + " ".join(f"{v:.2f}" for v in vals)
                                     + f" | {test_acc:.3f} | {cache_s:.0f} | {train_s:.0f} |")
                             print(line, flush=True)

@@ -141,6 +141,18 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str,
     return (losses.sum() if reduction == "sum" else losses.mean()), losses
 
 
+AUTO_VIEW_PASSES = 4000  # feature_views 0: about this many image passes through the frozen layers
+MAX_AUTO_VIEWS = 4
+
+
+def views_per_image(config: TrainConfig, n_train: int) -> int:
+    """How many cached views of each training image: the setting, or with 0 (auto) up to 4,
+    fewer for large sets so that the frozen layers' pass stays near AUTO_VIEW_PASSES images."""
+    if config.feature_views:
+        return config.feature_views
+    return max(1, min(MAX_AUTO_VIEWS, AUTO_VIEW_PASSES // max(1, n_train)))
+
+
 def stages_of_epoch(config: TrainConfig, epoch: int) -> str:
     """What trains in this epoch: the head alone during warm-up epochs, then `train_stages`."""
     return "head" if epoch < config.warmup_epochs else config.train_stages
@@ -514,7 +526,7 @@ def training_batches(ctx: Setup, epoch: int, cache: FeatureCache | None) -> Iter
     if cache is None:
         indices = [ctx.train_idx[i] for i in order]
         return image_batches(ctx.data, indices, cfg, gen, ctx.device, ctx.mean, ctx.std)
-    inputs = cache.get("train", view=epoch % cfg.feature_views)
+    inputs = cache.get("train", view=epoch % views_per_image(cfg, len(ctx.train_idx)))
     labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)]
     return tensor_batches(inputs, labels, order, cfg.batch_size, ctx.device, cfg.channels_last)
 

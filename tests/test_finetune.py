@@ -268,3 +268,19 @@ def test_prediction_averages_the_mirror_image_when_the_run_did(dataset, weights_
     assert not torch.allclose(plain, mirrored, atol=1e-4)
     expected = torch.softmax((plain + mirrored) / 2, dim=1)
     assert torch.allclose(predictor.probabilities([image]), expected, atol=1e-5)
+
+
+def test_auto_views_are_four_for_small_sets_and_fewer_for_large_ones():
+    auto = TrainConfig(data="x", feature_views=0)
+    assert [engine.views_per_image(auto, n) for n in (24, 498, 1000, 1500, 2900, 50_000)] == [4, 4, 4, 2, 1, 1]
+    assert engine.views_per_image(auto.replace(feature_views=3), 50_000) == 3  # a number is taken as it is
+
+
+def test_the_fast_preset_trains_part_of_the_network_on_offline_weights():
+    from finetune_core.config import preset_config
+    from finetune_core.models import BACKBONES, cached_weights_path
+
+    fast = preset_config("fast", data="x")
+    assert fast.train_stages not in ("head", "all") and fast.param_groups  # the knobs matter
+    assert BACKBONES[fast.backbone].bundled and cached_weights_path(fast.backbone) is not None
+    assert fast.image_size == BACKBONES[fast.backbone].native_size
