@@ -2,7 +2,6 @@
 Only drawing and gathering input here; computation lives in finetune_core."""
 from __future__ import annotations
 
-import inspect
 
 import streamlit as st
 
@@ -25,13 +24,9 @@ def manager() -> JobManager:
 
 
 def submit(config: TrainConfig, report=None) -> str:
-    """Queue a run; the page's dataset scan goes with it (so the run does not scan again) when the
-    job manager takes one and it was made with the run's test fraction."""
-    jobs = manager()
-    if report is not None and "report" in inspect.signature(jobs.submit).parameters \
-            and getattr(report, "test_fraction", None) == config.test_fraction:
-        return jobs.submit(config, report=report)
-    return jobs.submit(config)
+    """Queue a run; the page's dataset scan goes with it (the run uses it when it fits the settings
+    instead of scanning again)."""
+    return manager().submit(config, report=report)
 
 
 def page(title: str, icon: str = "🔧") -> None:

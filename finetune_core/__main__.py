@@ -87,24 +87,39 @@ def config_from_args(args) -> TrainConfig:
     return preset_config(args.preset, **overrides) if args.preset else TrainConfig(**overrides)
 
 
-def cmd_train(args) -> int:
+class BadInput(Exception):
+    """A refused setting or an unusable dataset: one line on stderr, exit code 2."""
+
+
+def checked_config_and_scan(args):
+    """The settings from the flags, validated, and the dataset's scan (passed on to the engine so
+    that it does not scan again). Raises BadInput before anything is written."""
     from .config import ConfigError
     from .data import scan_dataset
-    from .engine import train
-    from .runs import new_run_dir
 
     try:
         config = config_from_args(args).check(check_paths=True)
     except ConfigError as exc:
-        return fail("invalid settings: " + "; ".join(exc.errors.values()))
+        raise BadInput("invalid settings: " + "; ".join(exc.errors.values())) from None
     report = scan_dataset(config.data, test_fraction=config.test_fraction)
     if not report.usable:
-        return fail(f"no usable dataset: {report.reason()}")
+        raise BadInput(f"no usable dataset: {report.reason()}")
+    return config, report
+
+
+def cmd_train(args) -> int:
+    from .engine import train
+    from .runs import new_run_dir
+
+    try:
+        config, report = checked_config_and_scan(args)
+    except BadInput as exc:
+        return fail(str(exc))
     run = new_run_dir(args.runs_dir, config.name or config.backbone)
     stop = threading.Event()
     progress = None if args.quiet else ProgressBar()
     try:
-        status = train(config, run, on_event=progress, stop_event=stop, **_accepted(train, report=report))
+        status = train(config, run, on_event=progress, stop_event=stop, report=report)
     except KeyboardInterrupt:
         stop.set()
         status = run.read_status()
@@ -122,26 +137,13 @@ def cmd_train(args) -> int:
     return 0 if status.get("state") == "completed" else 1
 
 
-def _accepted(function, **keywords) -> dict:
-    """The keywords `function` takes (the scan report is passed on where the engine accepts it)."""
-    import inspect
-
-    params = inspect.signature(function).parameters
-    return {k: v for k, v in keywords.items() if k in params}
-
-
 def cmd_lr_find(args) -> int:
-    from .config import ConfigError
-    from .data import scan_dataset
     from .lr_find import find_lr
 
     try:
-        config = config_from_args(args).check(check_paths=True)
-    except ConfigError as exc:
-        return fail("invalid settings: " + "; ".join(exc.errors.values()))
-    report = scan_dataset(config.data, test_fraction=config.test_fraction)
-    if not report.usable:
-        return fail(f"no usable dataset: {report.reason()}")
+        config, report = checked_config_and_scan(args)
+    except BadInput as exc:
+        return fail(str(exc))
     progress = None if args.quiet else ProgressBar()
     try:
         result = find_lr(config, report=report, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,

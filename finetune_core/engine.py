@@ -446,11 +446,21 @@ class Setup:
         return "val" if self.val_idx else "test"
 
 
+def report_fits(report: ScanReport | None, config: TrainConfig) -> bool:
+    """Whether a scan the caller made can stand for the run's own: the same folder and, for a
+    folder that Tuneboard splits itself, the same test fraction."""
+    if report is None or not report.usable:
+        return False
+    same_folder = Path(config.data).expanduser().resolve() in (Path(report.root).resolve(),
+                                                                Path(report.root).resolve().parent)
+    return same_folder and (report.layout == "splits" or report.test_fraction == config.test_fraction)
+
+
 def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanReport | None = None,
           cache_dir: str | None = None) -> Setup:
     """Scan (unless the caller already did), build the model and optimiser, decode the images."""
     device = resolve_device(config.device)
-    if report is None:
+    if not report_fits(report, config):
         reporter.prepare("scanning the dataset", force_status=True)
         report = scan_dataset(config.data, test_fraction=config.test_fraction)
     if not report.usable:

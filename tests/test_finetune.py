@@ -284,3 +284,15 @@ def test_the_fast_preset_trains_part_of_the_network_on_offline_weights():
     assert fast.train_stages not in ("head", "all") and fast.param_groups  # the knobs matter
     assert BACKBONES[fast.backbone].bundled and cached_weights_path(fast.backbone) is not None
     assert fast.image_size == BACKBONES[fast.backbone].native_size
+
+
+def test_a_scan_the_caller_made_is_used_instead_of_scanning_again(dataset, weights_file, cache, tmp_path,
+                                                                   monkeypatch):
+    config = config_for(dataset, weights_file, epochs=1, train_stages="head")
+    report = scan_dataset(dataset)
+    assert engine.report_fits(report, config)
+    monkeypatch.setattr(engine, "scan_dataset", lambda *a, **k: pytest.fail("scanned again"))
+    assert train(config, tmp_path / "run", cache_dir=cache, report=report)["state"] == "completed"
+    other = scan_dataset(tmp_path)  # another folder: not the run's dataset
+    assert not engine.report_fits(other, config)
+    assert not engine.report_fits(report, config.replace(data=str(tmp_path)))
