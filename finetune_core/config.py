@@ -259,16 +259,20 @@ def _kind(hint) -> type:
     return tuple  # tuple[float, float, float] | None
 
 
-_SETTINGS: dict[str, Setting] = {}
+def _build_settings() -> dict[str, Setting]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: dataclasses.replace(f.metadata["setting"], name=f.name, kind=_kind(hints[f.name]),
+                                        default=f.default)
+            for f in dataclasses.fields(TrainConfig)}
+
+
+# Built once, at import: the dashboard's script threads only ever read it (a dict filled on first
+# use could be seen half-filled by a second thread).
+_SETTINGS: dict[str, Setting] = _build_settings()
 
 
 def settings() -> dict[str, Setting]:
     """{name: Setting} for every field of TrainConfig, in the order they are defined."""
-    if not _SETTINGS:
-        hints = typing.get_type_hints(TrainConfig)
-        for f in dataclasses.fields(TrainConfig):
-            _SETTINGS[f.name] = dataclasses.replace(f.metadata["setting"], name=f.name, kind=_kind(hints[f.name]),
-                                                    default=f.default)
     return _SETTINGS
 
 

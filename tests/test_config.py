@@ -162,6 +162,26 @@ def test_what_has_no_effect_says_why():
     assert set(inactive_settings(book.replace(param_groups="yes", patience="x"))) == {"feature_views"}  # no raise
 
 
+def test_the_settings_are_complete_at_import_and_safe_to_read_from_threads():
+    """A fresh interpreter: the dashboard's script threads call settings() at once, and a dict
+    filled lazily could be seen half-filled by one of them."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    probe = ("import dataclasses, sys, threading; sys.setswitchinterval(1e-6)\n"
+             "from finetune_core import config\n"
+             "n = len(dataclasses.fields(config.TrainConfig))\n"
+             "complete = len(config._SETTINGS) == n\n"
+             "seen = []\n"
+             "threads = [threading.Thread(target=lambda: seen.append(len(config.settings()))) for _ in range(8)]\n"
+             "[t.start() for t in threads]; [t.join() for t in threads]\n"
+             "print(complete, seen == [n] * 8)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "True True", out.stdout + out.stderr
+
+
 def test_the_form_the_command_line_and_the_compare_table_come_from_the_definitions():
     from finetune_core.__main__ import subcommand_flags
 
