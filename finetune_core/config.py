@@ -240,6 +240,10 @@ class TrainConfig:
             if "weights" not in errors and self.weights not in ("auto", "none") \
                     and not Path(self.weights).expanduser().is_file():
                 report("weights", f"{self.weights}: no such weights file")
+            if "device" not in errors:
+                problem = _device_problem(self.device)
+                if problem:
+                    report("device", problem)
         return errors
 
     def check(self, check_paths: bool = False) -> "TrainConfig":
@@ -342,21 +346,36 @@ def check_value(s: Setting, value) -> str | None:
 
 
 def _train_stages_problem(backbone: str, train_stages: str) -> str | None:
-    """A stage count the backbone does not have (unknown for "auto" until it is resolved)."""
-    if backbone == "auto" or not train_stages.isdigit():
+    """A stage count the backbone does not have; "auto" is checked against the backbone it
+    resolves to on this machine (as the run will resolve it)."""
+    if not train_stages.isdigit():
         return None
     from . import models
 
-    stage_names = getattr(models, "stage_names", None)
-    if stage_names is None:
-        return None
+    resolved = models.resolve_backbone(backbone)[0]
     try:
-        n = len(stage_names(backbone))
+        n = len(models.stage_names(resolved))
     except Exception:  # noqa: BLE001 - a backbone without a known split: the engine says so
         return None
     if int(train_stages) > n:
-        return f"must be head, all or a number of stages from 1 to {n} for {backbone}, got {train_stages!r}"
+        shown = f"auto ({resolved} on this machine)" if backbone == "auto" else backbone
+        return f"must be head, all or a number of stages from 1 to {n} for {shown}, got {train_stages!r}"
     return None
+
+
+def _device_problem(device: str) -> str | None:
+    """A device this machine does not have: cuda without a GPU, cuda:N beyond the GPU count, mps
+    without Apple's GPU."""
+    import torch
+
+    from . import models
+
+    available = models.available_devices()
+    if device in available:
+        return None
+    if device.startswith("cuda:") and "cuda" in available and int(device[5:]) < torch.cuda.device_count():
+        return None
+    return f"{device} is not on this machine; available: {', '.join(available)}"
 
 
 # Settings that older run folders saved and that are now spelled differently.

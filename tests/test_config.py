@@ -73,7 +73,17 @@ def test_train_stages_is_checked_against_the_backbones_stages():
     assert TrainConfig(data="x", train_stages="head").validate() == {}
     too_deep = TrainConfig(data="x", train_stages=str(n + 1)).validate()
     assert f"from 1 to {n} for resnet18" in too_deep["train_stages"]
-    assert TrainConfig(data="x", backbone="auto", train_stages="3").validate() == {}  # resolved at launch
+
+
+def test_train_stages_with_auto_is_checked_against_the_backbone_auto_resolves_to(monkeypatch):
+    from finetune_core import models
+
+    monkeypatch.setattr(models, "resolve_backbone", lambda name: ("resnet18", "") if name == "auto" else (name, ""))
+    n = len(models.stage_names("resnet18"))
+    assert TrainConfig(data="x", backbone="auto", train_stages=str(n)).validate() == {}
+    too_deep = TrainConfig(data="x", backbone="auto", train_stages=str(n + 1)).validate()
+    assert f"from 1 to {n} for auto (resnet18 on this machine), got '{n + 1}'" in too_deep["train_stages"], too_deep
+    assert TrainConfig(data="x", backbone="auto", train_stages="head").validate() == {}
 
 
 def test_paths_are_checked_when_asked(tmp_path):
@@ -81,6 +91,34 @@ def test_paths_are_checked_when_asked(tmp_path):
     assert config.validate() == {}
     errors = config.validate(check_paths=True)
     assert "no such folder" in errors["data"] and "no such weights file" in errors["weights"]
+
+
+def test_a_device_this_machine_lacks_is_refused_when_paths_are_checked(tmp_path, monkeypatch):
+    import torch
+
+    from finetune_core import models
+
+    monkeypatch.setattr(models, "available_devices", lambda: ["auto", "cpu"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for device in ("cuda", "cuda:0", "mps"):
+        config = TrainConfig(data=str(tmp_path), device=device)
+        assert config.validate() == {}  # the value is well formed: only this machine lacks it
+        assert config.validate(check_paths=True)["device"] == \
+            f"Device {device} is not on this machine; available: auto, cpu", device
+    assert TrainConfig(data=str(tmp_path), device="cpu").validate(check_paths=True) == {}
+
+    monkeypatch.setattr(models, "available_devices", lambda: ["auto", "cpu", "cuda", "cuda:0", "cuda:1"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device in ("cuda", "cuda:0", "cuda:1"):
+        assert TrainConfig(data=str(tmp_path), device=device).validate(check_paths=True) == {}, device
+    beyond = TrainConfig(data=str(tmp_path), device="cuda:2").validate(check_paths=True)
+    assert beyond["device"] == "Device cuda:2 is not on this machine; available: auto, cpu, cuda, cuda:0, cuda:1"
+
+    monkeypatch.setattr(models, "available_devices", lambda: ["auto", "cpu", "cuda"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: cuda:0 is it, cuda:1 is not
+    assert TrainConfig(data=str(tmp_path), device="cuda:0").validate(check_paths=True) == {}
+    assert "cuda:1 is not on this machine" in TrainConfig(data=str(tmp_path), device="cuda:1").validate(
+        check_paths=True)["device"]
 
 
 def test_old_run_folders_still_load_and_unknown_settings_are_refused():
@@ -180,6 +218,14 @@ def test_the_settings_are_complete_at_import_and_safe_to_read_from_threads():
              "print(complete, seen == [n] * 8)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "True True", out.stdout + out.stderr
+
+
+def test_the_config_has_no_guards_for_functions_the_model_registry_always_has():
+    import inspect
+
+    from finetune_core import config
+
+    assert "getattr(models" not in inspect.getsource(config)
 
 
 def test_the_form_the_command_line_and_the_compare_table_come_from_the_definitions():
