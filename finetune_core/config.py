@@ -432,6 +432,10 @@ def inactive_settings(config: TrainConfig) -> dict[str, str]:
     if stages == "all" and warmup == 0:
         inactive["feature_views"] = ("the whole network trains on fresh augmented crops every epoch: nothing is "
                                      "cached (views are used only when part of it is frozen, or in warm-up)")
+    # With part of the network frozen, training sees only the cached views: view 0 is the centre
+    # crop, the others random crops. One view: no random crop is ever taken.
+    if stages is not None and stages != "all" and whole(config.feature_views) == 1:
+        inactive["crop_scale"] = "only the centre view of each image is cached (1 view): no random crops are taken"
     # Early stopping watches the validation split, or the test split without one (setting_notes
     # says so); it can only act when it could stop before the last epoch.
     if patience and epochs is not None and patience >= epochs - 1:

@@ -200,6 +200,19 @@ def test_what_has_no_effect_says_why():
     assert set(inactive_settings(book.replace(param_groups="yes", patience="x"))) == {"feature_views"}  # no raise
 
 
+def test_crop_scale_has_no_effect_when_only_the_centre_view_is_cached():
+    book = TrainConfig(data="x")
+    why = "only the centre view of each image is cached (1 view): no random crops are taken"
+    for stages in ("head", "1", "2"):
+        assert inactive_settings(book.replace(train_stages=stages, feature_views=1))["crop_scale"] == why, stages
+        assert "crop_scale" not in inactive_settings(book.replace(train_stages=stages, feature_views=2))
+        assert "crop_scale" not in inactive_settings(book.replace(train_stages=stages, feature_views=0))  # auto: 2-4
+    # every layer trains on fresh random crops after any warm-up
+    assert "crop_scale" not in inactive_settings(book.replace(train_stages="all", feature_views=1))
+    assert "crop_scale" not in inactive_settings(book.replace(train_stages="all", feature_views=1, warmup_epochs=1))
+    assert "crop_scale" not in inactive_settings(book.replace(train_stages="head", feature_views="1"))  # no raise
+
+
 def test_the_settings_are_complete_at_import_and_safe_to_read_from_threads():
     """A fresh interpreter: the dashboard's script threads call settings() at once, and a dict
     filled lazily could be seen half-filled by one of them."""
