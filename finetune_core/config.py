@@ -579,14 +579,19 @@ def config_from_form(values: dict) -> tuple[TrainConfig | None, dict[str, str]]:
 
 def comparison_configs(config: TrainConfig, also_scratch: bool = False, also_single_group: bool = False,
                        group: str = "") -> list[TrainConfig]:
-    """The run and the book's comparisons on the same data: the scratch run (random init, one
-    group, lr 5e-4, every layer) and the same recipe without parameter groups. All share one group."""
+    """The run and the book's comparisons on the same data: the scratch run and the same recipe
+    without parameter groups. All share one group.
+
+    The scratch run is the book's (the book-scratch preset: random init, every layer, one group at
+    lr 5e-4 on a SUMMED loss, batch 128): its rate only means what the book meant with its own loss
+    reduction and batch size, so only what makes it the same experiment comes from this run: the
+    data and its splits (test and validation fractions), the backbone, image size, epochs, device,
+    seed and precision."""
     base_name = config.name or config.backbone
     runs = [config.replace(group=group, name=base_name)]
-    keep = dict(data=config.data, backbone=config.backbone, batch_size=config.batch_size, epochs=config.epochs,
-                image_size=config.image_size, device=config.device, seed=config.seed, precision=config.precision,
-                test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-                loss_reduction=config.loss_reduction, group=group)
+    keep = dict(data=config.data, backbone=config.backbone, image_size=config.image_size, epochs=config.epochs,
+                device=config.device, seed=config.seed, precision=config.precision,
+                test_fraction=config.test_fraction, val_fraction=config.val_fraction, group=group)
     if also_scratch:
         runs.append(preset_config("book-scratch", **keep, name=f"{base_name} (scratch)"))
     if also_single_group:

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from finetune_core import analysis
-from finetune_core.config import (PRESETS, SECTIONS, ConfigError, TrainConfig, compare_settings, config_from_form,
-                                  default_preset, form_settings, inactive_settings, preset_config,
+from finetune_core.config import (PRESETS, SECTIONS, ConfigError, TrainConfig, compare_settings, comparison_configs,
+                                  config_from_form, default_preset, form_settings, inactive_settings, preset_config,
                                   preset_for_machine, quick_start_config, saved_settings, setting_notes, settings)
 
 
@@ -211,6 +211,25 @@ def test_crop_scale_has_no_effect_when_only_the_centre_view_is_cached():
     assert "crop_scale" not in inactive_settings(book.replace(train_stages="all", feature_views=1))
     assert "crop_scale" not in inactive_settings(book.replace(train_stages="all", feature_views=1, warmup_epochs=1))
     assert "crop_scale" not in inactive_settings(book.replace(train_stages="head", feature_views="1"))  # no raise
+
+
+def test_the_scratch_comparison_is_the_books_scratch_run_on_the_same_data():
+    fast = preset_config("fast", data="/d", device="cpu", seed=3, test_fraction=0.3, val_fraction=0.1, epochs=12,
+                         name="mine")
+    run, scratch = comparison_configs(fast, also_scratch=True, group="g")
+    assert run == fast.replace(group="g")
+    book = preset_config("book-scratch")
+    # the book's scratch recipe: summed loss, batch 128, one group at lr 5e-4, random init, every layer
+    for name in ("loss_reduction", "batch_size", "lr", "param_groups", "weights", "train_stages", "momentum",
+                 "schedule", "label_smoothing", "weight_decay", "feature_views", "crop_scale", "tta_flip"):
+        assert getattr(scratch, name) == getattr(book, name), name
+    assert (scratch.loss_reduction, scratch.batch_size, scratch.lr, scratch.param_groups) == ("sum", 128, 5e-4, False)
+    # ...on this run's data, model, hardware and split
+    assert (scratch.data, scratch.backbone, scratch.image_size, scratch.epochs, scratch.device, scratch.seed,
+            scratch.precision, scratch.test_fraction, scratch.val_fraction, scratch.group) == \
+        ("/d", "efficientnet_lite2", 260, 12, "cpu", 3, "bf16", 0.3, 0.1, "g")
+    assert (scratch.preset, scratch.name) == ("book-scratch", "mine (scratch)")
+    assert scratch.validate() == {}
 
 
 def test_the_settings_are_complete_at_import_and_safe_to_read_from_threads():
