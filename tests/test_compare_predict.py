@@ -128,6 +128,55 @@ def test_predict_refuses_what_is_not_an_image(finished_runs):
     assert "over the 25 MB limit" in huge
 
 
+# --- curves ------------------------------------------------------------------------------------
+
+
+def logged_metrics(rows: list[dict]) -> pd.DataFrame:
+    """metrics.csv as a run writes it (every column, empty where a row has no value), read back."""
+    import io
+
+    from finetune_core.runs import METRIC_COLUMNS
+
+    return pd.read_csv(io.StringIO(pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(index=False)))
+
+
+def test_a_run_with_a_validation_split_shows_its_validation_curve_and_final_test_marker():
+    from finetune_core import plots
+
+    batches = [{"kind": "batch", "epoch": e, "loss": 1.0 - e / 4, "train_acc": 0.5 + e / 8, "elapsed_s": e}
+               for e in (0.5, 1.0, 1.5, 2.0)]
+    with_val = logged_metrics(batches + [
+        {"kind": "epoch", "epoch": 1, "loss": 0.7, "train_acc": 0.6, "val_loss": 0.6, "val_acc": 0.7, "elapsed_s": 1.1},
+        {"kind": "epoch", "epoch": 2, "loss": 0.5, "train_acc": 0.7, "val_loss": 0.5, "val_acc": 0.8, "elapsed_s": 2.1},
+        {"kind": "test", "epoch": 2, "test_loss": 0.55, "test_acc": 0.75, "elapsed_s": 2.5}])
+    book = logged_metrics(batches + [
+        {"kind": "epoch", "epoch": 1, "loss": 0.7, "train_acc": 0.6, "test_loss": 0.6, "test_acc": 0.65,
+         "elapsed_s": 1.1},
+        {"kind": "epoch", "epoch": 2, "loss": 0.5, "train_acc": 0.7, "test_loss": 0.5, "test_acc": 0.85,
+         "elapsed_s": 2.1}])
+    fig = plots.overlay_figure({"val run": with_val, "book run": book})
+    accuracy = [t for t in fig.data if t.xaxis == "x3"]
+    by_run = {name: [t for t in accuracy if t.name == name] for name in ("val run", "book run")}
+
+    curve, final = by_run["val run"]
+    assert list(curve.x) == [1, 2] and list(curve.y) == [0.7, 0.8] and "validation acc" in curve.hovertemplate
+    assert curve.mode == "lines+markers"
+    assert final.mode == "markers" and list(final.x) == [2] and list(final.y) == [0.75]
+    assert "final test acc" in final.hovertemplate and final.marker.color == curve.line.color
+    assert not final.showlegend  # one legend entry per run
+
+    (book_curve,) = by_run["book run"]  # without validation: the test accuracy of every epoch, as before
+    assert list(book_curve.x) == [1, 2] and list(book_curve.y) == [0.65, 0.85]
+    assert "test acc" in book_curve.hovertemplate
+    titles = [a.text for a in fig.layout.annotations]
+    assert "validation acc" in titles[2] and "test" in titles[2]
+
+    against_time = [t for t in plots.overlay_figure({"val run": with_val}, x="elapsed_s").data if t.xaxis == "x3"]
+    assert [list(t.x) for t in against_time] == [[1.1, 2.1], [2.5]]
+    only_book = plots.overlay_figure({"book run": book})
+    assert [a.text for a in only_book.layout.annotations] == ["train loss", "train acc", "test acc"]
+
+
 # --- pages -------------------------------------------------------------------------------------
 
 
