@@ -254,17 +254,13 @@ def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes
 
 def resolved_backbone(name: str) -> str:
     """A backbone name, with "auto" resolved to the one this machine would use."""
-    resolve = getattr(models, "resolve_backbone", None)
-    if name != "auto" or resolve is None:
-        return name
-    return resolve(name)[0]
+    return models.resolve_backbone(name)[0]
 
 
 def stage_choices(backbone: str) -> list[str]:
-    choices = getattr(models, "train_stages_choices", None)
     try:
-        return choices(backbone) if choices else ["head", "all"]
-    except (KeyError, ValueError):
+        return models.train_stages_choices(backbone)
+    except (KeyError, ValueError):  # a backbone the registry does not know: validation names it
         return ["head", "all"]
 
 
@@ -278,11 +274,8 @@ def stage_label(value: str) -> str:
 
 @st.cache_data(show_spinner=False)
 def trainable_summary(backbone: str, train_stages: str, n_classes: int) -> str:
-    summary = getattr(models, "trainable_summary", None)
-    if summary is None:
-        return ""
     try:
-        return summary(backbone, train_stages, n_classes=n_classes)
+        return models.trainable_summary(backbone, train_stages, n_classes=n_classes)
     except (KeyError, ValueError, TypeError):
         return ""
 

@@ -128,6 +128,13 @@ def test_the_lr_finder_draws_its_curve_and_its_suggestion_fills_the_form(dashboa
     assert at.text_input(key="f_lr").value == "0.0012"
 
 
+def test_the_train_page_has_no_guards_for_what_the_library_always_has():
+    from conftest import ROOT
+
+    source = (ROOT / "pages" / "1_Train.py").read_text()
+    assert "getattr(models" not in source
+
+
 def test_an_unusable_dataset_disables_train(dashboard_env):
     (dashboard_env / "empty" / "only_class").mkdir(parents=True)
     at = use_folder(page("pages/1_Train.py").run(), dashboard_env / "empty")
