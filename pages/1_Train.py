@@ -7,6 +7,8 @@ what has no effect) live in the library; this file only gathers input and draws.
 """
 from __future__ import annotations
 
+import json
+import logging
 import uuid
 from pathlib import Path
 
@@ -280,19 +282,41 @@ def trainable_summary(backbone: str, train_stages: str, n_classes: int) -> str:
         return ""
 
 
+# Settings the finder's curve does not depend on: the rate it sweeps, and names for display.
+LR_FIND_IGNORES = ("lr", "name", "group", "preset")
+
+
+def lr_finder_key(config: TrainConfig, report) -> str:
+    """What a finder result was computed for: the recipe (its settings as a dict, but for those
+    the sweep does not depend on) and the dataset as scanned. A result for another key is stale."""
+    recipe = {k: v for k, v in config.to_dict().items() if k not in LR_FIND_IGNORES}
+    dataset = {"root": str(report.root), "layout": report.layout, "splits": report.splits}
+    return json.dumps({"recipe": recipe, "dataset": dataset}, sort_keys=True, default=str)
+
+
 def lr_finder_section(config: TrainConfig | None, report) -> None:
     """The learning-rate finder on what this recipe would train: loss against lr, and the
-    suggested rate taken into the form in one click. Runs here, in this page's session."""
-    with st.expander("Find a learning rate", expanded="lr_find" in st.session_state):
+    suggested rate taken into the form in one click. Runs here, in this page's session. Its
+    result (or why it failed) is kept for the recipe and dataset it was computed for, and dropped
+    when either changes."""
+    usable = config is not None and report is not None and report.usable
+    current = lr_finder_key(config, report) if usable else None
+    stored = st.session_state.get("lr_find")
+    if stored is not None and current is not None and stored.get("key") != current:
+        del st.session_state["lr_find"]
+        stored = None
+    with st.expander("Find a learning rate", expanded=stored is not None):
         st.caption("A short sweep: the learning rate grows exponentially, step by step, on exactly what this "
                    "recipe trains (the head keeps its multiplier), until the loss explodes. The model and the "
                    "runs folder are left as they were.")
-        if st.button("Run the learning-rate finder", key="lr_find_button",
-                     disabled=config is None or report is None or not report.usable):
-            st.session_state["lr_find"] = run_lr_finder(config, report)
-        found = st.session_state.get("lr_find")
-        if not found:
+        if st.button("Run the learning-rate finder", key="lr_find_button", disabled=not usable):
+            stored = st.session_state["lr_find"] = {"key": current, **run_lr_finder(config, report)}
+        if stored is None or current is None:  # nothing yet, or the settings have errors: shown once fixed
             return
+        if stored["error"]:
+            st.error(stored["error"], icon="🚫")
+            return
+        found = stored["result"]
         st.plotly_chart(lr_finder_figure(found), width="stretch", key="lr_find_curve")
         if found["stopped"]:
             st.caption(found["stopped"][:1].upper() + found["stopped"][1:] + ".")
@@ -303,8 +327,29 @@ def lr_finder_section(config: TrainConfig | None, report) -> None:
                       args=(found["suggestion"],))
 
 
+def lr_finder_failure(exc: Exception) -> str:
+    """Why the finder failed, in a sentence the page shows instead of a traceback."""
+    from finetune_core.config import ConfigError
+    from finetune_core.models import WeightsError
+
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, WeightsError):
+        return f"The backbone's weights could not be loaded: {exc}"
+    if isinstance(exc, DatasetError):
+        return f"The dataset could not be used: {exc}"
+    if isinstance(exc, ConfigError):
+        return f"Invalid settings: {'; '.join(exc.errors.values())}"
+    if isinstance(exc, MemoryError) or "out of memory" in first_line.lower() or "not enough memory" in \
+            first_line.lower():
+        return f"Out of memory: try a smaller batch size or image size ({first_line or type(exc).__name__})."
+    return f"The learning-rate finder failed: {type(exc).__name__}: {first_line}"
+
+
 def run_lr_finder(config: TrainConfig, report) -> dict:
-    from finetune_core.lr_find import find_lr
+    """The sweep, with a progress bar: {"result": its curve as a dict, "error": None}, or
+    {"result": None, "error": why it failed}. The page's scan goes with it (the engine uses it when
+    it fits the settings)."""
+    from finetune_core import lr_find
 
     bar = st.progress(0.0, text="Preparing the learning-rate finder…")
 
@@ -312,10 +357,15 @@ def run_lr_finder(config: TrainConfig, report) -> dict:
         if event.get("kind") in ("prepare", "lr_find"):
             bar.progress(min(1.0, float(event.get("progress", 0.0))), text=event.get("message", ""))
 
-    result = find_lr(config, report=report if report.test_fraction == config.test_fraction else None,
-                     on_event=on_event).to_dict()
-    bar.empty()
-    return result
+    try:
+        with st.spinner("Running the learning-rate finder…"):
+            result = lr_find.find_lr(config, report=report, on_event=on_event)
+        return {"result": result.to_dict(), "error": None}
+    except Exception as exc:  # noqa: BLE001 - shown as a message; the server log keeps the traceback
+        logging.getLogger(__name__).exception("learning-rate finder failed")
+        return {"result": None, "error": lr_finder_failure(exc)}
+    finally:
+        bar.empty()
 
 
 def lr_finder_figure(found: dict):

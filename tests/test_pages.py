@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -121,11 +122,92 @@ def test_the_lr_finder_draws_its_curve_and_its_suggestion_fills_the_form(dashboa
     assert len(plotly_array(curve["data"][0]["x"])) >= 5
     assert not list((dashboard_env / "runs").glob("*"))  # the finder writes no run
 
-    at.session_state["lr_find"] = {"lrs": [1e-4, 1e-3, 1e-2], "losses": [1.0, 0.5, 2.0], "raw_losses": [],
-                                   "suggestion": 0.00123, "curve": "training loss", "stopped": ""}
-    at.run()
+
+
+class FakeFinder:
+    """finetune_core.lr_find.find_lr's stand-in: records what it was given, returns a fixed curve
+    or raises what it is told to."""
+
+    def __init__(self, suggestion=0.00123):
+        self.suggestion, self.error, self.calls = suggestion, None, []
+
+    def __call__(self, config, report=None, on_event=None, **kwargs):
+        from finetune_core.lr_find import LRFinderResult
+
+        self.calls.append((config, report))
+        if on_event is not None:
+            on_event({"kind": "lr_find", "progress": 0.5, "message": "learning-rate finder: step 1/2"})
+        if self.error is not None:
+            raise self.error
+        return LRFinderResult(lrs=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], losses=[1.0, 0.8, 0.5, 0.4, 2.0],
+                              suggestion=self.suggestion)
+
+
+@pytest.fixture
+def fake_finder(monkeypatch):
+    from finetune_core import lr_find
+
+    finder = FakeFinder()
+    monkeypatch.setattr(lr_find, "find_lr", finder)
+    return finder
+
+
+def finder_curve(at: AppTest):
+    return next((c for c in charts(at) if c["layout"].get("xaxis", {}).get("type") == "log"), None)
+
+
+def test_the_lr_finders_suggestion_fills_the_form_and_it_gets_the_pages_scan(dashboard_env, fake_finder):
+    at = page("pages/1_Train.py").run()
+    at.button(key="lr_find_button").click().run()
+    assert finder_curve(at) is not None and not at.exception
+    config, report = fake_finder.calls[0]
+    assert report is not None and Path(report.root).resolve() == Path(config.data).resolve()  # no second scan
     at.button(key="lr_find_use").click().run()  # one click puts the suggestion in the form
     assert at.text_input(key="f_lr").value == "0.0012"
+    assert finder_curve(at) is not None  # the sweep does not depend on the rate it suggested
+
+
+def test_the_lr_finders_result_is_cleared_when_the_recipe_or_the_dataset_changes(dashboard_env, fake_finder):
+    at = page("pages/1_Train.py").run()
+    at.button(key="lr_find_button").click().run()
+    assert finder_curve(at) is not None
+    at.number_input(key="f_batch_size").set_value(at.number_input(key="f_batch_size").value // 2).run()
+    assert finder_curve(at) is None and "lr_find" not in at.session_state  # computed for another recipe
+    assert not [b for b in at.button if b.key == "lr_find_use"]
+
+    at.button(key="lr_find_button").click().run()
+    assert finder_curve(at) is not None
+    data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
+    use_folder(at, data)
+    assert finder_curve(at) is None and "lr_find" not in at.session_state  # computed for another dataset
+    assert not at.exception
+
+
+def test_the_lr_finders_failures_are_messages_not_tracebacks(dashboard_env, fake_finder):
+    import torch
+
+    from finetune_core.data import DatasetError
+    from finetune_core.models import WeightsUnavailable
+
+    at = page("pages/1_Train.py").run()
+    cases = [(WeightsUnavailable("no ImageNet weights for resnet18: place resnet18-f37072fd.pth in /hub"),
+              "place resnet18-f37072fd.pth in /hub"),
+             (DatasetError("no usable images in /d"), "no usable images in /d"),
+             (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), "Out of memory"),
+             (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9 GB"), "Out of memory"),
+             (RuntimeError("something broke"), "The learning-rate finder failed: RuntimeError: something broke")]
+    for error, text in cases:
+        fake_finder.error = error
+        at.button(key="lr_find_button").click().run()
+        assert not at.exception, (error, at.exception)
+        messages = [e.value for e in at.error]
+        assert any(text in m for m in messages), (error, messages)
+        assert finder_curve(at) is None
+        at.run()  # the message stays until the recipe changes or the finder runs again
+        assert any(text in e.value for e in at.error), error
+    fake_finder.error = None
+    at.button(key="lr_find_button").click().run()
+    assert finder_curve(at) is not None and not any("failed" in e.value for e in at.error)
 
 
 def test_the_train_page_has_no_guards_for_what_the_library_always_has():
@@ -133,6 +215,7 @@ def test_the_train_page_has_no_guards_for_what_the_library_always_has():
 
     source = (ROOT / "pages" / "1_Train.py").read_text()
     assert "getattr(models" not in source
+    assert "report.test_fraction ==" not in source  # the engine decides whether the page's scan fits the run
 
 
 def test_an_unusable_dataset_disables_train(dashboard_env):
@@ -160,7 +243,7 @@ def test_a_tiny_run_launches_shows_progress_and_its_curves(dashboard_env):
     names = {t["name"] for t in spec["data"]}
     assert len(names) == 2 and any("one group" in n for n in names)
     test_acc = [t for t in spec["data"] if t.get("xaxis") == "x3"]
-    assert len(test_acc) == 2 and all(len(plotly_array(t["x"])) == 2 for t in test_acc)  # one test point per epoch per run
+    assert len(test_acc) == 2 and all(len(plotly_array(t["x"])) == 2 for t in test_acc)  # a point an epoch
     from finetune_core.runs import RunDir
 
     configs = [RunDir(r["path"]).read_config()["config"] for r in runs]
