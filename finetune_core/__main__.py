@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify images with a trained run or an exported bundle")
     p.add_argument("--run", required=True, help="a run folder, or a bundle folder or zip")
-    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.add_argument("--checkpoint", choices=["last", "best"], default=None,
+                   help="default: the one the run selected (best on the validation split when it held one out, "
+                        "else the last)")
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true")
@@ -315,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a bundle (safetensors + JSON + torch.export program) of a run")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.add_argument("--checkpoint", choices=["last", "best"], default=None,
+                   help="default: the one the run selected (best on the validation split when it held one out, "
+                        "else the last)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="the device, threads, memory settings and offline backbones")

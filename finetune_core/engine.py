@@ -141,16 +141,17 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str,
     return (losses.sum() if reduction == "sum" else losses.mean()), losses
 
 
-AUTO_VIEW_PASSES = 4000  # feature_views 0: about this many image passes through the frozen layers
-MAX_AUTO_VIEWS = 4
+AUTO_VIEW_PASSES = 4000  # feature_views 0: about this many image passes through the frozen layers...
+MIN_AUTO_VIEWS, MAX_AUTO_VIEWS = 2, 4  # ...but always the centre view and at least one augmented view
 
 
 def views_per_image(config: TrainConfig, n_train: int) -> int:
     """How many cached views of each training image: the setting, or with 0 (auto) up to 4,
-    fewer for large sets so that the frozen layers' pass stays near AUTO_VIEW_PASSES images."""
+    fewer for large sets so that the frozen layers' pass stays near AUTO_VIEW_PASSES images, but
+    never fewer than 2 (the centre view and an augmented one)."""
     if config.feature_views:
         return config.feature_views
-    return max(1, min(MAX_AUTO_VIEWS, AUTO_VIEW_PASSES // max(1, n_train)))
+    return max(MIN_AUTO_VIEWS, min(MAX_AUTO_VIEWS, AUTO_VIEW_PASSES // max(1, n_train)))
 
 
 def stages_of_epoch(config: TrainConfig, epoch: int) -> str:
@@ -164,11 +165,13 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 def save_checkpoint(path: Path, model, optimizer, epoch: int, best_score: float, config: dict,
-                    classes: list[str]) -> None:
-    """Write a checkpoint atomically: it loads with torch.load(..., weights_only=True)."""
+                    classes: list[str], epochs_without_gain: int = 0) -> None:
+    """Write a checkpoint atomically: it loads with torch.load(..., weights_only=True).
+    `best_test_acc` is the best score on the selection split (validation when held out)."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "best_test_acc": best_score,
+                "epochs_without_gain": epochs_without_gain,
                 "config": config, "classes": classes, "format": "tuneboard-checkpoint-1"}, tmp)
     os.replace(tmp, path)
 
@@ -216,12 +219,11 @@ class Reporter:
     """Sends events to the caller, keeps status.json current (at most twice a second) and
     raises StopRequested when the user asked to stop."""
 
-    def __init__(self, run: RunDir, on_event: EventCallback | None, stop_event: threading.Event | None,
-                 elapsed_before: float = 0.0):
+    def __init__(self, run: RunDir, on_event: EventCallback | None, stop_event: threading.Event | None):
         self.run = run
         self.on_event = on_event
         self.stop_event = stop_event or threading.Event()
-        self.t_start = time.perf_counter() - elapsed_before
+        self.t_start = time.perf_counter()
         self._last_status_write = 0.0
 
     def elapsed(self) -> float:
@@ -328,10 +330,9 @@ class FeatureCache:
     the test transform's centre view; views 1, 2, ... are the book's RandomResizedCrop + flip,
     seeded by (seed, view) so a resumed run sees the same ones."""
 
-    def __init__(self, bottom: nn.Module, stages: str, ctx: "Setup", reporter: Reporter):
-        self.bottom, self.stages, self.ctx, self.reporter = bottom, stages, ctx, reporter
+    def __init__(self, bottom: nn.Module, ctx: "Setup", reporter: Reporter):
+        self.bottom, self.ctx, self.reporter = bottom, ctx, reporter
         self._cache: dict[tuple, torch.Tensor] = {}
-        self._files: list[Path] = []
 
     def get(self, split: str, view: int = 0, flip: bool = False) -> torch.Tensor:
         key = (split, view, flip)
@@ -372,6 +373,9 @@ class FeatureCache:
             x = normalize_batch(images_of(idx), ctx.mean, ctx.std, cfg.channels_last)
             with ctx.autocast():
                 y = self.bottom(x).to(FEATURE_DTYPE).cpu()
+            if not torch.isfinite(y).all():
+                raise RuntimeError(f"the frozen layers' output for {what} does not fit {FEATURE_DTYPE} (values "
+                                   "beyond its range or not numbers); train all layers or another backbone")
             if out is None:
                 out = self._allocate((n, *y.shape[1:]))
             out[start:start + len(idx)] = y
@@ -389,17 +393,16 @@ class FeatureCache:
 
         folder = Path(self.ctx.cache_dir or tempfile.gettempdir())
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix="tuneboard-activations-", suffix=".f16")
+        fd, name = tempfile.mkstemp(dir=folder, prefix="tuneboard-activations-", suffix=".bin")
         os.close(fd)
-        self._files.append(Path(name))
-        array = np.memmap(name, dtype=np.float16 if itemsize == 2 else np.float32, mode="w+", shape=shape)
+        try:
+            array = np.memmap(name, dtype=np.float16 if itemsize == 2 else np.float32, mode="w+", shape=shape)
+        finally:
+            os.unlink(name)  # the mapping stays valid; no file is left behind, even if the process is killed
         return torch.from_numpy(array)
 
     def close(self) -> None:
         self._cache.clear()
-        for f in self._files:
-            with contextlib.suppress(OSError):
-                f.unlink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,6 +509,7 @@ def restore(ctx: Setup, reporter: Reporter) -> None:
     ctx.optimizer.load_state_dict(ckpt["optimizer"])
     ctx.start_epoch = int(ckpt["epoch"])
     ctx.best_score = float(ckpt.get("best_test_acc", -1.0))
+    ctx.epochs_without_gain = int(ckpt.get("epochs_without_gain", 0))
     ctx.step = ctx.start_epoch * ctx.batches_per_epoch
     ctx.run.truncate_metrics(ctx.start_epoch)
     metrics = ctx.run.read_metrics()
@@ -524,7 +528,7 @@ def split_for(ctx: Setup, stages: str, reporter: Reporter) -> tuple[nn.Module, F
     if stages == "all":
         return top, None
     if stages not in ctx.caches:
-        ctx.caches[stages] = FeatureCache(bottom, stages, ctx, reporter)
+        ctx.caches[stages] = FeatureCache(bottom, ctx, reporter)
     return top, ctx.caches[stages]
 
 
@@ -642,7 +646,7 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
         status.update(val_acc=sel_acc, val_loss=sel_loss, best_val_acc=ctx.best_score)
     ctx.run.write_status(**status)
     save_checkpoint(ctx.run.file(CHECKPOINT_LAST), ctx.model, ctx.optimizer, epoch + 1, ctx.best_score,
-                    cfg.to_dict(), ctx.classes)
+                    cfg.to_dict(), ctx.classes, ctx.epochs_without_gain)
     if improved:  # the same state: copy the file rather than serialise twice
         tmp = ctx.run.file(f".{CHECKPOINT_BEST}.tmp")
         shutil.copyfile(ctx.run.file(CHECKPOINT_LAST), tmp)
@@ -707,7 +711,8 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
             break
     test_loss, test_acc, logits = final_test(ctx, reporter)
     write_predictions(ctx, logits)
-    fields = {"test_acc": test_acc, "test_loss": test_loss}
+    fields = {"test_acc": test_acc, "test_loss": test_loss,
+              "selected_checkpoint": "best" if ctx.val_idx and ctx.run.file(CHECKPOINT_BEST).exists() else "last"}
     if ctx.val_idx:
         row = {"kind": "test", "epoch": ctx.run.read_status().get("epochs_done", cfg.epochs), "step": ctx.step,
                "test_loss": test_loss, "test_acc": test_acc, "elapsed_s": round(reporter.elapsed(), 3)}
@@ -740,6 +745,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     run.log(f"{'resuming' if resume else 'starting'} run {run.id}")
     reporter = Reporter(run, on_event, stop_event)
     ctx: Setup | None = None
+    interrupted: KeyboardInterrupt | None = None
 
     def summary() -> dict:
         if ctx is None or not ctx.train_seconds:
@@ -755,10 +761,13 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
         fields = fit(ctx, reporter)
         status = run.write_status(state="completed", progress=1.0, eta_s=0, ended_at=now_iso(), **fields,
                                   **summary())
-    except StopRequested:
+    except (StopRequested, KeyboardInterrupt) as exc:
         status = run.write_status(state="stopped", ended_at=now_iso(), message="stopped by the user"
+                                  + (" (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "")
                                   + ("; it can be resumed from its last checkpoint" if run.has_checkpoint() else ""),
                                   **summary())
+        if isinstance(exc, KeyboardInterrupt):
+            interrupted = exc
     except Diverged as exc:
         status = run.write_status(state="diverged", ended_at=now_iso(), message=str(exc), **summary())
     except torch.OutOfMemoryError as exc:
@@ -781,4 +790,6 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     ctx = None  # drop the model, optimiser and decoded images before collecting
     gc.collect()  # the model, optimiser and decoded images, cycles included
     release_memory()  # the tuned allocator keeps a run's peak heap until asked
+    if interrupted is not None:
+        raise interrupted  # Ctrl-C: the run is marked stopped; the program still ends
     return status

@@ -82,17 +82,18 @@ class JobManager:
     def resume(self, run_id: str) -> str:
         """Queue an interrupted or stopped run again; it continues from its last checkpoint."""
         run = RunDir(self.runs_dir / run_id)
-        with self._lock:
-            job = self._jobs.get(run_id)
-            if job is not None and job.state in ("queued", "running"):
-                raise RuntimeError(f"run {run_id} is already {job.state}")
         config = TrainConfig.from_dict(run.read_config()["config"])
-        run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None)
-        return self._enqueue(Job(run_id, run, config, device_key(config.device), resume=True,
-                                 message="waiting for the device (resuming)"))
+        job = Job(run_id, run, config, device_key(config.device), resume=True,
+                  message="waiting for the device (resuming)")
+        with self._lock:  # the check and the queueing at once: two quick clicks queue it once
+            current = self._jobs.get(run_id)
+            if current is not None and current.state in ("queued", "running"):
+                raise RuntimeError(f"run {run_id} is already {current.state}")
+            run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None)
+            return self._enqueue(job)
 
     def _enqueue(self, job: Job) -> str:
-        with self._lock:
+        with self._lock:  # re-entrant: resume() already holds it
             if self._closed:
                 raise RuntimeError("the job manager is shut down")
             self._jobs[job.run_id] = job

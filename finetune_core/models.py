@@ -543,26 +543,6 @@ def parameter_groups(model: nn.Module, backbone: str, lr: float, head_lr_mult: f
     return [{"params": body, "lr": lr, "name": "backbone"}, {"params": head, "lr": head_lr, "name": "head"}]
 
 
-def split_backbone_head(model: nn.Module, backbone: str) -> tuple[nn.Module, nn.Linear]:
-    """(feature extractor, head): the model with its head replaced by Identity, and the head.
-    The extractor shares its parameters with `model`."""
-    import copy
-
-    head = get_head(model, backbone)
-    features = copy.copy(model)  # shallow: shares submodules
-    features._modules = dict(model._modules)
-    # Rebuild the path down to the head with shallow copies so that `model` keeps its head.
-    path = BACKBONES[backbone].head.split(".")
-    parent = features
-    for attr in path[:-1]:
-        child = copy.copy(parent._modules[attr])
-        child._modules = dict(child._modules)
-        parent._modules[attr] = child
-        parent = child
-    parent._modules[path[-1]] = nn.Identity()
-    return features, head
-
-
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():

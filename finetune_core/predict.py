@@ -27,6 +27,12 @@ MAX_IMAGE_BYTES = 25 * 1024 * 1024
 BUNDLE_FORMAT = "tuneboard-bundle-1"
 
 
+def _native_bf16() -> bool:
+    from .engine import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
 class PredictError(ValueError):
     """An image or model that cannot be used; the message names it."""
 
@@ -59,7 +65,7 @@ def image_from_bytes(data: bytes, name: str = "image") -> Image.Image:
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, classes: list[str], image_size: int, mean, std,
-                 backbone: str = "", source: str = "", tta_flip: bool = False):
+                 backbone: str = "", source: str = "", tta_flip: bool = False, bf16: bool = False):
         self.model = model.eval()
         self.classes = list(classes)
         self.image_size = int(image_size)
@@ -68,15 +74,20 @@ class Predictor:
         self.backbone = backbone
         self.source = source
         self.tta_flip = bool(tta_flip)  # average the logits of each image and its mirror, as the run evaluated
+        self.bf16 = bool(bf16) and _native_bf16()  # the run's precision, so answers equal its predictions.csv
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, checkpoint: str = "last") -> "Predictor":
+    def from_run(cls, run_dir: str | os.PathLike, checkpoint: str | None = None) -> "Predictor":
+        """checkpoint: "last", "best", or None for the one the run selected (its best validation
+        checkpoint when it held a validation split out, else the last), which predictions.csv shows."""
         run = RunDir(run_dir)
         try:
             config = run.read_config()
         except FileNotFoundError as exc:
             raise PredictError(f"{run_dir}: not a run folder (no config.json)") from exc
+        if checkpoint is None:
+            checkpoint = run.read_status(default={}).get("selected_checkpoint", "last")
         path = run.file(CHECKPOINT_BEST if checkpoint == "best" else CHECKPOINT_LAST)
         if not path.exists():
             raise PredictError(f"{run_dir}: has no checkpoint yet (the run has not finished an epoch)")
@@ -86,7 +97,7 @@ class Predictor:
         model.load_state_dict(state)
         norm = config["normalisation"]
         return cls(model, config["classes"], cfg["image_size"], norm["mean"], norm["std"], cfg["backbone"], str(path),
-                   tta_flip=cfg.get("tta_flip", False))
+                   tta_flip=cfg.get("tta_flip", False), bf16=config.get("precision") == "bf16 autocast")
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike) -> "Predictor":
@@ -110,10 +121,10 @@ class Predictor:
         model.load_state_dict(load_file(str(path / "weights.safetensors")))
         pre = meta["preprocessing"]
         return cls(model, meta["classes"], pre["image_size"], pre["mean"], pre["std"], meta["backbone"], str(path),
-                   tta_flip=pre.get("tta_flip", False))
+                   tta_flip=pre.get("tta_flip", False), bf16=pre.get("precision") == "bf16 autocast")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, checkpoint: str = "last") -> "Predictor":
+    def load(cls, path: str | os.PathLike, checkpoint: str | None = None) -> "Predictor":
         """A run folder or a bundle (folder or zip)."""
         path = Path(path)
         if not path.exists():
@@ -130,9 +141,10 @@ class Predictor:
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
         batch = torch.stack([self.preprocess(img) for img in images])
         x = normalize_batch(batch, self.mean, self.std, channels_last=False)
-        logits = self.model(x).float()
-        if self.tta_flip:
-            logits = (logits + self.model(x.flip(-1)).float()) / 2
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(x).float()
+            if self.tta_flip:
+                logits = (logits + self.model(x.flip(-1)).float()) / 2
         return torch.softmax(logits, dim=1)
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
@@ -162,7 +174,7 @@ class Predictor:
 # Export
 
 
-def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoint: str = "last") -> Path:
+def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoint: str | None = None) -> Path:
     """Write a bundle folder for a finished run (see the module docstring)."""
     from safetensors.torch import save_file
 
@@ -179,7 +191,8 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
                                    + ("; average the logits with the mirrored image's (tta_flip)"
                                       if predictor.tta_flip else ""),
                           "mean": list(predictor.mean), "std": list(predictor.std),
-                          "tta_flip": predictor.tta_flip},
+                          "tta_flip": predictor.tta_flip,
+                          "precision": "bf16 autocast" if predictor.bf16 else "fp32"},
         "source_run": str(Path(run_dir).resolve()),
     }
     (out / "model.json").write_text(json.dumps(meta, indent=2))

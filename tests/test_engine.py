@@ -97,9 +97,28 @@ def load_lite0_body():
 
 
 def test_warmup_epochs_then_full_fine_tuning(tiny_config, tmp_path, cache_dir):
+    """Epoch 1 trains the head alone (the body is untouched, no body rate is logged); then all of it."""
+    from finetune_core.models import build_model
+
     config = tiny_config.replace(epochs=3, warmup_epochs=1)
-    status = train(config, tmp_path / "run", cache_dir=cache_dir)
+    torch.manual_seed(config.seed)  # the engine seeds the same way before it builds the model
+    initial = build_model("resnet18", 2, "none").state_dict()
+    after_warmup = {}
+
+    def on_event(e):
+        if e["kind"] == "batch" and e["step"] == 4 and not after_warmup:  # 3 batches an epoch
+            after_warmup.update(load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")["model"])
+
+    status = train(config, tmp_path / "run", cache_dir=cache_dir, on_event=on_event)
     assert status["state"] == "completed", status["message"]
+    final = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")["model"]
+    body = [k for k in initial if not k.startswith("fc.") and k.endswith("weight")]
+    assert all(torch.equal(initial[k], after_warmup[k]) for k in body)
+    assert not torch.equal(initial["fc.weight"], after_warmup["fc.weight"])
+    assert not all(torch.equal(initial[k], final[k]) for k in body)
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    batches = metrics[metrics["kind"] == "batch"]
+    assert batches[batches["step"] <= 3]["lr"].isna().all() and batches[batches["step"] > 3]["lr"].notna().all()
     assert list(epoch_rows(tmp_path / "run")["epoch"]) == [1, 2, 3]
 
 

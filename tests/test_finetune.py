@@ -124,7 +124,7 @@ def test_cached_activations_are_the_frozen_layers_output_on_that_views_crop(data
 
 
 def test_a_resumed_partial_run_equals_an_uninterrupted_one(dataset, weights_file, cache, tmp_path):
-    config = config_for(dataset, weights_file, epochs=3, train_stages="1", feature_views=2)
+    config = config_for(dataset, weights_file, epochs=3, train_stages="1", feature_views=2, patience=2)
     train(config, tmp_path / "straight", cache_dir=cache)
     stop = threading.Event()
     status = train(config, tmp_path / "resumed", cache_dir=cache, stop_event=stop,
@@ -229,10 +229,14 @@ def test_the_lr_finder_sweeps_the_trainable_part_and_puts_the_weights_back(datas
 
 
 def test_find_lr_writes_no_run_folder(dataset, weights_file, cache, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path / "..")
+    monkeypatch.setenv("TUNEBOARD_RUNS_DIR", str(tmp_path / "runs"))
+    (tmp_path / "runs").mkdir()
+    before = sorted(p.name for p in (tmp_path / "..").iterdir())
     result = find_lr(config_for(dataset, weights_file, train_stages="head"), cache_dir=cache, steps=8)
     assert len(result.lrs) == len(result.losses) > 0
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / "runs").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "..").iterdir()) == before
 
 
 def test_the_suggestion_is_where_the_loss_falls_fastest():
@@ -272,7 +276,7 @@ def test_prediction_averages_the_mirror_image_when_the_run_did(dataset, weights_
 
 def test_auto_views_are_four_for_small_sets_and_fewer_for_large_ones():
     auto = TrainConfig(data="x", feature_views=0)
-    assert [engine.views_per_image(auto, n) for n in (24, 498, 1000, 1500, 2900, 50_000)] == [4, 4, 4, 2, 1, 1]
+    assert [engine.views_per_image(auto, n) for n in (24, 498, 1000, 1500, 2900, 50_000)] == [4, 4, 4, 2, 2, 2]
     assert engine.views_per_image(auto.replace(feature_views=3), 50_000) == 3  # a number is taken as it is
 
 
@@ -296,3 +300,89 @@ def test_a_scan_the_caller_made_is_used_instead_of_scanning_again(dataset, weigh
     other = scan_dataset(tmp_path)  # another folder: not the run's dataset
     assert not engine.report_fits(other, config)
     assert not engine.report_fits(report, config.replace(data=str(tmp_path)))
+
+
+def test_resume_keeps_the_early_stopping_count(dataset, weights_file, cache, tmp_path, monkeypatch):
+    """Stopped after epoch 3 of 6 with patience 2 and no gain since epoch 2: the resumed run stops
+    after epoch 4, as the uninterrupted one does."""
+    real = engine.evaluate_split
+
+    def scripted(scores):
+        def evaluate_split(ctx, split, stages, reporter):
+            loss, _, logits = real(ctx, split, stages, reporter)
+            return loss, scores[len(ctx.run.read_metrics().query("kind == 'epoch'"))], logits
+        return evaluate_split
+
+    scores = [0.5, 0.7, 0.6, 0.65, 0.9, 0.9]
+    monkeypatch.setattr(engine, "evaluate_split", scripted(scores))
+    config = config_for(dataset, weights_file, epochs=6, patience=2, train_stages="head")
+    stop = threading.Event()
+    train(config, tmp_path / "run", cache_dir=cache, stop_event=stop,
+          on_event=lambda e: e["kind"] == "epoch" and e["epoch"] == 3 and stop.set())
+    status = train(config, tmp_path / "run", cache_dir=cache, resume=True)
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == [1, 2, 3, 4]
+    assert "stopped early after epoch 4" in status["message"]
+
+
+def test_with_a_validation_split_prediction_uses_the_selected_checkpoint(dataset, weights_file, cache, tmp_path,
+                                                                         monkeypatch):
+    from finetune_core.predict import Predictor, export_bundle
+
+    scores = iter([0.9, 0.5, 0.6, 0.0])  # epoch 1 is the best on the validation split (the last: the final test)
+    real = engine.evaluate_split
+    monkeypatch.setattr(engine, "evaluate_split", lambda *a: (lambda r: (r[0], next(scores), r[2]))(real(*a)))
+    status = train(config_for(dataset, weights_file, epochs=3, val_fraction=0.25, train_stages="all",
+                              precision="fp32", lr=0.005, momentum=0.0), tmp_path / "run", cache_dir=cache)
+    assert status["selected_checkpoint"] == "best"
+    best = load_checkpoint(tmp_path / "run" / "checkpoint_best.pt")
+    last = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
+    assert (best["epoch"], last["epoch"]) == (1, 3)
+
+    def same(state, checkpoint):
+        return all(torch.equal(state[k].float(), checkpoint["model"][k].float()) for k in checkpoint["model"])
+
+    bundle = Predictor.load(export_bundle(tmp_path / "run", tmp_path / "bundle"))
+    for predictor in (Predictor.from_run(tmp_path / "run"), bundle):
+        state = predictor.model.state_dict()
+        assert same(state, best) and not same(state, last)
+    assert same(Predictor.from_run(tmp_path / "run", checkpoint="last").model.state_dict(), last)
+
+
+def test_ctrl_c_ends_the_run_stopped_with_its_checkpoint(dataset, weights_file, cache, tmp_path):
+    def on_event(e):
+        if e["kind"] == "batch" and e["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config_for(dataset, weights_file, epochs=3), tmp_path / "run", cache_dir=cache, on_event=on_event)
+    status = RunDir(tmp_path / "run").read_status()
+    assert status["state"] == "stopped" and "Ctrl-C" in status["message"]
+    assert (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+def test_flip_averaging_on_cached_activations_uses_the_mirrored_test_images(dataset, weights_file, cache, tmp_path):
+    config = config_for(dataset, weights_file, train_stages="1", tta_flip=True, channels_last=False)
+    reporter = Reporter(RunDir(tmp_path), None, None)
+    ctx = setup(config, RunDir(tmp_path), reporter, cache_dir=cache)
+    _, features = split_for(ctx, "1", reporter)
+    views, _ = next(iter(engine.evaluation_batches(ctx, "test", features)))
+    assert len(views) == 2
+    bottom, _ = split_model(ctx.model, "resnet18", "1")
+    bottom.eval()
+    x = prepare.normalize_batch(ctx.data.test_images, ctx.mean, ctx.std, channels_last=False)
+    with torch.no_grad():
+        assert torch.allclose(views[0], bottom(x)[:len(views[0])], atol=2e-3)
+        assert torch.allclose(views[1], bottom(x.flip(-1))[:len(views[1])], atol=2e-3)
+
+
+def test_activations_over_the_memory_budget_are_memory_mapped_and_leave_no_file(dataset, weights_file, cache,
+                                                                                 tmp_path, monkeypatch):
+    config = config_for(dataset, weights_file, epochs=2, train_stages="1")
+    in_memory = train(config, tmp_path / "a", cache_dir=cache)
+    monkeypatch.setattr(engine, "FEATURE_MEMORY_BUDGET", 0)
+    folder = tmp_path / "cache-mapped"
+    mapped = train(config, tmp_path / "b", cache_dir=str(folder))
+    assert mapped["state"] == "completed" and mapped["test_acc"] == pytest.approx(in_memory["test_acc"])
+    assert mapped["loss"] == pytest.approx(in_memory["loss"], abs=1e-6)
+    assert not [p for p in folder.iterdir() if p.name.startswith("tuneboard-activations-")]
