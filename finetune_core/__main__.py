@@ -15,12 +15,14 @@ The command starts Python once more with glibc's malloc settings from finetune_c
 Runs go to runs.default_runs_dir() (TUNEBOARD_RUNS_DIR, else runs/ beside the app), as the
 dashboard's do; --runs-dir changes it. `runs` does not import torch.
 
-Exit codes: 0 success, 1 the run did not complete, 2 bad input (one line on stderr).
+Exit codes: 0 success, 1 the run (or the lr-find sweep) did not complete, 2 bad input (one line on stderr
+for both).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 from typing import TYPE_CHECKING
@@ -28,9 +30,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+def one_line(text: str) -> str:
+    """A message on one line (exception texts may span several)."""
+    return " ".join(str(text).split())
+
+
+def fail(message: str, code: int = 2) -> int:
+    """One line on stderr; exit code 2 (bad input) unless told otherwise."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return code
 
 
 def cmd_scan(args) -> int:
@@ -95,13 +103,16 @@ def checked_config_and_scan(args):
     """The settings from the flags, validated, and the dataset's scan (passed on to the engine so
     that it does not scan again). Raises BadInput before anything is written."""
     from .config import ConfigError
-    from .data import scan_dataset
+    from .data import DatasetError, scan_dataset
 
     try:
         config = config_from_args(args).check(check_paths=True)
     except ConfigError as exc:
         raise BadInput("invalid settings: " + "; ".join(exc.errors.values())) from None
-    report = scan_dataset(config.data, test_fraction=config.test_fraction)
+    try:
+        report = scan_dataset(config.data, test_fraction=config.test_fraction)
+    except DatasetError as exc:
+        raise BadInput(str(exc)) from None
     if not report.usable:
         raise BadInput(f"no usable dataset: {report.reason()}")
     return config, report
@@ -137,20 +148,67 @@ def cmd_train(args) -> int:
     return 0 if status.get("state") == "completed" else 1
 
 
-def cmd_lr_find(args) -> int:
-    from .lr_find import find_lr
+MIN_SWEEP_STEPS = 5  # lr_find.suggest_lr needs five points of the curve
 
+
+def sweep_problem(args) -> str | None:
+    """What is wrong with lr-find's own flags (the sweep's range and length), or None."""
+    if args.steps < MIN_SWEEP_STEPS:
+        return f"--steps must be at least {MIN_SWEEP_STEPS} (the suggestion needs five points), got {args.steps}"
+    if not (args.start_lr > 0 and math.isfinite(args.start_lr)):
+        return f"--start-lr must be a number greater than zero, got {args.start_lr:g}"
+    if not (args.end_lr > args.start_lr and math.isfinite(args.end_lr)):
+        return f"--end-lr must be greater than --start-lr ({args.start_lr:g}), got {args.end_lr:g}"
+    return None
+
+
+def lr_find_failure(exc: BaseException) -> tuple[int, str]:
+    """(exit code, message) for a sweep that raised: 2 when the input is at fault (settings, a
+    dataset whose images cannot be used), 1 when the sweep failed."""
+    import torch
+
+    from .config import ConfigError
+    from .data import DatasetError
+    from .models import WeightsError
+
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, ConfigError):
+        return 2, "invalid settings: " + "; ".join(exc.errors.values())
+    if isinstance(exc, DatasetError):
+        return 2, str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return 1, "lr-find interrupted"
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in first_line.lower() \
+            or "not enough memory" in first_line.lower():
+        return 1, f"out of memory: try a smaller batch size or image size ({first_line or type(exc).__name__})"
+    if isinstance(exc, WeightsError):
+        return 1, str(exc)
+    return 1, f"lr-find failed: {type(exc).__name__}: {first_line}"
+
+
+def cmd_lr_find(args) -> int:
+    from . import lr_find
+
+    problem = sweep_problem(args)
+    if problem:
+        return fail(problem)
     try:
         config, report = checked_config_and_scan(args)
     except BadInput as exc:
         return fail(str(exc))
     progress = None if args.quiet else ProgressBar()
+    failure = None
     try:
-        result = find_lr(config, report=report, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,
-                         on_event=progress)
+        result = lr_find.find_lr(config, report=report, start_lr=args.start_lr, end_lr=args.end_lr,
+                                 steps=args.steps, on_event=progress)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line, not a traceback
+        failure = lr_find_failure(exc)
     finally:
         if progress is not None:
             progress.close()
+    if failure is not None:
+        code, message = failure
+        return fail(message, code)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -294,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(p)
     p.add_argument("--start-lr", type=float, default=1e-6, help="[default: %(default)s]")
     p.add_argument("--end-lr", type=float, default=1.0, help="[default: %(default)s]")
-    p.add_argument("--steps", type=int, default=60, help="steps of the sweep, at most [default: %(default)s]")
+    p.add_argument("--steps", type=int, default=60,
+                   help="steps of the sweep, at most (5 or more) [default: %(default)s]")
     p.add_argument("--json", action="store_true", help="print the curve and the suggestion as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_lr_find)

@@ -111,3 +111,50 @@ def test_lr_find_suggests_a_rate_and_writes_no_run(tiny_dataset, runs_env, capsy
     assert code == 0 and 1 <= len(result["lrs"]) <= 8 and len(result["losses"]) == len(result["lrs"])
     assert result["lrs"] == sorted(result["lrs"])  # exponentially increasing
     assert not runs_env.exists()
+
+
+def lr_find_args(data, *args: str) -> list[str]:
+    return ["lr-find", "--data", str(data), "--backbone", "resnet18", "--weights", "none", "--batch-size", "8",
+            "--image-size", "32", "--quiet", *args]
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--steps", "4"], "--steps must be at least 5 (the suggestion needs five points), got 4"),
+    (["--start-lr", "0"], "--start-lr must be a number greater than zero, got 0"),
+    (["--start-lr", "0.1", "--end-lr", "0.01"], "--end-lr must be greater than --start-lr (0.1), got 0.01"),
+    (["--lr", "-1"], "Learning rate must be greater than zero"),
+])
+def test_lr_find_refuses_bad_input_in_one_line(tiny_dataset, capsys, monkeypatch, args, text):
+    from finetune_core import lr_find
+
+    def never(*a, **k):
+        raise AssertionError("the sweep must not start")
+
+    monkeypatch.setattr(lr_find, "find_lr", never)
+    assert main(lr_find_args(tiny_dataset, *args)) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and text in captured.err, captured.err
+    assert captured.out == ""
+
+
+def test_lr_find_reports_a_failure_in_one_line(tiny_dataset, capsys, monkeypatch):
+    import torch
+
+    from finetune_core import lr_find
+    from finetune_core.data import DatasetError
+    from finetune_core.models import WeightsUnavailable
+
+    cases = [(WeightsUnavailable("no ImageNet weights for resnet18: place resnet18-f37072fd.pth in /hub"), 1,
+              "place resnet18-f37072fd.pth in /hub"),
+             (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nGPU 0 has ..."), 1,
+              "out of memory: try a smaller batch size or image size (CUDA out of memory. Tried to allocate 2.00 GiB)"),
+             (RuntimeError("something broke\nwith details"), 1, "lr-find failed: RuntimeError: something broke"),
+             (DatasetError("no usable images in the training split"), 2, "no usable images in the training split")]
+    for error, code, text in cases:
+        def failing(*a, error=error, **k):
+            raise error
+
+        monkeypatch.setattr(lr_find, "find_lr", failing)
+        assert main(lr_find_args(tiny_dataset)) == code, error
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and text in err, err
