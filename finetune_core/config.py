@@ -66,7 +66,7 @@ class Setting:
     required: bool = False             # a flag the command line requires
     form: bool = True                  # drawn in the Train page's recipe form
     compare: bool = True               # a column of the Compare table
-    # Filled in from the dataclass field by `settings()`:
+    # Filled in from the dataclass field when the settings are built (at import):
     name: str = ""
     kind: type = str                   # bool, int, float, str, or tuple (three numbers or None)
     default: Any = None
