@@ -144,7 +144,10 @@ class TrainConfig:
                                      help="0: the book's plain cross-entropy")
     # --- optimiser and schedule
     batch_size: int = setting(128, "Batch size", section="optimiser", minimum=1, maximum=4096, step=8)
-    epochs: int = setting(5, "Epochs", section="optimiser", minimum=1, maximum=1000, step=1)
+    epochs: int = setting(5, "Epochs", section="optimiser", minimum=0, maximum=1000, step=1,
+                          help="0: auto, when part of the network is frozen: 30 for small sets, fewer for large "
+                               "ones (about 15,000 training images seen in all, at least 6 epochs); with every "
+                               "layer training, 5")
     weight_decay: float = setting(1e-3, "Weight decay", section="optimiser", minimum=0)
     momentum: float = setting(0.0, "Momentum", section="optimiser", minimum=0, below=1,
                               help="SGD momentum; the book uses none")
@@ -222,7 +225,7 @@ class TrainConfig:
             if name not in errors:
                 errors[name] = f"{settings()[name].label} {problem}"
 
-        if not {"warmup_epochs", "epochs"} & set(errors) and self.warmup_epochs > self.epochs:
+        if not {"warmup_epochs", "epochs"} & set(errors) and self.epochs and self.warmup_epochs > self.epochs:
             report("warmup_epochs", f"must not exceed the epochs ({self.epochs}), got {self.warmup_epochs}")
         if "train_stages" not in errors and "backbone" not in errors:
             problem = _train_stages_problem(self.backbone, self.train_stages)
@@ -474,7 +477,7 @@ PRESETS: dict[str, dict] = {
     # augmented views of the frozen bottom's output, with an ImageNet backbone that works offline.
     "fast": dict(backbone="efficientnet_lite2", weights="auto", train_stages="1", feature_views=0, lr=0.003,
                  head_lr_mult=10.0, param_groups=True, loss_reduction="mean", label_smoothing=0.1,
-                 batch_size=64, epochs=30, weight_decay=1e-3, momentum=0.9, schedule="cosine", warmup_epochs=0,
+                 batch_size=64, epochs=0, weight_decay=1e-3, momentum=0.9, schedule="cosine", warmup_epochs=0,
                  val_fraction=0.0, tta_flip=True, image_size=260, precision="bf16", crop_scale=0.08),
 }
 

@@ -154,6 +154,31 @@ def views_per_image(config: TrainConfig, n_train: int) -> int:
     return max(MIN_AUTO_VIEWS, min(MAX_AUTO_VIEWS, AUTO_VIEW_PASSES // max(1, n_train)))
 
 
+AUTO_TRAIN_IMAGES = 15_000  # epochs 0 with part of the network frozen: about this many images seen...
+MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 6, 30  # ...in at least 6 and at most 30 epochs
+AUTO_EPOCHS_ALL_LAYERS = 5  # epochs 0 with every layer training: the book's 5
+
+
+def resolve_auto(config: TrainConfig, report: ScanReport | None = None) -> TrainConfig:
+    """The settings with every `auto` made concrete: the backbone ("auto": the best one whose
+    weights are here), and, once the dataset's size is known from its scan, epochs 0 and
+    feature_views 0. config.json, the pages and a resumed run then see the numbers in force."""
+    if config.backbone == "auto":
+        config = config.replace(backbone=resolve_backbone("auto")[0])
+    if report is None or not report.usable:
+        return config
+    n_train = max(1, round(len(report.samples.get("train", [])) * (1 - config.val_fraction)))
+    if config.epochs == 0:
+        if config.train_stages == "all":
+            epochs = AUTO_EPOCHS_ALL_LAYERS
+        else:
+            epochs = min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, round(AUTO_TRAIN_IMAGES / n_train)))
+        config = config.replace(epochs=max(epochs, config.warmup_epochs))
+    if config.feature_views == 0:
+        config = config.replace(feature_views=views_per_image(config, n_train))
+    return config
+
+
 def stages_of_epoch(config: TrainConfig, epoch: int) -> str:
     """What trains in this epoch: the head alone during warm-up epochs, then `train_stages`."""
     return "head" if epoch < config.warmup_epochs else config.train_stages
@@ -468,6 +493,7 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
         report = scan_dataset(config.data, test_fraction=config.test_fraction)
     if not report.usable:
         raise DatasetError(f"dataset not usable: {report.reason()}")
+    config = resolve_auto(config, report)
     if device.type == "cpu":
         run.log(describe_memory())
     torch.manual_seed(config.seed)
@@ -736,9 +762,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     the state (completed, stopped, failed, diverged) and message are in the returned status and
     in status.json. Raises ConfigError for invalid settings before writing anything. `report`: the
     dataset's scan when the caller already has it (it is not scanned again)."""
-    config.check()
-    if config.backbone == "auto":
-        config = config.replace(backbone=resolve_backbone("auto")[0])
+    config = resolve_auto(config.check())  # epochs and views 0 are resolved once the data is scanned
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None)
@@ -755,7 +779,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
 
     try:
         ctx = setup(config, run, reporter, report, cache_dir)
-        run.write_config(config_record(config, ctx.report, ctx.data, ctx.device, ctx.bf16))
+        run.write_config(config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16))
         if resume:
             restore(ctx, reporter)
         fields = fit(ctx, reporter)

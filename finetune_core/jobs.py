@@ -16,7 +16,7 @@ from typing import Callable
 
 from .config import TrainConfig
 from .data import ScanReport
-from .engine import config_record, train
+from .engine import config_record, resolve_auto, train
 from .models import resolve_device
 from .runs import RunDir, mark_interrupted, new_run_dir, now_iso
 
@@ -73,7 +73,7 @@ class JobManager:
     def submit(self, config: TrainConfig, report: ScanReport | None = None) -> str:
         """Queue a run. Raises ConfigError (before creating anything) when a setting is invalid.
         `report`: the dataset's scan if the caller has it, so that the run does not scan again."""
-        config.check(check_paths=True)
+        config = resolve_auto(config.check(check_paths=True), report)  # what the run will use, shown at once
         run = new_run_dir(self.runs_dir, config.name or config.backbone)
         run.write_config(config_record(config, report))
         run.write_status(state="queued", message="waiting for the device", progress=0.0, submitted_at=now_iso())

@@ -19,8 +19,8 @@ import torch
 
 from .config import TrainConfig
 from .data import ScanReport
-from .engine import (Diverged, EventCallback, Reporter, Setup, batch_loss, evaluate, evaluation_batches, setup,
-                     split_for, training_batches, train_one_epoch)
+from .engine import (Diverged, EventCallback, Reporter, Setup, batch_loss, evaluate, evaluation_batches,
+                     resolve_auto, setup, split_for, training_batches, train_one_epoch)
 from .runs import RunDir
 
 SMOOTHING = 0.9        # exponential moving average of the loss, bias-corrected
@@ -126,11 +126,7 @@ def find_lr(config: TrainConfig, report: ScanReport | None = None, cache_dir: st
             stop_event: threading.Event | None = None) -> LRFinderResult:
     """The learning-rate finder for these settings: builds the run's model and data as `train`
     would, sweeps, and returns the curve with a suggested learning rate. Writes no run folder."""
-    config.check(check_paths=True)
-    if config.backbone == "auto":
-        from .models import resolve_backbone
-
-        config = config.replace(backbone=resolve_backbone("auto")[0])
+    config = resolve_auto(config.check(check_paths=True), report)
     with tempfile.TemporaryDirectory(prefix="tuneboard-lr-find-") as scratch:
         reporter = Reporter(RunDir(scratch), on_event, stop_event)
         ctx = setup(config, RunDir(scratch), reporter, report, cache_dir)

@@ -386,3 +386,24 @@ def test_activations_over_the_memory_budget_are_memory_mapped_and_leave_no_file(
     assert mapped["state"] == "completed" and mapped["test_acc"] == pytest.approx(in_memory["test_acc"])
     assert mapped["loss"] == pytest.approx(in_memory["loss"], abs=1e-6)
     assert not [p for p in folder.iterdir() if p.name.startswith("tuneboard-activations-")]
+
+
+def test_auto_epochs_and_views_follow_the_sets_size_and_are_recorded(dataset, weights_file, cache, tmp_path):
+    report = scan_dataset(dataset)
+    auto = config_for(dataset, weights_file, epochs=0, feature_views=0, train_stages="head")
+
+    def with_train_images(n):  # the same scan, as if the set had n training images
+        fake = scan_dataset(dataset)
+        fake.samples["train"] = (report.samples["train"] * (n // len(report.samples["train"]) + 1))[:n]
+        return engine.resolve_auto(auto, fake)
+
+    assert [(c.epochs, c.feature_views) for c in map(with_train_images, (24, 498, 743, 2972))] == \
+        [(30, 4), (30, 4), (20, 4), (6, 2)]
+    assert engine.resolve_auto(auto.replace(train_stages="all"), report).epochs == 5
+    assert engine.resolve_auto(auto.replace(epochs=3, feature_views=2), report).epochs == 3  # numbers stay
+    status = train(auto, tmp_path / "run", cache_dir=cache)
+    assert status["state"] == "completed", status["message"]
+    saved = RunDir(tmp_path / "run").read_config()["config"]
+    assert (saved["epochs"], saved["feature_views"]) == (30, 4)
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert metrics[metrics["kind"] == "epoch"]["epoch"].max() == 30
