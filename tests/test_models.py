@@ -344,7 +344,7 @@ def test_summed_loss_gradient_is_batch_size_times_the_mean():
 
 @pytest.mark.parametrize("field,value,text", [
     ("lr", 0.0, "greater than zero"), ("lr", -1.0, "greater than zero"), ("lr", float("nan"), "finite"),
-    ("lr", float("inf"), "finite"), ("batch_size", 0, "at least 1"), ("epochs", 0, "at least 1"),
+    ("lr", float("inf"), "finite"), ("batch_size", 0, "at least 1"), ("epochs", -1, "zero or more"),
     ("head_lr_mult", -2.0, "greater than zero"), ("backbone", "vgg99", "unknown backbone 'vgg99'"),
     ("loss_reduction", "max", "'sum' or 'mean'"), ("momentum", 1.5, "below 1"), ("image_size", 8, "at least 16"),
     ("weight_decay", -0.1, "zero or more"), ("device", "tpu", "auto, cpu"), ("batch_size", 2.5, "whole number"),
