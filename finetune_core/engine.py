@@ -328,11 +328,20 @@ def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
 # Batches: augmented images, or cached activations of the frozen bottom
 
 
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """Consecutive batches of `batch_size`; a last batch of a single image joins the one before
+    (BatchNorm in training mode cannot normalise one value per channel)."""
+    slices = [slice(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
+    if len(slices) > 1 and slices[-1].stop - slices[-1].start == 1:
+        slices[-2:] = [slice(slices[-2].start, n)]
+    return slices
+
+
 def image_batches(data: PreparedData, order: list[int], config: TrainConfig, rng: random.Random,
                   device: torch.device, mean, std) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The book's training batches: RandomResizedCrop + flip of each image, normalised."""
-    for start in range(0, len(order), config.batch_size):
-        idx = order[start:start + config.batch_size]
+    for part in batch_slices(len(order), config.batch_size):
+        idx = order[part]
         images = augment_batch(data, idx, config.image_size, rng, device, config.crop_scale)
         x = normalize_batch(images, mean, std, config.channels_last)
         yield x, data.train_labels[idx].to(device, non_blocking=True)
@@ -341,8 +350,8 @@ def image_batches(data: PreparedData, order: list[int], config: TrainConfig, rng
 def tensor_batches(inputs: torch.Tensor, labels: torch.Tensor, order: list[int], batch_size: int,
                    device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of cached activations in the given order, as float32 on the device."""
-    for start in range(0, len(order), batch_size):
-        idx = torch.as_tensor(order[start:start + batch_size])
+    for part in batch_slices(len(order), batch_size):
+        idx = torch.as_tensor(order[part])
         x = inputs[idx].to(device, non_blocking=True).float()
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -515,7 +524,7 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     for problem in data.skipped:
         run.log(f"skipped {problem.path}: {problem.problem}")
     train_idx, val_idx = validation_split(data, config.val_fraction, report.root)
-    batches_per_epoch = max(1, math.ceil(len(train_idx) / config.batch_size))
+    batches_per_epoch = len(batch_slices(len(train_idx), config.batch_size))
     mean, std = normalisation(config)
     return Setup(config=config, run=run, device=device, bf16=use_bf16(config, device), mean=mean, std=std,
                  report=report, data=data, classes=report.classes, model=model, optimizer=optimizer,
@@ -726,6 +735,10 @@ def write_predictions(ctx: Setup, logits: torch.Tensor) -> None:
 def fit(ctx: Setup, reporter: Reporter) -> dict:
     """Every epoch, early stopping, then the test split and predictions. Returns status fields."""
     cfg = ctx.config
+    for epoch in range(ctx.start_epoch, cfg.epochs):  # every cached view first, so that the time left
+        _, cache = split_for(ctx, stages_of_epoch(cfg, epoch), reporter)  # counts training steps only
+        if cache is not None:
+            cache.get("train", view=epoch % views_per_image(cfg, len(ctx.train_idx)))
     ctx.elapsed_at_start = reporter.elapsed()
     stopped_early = ""
     for epoch in range(ctx.start_epoch, cfg.epochs):

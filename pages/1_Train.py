@@ -98,10 +98,14 @@ def folder_path(root: Path) -> str:
             target = folder.parent if pick == ".." else folder / pick
             st.session_state["browse_rel"] = str(target.relative_to(root)) if datastore.inside(root, target) else ""
             st.rerun()
-        if cols[1].button("Use this folder"):
-            st.session_state["data_path_text"] = str(folder if pick in ("(this folder)", "..") else folder / pick)
-            st.rerun()
+        chosen = str(folder if pick in ("(this folder)", "..") else folder / pick)
+        # A callback runs before the next run draws the text box, the only time its value may be set.
+        cols[1].button("Use this folder", on_click=use_folder, args=(chosen,))
     return path
+
+
+def use_folder(path: str) -> None:
+    st.session_state["data_path_text"] = path
 
 
 def uploaded_zip(root: Path) -> str:
@@ -447,8 +451,21 @@ def resume_section() -> None:
             st.rerun()
 
 
+def keep_form_values() -> None:
+    """Streamlit forgets the value of a control that a run does not draw (a run that stops early,
+    a dataset being chosen): keep the recipe's controls in a copy of our own and put back any
+    that went missing, so the form never silently falls back to its widgets' minimums."""
+    kept = st.session_state.setdefault("recipe_kept", {})
+    for name, value in kept.items():
+        if name not in st.session_state:
+            st.session_state[name] = value
+    kept.update({name: value for name, value in st.session_state.items()
+                 if name in ("preset", "data_source", "data_choice", "data_path_text") or name.startswith("f_")})
+
+
 def main() -> None:
     page("Train", "🏋️")
+    keep_form_values()
     st.title("Train")
     data_path, report = dataset_section()
     config, errors = recipe_section(data_path, report)

@@ -407,3 +407,16 @@ def test_auto_epochs_and_views_follow_the_sets_size_and_are_recorded(dataset, we
     assert (saved["epochs"], saved["feature_views"]) == (30, 4)
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert metrics[metrics["kind"] == "epoch"]["epoch"].max() == 30
+
+
+def test_no_training_batch_holds_a_single_image():
+    assert [(s.start, s.stop) for s in engine.batch_slices(17, 8)] == [(0, 8), (8, 17)]
+    assert [(s.start, s.stop) for s in engine.batch_slices(18, 8)] == [(0, 8), (8, 16), (16, 18)]
+    assert [(s.start, s.stop) for s in engine.batch_slices(1, 8)] == [(0, 1)]
+
+
+def test_a_partial_run_whose_last_batch_would_hold_one_image_completes(dataset, weights_file, cache, tmp_path):
+    # 24 training images in batches of 23: the last would be one image of 1x1 activations at 16 px.
+    status = train(config_for(dataset, weights_file, batch_size=23, image_size=16, epochs=1, train_stages="1"),
+                   tmp_path / "run", cache_dir=cache)
+    assert status["state"] == "completed", status["message"]

@@ -283,3 +283,15 @@ def test_an_interrupted_run_is_offered_for_resume_and_finishes(dashboard_env, ti
     assert infos[0]["state"] == "completed"
     metrics = RunDir(runs / "20260101-000000-cut").read_metrics()
     assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == [1, 2, 3]
+
+
+def test_use_this_folder_fills_the_folder_box_without_an_error(dashboard_env):
+    at = page("pages/1_Train.py").run()
+    make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
+    at.radio(key="data_source").set_value("A folder path").run()
+    at.selectbox(key="browse_pick").set_value("mine").run()
+    next(b for b in at.button if b.label == "Use this folder").click().run()
+    assert not at.exception
+    assert at.text_input(key="data_path_text").value == str((dashboard_env / "data" / "mine").resolve())
+    assert at.button(key="train_button")  # the recipe and Train are still drawn
+
