@@ -53,6 +53,13 @@ def run_labels(infos: list[RunInfo]) -> dict[str, str]:
     return {i.id: i.name if names.count(i.name) == 1 else f"{i.name} · {i.id}" for i in infos}
 
 
+def job_labels(jobs: list[dict]) -> dict[str, str]:
+    """{run id: label} for job snapshots: the name, with the run id added where names repeat (two
+    runs drawn under one name would overwrite each other's curves)."""
+    names = [j["name"] for j in jobs]
+    return {j["run_id"]: j["name"] if names.count(j["name"]) == 1 else f"{j['name']} · {j['run_id']}" for j in jobs}
+
+
 def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
     """One row per run: its settings and final metrics; plus the settings that differ."""
     rows = []

@@ -422,12 +422,13 @@ def live_section() -> None:
     if not members:
         st.info("No run yet. Set the recipe and press Train.")
     frames = {}
+    labels = analysis.job_labels(members)
     for job in members:
         if job["state"] in ("queued", "running"):
             job_controls(job, "live")
         else:
-            st.write(f"**{job['name']}** {state_label(job['state'])}: {job['message']}")
-        frames[job["name"]] = RunDir(job["path"]).read_metrics()
+            st.write(f"**{labels[job['run_id']]}** {state_label(job['state'])}: {job['message']}")
+        frames[labels[job["run_id"]]] = RunDir(job["path"]).read_metrics()
     if frames:
         epochs = max(j["epochs"] for j in members)
         st.plotly_chart(plots.overlay_figure(frames, epochs=epochs), width="stretch", key="live_curves")
@@ -439,10 +440,12 @@ def live_section() -> None:
 
 
 def resume_section() -> None:
-    resumable = [i for i in resumable_runs() if i.state == "interrupted"]
+    """Stopped and interrupted runs with a checkpoint: each continues from its last epoch."""
+    active = {j["run_id"] for j in manager().active()}
+    resumable = [i for i in resumable_runs() if i.id not in active]
     if not resumable:
         return
-    st.subheader("Interrupted runs")
+    st.subheader("Stopped and interrupted runs")
     for info in resumable:
         cols = st.columns([5, 1])
         cols[0].write(f"**{info.name}** {state_label(info.state)}: {info.message}")

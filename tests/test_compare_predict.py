@@ -82,6 +82,13 @@ def test_run_labels_are_unique_when_names_repeat():
     assert analysis.run_labels(infos) == {"1-x": "resnet18 · 1-x", "2-x": "resnet18 · 2-x", "3-y": "other"}
 
 
+def test_live_curves_of_jobs_with_one_name_are_kept_apart():
+    jobs = [{"run_id": "1-q", "name": "digits quick start"}, {"run_id": "2-q", "name": "digits quick start"},
+            {"run_id": "3-z", "name": "scratch"}]
+    assert analysis.job_labels(jobs) == {"1-q": "digits quick start · 1-q", "2-q": "digits quick start · 2-q",
+                                         "3-z": "scratch"}
+
+
 @pytest.mark.slow
 def test_compare_table_marks_the_settings_that_differ(finished_runs):
     table, differing = analysis.compare_table(list_runs(finished_runs))

@@ -295,3 +295,19 @@ def test_use_this_folder_fills_the_folder_box_without_an_error(dashboard_env):
     assert at.text_input(key="data_path_text").value == str((dashboard_env / "data" / "mine").resolve())
     assert at.button(key="train_button")  # the recipe and Train are still drawn
 
+
+
+def test_a_stopped_run_is_offered_for_resume_and_finishes(dashboard_env, tiny_config):
+    from finetune_core.engine import train
+    from finetune_core.runs import RunDir
+
+    runs = dashboard_env / "runs"
+    stop = threading.Event()
+    status = train(tiny_config.replace(epochs=2), runs / "20260101-000000-stop", cache_dir="", stop_event=stop,
+                   on_event=lambda e: e["kind"] == "epoch" and stop.set())
+    assert status["state"] == "stopped" and "can be resumed" in status["message"]
+    at = page("pages/1_Train.py").run()
+    at.button(key="resume-20260101-000000-stop").click().run()
+    assert wait_for_runs(at, runs, 1)[0]["state"] == "completed"
+    metrics = RunDir(runs / "20260101-000000-stop").read_metrics()
+    assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == [1, 2]
