@@ -119,7 +119,6 @@ def checked_config_and_scan(args):
 
 
 def cmd_train(args) -> int:
-    from .engine import train
     from .runs import new_run_dir
 
     try:
@@ -127,12 +126,18 @@ def cmd_train(args) -> int:
     except BadInput as exc:
         return fail(str(exc))
     run = new_run_dir(args.runs_dir, config.name or config.backbone)
+    return run_to_the_end(config, run, args, report=report)
+
+
+def run_to_the_end(config, run, args, report=None, resume: bool = False) -> int:
+    """Train (or resume) in this process with a progress bar; print the outcome; the exit code."""
+    from .engine import train
+
     stop = threading.Event()
     progress = None if args.quiet else ProgressBar()
     try:
-        status = train(config, run, on_event=progress, stop_event=stop, report=report)
-    except KeyboardInterrupt:
-        stop.set()
+        status = train(config, run, on_event=progress, stop_event=stop, report=report, resume=resume)
+    except KeyboardInterrupt:  # the engine has marked the run stopped, its checkpoint kept
         status = run.read_status()
     finally:
         if progress is not None:
@@ -146,6 +151,24 @@ def cmd_train(args) -> int:
     else:
         print(f"{result['status']}: {result['message']}\nrun folder: {run.path}")
     return 0 if status.get("state") == "completed" else 1
+
+
+def cmd_resume(args) -> int:
+    """Continue a stopped or interrupted run from its last checkpoint, in its own folder."""
+    from .config import ConfigError, TrainConfig
+    from .runs import RunDir
+
+    run = RunDir(args.run_dir)
+    try:
+        record, status = run.read_config(), run.read_status()
+        config = TrainConfig.from_dict(record["config"]).check(check_paths=True)
+    except (OSError, ValueError, KeyError) as exc:
+        return fail(f"{run.path}: cannot be resumed ({type(exc).__name__}: {exc})")
+    except ConfigError as exc:
+        return fail(f"{run.path}: its settings are no longer valid here: " + "; ".join(exc.errors.values()))
+    if status.get("state") not in ("stopped", "interrupted"):
+        return fail(f"{run.path}: is {status.get('state')}; only a stopped or interrupted run can be resumed")
+    return run_to_the_end(config, run, args, resume=True)
 
 
 MIN_SWEEP_STEPS = 5  # lr_find.suggest_lr needs five points of the curve
@@ -367,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("resume", help="continue a stopped or interrupted run from its last checkpoint")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print a final JSON line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("runs", help="list the runs in a runs folder")
     add_runs_dir(p)

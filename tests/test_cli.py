@@ -158,3 +158,23 @@ def test_lr_find_reports_a_failure_in_one_line(tiny_dataset, capsys, monkeypatch
         assert main(lr_find_args(tiny_dataset)) == code, error
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and text in err, err
+
+
+def test_resume_finishes_a_stopped_run_and_refuses_a_completed_one(tiny_config, tmp_path, capsys):
+    import threading
+
+    from finetune_core.engine import train
+    from finetune_core.runs import RunDir
+
+    stop = threading.Event()
+    train(tiny_config.replace(epochs=2), tmp_path / "run", cache_dir="", stop_event=stop,
+          on_event=lambda e: e["kind"] == "epoch" and stop.set())
+    assert RunDir(tmp_path / "run").read_status()["state"] == "stopped"
+    assert main(["resume", str(tmp_path / "run"), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["status"] == "completed"
+    metrics = RunDir(tmp_path / "run").read_metrics()
+    assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == [1, 2]
+    assert main(["resume", str(tmp_path / "run")]) == 2  # completed: nothing to resume
+    assert "only a stopped or interrupted run can be resumed" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path / "nowhere")]) == 2
