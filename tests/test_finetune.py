@@ -93,6 +93,7 @@ def test_rates_and_multiplier_reach_the_optimiser_for_every_depth(dataset, weigh
     assert in_groups == {id(p) for p in top.parameters()}  # exactly the part that trains
 
 
+@pytest.mark.slow
 def test_the_head_multiplier_changes_the_result(dataset, weights_file, cache, tmp_path):
     finals = []
     for mult in (1.0, 10.0):
@@ -123,6 +124,7 @@ def test_cached_activations_are_the_frozen_layers_output_on_that_views_crop(data
     assert not torch.equal(features.get("train", 1), features.get("train", 2))  # views differ
 
 
+@pytest.mark.slow
 def test_a_resumed_partial_run_equals_an_uninterrupted_one(dataset, weights_file, cache, tmp_path):
     config = config_for(dataset, weights_file, epochs=3, train_stages="1", feature_views=2, patience=2)
     train(config, tmp_path / "straight", cache_dir=cache)
@@ -194,6 +196,7 @@ def test_flip_averaging_averages_the_logits_of_the_image_and_its_mirror():
     assert torch.allclose(logits, (model(x) + model(x.flip(-1))) / 2, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tta_and_label_smoothing_reach_the_run(dataset, weights_file, cache, tmp_path):
     plain = train(config_for(dataset, weights_file, epochs=1), tmp_path / "plain", cache_dir=cache)
     smooth = train(config_for(dataset, weights_file, epochs=1, label_smoothing=0.3, tta_flip=True),
@@ -376,6 +379,7 @@ def test_flip_averaging_on_cached_activations_uses_the_mirrored_test_images(data
         assert torch.allclose(views[1], bottom(x.flip(-1))[:len(views[1])], atol=2e-3)
 
 
+@pytest.mark.slow
 def test_activations_over_the_memory_budget_are_memory_mapped_and_leave_no_file(dataset, weights_file, cache,
                                                                                  tmp_path, monkeypatch):
     config = config_for(dataset, weights_file, epochs=2, train_stages="1")
@@ -388,6 +392,7 @@ def test_activations_over_the_memory_budget_are_memory_mapped_and_leave_no_file(
     assert not [p for p in folder.iterdir() if p.name.startswith("tuneboard-activations-")]
 
 
+@pytest.mark.slow
 def test_auto_epochs_and_views_follow_the_sets_size_and_are_recorded(dataset, weights_file, cache, tmp_path):
     report = scan_dataset(dataset)
     auto = config_for(dataset, weights_file, epochs=0, feature_views=0, train_stages="head")
