@@ -441,7 +441,7 @@ def inactive_settings(config: TrainConfig) -> dict[str, str]:
         inactive["crop_scale"] = "only the centre view of each image is cached (1 view): no random crops are taken"
     # Early stopping watches the validation split, or the test split without one (setting_notes
     # says so); it can only act when it could stop before the last epoch.
-    if patience and epochs is not None and patience >= epochs - 1:
+    if patience and epochs and patience >= epochs - 1:  # epochs 0 is auto: known only after the scan
         inactive["patience"] = (f"with {epochs} epoch{'s' if epochs > 1 else ''}, {patience} without improvement "
                                 "can only come at the end: training always runs every epoch")
     return inactive

@@ -19,6 +19,7 @@ from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, S
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, parse_form, preset_for_machine, setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, scan_dataset
+from finetune_core.engine import resolve_auto
 from finetune_core.runs import RunDir
 from tuneboard_ui import (LIVE_REFRESH_S, job_controls, manager, page, resumable_runs, setting_input, state_label,
                           submit, widget_value)
@@ -404,6 +405,7 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
         st.caption(f"Train is disabled: {blocked}.")
     if st.button("Train", type="primary", disabled=bool(blocked), key="train_button"):
         group = uuid.uuid4().hex[:8]
+        config = resolve_auto(config, report)  # auto epochs and views in numbers: the twins copy them
         ids = [submit(c, report) for c in comparison_configs(config, also_scratch, also_single, group)]
         st.session_state["group"] = group
         st.toast(f"Queued {len(ids)} run(s)")

@@ -425,3 +425,13 @@ def test_a_partial_run_whose_last_batch_would_hold_one_image_completes(dataset, 
     status = train(config_for(dataset, weights_file, batch_size=23, image_size=16, epochs=1, train_stages="1"),
                    tmp_path / "run", cache_dir=cache)
     assert status["state"] == "completed", status["message"]
+
+
+def test_comparison_twins_of_an_auto_run_train_as_many_epochs_as_it(dataset):
+    from finetune_core.config import comparison_configs, inactive_settings, preset_config
+
+    report = scan_dataset(dataset)
+    fast = engine.resolve_auto(preset_config("fast", data=str(dataset)), report)
+    runs = [engine.resolve_auto(c, report) for c in comparison_configs(fast, True, True, "g")]
+    assert len(runs) == 3 and {c.epochs for c in runs} == {fast.epochs} and fast.epochs > 5
+    assert "patience" not in inactive_settings(preset_config("fast", data=str(dataset), patience=3))
