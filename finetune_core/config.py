@@ -154,6 +154,10 @@ class TrainConfig:
     schedule: str = setting("constant", "Learning-rate schedule", section="optimiser", choices=SCHEDULES)
     warmup_epochs: int = setting(0, "Warm-up epochs", section="optimiser", minimum=0, maximum=100, step=1,
                                  help="epochs of head-only training on cached features before the rest unfreezes")
+    ema_decay: float = setting(0.0, "Weight averaging (EMA decay)", section="optimiser", minimum=0, below=1,
+                               help="evaluate, select and keep an exponential moving average of the weights over "
+                                    "the training steps instead of the last weights; 0.99 averages about the last "
+                                    "100 steps (shorter at the start of a run); 0: off (the book)")
     # --- model selection and evaluation
     val_fraction: float = setting(0.0, "Validation fraction", section="selection", minimum=0, below=0.9,
                                   help="the part of the training images held out (stratified, the same files every "

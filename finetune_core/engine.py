@@ -190,15 +190,51 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 def save_checkpoint(path: Path, model, optimizer, epoch: int, best_score: float, config: dict,
-                    classes: list[str], epochs_without_gain: int = 0) -> None:
+                    classes: list[str], epochs_without_gain: int = 0,
+                    training_weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write a checkpoint atomically: it loads with torch.load(..., weights_only=True).
-    `best_test_acc` is the best score on the selection split (validation when held out)."""
+    `best_test_acc` is the best score on the selection split (validation when held out). With
+    weight averaging, `model` holds the averaged weights (the ones evaluated and used) and
+    `training_weights` the weights the optimiser was training, for resume."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    extra = {} if training_weights is None else {"training_weights": {k: v.cpu() for k, v in training_weights.items()}}
+    torch.save({**extra, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "best_test_acc": best_score,
                 "epochs_without_gain": epochs_without_gain,
                 "config": config, "classes": classes, "format": "tuneboard-checkpoint-1"}, tmp)
     os.replace(tmp, path)
+
+
+def update_average(ctx: "Setup") -> None:
+    """After an optimiser step: average ← decay·average + (1 − decay)·weights, with the usual
+    warm-up of the decay, (1 + t) / (10 + t) over the first steps t, so that a short run's average
+    is not held at its first weights."""
+    state = ctx.model.state_dict()
+    if ctx.average is None:
+        ctx.average = {k: v.detach().clone() for k, v in state.items()}
+        return
+    decay = min(ctx.config.ema_decay, (1 + ctx.step) / (10 + ctx.step))
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    with torch.no_grad():
+        torch._foreach_lerp_([ctx.average[k] for k in floats], [state[k].detach() for k in floats], 1.0 - decay)
+        for k, v in state.items():
+            if not v.is_floating_point():
+                ctx.average[k].copy_(v)
+
+
+def swap_in_average(ctx: "Setup") -> dict[str, torch.Tensor] | None:
+    """Put the averaged weights into the model (for evaluation and checkpoints) and return the
+    training weights to put back with swap_back; None, and nothing changed, without averaging."""
+    if ctx.average is None:
+        return None
+    training = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+    ctx.model.load_state_dict(ctx.average)
+    return training
+
+
+def swap_back(ctx: "Setup", training: dict[str, torch.Tensor] | None) -> None:
+    if training is not None:
+        ctx.model.load_state_dict(training)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -470,6 +506,7 @@ class Setup:
     train_seconds: float = 0.0
     train_images: int = 0
     caches: dict[str, FeatureCache] = field(default_factory=dict)
+    average: dict[str, torch.Tensor] | None = None  # ema_decay: the moving average of the weights
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -540,7 +577,9 @@ def restore(ctx: Setup, reporter: Reporter) -> None:
         ctx.run.truncate_metrics(0)
         return
     ckpt = load_checkpoint(path)
-    ctx.model.load_state_dict(ckpt["model"])
+    ctx.model.load_state_dict(ckpt.get("training_weights", ckpt["model"]))
+    if "training_weights" in ckpt and ctx.config.ema_decay:
+        ctx.average = {k: v.to(ctx.device) for k, v in ckpt["model"].items()}
     ctx.optimizer.load_state_dict(ckpt["optimizer"])
     ctx.start_epoch = int(ckpt["epoch"])
     ctx.best_score = float(ckpt.get("best_test_acc", -1.0))
@@ -634,6 +673,8 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
 
     def after_step(loss_sum: float, correct: int, seen: int) -> None:
         ctx.step += 1
+        if cfg.ema_decay:
+            update_average(ctx)
         seconds = ctx.train_seconds + (time.perf_counter() - t_epoch)
         steps_here = ctx.step - ctx.start_epoch * ctx.batches_per_epoch
         b = ctx.step - epoch_start_step
@@ -659,6 +700,7 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
     ctx.train_seconds += result.seconds
     ctx.train_images += result.images
     split = ctx.selection_split
+    training_weights = swap_in_average(ctx)  # evaluation, selection and checkpoints use the average
     sel_loss, sel_acc, logits = evaluate_split(ctx, split, stages, reporter)
     ctx.last_logits = logits if split == "test" else None
     ips = ctx.train_images / ctx.train_seconds if ctx.train_seconds else 0.0
@@ -681,7 +723,8 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
         status.update(val_acc=sel_acc, val_loss=sel_loss, best_val_acc=ctx.best_score)
     ctx.run.write_status(**status)
     save_checkpoint(ctx.run.file(CHECKPOINT_LAST), ctx.model, ctx.optimizer, epoch + 1, ctx.best_score,
-                    cfg.to_dict(), ctx.classes, ctx.epochs_without_gain)
+                    cfg.to_dict(), ctx.classes, ctx.epochs_without_gain, training_weights)
+    swap_back(ctx, training_weights)
     if improved:  # the same state: copy the file rather than serialise twice
         tmp = ctx.run.file(f".{CHECKPOINT_BEST}.tmp")
         shutil.copyfile(ctx.run.file(CHECKPOINT_LAST), tmp)

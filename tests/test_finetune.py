@@ -52,9 +52,9 @@ def module_tensors(module: torch.nn.Module) -> dict[int, torch.Tensor]:
     return {id(t): t for t in list(module.parameters()) + list(module.buffers())}
 
 
-@pytest.mark.parametrize("stages", ["head", "1", "2"])
-def test_only_the_chosen_part_of_the_network_changes(dataset, weights_file, cache, tmp_path, stages):
-    config = config_for(dataset, weights_file, train_stages=stages)
+@pytest.mark.parametrize("stages,ema_decay", [("head", 0.0), ("1", 0.0), ("2", 0.0), ("1", 0.9)])
+def test_only_the_chosen_part_of_the_network_changes(dataset, weights_file, cache, tmp_path, stages, ema_decay):
+    config = config_for(dataset, weights_file, train_stages=stages, ema_decay=ema_decay)
     status = train(config, tmp_path / "run", cache_dir=cache)
     assert status["state"] == "completed", status["message"]
     start = build_model("resnet18", 2, str(weights_file))
@@ -125,8 +125,10 @@ def test_cached_activations_are_the_frozen_layers_output_on_that_views_crop(data
 
 
 @pytest.mark.slow
-def test_a_resumed_partial_run_equals_an_uninterrupted_one(dataset, weights_file, cache, tmp_path):
-    config = config_for(dataset, weights_file, epochs=3, train_stages="1", feature_views=2, patience=2)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_a_resumed_partial_run_equals_an_uninterrupted_one(dataset, weights_file, cache, tmp_path, ema_decay):
+    config = config_for(dataset, weights_file, epochs=3, train_stages="1", feature_views=2, patience=2,
+                        ema_decay=ema_decay)
     train(config, tmp_path / "straight", cache_dir=cache)
     stop = threading.Event()
     status = train(config, tmp_path / "resumed", cache_dir=cache, stop_event=stop,
@@ -140,6 +142,10 @@ def test_a_resumed_partial_run_equals_an_uninterrupted_one(dataset, weights_file
     for col in ("loss", "train_acc", "test_acc"):
         assert np.allclose(a[col], b[col], atol=1e-6), col
     assert b["elapsed_s"].is_monotonic_increasing  # the wall-time axis does not restart at zero
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoint_last.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoint_last.pt")["model"]
+    for name, tensor in straight.items():  # the same weights in the end (the average's too)
+        assert torch.allclose(tensor.float(), resumed[name].float(), atol=1e-5), name
 
 
 def test_the_validation_split_is_stable_stratified_and_apart_from_the_test_split(dataset):
@@ -435,3 +441,43 @@ def test_comparison_twins_of_an_auto_run_train_as_many_epochs_as_it(dataset):
     runs = [engine.resolve_auto(c, report) for c in comparison_configs(fast, True, True, "g")]
     assert len(runs) == 3 and {c.epochs for c in runs} == {fast.epochs} and fast.epochs > 5
     assert "patience" not in inactive_settings(preset_config("fast", data=str(dataset), patience=3))
+
+
+def test_weight_averaging_is_an_exponential_moving_average_with_a_warm_up():
+    from types import SimpleNamespace
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    ctx = SimpleNamespace(model=model, config=SimpleNamespace(ema_decay=0.5), step=1, average=None)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    engine.update_average(ctx)  # the first step starts the average at the weights
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+    model[1].num_batches_tracked += 7
+    ctx.step = 2
+    engine.update_average(ctx)  # decay min(0.5, 3/12): 0.25 * 1 + 0.75 * 3
+    assert torch.allclose(ctx.average["0.weight"], torch.full((1, 2), 2.5))
+    assert int(ctx.average["1.num_batches_tracked"]) == 7  # counters are copied, not averaged
+    ctx.step = 1000
+    engine.update_average(ctx)  # decay 0.5 once warmed up
+    assert torch.allclose(ctx.average["0.weight"], torch.full((1, 2), 2.75))
+    training = engine.swap_in_average(ctx)
+    assert torch.allclose(model[0].weight, torch.full((1, 2), 2.75))
+    engine.swap_back(ctx, training)
+    assert torch.allclose(model[0].weight, torch.full((1, 2), 3.0))
+
+
+def test_with_weight_averaging_the_checkpoint_holds_the_average_and_the_training_weights(dataset, weights_file,
+                                                                                          cache, tmp_path):
+    plain = train(config_for(dataset, weights_file), tmp_path / "plain", cache_dir=cache)
+    averaged = train(config_for(dataset, weights_file, ema_decay=0.9), tmp_path / "averaged", cache_dir=cache)
+    assert plain["state"] == averaged["state"] == "completed"
+    a = torch.load(tmp_path / "plain" / "checkpoint_last.pt", weights_only=True)
+    b = torch.load(tmp_path / "averaged" / "checkpoint_last.pt", weights_only=True)
+    assert "training_weights" not in a
+    # the same training (the average never feeds back into it), evaluated and kept as an average
+    assert torch.equal(a["model"]["fc.weight"], b["training_weights"]["fc.weight"])
+    assert not torch.equal(b["model"]["fc.weight"], b["training_weights"]["fc.weight"])
+    ma = pd.read_csv(tmp_path / "plain" / "metrics.csv")
+    mb = pd.read_csv(tmp_path / "averaged" / "metrics.csv")
+    assert np.allclose(ma[ma["kind"] == "epoch"]["loss"], mb[mb["kind"] == "epoch"]["loss"])

@@ -1,0 +1,175 @@
+"""Choosing the fast preset by k-fold cross-validation on the TRAINING split only.
+
+A 20-30% validation split of a 250-500 image set holds 50-150 images: one image is 1-2 points of
+accuracy, too noisy to rank recipes that differ by one point. Here every training image is held
+out once: the frozen layers' outputs are computed once per view for the whole training split
+(the engine's FeatureCache), and each fold trains the top on the other folds' rows from the same
+starting weights, then scores the held-out rows (centre view + mirror, as the engine does). The
+test split is never read.
+
+    python benchmarks/kfold_fast.py --datasets seefood hymenoptera --folds 5 \
+        --variants base "stage2:stages=2" "ema:ema=0.99" --out benchmarks/results/kfold_fast.md
+
+A variant is NAME[:key=value,...] over the fast preset; keys: stages, crop (crop_scale), views,
+epochs, lr, mult (head_lr_mult), ls (label_smoothing), ema (decay of an exponential moving average
+of the trained weights, scored instead of the last weights; 0: off), size (image size).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+DATASETS = ROOT.parent / "shared" / "datasets"
+
+KEYS = {"stages": ("train_stages", str), "crop": ("crop_scale", float), "views": ("feature_views", int),
+        "epochs": ("epochs", int), "lr": ("lr", float), "mult": ("head_lr_mult", float),
+        "ls": ("label_smoothing", float), "ema": ("ema", float), "size": ("image_size", int)}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    values = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        field, kind = KEYS[key]
+        values[field] = kind(value)
+    return name, values
+
+
+def folds_of(labels: list[int], k: int, seed: int) -> list[list[int]]:
+    """Stratified folds: each class's rows shuffled and dealt round-robin."""
+    rng = random.Random(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for c in sorted(set(labels)):
+        rows = [i for i, y in enumerate(labels) if y == c]
+        rng.shuffle(rows)
+        for j, row in enumerate(rows):
+            folds[j % k].append(row)
+    return folds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["seefood", "hymenoptera"])
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", default=["base"])
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+
+    import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from finetune_core.config import preset_config
+    from finetune_core.engine import (Reporter, accuracy_and_loss, batch_loss, batch_slices, evaluate, lr_factor,
+                                      resolve_auto, setup, split_for, tensor_batches, train_one_epoch)
+    from finetune_core.runs import RunDir
+    from bench_recipes import four_class_set
+
+    variants = [parse_variant(v) for v in args.variants]
+    header = ("| dataset | variant | settings | mean held-out acc | per fold | train s |\n"
+              "|---|---|---|---|---|---|")
+    lines = [header]
+    print(header, flush=True)
+    scratch_root = Path(tempfile.mkdtemp(prefix="tb-kfold-"))
+    for dataset in args.datasets:
+        data_dir = four_class_set(scratch_root) if dataset == "four" else DATASETS / dataset
+        # one Setup (and cache) per distinct frozen part and augmentation
+        groups: dict[tuple, list] = {}
+        for name, values in variants:
+            key = (values.get("train_stages"), values.get("crop_scale"), values.get("image_size"))
+            groups.setdefault(key, []).append((name, values))
+        for (stages, crop, size), members in groups.items():
+            base = {k: v for k, v in members[0][1].items() if k in ("train_stages", "crop_scale", "image_size")}
+            with tempfile.TemporaryDirectory() as scratch:
+                config = preset_config("fast", data=str(data_dir), **base)
+                run = RunDir(scratch)
+                reporter = Reporter(run, None, None)
+                ctx = setup(config, run, reporter)
+                cfg = ctx.config
+                top, cache = split_for(ctx, cfg.train_stages, reporter)
+                labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)]
+                folds = folds_of(labels.tolist(), args.folds, cfg.seed)
+                start_top = copy.deepcopy(top.state_dict())
+                start_opt = copy.deepcopy(ctx.optimizer.state_dict())
+                for name, values in members:
+                    changes = {"epochs": 0, "feature_views": 0, **values}
+                    changes.pop("ema", None)
+                    vcfg = resolve_auto(cfg.replace(**changes), ctx.report)
+                    # resolve_auto sizes epochs/views for the full training split; keep that
+                    views = vcfg.feature_views
+                    feats = [cache.get("train", v) for v in range(views)]
+                    mirror = cache.get("train", 0, flip=True)
+                    accs, t0 = [], time.perf_counter()
+                    for f, held in enumerate(folds):
+                        held_set = set(held)
+                        train_rows = [i for i in range(len(labels)) if i not in held_set]
+                        top.load_state_dict(start_top)
+                        ctx.optimizer.load_state_dict(start_opt)
+                        for g in ctx.optimizer.param_groups:
+                            g["initial_lr"] = vcfg.lr * (vcfg.head_lr_mult if g.get("name") == "head"
+                                                         and vcfg.param_groups else 1.0)
+                        ema = (AveragedModel(top, multi_avg_fn=get_ema_multi_avg_fn(values["ema"]), use_buffers=True)
+                               if values.get("ema") else None)
+                        steps_per_epoch = len(batch_slices(len(train_rows), vcfg.batch_size))
+                        total = steps_per_epoch * vcfg.epochs
+                        step = 0
+                        rng = random.Random(vcfg.seed * 31 + f)
+                        torch.manual_seed(vcfg.seed + f)
+
+                        def before() -> None:
+                            factor = lr_factor(vcfg, step, total)
+                            for g in ctx.optimizer.param_groups:
+                                g["lr"] = g["initial_lr"] * factor
+
+                        def after(*_):
+                            nonlocal step
+                            step += 1
+                            if ema is not None:
+                                ema.update_parameters(top)
+
+                        loss_fn = lambda lg, y: batch_loss(lg, y, vcfg.loss_reduction,  # noqa: E731
+                                                           vcfg.label_smoothing)
+                        rows_t = torch.as_tensor(train_rows)
+                        for epoch in range(vcfg.epochs):
+                            inputs = feats[epoch % views][rows_t]
+                            order = list(range(len(train_rows)))
+                            rng.shuffle(order)
+                            train_one_epoch(top, loss_fn, ctx.optimizer,
+                                            tensor_batches(inputs, labels[rows_t], order, vcfg.batch_size,
+                                                           ctx.device, vcfg.channels_last),
+                                            before, after, ctx.autocast)
+                        scorer = ema.module if ema is not None else top
+                        held_t = torch.as_tensor(held)
+
+                        def held_batches():
+                            for s in range(0, len(held), 256):
+                                idx = held_t[s:s + 256]
+                                xs = [feats[0][idx].float()] + ([mirror[idx].float()] if vcfg.tta_flip else [])
+                                yield xs, labels[idx]
+
+                        logits, y = evaluate(scorer, held_batches(), ctx.autocast)
+                        accs.append(accuracy_and_loss(logits, y)[1])
+                    seconds = time.perf_counter() - t0
+                    mean = sum(accs) / len(accs)
+                    shown = {k: v for k, v in values.items()}
+                    shown.update(train_stages=vcfg.train_stages, views=views, epochs=vcfg.epochs)
+                    line = (f"| {dataset} | {name} | {' '.join(f'{k}={v}' for k, v in shown.items())} | "
+                            f"{mean:.4f} | {' '.join(f'{a:.3f}' for a in accs)} | {seconds:.0f} |")
+                    print(line, flush=True)
+                    lines.append(line)
+                for c in ctx.caches.values():
+                    c.close()
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
