@@ -227,6 +227,29 @@ def test_unusable_datasets_are_errors(tmp_path, build, expected):
     assert expected in reason and "\n" not in reason, reason
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_test_split_made_only_of_copies_of_training_images_is_unusable(tmp_path, flat):
+    import shutil
+
+    root = make_dataset(tmp_path / "d", per_class=4, test_per_class=2, flat=flat)
+    if flat:  # every file of a class is the same image: whatever goes to test has a copy in train
+        for c in ("cat", "dog"):
+            first, *others = sorted((root / c).glob("*.png"))
+            for f in others:
+                shutil.copyfile(first, f)
+    else:
+        for c in ("cat", "dog"):
+            train_file = sorted((root / "train" / c).glob("*.png"))[0]
+            for f in (root / "test" / c).glob("*.png"):
+                shutil.copyfile(train_file, f)
+    report = scan_dataset(root)
+    assert not report.usable
+    assert report.samples["test"] == []
+    assert "every test image is a copy of a training image" in report.reason(), report.reason()
+    leaks = [p for p in report.warnings if "test leakage" in p.problem]
+    assert leaks  # each copy is still named
+
+
 def test_the_reason_names_the_first_error_and_counts_the_others(tmp_path):
     root = make_dataset(tmp_path / "bad", classes=("only",))
     for f in (root / "test").rglob("*.png"):
