@@ -288,6 +288,42 @@ def test_loading_yields_rgb_tensors_and_skips_a_file_that_breaks_later(tmp_path)
     assert [p.path for p in data.skipped] == [broken] and "failed to decode" in data.skipped[0].problem
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_images_and_labels_agree_when_a_renamed_folder_hits_the_decode_cache(tmp_path, monkeypatch, split):
+    """The decode cache is keyed by the files' contents: after a file fails to decode and the
+    folder is renamed, the cached entry still drops that file's label, under its new path."""
+    from finetune_core import prepare
+
+    root = make_dataset(tmp_path / "before", per_class=4)
+    real = {"train": prepare.decode_train, "test": prepare.decode_test}[split]
+    victim = "dog_1.png" if split == "train" else "dog_t1.png"
+
+    def failing(path, *args):
+        if os.path.basename(path) == victim:
+            raise OSError("broken after the scan")
+        return real(path, *args)
+
+    monkeypatch.setattr(prepare, f"decode_{split}", failing)
+    cache = tmp_path / "cache"
+    first = prepare.prepare_data(scan_dataset(root), 28, cache_dir=cache)
+    renamed = root.rename(tmp_path / "after")
+    report = scan_dataset(renamed)
+    monkeypatch.setattr(prepare, f"decode_{split}", real)  # a second decode would not fail: the cache answers
+    again = prepare.prepare_data(report, 28, cache_dir=cache)
+    for data in (first, again):
+        assert len(data.train_images) == len(data.train_labels) == len(data.train_paths)
+        assert len(data.test_images) == len(data.test_labels) == len(data.test_paths)
+        assert sum(map(len, (data.train_paths, data.test_paths))) == 4 + 4 + 3 + 3 - 1
+    assert [os.path.basename(p.path) for p in again.skipped] == [victim]
+    assert again.skipped[0].path.startswith(str(renamed))  # named by its path now
+    paths = again.train_paths if split == "train" else again.test_paths
+    assert all(not p.endswith(victim) for p in paths) and all(p.startswith(str(renamed)) for p in paths)
+    images = again.train_images if split == "train" else again.test_images
+    labels = again.train_labels if split == "train" else again.test_labels
+    assert np.array_equal(np.asarray(images), np.asarray(first.train_images if split == "train" else first.test_images))
+    assert labels.tolist() == (first.train_labels if split == "train" else first.test_labels).tolist()
+
+
 # --- the real datasets ---------------------------------------------------------------------------
 
 
