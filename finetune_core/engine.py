@@ -76,6 +76,28 @@ class Diverged(Exception):
     """The loss became NaN or infinite."""
 
 
+class ResumeRefused(Exception):
+    """The run cannot continue from its checkpoint as things are (its dataset's classes changed);
+    the run and its checkpoint are left as they were."""
+
+
+def class_change(saved: list[str], now: list[str]) -> str:
+    """How the dataset's classes differ from a checkpoint's ('' when they are the same list): the
+    classes added, removed, or the new order, each by name."""
+    if list(saved) == list(now):
+        return ""
+    added = [c for c in now if c not in saved]
+    removed = [c for c in saved if c not in now]
+    parts = []
+    if added:
+        parts.append("added " + ", ".join(f"'{c}'" for c in added))
+    if removed:
+        parts.append("removed " + ", ".join(f"'{c}'" for c in removed))
+    if not parts:
+        parts.append(f"reordered from {list(saved)} to {list(now)}")
+    return "; ".join(parts)
+
+
 @dataclass
 class EpochResult:
     loss: float      # mean per-example training loss over the epoch (the book's animator)
@@ -540,6 +562,12 @@ def restore(ctx: Setup, reporter: Reporter) -> None:
         ctx.run.truncate_metrics(0)
         return
     ckpt = load_checkpoint(path)
+    saved = ckpt.get("classes") or ctx.run.read_config().get("classes", [])
+    change = class_change(saved, ctx.classes)
+    if change:
+        raise ResumeRefused(f"not resumed: the dataset's classes changed since the checkpoint ({change}); "
+                            f"the checkpoint was trained on {len(saved)} classes {list(saved)}. Put the class "
+                            "folders back as they were to resume, or start a new run")
     ctx.model.load_state_dict(ckpt["model"])
     ctx.optimizer.load_state_dict(ckpt["optimizer"])
     ctx.start_epoch = int(ckpt["epoch"])
@@ -792,9 +820,9 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
 
     try:
         ctx = setup(config, run, reporter, report, cache_dir)
-        run.write_config(config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16))
-        if resume:
+        if resume:  # first: a refused resume leaves config.json as it was
             restore(ctx, reporter)
+        run.write_config(config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16))
         fields = fit(ctx, reporter)
         status = run.write_status(state="completed", progress=1.0, eta_s=0, ended_at=now_iso(), **fields,
                                   **summary())
@@ -807,6 +835,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
             interrupted = exc
     except Diverged as exc:
         status = run.write_status(state="diverged", ended_at=now_iso(), message=str(exc), **summary())
+    except ResumeRefused as exc:  # nothing was changed: the run can still resume once its data is back
+        status = run.write_status(state="stopped", ended_at=now_iso(), message=str(exc))
     except torch.OutOfMemoryError as exc:
         run.log(traceback.format_exc())
         device = ctx.device if ctx else config.device

@@ -187,6 +187,48 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_config, tmp_path, c
         assert np.allclose(a[col], b[col], atol=1e-5), col
 
 
+def test_resume_refuses_a_dataset_whose_classes_changed_and_names_the_change(tmp_path, cache_dir):
+    import shutil
+
+    from conftest import make_dataset, tiny_train_config
+
+    data = make_dataset(tmp_path / "data", classes=("bird", "cat", "dog"), per_class=4, test_per_class=2)
+    config = tiny_train_config(data, epochs=2)
+    stop = threading.Event()
+    train(config, tmp_path / "run", cache_dir=cache_dir, stop_event=stop,
+          on_event=lambda e: e["kind"] == "epoch" and stop.set())
+    run = RunDir(tmp_path / "run")
+    assert run.read_status()["state"] == "stopped"
+    before = {name: run.file(name).read_bytes() for name in ("checkpoint_last.pt", "config.json", "metrics.csv")}
+
+    added = shutil.copytree(data, tmp_path / "added")
+    make_dataset(tmp_path / "emu", classes=("emu",), per_class=4, test_per_class=2)
+    shutil.copytree(tmp_path / "emu" / "train" / "emu", added / "train" / "emu")
+    shutil.copytree(tmp_path / "emu" / "test" / "emu", added / "test" / "emu")
+    removed = shutil.copytree(data, tmp_path / "removed")
+    shutil.rmtree(removed / "train" / "bird")
+    shutil.rmtree(removed / "test" / "bird")
+    for folder, change in ((added, "added 'emu'"), (removed, "removed 'bird'")):
+        status = train(config.replace(data=str(folder)), run.path, cache_dir=cache_dir, resume=True)
+        assert status["state"] == "stopped", status["message"]  # still resumable once the folders are back
+        assert "classes changed" in status["message"] and change in status["message"], status["message"]
+        assert {name: run.file(name).read_bytes() for name in before} == before  # nothing touched
+
+    status = train(config, run.path, cache_dir=cache_dir, resume=True)  # the data as it was: it resumes
+    assert status["state"] == "completed", status["message"]
+    assert list(epoch_rows(run.path)["epoch"]) == [1, 2]
+
+
+def test_class_change_names_added_removed_and_reordered_classes():
+    from finetune_core.engine import class_change
+
+    assert class_change(["a", "b"], ["a", "b"]) == ""
+    assert class_change(["a", "b"], ["a", "b", "c"]) == "added 'c'"
+    assert class_change(["a", "b", "c"], ["a", "c"]) == "removed 'b'"
+    assert class_change(["a", "b"], ["a", "x"]) == "added 'x'; removed 'b'"
+    assert class_change(["a", "b"], ["b", "a"]) == "reordered from ['a', 'b'] to ['b', 'a']"
+
+
 def test_a_file_that_fails_after_the_scan_is_skipped_and_reported(tiny_config, tmp_path, cache_dir, monkeypatch):
     report = scan_dataset(tiny_config.data)
     victim = report.samples["train"][0].path
