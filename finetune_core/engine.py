@@ -27,11 +27,16 @@ over an iterator of (inputs, labels) batches. What the engine adds around them:
   metrics logged so far are always kept; checkpoints are written atomically.
 - Reproducibility: every random choice of epoch e is seeded from (seed, e), and cached views
   from (seed, view), so a run resumed from its epoch-end checkpoint continues exactly as it
-  would have without the interruption.
+  would have without the interruption. Nothing seeds a process-wide generator: the crops and
+  the order come from the run's own `random.Random`s, the new model's initial weights from a
+  private fork of torch's CPU generator (`seeded_init`), and dropout from the generator of the
+  run's own device only (`seed_device`; one run at a time per device), so two runs on two
+  devices in one process cannot reseed each other.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import math
 import os
@@ -51,14 +56,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import DatasetError, ScanReport, scan_dataset
 from .memory import describe as describe_memory
 from .memory import release_memory
 from .models import BACKBONES, build_model, parameter_groups, resolve_backbone, resolve_device, split_model
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
-from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, now_iso
+from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, now_iso
 
 Event = dict
 EventCallback = Callable[[Event], None]
@@ -150,6 +155,31 @@ def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 7919 + salt) % (2**31)
 
 
+INIT_LOCK = threading.Lock()  # two runs in one process never build their models under the same fork
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build a model with its initial weights drawn from `seed`, as after torch.manual_seed(seed),
+    without touching the process's CPU generator: its state is forked and put back afterwards
+    (models are built on the CPU, whatever device they then train on)."""
+    with INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def seed_device(device: torch.device, seed: int) -> None:
+    """Seed the generator that dropout uses on `device` only (torch.manual_seed would reseed
+    every GPU and the CPU, under the runs of other devices)."""
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None
+                                      else torch.cuda.current_device()].manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
 def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     if config.schedule == "cosine" and total_steps > 0:
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
@@ -213,14 +243,23 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 def save_checkpoint(path: Path, model, optimizer, epoch: int, best_score: float, config: dict,
                     classes: list[str], epochs_without_gain: int = 0) -> None:
-    """Write a checkpoint atomically: it loads with torch.load(..., weights_only=True).
+    """Write a checkpoint atomically and durably (a kill or a full disk mid-write leaves the
+    previous one whole): it loads with torch.load(..., weights_only=True).
     `best_test_acc` is the best score on the selection split (validation when held out)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "epoch": epoch, "best_test_acc": best_score,
-                "epochs_without_gain": epochs_without_gain,
-                "config": config, "classes": classes, "format": "tuneboard-checkpoint-1"}, tmp)
-    os.replace(tmp, path)
+    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "epoch": epoch, "best_test_acc": best_score,
+             "epochs_without_gain": epochs_without_gain,
+             "config": config, "classes": classes, "format": "tuneboard-checkpoint-1"}
+    atomic_write_file(path, lambda f: torch.save(state, f))
+
+
+def failure_message(exc: BaseException) -> str:
+    """What status.json says about an exception that ended a run; a full disk in plain words."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (f"the disk is full{where} ({exc.strerror or exc}): free some space, then resume the run "
+                "from its last checkpoint; the metrics logged so far are kept")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -527,10 +566,10 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     config = resolve_auto(config, report)
     if device.type == "cpu":
         run.log(describe_memory())
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
     reporter.prepare(f"loading {config.backbone} weights ({config.weights})", force_status=True)
-    model = build_model(config.backbone, len(report.classes), config.weights).to(device)
+    with seeded_init(config.seed):
+        model = build_model(config.backbone, len(report.classes), config.weights)
+    model = model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     groups = parameter_groups(model, config.backbone, config.lr, config.head_lr_mult, config.param_groups,
@@ -648,7 +687,7 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
     cfg = ctx.config
     stages = stages_of_epoch(cfg, epoch)
     top, cache = split_for(ctx, stages, reporter)
-    torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout
+    seed_device(ctx.device, epoch_seed(cfg.seed, epoch, 2))  # dropout
     batches = training_batches(ctx, epoch, cache)  # may compute this epoch's cached view
     loss_fn = lambda logits, y: batch_loss(logits, y, cfg.loss_reduction, cfg.label_smoothing)  # noqa: E731
     epoch_start_step = ctx.step
@@ -711,9 +750,8 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
     save_checkpoint(ctx.run.file(CHECKPOINT_LAST), ctx.model, ctx.optimizer, epoch + 1, ctx.best_score,
                     cfg.to_dict(), ctx.classes, ctx.epochs_without_gain)
     if improved:  # the same state: copy the file rather than serialise twice
-        tmp = ctx.run.file(f".{CHECKPOINT_BEST}.tmp")
-        shutil.copyfile(ctx.run.file(CHECKPOINT_LAST), tmp)
-        os.replace(tmp, ctx.run.file(CHECKPOINT_BEST))
+        with open(ctx.run.file(CHECKPOINT_LAST), "rb") as src:
+            atomic_write_file(ctx.run.file(CHECKPOINT_BEST), lambda f: shutil.copyfileobj(src, f))
     return row
 
 
@@ -755,9 +793,7 @@ def write_predictions(ctx: Setup, logits: torch.Tensor) -> None:
     })
     for i, c in enumerate(ctx.classes):
         frame[f"prob_{c}"] = probs[:, i].numpy()
-    tmp = ctx.run.file(f".{PREDICTIONS}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, ctx.run.file(PREDICTIONS))
+    atomic_write_file(ctx.run.file(PREDICTIONS), lambda f: frame.to_csv(f, index=False), durable=False)
 
 
 def fit(ctx: Setup, reporter: Reporter) -> dict:
@@ -801,9 +837,13 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
           report: ScanReport | None = None) -> dict:
     """Run one training to its end and return its final status. Never raises for a failed run:
     the state (completed, stopped, failed, diverged) and message are in the returned status and
-    in status.json. Raises ConfigError for invalid settings before writing anything. `report`: the
+    in status.json. Raises ConfigError for invalid settings, a device this machine lacks included,
+    before writing anything (a resume is refused instead: the run stays stopped). `report`: the
     dataset's scan when the caller already has it (it is not scanned again)."""
     config = resolve_auto(config.check())  # epochs and views 0 are resolved once the data is scanned
+    device_problem = config.validate(check_paths=True).get("device")
+    if device_problem and not resume:
+        raise ConfigError({"device": device_problem})
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None)
@@ -819,6 +859,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
                 "train_seconds": round(ctx.train_seconds, 2)}
 
     try:
+        if device_problem:
+            raise ResumeRefused(f"not resumed: {device_problem}")
         ctx = setup(config, run, reporter, report, cache_dir)
         if resume:  # first: a refused resume leaves config.json as it was
             restore(ctx, reporter)
@@ -844,8 +886,9 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
                                   message=f"out of memory on {device}: try a smaller batch size or image "
                                           f"size ({str(exc).splitlines()[0]})", **summary())
     except Exception as exc:  # noqa: BLE001 - a failed run must say why and keep its metrics
-        run.log(traceback.format_exc())
-        status = run.write_status(state="failed", ended_at=now_iso(), message=f"{type(exc).__name__}: {exc}",
+        with contextlib.suppress(OSError):  # a full disk may refuse the log too
+            run.log(traceback.format_exc())
+        status = run.write_status(state="failed", ended_at=now_iso(), message=failure_message(exc),
                                   **summary())
     finally:
         if ctx is not None:

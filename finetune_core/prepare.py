@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from PIL import Image
 
 from .data import WARNING, ImageRecord, Problem, ScanReport, load_rgb, resize_size_for, to_rgb
+from .runs import atomic_write_text
 
 MEMORY_BUDGET_BYTES = 2 * 1024**3  # above this, decoded images are memory-mapped from the disk cache
 CACHE_FORMAT = "tuneboard-decoded-3"  # 3: failed rows by position, not by path
@@ -131,7 +133,7 @@ def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cach
     tmp_path = None
     if nbytes > MEMORY_BUDGET_BYTES and cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp_path = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
+        tmp_path = Path(_temp_name(cache_dir, f".{array_path.name}.", ".tmp"))
         arr = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(n, *shape))
     else:
         arr = np.empty((n, *shape), dtype=np.uint8)
@@ -173,24 +175,41 @@ def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cach
             cache_dir.mkdir(parents=True, exist_ok=True)
             if tmp_path is not None:
                 arr.flush()
-                del arr
-                # The memmap file holds n rows; rewrite its header for the valid ones.
-                full = np.load(tmp_path, mmap_mode="r")
-                if len(valid) != n:
-                    np.save(array_path, np.asarray(full[:len(valid)]))
-                    os.unlink(tmp_path)
+                if len(valid) != n:  # the memmap file holds n rows: write the valid ones with their header
+                    part = _temp_name(cache_dir, f".{array_path.name}.", ".tmp.npy")
+                    try:
+                        np.save(part, np.asarray(arr))
+                        os.replace(part, array_path)
+                    finally:
+                        if os.path.exists(part):
+                            os.unlink(part)
                 else:
                     os.replace(tmp_path, array_path)
                 arr = np.load(array_path, mmap_mode="r")
             else:
-                tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp.npy")
-                np.save(tmp, arr)
-                os.replace(tmp, array_path)
+                tmp = _temp_name(cache_dir, f".{array_path.name}.", ".tmp.npy")
+                try:
+                    np.save(tmp, arr)
+                    os.replace(tmp, array_path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
             meta = {"valid_rows": valid, "sizes": sizes, "failed": failed}
-            meta_path.write_text(json.dumps(meta))
+            atomic_write_text(meta_path, json.dumps(meta))
         except OSError:
             pass  # a cache that cannot be written only costs time
+        finally:
+            if tmp_path is not None and os.path.exists(tmp_path):
+                os.unlink(tmp_path)  # a mapping of it stays valid; no file is left behind
     return arr, sizes, valid, skipped
+
+
+def _temp_name(folder: Path, prefix: str, suffix: str) -> str:
+    """A new, unique file in `folder` (two runs of one process decoding the same data into the
+    shared cache never write the same temporary file)."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.close(fd)
+    return name
 
 
 def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLike | None = None,

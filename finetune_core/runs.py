@@ -67,8 +67,54 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def atomic_write_file(path: Path, write, durable: bool = True) -> None:
+    """Write a file through `write(binary file)` atomically: into a new temporary file beside it
+    (a unique name: two writers never share one), flushed to the disk (fsync) when `durable`, then
+    renamed over `path`. A process killed at any point leaves the previous file whole."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if durable and hasattr(os, "O_DIRECTORY"):  # the rename itself reaches the disk too (POSIX)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass  # some file systems cannot sync a folder; the file itself is synced
+        finally:
+            os.close(dir_fd)
+
+
 def atomic_write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _ends_without_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def _drop_torn_row(path: Path) -> None:
+    """Cut an append-only CSV back to its last whole line (its header at least)."""
+    if not _ends_without_newline(path):
+        return
+    with open(path, "r+b") as f:
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 def slugify(text: str) -> str:
@@ -102,7 +148,9 @@ class RunDir:
 
     def append_metrics(self, row: dict) -> None:
         path = self.file(METRICS)
-        new = not path.exists()
+        if path.exists():
+            _drop_torn_row(path)  # a row cut short by a kill or a full disk goes before the next one
+        new = not path.exists() or path.stat().st_size == 0
         with open(path, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
             if new:
@@ -114,8 +162,14 @@ class RunDir:
         path = self.file(METRICS)
         if not path.exists():
             return
+        def kept(row: dict) -> bool:  # a torn row (a kill, a full disk) goes too
+            try:
+                return row.get("kind") in ("batch", "epoch", "test") and float(row["epoch"]) <= max_epoch + 1e-9
+            except (KeyError, TypeError, ValueError):
+                return False
+
         with open(path, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("epoch") and float(r["epoch"]) <= max_epoch + 1e-9]
+            rows = [r for r in csv.DictReader(f) if kept(r)]
         fd, tmp = tempfile.mkstemp(dir=self.path, suffix=".tmp")
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
@@ -160,7 +214,15 @@ class RunDir:
         path = self.file(METRICS)
         if not path.exists() or path.stat().st_size == 0:
             return pd.DataFrame(columns=METRIC_COLUMNS)
-        return pd.read_csv(path)
+        frame = pd.read_csv(path, on_bad_lines="skip")  # a garbled line is skipped
+        if len(frame) and _ends_without_newline(path):
+            frame = frame.iloc[:-1]  # a row cut short (a kill, a full disk) or still being written
+        if "kind" in frame:
+            frame = frame[frame["kind"].isin(("batch", "epoch", "test"))].reset_index(drop=True)
+            for column in frame.columns.drop("kind"):
+                if frame[column].dtype == object:  # damage left text in a column of numbers
+                    frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        return frame
 
     def read_predictions(self):
         import pandas as pd

@@ -324,6 +324,25 @@ def test_images_and_labels_agree_when_a_renamed_folder_hits_the_decode_cache(tmp
     assert labels.tolist() == (first.train_labels if split == "train" else first.test_labels).tolist()
 
 
+def test_two_jobs_decoding_into_one_cache_never_share_a_temporary_file(tmp_path, monkeypatch):
+    import shutil
+
+    from finetune_core import prepare
+
+    root = make_dataset(tmp_path / "d", per_class=3, test_per_class=2)
+    report = scan_dataset(root)
+    cache = tmp_path / "cache"
+    written = []
+    real_save = np.save
+    monkeypatch.setattr(prepare.np, "save", lambda file, arr, *a, **k: (written.append(str(file)),
+                                                                        real_save(file, arr, *a, **k))[1])
+    for job in range(2):  # the same entry written twice by one process, as two jobs would
+        shutil.rmtree(cache, ignore_errors=True)
+        prepare.prepare_data(report, 28, cache_dir=cache)
+    assert len(written) == 4 and len(set(written)) == 4, written
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # nothing left behind
+
+
 # --- the real datasets ---------------------------------------------------------------------------
 
 

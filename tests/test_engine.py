@@ -229,6 +229,65 @@ def test_class_change_names_added_removed_and_reordered_classes():
     assert class_change(["a", "b"], ["b", "a"]) == "reordered from ['a', 'b'] to ['b', 'a']"
 
 
+def test_a_device_this_machine_lacks_is_refused_before_any_run_folder_exists(tiny_config, tmp_path, cache_dir,
+                                                                           monkeypatch):
+    from finetune_core import models
+    from finetune_core.config import ConfigError
+
+    train(tiny_config.replace(epochs=1), tmp_path / "done", cache_dir=cache_dir)
+    checkpoint = (tmp_path / "done" / "checkpoint_last.pt").read_bytes()
+    monkeypatch.setattr(models, "available_devices", lambda: ["auto", "cpu"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="cuda is not on this machine"):
+        train(tiny_config.replace(device="cuda"), tmp_path / "run", cache_dir=cache_dir)
+    assert not (tmp_path / "run").exists()
+    status = train(tiny_config.replace(epochs=2, device="cuda"), tmp_path / "done", cache_dir=cache_dir, resume=True)
+    assert status["state"] == "stopped" and "not resumed: Device cuda is not on this machine" in status["message"]
+    assert (tmp_path / "done" / "checkpoint_last.pt").read_bytes() == checkpoint
+
+
+def test_a_run_seeds_no_process_wide_generator(tiny_config, tmp_path, cache_dir, monkeypatch):
+    """Two runs on two devices in one process must not reseed each other: no torch.manual_seed
+    (every GPU and the CPU), no random.seed; the run's results stay seeded by its settings."""
+    def refuse(*args):
+        raise AssertionError("a run seeded a process-wide generator")
+
+    python_state = random.getstate()
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+    monkeypatch.setattr(random, "seed", refuse)
+    a = train(tiny_config.replace(epochs=1), tmp_path / "a", cache_dir=cache_dir)
+    b = train(tiny_config.replace(epochs=1), tmp_path / "b", cache_dir=cache_dir)
+    assert a["state"] == b["state"] == "completed", a["message"]
+    assert random.getstate() == python_state
+    assert epoch_rows(tmp_path / "a")["loss"].tolist() == epoch_rows(tmp_path / "b")["loss"].tolist()
+
+
+def test_model_init_is_seeded_on_a_private_fork_and_dropout_on_the_runs_device_only(monkeypatch):
+    from finetune_core.engine import seed_device, seeded_init
+
+    torch.random.default_generator.manual_seed(5)
+    outside = torch.get_rng_state()
+    with seeded_init(0):
+        drawn = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), outside)  # the process's CPU stream goes on untouched
+    assert torch.equal(drawn, torch.rand(4, generator=torch.Generator().manual_seed(0)))  # as after manual_seed(0)
+
+    seeded = []
+
+    class FakeGenerator:
+        def __init__(self, index):
+            self.index = index
+
+        def manual_seed(self, seed):
+            seeded.append((self.index, seed))
+
+    monkeypatch.setattr(torch.cuda, "default_generators", tuple(FakeGenerator(i) for i in range(2)), raising=False)
+    seed_device(torch.device("cuda:1"), 7)
+    assert seeded == [(1, 7)]
+    assert torch.equal(torch.get_rng_state(), outside)  # a GPU run's dropout seed leaves the CPU alone
+
+
 def test_a_file_that_fails_after_the_scan_is_skipped_and_reported(tiny_config, tmp_path, cache_dir, monkeypatch):
     report = scan_dataset(tiny_config.data)
     victim = report.samples["train"][0].path
