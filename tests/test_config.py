@@ -65,6 +65,18 @@ def test_a_wrong_value_is_reported_with_the_label_the_user_sees(changes, field, 
         config.check()
 
 
+@pytest.mark.parametrize("value", [None, "text", 1.5, 2, True, [1], {"a": 1}, object(), float("nan"), ""])
+def test_every_setting_reports_a_value_of_the_wrong_type_instead_of_raising(tmp_path, value):
+    from finetune_core.config import check_value, settings
+
+    for name, s in settings().items():
+        config = TrainConfig(data=str(tmp_path), weights="none").replace(**{name: value})
+        for check_paths in (False, True):
+            errors = config.validate(check_paths=check_paths)  # never raises, whatever the type
+            if check_value(s, value) is not None:
+                assert errors.get(name, "").startswith(s.label), (name, value, errors)
+
+
 def test_train_stages_is_checked_against_the_backbones_stages():
     from finetune_core import models
 
