@@ -262,8 +262,24 @@ def failure_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely: damaged, or holding more than tensors and plain data."""
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A run's checkpoint, loaded with weights_only=True: a file crafted to run code when unpickled
+    is refused (CheckpointError naming it), and nothing in it runs."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unpickling refused, truncated, not a torch file
+        raise CheckpointError(f"{path} cannot be loaded as a checkpoint: it is damaged or holds objects other "
+                              f"than tensors, which are never unpickled ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path} is not a Tuneboard checkpoint (no model weights in it)")
+    return ckpt
 
 
 def config_record(config: TrainConfig, report: ScanReport | None = None, data: PreparedData | None = None,

@@ -122,3 +122,75 @@ def test_a_torn_metrics_row_is_skipped_and_the_next_row_starts_on_its_own_line(t
     assert isinstance(pd.read_csv(run.file("metrics.csv"), on_bad_lines="skip"), pd.DataFrame)
     run.truncate_metrics(1.0)
     assert list(run.read_metrics()["step"]) == [1]
+
+
+# --- a checkpoint crafted to run code when unpickled ---------------------------------------------
+
+
+class RunsCode:
+    """Unpickling this runs code: it writes the marker file (what an attacker's payload would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('the checkpoint ran code')",)
+
+
+def crafted_checkpoint(path, marker):
+    torch.save({"model": {"fc.weight": torch.zeros(2, 512), "payload": RunsCode(marker)}, "epoch": 1,
+                "classes": ["cat", "dog"]}, path)
+    return path
+
+
+def test_a_crafted_checkpoint_as_user_weights_runs_nothing_and_is_refused(tmp_path):
+    from finetune_core.models import WeightsError, load_weights_file
+
+    marker = tmp_path / "ran"
+    evil = crafted_checkpoint(tmp_path / "weights.pt", marker)
+    with pytest.raises(WeightsError, match="weights.pt: cannot be loaded as weights"):
+        load_weights_file(evil)
+    assert not marker.exists()
+
+
+def test_a_crafted_run_checkpoint_runs_nothing_on_resume_or_predict(tiny_config, tmp_path, cache_dir):
+    from finetune_core.predict import PredictError, Predictor
+
+    run = RunDir(tmp_path / "run")
+    train(tiny_config.replace(epochs=1), run.path, cache_dir=cache_dir)
+    marker = tmp_path / "ran"
+    crafted_checkpoint(run.file("checkpoint_last.pt"), marker)
+    with pytest.raises(PredictError, match="checkpoint_last.pt cannot be loaded as a checkpoint"):
+        Predictor.from_run(run.path, "last")
+    status = train(tiny_config.replace(epochs=2), run.path, cache_dir=cache_dir, resume=True)
+    assert status["state"] == "failed"
+    assert "checkpoint_last.pt cannot be loaded as a checkpoint" in status["message"], status["message"]
+    assert "\n" not in status["message"]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_a_crafted_bundle_runs_nothing_and_is_refused(tmp_path, as_zip):
+    import json
+    import zipfile
+
+    from finetune_core.predict import PredictError, Predictor
+
+    marker = tmp_path / "ran"
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "model.json").write_text(json.dumps({"backbone": "resnet18", "classes": ["cat", "dog"], "preprocessing": {
+        "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}}))
+    crafted_checkpoint(bundle / "weights.safetensors", marker)  # a pickle in the safetensors' place
+    if as_zip:
+        with zipfile.ZipFile(tmp_path / "bundle.zip", "w") as zf:
+            for f in bundle.iterdir():
+                zf.write(f, f.name)
+    before = set(os.listdir(tmp_path))
+    import tempfile
+    temp_before = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(PredictError, match="weights.safetensors is not a safetensors file"):
+        Predictor.load(tmp_path / "bundle.zip" if as_zip else bundle)
+    assert not marker.exists()
+    assert set(os.listdir(tmp_path)) == before
+    assert not [n for n in set(os.listdir(tempfile.gettempdir())) - temp_before if n.startswith("tuneboard-bundle")]
