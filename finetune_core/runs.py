@@ -269,7 +269,8 @@ class RunInfo:
     duration_s: float | None = None
     tags: list[str] = field(default_factory=list)
     has_checkpoint: bool = False
-    error: str = ""
+    error: str = ""               # the folder cannot be summarised (status.json or config.json unreadable)
+    warning: str = ""             # readable, but part of it is damaged (a missing checkpoint, a torn metrics row)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -287,17 +288,47 @@ def _duration(status: dict) -> float | None:
 
 
 def run_info(path: str | os.PathLike) -> RunInfo:
+    """A run's summary. Never raises for a damaged folder: `error` says what cannot be read,
+    `warning` what is damaged in a folder that can still be read."""
     run = RunDir(path)
     info = RunInfo(path=str(run.path), id=run.id, name=run.id)
+    name = STATUS
     try:
         status = run.read_status()
+        name = CONFIG
         config = run.read_config()
     except FileNotFoundError as exc:
         info.error = f"damaged run folder: {Path(exc.filename).name} is missing"
         return info
-    except (OSError, ValueError) as exc:
-        info.error = f"damaged run folder: {exc}"
+    except (OSError, ValueError) as exc:  # truncated, not JSON, not UTF-8, unreadable
+        info.error = f"damaged run folder: {name} cannot be read ({type(exc).__name__}: {exc})"
         return info
+    for name, value in ((STATUS, status), (CONFIG, config)):
+        if not isinstance(value, dict):
+            info.error = f"damaged run folder: {name} does not hold a JSON object"
+            return info
+    try:
+        _fill_info(info, run, status, config)
+    except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type in a hand-edited file
+        info.error = f"damaged run folder: unexpected values in {STATUS} or {CONFIG} ({type(exc).__name__}: {exc})"
+        return info
+    info.warning = _damage(run, info, status)
+    return info
+
+
+def _damage(run: RunDir, info: RunInfo, status: dict) -> str:
+    """What is damaged in a readable run folder: '' when nothing is."""
+    problems = []
+    if info.state not in ACTIVE_STATES and status.get("epochs_done") and not info.has_checkpoint:
+        n = status["epochs_done"]
+        problems.append(f"{CHECKPOINT_LAST} is missing (the run finished {n} epoch{'' if n == 1 else 's'})")
+    metrics = run.file(METRICS)
+    if info.state not in ACTIVE_STATES and metrics.exists() and _ends_without_newline(metrics):
+        problems.append(f"{METRICS} ends in a half-written row (left out when read)")
+    return "damaged run folder: " + "; ".join(problems) if problems else ""
+
+
+def _fill_info(info: RunInfo, run: RunDir, status: dict, config: dict) -> None:
     cfg = config.get("config", {}) if isinstance(config, dict) else {}
     meta = run.read_meta()
     info.name = meta.get("name") or cfg.get("name") or run.id
@@ -315,7 +346,6 @@ def run_info(path: str | os.PathLike) -> RunInfo:
     info.ended_at = status.get("ended_at", "")
     info.duration_s = _duration(status)
     info.has_checkpoint = run.has_checkpoint()
-    return info
 
 
 def list_runs(runs_dir: str | os.PathLike) -> list[RunInfo]:
@@ -337,7 +367,10 @@ def find_run(runs_dir: str | os.PathLike, run_id: str) -> RunDir:
 def delete_run(path: str | os.PathLike) -> None:
     """Delete a finished run's folder. Refuses a queued or running one."""
     run = RunDir(path)
-    state = run.read_status(default={}).get("state")
+    try:
+        state = run.read_status(default={}).get("state")
+    except (OSError, ValueError, AttributeError):  # a damaged status.json: nothing says it is running
+        state = None
     if state in ACTIVE_STATES:
         raise RuntimeError(f"run {run.id} is {state}: stop it before deleting it")
     shutil.rmtree(run.path)

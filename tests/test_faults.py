@@ -194,3 +194,80 @@ def test_a_crafted_bundle_runs_nothing_and_is_refused(tmp_path, as_zip):
     assert not marker.exists()
     assert set(os.listdir(tmp_path)) == before
     assert not [n for n in set(os.listdir(tempfile.gettempdir())) - temp_before if n.startswith("tuneboard-bundle")]
+
+
+# --- damaged run folders -------------------------------------------------------------------------
+
+
+def damaged_runs(runs, config) -> dict[str, str]:
+    """A good run and four copies of it, each damaged one way: {run id: the file the flag names}."""
+    import shutil
+
+    good = runs / "20260101-000000-good"
+    train(config.replace(name="good"), good, cache_dir="")
+    damage = {}
+
+    def copy(name):
+        return shutil.copytree(good, runs / name)
+
+    status = copy("20260102-000000-status-truncated") / "status.json"
+    status.write_bytes(status.read_bytes()[: status.stat().st_size // 2])
+    damage[status.parent.name] = "status.json"
+    config_file = copy("20260103-000000-config-unreadable") / "config.json"
+    config_file.write_bytes(b"\xff\xfe\x00garbage")
+    damage[config_file.parent.name] = "config.json"
+    missing = copy("20260104-000000-checkpoint-missing")
+    for f in missing.glob("checkpoint_*.pt"):
+        f.unlink()
+    damage[missing.name] = "checkpoint_last.pt"
+    metrics = copy("20260105-000000-metrics-torn") / "metrics.csv"
+    metrics.write_bytes(metrics.read_bytes()[:-25])  # the last row cut in half
+    damage[metrics.parent.name] = "metrics.csv"
+    return damage
+
+
+def test_damaged_run_folders_are_flagged_by_the_runs_command_and_every_page(dashboard_env, tiny_dataset, capsys):
+    import json
+
+    from conftest import page, tiny_train_config
+    from finetune_core.__main__ import main as cli_main
+    from finetune_core.runs import delete_run, list_runs
+
+    runs = dashboard_env / "runs"
+    damage = damaged_runs(runs, tiny_train_config(tiny_dataset, epochs=1))
+    infos = {i.id: i for i in list_runs(runs)}
+    assert not infos["20260101-000000-good"].error and not infos["20260101-000000-good"].warning
+    for run_id, name in damage.items():
+        flag = infos[run_id].error or infos[run_id].warning
+        assert flag.startswith("damaged run folder") and name in flag, (run_id, flag)
+    metrics = RunDir(runs / "20260105-000000-metrics-torn").read_metrics()
+    assert list(metrics["kind"]) == list(RunDir(runs / "20260101-000000-good").read_metrics()["kind"])[:-1]
+
+    assert cli_main(["runs", "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    for run_id in damage:
+        assert (infos[run_id].error or infos[run_id].warning) in out, out
+    assert cli_main(["runs", "--runs-dir", str(runs), "--json"]) == 0
+    listed = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert all(listed[i]["error"] or listed[i]["warning"] for i in damage)
+
+    home = page("app.py").run()
+    assert not home.exception, home.exception
+    table = home.dataframe[0].value
+    flagged = table[table["message"].str.startswith("damaged run folder")]
+    assert len(flagged) == len(damage)
+    train_page = page("pages/1_Train.py").run()
+    assert not train_page.exception, train_page.exception
+    compare = page("pages/2_Compare.py").run()
+    assert not compare.exception, compare.exception
+    notice = " ".join(w.value for w in compare.warning)
+    assert all(run_id in notice for run_id in damage), notice
+    assert compare.get("plotly_chart")  # the readable runs, the torn metrics' one among them, are drawn
+    predict = page("pages/3_Predict.py").run()
+    assert not predict.exception, predict.exception
+    offered = predict.selectbox(key="predict_run").options
+    assert any("good" in o for o in offered) and any("metrics-torn" in o for o in offered)
+    assert not any(run_id in o for o in offered for run_id in list(damage)[:3])
+
+    delete_run(runs / "20260102-000000-status-truncated")  # a damaged folder can still be deleted
+    assert not (runs / "20260102-000000-status-truncated").exists()
