@@ -186,6 +186,15 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     return 1.0
 
 
+DIVERGED_LOSS_FACTOR = 100  # a mean loss per image this many times a uniform guess's (ln classes) has blown up
+
+
+def diverged_loss(n_classes: int) -> float:
+    """The per-image training loss above which a run has blown up: a uniform guess scores ln(n);
+    lr 100 on the tiny test set logged 2e5 at its second step, lr 1 4e2, sound runs stay under ~10."""
+    return DIVERGED_LOSS_FACTOR * max(1.0, math.log(n_classes))
+
+
 def batch_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str,
                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, per-example losses): summed over the batch as in the book, or averaged."""
@@ -358,9 +367,11 @@ class Reporter:
 
 def train_one_epoch(model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, batches: Batches,
                     before_step: Callable[[], None], after_step: Callable[[float, int, int], None],
-                    autocast: Callable[[], contextlib.AbstractContextManager]) -> EpochResult:
+                    autocast: Callable[[], contextlib.AbstractContextManager],
+                    max_loss: float = math.inf) -> EpochResult:
     """The book's train_batch for every batch of one epoch. `before_step` sets the learning rates
-    and checks for a stop; `after_step(loss_sum, correct, seen)` logs the running averages."""
+    and checks for a stop; `after_step(loss_sum, correct, seen)` logs the running averages.
+    Raises Diverged when a batch's loss is not finite or its mean per image exceeds `max_loss`."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     t0 = time.perf_counter()
@@ -369,12 +380,16 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable, optimizer: torch.optim.
         with autocast():
             logits = model(inputs)
         loss, losses = loss_fn(logits, labels)
-        if not torch.isfinite(loss):
-            raise Diverged(f"the loss became {loss.item()}")
+        batch_sum = losses.detach().sum().item()
+        if not math.isfinite(batch_sum):
+            raise Diverged(f"the loss became {batch_sum}")
+        if batch_sum / len(labels) > max_loss:
+            raise Diverged(f"the loss reached {batch_sum / len(labels):.4g} per image, over the limit of "
+                           f"{max_loss:.3g} ({DIVERGED_LOSS_FACTOR:g} x ln(classes), at least {DIVERGED_LOSS_FACTOR:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += losses.detach().sum().item()
+        loss_sum += batch_sum
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
         after_step(loss_sum, correct, seen)
@@ -733,7 +748,8 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
         reporter.emit(event)
 
     try:
-        result = train_one_epoch(top, loss_fn, ctx.optimizer, batches, before_step, after_step, ctx.autocast)
+        result = train_one_epoch(top, loss_fn, ctx.optimizer, batches, before_step, after_step, ctx.autocast,
+                                 max_loss=diverged_loss(len(ctx.classes)))
     except Diverged as exc:
         lrs = group_lrs(ctx.optimizer)
         raise Diverged(f"{exc} at step {ctx.step + 1} (epoch {epoch + 1}) with learning rate "

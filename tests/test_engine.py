@@ -148,6 +148,20 @@ def test_divergence_ends_the_run_naming_step_and_learning_rate(tiny_config, tmp_
     assert np.isfinite(metrics["loss"]).all()  # no row logs the non-finite loss
 
 
+@pytest.mark.parametrize("lr", [100.0, 1.0])
+def test_a_loss_that_blows_up_but_stays_finite_ends_the_run_diverged(tiny_config, tmp_path, cache_dir, lr):
+    """lr 100 used to run to `completed` with a training loss near 25,000 (finite, so never caught)."""
+    from finetune_core.engine import diverged_loss
+
+    status = train(tiny_config.replace(lr=lr, loss_reduction="mean", epochs=2), tmp_path / "run", cache_dir=cache_dir)
+    assert status["state"] == "diverged", status["message"]
+    assert "per image, over the limit of 100" in status["message"] and "at step 2 (epoch 1)" in status["message"]
+    assert f"backbone {lr:g}" in status["message"] and f"head {lr * 10:g}" in status["message"]
+    assert diverged_loss(2) == 100 and diverged_loss(1000) == pytest.approx(100 * np.log(1000))
+    metrics = RunDir(tmp_path / "run").read_metrics()
+    assert (metrics["loss"] < diverged_loss(2)).all()  # the rows before the blow-up are kept; none logs it
+
+
 def test_an_exception_fails_the_run_with_its_message_and_keeps_metrics(tiny_config, tmp_path, cache_dir):
     def on_event(e):
         if e["kind"] == "batch" and e["step"] == 3:
