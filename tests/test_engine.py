@@ -199,6 +199,8 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_config, tmp_path, c
     assert list(b["epoch"]) == [1, 2, 3]
     for col in ("loss", "train_acc", "test_acc", "test_loss"):
         assert np.allclose(a[col], b[col], atol=1e-5), col
+    elapsed = RunDir(tmp_path / "resumed").read_metrics()["elapsed_s"]
+    assert elapsed.is_monotonic_increasing  # the wall-time axis continues on resume, never restarts at zero
 
 
 def test_resume_refuses_a_dataset_whose_classes_changed_and_names_the_change(tmp_path, cache_dir):
