@@ -920,8 +920,11 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     except Exception as exc:  # noqa: BLE001 - a failed run must say why and keep its metrics
         with contextlib.suppress(OSError):  # a full disk may refuse the log too
             run.log(traceback.format_exc())
-        status = run.write_status(state="failed", ended_at=now_iso(), message=failure_message(exc),
-                                  **summary())
+        fields = dict(state="failed", ended_at=now_iso(), message=failure_message(exc), **summary())
+        try:
+            status = run.write_status(**fields)
+        except OSError:  # ...and even status.json: the caller still hears why (the old status.json stays whole)
+            status = {**run.read_status(default={}), **fields}
     finally:
         if ctx is not None:
             for cache in ctx.caches.values():

@@ -15,7 +15,9 @@ the app. The dashboard and every command of the command line use it.
       meta.json            what the user edits afterwards: display name, tags
 
 States: queued, running, completed, stopped, failed, diverged, interrupted.
-Every file is written atomically (temp file + rename) except the append-only metrics and log.
+Every file is written atomically (temp file + rename; checkpoints are also fsynced) except the
+append-only metrics and log; a metrics row cut short by a kill or a full disk is left out when
+read and cut off before the next row is appended.
 """
 from __future__ import annotations
 
@@ -214,7 +216,10 @@ class RunDir:
         path = self.file(METRICS)
         if not path.exists() or path.stat().st_size == 0:
             return pd.DataFrame(columns=METRIC_COLUMNS)
-        frame = pd.read_csv(path, on_bad_lines="skip")  # a garbled line is skipped
+        try:
+            frame = pd.read_csv(path, on_bad_lines="skip")  # a garbled line is skipped
+        except ValueError:  # not text, no header: nothing can be read from it
+            return pd.DataFrame(columns=METRIC_COLUMNS)
         if len(frame) and _ends_without_newline(path):
             frame = frame.iloc[:-1]  # a row cut short (a kill, a full disk) or still being written
         if "kind" in frame:
@@ -312,7 +317,10 @@ def run_info(path: str | os.PathLike) -> RunInfo:
     except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type in a hand-edited file
         info.error = f"damaged run folder: unexpected values in {STATUS} or {CONFIG} ({type(exc).__name__}: {exc})"
         return info
-    info.warning = _damage(run, info, status)
+    try:
+        info.warning = _damage(run, info, status)
+    except OSError as exc:
+        info.warning = f"damaged run folder: {exc}"
     return info
 
 

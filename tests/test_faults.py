@@ -122,6 +122,8 @@ def test_a_torn_metrics_row_is_skipped_and_the_next_row_starts_on_its_own_line(t
     assert isinstance(pd.read_csv(run.file("metrics.csv"), on_bad_lines="skip"), pd.DataFrame)
     run.truncate_metrics(1.0)
     assert list(run.read_metrics()["step"]) == [1]
+    run.file("metrics.csv").write_bytes(b"\xff\xfe\x00\x81 not text")  # not even a header
+    assert run.read_metrics().empty
 
 
 # --- a checkpoint crafted to run code when unpickled ---------------------------------------------
