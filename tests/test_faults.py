@@ -155,15 +155,20 @@ def test_a_crafted_checkpoint_as_user_weights_runs_nothing_and_is_refused(tmp_pa
     assert not marker.exists()
 
 
-def test_a_crafted_run_checkpoint_runs_nothing_on_resume_or_predict(tiny_config, tmp_path, cache_dir):
+def test_a_crafted_run_checkpoint_runs_nothing_on_resume_or_predict(dashboard_env, tiny_config, cache_dir):
+    from conftest import page
     from finetune_core.predict import PredictError, Predictor
 
-    run = RunDir(tmp_path / "run")
+    tmp_path = dashboard_env
+    run = RunDir(tmp_path / "runs" / "20260101-000000-crafted")
     train(tiny_config.replace(epochs=1), run.path, cache_dir=cache_dir)
     marker = tmp_path / "ran"
     crafted_checkpoint(run.file("checkpoint_last.pt"), marker)
     with pytest.raises(PredictError, match="checkpoint_last.pt cannot be loaded as a checkpoint"):
         Predictor.from_run(run.path, "last")
+    predict = page("pages/3_Predict.py").run()  # the Predict page says so instead of a traceback
+    assert not predict.exception, predict.exception
+    assert any("cannot be loaded as a checkpoint" in e.value for e in predict.error), [e.value for e in predict.error]
     status = train(tiny_config.replace(epochs=2), run.path, cache_dir=cache_dir, resume=True)
     assert status["state"] == "failed"
     assert "checkpoint_last.pt cannot be loaded as a checkpoint" in status["message"], status["message"]
