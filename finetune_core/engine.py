@@ -385,7 +385,8 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable, optimizer: torch.optim.
             raise Diverged(f"the loss became {batch_sum}")
         if batch_sum / len(labels) > max_loss:
             raise Diverged(f"the loss reached {batch_sum / len(labels):.4g} per image, over the limit of "
-                           f"{max_loss:.3g} ({DIVERGED_LOSS_FACTOR:g} x ln(classes), at least {DIVERGED_LOSS_FACTOR:g})")
+                           f"{max_loss:.3g} ({DIVERGED_LOSS_FACTOR:g} x ln(classes), at least "
+                           f"{DIVERGED_LOSS_FACTOR:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -107,7 +107,8 @@ def _cache_key(records: list[ImageRecord], kind: str, *sizes: int) -> str:
 
 
 def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cache_dir: Path | None, key: str,
-                progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[tuple], list[int], list[Problem]]:
+                progress: Callable[[int, int], None] | None
+                ) -> tuple[np.ndarray, list[tuple], list[int], list[Problem]]:
     """Decode every record into one uint8 array (rows of failed files are dropped). Returns
     (array, sizes, the positions in `records` of its rows, the failed files). The cache key is
     the files' contents, not their paths: the failed rows are kept by position and named with
