@@ -60,7 +60,8 @@ from .config import ConfigError, TrainConfig
 from .data import DatasetError, ScanReport, scan_dataset
 from .memory import describe as describe_memory
 from .memory import release_memory
-from .models import BACKBONES, build_model, parameter_groups, resolve_backbone, resolve_device, split_model
+from .models import (BACKBONES, build_model, load_refusal, parameter_groups, resolve_backbone, resolve_device,
+                     split_model)
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
 from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, now_iso
@@ -283,9 +284,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - unpickling refused, truncated, not a torch file
-        raise CheckpointError(f"{path} cannot be loaded as a checkpoint: it is damaged or holds objects other "
-                              f"than tensors, which are never unpickled ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})") from None
+        raise CheckpointError(f"{path} cannot be loaded as a checkpoint: {load_refusal(exc)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not a Tuneboard checkpoint (no model weights in it)")
     return ckpt

@@ -150,8 +150,10 @@ def test_a_crafted_checkpoint_as_user_weights_runs_nothing_and_is_refused(tmp_pa
 
     marker = tmp_path / "ran"
     evil = crafted_checkpoint(tmp_path / "weights.pt", marker)
-    with pytest.raises(WeightsError, match="weights.pt: cannot be loaded as weights"):
+    with pytest.raises(WeightsError, match="weights.pt: cannot be loaded as weights") as refused:
         load_weights_file(evil)
+    assert "it refers to exec, which loading would have to run" in str(refused.value)
+    assert "weights_only=False" not in str(refused.value) and "\n" not in str(refused.value)  # no unsafe advice
     assert not marker.exists()
 
 
@@ -171,7 +173,8 @@ def test_a_crafted_run_checkpoint_runs_nothing_on_resume_or_predict(dashboard_en
     assert any("cannot be loaded as a checkpoint" in e.value for e in predict.error), [e.value for e in predict.error]
     status = train(tiny_config.replace(epochs=2), run.path, cache_dir=cache_dir, resume=True)
     assert status["state"] == "failed"
-    assert "checkpoint_last.pt cannot be loaded as a checkpoint" in status["message"], status["message"]
+    assert "checkpoint_last.pt cannot be loaded as a checkpoint: it refers to exec" in status["message"], \
+        status["message"]
     assert "\n" not in status["message"]
     assert not marker.exists()
 
