@@ -57,7 +57,7 @@ def recent_runs_section() -> None:
         "run": r.name, "state": state_label(r.state) if not r.error else "damaged",
         "dataset": r.dataset, "backbone": r.backbone,
         "best test acc": None if r.best_test_acc is None else round(r.best_test_acc, 3),
-        "duration": format_seconds(r.duration_s), "message": r.error or r.message,
+        "duration": format_seconds(r.duration_s), "message": r.error or r.warning or r.message,
     } for r in runs], width="stretch", hide_index=True)
 
 

@@ -282,6 +282,8 @@ def cmd_runs(args) -> int:
             continue
         acc = f"{i.best_test_acc:.3f}" if i.best_test_acc is not None else "-"
         print(f"{i.id}  {i.state:<11} best test acc {acc}  {i.backbone}  {i.dataset}")
+        if i.warning:
+            print(f"{'':<{len(i.id)}}  {i.warning}")
     return 0
 
 

@@ -466,6 +466,56 @@ def setting_notes(config: TrainConfig) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
+# Warnings before a launch
+
+# SGD fine-tuning rates, as the step they take on a MEAN-reduced loss without momentum: the book's
+# fine-tuning run is 5e-5 x batch 128 = 6.4e-3 (its head 6.4e-2), its scratch run 6.4e-2, the fast
+# preset 3e-3 / 3e-2 with momentum 0.9 (x10). "Far outside" is ten times beyond this usual range:
+# above it training usually blows up (lr 100 logged a loss near 25,000), below it barely moves.
+USUAL_STEP_RANGE = (1e-4, 0.1)
+FAR_OUTSIDE = 10.0
+
+
+def launch_warnings(config: TrainConfig) -> list[str]:
+    """Sentences the Train page shows before a launch when a learning rate (the pretrained layers'
+    lr, the head's lr x multiplier) is far outside the usual range for the loss reduction, batch
+    size and momentum in force. Valid settings only; an empty list when nothing is unusual."""
+    low, high = USUAL_STEP_RANGE[0] / FAR_OUTSIDE, USUAL_STEP_RANGE[1] * FAR_OUTSIDE
+    scale = (config.batch_size if config.loss_reduction == "sum" else 1) / (1.0 - config.momentum)
+    how = ([f"summed over batches of {config.batch_size}"] if config.loss_reduction == "sum" else []) + \
+          ([f"momentum {config.momentum:g}"] if config.momentum else [])
+    rates = []
+    if config.train_stages != "head":
+        rates.append(("Learning rate" if config.param_groups else "Learning rate (one group for every layer)",
+                      config.lr))
+    if config.param_groups:
+        rates.append(("Head learning rate (lr × multiplier)", config.lr * config.head_lr_mult))
+    elif config.train_stages == "head":
+        rates.append(("Learning rate (of the head, the only part that trains)", config.lr))
+    warnings = []
+    usual = f"{USUAL_STEP_RANGE[0]:g} to {USUAL_STEP_RANGE[1]:g} is usual"
+    for label, rate in rates:
+        step = rate * scale
+        if low * (1 - 1e-9) <= step <= high * (1 + 1e-9):  # the bounds themselves are in range
+            continue
+        where = (f"{' and '.join(how)}, it steps like {step:.3g} would on a mean loss without momentum, where {usual}"
+                 if how else f"on a mean loss without momentum {usual}")
+        if step > high:
+            warnings.append(f"{label} {rate:.3g} is far above the usual range: {where}. Training will likely blow up "
+                            f"(the run then ends diverged); try the learning-rate finder, or about "
+                            f"{_usual(rate, step):.2g}.")
+        else:
+            warnings.append(f"{label} {rate:.3g} is far below the usual range: {where}. The weights will barely "
+                            f"move; try the learning-rate finder, or about {_usual(rate, step):.2g}.")
+    return warnings
+
+
+def _usual(rate: float, step: float) -> float:
+    """The rate that would take a step in the middle of the usual range (geometric mean)."""
+    return rate * math.sqrt(USUAL_STEP_RANGE[0] * USUAL_STEP_RANGE[1]) / step
+
+
+# --------------------------------------------------------------------------------------------
 # Presets
 
 # The book's two runs, and the fastest way to the book's accuracy measured on this project's

@@ -468,8 +468,12 @@ def _dataset_checks(report: ScanReport, split_dirs: dict, few_images: int, imbal
                                     "(test leakage), left out of the test split", WARNING))
         else:
             kept.append(r)
-    if kept:
-        report.samples["test"] = kept
+    report.samples["test"] = kept
+    if not kept:
+        where = split_dirs.get("test", root)
+        problems.append(Problem(str(where), "every test image is a copy of a training image (test leakage): "
+                                "the test split is empty once they are left out", ERROR))
+        return
     for split, counts in report.splits.items():
         for c, n in counts.items():
             if split == "train" and 0 < n < few_images:

@@ -13,6 +13,7 @@ import stat
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +31,8 @@ HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
 MAX_ZIP_BYTES = 500 * 1024**2        # compressed upload
 MAX_UNPACKED_BYTES = 2 * 1024**3     # what it may unpack to
 MAX_ZIP_FILES = 50_000
+MAX_COMPRESSION_RATIO = 100          # an entry that unpacks to more than this many times its packed size...
+RATIO_CHECK_BYTES = 1024**2          # ...and to more than this is a zip bomb (photos barely compress)
 
 
 class UploadError(ValueError):
@@ -99,11 +102,17 @@ def safe_dataset_name(name: str) -> str:
     return cleaned[:64] or "upload"
 
 
+def _bomb(name: str, filename: str, unpacked: int, packed: int) -> UploadError:
+    return UploadError(f"{name}: entry '{filename}' unpacks to {unpacked / 1e6:.1f} MB from {packed / 1e6:.3f} MB, a "
+                       f"compression ratio over {MAX_COMPRESSION_RATIO}:1 (a zip bomb); photos barely compress")
+
+
 def extract_zip(source, dest_root: str | os.PathLike, name: str, max_unpacked: int = MAX_UNPACKED_BYTES,
                 max_files: int = MAX_ZIP_FILES) -> Path:
     """Unpack an uploaded zip into dest_root/<name> safely: no absolute paths, no '..', no links,
-    limits on total size and file count (checked before writing and while writing). The folder
-    appears only when everything unpacked; a refused archive leaves nothing behind."""
+    limits on total size, file count and compression ratio (checked before writing, and the sizes
+    again while writing: a header may lie); a damaged, encrypted or unsupported entry is refused.
+    The folder appears only when everything unpacked; a refused archive leaves nothing behind."""
     dest_root = Path(dest_root)
     dest_root.mkdir(parents=True, exist_ok=True)
     target = dest_root / safe_dataset_name(name)
@@ -120,6 +129,9 @@ def extract_zip(source, dest_root: str | os.PathLike, name: str, max_unpacked: i
         total = sum(i.file_size for i in infos)
         if total > max_unpacked:
             raise UploadError(f"{name}: unpacks to {total / 1e6:.0f} MB, over the limit of {max_unpacked / 1e6:.0f} MB")
+        for info in infos:
+            if info.file_size > RATIO_CHECK_BYTES and info.file_size > MAX_COMPRESSION_RATIO * info.compress_size:
+                raise _bomb(name, info.filename, info.file_size, info.compress_size)
         tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=dest_root))
         try:
             written = 0
@@ -135,12 +147,23 @@ def extract_zip(source, dest_root: str | os.PathLike, name: str, max_unpacked: i
                     out.mkdir(parents=True, exist_ok=True)
                     continue
                 out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(out, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_unpacked:  # the header lied about sizes
-                            raise UploadError(f"{name}: unpacks to more than {max_unpacked / 1e6:.0f} MB")
-                        dst.write(chunk)
+                entry = 0
+                try:
+                    with zf.open(info) as src, open(out, "wb") as dst:
+                        while chunk := src.read(1 << 20):
+                            written += len(chunk)
+                            entry += len(chunk)
+                            if written > max_unpacked:  # the header lied about sizes
+                                raise UploadError(f"{name}: unpacks to more than {max_unpacked / 1e6:.0f} MB")
+                            if entry > RATIO_CHECK_BYTES and entry > MAX_COMPRESSION_RATIO * info.compress_size:
+                                raise _bomb(name, info.filename, entry, info.compress_size)
+                            dst.write(chunk)
+                except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+                    raise UploadError(f"{name}: entry '{info.filename}' cannot be unpacked (damaged, encrypted or "
+                                      f"an unsupported compression: {exc})") from None
+                except OSError as exc:  # a full disk, a name the file system refuses
+                    raise UploadError(f"{name}: entry '{info.filename}' could not be written under {dest_root} "
+                                      f"({exc.strerror or exc}); nothing was kept") from None
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -27,11 +27,16 @@ over an iterator of (inputs, labels) batches. What the engine adds around them:
   metrics logged so far are always kept; checkpoints are written atomically.
 - Reproducibility: every random choice of epoch e is seeded from (seed, e), and cached views
   from (seed, view), so a run resumed from its epoch-end checkpoint continues exactly as it
-  would have without the interruption.
+  would have without the interruption. Nothing seeds a process-wide generator: the crops and
+  the order come from the run's own `random.Random`s, the new model's initial weights from a
+  private fork of torch's CPU generator (`seeded_init`), and dropout from the generator of the
+  run's own device only (`seed_device`; one run at a time per device), so two runs on two
+  devices in one process cannot reseed each other.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import math
 import os
@@ -51,14 +56,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import DatasetError, ScanReport, scan_dataset
 from .memory import describe as describe_memory
 from .memory import release_memory
-from .models import BACKBONES, build_model, parameter_groups, resolve_backbone, resolve_device, split_model
+from .models import (BACKBONES, build_model, load_refusal, parameter_groups, resolve_backbone, resolve_device,
+                     split_model)
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
-from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, now_iso
+from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, now_iso
 
 Event = dict
 EventCallback = Callable[[Event], None]
@@ -74,6 +80,28 @@ class StopRequested(Exception):
 
 class Diverged(Exception):
     """The loss became NaN or infinite."""
+
+
+class ResumeRefused(Exception):
+    """The run cannot continue from its checkpoint as things are (its dataset's classes changed);
+    the run and its checkpoint are left as they were."""
+
+
+def class_change(saved: list[str], now: list[str]) -> str:
+    """How the dataset's classes differ from a checkpoint's ('' when they are the same list): the
+    classes added, removed, or the new order, each by name."""
+    if list(saved) == list(now):
+        return ""
+    added = [c for c in now if c not in saved]
+    removed = [c for c in saved if c not in now]
+    parts = []
+    if added:
+        parts.append("added " + ", ".join(f"'{c}'" for c in added))
+    if removed:
+        parts.append("removed " + ", ".join(f"'{c}'" for c in removed))
+    if not parts:
+        parts.append(f"reordered from {list(saved)} to {list(now)}")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -128,10 +156,44 @@ def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 7919 + salt) % (2**31)
 
 
+INIT_LOCK = threading.Lock()  # two runs in one process never build their models under the same fork
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build a model with its initial weights drawn from `seed`, as after torch.manual_seed(seed),
+    without touching the process's CPU generator: its state is forked and put back afterwards
+    (models are built on the CPU, whatever device they then train on)."""
+    with INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def seed_device(device: torch.device, seed: int) -> None:
+    """Seed the generator that dropout uses on `device` only (torch.manual_seed would reseed
+    every GPU and the CPU, under the runs of other devices)."""
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None
+                                      else torch.cuda.current_device()].manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
 def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     if config.schedule == "cosine" and total_steps > 0:
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
     return 1.0
+
+
+DIVERGED_LOSS_FACTOR = 100  # a mean loss per image this many times a uniform guess's (ln classes) has blown up
+
+
+def diverged_loss(n_classes: int) -> float:
+    """The per-image training loss above which a run has blown up: a uniform guess scores ln(n);
+    lr 100 on the tiny test set logged 2e5 at its second step, lr 1 4e2, sound runs stay under ~10."""
+    return DIVERGED_LOSS_FACTOR * max(1.0, math.log(n_classes))
 
 
 def batch_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str,
@@ -192,17 +254,30 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 def save_checkpoint(path: Path, model, optimizer, epoch: int, best_score: float, config: dict,
                     classes: list[str], epochs_without_gain: int = 0,
                     training_weights: dict[str, torch.Tensor] | None = None) -> None:
-    """Write a checkpoint atomically: it loads with torch.load(..., weights_only=True).
+    """Write a checkpoint atomically and durably (a kill or a full disk mid-write leaves the
+    previous one whole): it loads with torch.load(..., weights_only=True).
     `best_test_acc` is the best score on the selection split (validation when held out). With
     weight averaging, `model` holds the averaged weights (the ones evaluated and used) and
     `training_weights` the weights the optimiser was training, for resume."""
-    tmp = path.with_name(f".{path.name}.tmp")
     extra = {} if training_weights is None else {"training_weights": {k: v.cpu() for k, v in training_weights.items()}}
-    torch.save({**extra, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "epoch": epoch, "best_test_acc": best_score,
-                "epochs_without_gain": epochs_without_gain,
-                "config": config, "classes": classes, "format": "tuneboard-checkpoint-1"}, tmp)
-    os.replace(tmp, path)
+    state = {**extra, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "epoch": epoch, "best_test_acc": best_score,
+             "epochs_without_gain": epochs_without_gain,
+             "config": config, "classes": classes, "format": "tuneboard-checkpoint-1"}
+    atomic_write_file(path, lambda f: torch.save(state, f))
+
+
+def failure_message(exc: BaseException) -> str:
+    """What status.json says about an exception that ended a run; a full disk in plain words."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (f"the disk is full{where} ({exc.strerror or exc}): free some space, then resume the run "
+                "from its last checkpoint; the metrics logged so far are kept")
+    return f"{type(exc).__name__}: {exc}"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely: damaged, or holding more than tensors and plain data."""
 
 
 def update_average(ctx: "Setup") -> None:
@@ -238,7 +313,17 @@ def swap_back(ctx: "Setup", training: dict[str, torch.Tensor] | None) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A run's checkpoint, loaded with weights_only=True: a file crafted to run code when unpickled
+    is refused (CheckpointError naming it), and nothing in it runs."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unpickling refused, truncated, not a torch file
+        raise CheckpointError(f"{path} cannot be loaded as a checkpoint: {load_refusal(exc)}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path} is not a Tuneboard checkpoint (no model weights in it)")
+    return ckpt
 
 
 def config_record(config: TrainConfig, report: ScanReport | None = None, data: PreparedData | None = None,
@@ -317,9 +402,11 @@ class Reporter:
 
 def train_one_epoch(model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, batches: Batches,
                     before_step: Callable[[], None], after_step: Callable[[float, int, int], None],
-                    autocast: Callable[[], contextlib.AbstractContextManager]) -> EpochResult:
+                    autocast: Callable[[], contextlib.AbstractContextManager],
+                    max_loss: float = math.inf) -> EpochResult:
     """The book's train_batch for every batch of one epoch. `before_step` sets the learning rates
-    and checks for a stop; `after_step(loss_sum, correct, seen)` logs the running averages."""
+    and checks for a stop; `after_step(loss_sum, correct, seen)` logs the running averages.
+    Raises Diverged when a batch's loss is not finite or its mean per image exceeds `max_loss`."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     t0 = time.perf_counter()
@@ -328,12 +415,17 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable, optimizer: torch.optim.
         with autocast():
             logits = model(inputs)
         loss, losses = loss_fn(logits, labels)
-        if not torch.isfinite(loss):
-            raise Diverged(f"the loss became {loss.item()}")
+        batch_sum = losses.detach().sum().item()
+        if not math.isfinite(batch_sum):
+            raise Diverged(f"the loss became {batch_sum}")
+        if batch_sum / len(labels) > max_loss:
+            raise Diverged(f"the loss reached {batch_sum / len(labels):.4g} per image, over the limit of "
+                           f"{max_loss:.3g} ({DIVERGED_LOSS_FACTOR:g} x ln(classes), at least "
+                           f"{DIVERGED_LOSS_FACTOR:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += losses.detach().sum().item()
+        loss_sum += batch_sum
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
         after_step(loss_sum, correct, seen)
@@ -542,10 +634,10 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     config = resolve_auto(config, report)
     if device.type == "cpu":
         run.log(describe_memory())
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
     reporter.prepare(f"loading {config.backbone} weights ({config.weights})", force_status=True)
-    model = build_model(config.backbone, len(report.classes), config.weights).to(device)
+    with seeded_init(config.seed):
+        model = build_model(config.backbone, len(report.classes), config.weights)
+    model = model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     groups = parameter_groups(model, config.backbone, config.lr, config.head_lr_mult, config.param_groups,
@@ -577,6 +669,12 @@ def restore(ctx: Setup, reporter: Reporter) -> None:
         ctx.run.truncate_metrics(0)
         return
     ckpt = load_checkpoint(path)
+    saved = ckpt.get("classes") or ctx.run.read_config().get("classes", [])
+    change = class_change(saved, ctx.classes)
+    if change:
+        raise ResumeRefused(f"not resumed: the dataset's classes changed since the checkpoint ({change}); "
+                            f"the checkpoint was trained on {len(saved)} classes {list(saved)}. Put the class "
+                            "folders back as they were to resume, or start a new run")
     ctx.model.load_state_dict(ckpt.get("training_weights", ckpt["model"]))
     if "training_weights" in ckpt and ctx.config.ema_decay:
         ctx.average = {k: v.to(ctx.device) for k, v in ckpt["model"].items()}
@@ -659,7 +757,7 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
     cfg = ctx.config
     stages = stages_of_epoch(cfg, epoch)
     top, cache = split_for(ctx, stages, reporter)
-    torch.manual_seed(epoch_seed(cfg.seed, epoch, 2))  # dropout
+    seed_device(ctx.device, epoch_seed(cfg.seed, epoch, 2))  # dropout
     batches = training_batches(ctx, epoch, cache)  # may compute this epoch's cached view
     loss_fn = lambda logits, y: batch_loss(logits, y, cfg.loss_reduction, cfg.label_smoothing)  # noqa: E731
     epoch_start_step = ctx.step
@@ -691,7 +789,8 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
         reporter.emit(event)
 
     try:
-        result = train_one_epoch(top, loss_fn, ctx.optimizer, batches, before_step, after_step, ctx.autocast)
+        result = train_one_epoch(top, loss_fn, ctx.optimizer, batches, before_step, after_step, ctx.autocast,
+                                 max_loss=diverged_loss(len(ctx.classes)))
     except Diverged as exc:
         lrs = group_lrs(ctx.optimizer)
         raise Diverged(f"{exc} at step {ctx.step + 1} (epoch {epoch + 1}) with learning rate "
@@ -726,9 +825,8 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
                     cfg.to_dict(), ctx.classes, ctx.epochs_without_gain, training_weights)
     swap_back(ctx, training_weights)
     if improved:  # the same state: copy the file rather than serialise twice
-        tmp = ctx.run.file(f".{CHECKPOINT_BEST}.tmp")
-        shutil.copyfile(ctx.run.file(CHECKPOINT_LAST), tmp)
-        os.replace(tmp, ctx.run.file(CHECKPOINT_BEST))
+        with open(ctx.run.file(CHECKPOINT_LAST), "rb") as src:
+            atomic_write_file(ctx.run.file(CHECKPOINT_BEST), lambda f: shutil.copyfileobj(src, f))
     return row
 
 
@@ -770,9 +868,7 @@ def write_predictions(ctx: Setup, logits: torch.Tensor) -> None:
     })
     for i, c in enumerate(ctx.classes):
         frame[f"prob_{c}"] = probs[:, i].numpy()
-    tmp = ctx.run.file(f".{PREDICTIONS}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, ctx.run.file(PREDICTIONS))
+    atomic_write_file(ctx.run.file(PREDICTIONS), lambda f: frame.to_csv(f, index=False), durable=False)
 
 
 def fit(ctx: Setup, reporter: Reporter) -> dict:
@@ -816,9 +912,13 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
           report: ScanReport | None = None) -> dict:
     """Run one training to its end and return its final status. Never raises for a failed run:
     the state (completed, stopped, failed, diverged) and message are in the returned status and
-    in status.json. Raises ConfigError for invalid settings before writing anything. `report`: the
+    in status.json. Raises ConfigError for invalid settings, a device this machine lacks included,
+    before writing anything (a resume is refused instead: the run stays stopped). `report`: the
     dataset's scan when the caller already has it (it is not scanned again)."""
     config = resolve_auto(config.check())  # epochs and views 0 are resolved once the data is scanned
+    device_problem = config.validate(check_paths=True).get("device")
+    if device_problem and not resume:
+        raise ConfigError({"device": device_problem})
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None)
@@ -834,10 +934,12 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
                 "train_seconds": round(ctx.train_seconds, 2)}
 
     try:
+        if device_problem:
+            raise ResumeRefused(f"not resumed: {device_problem}")
         ctx = setup(config, run, reporter, report, cache_dir)
-        run.write_config(config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16))
-        if resume:
+        if resume:  # first: a refused resume leaves config.json as it was
             restore(ctx, reporter)
+        run.write_config(config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16))
         fields = fit(ctx, reporter)
         status = run.write_status(state="completed", progress=1.0, eta_s=0, ended_at=now_iso(), **fields,
                                   **summary())
@@ -850,6 +952,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
             interrupted = exc
     except Diverged as exc:
         status = run.write_status(state="diverged", ended_at=now_iso(), message=str(exc), **summary())
+    except ResumeRefused as exc:  # nothing was changed: the run can still resume once its data is back
+        status = run.write_status(state="stopped", ended_at=now_iso(), message=str(exc))
     except torch.OutOfMemoryError as exc:
         run.log(traceback.format_exc())
         device = ctx.device if ctx else config.device
@@ -857,9 +961,13 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
                                   message=f"out of memory on {device}: try a smaller batch size or image "
                                           f"size ({str(exc).splitlines()[0]})", **summary())
     except Exception as exc:  # noqa: BLE001 - a failed run must say why and keep its metrics
-        run.log(traceback.format_exc())
-        status = run.write_status(state="failed", ended_at=now_iso(), message=f"{type(exc).__name__}: {exc}",
-                                  **summary())
+        with contextlib.suppress(OSError):  # a full disk may refuse the log too
+            run.log(traceback.format_exc())
+        fields = dict(state="failed", ended_at=now_iso(), message=failure_message(exc), **summary())
+        try:
+            status = run.write_status(**fields)
+        except OSError:  # ...and even status.json: the caller still hears why (the old status.json stays whole)
+            status = {**run.read_status(default={}), **fields}
     finally:
         if ctx is not None:
             for cache in ctx.caches.values():

@@ -293,6 +293,19 @@ def pretrained_state_dict(backbone: str, timeout: float = DOWNLOAD_TIMEOUT_S) ->
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_refusal(exc: BaseException) -> str:
+    """Why torch.load(..., weights_only=True) refused a file, in one line: the object it would have
+    had to run (a crafted or foreign pickle), else the error's first line. Never torch's advice to
+    load with weights_only=False: that is what would run the code."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it refers to {found.group(1)}, which loading would have to run; Tuneboard never unpickles "
+                "code, only tensors and plain data")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state_dict from a user's file: safetensors, or a torch file loaded with weights_only=True.
     Accepts a bare state_dict or a checkpoint holding one under 'model' or 'state_dict'."""
@@ -307,7 +320,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"{path}: cannot be loaded as weights ({type(exc).__name__}: {exc})") from exc
+        raise WeightsError(f"{path}: cannot be loaded as weights ({load_refusal(exc)})") from exc
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -91,7 +91,12 @@ class Predictor:
         path = run.file(CHECKPOINT_BEST if checkpoint == "best" else CHECKPOINT_LAST)
         if not path.exists():
             raise PredictError(f"{run_dir}: has no checkpoint yet (the run has not finished an epoch)")
-        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        from .engine import CheckpointError, load_checkpoint
+
+        try:
+            state = load_checkpoint(path)["model"]
+        except CheckpointError as exc:
+            raise PredictError(str(exc)) from None
         cfg = config["config"]
         model = build_model(cfg["backbone"], len(config["classes"]), weights="none")
         model.load_state_dict(state)
@@ -101,26 +106,25 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike) -> "Predictor":
+        """A bundle folder or zip. A zip is read in memory (no temporary folder); the weights are
+        safetensors, which cannot run code: any other file in their place is refused."""
         path = Path(path)
-        if path.is_file() and zipfile.is_zipfile(path):
-            import tempfile
-
-            tmp = Path(tempfile.mkdtemp(prefix="tuneboard-bundle-"))
-            with zipfile.ZipFile(path) as zf:
-                for name in ("model.json", "weights.safetensors"):
-                    with zf.open(name) as src:
-                        (tmp / name).write_bytes(src.read())
-            path = tmp
+        meta_bytes, weights = _bundle_files(path)
         try:
-            meta = json.loads((path / "model.json").read_text())
-        except FileNotFoundError as exc:
-            raise PredictError(f"{path}: not a bundle (no model.json)") from exc
-        from safetensors.torch import load_file
+            meta = json.loads(meta_bytes)
+            backbone, classes, pre = meta["backbone"], list(meta["classes"]), meta["preprocessing"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PredictError(f"{path}: model.json is not a bundle's ({type(exc).__name__}: {exc})") from None
+        from safetensors.torch import load
 
-        model = build_model(meta["backbone"], len(meta["classes"]), weights="none")
-        model.load_state_dict(load_file(str(path / "weights.safetensors")))
-        pre = meta["preprocessing"]
-        return cls(model, meta["classes"], pre["image_size"], pre["mean"], pre["std"], meta["backbone"], str(path),
+        try:
+            state = load(weights)
+        except Exception as exc:  # noqa: BLE001 - a pickle or anything else in place of safetensors
+            raise PredictError(f"{path}: weights.safetensors is not a safetensors file (nothing in it was run; "
+                               f"{type(exc).__name__}: {exc})") from None
+        model = build_model(backbone, len(classes), weights="none")
+        model.load_state_dict(state)
+        return cls(model, classes, pre["image_size"], pre["mean"], pre["std"], backbone, str(path),
                    tta_flip=pre.get("tta_flip", False), bf16=pre.get("precision") == "bf16 autocast")
 
     @classmethod
@@ -172,6 +176,29 @@ class Predictor:
 
 # --------------------------------------------------------------------------------------------
 # Export
+
+
+MAX_BUNDLE_BYTES = 4 * 1024**3  # model.json and weights.safetensors together, unpacked
+
+
+def _bundle_files(path: Path) -> tuple[bytes, bytes]:
+    """(model.json, weights.safetensors) of a bundle folder or zip, read into memory."""
+    names = ("model.json", "weights.safetensors")
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            entries = {i.filename: i for i in zf.infolist()}
+            missing = [n for n in names if n not in entries]
+            if missing:
+                raise PredictError(f"{path}: not a bundle (no {' or '.join(missing)} in the zip)")
+            if sum(entries[n].file_size for n in names) > MAX_BUNDLE_BYTES:
+                raise PredictError(f"{path}: its files unpack to more than {MAX_BUNDLE_BYTES // 2**30} GB")
+            return zf.read(names[0]), zf.read(names[1])
+    if not path.is_dir():
+        raise PredictError(f"{path}: not a run folder, a bundle folder or a bundle zip")
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise PredictError(f"{path}: not a bundle (no {' or '.join(missing)})")
+    return (path / names[0]).read_bytes(), (path / names[1]).read_bytes()
 
 
 def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoint: str | None = None) -> Path:

@@ -2,7 +2,9 @@
 
 The book's loop opens, decodes and resizes every JPEG with PIL on every epoch. Here every
 image is decoded once into a uint8 array (kept in memory, or memory-mapped from a disk cache
-keyed by the files' contents and the size, so a second run on the same data decodes nothing):
+keyed by the files' contents and the size, so a second run on the same data decodes nothing;
+the cache records which rows failed by their position, never by path, so a renamed or moved
+folder that hits the cache still pairs every image with its own label):
 
 - test images exactly as the book's test transform leaves them before ToTensor:
   Resize([R, R]) then CenterCrop(S) with PIL (R = 256 for S = 224);
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import random
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +32,10 @@ import torch
 from PIL import Image
 
 from .data import WARNING, ImageRecord, Problem, ScanReport, load_rgb, resize_size_for, to_rgb
+from .runs import atomic_write_text
 
 MEMORY_BUDGET_BYTES = 2 * 1024**3  # above this, decoded images are memory-mapped from the disk cache
-CACHE_FORMAT = "tuneboard-decoded-2"
+CACHE_FORMAT = "tuneboard-decoded-3"  # 3: failed rows by position, not by path
 
 
 def default_cache_dir() -> Path:
@@ -103,8 +107,12 @@ def _cache_key(records: list[ImageRecord], kind: str, *sizes: int) -> str:
 
 
 def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cache_dir: Path | None, key: str,
-                progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[tuple], list[Problem]]:
-    """Decode every record into one uint8 array (rows of failed files are dropped)."""
+                progress: Callable[[int, int], None] | None
+                ) -> tuple[np.ndarray, list[tuple], list[int], list[Problem]]:
+    """Decode every record into one uint8 array (rows of failed files are dropped). Returns
+    (array, sizes, the positions in `records` of its rows, the failed files). The cache key is
+    the files' contents, not their paths: the failed rows are kept by position and named with
+    the paths of `records`, whatever they were called when the entry was written."""
     n = len(records)
     meta_path = cache_dir / f"{key}.json" if cache_dir else None
     array_path = cache_dir / f"{key}.npy" if cache_dir else None
@@ -113,22 +121,27 @@ def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cach
         try:
             meta = json.loads(meta_path.read_text())
             arr = np.load(array_path, mmap_mode="r" if nbytes > MEMORY_BUDGET_BYTES else None)
-            if arr.shape[1:] == shape and arr.shape[0] == meta["valid"]:
+            valid = [int(i) for i in meta["valid_rows"]]
+            failed = {int(i): text for i, text in meta["failed"]}
+            if (arr.shape[1:] == shape and arr.shape[0] == len(valid) == len(meta["sizes"])
+                    and sorted(set(valid) | set(failed)) == list(range(n)) and not set(valid) & set(failed)):
                 if progress:
                     progress(n, n)
-                return arr, [tuple(s) if s else None for s in meta["sizes"]], [Problem(**p) for p in meta["skipped"]]
-        except (OSError, ValueError, KeyError):
+                skipped = [Problem(records[i].path, text, WARNING) for i, text in sorted(failed.items())]
+                return arr, [tuple(s) if s else None for s in meta["sizes"]], valid, skipped
+        except (OSError, ValueError, KeyError, TypeError):
             pass  # damaged cache entry: decode again
     tmp_path = None
     if nbytes > MEMORY_BUDGET_BYTES and cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp_path = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
+        tmp_path = Path(_temp_name(cache_dir, f".{array_path.name}.", ".tmp"))
         arr = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(n, *shape))
     else:
         arr = np.empty((n, *shape), dtype=np.uint8)
     sizes: list = [None] * n
     ok = [False] * n
     skipped: list[Problem] = []
+    failed: list[tuple[int, str]] = []
 
     def work(i):
         try:
@@ -143,6 +156,7 @@ def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cach
         for i, out, error in pool.map(work, range(n)):
             if error:
                 skipped.append(Problem(records[i].path, error, WARNING))
+                failed.append((i, error))
             else:
                 image, size = out if isinstance(out, tuple) else (out, None)
                 arr[i] = image
@@ -162,24 +176,41 @@ def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cach
             cache_dir.mkdir(parents=True, exist_ok=True)
             if tmp_path is not None:
                 arr.flush()
-                del arr
-                # The memmap file holds n rows; rewrite its header for the valid ones.
-                full = np.load(tmp_path, mmap_mode="r")
-                if len(valid) != n:
-                    np.save(array_path, np.asarray(full[:len(valid)]))
-                    os.unlink(tmp_path)
+                if len(valid) != n:  # the memmap file holds n rows: write the valid ones with their header
+                    part = _temp_name(cache_dir, f".{array_path.name}.", ".tmp.npy")
+                    try:
+                        np.save(part, np.asarray(arr))
+                        os.replace(part, array_path)
+                    finally:
+                        if os.path.exists(part):
+                            os.unlink(part)
                 else:
                     os.replace(tmp_path, array_path)
                 arr = np.load(array_path, mmap_mode="r")
             else:
-                tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp.npy")
-                np.save(tmp, arr)
-                os.replace(tmp, array_path)
-            meta = {"valid": len(valid), "sizes": sizes, "skipped": [p.__dict__ for p in skipped]}
-            meta_path.write_text(json.dumps(meta))
+                tmp = _temp_name(cache_dir, f".{array_path.name}.", ".tmp.npy")
+                try:
+                    np.save(tmp, arr)
+                    os.replace(tmp, array_path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            meta = {"valid_rows": valid, "sizes": sizes, "failed": failed}
+            atomic_write_text(meta_path, json.dumps(meta))
         except OSError:
             pass  # a cache that cannot be written only costs time
-    return arr, sizes, skipped
+        finally:
+            if tmp_path is not None and os.path.exists(tmp_path):
+                os.unlink(tmp_path)  # a mapping of it stays valid; no file is left behind
+    return arr, sizes, valid, skipped
+
+
+def _temp_name(folder: Path, prefix: str, suffix: str) -> str:
+    """A new, unique file in `folder` (two runs of one process decoding the same data into the
+    shared cache never write the same temporary file)."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.close(fd)
+    return name
 
 
 def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLike | None = None,
@@ -201,16 +232,18 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
         if progress:
             progress(len(train_records) + done, total)
 
-    train_arr, train_sizes, skipped_train = _decode_all(
+    train_arr, train_sizes, train_rows, skipped_train = _decode_all(
         train_records, (3, side, side), lambda p: decode_train(p, side), cache,
         _cache_key(train_records, "train", side), train_progress)
-    test_arr, _, skipped_test = _decode_all(
+    test_arr, _, test_rows, skipped_test = _decode_all(
         test_records, (3, image_size, image_size), lambda p: (decode_test(p, image_size), None), cache,
         _cache_key(test_records, "test", image_size, resize), test_progress)
     skipped = skipped_train + skipped_test
-    bad = {p.path for p in skipped}
-    train_ok = [r for r in train_records if r.path not in bad]
-    test_ok = [r for r in test_records if r.path not in bad]
+    train_ok = [train_records[i] for i in train_rows]  # each row's own record: images and labels agree
+    test_ok = [test_records[i] for i in test_rows]
+    if len(train_ok) != len(train_arr) or len(test_ok) != len(test_arr):
+        raise RuntimeError(f"decoded images and labels disagree ({len(train_arr)} training images for "
+                           f"{len(train_ok)} labels, {len(test_arr)} test images for {len(test_ok)})")
     if not train_ok or not test_ok:
         from .data import DatasetError
 

@@ -15,7 +15,9 @@ the app. The dashboard and every command of the command line use it.
       meta.json            what the user edits afterwards: display name, tags
 
 States: queued, running, completed, stopped, failed, diverged, interrupted.
-Every file is written atomically (temp file + rename) except the append-only metrics and log.
+Every file is written atomically (temp file + rename; checkpoints are also fsynced) except the
+append-only metrics and log; a metrics row cut short by a kill or a full disk is left out when
+read and cut off before the next row is appended.
 """
 from __future__ import annotations
 
@@ -67,8 +69,54 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def atomic_write_file(path: Path, write, durable: bool = True) -> None:
+    """Write a file through `write(binary file)` atomically: into a new temporary file beside it
+    (a unique name: two writers never share one), flushed to the disk (fsync) when `durable`, then
+    renamed over `path`. A process killed at any point leaves the previous file whole."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if durable and hasattr(os, "O_DIRECTORY"):  # the rename itself reaches the disk too (POSIX)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass  # some file systems cannot sync a folder; the file itself is synced
+        finally:
+            os.close(dir_fd)
+
+
 def atomic_write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _ends_without_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def _drop_torn_row(path: Path) -> None:
+    """Cut an append-only CSV back to its last whole line (its header at least)."""
+    if not _ends_without_newline(path):
+        return
+    with open(path, "r+b") as f:
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 def slugify(text: str) -> str:
@@ -102,7 +150,9 @@ class RunDir:
 
     def append_metrics(self, row: dict) -> None:
         path = self.file(METRICS)
-        new = not path.exists()
+        if path.exists():
+            _drop_torn_row(path)  # a row cut short by a kill or a full disk goes before the next one
+        new = not path.exists() or path.stat().st_size == 0
         with open(path, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
             if new:
@@ -114,8 +164,14 @@ class RunDir:
         path = self.file(METRICS)
         if not path.exists():
             return
+        def kept(row: dict) -> bool:  # a torn row (a kill, a full disk) goes too
+            try:
+                return row.get("kind") in ("batch", "epoch", "test") and float(row["epoch"]) <= max_epoch + 1e-9
+            except (KeyError, TypeError, ValueError):
+                return False
+
         with open(path, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("epoch") and float(r["epoch"]) <= max_epoch + 1e-9]
+            rows = [r for r in csv.DictReader(f) if kept(r)]
         fd, tmp = tempfile.mkstemp(dir=self.path, suffix=".tmp")
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
@@ -160,7 +216,18 @@ class RunDir:
         path = self.file(METRICS)
         if not path.exists() or path.stat().st_size == 0:
             return pd.DataFrame(columns=METRIC_COLUMNS)
-        return pd.read_csv(path)
+        try:
+            frame = pd.read_csv(path, on_bad_lines="skip")  # a garbled line is skipped
+        except ValueError:  # not text, no header: nothing can be read from it
+            return pd.DataFrame(columns=METRIC_COLUMNS)
+        if len(frame) and _ends_without_newline(path):
+            frame = frame.iloc[:-1]  # a row cut short (a kill, a full disk) or still being written
+        if "kind" in frame:
+            frame = frame[frame["kind"].isin(("batch", "epoch", "test"))].reset_index(drop=True)
+            for column in frame.columns.drop("kind"):
+                if frame[column].dtype == object:  # damage left text in a column of numbers
+                    frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        return frame
 
     def read_predictions(self):
         import pandas as pd
@@ -207,7 +274,8 @@ class RunInfo:
     duration_s: float | None = None
     tags: list[str] = field(default_factory=list)
     has_checkpoint: bool = False
-    error: str = ""
+    error: str = ""               # the folder cannot be summarised (status.json or config.json unreadable)
+    warning: str = ""             # readable, but part of it is damaged (a missing checkpoint, a torn metrics row)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -225,17 +293,50 @@ def _duration(status: dict) -> float | None:
 
 
 def run_info(path: str | os.PathLike) -> RunInfo:
+    """A run's summary. Never raises for a damaged folder: `error` says what cannot be read,
+    `warning` what is damaged in a folder that can still be read."""
     run = RunDir(path)
     info = RunInfo(path=str(run.path), id=run.id, name=run.id)
+    name = STATUS
     try:
         status = run.read_status()
+        name = CONFIG
         config = run.read_config()
     except FileNotFoundError as exc:
         info.error = f"damaged run folder: {Path(exc.filename).name} is missing"
         return info
-    except (OSError, ValueError) as exc:
-        info.error = f"damaged run folder: {exc}"
+    except (OSError, ValueError) as exc:  # truncated, not JSON, not UTF-8, unreadable
+        info.error = f"damaged run folder: {name} cannot be read ({type(exc).__name__}: {exc})"
         return info
+    for name, value in ((STATUS, status), (CONFIG, config)):
+        if not isinstance(value, dict):
+            info.error = f"damaged run folder: {name} does not hold a JSON object"
+            return info
+    try:
+        _fill_info(info, run, status, config)
+    except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type in a hand-edited file
+        info.error = f"damaged run folder: unexpected values in {STATUS} or {CONFIG} ({type(exc).__name__}: {exc})"
+        return info
+    try:
+        info.warning = _damage(run, info, status)
+    except OSError as exc:
+        info.warning = f"damaged run folder: {exc}"
+    return info
+
+
+def _damage(run: RunDir, info: RunInfo, status: dict) -> str:
+    """What is damaged in a readable run folder: '' when nothing is."""
+    problems = []
+    if info.state not in ACTIVE_STATES and status.get("epochs_done") and not info.has_checkpoint:
+        n = status["epochs_done"]
+        problems.append(f"{CHECKPOINT_LAST} is missing (the run finished {n} epoch{'' if n == 1 else 's'})")
+    metrics = run.file(METRICS)
+    if info.state not in ACTIVE_STATES and metrics.exists() and _ends_without_newline(metrics):
+        problems.append(f"{METRICS} ends in a half-written row (left out when read)")
+    return "damaged run folder: " + "; ".join(problems) if problems else ""
+
+
+def _fill_info(info: RunInfo, run: RunDir, status: dict, config: dict) -> None:
     cfg = config.get("config", {}) if isinstance(config, dict) else {}
     meta = run.read_meta()
     info.name = meta.get("name") or cfg.get("name") or run.id
@@ -253,7 +354,6 @@ def run_info(path: str | os.PathLike) -> RunInfo:
     info.ended_at = status.get("ended_at", "")
     info.duration_s = _duration(status)
     info.has_checkpoint = run.has_checkpoint()
-    return info
 
 
 def list_runs(runs_dir: str | os.PathLike) -> list[RunInfo]:
@@ -275,7 +375,10 @@ def find_run(runs_dir: str | os.PathLike, run_id: str) -> RunDir:
 def delete_run(path: str | os.PathLike) -> None:
     """Delete a finished run's folder. Refuses a queued or running one."""
     run = RunDir(path)
-    state = run.read_status(default={}).get("state")
+    try:
+        state = run.read_status(default={}).get("state")
+    except (OSError, ValueError, AttributeError):  # a damaged status.json: nothing says it is running
+        state = None
     if state in ACTIVE_STATES:
         raise RuntimeError(f"run {run.id} is {state}: stop it before deleting it")
     shutil.rmtree(run.path)

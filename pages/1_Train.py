@@ -17,7 +17,8 @@ import streamlit as st
 from finetune_core import analysis, datastore, models, plots
 from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, TrainConfig,
                                   comparison_configs, config_from_form, default_preset, form_settings,
-                                  inactive_settings, parse_form, preset_for_machine, setting_notes, settings)
+                                  inactive_settings, launch_warnings, parse_form, preset_for_machine,
+                                  setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, scan_dataset
 from finetune_core.engine import resolve_auto
 from finetune_core.runs import RunDir
@@ -403,6 +404,8 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
                "fix the settings marked above" if errors or config is None else "")
     if blocked:
         st.caption(f"Train is disabled: {blocked}.")
+    for warning in launch_warnings(config) if config is not None else []:  # the rule is config.launch_warnings
+        st.warning(warning, icon="⚠️")
     if st.button("Train", type="primary", disabled=bool(blocked), key="train_button"):
         group = uuid.uuid4().hex[:8]
         config = resolve_auto(config, report)  # auto epochs and views in numbers: the twins copy them

@@ -77,9 +77,13 @@ def manage_section(by_id: dict[str, RunInfo]) -> None:
 def main() -> None:
     page("Compare", "📈")
     st.title("Compare runs")
-    runs = [r for r in list_runs(runs_root()) if not r.error]
+    every = list_runs(runs_root())
+    damaged_notice(every)
+    runs = [r for r in every if not r.error]
     if not runs:
         st.info("No runs yet: train one on the Train page.")
+        if every:
+            manage_section({r.id: r for r in every})  # a damaged folder can still be deleted
         return
     by_id = {r.id: r for r in runs}
     chosen, x_axis = choose_runs(by_id)
@@ -87,7 +91,16 @@ def main() -> None:
         infos = [by_id[i] for i in chosen]
         curves_section(infos, x_axis)
         download_section(infos)
-    manage_section(by_id)
+    manage_section({r.id: r for r in every})  # damaged folders too: they can be deleted
+
+
+def damaged_notice(infos: list[RunInfo]) -> None:
+    """Name the damaged run folders: unreadable ones are left out of the comparison."""
+    damaged = [r for r in infos if r.error or r.warning]
+    if damaged:
+        st.warning("Damaged run folders" + (" (unreadable ones are not compared)" if any(r.error for r in damaged)
+                                            else "") + ":\n" + "\n".join(f"- `{r.id}`: {r.error or r.warning}"
+                                                                          for r in damaged))
 
 
 main()

@@ -8,15 +8,18 @@ import streamlit as st
 
 from finetune_core import analysis, plots
 from finetune_core.datastore import runs_root
-from finetune_core.predict import Predictor, bundle_zip_bytes, export_bundle
+from finetune_core.predict import PredictError, Predictor, bundle_zip_bytes, export_bundle
 from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, RunInfo, list_runs
 from tuneboard_ui import page, state_label
 
 
 def choose_run() -> RunInfo | None:
     """A finished run with a model and test predictions; None when there is none yet."""
-    runs = [r for r in list_runs(runs_root()) if not r.error and r.has_checkpoint
-            and (Path(r.path) / PREDICTIONS).exists()]
+    every = list_runs(runs_root())
+    runs = [r for r in every if not r.error and r.has_checkpoint and (Path(r.path) / PREDICTIONS).exists()]
+    damaged = [r for r in every if r.error or (r.warning and not r.has_checkpoint)]
+    if damaged:
+        st.caption("Not offered, damaged: " + "; ".join(f"`{r.id}` ({r.error or r.warning})" for r in damaged))
     if not runs:
         st.info("No finished run with a model yet: train one on the Train page.")
         return None
@@ -95,8 +98,12 @@ def main() -> None:
     info = choose_run()
     if info is None:
         return
-    model = predictor(info.path, (Path(info.path) / CHECKPOINT_LAST).stat().st_mtime)
-    predictions = RunDir(info.path).read_predictions()
+    try:  # a damaged or crafted checkpoint, a damaged predictions.csv: say so, keep the page
+        model = predictor(info.path, (Path(info.path) / CHECKPOINT_LAST).stat().st_mtime)
+        predictions = RunDir(info.path).read_predictions()
+    except (PredictError, OSError, ValueError) as exc:
+        st.error(f"This run cannot be used for prediction: {exc}")
+        return
     classes = model.classes
     accuracy = float((predictions["true"].astype(str) == predictions["predicted"].astype(str)).mean())
     st.caption(f"{model.backbone}, {len(classes)} classes, {model.image_size} px · test accuracy {accuracy:.3f} "

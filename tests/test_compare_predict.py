@@ -118,9 +118,14 @@ def test_export_bundle_reloads_with_equal_outputs(finished_runs, tmp_path, capsy
     (tmp_path / "bundle.zip").write_bytes(bundle_zip_bytes(bundle))
     assert zipfile.is_zipfile(tmp_path / "bundle.zip")
     image = pd.read_csv(run / "predictions.csv")["path"][0]
+    import tempfile
+
+    temp_before = set(os.listdir(tempfile.gettempdir()))
     code = cli_main(["predict", "--run", str(tmp_path / "bundle.zip"), image, "--json"])  # in-process
     out = capsys.readouterr()
     assert code == 0, out.err
+    left = [n for n in set(os.listdir(tempfile.gettempdir())) - temp_before if n.startswith("tuneboard-bundle")]
+    assert left == []  # the zip is read in memory: no temporary folder is left behind
     top = json.loads(out.out)[0]["top"]
     live = original.predict_files([image], top_k=2)[0].top
     assert top[0]["class"] == live[0][0] and top[0]["probability"] == pytest.approx(live[0][1], abs=1e-5)

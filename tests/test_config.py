@@ -65,6 +65,18 @@ def test_a_wrong_value_is_reported_with_the_label_the_user_sees(changes, field, 
         config.check()
 
 
+@pytest.mark.parametrize("value", [None, "text", 1.5, 2, True, [1], {"a": 1}, object(), float("nan"), ""])
+def test_every_setting_reports_a_value_of_the_wrong_type_instead_of_raising(tmp_path, value):
+    from finetune_core.config import check_value, settings
+
+    for name, s in settings().items():
+        config = TrainConfig(data=str(tmp_path), weights="none").replace(**{name: value})
+        for check_paths in (False, True):
+            errors = config.validate(check_paths=check_paths)  # never raises, whatever the type
+            if check_value(s, value) is not None:
+                assert errors.get(name, "").startswith(s.label), (name, value, errors)
+
+
 def test_train_stages_is_checked_against_the_backbones_stages():
     from finetune_core import models
 
@@ -272,3 +284,23 @@ def test_the_form_the_command_line_and_the_compare_table_come_from_the_definitio
     assert "train_stages" in form_settings() and "data" not in form_settings()
     assert analysis.COMPARE_SETTINGS == compare_settings()
     assert {"lr", "head_lr_mult", "param_groups", "train_stages", "val_fraction", "tta_flip"} <= set(compare_settings())
+
+
+def test_launch_warnings_flag_rates_far_outside_the_usual_range_for_the_loss_reduction():
+    from finetune_core.config import PRESETS, launch_warnings, preset_config
+
+    for preset in PRESETS:  # the recipes Tuneboard offers are all in range
+        assert launch_warnings(preset_config(preset, data="x")) == [], preset
+    assert launch_warnings(TrainConfig(data="x", lr=0.01, loss_reduction="mean", batch_size=8)) == []
+    blow_up = launch_warnings(TrainConfig(data="x", lr=100, loss_reduction="mean"))  # the lr 100
+    assert len(blow_up) == 2 and blow_up[0].startswith("Learning rate 100 is far above the usual range")
+    assert blow_up[1].startswith("Head learning rate (lr × multiplier) 1e+03 is far above")
+    assert "ends diverged" in blow_up[0]
+    # The same lr 0.01 is fine on a mean loss and far too high summed over 128 images (x128).
+    summed = launch_warnings(TrainConfig(data="x", lr=0.01, loss_reduction="sum", batch_size=128))
+    assert summed and "summed over batches of 128, it steps like 1.28" in summed[0]
+    only_head = launch_warnings(TrainConfig(data="x", lr=0.2, head_lr_mult=10, loss_reduction="mean"))
+    assert len(only_head) == 1 and only_head[0].startswith("Head learning rate")  # lr 0.2 is fine, 2 is not
+    frozen = launch_warnings(TrainConfig(data="x", lr=1e-7, loss_reduction="mean", train_stages="head",
+                                         param_groups=False))
+    assert len(frozen) == 1 and "of the head, the only part that trains" in frozen[0] and "far below" in frozen[0]

@@ -227,6 +227,29 @@ def test_unusable_datasets_are_errors(tmp_path, build, expected):
     assert expected in reason and "\n" not in reason, reason
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_test_split_made_only_of_copies_of_training_images_is_unusable(tmp_path, flat):
+    import shutil
+
+    root = make_dataset(tmp_path / "d", per_class=4, test_per_class=2, flat=flat)
+    if flat:  # every file of a class is the same image: whatever goes to test has a copy in train
+        for c in ("cat", "dog"):
+            first, *others = sorted((root / c).glob("*.png"))
+            for f in others:
+                shutil.copyfile(first, f)
+    else:
+        for c in ("cat", "dog"):
+            train_file = sorted((root / "train" / c).glob("*.png"))[0]
+            for f in (root / "test" / c).glob("*.png"):
+                shutil.copyfile(train_file, f)
+    report = scan_dataset(root)
+    assert not report.usable
+    assert report.samples["test"] == []
+    assert "every test image is a copy of a training image" in report.reason(), report.reason()
+    leaks = [p for p in report.warnings if "test leakage" in p.problem]
+    assert leaks  # each copy is still named
+
+
 def test_the_reason_names_the_first_error_and_counts_the_others(tmp_path):
     root = make_dataset(tmp_path / "bad", classes=("only",))
     for f in (root / "test").rglob("*.png"):
@@ -263,6 +286,61 @@ def test_loading_yields_rgb_tensors_and_skips_a_file_that_breaks_later(tmp_path)
     assert data.test_images.shape == (6, 3, 28, 28) and data.test_images.dtype == torch.uint8
     assert broken not in data.train_paths and len(data.train_labels) == 9
     assert [p.path for p in data.skipped] == [broken] and "failed to decode" in data.skipped[0].problem
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_images_and_labels_agree_when_a_renamed_folder_hits_the_decode_cache(tmp_path, monkeypatch, split):
+    """The decode cache is keyed by the files' contents: after a file fails to decode and the
+    folder is renamed, the cached entry still drops that file's label, under its new path."""
+    from finetune_core import prepare
+
+    root = make_dataset(tmp_path / "before", per_class=4)
+    real = {"train": prepare.decode_train, "test": prepare.decode_test}[split]
+    victim = "dog_1.png" if split == "train" else "dog_t1.png"
+
+    def failing(path, *args):
+        if os.path.basename(path) == victim:
+            raise OSError("broken after the scan")
+        return real(path, *args)
+
+    monkeypatch.setattr(prepare, f"decode_{split}", failing)
+    cache = tmp_path / "cache"
+    first = prepare.prepare_data(scan_dataset(root), 28, cache_dir=cache)
+    renamed = root.rename(tmp_path / "after")
+    report = scan_dataset(renamed)
+    monkeypatch.setattr(prepare, f"decode_{split}", real)  # a second decode would not fail: the cache answers
+    again = prepare.prepare_data(report, 28, cache_dir=cache)
+    for data in (first, again):
+        assert len(data.train_images) == len(data.train_labels) == len(data.train_paths)
+        assert len(data.test_images) == len(data.test_labels) == len(data.test_paths)
+        assert sum(map(len, (data.train_paths, data.test_paths))) == 4 + 4 + 3 + 3 - 1
+    assert [os.path.basename(p.path) for p in again.skipped] == [victim]
+    assert again.skipped[0].path.startswith(str(renamed))  # named by its path now
+    paths = again.train_paths if split == "train" else again.test_paths
+    assert all(not p.endswith(victim) for p in paths) and all(p.startswith(str(renamed)) for p in paths)
+    images = again.train_images if split == "train" else again.test_images
+    labels = again.train_labels if split == "train" else again.test_labels
+    assert np.array_equal(np.asarray(images), np.asarray(first.train_images if split == "train" else first.test_images))
+    assert labels.tolist() == (first.train_labels if split == "train" else first.test_labels).tolist()
+
+
+def test_two_jobs_decoding_into_one_cache_never_share_a_temporary_file(tmp_path, monkeypatch):
+    import shutil
+
+    from finetune_core import prepare
+
+    root = make_dataset(tmp_path / "d", per_class=3, test_per_class=2)
+    report = scan_dataset(root)
+    cache = tmp_path / "cache"
+    written = []
+    real_save = np.save
+    monkeypatch.setattr(prepare.np, "save", lambda file, arr, *a, **k: (written.append(str(file)),
+                                                                        real_save(file, arr, *a, **k))[1])
+    for job in range(2):  # the same entry written twice by one process, as two jobs would
+        shutil.rmtree(cache, ignore_errors=True)
+        prepare.prepare_data(report, 28, cache_dir=cache)
+    assert len(written) == 4 and len(set(written)) == 4, written
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # nothing left behind
 
 
 # --- the real datasets ---------------------------------------------------------------------------

@@ -69,6 +69,93 @@ def test_size_and_file_count_limits(tmp_path):
         datastore.extract_zip(io.BytesIO(b"not a zip at all"), tmp_path / "data", "fake.zip")
 
 
+def nothing_written(tmp_path) -> bool:
+    """The refused upload left no file: not in the data root, not beside it."""
+    return [p for p in tmp_path.rglob("*") if p != tmp_path / "data"] == []
+
+
+def test_a_zip_bomb_is_refused_by_its_compression_ratio(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("pets/cat/fine.png", b"\x89PNG" + bytes(range(256)) * 40)  # small: any ratio is fine
+        zf.writestr("pets/cat/bomb.bmp", b"\0" * (20 * 1024**2))  # 20 MB of zeros in about 20 kB
+    buf.seek(0)
+    with pytest.raises(datastore.UploadError, match=r"bomb.bmp' unpacks to 21.0 MB .* compression ratio over 100:1"):
+        datastore.extract_zip(buf, tmp_path / "data", "bomb.zip")  # well under the 2 GB size limit
+    assert nothing_written(tmp_path)
+
+
+def test_a_zip_of_100000_tiny_files_is_refused_before_anything_is_written(tmp_path):
+    import time
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(100_000):
+            zf.writestr(f"a/{i}.png", b"")
+    buf.seek(0)
+    t0 = time.perf_counter()
+    with pytest.raises(datastore.UploadError, match="100000 entries is over the limit of 50000"):
+        datastore.extract_zip(buf, tmp_path / "data", "many.zip")
+    assert time.perf_counter() - t0 < 30
+    assert nothing_written(tmp_path)
+
+
+def test_a_file_that_is_not_a_zip_or_an_entry_that_cannot_be_unpacked_is_refused(tmp_path):
+    from conftest import write_image
+
+    photo = write_image(tmp_path / "src" / "photo.png")
+    with pytest.raises(datastore.UploadError, match="photo.zip: not a zip archive"):
+        datastore.extract_zip(io.BytesIO(photo.read_bytes()), tmp_path / "data", "photo.zip")
+    damaged = zip_bytes({"pets/cat/a.png": photo.read_bytes()}).getvalue()
+    at = damaged.index(photo.read_bytes()[100:120])  # flip a byte inside the stored image: its CRC fails
+    damaged = damaged[:at] + bytes([damaged[at] ^ 0xFF]) + damaged[at + 1:]
+    with pytest.raises(datastore.UploadError, match="entry 'pets/cat/a.png' cannot be unpacked"):
+        datastore.extract_zip(io.BytesIO(damaged), tmp_path / "data", "damaged.zip")
+    (tmp_path / "src" / "photo.png").unlink()
+    (tmp_path / "src").rmdir()
+    assert nothing_written(tmp_path)
+
+
+def test_a_full_disk_while_unpacking_is_a_message_and_leaves_nothing(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and ".upload-" in str(file):
+            def write(data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write
+        return f
+
+    monkeypatch.setattr(builtins, "open", full_disk_open)
+    with pytest.raises(datastore.UploadError, match="could not be written under .*No space left on device"):
+        datastore.extract_zip(zip_bytes({"pets/cat/a.png": b"x" * 100}), tmp_path / "data", "pets.zip")
+    monkeypatch.undo()
+    assert nothing_written(tmp_path)
+
+
+def test_an_image_over_pillows_pixel_limit_is_refused_in_an_upload_and_in_predict(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from conftest import write_image
+    from finetune_core.predict import PredictError, image_from_bytes
+
+    src = make_dataset(tmp_path / "src" / "pets", per_class=3)
+    big = write_image(src / "train" / "cat" / "huge.png", size=(300, 200))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 300 x 200 = 60,000: over twice the limit
+    entries = {f"pets/{p.relative_to(src)}": p.read_bytes() for p in src.rglob("*.png")}
+    target = datastore.extract_zip(zip_bytes(entries), tmp_path / "data", "pets.zip")
+    report = scan_dataset(target)
+    problems = {p.path.rsplit("/", 1)[-1]: p.problem for p in report.problems}
+    assert "decompression bomb" in problems["huge.png"] and report.usable  # skipped, named, the rest trains
+    assert all("huge.png" not in r.path for r in report.samples["train"])
+    with pytest.raises(PredictError, match="huge.png: too many pixels"):
+        image_from_bytes(big.read_bytes(), "huge.png")
+
+
 def test_browser_never_leaves_the_data_root(tmp_path):
     (tmp_path / "root" / "a" / "b").mkdir(parents=True)
     folder, subs = datastore.browse(tmp_path / "root", "a")

@@ -148,6 +148,20 @@ def test_divergence_ends_the_run_naming_step_and_learning_rate(tiny_config, tmp_
     assert np.isfinite(metrics["loss"]).all()  # no row logs the non-finite loss
 
 
+@pytest.mark.parametrize("lr", [100.0, 1.0])
+def test_a_loss_that_blows_up_but_stays_finite_ends_the_run_diverged(tiny_config, tmp_path, cache_dir, lr):
+    """lr 100 used to run to `completed` with a training loss near 25,000 (finite, so never caught)."""
+    from finetune_core.engine import diverged_loss
+
+    status = train(tiny_config.replace(lr=lr, loss_reduction="mean", epochs=2), tmp_path / "run", cache_dir=cache_dir)
+    assert status["state"] == "diverged", status["message"]
+    assert "per image, over the limit of 100" in status["message"] and "at step 2 (epoch 1)" in status["message"]
+    assert f"backbone {lr:g}" in status["message"] and f"head {lr * 10:g}" in status["message"]
+    assert diverged_loss(2) == 100 and diverged_loss(1000) == pytest.approx(100 * np.log(1000))
+    metrics = RunDir(tmp_path / "run").read_metrics()
+    assert (metrics["loss"] < diverged_loss(2)).all()  # the rows before the blow-up are kept; none logs it
+
+
 def test_an_exception_fails_the_run_with_its_message_and_keeps_metrics(tiny_config, tmp_path, cache_dir):
     def on_event(e):
         if e["kind"] == "batch" and e["step"] == 3:
@@ -185,6 +199,109 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_config, tmp_path, c
     assert list(b["epoch"]) == [1, 2, 3]
     for col in ("loss", "train_acc", "test_acc", "test_loss"):
         assert np.allclose(a[col], b[col], atol=1e-5), col
+    elapsed = RunDir(tmp_path / "resumed").read_metrics()["elapsed_s"]
+    assert elapsed.is_monotonic_increasing  # the wall-time axis continues on resume, never restarts at zero
+
+
+def test_resume_refuses_a_dataset_whose_classes_changed_and_names_the_change(tmp_path, cache_dir):
+    import shutil
+
+    from conftest import make_dataset, tiny_train_config
+
+    data = make_dataset(tmp_path / "data", classes=("bird", "cat", "dog"), per_class=4, test_per_class=2)
+    config = tiny_train_config(data, epochs=2)
+    stop = threading.Event()
+    train(config, tmp_path / "run", cache_dir=cache_dir, stop_event=stop,
+          on_event=lambda e: e["kind"] == "epoch" and stop.set())
+    run = RunDir(tmp_path / "run")
+    assert run.read_status()["state"] == "stopped"
+    before = {name: run.file(name).read_bytes() for name in ("checkpoint_last.pt", "config.json", "metrics.csv")}
+
+    added = shutil.copytree(data, tmp_path / "added")
+    make_dataset(tmp_path / "emu", classes=("emu",), per_class=4, test_per_class=2)
+    shutil.copytree(tmp_path / "emu" / "train" / "emu", added / "train" / "emu")
+    shutil.copytree(tmp_path / "emu" / "test" / "emu", added / "test" / "emu")
+    removed = shutil.copytree(data, tmp_path / "removed")
+    shutil.rmtree(removed / "train" / "bird")
+    shutil.rmtree(removed / "test" / "bird")
+    for folder, change in ((added, "added 'emu'"), (removed, "removed 'bird'")):
+        status = train(config.replace(data=str(folder)), run.path, cache_dir=cache_dir, resume=True)
+        assert status["state"] == "stopped", status["message"]  # still resumable once the folders are back
+        assert "classes changed" in status["message"] and change in status["message"], status["message"]
+        assert {name: run.file(name).read_bytes() for name in before} == before  # nothing touched
+
+    status = train(config, run.path, cache_dir=cache_dir, resume=True)  # the data as it was: it resumes
+    assert status["state"] == "completed", status["message"]
+    assert list(epoch_rows(run.path)["epoch"]) == [1, 2]
+
+
+def test_class_change_names_added_removed_and_reordered_classes():
+    from finetune_core.engine import class_change
+
+    assert class_change(["a", "b"], ["a", "b"]) == ""
+    assert class_change(["a", "b"], ["a", "b", "c"]) == "added 'c'"
+    assert class_change(["a", "b", "c"], ["a", "c"]) == "removed 'b'"
+    assert class_change(["a", "b"], ["a", "x"]) == "added 'x'; removed 'b'"
+    assert class_change(["a", "b"], ["b", "a"]) == "reordered from ['a', 'b'] to ['b', 'a']"
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_run_folder_exists(tiny_config, tmp_path, cache_dir,
+                                                                           monkeypatch):
+    from finetune_core import models
+    from finetune_core.config import ConfigError
+
+    train(tiny_config.replace(epochs=1), tmp_path / "done", cache_dir=cache_dir)
+    checkpoint = (tmp_path / "done" / "checkpoint_last.pt").read_bytes()
+    monkeypatch.setattr(models, "available_devices", lambda: ["auto", "cpu"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="cuda is not on this machine"):
+        train(tiny_config.replace(device="cuda"), tmp_path / "run", cache_dir=cache_dir)
+    assert not (tmp_path / "run").exists()
+    status = train(tiny_config.replace(epochs=2, device="cuda"), tmp_path / "done", cache_dir=cache_dir, resume=True)
+    assert status["state"] == "stopped" and "not resumed: Device cuda is not on this machine" in status["message"]
+    assert (tmp_path / "done" / "checkpoint_last.pt").read_bytes() == checkpoint
+
+
+def test_a_run_seeds_no_process_wide_generator(tiny_config, tmp_path, cache_dir, monkeypatch):
+    """Two runs on two devices in one process must not reseed each other: no torch.manual_seed
+    (every GPU and the CPU), no random.seed; the run's results stay seeded by its settings."""
+    def refuse(*args):
+        raise AssertionError("a run seeded a process-wide generator")
+
+    python_state = random.getstate()
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+    monkeypatch.setattr(random, "seed", refuse)
+    a = train(tiny_config.replace(epochs=1), tmp_path / "a", cache_dir=cache_dir)
+    b = train(tiny_config.replace(epochs=1), tmp_path / "b", cache_dir=cache_dir)
+    assert a["state"] == b["state"] == "completed", a["message"]
+    assert random.getstate() == python_state
+    assert epoch_rows(tmp_path / "a")["loss"].tolist() == epoch_rows(tmp_path / "b")["loss"].tolist()
+
+
+def test_model_init_is_seeded_on_a_private_fork_and_dropout_on_the_runs_device_only(monkeypatch):
+    from finetune_core.engine import seed_device, seeded_init
+
+    torch.random.default_generator.manual_seed(5)
+    outside = torch.get_rng_state()
+    with seeded_init(0):
+        drawn = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), outside)  # the process's CPU stream goes on untouched
+    assert torch.equal(drawn, torch.rand(4, generator=torch.Generator().manual_seed(0)))  # as after manual_seed(0)
+
+    seeded = []
+
+    class FakeGenerator:
+        def __init__(self, index):
+            self.index = index
+
+        def manual_seed(self, seed):
+            seeded.append((self.index, seed))
+
+    monkeypatch.setattr(torch.cuda, "default_generators", tuple(FakeGenerator(i) for i in range(2)), raising=False)
+    seed_device(torch.device("cuda:1"), 7)
+    assert seeded == [(1, 7)]
+    assert torch.equal(torch.get_rng_state(), outside)  # a GPU run's dropout seed leaves the CPU alone
 
 
 def test_a_file_that_fails_after_the_scan_is_skipped_and_reported(tiny_config, tmp_path, cache_dir, monkeypatch):

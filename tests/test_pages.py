@@ -226,6 +226,19 @@ def test_an_unusable_dataset_disables_train(dashboard_env):
     assert any("Train is disabled" in c.value for c in at.caption)
 
 
+def test_the_train_page_warns_before_launch_when_the_learning_rate_is_far_outside_the_usual_range(dashboard_env):
+    data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at, lr="0.01")
+    at.run()
+    assert not [w.value for w in at.warning if "far above" in w.value]
+    set_text(at, "f_lr", "100")
+    at.run()
+    warned = [w.value for w in at.warning if "far above the usual range" in w.value]
+    assert len(warned) == 2 and warned[0].startswith("Learning rate 100"), warned
+    assert not at.button(key="train_button").disabled  # a warning, not a refusal
+
+
 def test_a_tiny_run_launches_shows_progress_and_its_curves(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
     at = use_folder(page("pages/1_Train.py").run(), data)
