@@ -7,29 +7,29 @@ from finetune_core import analysis, plots
 from finetune_core.config import settings
 from finetune_core.datastore import runs_root
 from finetune_core.runs import RunDir, RunInfo, delete_run, list_runs
-from tuneboard_ui import LIVE_REFRESH_S, page, state_label
+from tuneboard_ui import LIVE_REFRESH_S, chart_controls, page, state_label
 
 
 def run_label(info: RunInfo) -> str:
     return f"{info.name} · {state_label(info.state)} · {info.id}"
 
 
-def choose_runs(by_id: dict[str, RunInfo]) -> tuple[list[str], str]:
-    """Which runs, against what. Opens on analysis.default_selection (the newest group)."""
+def choose_runs(by_id: dict[str, RunInfo]) -> tuple[list[str], dict]:
+    """Which runs, and how their curves are drawn. Opens on analysis.default_selection (the newest group)."""
     default = analysis.default_selection(list(by_id.values()))
     chosen = st.multiselect("Runs", list(by_id), default=default, format_func=lambda i: run_label(by_id[i]),
                             key="compare_runs")
-    x_axis = st.radio("Against", ["epoch", "wall time"], horizontal=True, key="compare_x")
-    return chosen, x_axis
+    return chosen, chart_controls("compare")
 
 
 @st.fragment(run_every=LIVE_REFRESH_S * 2)
-def curves_section(infos: list[RunInfo], x_axis: str) -> None:
-    """Their curves overlaid, and the table of settings and final metrics, differences highlighted."""
+def curves_section(infos: list[RunInfo], chart: dict) -> None:
+    """Their curves overlaid (each run in its own colour, as on every page), and the table of
+    settings and final metrics, differences highlighted."""
     labels = analysis.run_labels(infos)
     frames = {labels[i.id]: RunDir(i.path).read_metrics() for i in infos}
-    x = "epoch" if x_axis == "epoch" else "elapsed_s"
-    st.plotly_chart(plots.overlay_figure(frames, x=x), width="stretch", key="compare_curves")
+    colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
+    st.plotly_chart(plots.overlay_figure(frames, colors=colors, **chart), width="stretch", key="compare_curves")
     table, differing = analysis.compare_table(infos)
     if table.empty:
         return
@@ -82,10 +82,10 @@ def main() -> None:
         st.info("No runs yet: train one on the Train page.")
         return
     by_id = {r.id: r for r in runs}
-    chosen, x_axis = choose_runs(by_id)
+    chosen, chart = choose_runs(by_id)
     if chosen:
         infos = [by_id[i] for i in chosen]
-        curves_section(infos, x_axis)
+        curves_section(infos, chart)
         download_section(infos)
     manage_section(by_id)
 
