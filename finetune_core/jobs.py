@@ -124,6 +124,17 @@ class JobManager:
                 job.message = "stopping..."
             return job.state
 
+    def stop_group(self, group: str) -> list[str]:
+        """Stop every queued or running job of a group (a sweep, a run and its comparisons): the
+        queued ones first, so that none starts while the running one stops. Returns their ids."""
+        with self._lock:
+            members = [j for j in self._jobs.values() if group and j.config.group == group
+                       and j.state in ("queued", "running")]
+            members.sort(key=lambda j: j.state != "queued")
+            for job in members:
+                self.stop(job.run_id)
+            return [j.run_id for j in members]
+
     # --- reading -------------------------------------------------------------------------------
     def jobs(self) -> list[dict]:
         """Every job this manager knows, queued ones with their place in the queue."""
