@@ -17,12 +17,12 @@ from plotly.subplots import make_subplots
 
 METRIC_LABELS = {"loss": "train loss", "train_acc": "train acc", "test_acc": "test acc", "test_loss": "test loss"}
 # Ten hues, each with a contrast of at least 3:1 (WCAG's bar for graphics) against both the light
-# theme's white and the dark theme's #0e1117 (tests/test_plots.py checks it). The page's theme
+# theme's white and the dark theme's #171614 (tests/test_plots.py checks it). The page's theme
 # gets the same list (.streamlit/config.toml, chartCategoricalColors).
 PALETTE = ["#1c7ed6", "#f03e3e", "#2b8a3e", "#7048e8", "#e8590c", "#0c8599", "#e64980", "#9c755f", "#5c940d",
            "#ae3ec9"]
 COLORS = PALETTE
-THEME_BACKGROUNDS = {"light": "#ffffff", "dark": "#0e1117"}  # Streamlit's two backgrounds
+THEME_BACKGROUNDS = {"light": "#ffffff", "dark": "#171614"}  # Streamlit 1.67's two backgrounds, as Chromium draws them
 MAX_POINTS = 600  # per trace: a live chart stays smooth with thousands of logged batches
 # The x axes a run's curves can be drawn against: {choice: metrics.csv column}.
 X_AXES = {"epoch": "epoch", "step": "step", "wall time": "elapsed_s"}
@@ -86,8 +86,9 @@ def smooth(values, weight: float) -> np.ndarray:
     return out
 
 
-def downsample(frame: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:
-    """At most max_points rows, evenly spaced, always keeping the last one."""
+def downsample(frame: pd.DataFrame, max_points: int | None = None) -> pd.DataFrame:
+    """At most max_points (default MAX_POINTS) rows, evenly spaced, always keeping the last one."""
+    max_points = MAX_POINTS if max_points is None else max_points
     if len(frame) <= max_points:
         return frame
     step = len(frame) / max_points
