@@ -188,7 +188,7 @@ def cmd_sweep(args) -> int:
         return fail("invalid sweep: " + "; ".join(exc.errors.values()))
     except BadInput as exc:
         return fail(str(exc))
-    paths = []
+    paths, shared_features = [], {}  # the frozen part's outputs, computed by the first cell for all
     for k, cell in enumerate(configs, start=1):
         run = new_run_dir(args.runs_dir, cell.name)
         paths.append(run.path)
@@ -196,7 +196,8 @@ def cmd_sweep(args) -> int:
             print(f"[{k}/{len(configs)}] {cell.name}", file=sys.stderr)
         progress = None if args.quiet else ProgressBar()
         try:
-            train(cell, run, on_event=progress, stop_event=threading.Event(), report=report)
+            train(cell, run, on_event=progress, stop_event=threading.Event(), report=report,
+                  shared_features=shared_features)
         except KeyboardInterrupt:  # the engine has marked the run stopped; the grid so far is printed
             break
         finally:

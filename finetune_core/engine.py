@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import os
 import platform
@@ -364,9 +365,12 @@ class FeatureCache:
     the test transform's centre view; views 1, 2, ... are the book's RandomResizedCrop + flip,
     seeded by (seed, view) so a resumed run sees the same ones."""
 
-    def __init__(self, bottom: nn.Module, ctx: "Setup", reporter: Reporter):
+    def __init__(self, bottom: nn.Module, ctx: "Setup", reporter: Reporter, store: dict | None = None):
         self.bottom, self.ctx, self.reporter = bottom, ctx, reporter
-        self._cache: dict[tuple, torch.Tensor] = {}
+        # `store`: outputs shared with other runs whose frozen part sees the same images the same
+        # way (a sweep's cells: see shared_features_key); they outlive this run.
+        self._shared = store is not None
+        self._cache: dict[tuple, torch.Tensor] = store if store is not None else {}
 
     def get(self, split: str, view: int = 0, flip: bool = False) -> torch.Tensor:
         key = (split, view, flip)
@@ -436,7 +440,20 @@ class FeatureCache:
         return torch.from_numpy(array)
 
     def close(self) -> None:
-        self._cache.clear()
+        if not self._shared:
+            self._cache.clear()
+
+
+# Settings that change what the trainable top does but not what the frozen bottom outputs: runs
+# that differ only in these (a sweep's cells) can share the bottom's cached outputs.
+TOP_ONLY_SETTINGS = ("lr", "head_lr_mult", "name", "group", "preset")
+
+
+def shared_features_key(config: TrainConfig, stages: str) -> str:
+    """Which cached outputs of the frozen part a run can reuse: every setting but TOP_ONLY_SETTINGS,
+    and the split point."""
+    values = {k: v for k, v in config.to_dict().items() if k not in TOP_ONLY_SETTINGS}
+    return json.dumps({"settings": values, "stages": stages}, sort_keys=True, default=str)
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,6 +487,7 @@ class Setup:
     train_seconds: float = 0.0
     train_images: int = 0
     caches: dict[str, FeatureCache] = field(default_factory=dict)
+    shared_features: dict | None = None  # {shared_features_key: outputs} kept across runs (a sweep)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -563,7 +581,9 @@ def split_for(ctx: Setup, stages: str, reporter: Reporter) -> tuple[nn.Module, F
     if stages == "all":
         return top, None
     if stages not in ctx.caches:
-        ctx.caches[stages] = FeatureCache(bottom, ctx, reporter)
+        store = None if ctx.shared_features is None else \
+            ctx.shared_features.setdefault(shared_features_key(ctx.config, stages), {})
+        ctx.caches[stages] = FeatureCache(bottom, ctx, reporter, store)
     return top, ctx.caches[stages]
 
 
@@ -770,11 +790,13 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
 
 def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: EventCallback | None = None,
           stop_event: threading.Event | None = None, resume: bool = False, cache_dir: str | None = None,
-          report: ScanReport | None = None) -> dict:
+          report: ScanReport | None = None, shared_features: dict | None = None) -> dict:
     """Run one training to its end and return its final status. Never raises for a failed run:
     the state (completed, stopped, failed, diverged) and message are in the returned status and
     in status.json. Raises ConfigError for invalid settings before writing anything. `report`: the
-    dataset's scan when the caller already has it (it is not scanned again)."""
+    dataset's scan when the caller already has it (it is not scanned again). `shared_features`: a
+    dict the caller keeps across runs (a sweep's): the frozen part's outputs are computed once
+    for all the runs that can share them (shared_features_key)."""
     config = resolve_auto(config.check())  # epochs and views 0 are resolved once the data is scanned
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
@@ -792,6 +814,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
 
     try:
         ctx = setup(config, run, reporter, report, cache_dir)
+        ctx.shared_features = shared_features
         run.write_config(config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16))
         if resume:
             restore(ctx, reporter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -101,6 +102,48 @@ def test_a_sweep_is_stopped_as_one_group(recipe, tmp_path):
     fake.release.set()
     assert mgr.wait(other, 10)["state"] == "completed"  # another group runs on
     assert len(fake.started) == 2
+
+
+def test_a_sweeps_cells_compute_the_frozen_part_once_and_train_as_if_alone(recipe, tmp_path):
+    """With part of the network frozen, its outputs do not depend on the rates a sweep varies:
+    the first cell computes them, the others reuse them, and each cell's curve is the one it
+    has when trained alone."""
+    from finetune_core.engine import train
+
+    base = recipe.replace(train_stages="1", feature_views=2, epochs=2, tta_flip=True)
+    cells = sweep.sweep_configs(base, [0.01, 0.05], [10], group="sweep-t")
+    shared, frozen_passes = {}, []
+    for cell in cells:
+        events = []
+        status = train(cell, tmp_path / "runs" / cell.name, on_event=events.append, cache_dir=str(tmp_path / "c"),
+                       shared_features=shared)
+        assert status["state"] == "completed", status
+        frozen_passes.append(sum("frozen layers' output" in e.get("message", "") for e in events))
+    assert frozen_passes[0] > 0 and frozen_passes[1] == 0
+    alone = train(cells[1], tmp_path / "alone", cache_dir=str(tmp_path / "c"))
+    assert alone["state"] == "completed"
+    columns = ["kind", "epoch", "step", "loss", "train_acc", "test_loss", "test_acc"]
+    together = RunDir(tmp_path / "runs" / cells[1].name).read_metrics()[columns]
+    assert together.equals(RunDir(tmp_path / "alone").read_metrics()[columns])
+
+
+def test_the_job_manager_shares_the_frozen_outputs_within_a_sweep_only_and_frees_them(recipe, tmp_path):
+    seen, all_queued = [], threading.Event()
+
+    def trainer(config, run, on_event=None, stop_event=None, **options):
+        all_queued.wait(10)  # as on the page, every cell is queued before the first ends
+        seen.append((config.group, options.get("shared_features")))
+        return run.write_status(state="completed")
+
+    mgr = JobManager(tmp_path / "runs", train_fn=trainer)
+    ids = [mgr.submit(c) for c in sweep.sweep_configs(recipe, [1e-3, 1e-2], [10], group="sweep-m")]
+    ids.append(mgr.submit(recipe.replace(group="plain")))
+    all_queued.set()
+    for i in ids:
+        assert mgr.wait(i, 10)["state"] == "completed"
+    (g1, store1), (g2, store2), (g3, store3) = seen
+    assert store1 is store2 and isinstance(store1, dict) and store3 is None
+    assert mgr._shared_features == {}  # the sweep's last run freed them
 
 
 @pytest.mark.slow
