@@ -23,6 +23,9 @@ PALETTE = ["#1c7ed6", "#f03e3e", "#2b8a3e", "#7048e8", "#e8590c", "#0c8599", "#e
            "#ae3ec9"]
 COLORS = PALETTE
 THEME_BACKGROUNDS = {"light": "#ffffff", "dark": "#171614"}  # Streamlit 1.67's two backgrounds, as Chromium draws them
+# The hover box: light text on a dark box, as TensorBoard's, readable on either theme (the light
+# theme's own hover text is a pale grey on white).
+HOVER_LABEL = dict(bgcolor="#262730", bordercolor="#808495", font=dict(color="#fafafa"))
 MAX_POINTS = 600  # per trace: a live chart stays smooth with thousands of logged batches
 # The x axes a run's curves can be drawn against: {choice: metrics.csv column}.
 X_AXES = {"epoch": "epoch", "step": "step", "wall time": "elapsed_s"}
@@ -191,7 +194,7 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
         elif log_loss and metric.endswith("loss"):
             fig.update_yaxes(type="log", row=1, col=col)
     fig.update_layout(height=360, margin=dict(l=40, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.25),
-                      hovermode="x unified")
+                      hovermode="x unified", hoverlabel=HOVER_LABEL)
     fig.update_xaxes(title_text=X_TITLES.get(x, x.replace("_", " ")), hoverformat=X_HOVER.get(x, ".3g"))
     if epochs and x == "epoch":
         fig.update_xaxes(range=[0, epochs * 1.03])

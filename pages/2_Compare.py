@@ -33,7 +33,7 @@ def curves_section(infos: list[RunInfo], chart: dict) -> None:
     table, differing = analysis.compare_table(infos)
     if table.empty:
         return
-    styled = table.style.apply(lambda col: ["background-color: #ffe8cc" if col.name in differing else ""
+    styled = table.style.apply(lambda col: ["background-color: rgba(232, 89, 12, 0.22)" if col.name in differing else ""
                                             for _ in col], axis=0)
     column_labels = {name: settings()[name].display_label for name in analysis.COMPARE_SETTINGS}
     st.dataframe(styled, width="stretch", hide_index=True, column_config=column_labels)

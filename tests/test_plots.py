@@ -103,6 +103,8 @@ def test_the_hover_lists_every_runs_value_at_that_x_rounded():
     loss, acc = traces_of(fig, "fine", "x")[0], traces_of(fig, "fine", "x3")[0]
     assert "%{y:.4g}" in loss.hovertemplate and "%{y:.3f}" in acc.hovertemplate
     assert fig.layout.xaxis.hoverformat == ".2f"
+    box = fig.layout.hoverlabel  # its own colours: the light theme's hover text is a pale grey on white
+    assert contrast(box.font.color, box.bgcolor) >= 4.5
 
 
 def test_smoothing_is_tensorboards_debiased_moving_average():
