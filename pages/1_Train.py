@@ -496,15 +496,15 @@ def sweep_results(members: list[dict]) -> None:
     runs finish, the best cell marked; Stop for the whole sweep, and the best cell into the form."""
     grid = sweep.sweep_grid(sweep.sweep_table([j["path"] for j in members]))
     st.plotly_chart(plots.sweep_figure(grid), width="stretch", key="sweep_heatmap")
-    cols = st.columns(2)
+    cols = iter(st.columns(2))
     if any(j["state"] in ("queued", "running") for j in members):
-        if cols[0].button("Stop the sweep", key="sweep_stop",
-                          help="Stop the running run and take the others off the queue"):
+        if next(cols).button("Stop the sweep", key="sweep_stop",
+                             help="Stop the running run and take the others off the queue"):
             manager().stop_group(members[0]["group"])
             st.rerun(scope="fragment")
     if grid.best_values is not None:
         lr, mult = grid.best_values
-        if cols[1].button(f"Use the best cell: lr {lr:g}, head x{mult:g}", key="sweep_use_best",
+        if next(cols).button(f"Use the best cell: lr {lr:g}, head x{mult:g}", key="sweep_use_best",
                           on_click=use_best_cell, args=(lr, mult)):
             st.rerun()  # the whole page: the form shows the new values
 

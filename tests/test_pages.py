@@ -361,3 +361,20 @@ def test_the_sweep_takes_its_learning_rates_around_the_finders_suggestion(dashbo
     assert not at.exception
     assert at.text_input(key="sweep_lrs").value == "0.00041, 0.0012, 0.0037"  # around 0.00123
     assert any("Train queues 9 runs" in c.value for c in at.caption)  # with the default multipliers 1, 10, 30
+
+
+def test_stop_the_sweep_stops_every_run_of_it(dashboard_env):
+    data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.number_input(key="f_epochs").set_value(200)
+    at.checkbox(key="sweep_on").set_value(True).run()
+    set_text(at, "sweep_lrs", "0.01 0.03")
+    set_text(at, "sweep_mults", "1 10")
+    at.run()
+    at.button(key="train_button").click().run()
+    at.button(key="sweep_stop").click().run()
+    runs = wait_for_runs(at, dashboard_env / "runs", 4, timeout=60)
+    assert [r["state"] for r in runs] == ["stopped"] * 4
+    at.run()
+    assert not at.exception and not [b for b in at.button if b.key == "sweep_stop"]
