@@ -206,8 +206,10 @@ def cmd_sweep(args) -> int:
     table = sweep_table(paths)
     grid = sweep_grid(table)
     if args.json:
-        cells = [{"lr": r.lr, "head_lr_mult": r.head_lr_mult, "state": r.state, "accuracy": r.accuracy,
-                  "split": r.split, "run_dir": str(p)} for r, p in zip(table.itertuples(index=False), paths)]
+        folders = {p.name: str(p) for p in paths}
+        cells = [{"lr": r.lr, "head_lr_mult": r.head_lr_mult, "state": r.state,
+                  "accuracy": None if r.accuracy is None or math.isnan(r.accuracy) else float(r.accuracy),
+                  "split": r.split, "run_dir": folders[r.run_id]} for r in table.itertuples(index=False)]
         best = None
         if grid.best is not None:
             (lr, mult), (i, j) = grid.best_values, grid.best
