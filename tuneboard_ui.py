@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from finetune_core import plots
 from finetune_core.config import Setting, TrainConfig
 from finetune_core.datastore import runs_root
 from finetune_core.jobs import JobManager
@@ -73,6 +74,20 @@ def job_controls(job: dict, key_prefix: str) -> None:
         elif st.button("Stop", key=f"{key_prefix}-stop-{job['run_id']}", help="Stop within one batch"):
             manager().stop(job["run_id"])
             st.rerun(scope="fragment")
+
+
+def chart_controls(key_prefix: str) -> dict:
+    """The curves' controls, as TensorBoard has them: the x axis (epoch, step or wall time), the
+    smoothing (its exponential moving average; the raw curve stays faint behind) and a log-scale
+    loss. Returns plots.overlay_figure's keyword arguments."""
+    cols = st.columns([3, 3, 2])
+    x = cols[0].radio("Against", list(plots.X_AXES), horizontal=True, key=f"{key_prefix}_x")
+    smoothing = cols[1].slider("Smoothing", min_value=0.0, max_value=0.99, value=0.0, step=0.01,
+                               key=f"{key_prefix}_smoothing",
+                               help="An exponential moving average of each curve (TensorBoard's, debiased): 0 "
+                                    "draws the logged values, 0.9 a strong average; the raw curve stays faint")
+    log_loss = cols[2].checkbox("Log-scale loss", key=f"{key_prefix}_log_loss")
+    return {"x": plots.X_AXES[x], "smoothing": smoothing, "log_loss": log_loss}
 
 
 def resumable_runs() -> list:

@@ -1,9 +1,10 @@
-"""Command line: scan, train, lr-find, predict, runs, export, info (the same engine as the dashboard).
+"""Command line: scan, train, lr-find, sweep, predict, runs, export, info (the same engine as the dashboard).
 
     python -m finetune_core scan DATA [--json]
     python -m finetune_core train --data DATA [--preset NAME] [--backbone NAME] ... [--json]
                                   (a flag for every setting: see config.TrainConfig)
     python -m finetune_core lr-find --data DATA [the train flags] [--steps N] [--json]
+    python -m finetune_core sweep --data DATA --lr F,F,... --head-lr-mult F,F,... [the train flags] [--json]
     python -m finetune_core predict --run RUN_DIR_OR_BUNDLE IMAGE... [--top-k K] [--json]
     python -m finetune_core runs [--runs-dir DIR] [--json]
     python -m finetune_core export --run RUN_DIR --out DIR
@@ -169,6 +170,62 @@ def cmd_resume(args) -> int:
     if status.get("state") not in ("stopped", "interrupted"):
         return fail(f"{run.path}: is {status.get('state')}; only a stopped or interrupted run can be resumed")
     return run_to_the_end(config, run, args, resume=True)
+
+
+def cmd_sweep(args) -> int:
+    """One run per learning rate x head multiplier, one after another in this process, in one
+    group; then the grid of final accuracies (validation when held out, else test), best marked."""
+    from .config import ConfigError
+    from .engine import resolve_auto, train
+    from .runs import new_run_dir
+    from .sweep import new_sweep_group, parse_values, sweep_configs, sweep_grid, sweep_table
+
+    try:
+        lrs, mults = parse_values(args.sweep_lr, "lr"), parse_values(args.sweep_head_lr_mult, "head_lr_mult")
+        config, report = checked_config_and_scan(args)
+        configs = sweep_configs(resolve_auto(config, report), lrs, mults, group=new_sweep_group())
+    except ConfigError as exc:
+        return fail("invalid sweep: " + "; ".join(exc.errors.values()))
+    except BadInput as exc:
+        return fail(str(exc))
+    paths, shared_features = [], {}  # the frozen part's outputs, computed by the first cell for all
+    for k, cell in enumerate(configs, start=1):
+        run = new_run_dir(args.runs_dir, cell.name)
+        paths.append(run.path)
+        if not args.quiet:
+            print(f"[{k}/{len(configs)}] {cell.name}", file=sys.stderr)
+        progress = None if args.quiet else ProgressBar()
+        try:
+            train(cell, run, on_event=progress, stop_event=threading.Event(), report=report,
+                  shared_features=shared_features)
+        except KeyboardInterrupt:  # the engine has marked the run stopped; the grid so far is printed
+            break
+        finally:
+            if progress is not None:
+                progress.close()
+    table = sweep_table(paths)
+    grid = sweep_grid(table)
+    if args.json:
+        folders = {p.name: str(p) for p in paths}
+        cells = [{"lr": r.lr, "head_lr_mult": r.head_lr_mult, "state": r.state,
+                  "accuracy": None if r.accuracy is None or math.isnan(r.accuracy) else float(r.accuracy),
+                  "split": r.split, "run_dir": folders[r.run_id]} for r in table.itertuples(index=False)]
+        best = None
+        if grid.best is not None:
+            (lr, mult), (i, j) = grid.best_values, grid.best
+            best = {"lr": lr, "head_lr_mult": mult, "accuracy": grid.accuracy[i][j]}
+        print(json.dumps({"cells": cells, "best": best, "split": grid.split}))
+    else:
+        print(f"final {grid.split} accuracy (rows: lr, columns: head multiplier; * best)")
+        print("lr        " + "".join(f"{'x' + format(m, 'g'):>10}" for m in grid.head_lr_mults))
+        for i, lr in enumerate(grid.lrs):
+            cells = [("-" if v is None else f"{v:.3f}") + ("*" if grid.best == (i, j) else "")
+                     for j, v in enumerate(grid.accuracy[i])]
+            print(f"{lr:<10g}" + "".join(f"{c:>10}" for c in cells))
+        if grid.best_values is not None:
+            lr, mult = grid.best_values
+            print(f"best: --lr {lr:g} --head-lr-mult {mult:g}")
+    return 0 if all(r.state == "completed" for r in table.itertuples()) and len(table) == len(configs) else 1
 
 
 MIN_SWEEP_STEPS = 5  # lr_find.suggest_lr needs five points of the curve
@@ -382,6 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the curve and the suggestion as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_lr_find)
+
+    p = sub.add_parser("sweep", conflict_handler="resolve",
+                       help="one run per learning rate x head multiplier (one group), then the grid of accuracies")
+    p.add_argument("--preset", choices=list(PRESETS), help="start from a preset; other flags override it")
+    add_setting_flags(p)
+    p.add_argument("--lr", dest="sweep_lr", required=True, metavar="F,F,...",
+                   help="the learning rates to try, e.g. 1e-5,5e-5,2e-4")
+    p.add_argument("--head-lr-mult", dest="sweep_head_lr_mult", required=True, metavar="F,F,...",
+                   help="the head multipliers to try, e.g. 1,10,30")
+    add_runs_dir(p)
+    p.add_argument("--json", action="store_true", help="print the grid as a final JSON line")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("predict", help="classify images with a trained run or an exported bundle")
     p.add_argument("--run", required=True, help="a run folder, or a bundle folder or zip")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import json
 import math
 import os
 import platform
@@ -492,9 +493,12 @@ class FeatureCache:
     the test transform's centre view; views 1, 2, ... are the book's RandomResizedCrop + flip,
     seeded by (seed, view) so a resumed run sees the same ones."""
 
-    def __init__(self, bottom: nn.Module, ctx: "Setup", reporter: Reporter):
+    def __init__(self, bottom: nn.Module, ctx: "Setup", reporter: Reporter, store: dict | None = None):
         self.bottom, self.ctx, self.reporter = bottom, ctx, reporter
-        self._cache: dict[tuple, torch.Tensor] = {}
+        # `store`: outputs shared with other runs whose frozen part sees the same images the same
+        # way (a sweep's cells: see shared_features_key); they outlive this run.
+        self._shared = store is not None
+        self._cache: dict[tuple, torch.Tensor] = store if store is not None else {}
 
     def get(self, split: str, view: int = 0, flip: bool = False) -> torch.Tensor:
         key = (split, view, flip)
@@ -564,7 +568,20 @@ class FeatureCache:
         return torch.from_numpy(array)
 
     def close(self) -> None:
-        self._cache.clear()
+        if not self._shared:
+            self._cache.clear()
+
+
+# Settings that change what the trainable top does but not what the frozen bottom outputs: runs
+# that differ only in these (a sweep's cells) can share the bottom's cached outputs.
+TOP_ONLY_SETTINGS = ("lr", "head_lr_mult", "name", "group", "preset")
+
+
+def shared_features_key(config: TrainConfig, stages: str) -> str:
+    """Which cached outputs of the frozen part a run can reuse: every setting but TOP_ONLY_SETTINGS,
+    and the split point."""
+    values = {k: v for k, v in config.to_dict().items() if k not in TOP_ONLY_SETTINGS}
+    return json.dumps({"settings": values, "stages": stages}, sort_keys=True, default=str)
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,6 +616,7 @@ class Setup:
     train_images: int = 0
     caches: dict[str, FeatureCache] = field(default_factory=dict)
     average: dict[str, torch.Tensor] | None = None  # ema_decay: the moving average of the weights
+    shared_features: dict | None = None  # {shared_features_key: outputs} kept across runs (a sweep)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -700,7 +718,9 @@ def split_for(ctx: Setup, stages: str, reporter: Reporter) -> tuple[nn.Module, F
     if stages == "all":
         return top, None
     if stages not in ctx.caches:
-        ctx.caches[stages] = FeatureCache(bottom, ctx, reporter)
+        store = None if ctx.shared_features is None else \
+            ctx.shared_features.setdefault(shared_features_key(ctx.config, stages), {})
+        ctx.caches[stages] = FeatureCache(bottom, ctx, reporter, store)
     return top, ctx.caches[stages]
 
 
@@ -909,12 +929,14 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
 
 def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: EventCallback | None = None,
           stop_event: threading.Event | None = None, resume: bool = False, cache_dir: str | None = None,
-          report: ScanReport | None = None) -> dict:
+          report: ScanReport | None = None, shared_features: dict | None = None) -> dict:
     """Run one training to its end and return its final status. Never raises for a failed run:
     the state (completed, stopped, failed, diverged) and message are in the returned status and
     in status.json. Raises ConfigError for invalid settings, a device this machine lacks included,
     before writing anything (a resume is refused instead: the run stays stopped). `report`: the
-    dataset's scan when the caller already has it (it is not scanned again)."""
+    dataset's scan when the caller already has it (it is not scanned again). `shared_features`: a
+    dict the caller keeps across runs (a sweep's): the frozen part's outputs are computed once
+    for all the runs that can share them (shared_features_key)."""
     config = resolve_auto(config.check())  # epochs and views 0 are resolved once the data is scanned
     device_problem = config.validate(check_paths=True).get("device")
     if device_problem and not resume:
@@ -937,6 +959,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
         if device_problem:
             raise ResumeRefused(f"not resumed: {device_problem}")
         ctx = setup(config, run, reporter, report, cache_dir)
+        ctx.shared_features = shared_features
         if resume:  # first: a refused resume leaves config.json as it was
             restore(ctx, reporter)
         run.write_config(config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16))

@@ -19,6 +19,7 @@ from .data import ScanReport
 from .engine import config_record, resolve_auto, train
 from .models import resolve_device
 from .runs import RunDir, mark_interrupted, new_run_dir, now_iso
+from .sweep import is_sweep_group
 
 
 @dataclass
@@ -66,6 +67,7 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._queues: dict[str, deque[Job]] = {}
         self._workers: dict[str, threading.Thread] = {}
+        self._shared_features: dict[str, dict] = {}  # per sweep: the frozen part's outputs, computed once
         self._closed = False
         self.interrupted = mark_interrupted(self.runs_dir)
 
@@ -119,10 +121,27 @@ class JobManager:
                 job.state, job.message = "stopped", "stopped before it started"
                 job.run.write_status(state="stopped", message=job.message, ended_at=now_iso())
                 job.done.set()
+                self._release_shared(job.config.group)
             elif job.state == "running":
                 job.stop_event.set()
                 job.message = "stopping..."
             return job.state
+
+    def stop_group(self, group: str) -> list[str]:
+        """Stop every queued or running job of a group (a sweep, a run and its comparisons): the
+        queued ones first, so that none starts while the running one stops. Returns their ids."""
+        with self._lock:
+            members = [j for j in self._jobs.values() if group and j.config.group == group
+                       and j.state in ("queued", "running")]
+            members.sort(key=lambda j: j.state != "queued")
+            for job in members:
+                self.stop(job.run_id)
+            return [j.run_id for j in members]
+
+    def _release_shared(self, group: str) -> None:
+        """Free a sweep's shared outputs once none of its runs is queued or running (lock held)."""
+        if not any(j.config.group == group and j.state in ("queued", "running") for j in self._jobs.values()):
+            self._shared_features.pop(group, None)
 
     # --- reading -------------------------------------------------------------------------------
     def jobs(self) -> list[dict]:
@@ -184,9 +203,14 @@ class JobManager:
                 if "message" in event and not job.stop_event.is_set():
                     job.message = event["message"]
 
+        group = job.config.group
+        options = {}
+        if is_sweep_group(group) and not job.resume:  # a sweep's cells share what their frozen part outputs
+            with self._lock:
+                options["shared_features"] = self._shared_features.setdefault(group, {})
         try:
             status = self.train_fn(job.config, job.run, on_event=on_event, stop_event=job.stop_event,
-                                   resume=job.resume, cache_dir=self.cache_dir, report=job.report)
+                                   resume=job.resume, cache_dir=self.cache_dir, report=job.report, **options)
             state, message = status.get("state", "failed"), status.get("message", "")
         except BaseException as exc:  # noqa: BLE001 - a crashed worker marks its run and keeps serving
             state, message = "failed", f"the worker crashed: {type(exc).__name__}: {exc}"
@@ -198,6 +222,7 @@ class JobManager:
         with self._lock:
             job.state, job.message = state, message
             job.done.set()
+            self._release_shared(group)
             self._lock.notify_all()
 
 

@@ -1,17 +1,97 @@
-"""Plotly figures built from pandas frames: pure functions, no Streamlit."""
+"""Plotly figures built from pandas frames: pure functions, no Streamlit.
+
+The run curves follow what TensorBoard and Weights & Biases do: one colour per run, derived from
+its id (the same on every page); a hover that lists every run's value at that x; optional
+exponential-moving-average smoothing with the raw curve faint behind; log-scale loss; epoch,
+step or wall-time x axes. The palette reads on Streamlit's light and dark backgrounds alike, and
+no background is set here: the page's theme (theme="streamlit") draws it."""
 from __future__ import annotations
 
+import hashlib
+import math
+
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 METRIC_LABELS = {"loss": "train loss", "train_acc": "train acc", "test_acc": "test acc", "test_loss": "test loss"}
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
+# Ten hues, each with a contrast of at least 3:1 (WCAG's bar for graphics) against both the light
+# theme's white and the dark theme's #171614 (tests/test_plots.py checks it). The page's theme
+# gets the same list (.streamlit/config.toml, chartCategoricalColors).
+PALETTE = ["#1c7ed6", "#f03e3e", "#2b8a3e", "#7048e8", "#e8590c", "#0c8599", "#e64980", "#9c755f", "#5c940d",
+           "#ae3ec9"]
+COLORS = PALETTE
+THEME_BACKGROUNDS = {"light": "#ffffff", "dark": "#171614"}  # Streamlit 1.67's two backgrounds, as Chromium draws them
+# The hover box: light text on a dark box, as TensorBoard's, readable on either theme (the light
+# theme's own hover text is a pale grey on white).
+HOVER_LABEL = dict(bgcolor="#262730", bordercolor="#808495", font=dict(color="#fafafa"))
 MAX_POINTS = 600  # per trace: a live chart stays smooth with thousands of logged batches
+# The x axes a run's curves can be drawn against: {choice: metrics.csv column}.
+X_AXES = {"epoch": "epoch", "step": "step", "wall time": "elapsed_s"}
+X_TITLES = {"epoch": "epoch", "step": "step (batches)", "elapsed_s": "wall time (s)"}
+X_HOVER = {"epoch": ".2f", "step": "d", "elapsed_s": ".0f"}
 
 
-def downsample(frame: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:
-    """At most max_points rows, evenly spaced, always keeping the last one."""
+def _slot(run_id: str) -> int:
+    """A run's place in the palette, from its id (a stable hash: Python's hash() changes per process)."""
+    return int(hashlib.sha1(str(run_id).encode("utf-8")).hexdigest(), 16) % len(PALETTE)
+
+
+def run_color(run_id: str) -> str:
+    """The colour of a run, derived from its id alone."""
+    return PALETTE[_slot(run_id)]
+
+
+def run_colors(run_ids) -> dict[str, str]:
+    """{run id: colour} for runs drawn together: each its own run_color, except that where two of
+    them would share one, the newer (the larger id: ids start with the UTC time) takes the next
+    free colour. So a run keeps its colour on every page that shows it with the same companions
+    (Train's live view and Compare both open on the newest group), and no two runs of a chart look
+    alike while there are colours left."""
+    colors, taken = {}, set()
+    for run_id in sorted(set(run_ids)):
+        slot = _slot(run_id)
+        for k in range(len(PALETTE)):
+            if (slot + k) % len(PALETTE) not in taken:
+                slot = (slot + k) % len(PALETTE)
+                break
+        taken.add(slot)
+        colors[run_id] = PALETTE[slot]
+    return colors
+
+
+def faint(color: str, alpha: float = 0.25) -> str:
+    """A hex colour at `alpha` opacity (the raw curve behind a smoothed one)."""
+    h = color.lstrip("#")
+    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def smooth(values, weight: float) -> np.ndarray:
+    """TensorBoard's scalar smoothing: an exponential moving average, debiased (divided by
+    1 - weight^n) so that the first points are not pulled towards zero. weight 0 leaves the values
+    as they are; non-finite values pass through without entering the average."""
+    values = np.asarray(values, dtype=float)
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing must be at least 0 and below 1, got {weight}")
+    if weight == 0 or len(values) == 0:
+        return values.copy()
+    out = np.empty_like(values)
+    last, n = 0.0, 0
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            out[i] = v
+            continue
+        last = last * weight + (1 - weight) * v
+        n += 1
+        out[i] = last / (1 - weight ** n)
+    return out
+
+
+def downsample(frame: pd.DataFrame, max_points: int | None = None) -> pd.DataFrame:
+    """At most max_points (default MAX_POINTS) rows, evenly spaced, always keeping the last one."""
+    max_points = MAX_POINTS if max_points is None else max_points
     if len(frame) <= max_points:
         return frame
     step = len(frame) / max_points
@@ -19,16 +99,19 @@ def downsample(frame: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFram
     return frame.iloc[idx]
 
 
-def _curve_points(metrics: pd.DataFrame, metric: str, x: str, kind: str | None = None) -> pd.DataFrame:
+def _curve_points(metrics: pd.DataFrame, metric: str, x: str, kind: str | None = None,
+                  smoothing: float = 0.0) -> pd.DataFrame:
     """Training curves come from the per-batch rows (running epoch averages, as the book's
-    animator draws them); test and validation curves from the per-epoch rows."""
+    animator draws them); test and validation curves from the per-epoch rows. Columns: x, the
+    metric, and "smoothed" (the metric smoothed over every logged point, before thinning)."""
     if metrics.empty or metric not in metrics or x not in metrics:
-        return pd.DataFrame(columns=[x, metric])
+        return pd.DataFrame(columns=[x, metric, "smoothed"])
     kind = kind or ("epoch" if metric.startswith(("test", "val")) else "batch")
     rows = metrics[metrics["kind"] == kind]
     if rows.empty and kind == "batch":
         rows = metrics[metrics["kind"] == "epoch"]
     rows = rows[[x, metric]].dropna()
+    rows = rows.assign(smoothed=smooth(rows[metric].to_numpy(), smoothing))
     return downsample(rows)
 
 
@@ -51,30 +134,56 @@ def _panel_title(metric: str, validated: list[bool]) -> str:
     return f"{val_label} (◆ final test)" if all(validated) else f"{label} / {val_label} (◆ final test)"
 
 
+def _number_format(metric: str) -> str:
+    """How a hover rounds a metric: accuracies to 3 decimals, losses to 4 significant digits."""
+    return ".3f" if metric.endswith("_acc") else ".4g"
+
+
 def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", "test_acc"), x: str = "epoch",
-                   epochs: int | None = None) -> go.Figure:
+                   epochs: int | None = None, colors: dict[str, str] | None = None, smoothing: float = 0.0,
+                   log_loss: bool = False) -> go.Figure:
     """Several runs overlaid, one panel per metric; each run keeps one colour across panels.
+
+    `runs`: {label: metrics frame}; `colors`: {label: colour} (the pages pass run_colors of the runs'
+    ids; by default the labels are hashed). `x`: a metrics.csv column, "epoch", "step" or
+    "elapsed_s". `smoothing`: TensorBoard's EMA weight (0: none); above 0 the smoothed curve is
+    drawn over the raw one, faint, and the hover shows both. `log_loss`: the loss panels on a log
+    scale. The hover lists every run's value at the x under the cursor ("x unified").
 
     A run with a validation split logs its validation metrics every epoch and the test split once,
     at the end: its test panels draw the validation curve and the final test result as a diamond.
     A run without one (the book's way) draws its test metric of every epoch."""
+    if smoothing and not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must be at least 0 and below 1, got {smoothing}")
+    colors = {**run_colors(runs), **(colors or {})}
     validated = {metric: [_has_validation(frame, metric) for frame in runs.values()] for metric in metrics}
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[_panel_title(m, validated[m]) for m in metrics])
     for k, (label, frame) in enumerate(runs.items()):
-        color = COLORS[k % len(COLORS)]
+        color = colors[label]
         for col, metric in enumerate(metrics, start=1):
             name = METRIC_LABELS.get(metric, metric)
             shown = metric
             if validated[metric][k]:
                 shown, name = _validation_metric(metric), name.replace("test", "validation")
-            pts = _curve_points(frame, shown, x)
-            hover = f"%{{fullData.name}}<br>{name} %{{y:.3f}}<extra></extra>"
-            fig.add_trace(go.Scatter(x=pts[x], y=pts[shown], name=label, legendgroup=label, showlegend=col == 1,
-                                     mode="lines+markers" if metric.startswith("test") else "lines",
-                                     line=dict(color=color), hovertemplate=hover), row=1, col=col)
+            pts = _curve_points(frame, shown, x, smoothing=smoothing)
+            fmt = _number_format(metric)
+            mode = "lines+markers" if metric.startswith("test") else "lines"
+            if smoothing:
+                fig.add_trace(go.Scatter(x=pts[x], y=pts[shown], name=label, legendgroup=label, showlegend=False,
+                                         mode=mode, line=dict(color=faint(color), width=1),
+                                         marker=dict(color=faint(color)), hoverinfo="skip"), row=1, col=col)
+                hover = f"%{{fullData.name}} · {name} %{{y:{fmt}}} (raw %{{customdata:{fmt}}})<extra></extra>"
+                y, raw = pts["smoothed"], pts[shown]
+            else:
+                hover = f"%{{fullData.name}} · {name} %{{y:{fmt}}}<extra></extra>"
+                y, raw = pts[shown], None
+            fig.add_trace(go.Scatter(x=pts[x], y=y, customdata=raw, name=label, legendgroup=label,
+                                     showlegend=col == 1, mode=mode, line=dict(color=color), marker=dict(color=color),
+                                     hovertemplate=hover), row=1, col=col)
             if validated[metric][k]:
                 final = _curve_points(frame, metric, x, kind="test")
-                hover = f"%{{fullData.name}}<br>final {METRIC_LABELS.get(metric, metric)} %{{y:.3f}}<extra></extra>"
+                hover = (f"%{{fullData.name}} · final {METRIC_LABELS.get(metric, metric)} %{{y:{fmt}}}"
+                         "<extra></extra>")
                 fig.add_trace(go.Scatter(x=final[x], y=final[metric], name=label, legendgroup=label, showlegend=False,
                                          mode="markers", hovertemplate=hover,
                                          marker=dict(color=color, symbol="diamond", size=11,
@@ -82,8 +191,11 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
     for col, metric in enumerate(metrics, start=1):
         if metric.endswith("_acc"):
             fig.update_yaxes(range=[0, 1.02], row=1, col=col)
-    fig.update_layout(height=360, margin=dict(l=40, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.25))
-    fig.update_xaxes(title_text=x.replace("_", " "))
+        elif log_loss and metric.endswith("loss"):
+            fig.update_yaxes(type="log", row=1, col=col)
+    fig.update_layout(height=360, margin=dict(l=40, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.25),
+                      hovermode="x unified", hoverlabel=HOVER_LABEL)
+    fig.update_xaxes(title_text=X_TITLES.get(x, x.replace("_", " ")), hoverformat=X_HOVER.get(x, ".3g"))
     if epochs and x == "epoch":
         fig.update_xaxes(range=[0, epochs * 1.03])
     return fig
@@ -112,4 +224,31 @@ def top_k_figure(top: list[tuple[str, float]]) -> go.Figure:
                            textposition="auto", marker_color=COLORS[0]))
     fig.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%"), height=60 + 35 * len(top),
                       margin=dict(l=10, r=10, t=10, b=30))
+    return fig
+
+
+def sweep_figure(grid) -> go.Figure:
+    """A sweep's heatmap (sweep.SweepGrid): learning rate down, head multiplier across, the final
+    accuracy in each finished cell, the run's state in the others, the best cell marked with a
+    star and a frame."""
+    def cell_text(i: int, j: int) -> str:
+        value = grid.accuracy[i][j]
+        if value is None:
+            return grid.states[i][j] or "-"
+        return f"★ {value:.3f}" if grid.best == (i, j) else f"{value:.3f}"
+
+    rows = [f"{lr:g}" for lr in grid.lrs]
+    cols = [f"x{m:g}" for m in grid.head_lr_mults]
+    text = [[cell_text(i, j) for j in range(len(cols))] for i in range(len(rows))]
+    z = [[math.nan if v is None else v for v in row] for row in grid.accuracy]
+    fig = go.Figure(go.Heatmap(z=z, x=cols, y=rows, text=text, texttemplate="%{text}", colorscale="Viridis",
+                               zmin=0, zmax=1, colorbar=dict(title=f"{grid.split} acc"),
+                               hovertemplate="lr %{y}, head %{x}<br>%{text}<extra></extra>"))
+    if grid.best is not None:
+        i, j = grid.best
+        fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="#f03e3e", width=3))
+    fig.update_layout(xaxis_title="head learning-rate multiplier", yaxis_title="learning rate",
+                      xaxis_type="category", yaxis_type="category", height=120 + 60 * len(rows),
+                      margin=dict(l=60, r=10, t=30, b=50),
+                      title=f"final {grid.split} accuracy: {grid.finished} of {grid.total} runs finished")
     return fig

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import analysis, datastore, models, plots
-from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, TrainConfig,
+from finetune_core import analysis, datastore, models, plots, sweep
+from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, launch_warnings, parse_form, preset_for_machine,
                                   setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, scan_dataset
 from finetune_core.engine import resolve_auto
 from finetune_core.runs import RunDir
-from tuneboard_ui import (LIVE_REFRESH_S, job_controls, manager, page, resumable_runs, setting_input, state_label,
-                          submit, widget_value)
+from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, job_controls, manager, page, resumable_runs, setting_input,
+                          state_label, submit, widget_value)
 
 DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
 WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
@@ -398,20 +398,65 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
     also = st.columns(2)
     also_scratch = also[0].checkbox("Also train from scratch (the book's comparison)", key="also_scratch")
     also_single = also[1].checkbox("Also without parameter groups", key="also_single")
+    grid, sweep_error = sweep_option(config)
     blocked = ("choose a dataset" if not data_path else
                "the dataset could not be read" if report is None else
                f"the dataset cannot be used: {report.reason()}" if not report.usable else
-               "fix the settings marked above" if errors or config is None else "")
+               "fix the settings marked above" if errors or config is None else
+               "fix the sweep's values" if sweep_error else "")
     if blocked:
         st.caption(f"Train is disabled: {blocked}.")
     for warning in launch_warnings(config) if config is not None else []:  # the rule is config.launch_warnings
         st.warning(warning, icon="⚠️")
     if st.button("Train", type="primary", disabled=bool(blocked), key="train_button"):
-        group = uuid.uuid4().hex[:8]
-        config = resolve_auto(config, report)  # auto epochs and views in numbers: the twins copy them
-        ids = [submit(c, report) for c in comparison_configs(config, also_scratch, also_single, group)]
+        config = resolve_auto(config, report)  # auto epochs and views in numbers: the twins and cells copy them
+        if grid is not None:
+            group = sweep.new_sweep_group()
+            configs = sweep.sweep_configs(config, *grid, group=group)
+        else:
+            group = uuid.uuid4().hex[:8]
+            configs = comparison_configs(config, also_scratch, also_single, group)
+        ids = [submit(c, report) for c in configs]
         st.session_state["group"] = group
         st.toast(f"Queued {len(ids)} run(s)")
+
+
+def sweep_option(config: TrainConfig | None) -> tuple[tuple[list[float], list[float]] | None, bool]:
+    """The Sweep option: a few learning rates and head multipliers, one run per pair, queued as one
+    group in place of the run (and its comparisons). Returns ((lrs, multipliers) or None when the
+    option is off or its values are wrong, whether they are wrong)."""
+    if not st.checkbox("Sweep: one run for each learning rate x head multiplier", key="sweep_on",
+                       help="The grid the book's exercises ask about, on this data and recipe; a heatmap of the "
+                            "final accuracy fills in below as runs finish."):
+        return None, False
+    if "sweep_lrs" not in st.session_state:
+        lr = config.lr if config is not None else settings()["lr"].default
+        st.session_state["sweep_lrs"] = ", ".join(f"{lr * f:.2g}" for f in (1 / 5, 1, 4))
+        st.session_state["sweep_mults"] = "1, 10, 30"
+    found = (st.session_state.get("lr_find") or {}).get("result") or {}
+    if found.get("suggestion"):
+        st.button(f"Learning rates around the finder's suggestion ({found['suggestion']:.2g})", key="sweep_from_finder",
+                  on_click=sweep_around, args=(found["suggestion"],))
+    cols = st.columns(2)
+    cols[0].text_input("Learning rates", key="sweep_lrs", help="Commas or spaces between values, e.g. 1e-5, 5e-5, 2e-4")
+    cols[1].text_input("Head multipliers", key="sweep_mults", help="Commas or spaces between values, e.g. 1, 10, 30")
+    try:
+        lrs = sweep.parse_values(st.session_state["sweep_lrs"], "lr")
+        mults = sweep.parse_values(st.session_state["sweep_mults"], "head_lr_mult")
+        if config is not None:
+            n = len(sweep.sweep_configs(config, lrs, mults, group=""))
+            st.caption(f"Train queues {n} run{'s' if n > 1 else ''} (one group, stoppable together) instead of one; "
+                       "the comparison runs above are not added.")
+    except ConfigError as exc:
+        for message in exc.errors.values():
+            st.error(message, icon="🚫")
+        return None, True
+    return (lrs, mults), False
+
+
+def sweep_around(lr: float) -> None:
+    """Three learning rates around `lr` (a third, itself, three times) for the sweep."""
+    st.session_state["sweep_lrs"] = ", ".join(f"{lr * f:.2g}" for f in (1 / 3, 1, 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +473,8 @@ def live_section() -> None:
         st.info("No run yet. Set the recipe and press Train.")
     frames = {}
     labels = analysis.job_labels(members)
+    if sweep.is_sweep_group(group):
+        sweep_results(members)
     for job in members:
         if job["state"] in ("queued", "running"):
             job_controls(job, "live")
@@ -436,12 +483,39 @@ def live_section() -> None:
         frames[labels[job["run_id"]]] = RunDir(job["path"]).read_metrics()
     if frames:
         epochs = max(j["epochs"] for j in members)
-        st.plotly_chart(plots.overlay_figure(frames, epochs=epochs), width="stretch", key="live_curves")
+        chart = chart_controls("live")
+        colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
+        st.plotly_chart(plots.overlay_figure(frames, epochs=epochs, colors=colors, **chart), width="stretch",
+                        key="live_curves")
     others = [j for j in jobs if j["state"] in ("queued", "running") and j["group"] != group]
     if others:
         st.subheader("Other jobs on this server")
         for job in others:
             job_controls(job, "other")
+
+
+def sweep_results(members: list[dict]) -> None:
+    """A sweep's heatmap of final accuracy by learning rate and head multiplier, filled in as its
+    runs finish, the best cell marked; Stop for the whole sweep, and the best cell into the form."""
+    grid = sweep.sweep_grid(sweep.sweep_table([j["path"] for j in members]))
+    st.plotly_chart(plots.sweep_figure(grid), width="stretch", key="sweep_heatmap")
+    cols = iter(st.columns(2))
+    if any(j["state"] in ("queued", "running") for j in members):
+        if next(cols).button("Stop the sweep", key="sweep_stop",
+                             help="Stop the running run and take the others off the queue"):
+            manager().stop_group(members[0]["group"])
+            st.rerun(scope="fragment")
+    if grid.best_values is not None:
+        lr, mult = grid.best_values
+        if next(cols).button(f"Use the best cell: lr {lr:g}, head x{mult:g}", key="sweep_use_best",
+                          on_click=use_best_cell, args=(lr, mult)):
+            st.rerun()  # the whole page: the form shows the new values
+
+
+def use_best_cell(lr: float, mult: float) -> None:
+    st.session_state[key("lr")] = widget_value(settings()["lr"], lr)
+    st.session_state[key("head_lr_mult")] = widget_value(settings()["head_lr_mult"], mult)
+    st.session_state["sweep_on"] = False
 
 
 def resume_section() -> None:

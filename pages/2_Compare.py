@@ -7,33 +7,33 @@ from finetune_core import analysis, plots
 from finetune_core.config import settings
 from finetune_core.datastore import runs_root
 from finetune_core.runs import RunDir, RunInfo, delete_run, list_runs
-from tuneboard_ui import LIVE_REFRESH_S, page, state_label
+from tuneboard_ui import LIVE_REFRESH_S, chart_controls, page, state_label
 
 
 def run_label(info: RunInfo) -> str:
     return f"{info.name} · {state_label(info.state)} · {info.id}"
 
 
-def choose_runs(by_id: dict[str, RunInfo]) -> tuple[list[str], str]:
-    """Which runs, against what. Opens on analysis.default_selection (the newest group)."""
+def choose_runs(by_id: dict[str, RunInfo]) -> tuple[list[str], dict]:
+    """Which runs, and how their curves are drawn. Opens on analysis.default_selection (the newest group)."""
     default = analysis.default_selection(list(by_id.values()))
     chosen = st.multiselect("Runs", list(by_id), default=default, format_func=lambda i: run_label(by_id[i]),
                             key="compare_runs")
-    x_axis = st.radio("Against", ["epoch", "wall time"], horizontal=True, key="compare_x")
-    return chosen, x_axis
+    return chosen, chart_controls("compare")
 
 
 @st.fragment(run_every=LIVE_REFRESH_S * 2)
-def curves_section(infos: list[RunInfo], x_axis: str) -> None:
-    """Their curves overlaid, and the table of settings and final metrics, differences highlighted."""
+def curves_section(infos: list[RunInfo], chart: dict) -> None:
+    """Their curves overlaid (each run in its own colour, as on every page), and the table of
+    settings and final metrics, differences highlighted."""
     labels = analysis.run_labels(infos)
     frames = {labels[i.id]: RunDir(i.path).read_metrics() for i in infos}
-    x = "epoch" if x_axis == "epoch" else "elapsed_s"
-    st.plotly_chart(plots.overlay_figure(frames, x=x), width="stretch", key="compare_curves")
+    colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
+    st.plotly_chart(plots.overlay_figure(frames, colors=colors, **chart), width="stretch", key="compare_curves")
     table, differing = analysis.compare_table(infos)
     if table.empty:
         return
-    styled = table.style.apply(lambda col: ["background-color: #ffe8cc" if col.name in differing else ""
+    styled = table.style.apply(lambda col: ["background-color: rgba(232, 89, 12, 0.22)" if col.name in differing else ""
                                             for _ in col], axis=0)
     column_labels = {name: settings()[name].display_label for name in analysis.COMPARE_SETTINGS}
     st.dataframe(styled, width="stretch", hide_index=True, column_config=column_labels)
@@ -86,10 +86,10 @@ def main() -> None:
             manage_section({r.id: r for r in every})  # a damaged folder can still be deleted
         return
     by_id = {r.id: r for r in runs}
-    chosen, x_axis = choose_runs(by_id)
+    chosen, chart = choose_runs(by_id)
     if chosen:
         infos = [by_id[i] for i in chosen]
-        curves_section(infos, x_axis)
+        curves_section(infos, chart)
         download_section(infos)
     manage_section({r.id: r for r in every})  # damaged folders too: they can be deleted
 

@@ -206,8 +206,15 @@ def test_compare_page_overlays_runs_and_highlights_differences(dashboard_runs):
     spec = charts(at)[0]
     assert {t["name"] for t in spec["data"]} == {"fine", "single"}
     assert any("settings that differ" in c.value for c in at.caption)
+    from finetune_core import plots
+
+    ids = {i.name: i.id for i in list_runs(dashboard_runs)}  # one colour per run, from its id, as on Train
+    assert {t["name"]: t["line"]["color"] for t in spec["data"]} == {
+        name: plots.run_colors(ids.values())[run_id] for name, run_id in ids.items()}
     at.radio(key="compare_x").set_value("wall time").run()
-    assert charts(at)[0]["layout"]["xaxis"]["title"]["text"] == "elapsed s"
+    assert charts(at)[0]["layout"]["xaxis"]["title"]["text"] == "wall time (s)"
+    at.slider(key="compare_smoothing").set_value(0.6).run()
+    assert sum(t.get("hoverinfo") == "skip" for t in charts(at)[0]["data"]) == len(spec["data"])  # raw, faint
 
 
 @pytest.mark.slow

@@ -261,3 +261,30 @@ def test_the_dashboard_end_to_end(server, browser_page):
     page.locator("input[type=file]").first.set_input_files(str(notes))
     page.get_by_text("not an image that can be read", exact=False).wait_for()
     shot(page, "08-predict-not-an-image")
+
+
+def test_the_page_and_its_charts_follow_the_browsers_light_or_dark_setting(server, browser_page):
+    """A browser that prefers dark gets the dark theme (it was pinned to light), one that prefers
+    light the light one (the chart palette reads on both: tests/test_plots.py)."""
+    from finetune_core import plots  # the backgrounds the palette's contrast is checked against
+
+    def luminance(rgb: str) -> float:
+        r, g, b = (int(v) / 255 for v in rgb[rgb.index("(") + 1:rgb.index(")")].split(",")[:3])
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    backgrounds = {}
+    browser = browser_page.context.browser  # the module's browser: one Playwright per process
+    for scheme in ("dark", "light"):
+        page = browser.new_page(viewport={"width": 1200, "height": 900}, color_scheme=scheme)
+        page.set_default_timeout(60_000)
+        page.goto(server["url"])
+        page.get_by_text("Quick start").wait_for()
+        wait_idle(page)
+        backgrounds[scheme] = page.evaluate(
+            "() => getComputedStyle(document.querySelector('[data-testid=\"stApp\"]')).backgroundColor")
+        shot(page, f"theme-{scheme}")
+        page.close()
+    assert luminance(backgrounds["dark"]) < 0.2 < 0.8 < luminance(backgrounds["light"]), backgrounds
+    for scheme, color in plots.THEME_BACKGROUNDS.items():
+        h = color.lstrip("#")
+        assert backgrounds[scheme] == f"rgb({int(h[0:2], 16)}, {int(h[2:4], 16)}, {int(h[4:6], 16)})"

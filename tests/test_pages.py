@@ -324,3 +324,70 @@ def test_a_stopped_run_is_offered_for_resume_and_finishes(dashboard_env, tiny_co
     assert wait_for_runs(at, runs, 1)[0]["state"] == "completed"
     metrics = RunDir(runs / "20260101-000000-stop").read_metrics()
     assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == [1, 2]
+
+
+def test_a_sweep_queues_its_grid_as_one_group_and_fills_a_heatmap_whose_best_cell_fills_the_form(dashboard_env):
+    from finetune_core import plots, sweep
+    from finetune_core.runs import RunDir
+
+    data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.checkbox(key="sweep_on").set_value(True).run()
+    set_text(at, "sweep_lrs", "0.01, -1")
+    at.run()
+    assert any("Learning rate must be greater than zero, got -1" in e.value for e in at.error)
+    assert at.button(key="train_button").disabled
+    set_text(at, "sweep_lrs", "0.01 0.03")
+    set_text(at, "sweep_mults", "10")
+    at.run()
+    assert not at.button(key="train_button").disabled, [e.value for e in at.error]
+    assert any("Train queues 2 runs" in c.value for c in at.caption)
+    at.button(key="train_button").click().run()
+    runs = wait_for_runs(at, dashboard_env / "runs", 2)
+    configs = {r["id"]: RunDir(r["path"]).read_config()["config"] for r in runs}
+    assert sorted((c["lr"], c["head_lr_mult"]) for c in configs.values()) == [(0.01, 10.0), (0.03, 10.0)]
+    assert len({c["group"] for c in configs.values()}) == 1 and sweep.is_sweep_group(runs[0]["group"])
+    at.run()
+    assert not at.exception
+    heatmap = next(c for c in charts(at) if c["data"][0]["type"] == "heatmap")
+    assert "2 of 2 runs finished" in heatmap["layout"]["title"]["text"]
+    assert sum("★" in cell for row in heatmap["data"][0]["text"] for cell in row) == 1
+    live = charts(at)[-1]  # the cells' curves overlaid, each in its run's colour
+    colors = plots.run_colors(configs)
+    assert {t["line"]["color"] for t in live["data"]} == set(colors.values())
+    best = next(b for b in at.button if b.key == "sweep_use_best")
+    best.click().run()
+    grid = sweep.sweep_grid(sweep.sweep_table([r["path"] for r in runs]))
+    assert at.text_input(key="f_lr").value == f"{grid.best_values[0]:g}"
+    assert at.text_input(key="f_head_lr_mult").value == "10"
+
+
+def test_the_sweep_takes_its_learning_rates_around_the_finders_suggestion(dashboard_env, fake_finder):
+    data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.run()
+    at.button(key="lr_find_button").click().run()
+    at.checkbox(key="sweep_on").set_value(True).run()
+    at.button(key="sweep_from_finder").click().run()
+    assert not at.exception
+    assert at.text_input(key="sweep_lrs").value == "0.00041, 0.0012, 0.0037"  # around 0.00123
+    assert any("Train queues 9 runs" in c.value for c in at.caption)  # with the default multipliers 1, 10, 30
+
+
+def test_stop_the_sweep_stops_every_run_of_it(dashboard_env):
+    data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.number_input(key="f_epochs").set_value(200)
+    at.checkbox(key="sweep_on").set_value(True).run()
+    set_text(at, "sweep_lrs", "0.01 0.03")
+    set_text(at, "sweep_mults", "1 10")
+    at.run()
+    at.button(key="train_button").click().run()
+    at.button(key="sweep_stop").click().run()
+    runs = wait_for_runs(at, dashboard_env / "runs", 4, timeout=60)
+    assert [r["state"] for r in runs] == ["stopped"] * 4
+    at.run()
+    assert not at.exception and not [b for b in at.button if b.key == "sweep_stop"]

@@ -1,0 +1,167 @@
+"""The run curves: one colour per run everywhere, the unified hover, smoothing, log-scale loss,
+the x axes, many points, and a palette that reads on the light and the dark theme."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+import tomllib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from finetune_core import plots
+from finetune_core.runs import METRIC_COLUMNS
+
+
+def logged(rows: list[dict]) -> pd.DataFrame:
+    """metrics.csv as a run writes it, read back."""
+    return pd.read_csv(io.StringIO(pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(index=False)))
+
+
+def book_run(n_batches: int = 8, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    per_epoch = n_batches // 2
+    rows = [{"kind": "batch", "epoch": (b + 1) / per_epoch, "step": b + 1, "loss": 1.0 + rng.random(),
+             "train_acc": 0.5 + rng.random() / 4, "elapsed_s": 0.5 * (b + 1)} for b in range(n_batches)]
+    rows += [{"kind": "epoch", "epoch": e, "step": e * per_epoch, "loss": 1.2, "train_acc": 0.6, "test_loss": 0.9,
+              "test_acc": 0.6 + e / 10, "elapsed_s": 0.5 * e * per_epoch + 0.1} for e in (1, 2)]
+    return logged(rows)
+
+
+def traces_of(fig, name: str, axis: str = "x") -> list:
+    return [t for t in fig.data if t.name == name and t.xaxis == axis]
+
+
+# --- colours ---------------------------------------------------------------------------------
+
+
+def test_a_run_keeps_its_colour_whatever_it_is_drawn_with():
+    ids = ["20261129-101500-fine", "20261129-101500-fine-scratch", "20261129-101501-fine-one-group"]
+    together = plots.run_colors(ids)
+    assert len(set(together.values())) == 3  # three runs, three colours
+    assert plots.run_colors(list(reversed(ids))) == together  # the order they are listed in does not matter
+    alone = {i: plots.run_colors([i])[i] for i in ids}
+    assert alone == {i: plots.run_color(i) for i in ids}
+    # a run whose own colour no companion takes keeps it in company
+    assert sum(together[i] == alone[i] for i in ids) >= 2
+
+
+def test_colours_are_distinct_while_the_palette_lasts_and_stable_across_processes():
+    ids = [f"20261129-1000{k:02d}-run" for k in range(len(plots.PALETTE))]
+    assert len(set(plots.run_colors(ids).values())) == len(plots.PALETTE)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from finetune_core import plots; "
+            "print(plots.run_color('20261129-101500-fine'))")
+    env = {**os.environ, "PYTHONHASHSEED": "123"}  # Python's own hash() would change with it
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == plots.run_color("20261129-101500-fine")
+
+
+def test_the_figure_draws_each_run_in_the_colour_it_is_given_in_every_panel():
+    colors = {"fine": plots.PALETTE[3], "scratch": plots.PALETTE[7]}
+    fig = plots.overlay_figure({"fine": book_run(), "scratch": book_run(seed=1)}, colors=colors)
+    for name, color in colors.items():
+        assert {t.line.color for t in fig.data if t.name == name} == {color}
+
+
+def contrast(a: str, b: str) -> float:
+    def luminance(hex_color: str) -> float:
+        h = hex_color.lstrip("#")
+        channels = [int(h[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+        lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    hi, lo = sorted([luminance(a), luminance(b)], reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_the_palette_reads_on_the_light_and_the_dark_theme():
+    for color in plots.PALETTE:
+        for theme, background in plots.THEME_BACKGROUNDS.items():
+            assert contrast(color, background) >= 3.0, f"{color} on the {theme} theme"
+
+
+def test_the_page_follows_the_browsers_light_or_dark_setting_with_the_same_palette():
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    theme = config["theme"]
+    assert "base" not in theme  # a base would pin one theme whatever the browser prefers
+    for variant in ("light", "dark"):
+        assert theme[variant]["chartCategoricalColors"] == plots.PALETTE
+        assert contrast(theme[variant]["primaryColor"], plots.THEME_BACKGROUNDS[variant]) >= 3.0
+
+
+# --- hover, smoothing, scales, axes ------------------------------------------------------------
+
+
+def test_the_hover_lists_every_runs_value_at_that_x_rounded():
+    fig = plots.overlay_figure({"fine": book_run(), "scratch": book_run(seed=1)})
+    assert fig.layout.hovermode == "x unified"
+    loss, acc = traces_of(fig, "fine", "x")[0], traces_of(fig, "fine", "x3")[0]
+    assert "%{y:.4g}" in loss.hovertemplate and "%{y:.3f}" in acc.hovertemplate
+    assert fig.layout.xaxis.hoverformat == ".2f"
+    box = fig.layout.hoverlabel  # its own colours: the light theme's hover text is a pale grey on white
+    assert contrast(box.font.color, box.bgcolor) >= 4.5
+
+
+def test_smoothing_is_tensorboards_debiased_moving_average():
+    values = np.array([1.0, 2.0, 3.0, np.nan, 4.0])
+    assert plots.smooth(values, 0.0)[:3].tolist() == [1.0, 2.0, 3.0]
+    smoothed = plots.smooth(values, 0.6)
+    assert smoothed[0] == 1.0  # debiased: the first point is not pulled towards zero
+    assert smoothed[1] == pytest.approx((0.6 * 0.4 * 1 + 0.4 * 2) / (1 - 0.6 ** 2))
+    assert np.isnan(smoothed[3]) and smoothed[4] == pytest.approx(
+        (0.6 * (0.6 * 0.4 * 1 + 0.4 * 2) * 0.6 + 0.6 * 0.4 * 3 + 0.4 * 4) / (1 - 0.6 ** 4))
+    assert plots.smooth(np.full(50, 0.7), 0.9) == pytest.approx(np.full(50, 0.7))
+    noisy = np.random.default_rng(0).normal(1.0, 0.3, 500)
+    assert plots.smooth(noisy, 0.9).std() < noisy.std() / 2
+    with pytest.raises(ValueError, match="smoothing"):
+        plots.smooth(values, 1.0)
+
+
+def test_a_smoothed_curve_is_drawn_over_its_raw_curve_faint_behind():
+    run = book_run()
+    fig = plots.overlay_figure({"fine": run}, smoothing=0.8)
+    raw, smoothed = traces_of(fig, "fine", "x")
+    batches = run[run["kind"] == "batch"]
+    assert list(raw.y) == pytest.approx(batches["loss"].tolist())
+    assert list(smoothed.y) == pytest.approx(plots.smooth(batches["loss"], 0.8).tolist())
+    assert list(smoothed.customdata) == pytest.approx(batches["loss"].tolist())  # the hover shows the raw value
+    assert raw.hoverinfo == "skip" and not raw.showlegend and raw.line.color.startswith("rgba(")
+    assert "raw %{customdata" in smoothed.hovertemplate
+    assert len(fig.data) == 2 * len(plots.overlay_figure({"fine": run}).data)
+
+
+def test_loss_on_a_log_scale_and_the_step_and_wall_time_axes():
+    run = book_run()
+    fig = plots.overlay_figure({"fine": run}, log_loss=True)
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis3.type != "log"
+    by_step = plots.overlay_figure({"fine": run}, x="step")
+    assert list(traces_of(by_step, "fine", "x")[0].x) == list(range(1, 9))
+    assert list(traces_of(by_step, "fine", "x3")[0].x) == [4, 8]
+    assert by_step.layout.xaxis.title.text == "step (batches)"
+    by_time = plots.overlay_figure({"fine": run}, x="elapsed_s")
+    assert by_time.layout.xaxis.title.text == "wall time (s)"
+    assert list(traces_of(by_time, "fine", "x3")[0].x) == [2.1, 4.1]
+
+
+def test_several_long_runs_stay_light_to_draw():
+    """Six runs of 20,000 logged batches each, smoothed: every trace thinned to MAX_POINTS after
+    smoothing over every point, so the browser gets about 22k points instead of 720k."""
+    n = 20_000
+    rng = np.random.default_rng(0)
+    runs = {f"run {k}": pd.DataFrame({"kind": "batch", "epoch": np.linspace(0.001, 30, n), "step": np.arange(1, n + 1),
+                                      "loss": rng.random(n), "train_acc": rng.random(n), "test_acc": np.nan,
+                                      "elapsed_s": np.linspace(0, 900, n)}) for k in range(6)}
+    start = time.perf_counter()
+    fig = plots.overlay_figure(runs, smoothing=0.9)
+    size = len(fig.to_json())
+    elapsed = time.perf_counter() - start
+    points = sum(len(t.x) for t in fig.data)
+    assert max(len(t.x) for t in fig.data) <= plots.MAX_POINTS + 1
+    assert points <= 6 * 2 * 2 * (plots.MAX_POINTS + 1)  # two training panels, raw and smoothed
+    assert fig.data[1].x[-1] == pytest.approx(30.0)  # the newest point is always drawn
+    print(f"6 runs x {n} rows, smoothed: {points} points, {size / 1e6:.2f} MB of JSON, {elapsed:.2f} s")
