@@ -194,3 +194,32 @@ def test_the_job_manager_runs_two_processes_live_stops_them_and_a_restart_finds_
     assert manager.wait(run_id, 30)["state"] == "stopped"
     assert run.read_status()["state"] == "stopped"
     assert wait_until(lambda: subprocess.run(["pgrep", "-f", str(run.path)], capture_output=True).returncode == 1, 30)
+
+
+@pytest.mark.slow
+def test_the_train_page_runs_two_processes_live_and_stops_them(dashboard_env):
+    """The dashboard: Processes 2 on the Train page starts a torchrun child; a second session
+    (a refresh) shows it live from its run folder, and its Stop button ends both processes."""
+    from conftest import make_dataset, page
+    from test_pages import tiny_recipe, use_folder
+
+    data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.number_input(key="f_epochs").set_value(200)
+    at.number_input(key="f_processes").set_value(2)
+    at.run()
+    assert not at.button(key="train_button").disabled, [e.value for e in at.error]
+    at.button(key="train_button").click().run()
+
+    def live_text() -> str:
+        other = page("pages/1_Train.py").run()
+        return " ".join(str(p.proto.text) for p in other.get("progress"))
+    assert wait_until(lambda: "images/s" in live_text(), 120), live_text()  # batches, from status.json
+    other = page("pages/1_Train.py").run()
+    assert "resnet18" in live_text() and "epoch" in live_text()
+    run = only_run(dashboard_env / "runs")
+    assert run.read_status()["world_size"] == 2 and run.file("launcher.json").exists()
+    [b for b in other.button if b.label == "Stop"][0].click().run()
+    assert wait_until(lambda: run.read_status()["state"] == "stopped", 60), run.read_status()
+    assert wait_until(lambda: subprocess.run(["pgrep", "-f", str(run.path)], capture_output=True).returncode == 1, 30)
