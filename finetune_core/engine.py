@@ -833,6 +833,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
 
     try:
         ctx = setup(config, run, reporter, report, cache_dir, distributed)
+        run.write_status(**distributed.status_fields())  # the backend is known once the device is
         run.write_config({**config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16),
                           **distributed.record()})
         if resume:
@@ -842,7 +843,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
                                   **summary())
     except (StopRequested, KeyboardInterrupt) as exc:
         status = run.write_status(state="stopped", ended_at=now_iso(), message="stopped by the user"
-                                  + (" (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "")
+                                  + (" (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
+                                     or getattr(stop_event, "interrupted", False) else "")
                                   + ("; it can be resumed from its last checkpoint" if run.has_checkpoint() else ""),
                                   **summary())
         if isinstance(exc, KeyboardInterrupt):

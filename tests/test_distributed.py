@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_train_config
-from finetune_core.distributed import FAIL_VARIABLE, STOP_FILE, Distributed, shares
+from finetune_core.distributed import FAIL_VARIABLE, Distributed, shares
 from finetune_core.engine import batch_slices, load_checkpoint, tensor_batches, train
 from finetune_core.jobs import JobManager, wait_until
 from finetune_core.runs import RunDir, list_runs
@@ -23,9 +24,9 @@ def torchrun(*args: str, env: dict | None = None, timeout: float = 240, wait: bo
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "finetune_core", *args]
     environ = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    if not wait:
-        return subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+    if not wait:  # in a session of its own: Ctrl-C goes to the whole group, as from a terminal
+        return subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
     return subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout)
 
 
@@ -143,16 +144,17 @@ def test_a_failure_on_rank_1_fails_the_run_with_its_message(tiny_dataset, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_stop_request_ends_both_ranks_and_the_run_resumes(tiny_dataset, tmp_path, cache_dir):
-    """The every-layer path (augmented images, BatchNorm): the stop file ends both ranks after the
-    same batch; `torchrun ... resume` continues the stopped run to its end."""
+def test_ctrl_c_ends_both_ranks_and_the_run_resumes(tiny_dataset, tmp_path, cache_dir):
+    """The every-layer path (augmented images, BatchNorm): Ctrl-C (SIGINT to torchrun and its ranks,
+    as a terminal sends it) ends both ranks after the same batch, the run `stopped`; `torchrun ...
+    resume` continues it to its end. (The dashboard's stop file: the job manager tests.)"""
     config = tiny_train_config(tiny_dataset, epochs=6)
     child = torchrun(*train_flags(config, tmp_path / "runs"), env={"TUNEBOARD_CACHE": cache_dir}, wait=False)
     try:
         assert wait_until(lambda: len(list_runs(tmp_path / "runs")) == 1 and
                           only_run(tmp_path / "runs").read_status(default={}).get("epochs_done", 0) >= 1, 120)
         run = only_run(tmp_path / "runs")
-        run.file(STOP_FILE).touch()
+        os.killpg(child.pid, signal.SIGINT)
         asked = time.monotonic()
         child.wait(60)
         stopped_after = time.monotonic() - asked
@@ -160,10 +162,9 @@ def test_a_stop_request_ends_both_ranks_and_the_run_resumes(tiny_dataset, tmp_pa
         if child.poll() is None:
             child.kill()
     status = run.read_status()
-    assert status["state"] == "stopped", status
+    assert status["state"] == "stopped" and "(Ctrl-C)" in status["message"], status
     assert stopped_after < 30
     assert status["epochs_done"] < 6 and run.has_checkpoint()
-    run.file(STOP_FILE).unlink()
 
     done = torchrun("resume", str(run.path), "--quiet", "--json", env={"TUNEBOARD_CACHE": cache_dir})
     assert done.returncode == 0, done.stdout + done.stderr
