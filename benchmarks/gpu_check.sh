@@ -10,13 +10,18 @@
 #   bash benchmarks/gpu_check.sh [RESULTS_FILE]
 #   PYTHON=.venv/bin/python DATA=path/to/dataset bash benchmarks/gpu_check.sh
 #
-# DATA: a dataset folder for the benchmark; default ../shared/datasets/seefood beside the project when
-# it is there, else a generated set of random JPEGs (throughput only: its accuracy means nothing).
+# DATA: a dataset folder for the benchmark; by default a generated set of SYNTHETIC_IMAGES (8192) random
+# JPEGs, enough images per epoch to measure thousands of images/s (throughput only: its accuracy means
+# nothing). A dry run of the script's steps on a CPU-only machine (the cuda tests then skip):
+#   DEVICE=cpu SYNTHETIC_IMAGES=64 EPOCHS=1 bash benchmarks/gpu_check.sh /tmp/gpu_check_dry.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${1:-benchmarks/results/gpu_check.md}
 STEP_LIMIT_S=${STEP_LIMIT_S:-240}   # no step may take longer: the whole check stays under 8 minutes
+DEVICE=${DEVICE:-cuda}
+SYNTHETIC_IMAGES=${SYNTHETIC_IMAGES:-8192}
+EPOCHS=${EPOCHS:-3}
 mkdir -p "$(dirname "$OUT")"
 status=0
 note() { echo "$*" | tee -a "$OUT"; }
@@ -38,7 +43,7 @@ note '```'
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "nvidia-smi: not found"; } | tee -a "$OUT"
 "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "GPUs", torch.cuda.device_count())' 2>&1 | tee -a "$OUT"
 note '```'
-if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+if [ "$DEVICE" = cuda ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   note ""; note "No CUDA GPU on this machine: nothing to check."; exit 1
 fi
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
@@ -46,10 +51,9 @@ GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 step "Tests marked cuda" "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider
 
 DATA=${DATA:-}
-if [ -z "$DATA" ] && [ -d ../shared/datasets/seefood ]; then DATA=../shared/datasets/seefood; fi
 if [ -z "$DATA" ]; then
   DATA=$(mktemp -d)/synthetic
-  "$PYTHON" - "$DATA" <<'EOF'
+  "$PYTHON" - "$DATA" "$SYNTHETIC_IMAGES" <<'EOF'
 import sys
 from pathlib import Path
 
@@ -57,23 +61,24 @@ import numpy as np
 from PIL import Image
 
 root, rng = Path(sys.argv[1]), np.random.default_rng(0)
-for split, n in (("train", 2048), ("test", 256)):
+n_train = int(sys.argv[2])
+for split, n in (("train", n_train), ("test", max(16, n_train // 8))):
     for k, name in enumerate(("a", "b")):
         folder = root / split / name
         folder.mkdir(parents=True)
         for i in range(n // 2):
             pixels = rng.integers(0, 256, (256, 320, 3), dtype=np.uint8) // 2 + 100 * k
             Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
-print(f"generated {root}: 2048 training and 256 test images (random, 320x256 JPEG)")
+print(f"generated {root}: {n_train} training and {max(16, n_train // 8)} test images (random, 320x256 JPEG)")
 EOF
 fi
 note ""; note "Benchmark data: $DATA"
 
 step "Speed: the book's loop and the engine, ResNet-18 224 px, random weights, bf16 on CUDA" \
-  "$PYTHON" benchmarks/bench_train.py --data "$DATA" --backbone resnet18 --weights none --device cuda \
-  --epochs 3 --target 2 --runs book,engine --out benchmarks/results/gpu_bench_train.md
+  "$PYTHON" benchmarks/bench_train.py --data "$DATA" --backbone resnet18 --weights none --device "$DEVICE" \
+  --epochs "$EPOCHS" --target 2 --runs book,engine --out "benchmarks/results/gpu_bench_train_$DEVICE.md"
 
-if [ "$GPUS" -gt 1 ]; then
+if [ "$GPUS" -gt 1 ] && [ "$DEVICE" = cuda ]; then
   step "1 process against $GPUS (DDP, NCCL)" "$PYTHON" benchmarks/bench_ddp.py --data "$DATA" --device cuda \
     --processes "$GPUS" --recipes all --epochs 2 --out benchmarks/results/gpu_bench_ddp.md
 else
