@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pandas as pd
 import pytest
 import torch
 
@@ -175,8 +174,8 @@ def test_ctrl_c_ends_both_ranks_and_the_run_resumes(tiny_dataset, tmp_path, cach
 
 
 @pytest.mark.slow
-def test_the_job_manager_runs_two_processes_live_stops_them_and_a_restart_finds_them(tiny_dataset, tmp_path,
-                                                                                       cache_dir):
+def test_the_job_manager_runs_two_processes_live_stops_them_a_restart_finds_them_and_resumes(tiny_dataset, tmp_path,
+                                                                                             cache_dir):
     config = tiny_train_config(tiny_dataset, epochs=200, processes=2, name="ddp")
     manager = JobManager(tmp_path / "runs", cache_dir=cache_dir)
     run_id = manager.submit(config)
@@ -190,11 +189,19 @@ def test_the_job_manager_runs_two_processes_live_stops_them_and_a_restart_finds_
     assert restarted.interrupted == []
     found = restarted.job(run_id)
     assert found is not None and found["state"] == "running"
+    assert wait_until(lambda: run.read_status().get("epochs_done", 0) >= 1, 120)  # a checkpoint to resume from
     restarted.stop(run_id)
     assert restarted.wait(run_id, 60)["state"] == "stopped"
     assert manager.wait(run_id, 30)["state"] == "stopped"
     assert run.read_status()["state"] == "stopped"
     assert wait_until(lambda: subprocess.run(["pgrep", "-f", str(run.path)], capture_output=True).returncode == 1, 30)
+
+    done = run.read_status()["epochs_done"]  # Resume: 2 processes again, from the last checkpoint
+    restarted.resume(run_id)
+    assert wait_until(lambda: run.read_status().get("epochs_done", 0) > done, 120), run.read_status()
+    assert run.read_status()["world_size"] == 2 and "resumed from the end of epoch" in run.file("log.txt").read_text()
+    restarted.stop(run_id)
+    assert restarted.wait(run_id, 60)["state"] == "stopped"
 
 
 @pytest.mark.slow
