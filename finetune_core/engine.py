@@ -815,6 +815,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     config = resolve_auto(config.check())  # epochs and views 0 are resolved once the data is scanned
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     distributed = distributed or Distributed()
+    if distributed.enabled:  # config.json says how many processes trained it (a resume starts as many)
+        config = config.replace(processes=distributed.world_size)
     run = distributed.follower(run)
     if distributed.is_main:
         run.path.mkdir(parents=True, exist_ok=True)

@@ -111,6 +111,7 @@ def test_two_ranks_make_the_one_process_updates_and_metrics(tiny_dataset, tmp_pa
     status, record = run.read_status(), run.read_config()
     assert status["world_size"] == 2 and status["backend"] == "gloo"
     assert record["distributed"]["world_size"] == 2 and record["distributed"]["backend"] == "gloo"
+    assert record["config"]["processes"] == 2  # the dashboard resumes it as 2 processes
 
     single, double = RunDir(tmp_path / "one").read_metrics(), run.read_metrics()
     for kind in ("batch", "epoch"):
