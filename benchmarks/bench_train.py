@@ -47,7 +47,7 @@ from finetune_core.models import build_model, device_description, get_head, reso
 
 
 def book_loop(data: Path, backbone: str, epochs: int, target: float, device: torch.device, lr=5e-5,
-              batch_size=128) -> dict:
+              batch_size=128, weights: str = "auto") -> dict:
     """d2l's train_fine_tuning / train_ch13, written out."""
     import torchvision
 
@@ -59,7 +59,7 @@ def book_loop(data: Path, backbone: str, epochs: int, target: float, device: tor
     train_iter = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True)
     test_iter = torch.utils.data.DataLoader(test_ds, batch_size=batch_size)
     torch.manual_seed(0)
-    net = build_model(backbone, len(train_ds.classes), "auto").to(device)  # new head, Xavier init
+    net = build_model(backbone, len(train_ds.classes), weights).to(device)  # new head, Xavier init
     head_ids = {id(p) for p in get_head(net, backbone).parameters()}
     params_1x = [p for p in net.parameters() if id(p) not in head_ids]
     trainer = torch.optim.SGD([{"params": params_1x},
@@ -127,9 +127,9 @@ RUNS = {  # name: (label, allocator)
 def run_one(name: str, args) -> dict:
     """One measured run, in this process (which the parent started with the run's allocator)."""
     data, device = Path(args.data), resolve_device(args.device)
-    common = dict(data=str(data), backbone=args.backbone, device=args.device)
+    common = dict(data=str(data), backbone=args.backbone, device=args.device, weights=args.weights)
     if name.startswith("book"):
-        return book_loop(data, args.backbone, args.epochs, args.target, device)
+        return book_loop(data, args.backbone, args.epochs, args.target, device, weights=args.weights)
     if name == "fast":
         config = preset_config("fast", **common)
     else:
@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.85)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--weights", default="auto", help="auto, none (random init: for throughput where the "
+                        "backbone's weights are not on the machine) or a file")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from: {', '.join(RUNS)}")
     parser.add_argument("--out", help="write the Markdown table here")
     parser.add_argument("--one", choices=list(RUNS), help=argparse.SUPPRESS)  # a child process: one run
@@ -170,7 +172,8 @@ def main() -> None:
         env = memory.untuned_environ()
         env = memory.tuned_environ(env) if allocator == "tuned" and memory.supported() else env
         child = [sys.executable, __file__, "--one", name, "--data", str(data), "--backbone", args.backbone,
-                 "--target", str(args.target), "--epochs", str(args.epochs), "--device", args.device]
+                 "--target", str(args.target), "--epochs", str(args.epochs), "--device", args.device,
+                 "--weights", args.weights]
         print(f"{label} ({allocator} malloc settings)", flush=True)
         proc = subprocess.run(child, env=env, stdout=subprocess.PIPE, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -120,29 +120,44 @@ def checked_config_and_scan(args):
 
 
 def cmd_train(args) -> int:
+    from .distributed import Distributed
     from .runs import new_run_dir
 
     try:
         config, report = checked_config_and_scan(args)
     except BadInput as exc:
         return fail(str(exc))
-    run = new_run_dir(args.runs_dir, config.name or config.backbone)
-    return run_to_the_end(config, run, args, report=report)
+    distributed = Distributed.from_env()  # under torchrun: this rank; rank 0 creates the run folder
+    run = distributed.run_dir(lambda: new_run_dir(args.runs_dir, config.name or config.backbone))
+    return run_to_the_end(config, run, args, report=report, distributed=distributed)
 
 
-def run_to_the_end(config, run, args, report=None, resume: bool = False) -> int:
-    """Train (or resume) in this process with a progress bar; print the outcome; the exit code."""
+def run_to_the_end(config, run, args, report=None, resume: bool = False, distributed=None) -> int:
+    """Train (or resume) in this process with a progress bar; print the outcome; the exit code.
+    Under torchrun (`distributed`), every rank trains and rank 0 alone reports."""
+    from .distributed import Distributed, Terminated
     from .engine import train
 
-    stop = threading.Event()
-    progress = None if args.quiet else ProgressBar()
+    distributed = distributed or Distributed()
+    stop = distributed.stop_flag(run) if distributed.enabled else threading.Event()
+    progress = None if args.quiet or not distributed.is_main else ProgressBar()
     try:
-        status = train(config, run, on_event=progress, stop_event=stop, report=report, resume=resume)
+        with distributed.signals(stop) as training_done:
+            try:
+                status = train(config, run, on_event=progress, stop_event=stop, report=report, resume=resume,
+                               distributed=distributed)
+            except Terminated:  # torchrun ended this rank as train() was tidying up: its state stands
+                status = run.read_status()
+            training_done()
+            status = distributed.settle(run, status)  # a failed rank's message reaches rank 0
     except KeyboardInterrupt:  # the engine has marked the run stopped, its checkpoint kept
         status = run.read_status()
     finally:
         if progress is not None:
             progress.close()
+    distributed.close()
+    if not distributed.is_main:
+        return 0 if status.get("state") == "completed" else 1
     result = {"run_dir": str(run.path), "status": status.get("state"), "message": status.get("message"),
               "test_acc": status.get("test_acc"), "best_test_acc": status.get("best_test_acc"),
               "train_acc": status.get("train_acc"), "loss": status.get("loss"),
@@ -154,22 +169,56 @@ def run_to_the_end(config, run, args, report=None, resume: bool = False) -> int:
     return 0 if status.get("state") == "completed" else 1
 
 
-def cmd_resume(args) -> int:
-    """Continue a stopped or interrupted run from its last checkpoint, in its own folder."""
+def saved_run(run_dir: str, states: tuple[str, ...], distributed):
+    """(config, None) of a run folder whose state is one of `states`, or (None, exit code) after
+    saying what is wrong. Under torchrun rank 0 reads the folder and tells the other ranks."""
     from .config import ConfigError, TrainConfig
     from .runs import RunDir
 
-    run = RunDir(args.run_dir)
-    try:
-        record, status = run.read_config(), run.read_status()
-        config = TrainConfig.from_dict(record["config"]).check(check_paths=True)
-    except (OSError, ValueError, KeyError) as exc:
-        return fail(f"{run.path}: cannot be resumed ({type(exc).__name__}: {exc})")
-    except ConfigError as exc:
-        return fail(f"{run.path}: its settings are no longer valid here: " + "; ".join(exc.errors.values()))
-    if status.get("state") not in ("stopped", "interrupted"):
-        return fail(f"{run.path}: is {status.get('state')}; only a stopped or interrupted run can be resumed")
-    return run_to_the_end(config, run, args, resume=True)
+    run = RunDir(run_dir)
+
+    def read() -> tuple[dict | None, str]:
+        try:
+            record, status = run.read_config(), run.read_status()
+            TrainConfig.from_dict(record["config"]).check(check_paths=True)
+        except (OSError, ValueError, KeyError) as exc:
+            return None, f"{run.path}: cannot be resumed ({type(exc).__name__}: {exc})"
+        except ConfigError as exc:
+            return None, f"{run.path}: its settings are no longer valid here: " + "; ".join(exc.errors.values())
+        if status.get("state") not in states:
+            return None, f"{run.path}: is {status.get('state')}; only a {' or '.join(states)} run can be resumed"
+        return record["config"], ""
+
+    values, problem = distributed.from_main(read)
+    if problem:
+        return None, fail(problem)
+    return TrainConfig.from_dict(values).check(), None
+
+
+def cmd_resume(args) -> int:
+    """Continue a stopped or interrupted run from its last checkpoint, in its own folder."""
+    from .distributed import Distributed
+    from .runs import RunDir
+
+    distributed = Distributed.from_env()
+    config, code = saved_run(args.run_dir, ("stopped", "interrupted"), distributed)
+    if config is None:
+        return code
+    return run_to_the_end(config, distributed.follower(RunDir(args.run_dir)), args, resume=True,
+                          distributed=distributed)
+
+
+def cmd_start(args) -> int:
+    """Train a run folder the dashboard queued (its config.json): how it starts a torchrun run."""
+    from .distributed import Distributed
+    from .runs import RunDir
+
+    distributed = Distributed.from_env()
+    config, code = saved_run(args.run_dir, ("queued",), distributed)
+    if config is None:
+        return code
+    return run_to_the_end(config, distributed.follower(RunDir(args.run_dir)), args, resume=args.resume,
+                          distributed=distributed)
 
 
 def cmd_sweep(args) -> int:
@@ -468,6 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a final JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("start", help="train a run folder that the dashboard queued (it starts torchrun runs so)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--resume", action="store_true", help="continue from its last checkpoint")
+    p.add_argument("--json", action="store_true", help="print a final JSON line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("runs", help="list the runs in a runs folder")
     add_runs_dir(p)

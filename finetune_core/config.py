@@ -174,6 +174,11 @@ class TrainConfig:
     # --- hardware
     device: str = setting("auto", "Device", section="hardware", metavar="D",
                           help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    processes: int = setting(0, "Processes", section="hardware", minimum=0, maximum=64, step=1, flag=None,
+                             help="train with DistributedDataParallel in this many processes, started by torchrun "
+                                  "(one per GPU; on a CPU they share its cores); 0: auto, one per GPU when the run "
+                                  "is on CUDA and the machine has several, else 1. On the command line: "
+                                  "torchrun --nproc_per_node=N -m finetune_core train ...")
     precision: str = setting("auto", "Precision", section="hardware", choices=PRECISIONS,
                              help="auto: bf16 autocast on a GPU, fp32 on the CPU (the book); bf16: also on a CPU "
                                   "that runs it natively (AVX-512 BF16 / AMX), else fp32")
@@ -235,6 +240,10 @@ class TrainConfig:
             problem = _train_stages_problem(self.backbone, self.train_stages)
             if problem:
                 report("train_stages", problem)
+        if not {"processes", "batch_size"} & set(errors) and self.processes > 1 \
+                and self.batch_size < 2 * self.processes:
+            report("processes", f"need a batch size of at least {2 * self.processes} (2 images per process), "
+                                f"got {self.processes} processes with batch size {self.batch_size}")
         if not self.weights and "weights" not in errors:
             report("weights", "must be 'auto', 'none' or the path of a weights file")
         if not self.data and "data" not in errors:

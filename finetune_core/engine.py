@@ -59,6 +59,7 @@ from torch import nn
 from . import __version__
 from .config import ConfigError, TrainConfig
 from .data import DatasetError, ScanReport, scan_dataset
+from .distributed import Distributed
 from .memory import describe as describe_memory
 from .memory import release_memory
 from .models import (BACKBONES, build_model, load_refusal, parameter_groups, resolve_backbone, resolve_device,
@@ -457,30 +458,36 @@ def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
 # Batches: augmented images, or cached activations of the frozen bottom
 
 
-def batch_slices(n: int, batch_size: int) -> list[slice]:
-    """Consecutive batches of `batch_size`; a last batch of a single image joins the one before
-    (BatchNorm in training mode cannot normalise one value per channel)."""
+def batch_slices(n: int, batch_size: int, world_size: int = 1) -> list[slice]:
+    """Consecutive batches of `batch_size`; a last batch of a single image (fewer than 2 per process
+    under DDP) joins the one before (BatchNorm in training mode cannot normalise one value per channel)."""
     slices = [slice(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
-    if len(slices) > 1 and slices[-1].stop - slices[-1].start == 1:
+    if len(slices) > 1 and slices[-1].stop - slices[-1].start < 2 * world_size:
         slices[-2:] = [slice(slices[-2].start, n)]
     return slices
 
 
 def image_batches(data: PreparedData, order: list[int], config: TrainConfig, rng: random.Random,
-                  device: torch.device, mean, std) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The book's training batches: RandomResizedCrop + flip of each image, normalised."""
-    for part in batch_slices(len(order), config.batch_size):
-        idx = order[part]
+                  device: torch.device, mean, std, shard: tuple[int, int] = (0, 1)
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The book's training batches: RandomResizedCrop + flip of each image, normalised. `shard`
+    (rank, world size): under DDP, this rank's share (every world-size-th image) of each batch."""
+    rank, world = shard
+    for part in batch_slices(len(order), config.batch_size, world):
+        idx = order[part][rank::world]
         images = augment_batch(data, idx, config.image_size, rng, device, config.crop_scale)
         x = normalize_batch(images, mean, std, config.channels_last)
         yield x, data.train_labels[idx].to(device, non_blocking=True)
 
 
 def tensor_batches(inputs: torch.Tensor, labels: torch.Tensor, order: list[int], batch_size: int,
-                   device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of cached activations in the given order, as float32 on the device."""
-    for part in batch_slices(len(order), batch_size):
-        idx = torch.as_tensor(order[part])
+                   device: torch.device, channels_last: bool, shard: tuple[int, int] = (0, 1)
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of cached activations in the given order, as float32 on the device (this rank's
+    share of each under DDP, as image_batches)."""
+    rank, world = shard
+    for part in batch_slices(len(order), batch_size, world):
+        idx = torch.as_tensor(order[part][rank::world])
         x = inputs[idx].to(device, non_blocking=True).float()
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -617,6 +624,7 @@ class Setup:
     caches: dict[str, FeatureCache] = field(default_factory=dict)
     average: dict[str, torch.Tensor] | None = None  # ema_decay: the moving average of the weights
     shared_features: dict | None = None  # {shared_features_key: outputs} kept across runs (a sweep)
+    dist: Distributed = field(default_factory=Distributed)  # DDP under torchrun; one process otherwise
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -641,9 +649,10 @@ def report_fits(report: ScanReport | None, config: TrainConfig) -> bool:
 
 
 def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanReport | None = None,
-          cache_dir: str | None = None) -> Setup:
+          cache_dir: str | None = None, distributed: Distributed | None = None) -> Setup:
     """Scan (unless the caller already did), build the model and optimiser, decode the images."""
-    device = resolve_device(config.device)
+    distributed = distributed or Distributed()
+    device = distributed.device_for(resolve_device(config.device))
     if not report_fits(report, config):
         reporter.prepare("scanning the dataset", force_status=True)
         report = scan_dataset(config.data, test_fraction=config.test_fraction)
@@ -671,22 +680,23 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     for problem in data.skipped:
         run.log(f"skipped {problem.path}: {problem.problem}")
     train_idx, val_idx = validation_split(data, config.val_fraction, report.root)
-    batches_per_epoch = len(batch_slices(len(train_idx), config.batch_size))
+    distributed.check_sizes(config.batch_size, len(train_idx))
+    batches_per_epoch = len(batch_slices(len(train_idx), config.batch_size, distributed.world_size))
     mean, std = normalisation(config)
     return Setup(config=config, run=run, device=device, bf16=use_bf16(config, device), mean=mean, std=std,
                  report=report, data=data, classes=report.classes, model=model, optimizer=optimizer,
                  train_idx=train_idx, val_idx=val_idx, batches_per_epoch=batches_per_epoch,
-                 total_steps=batches_per_epoch * config.epochs, cache_dir=cache_dir)
+                 total_steps=batches_per_epoch * config.epochs, cache_dir=cache_dir, dist=distributed)
 
 
 def restore(ctx: Setup, reporter: Reporter) -> None:
     """Continue from the last checkpoint: weights, optimiser, epoch, best score, elapsed time."""
     path = ctx.run.file(CHECKPOINT_LAST)
-    if not path.exists():
+    ckpt = ctx.dist.from_main(lambda: load_checkpoint(path) if path.exists() else None)  # rank 0's, under DDP
+    if ckpt is None:
         ctx.run.log("resume: no checkpoint yet, starting from the beginning")
         ctx.run.truncate_metrics(0)
         return
-    ckpt = load_checkpoint(path)
     saved = ckpt.get("classes") or ctx.run.read_config().get("classes", [])
     change = class_change(saved, ctx.classes)
     if change:
@@ -728,13 +738,15 @@ def training_batches(ctx: Setup, epoch: int, cache: FeatureCache | None) -> Iter
     cfg = ctx.config
     gen = random.Random(epoch_seed(cfg.seed, epoch, 1))
     order = list(range(len(ctx.train_idx)))
-    gen.shuffle(order)
+    gen.shuffle(order)  # the same order on every DDP rank; each takes its share of every batch
+    shard = (ctx.dist.rank, ctx.dist.world_size)
     if cache is None:
         indices = [ctx.train_idx[i] for i in order]
-        return image_batches(ctx.data, indices, cfg, gen, ctx.device, ctx.mean, ctx.std)
+        crops = gen if ctx.dist.rank == 0 else random.Random(epoch_seed(cfg.seed, epoch, 1000 + ctx.dist.rank))
+        return image_batches(ctx.data, indices, cfg, crops, ctx.device, ctx.mean, ctx.std, shard)
     inputs = cache.get("train", view=epoch % views_per_image(cfg, len(ctx.train_idx)))
     labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)]
-    return tensor_batches(inputs, labels, order, cfg.batch_size, ctx.device, cfg.channels_last)
+    return tensor_batches(inputs, labels, order, cfg.batch_size, ctx.device, cfg.channels_last, shard)
 
 
 def evaluation_batches(ctx: Setup, split: str, cache: FeatureCache | None) -> Iterator:
@@ -744,21 +756,22 @@ def evaluation_batches(ctx: Setup, split: str, cache: FeatureCache | None) -> It
         labels = data.train_labels[torch.as_tensor(ctx.val_idx)]
     else:
         labels = data.test_labels
-    n = len(labels)
+    first, last = ctx.dist.rows(len(labels))  # this rank's block under DDP; the whole split otherwise
     if cache is not None:
         views = [cache.get(split, 0, False)] + ([cache.get(split, 0, True)] if cfg.tta_flip else [])
-    for start in range(0, n, cfg.eval_batch_size):
-        ctx_labels = labels[start:start + cfg.eval_batch_size].to(ctx.device)
+    for start in range(first, last, cfg.eval_batch_size):
+        end = min(last, start + cfg.eval_batch_size)
+        ctx_labels = labels[start:end].to(ctx.device)
         if cache is not None:
-            xs = [v[start:start + cfg.eval_batch_size].to(ctx.device).float() for v in views]
+            xs = [v[start:end].to(ctx.device).float() for v in views]
             if cfg.channels_last:
                 xs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs]
         else:
             if split == "val":
-                idx = ctx.val_idx[start:start + cfg.eval_batch_size]
+                idx = ctx.val_idx[start:end]
                 u8 = center_view_batch(data, idx, cfg.image_size, ctx.device)
             else:
-                u8 = data.test_images[start:start + cfg.eval_batch_size].to(ctx.device)
+                u8 = data.test_images[start:end].to(ctx.device)
             x = normalize_batch(u8, ctx.mean, ctx.std, cfg.channels_last)
             xs = [x, x.flip(-1)] if cfg.tta_flip else [x]
         yield xs, ctx_labels
@@ -767,7 +780,14 @@ def evaluation_batches(ctx: Setup, split: str, cache: FeatureCache | None) -> It
 def evaluate_split(ctx: Setup, split: str, stages: str, reporter: Reporter) -> tuple[float, float, torch.Tensor]:
     """(loss, accuracy, logits) of the current model on `val` or `test`."""
     top, cache = split_for(ctx, stages, reporter)
-    logits, labels = evaluate(top, evaluation_batches(ctx, split, cache), ctx.autocast)
+    if ctx.dist.enabled:  # each rank its block of the split, gathered: the whole split, once
+        n = len(ctx.val_idx) if split == "val" else len(ctx.data.test_labels)
+        first, last = ctx.dist.rows(n)
+        logits, labels = evaluate(top, evaluation_batches(ctx, split, cache), ctx.autocast) if last > first \
+            else (torch.empty(0, len(ctx.classes)), torch.empty(0, dtype=torch.long))
+        logits, labels = ctx.dist.gather_rows(logits, n), ctx.dist.gather_rows(labels, n)
+    else:
+        logits, labels = evaluate(top, evaluation_batches(ctx, split, cache), ctx.autocast)
     loss, acc = accuracy_and_loss(logits, labels)
     return loss, acc, logits
 
@@ -777,19 +797,27 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
     cfg = ctx.config
     stages = stages_of_epoch(cfg, epoch)
     top, cache = split_for(ctx, stages, reporter)
-    seed_device(ctx.device, epoch_seed(cfg.seed, epoch, 2))  # dropout
+    seed_device(ctx.device, epoch_seed(cfg.seed, epoch, 2 + 1000 * ctx.dist.rank))  # dropout, per rank
     batches = training_batches(ctx, epoch, cache)  # may compute this epoch's cached view
     loss_fn = lambda logits, y: batch_loss(logits, y, cfg.loss_reduction, cfg.label_smoothing)  # noqa: E731
+    loss_fn = ctx.dist.scaled_loss(loss_fn, cfg.loss_reduction, [s.stop - s.start for s in batch_slices(
+        len(ctx.train_idx), cfg.batch_size, ctx.dist.world_size)])  # DDP: each rank's share, the global meaning
+    totals: list = []  # DDP: every rank's running sums after the latest step
     epoch_start_step = ctx.step
     t_epoch = time.perf_counter()
 
     def before_step() -> None:
-        reporter.check_stop()
+        if not ctx.dist.enabled:  # under DDP the ranks agree on a stop after each step (after_step)
+            reporter.check_stop()
         factor = lr_factor(cfg, ctx.step, ctx.total_steps)
         for g in ctx.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
 
     def after_step(loss_sum: float, correct: int, seen: int) -> None:
+        stop = False
+        if ctx.dist.enabled:
+            stop, loss_sum, correct, seen = ctx.dist.step_totals(reporter.stop_event.is_set(), loss_sum, correct, seen)
+            totals[:] = [loss_sum, correct, seen]
         ctx.step += 1
         if cfg.ema_decay:
             update_average(ctx)
@@ -807,10 +835,14 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
         event["elapsed_s"] = round(reporter.elapsed(), 3)
         ctx.run.append_metrics(event)
         reporter.emit(event)
+        if stop:
+            raise StopRequested()
 
     try:
-        result = train_one_epoch(top, loss_fn, ctx.optimizer, batches, before_step, after_step, ctx.autocast,
-                                 max_loss=diverged_loss(len(ctx.classes)))
+        result = train_one_epoch(ctx.dist.wrap(top, stages), loss_fn, ctx.optimizer, batches, before_step, after_step,
+                                 ctx.autocast, max_loss=diverged_loss(len(ctx.classes)))
+        if ctx.dist.enabled:  # every rank's images
+            result = EpochResult(totals[0] / totals[2], totals[1] / totals[2], totals[2], result.seconds)
     except Diverged as exc:
         lrs = group_lrs(ctx.optimizer)
         raise Diverged(f"{exc} at step {ctx.step + 1} (epoch {epoch + 1}) with learning rate "
@@ -841,12 +873,13 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
     else:
         status.update(val_acc=sel_acc, val_loss=sel_loss, best_val_acc=ctx.best_score)
     ctx.run.write_status(**status)
-    save_checkpoint(ctx.run.file(CHECKPOINT_LAST), ctx.model, ctx.optimizer, epoch + 1, ctx.best_score,
-                    cfg.to_dict(), ctx.classes, ctx.epochs_without_gain, training_weights)
-    swap_back(ctx, training_weights)
-    if improved:  # the same state: copy the file rather than serialise twice
-        with open(ctx.run.file(CHECKPOINT_LAST), "rb") as src:
-            atomic_write_file(ctx.run.file(CHECKPOINT_BEST), lambda f: shutil.copyfileobj(src, f))
+    if ctx.dist.is_main:  # only rank 0 writes the run directory
+        save_checkpoint(ctx.run.file(CHECKPOINT_LAST), ctx.model, ctx.optimizer, epoch + 1, ctx.best_score,
+                        cfg.to_dict(), ctx.classes, ctx.epochs_without_gain, training_weights)
+        if improved:  # the same state: copy the file rather than serialise twice
+            with open(ctx.run.file(CHECKPOINT_LAST), "rb") as src:
+                atomic_write_file(ctx.run.file(CHECKPOINT_BEST), lambda f: shutil.copyfileobj(src, f))
+    swap_back(ctx, training_weights)  # every rank trains on from its training weights
     return row
 
 
@@ -863,8 +896,8 @@ def final_test(ctx: Setup, reporter: Reporter) -> tuple[float, float, torch.Tens
     """The test split, once, with the model the run selected (its best validation checkpoint
     when a validation split was held out; the final model otherwise)."""
     stages = stages_of_epoch(ctx.config, ctx.config.epochs - 1)
-    if ctx.val_idx and ctx.run.file(CHECKPOINT_BEST).exists():
-        ctx.model.load_state_dict(load_checkpoint(ctx.run.file(CHECKPOINT_BEST))["model"])
+    if ctx.val_idx and ctx.dist.from_main(ctx.run.file(CHECKPOINT_BEST).exists):  # rank 0's, under DDP
+        ctx.model.load_state_dict(ctx.dist.from_main(lambda: load_checkpoint(ctx.run.file(CHECKPOINT_BEST))["model"]))
     elif ctx.last_logits is not None:
         loss, acc = accuracy_and_loss(ctx.last_logits, ctx.data.test_labels)
         return loss, acc, ctx.last_logits
@@ -908,7 +941,8 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
             ctx.run.log(stopped_early[2:])
             break
     test_loss, test_acc, logits = final_test(ctx, reporter)
-    write_predictions(ctx, logits)
+    if ctx.dist.is_main:
+        write_predictions(ctx, logits)
     fields = {"test_acc": test_acc, "test_loss": test_loss,
               "selected_checkpoint": "best" if ctx.val_idx and ctx.run.file(CHECKPOINT_BEST).exists() else "last"}
     if ctx.val_idx:
@@ -929,21 +963,29 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
 
 def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: EventCallback | None = None,
           stop_event: threading.Event | None = None, resume: bool = False, cache_dir: str | None = None,
-          report: ScanReport | None = None, shared_features: dict | None = None) -> dict:
+          report: ScanReport | None = None, shared_features: dict | None = None,
+          distributed: Distributed | None = None) -> dict:
     """Run one training to its end and return its final status. Never raises for a failed run:
     the state (completed, stopped, failed, diverged) and message are in the returned status and
     in status.json. Raises ConfigError for invalid settings, a device this machine lacks included,
     before writing anything (a resume is refused instead: the run stays stopped). `report`: the
     dataset's scan when the caller already has it (it is not scanned again). `shared_features`: a
     dict the caller keeps across runs (a sweep's): the frozen part's outputs are computed once
-    for all the runs that can share them (shared_features_key)."""
+    for all the runs that can share them (shared_features_key). `distributed`: this process's
+    rank under torchrun (distributed.py); only rank 0 writes the run directory."""
     config = resolve_auto(config.check())  # epochs and views 0 are resolved once the data is scanned
     device_problem = config.validate(check_paths=True).get("device")
     if device_problem and not resume:
         raise ConfigError({"device": device_problem})
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None)
+    distributed = distributed or Distributed()
+    if distributed.enabled:  # config.json says how many processes trained it (a resume starts as many)
+        config = config.replace(processes=distributed.world_size)
+    run = distributed.follower(run)
+    if distributed.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+    run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None,
+                     **distributed.status_fields())
     run.log(f"{'resuming' if resume else 'starting'} run {run.id}")
     reporter = Reporter(run, on_event, stop_event)
     ctx: Setup | None = None
@@ -958,17 +1000,20 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     try:
         if device_problem:
             raise ResumeRefused(f"not resumed: {device_problem}")
-        ctx = setup(config, run, reporter, report, cache_dir)
+        ctx = setup(config, run, reporter, report, cache_dir, distributed)
         ctx.shared_features = shared_features
+        run.write_status(**distributed.status_fields())  # the backend is known once the device is
         if resume:  # first: a refused resume leaves config.json as it was
             restore(ctx, reporter)
-        run.write_config(config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16))
+        run.write_config({**config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16),
+                          **distributed.record()})
         fields = fit(ctx, reporter)
         status = run.write_status(state="completed", progress=1.0, eta_s=0, ended_at=now_iso(), **fields,
                                   **summary())
     except (StopRequested, KeyboardInterrupt) as exc:
         status = run.write_status(state="stopped", ended_at=now_iso(), message="stopped by the user"
-                                  + (" (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "")
+                                  + (" (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
+                                     or getattr(stop_event, "interrupted", False) else "")
                                   + ("; it can be resumed from its last checkpoint" if run.has_checkpoint() else ""),
                                   **summary())
         if isinstance(exc, KeyboardInterrupt):

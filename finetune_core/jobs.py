@@ -3,6 +3,11 @@
 The dashboard keeps one `JobManager` per server process (in `st.cache_resource`). A worker
 thread never touches Streamlit: it trains through `engine.train`, which writes to the run
 directory, and updates its job's fields under the manager's lock. Pages read both back.
+
+A run with more than one process (the `processes` setting, or auto on a machine with several
+GPUs) is started as a torchrun child process instead (distributed.launch); the worker follows it
+through its run directory, asks it to stop with the run's stop file, and a manager started later
+(a server restart) finds it again from the pid in its launcher.json.
 """
 from __future__ import annotations
 
@@ -14,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import distributed
 from .config import TrainConfig
 from .data import ScanReport
 from .engine import config_record, resolve_auto, train
 from .models import resolve_device
-from .runs import RunDir, mark_interrupted, new_run_dir, now_iso
+from .runs import ACTIVE_STATES, RunDir, mark_interrupted, new_run_dir, now_iso
 from .sweep import is_sweep_group
 
 
@@ -30,6 +36,7 @@ class Job:
     device: str
     resume: bool = False
     report: ScanReport | None = None  # the dataset's scan, when the page already made it
+    processes: int = 1                # more than 1: DDP in a torchrun child process
     state: str = "queued"
     message: str = "waiting for the device"
     progress: float = 0.0
@@ -42,7 +49,7 @@ class Job:
         return {"run_id": self.run_id, "path": str(self.run.path), "name": self.config.name or self.run_id,
                 "state": self.state, "message": self.message, "progress": self.progress, "device": self.device,
                 "backbone": self.config.backbone, "dataset": self.config.data, "queue_position": position,
-                "group": self.config.group, "epochs": self.config.epochs,
+                "group": self.config.group, "epochs": self.config.epochs, "processes": self.processes,
                 "submitted_at": self.submitted_at, "last_event": dict(self.last_event),
                 "stopping": self.stop_event.is_set() and self.state == "running"}
 
@@ -69,7 +76,7 @@ class JobManager:
         self._workers: dict[str, threading.Thread] = {}
         self._shared_features: dict[str, dict] = {}  # per sweep: the frozen part's outputs, computed once
         self._closed = False
-        self.interrupted = mark_interrupted(self.runs_dir)
+        self.interrupted = mark_interrupted(self.runs_dir, alive=lambda info: self._adopt(RunDir(info.path)))
 
     # --- submitting ----------------------------------------------------------------------------
     def submit(self, config: TrainConfig, report: ScanReport | None = None) -> str:
@@ -79,14 +86,16 @@ class JobManager:
         run = new_run_dir(self.runs_dir, config.name or config.backbone)
         run.write_config(config_record(config, report))
         run.write_status(state="queued", message="waiting for the device", progress=0.0, submitted_at=now_iso())
-        return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report))
+        return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report,
+                                 processes=distributed.default_processes(config.processes, config.device)))
 
     def resume(self, run_id: str) -> str:
         """Queue an interrupted or stopped run again; it continues from its last checkpoint."""
         run = RunDir(self.runs_dir / run_id)
         config = TrainConfig.from_dict(run.read_config()["config"])
         job = Job(run_id, run, config, device_key(config.device), resume=True,
-                  message="waiting for the device (resuming)")
+                  message="waiting for the device (resuming)",
+                  processes=distributed.default_processes(config.processes, config.device))
         with self._lock:  # the check and the queueing at once: two quick clicks queue it once
             current = self._jobs.get(run_id)
             if current is not None and current.state in ("queued", "running"):
@@ -195,6 +204,10 @@ class JobManager:
             self._run(job)
 
     def _run(self, job: Job) -> None:
+        if job.processes > 1:
+            self._run_torchrun(job)
+            return
+
         def on_event(event: dict) -> None:
             with self._lock:
                 job.last_event = event
@@ -223,6 +236,71 @@ class JobManager:
             job.state, job.message = state, message
             job.done.set()
             self._release_shared(group)
+            self._lock.notify_all()
+
+
+    # --- runs in a torchrun child process --------------------------------------------------------
+    def _run_torchrun(self, job: Job) -> None:
+        try:
+            job.run.write_status(state="queued", message=f"starting {job.processes} processes (torchrun)")
+            child = distributed.launch(job.run, job.processes, resume=job.resume, cache_dir=self.cache_dir)
+        except Exception as exc:  # noqa: BLE001 - a launch that fails marks its run and keeps serving
+            job.run.write_status(state="failed", message=f"could not start torchrun: {type(exc).__name__}: {exc}",
+                                 ended_at=now_iso())
+            self._finish(job)
+            return
+        self._follow(job, lambda: child.poll() is None)
+        child.wait()
+
+    def _adopt(self, run: RunDir) -> bool:
+        """A run that a torchrun child of an earlier server still trains: follow it as a job."""
+        if distributed.launched_pid(run) is None:
+            return False
+        try:
+            config = TrainConfig.from_dict(run.read_config()["config"])
+        except (OSError, ValueError, KeyError):
+            return False
+        job = Job(run.id, run, config, device_key(config.device), state="running", message="running (torchrun)",
+                  processes=max(2, config.processes))
+        with self._lock:
+            self._jobs[run.id] = job
+        threading.Thread(target=self._follow, args=(job, lambda: distributed.launched_pid(run) is not None),
+                         daemon=True, name=f"tuneboard-follow-{run.id}").start()
+        return True
+
+    def _follow(self, job: Job, alive: Callable[[], bool]) -> None:
+        """Mirror the run's status.json into the job while its process lives; pass Stop on as the
+        run's stop file."""
+        with self._lock:
+            job.state = "running"
+        asked = False
+        while alive():
+            if job.stop_event.is_set() and not asked:
+                distributed.request_stop(job.run)
+                asked = True
+            status = job.run.read_status(default={})
+            with self._lock:
+                job.progress = float(status.get("progress", job.progress) or 0.0)
+                if status.get("message") and not job.stop_event.is_set():
+                    job.message = status["message"]
+                job.last_event = {"kind": "batch" if status.get("step") else "prepare",
+                                  **{k: status[k] for k in ("progress", "epoch", "step", "eta_s", "images_per_s",
+                                                            "message") if k in status}}
+            job.stop_event.wait(0.25)
+            time.sleep(0.05 if job.stop_event.is_set() else 0.0)
+        status = job.run.read_status(default={})
+        if status.get("state") in ACTIVE_STATES:  # it died without saying why (killed, out of memory)
+            job.run.write_status(state="failed", ended_at=now_iso(),
+                                 message="the torchrun processes ended without a result: "
+                                         + (distributed.launcher_tail(job.run) or "no output"))
+        self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        status = job.run.read_status(default={})
+        with self._lock:
+            job.state, job.message = status.get("state", "failed"), status.get("message", "")
+            job.progress = float(status.get("progress", job.progress) or 0.0)
+            job.done.set()
             self._lock.notify_all()
 
 

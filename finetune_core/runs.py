@@ -384,11 +384,12 @@ def delete_run(path: str | os.PathLike) -> None:
     shutil.rmtree(run.path)
 
 
-def mark_interrupted(runs_dir: str | os.PathLike) -> list[str]:
-    """Runs left queued or running by a server that died: mark them interrupted. Returns their ids."""
+def mark_interrupted(runs_dir: str | os.PathLike, alive=lambda info: False) -> list[str]:
+    """Runs left queued or running by a server that died: mark them interrupted. Returns their ids.
+    `alive(info)`: a run still trained by a process of its own (a torchrun child) is left alone."""
     marked = []
     for info in list_runs(runs_dir):
-        if info.state in ACTIVE_STATES and not info.error:
+        if info.state in ACTIVE_STATES and not info.error and not alive(info):
             RunDir(info.path).write_status(
                 state="interrupted", ended_at=now_iso(),
                 message=f"interrupted: the server stopped while this run was {info.state}"

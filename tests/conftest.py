@@ -22,6 +22,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 DATASETS = Path(os.environ.get("TUNEBOARD_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 
+def pytest_runtest_setup(item):
+    """Tests marked `cuda` need a GPU: they skip, saying so, on a machine without one."""
+    if item.get_closest_marker("cuda") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU: this machine has none (benchmarks/gpu_check.sh runs these on one)")
+
+
 def shared_dataset(name: str) -> Path:
     path = DATASETS / name
     if not path.is_dir():
