@@ -32,6 +32,21 @@ def submit(config: TrainConfig, report=None) -> str:
 def page(title: str, icon: str = "🔧") -> None:
     st.set_page_config(page_title=f"{title} · Tuneboard", page_icon=icon, layout="wide")
     manager()  # marks runs left running by a dead server as interrupted, once per process
+    show_flash()
+
+
+def flash(message: str, kind: str = "success") -> None:
+    """A confirmation for the next run of the page (an action that reruns the page at once would
+    otherwise draw its message and wipe it in the same instant)."""
+    st.session_state["flash"] = (kind, message)
+
+
+def show_flash() -> None:
+    """The confirmation left by the last action, once; also as a toast, where the eye is."""
+    kind, message = st.session_state.pop("flash", (None, None))
+    if message:
+        getattr(st, kind)(message)
+        st.toast(message)
 
 
 def state_label(state: str) -> str:
