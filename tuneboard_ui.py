@@ -77,17 +77,20 @@ def progress_text(job: dict) -> str:
 
 
 def job_controls(job: dict, key_prefix: str) -> None:
-    """A progress bar, what it is doing, and a Stop button, for one queued or running job."""
+    """A progress bar, what it is doing, and a Stop button, for one queued or running job. A click
+    shows "stopping…" in the same run, in place of the button (the run stops within a batch)."""
     cols = st.columns([6, 1])
+    with cols[1]:
+        slot = st.empty()
+        if not job.get("stopping") and slot.button("Stop", key=f"{key_prefix}-stop-{job['run_id']}",
+                                                   help="Stop within a second or one batch"):
+            manager().stop(job["run_id"])
+            job = manager().job(job["run_id"]) or job
+        if job.get("stopping"):
+            slot.caption("stopping…")
     with cols[0]:
         st.progress(min(max(job["progress"], 0.0), 1.0),
                     text=f"**{job['name']}** {state_label(job['state'])}: {progress_text(job)}")
-    with cols[1]:
-        if job.get("stopping"):
-            st.caption("stopping…")
-        elif st.button("Stop", key=f"{key_prefix}-stop-{job['run_id']}", help="Stop within one batch"):
-            manager().stop(job["run_id"])
-            st.rerun(scope="fragment")
 
 
 def resumable_runs() -> list:
