@@ -306,6 +306,23 @@ def test_train_turns_to_the_live_tab_and_a_double_click_queues_once(dashboard_en
     assert wait_for_runs(again, dashboard_env / "runs", 1, timeout=60)[0]["state"] == "stopped"
 
 
+def test_a_run_without_metrics_says_so_instead_of_drawing_empty_charts(dashboard_env):
+    from conftest import tiny_train_config
+    from finetune_core.jobs import wait_until
+    from tuneboard_ui import manager
+
+    config = tiny_train_config(make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4), epochs=500,
+                               group="g")
+    at = page("pages/1_Train.py")
+    at.session_state["group"] = "g"  # the group this tab launched
+    long = manager().submit(config.replace(name="long"))
+    manager().stop(manager().submit(config.replace(name="never")))  # stopped while queued: no metrics
+    at.run()
+    assert any("No curves for never" in c.value for c in at.caption)
+    manager().stop(long)
+    assert wait_until(lambda: not manager().active(), timeout=60) and not at.exception
+
+
 def test_a_second_session_sees_the_running_job(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
     at = use_folder(page("pages/1_Train.py").run(), data)
