@@ -489,10 +489,11 @@ def main() -> None:
     page("Train", "🏋️")
     keep_form_values()
     st.title("Train")
-    # Two tabs, so that the live view is where the eye goes: Live opens while runs are active and
-    # after Train is pressed; Setup otherwise.
-    setup, live = st.tabs(["Setup", "Live"], key="train_tab", on_change="rerun",
-                          default="Live" if manager().active() else "Setup")
+    # Two tabs, so that the live view is where the eye goes: Live after Train is pressed, and when
+    # the page opens while runs are active; Setup otherwise. The default is fixed for the session
+    # (a tab whose default changes is a new widget: it would jump back when a run ends).
+    opening = st.session_state.setdefault("train_tab_default", "Live" if manager().active() else "Setup")
+    setup, live = st.tabs(["Setup", "Live"], key="train_tab", on_change="rerun", default=opening)
     with setup:
         data_path, report = dataset_section()
         config, errors = recipe_section(data_path, report)

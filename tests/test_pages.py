@@ -304,6 +304,7 @@ def test_train_turns_to_the_live_tab_and_a_double_click_queues_once(dashboard_en
     next(b for b in again.button if b.label == "Stop").click().run()
     assert any("stopping" in c.value for c in again.caption)  # at once, before the run has ended
     assert wait_for_runs(again, dashboard_env / "runs", 1, timeout=60)[0]["state"] == "stopped"
+    assert again.run().session_state["train_tab"] == "Live"  # it does not jump back when the run ends
 
 
 def test_a_run_without_metrics_says_so_instead_of_drawing_empty_charts(dashboard_env):
