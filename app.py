@@ -1,13 +1,15 @@
-"""Tuneboard home: what is running, recent runs, the device, offline backbones, a quick start."""
+"""Tuneboard: the pages with their titles (st.navigation), and the home page: what is running,
+recent runs, the device, offline backbones, a quick start."""
 from __future__ import annotations
 
 import streamlit as st
 
 from finetune_core import datastore, memory
 from finetune_core.config import quick_start_config
+from finetune_core.jobs import DuplicateSubmission
 from finetune_core.models import BACKBONES, device_description, offline_backbones, resolve_device
 from finetune_core.runs import list_runs
-from tuneboard_ui import LIVE_REFRESH_S, format_seconds, job_controls, manager, page, state_label, submit
+from tuneboard_ui import LIVE_REFRESH_S, flash, format_seconds, job_controls, manager, page, state_label, submit
 
 
 def machine_section(offline: list[str]) -> None:
@@ -33,14 +35,25 @@ def quick_start_section(offline: list[str]) -> None:
              f"with {recipe.backbone}.")
     if st.button("Start the example", type="primary", key="quick_start"):
         recipe = recipe.replace(data=str(datastore.ensure_example_dataset()))
-        submit(recipe)
-        st.success("Queued: follow it here or on the Train page.")
+        try:
+            st.session_state["quick_start_run"] = submit(recipe)
+        except DuplicateSubmission as exc:  # a double click
+            flash(f"Already queued a moment ago: run {exc.run_id}.", "info")
+            st.rerun()
 
 
 @st.fragment(run_every=LIVE_REFRESH_S)
+def live_sections() -> None:
+    """What is running and the recent runs, refreshed together: a run's state is the same in both."""
+    running_section()
+    recent_runs_section()
+
+
 def running_section() -> None:
     st.subheader("Running and queued")
     active = manager().active()
+    if st.session_state.get("quick_start_run") in {j["run_id"] for j in active}:
+        st.success("The example is queued: follow it here or on the Train page.")
     if not active:
         st.caption("Nothing is training right now.")
     for job in active:
@@ -61,7 +74,7 @@ def recent_runs_section() -> None:
     } for r in runs], width="stretch", hide_index=True)
 
 
-def main() -> None:
+def home() -> None:
     page("Home", "🌭")
     st.title("Tuneboard")
     st.write("Fine-tune an ImageNet-pretrained image classifier on your own photos: pick a folder, set the "
@@ -70,8 +83,11 @@ def main() -> None:
     offline = offline_backbones()
     machine_section(offline)
     quick_start_section(offline)
-    running_section()
-    recent_runs_section()
+    live_sections()
 
 
-main()
+# Titled pages: the sidebar says Home, Train, Compare, Predict (not the file names); the URLs stay.
+st.navigation([st.Page(home, title="Home", icon="🌭", default=True),
+               st.Page("pages/1_Train.py", title="Train", icon="🏋️", url_path="Train"),
+               st.Page("pages/2_Compare.py", title="Compare", icon="📈", url_path="Compare"),
+               st.Page("pages/3_Predict.py", title="Predict", icon="🔮", url_path="Predict")]).run()

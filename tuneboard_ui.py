@@ -33,6 +33,21 @@ def submit(config: TrainConfig, report=None) -> str:
 def page(title: str, icon: str = "🔧") -> None:
     st.set_page_config(page_title=f"{title} · Tuneboard", page_icon=icon, layout="wide")
     manager()  # marks runs left running by a dead server as interrupted, once per process
+    show_flash()
+
+
+def flash(message: str, kind: str = "success") -> None:
+    """A confirmation for the next run of the page (an action that reruns the page at once would
+    otherwise draw its message and wipe it in the same instant)."""
+    st.session_state["flash"] = (kind, message)
+
+
+def show_flash() -> None:
+    """The confirmation left by the last action, once; also as a toast, where the eye is."""
+    kind, message = st.session_state.pop("flash", (None, None))
+    if message:
+        getattr(st, kind)(message)
+        st.toast(message)
 
 
 def state_label(state: str) -> str:
@@ -63,17 +78,20 @@ def progress_text(job: dict) -> str:
 
 
 def job_controls(job: dict, key_prefix: str) -> None:
-    """A progress bar, what it is doing, and a Stop button, for one queued or running job."""
+    """A progress bar, what it is doing, and a Stop button, for one queued or running job. A click
+    shows "stopping…" in the same run, in place of the button (the run stops within a batch)."""
     cols = st.columns([6, 1])
+    with cols[1]:
+        slot = st.empty()
+        if not job.get("stopping") and slot.button("Stop", key=f"{key_prefix}-stop-{job['run_id']}",
+                                                   help="Stop within a second or one batch"):
+            manager().stop(job["run_id"])
+            job = manager().job(job["run_id"]) or job
+        if job.get("stopping"):
+            slot.caption("stopping…")
     with cols[0]:
         st.progress(min(max(job["progress"], 0.0), 1.0),
                     text=f"**{job['name']}** {state_label(job['state'])}: {progress_text(job)}")
-    with cols[1]:
-        if job.get("stopping"):
-            st.caption("stopping…")
-        elif st.button("Stop", key=f"{key_prefix}-stop-{job['run_id']}", help="Stop within one batch"):
-            manager().stop(job["run_id"])
-            st.rerun(scope="fragment")
 
 
 def chart_controls(key_prefix: str) -> dict:

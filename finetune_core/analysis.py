@@ -3,10 +3,13 @@ confusion matrices, per-class metrics and galleries. Pure functions over pandas 
 (scikit-learn does the metrics)."""
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
 import pandas as pd
 
-from .config import compare_settings, saved_settings
+from .config import TrainConfig, compare_settings, inactive_settings, saved_settings
 from .runs import RunDir, RunInfo
 
 COMPARE_SETTINGS = compare_settings()  # from the settings' definitions (config.Setting.compare)
@@ -60,8 +63,38 @@ def job_labels(jobs: list[dict]) -> dict[str, str]:
     return {j["run_id"]: j["name"] if names.count(j["name"]) == 1 else f"{j['name']} · {j['run_id']}" for j in jobs}
 
 
+NOT_APPLICABLE = "-"  # a setting that has no effect in a run, or a metric it does not have
+
+# The Compare table's metric columns: (column, status.json field, format). They come first, after
+# the run's name, state and tags, so that what was achieved is visible without scrolling.
+COMPARE_METRICS = [("final test acc", "test_acc", "{:.3f}"), ("best test acc", "best_test_acc", "{:.3f}"),
+                   ("final train acc", "train_acc", "{:.3f}"), ("final loss", "loss", "{:.3f}")]
+
+
+def display_value(value) -> str:
+    """A value as a table shows it: "-" for none, on/off, numbers without trailing zeros (10, not
+    10.000000; 5e-05; 0.9387), everything else as text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NOT_APPLICABLE
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(display_value(v) for v in value)
+    return str(value)
+
+
+def _metric(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NOT_APPLICABLE
+    return fmt.format(value)
+
+
 def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
-    """One row per run: its settings and final metrics; plus the settings that differ."""
+    """One row per run, as text ready to show: its name, state, final and best metrics and tags
+    first, then its settings ("-" for those that have no effect in that run, e.g. the multiplier
+    of a one-group run) and its speed; plus the settings that differ between the runs."""
     rows = []
     for info in infos:
         run = RunDir(info.path)
@@ -70,16 +103,78 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
         except (OSError, ValueError):
             cfg = {}
         status = run.read_status(default={})
-        row = {"run": info.name, "state": info.state}
         values = saved_settings(cfg)  # older runs: today's defaults for settings they did not have
-        row.update({k: values[k] for k in COMPARE_SETTINGS})
-        row.update({"final loss": status.get("loss"), "final train acc": status.get("train_acc"),
-                    "final test acc": status.get("test_acc"), "best test acc": status.get("best_test_acc"),
-                    "images/s": status.get("images_per_s"), "duration (s)": info.duration_s})
+        inert = inactive_settings(TrainConfig(**values))
+        row = {"run": info.name, "state": info.state}
+        row.update({column: _metric(status.get(field), fmt) for column, field, fmt in COMPARE_METRICS})
+        row["tags"] = ", ".join(info.tags)
+        row.update({k: NOT_APPLICABLE if k in inert else display_value(values[k]) for k in COMPARE_SETTINGS})
+        row.update({"images/s": _metric(status.get("images_per_s"), "{:.1f}"),
+                    "duration (s)": _metric(info.duration_s, "{:.0f}")})
         rows.append(row)
     frame = pd.DataFrame(rows)
-    differing = [k for k in COMPARE_SETTINGS if k in frame and frame[k].astype(str).nunique() > 1]
+    differing = [k for k in COMPARE_SETTINGS if k in frame and frame[k].nunique() > 1]
     return frame, differing
+
+
+def runs_without_metrics(infos: list[RunInfo]) -> list[RunInfo]:
+    """The runs that have no logged point yet (queued, or ended before their first batch): they
+    have no curve to draw."""
+    return [i for i in infos if RunDir(i.path).read_metrics().empty]
+
+
+def best_of_newest_group(infos: list[RunInfo]) -> str | None:
+    """The run the Predict page opens on (an id, or None without runs): of the runs given (those
+    with a model), the newest run's group's best by test accuracy, so that a comparison's scratch
+    twin does not hide its fine-tuned run; the newest run when it has no group."""
+    if not infos:
+        return None
+    newest = infos[0]
+    members = [i for i in infos if newest.group and i.group == newest.group] or [newest]
+
+    def score(info: RunInfo) -> float:
+        value = info.best_test_acc if info.best_test_acc is not None else info.final_test_acc
+        return -1.0 if value is None else float(value)
+
+    return max(members, key=score).id
+
+
+def page_of(frame: pd.DataFrame, page: int, per_page: int) -> tuple[pd.DataFrame, int]:
+    """(the rows of page `page`, counting from 1 and kept within range, and the number of pages)."""
+    pages = max(1, math.ceil(len(frame) / per_page))
+    page = min(max(1, page), pages)
+    return frame.iloc[(page - 1) * per_page:page * per_page], pages
+
+
+_CODE_LIKE = re.compile(r"(?<![\w`])([^\s`()]*[/*\\<>][^\s`()]*?)(?=[.,;:]?(?:\s|\)|$))")
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]<>#+|~$])")
+
+
+def markdown_message(text: str, paths: tuple[str, ...] = ()) -> str:
+    """A message (paths, glob patterns, file names) made safe to show as Markdown: the given
+    paths (which may hold spaces) and every word that looks like a path or pattern (holds a /,
+    *, backslash, < or >) as inline code; Markdown's special characters elsewhere escaped. So
+    `root/<class>/*` stays as written instead of turning italic."""
+    pieces: list[str] = []
+    pattern = "|".join(re.escape(p) for p in sorted(filter(None, paths), key=len, reverse=True))
+    parts = re.split(f"({pattern})", text) if pattern else [text]
+    for k, part in enumerate(parts):
+        if pattern and k % 2 == 1:
+            pieces.append(_code(part))
+            continue
+        out, last = [], 0
+        for m in _CODE_LIKE.finditer(part):
+            out.append(_MARKDOWN_SPECIALS.sub(r"\\\1", part[last:m.start()]))
+            out.append(_code(m.group(1)))
+            last = m.end()
+        out.append(_MARKDOWN_SPECIALS.sub(r"\\\1", part[last:]))
+        pieces.append("".join(out))
+    return "".join(pieces)
+
+
+def _code(text: str) -> str:
+    fence = "``" if "`" in text else "`"
+    return f"{fence}{text}{fence}" if fence == "`" else f"{fence} {text} {fence}"
 
 
 def default_selection(infos: list[RunInfo]) -> list[str]:

@@ -465,6 +465,9 @@ def setting_notes(config: TrainConfig) -> dict[str, str]:
     notes: dict[str, str] = {}
     if config.train_stages == "head" and config.param_groups is True:
         notes["param_groups"] = "only the head trains: one group, at lr × multiplier"
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (config.lr, config.head_lr_mult)):
+            notes["head_lr_mult"] = (f"only the head trains: lr and the multiplier act only as their product, "
+                                     f"{config.lr * config.head_lr_mult:g}")
     elif config.train_stages == "head" and config.param_groups is False:
         notes["param_groups"] = "only the head trains: one group, at lr"
     if config.val_fraction == 0:

@@ -398,6 +398,20 @@ class Reporter:
         self.emit({"kind": "prepare", "message": message, "progress": round(progress, 4)}, force_status)
 
 
+@contextlib.contextmanager
+def stop_checks(model: nn.Module, check: Callable[[], None]) -> Iterator[None]:
+    """`check` (which raises StopRequested once the user asked) before every layer of `model` runs,
+    while inside: a stop lands within one layer's work in every phase (training steps, the frozen
+    layers' pass over a large batch, evaluation), not at the end of a batch of hundreds of images."""
+    handles = [m.register_forward_pre_hook(lambda *_: check()) for m in model.modules()
+               if next(m.children(), None) is None]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # --------------------------------------------------------------------------------------------
 # The two loops
 
@@ -1007,7 +1021,10 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
             restore(ctx, reporter)
         run.write_config({**config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16),
                           **distributed.record()})
-        fields = fit(ctx, reporter)
+        # a stop lands within a layer; under DDP it travels with each step's all_reduce instead, so
+        # that no rank is left waiting in a collective for one that stopped mid-layer
+        with stop_checks(ctx.model, reporter.check_stop) if not distributed.enabled else contextlib.nullcontext():
+            fields = fit(ctx, reporter)
         status = run.write_status(state="completed", progress=1.0, eta_s=0, ended_at=now_iso(), **fields,
                                   **summary())
     except (StopRequested, KeyboardInterrupt) as exc:

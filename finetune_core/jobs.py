@@ -27,6 +27,16 @@ from .models import resolve_device
 from .runs import ACTIVE_STATES, RunDir, mark_interrupted, new_run_dir, now_iso
 from .sweep import is_sweep_group
 
+DUPLICATE_WINDOW_S = 5.0  # an identical config submitted again within this is a double click
+
+
+class DuplicateSubmission(RuntimeError):
+    """The same settings were submitted a moment ago (a double click): `run_id` is the run queued then."""
+
+    def __init__(self, run_id: str, name: str):
+        self.run_id = run_id
+        super().__init__(f"{name} was queued a moment ago with the same settings (run {run_id}); not queued twice")
+
 
 @dataclass
 class Job:
@@ -44,6 +54,7 @@ class Job:
     submitted_at: str = field(default_factory=now_iso)
     stop_event: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+    submitted_monotonic: float = field(default_factory=time.monotonic)
 
     def snapshot(self, position: int | None = None) -> dict:
         return {"run_id": self.run_id, "path": str(self.run.path), "name": self.config.name or self.run_id,
@@ -81,13 +92,27 @@ class JobManager:
     # --- submitting ----------------------------------------------------------------------------
     def submit(self, config: TrainConfig, report: ScanReport | None = None) -> str:
         """Queue a run. Raises ConfigError (before creating anything) when a setting is invalid.
-        `report`: the dataset's scan if the caller has it, so that the run does not scan again."""
+        `report`: the dataset's scan if the caller has it, so that the run does not scan again.
+        Raises DuplicateSubmission when the same settings (whatever their group) were submitted
+        less than DUPLICATE_WINDOW_S ago: a double click queues one run."""
         config = resolve_auto(config.check(check_paths=True), report)  # what the run will use, shown at once
-        run = new_run_dir(self.runs_dir, config.name or config.backbone)
-        run.write_config(config_record(config, report))
-        run.write_status(state="queued", message="waiting for the device", progress=0.0, submitted_at=now_iso())
-        return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report,
-                                 processes=distributed.default_processes(config.processes, config.device)))
+        with self._lock:  # the check and the queueing at once: two quick clicks queue it once
+            twin = self._recent_twin(config)
+            if twin is not None:
+                raise DuplicateSubmission(twin.run_id, config.name or twin.run_id)
+            run = new_run_dir(self.runs_dir, config.name or config.backbone)
+            run.write_config(config_record(config, report))
+            run.write_status(state="queued", message="waiting for the device", progress=0.0, submitted_at=now_iso())
+            return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report,
+                                     processes=distributed.default_processes(config.processes, config.device)))
+
+    def _recent_twin(self, config: TrainConfig) -> Job | None:
+        """A job submitted less than DUPLICATE_WINDOW_S ago with the same settings but its group."""
+        same = {**config.to_dict(), "group": None}
+        now = time.monotonic()
+        return next((j for j in self._jobs.values() if not j.resume
+                     and now - j.submitted_monotonic < DUPLICATE_WINDOW_S
+                     and {**j.config.to_dict(), "group": None} == same), None)
 
     def resume(self, run_id: str) -> str:
         """Queue an interrupted or stopped run again; it continues from its last checkpoint."""
@@ -154,18 +179,20 @@ class JobManager:
 
     # --- reading -------------------------------------------------------------------------------
     def jobs(self) -> list[dict]:
-        """Every job this manager knows, queued ones with their place in the queue."""
+        """Every job this manager knows, queued ones with their place in the queue, under the
+        name the user gave it last (a rename in meta.json shows at once)."""
         with self._lock:
             positions = {j.run_id: k for q in self._queues.values() for k, j in enumerate(q, start=1)}
-            return [j.snapshot(positions.get(j.run_id)) for j in self._jobs.values()]
+            snapshots = [j.snapshot(positions.get(j.run_id)) for j in self._jobs.values()]
+        return [_named(snap) for snap in snapshots]
 
     def active(self) -> list[dict]:
         return [j for j in self.jobs() if j["state"] in ("queued", "running")]
 
     def job(self, run_id: str) -> dict | None:
         with self._lock:
-            job = self._jobs.get(run_id)
-            return job.snapshot() if job else None
+            snapshot = self._jobs[run_id].snapshot() if run_id in self._jobs else None
+        return _named(snapshot) if snapshot else None
 
     def wait(self, run_id: str, timeout: float | None = None) -> dict:
         with self._lock:
@@ -302,6 +329,12 @@ class JobManager:
             job.progress = float(status.get("progress", job.progress) or 0.0)
             job.done.set()
             self._lock.notify_all()
+
+
+def _named(snapshot: dict) -> dict:
+    """A job's snapshot under the name the user gave the run last (meta.json), if any."""
+    snapshot["name"] = RunDir(snapshot["path"]).read_meta().get("name") or snapshot["name"]
+    return snapshot
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:

@@ -36,6 +36,7 @@ from .runs import atomic_write_text
 
 MEMORY_BUDGET_BYTES = 2 * 1024**3  # above this, decoded images are memory-mapped from the disk cache
 CACHE_FORMAT = "tuneboard-decoded-3"  # 3: failed rows by position, not by path
+PROGRESS_EVERY = 8  # images decoded between progress calls (each checks for a stop)
 
 
 def default_cache_dir() -> Path:
@@ -152,7 +153,8 @@ def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cach
 
     workers = min(8, os.cpu_count() or 1)
     done = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         for i, out, error in pool.map(work, range(n)):
             if error:
                 skipped.append(Problem(records[i].path, error, WARNING))
@@ -163,8 +165,14 @@ def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cach
                 sizes[i] = size
                 ok[i] = True
             done += 1
-            if progress and (done % 32 == 0 or done == n):
-                progress(done, n)
+            if progress and (done % PROGRESS_EVERY == 0 or done == n):
+                progress(done, n)  # may raise (a stop request): the images not started yet are dropped
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # only the few being decoded finish
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        raise
+    pool.shutdown()
     valid = [i for i in range(n) if ok[i]]
     for new_i, old_i in enumerate(valid):  # compact in place: drop the failed rows
         if new_i != old_i:

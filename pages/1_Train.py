@@ -21,9 +21,10 @@ from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, S
                                   setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, scan_dataset
 from finetune_core.engine import resolve_auto
+from finetune_core.jobs import DuplicateSubmission
 from finetune_core.runs import RunDir
-from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, job_controls, manager, page, resumable_runs, setting_input,
-                          state_label, submit, widget_value)
+from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, flash, job_controls, manager, page, resumable_runs,
+                          setting_input, state_label, submit, widget_value)
 
 DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
 WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
@@ -59,7 +60,7 @@ def dataset_section():
             path = Path(data_path).expanduser()
             report = scan(str(path), TrainConfig.test_fraction, path.stat().st_mtime)
         except (DatasetError, OSError) as exc:
-            st.error(f"{data_path}: {exc}")
+            st.error(analysis.markdown_message(f"{data_path}: {exc}", paths=(str(data_path),)))
     if report is not None:
         show_scan(report)
     return data_path, report
@@ -121,7 +122,7 @@ def uploaded_zip(root: Path) -> str:
         try:
             done[upload_key] = str(datastore.extract_zip(upload, root, upload.name))
         except datastore.UploadError as exc:
-            st.error(str(exc))
+            st.error(analysis.markdown_message(str(exc), paths=(upload.name,)))
             return ""
     st.success(f"Unpacked into {done[upload_key]}")
     return done[upload_key]
@@ -155,7 +156,8 @@ def show_scan(report) -> None:
                          expanded=bool(report.errors)):
             st.dataframe(problems, width="stretch", hide_index=True)
     if not report.usable:
-        st.error(f"This dataset cannot be used: {report.reason()}")
+        paths = (report.root, *(p.path for p in report.errors))  # paths with spaces, as code too
+        st.error("This dataset cannot be used: " + analysis.markdown_message(report.reason(), paths=paths))
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
                     if settings()[name].section == section:
                         setting_control(name, draft, offline, n_classes, inactive.get(name), notes.get(name))
                         if name in errors:
-                            st.error(errors[name], icon="🚫")
+                            st.error(analysis.markdown_message(errors[name]), icon="🚫")
     if config is not None and config.weights == "auto" and config.backbone not in (*offline, "auto"):
         st.warning(f"The ImageNet weights of {config.backbone} are not on this machine; the run will try to download "
                    f"them. Offline, choose one of: {', '.join(offline)}.")
@@ -320,7 +322,7 @@ def lr_finder_section(config: TrainConfig | None, report) -> None:
         if stored is None or current is None:  # nothing yet, or the settings have errors: shown once fixed
             return
         if stored["error"]:
-            st.error(stored["error"], icon="🚫")
+            st.error(analysis.markdown_message(stored["error"]), icon="🚫")
             return
         found = stored["result"]
         st.plotly_chart(lr_finder_figure(found), width="stretch", key="lr_find_curve")
@@ -408,7 +410,8 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
         st.caption(f"Train is disabled: {blocked}.")
     for warning in launch_warnings(config) if config is not None else []:  # the rule is config.launch_warnings
         st.warning(warning, icon="⚠️")
-    if st.button("Train", type="primary", disabled=bool(blocked), key="train_button"):
+    # Pressing Train turns to the Live tab (a callback: the tabs are drawn before this button).
+    if st.button("Train", type="primary", disabled=bool(blocked), key="train_button", on_click=show_live):
         config = resolve_auto(config, report)  # auto epochs and views in numbers: the twins and cells copy them
         if grid is not None:
             group = sweep.new_sweep_group()
@@ -416,9 +419,19 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
         else:
             group = uuid.uuid4().hex[:8]
             configs = comparison_configs(config, also_scratch, also_single, group)
-        ids = [submit(c, report) for c in configs]
-        st.session_state["group"] = group
-        st.toast(f"Queued {len(ids)} run(s)")
+        try:
+            ids = [submit(c, report) for c in configs]
+        except DuplicateSubmission as exc:  # a double click: the first click's runs are the ones to follow
+            flash(f"Already queued a moment ago: {exc}.", "info")
+        else:
+            st.session_state["group"] = group
+            flash(f"Queued {len(ids)} run{'s' if len(ids) > 1 else ''}: follow {'them' if len(ids) > 1 else 'it'} "
+                  "here.")
+        st.rerun()
+
+
+def show_live() -> None:
+    st.session_state["train_tab"] = "Live"
 
 
 def sweep_option(config: TrainConfig | None) -> tuple[tuple[list[float], list[float]] | None, bool]:
@@ -480,7 +493,11 @@ def live_section() -> None:
             job_controls(job, "live")
         else:
             st.write(f"**{labels[job['run_id']]}** {state_label(job['state'])}: {job['message']}")
-        frames[labels[job["run_id"]]] = RunDir(job["path"]).read_metrics()
+        metrics = RunDir(job["path"]).read_metrics()
+        if metrics.empty and job["state"] not in ("queued", "running"):
+            st.caption(f"No curves for {labels[job['run_id']]}: it ended before its first training batch.")
+        else:
+            frames[labels[job["run_id"]]] = metrics
     if frames:
         epochs = max(j["epochs"] for j in members)
         chart = chart_controls("live")
@@ -549,13 +566,20 @@ def main() -> None:
     page("Train", "🏋️")
     keep_form_values()
     st.title("Train")
-    data_path, report = dataset_section()
-    config, errors = recipe_section(data_path, report)
-    lr_finder_section(config, report)
-    launch_section(config, errors, data_path, report)
-    st.header("3 · Live")
-    live_section()
-    resume_section()
+    # Two tabs, so that the live view is where the eye goes: Live after Train is pressed, and when
+    # the page opens while runs are active; Setup otherwise. The default is fixed for the session
+    # (a tab whose default changes is a new widget: it would jump back when a run ends).
+    opening = st.session_state.setdefault("train_tab_default", "Live" if manager().active() else "Setup")
+    setup, live = st.tabs(["Setup", "Live"], key="train_tab", on_change="rerun", default=opening)
+    with setup:
+        data_path, report = dataset_section()
+        config, errors = recipe_section(data_path, report)
+        lr_finder_section(config, report)
+        launch_section(config, errors, data_path, report)
+    with live:
+        st.header("3 · Live")
+        live_section()
+        resume_section()
 
 
 main()

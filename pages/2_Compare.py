@@ -7,7 +7,7 @@ from finetune_core import analysis, plots
 from finetune_core.config import settings
 from finetune_core.datastore import runs_root
 from finetune_core.runs import RunDir, RunInfo, delete_run, list_runs
-from tuneboard_ui import LIVE_REFRESH_S, chart_controls, page, state_label
+from tuneboard_ui import LIVE_REFRESH_S, chart_controls, flash, page, state_label
 
 
 def run_label(info: RunInfo) -> str:
@@ -30,6 +30,10 @@ def curves_section(infos: list[RunInfo], chart: dict) -> None:
     frames = {labels[i.id]: RunDir(i.path).read_metrics() for i in infos}
     colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
     st.plotly_chart(plots.overlay_figure(frames, colors=colors, **chart), width="stretch", key="compare_curves")
+    empty = analysis.runs_without_metrics(infos)
+    if empty:
+        st.caption("No curves for " + ", ".join(f"**{labels[i.id]}** ({state_label(i.state)})" for i in empty)
+                   + ": no training batch logged yet (queued, or ended before its first batch).")
     table, differing = analysis.compare_table(infos)
     if table.empty:
         return
@@ -58,20 +62,31 @@ def manage_section(by_id: dict[str, RunInfo]) -> None:
         tags = st.text_input("Tags (comma-separated)", value=", ".join(meta.get("tags", [])), key=f"tags-{target}")
         if st.button("Save", key="save_meta"):
             RunDir(info.path).write_meta(name=new_name.strip(), tags=[t.strip() for t in tags.split(",") if t.strip()])
-            st.success("Saved.")
+            flash(f"Saved: {new_name.strip() or info.id}, tags {tags.strip() or 'none'}.")
             st.rerun()
     with cols[1]:
         if info.state in ("queued", "running"):
             st.caption(f"This run is {info.state}: stop it before deleting it.")
             return
-        sure = st.checkbox(f"Yes, delete {info.name} and all its files", key=f"sure-{target}")
-        if st.button("Delete", disabled=not sure, key="delete_run"):
+        if st.session_state.get("confirm_delete") != target:
+            if st.button("Delete…", key="delete_run", help="Asks before deleting anything"):
+                st.session_state["confirm_delete"] = target
+                st.rerun()
+            return
+        st.warning(f"Delete **{info.name}** and all its files (curves, checkpoints, predictions)? This cannot be "
+                   "undone.")
+        yes, no = st.columns(2)
+        if yes.button("Yes, delete it", type="primary", key="delete_confirm"):
+            del st.session_state["confirm_delete"]
             try:
                 delete_run(info.path)
-                st.success(f"Deleted {info.name}.")
-                st.rerun()
+                flash(f"Deleted {info.name}.")
             except RuntimeError as exc:
-                st.error(str(exc))
+                flash(str(exc), "error")
+            st.rerun()
+        if no.button("Cancel", key="delete_cancel"):
+            del st.session_state["confirm_delete"]
+            st.rerun()
 
 
 def main() -> None:

@@ -24,10 +24,14 @@ def choose_run() -> RunInfo | None:
         st.info("No finished run with a model yet: train one on the Train page.")
         return None
     by_id = {r.id: r for r in runs}
-    run_id = st.selectbox("Run", list(by_id), key="predict_run",
+    best = analysis.best_of_newest_group(runs)  # not the newest: often a comparison's scratch twin
+    run_id = st.selectbox("Run", list(by_id), key="predict_run", index=list(by_id).index(best),
                           format_func=lambda i: f"{by_id[i].name} · {state_label(by_id[i].state)} · best test acc "
                                                 f"{by_id[i].best_test_acc or 0:.3f} · {i}")
     return by_id[run_id]
+
+
+GALLERY_PAGE = 30  # test images a page of the gallery shows
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -43,9 +47,14 @@ def gallery_tab(predictions, classes) -> None:
                           format_func=lambda s: {"loss": "worst mistakes first", "confidence": "most confident first",
                                                  "least confident": "least confident first"}[s])
     shown = analysis.gallery(predictions, mistakes, None if cls == "all" else cls, sort)
-    st.caption(f"{len(shown)} images" + (", the first 30 shown" if len(shown) > 30 else ""))
+    number = int(st.number_input("Page", min_value=1, value=1, step=1, key="gallery_page",
+                                 help=f"{GALLERY_PAGE} images a page")) if len(shown) > GALLERY_PAGE else 1
+    part, pages = analysis.page_of(shown, number, GALLERY_PAGE)  # a page beyond the last shows the last
+    first = min(number, pages) * GALLERY_PAGE - GALLERY_PAGE
+    st.caption(f"{len(shown)} images" + (f": {first + 1}-{first + len(part)} shown, page {min(number, pages)} of "
+                                         f"{pages}" if pages > 1 else ""))
     grid = st.columns(6)
-    for k, (_, row) in enumerate(shown.head(30).iterrows()):
+    for k, (_, row) in enumerate(part.iterrows()):
         ok = str(row["true"]) == str(row["predicted"])
         with grid[k % 6]:
             st.image(row["path"], width="stretch")

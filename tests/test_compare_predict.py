@@ -89,11 +89,84 @@ def test_live_curves_of_jobs_with_one_name_are_kept_apart():
                                          "3-z": "scratch"}
 
 
+def write_run(runs, run_id, state="completed", metrics=True, tags=(), **settings_and_status):
+    """A run folder written by hand: config.json, status.json, meta.json, a metrics row or none."""
+    from finetune_core.config import settings
+
+    run = RunDir(runs / run_id)
+    run.path.mkdir(parents=True)
+    config = {k: v for k, v in settings_and_status.items() if k in settings()}
+    status = {k: v for k, v in settings_and_status.items() if k not in settings()}
+    run.write_config({"config": {"name": run_id.split("-")[-1], **config}})
+    run.write_status(state=state, **status)
+    run.write_meta(tags=list(tags))
+    if metrics:
+        run.append_metrics({"kind": "epoch", "epoch": 1, "step": 1, "loss": 0.5})
+    return run
+
+
+def test_compare_table_leads_with_the_results_formats_numbers_and_dashes_what_has_no_effect(tmp_path):
+    write_run(tmp_path, "20260101-000000-fine", lr=5e-5, head_lr_mult=10.0, param_groups=True, tags=["book"],
+              test_acc=0.93871, best_test_acc=0.9412, train_acc=0.9, loss=0.22049, images_per_s=17.333)
+    write_run(tmp_path, "20260101-000001-single", state="stopped", lr=5e-5, head_lr_mult=10.0, param_groups=False)
+    table, differing = analysis.compare_table(list_runs(tmp_path))
+    assert list(table.columns[:7]) == ["run", "state", "final test acc", "best test acc", "final train acc",
+                                       "final loss", "tags"]
+    fine, single = table.set_index("run").loc["fine"], table.set_index("run").loc["single"]
+    assert (fine["final test acc"], fine["best test acc"], fine["final loss"]) == ("0.939", "0.941", "0.220")
+    assert fine["tags"] == "book" and fine["images/s"] == "17.3"
+    assert fine["lr"] == "5e-05" and fine["head_lr_mult"] == "10" and fine["param_groups"] == "on"  # not 10.000000
+    assert single["head_lr_mult"] == "-" and single["final test acc"] == "-"  # one group; no metrics yet
+    assert set(differing) == {"head_lr_mult", "param_groups"}
+
+
+def test_display_values_read_as_a_person_writes_them():
+    assert [analysis.display_value(v) for v in (10.0, 5e-05, 0.001, 0.93871, 128, True, None, float("nan"),
+                                                 "all", (0.5, 0.5, 0.5))] == \
+        ["10", "5e-05", "0.001", "0.9387", "128", "on", "-", "-", "all", "0.5, 0.5, 0.5"]
+
+
+def test_runs_without_metrics_are_named(tmp_path):
+    write_run(tmp_path, "20260101-000000-trained")
+    write_run(tmp_path, "20260101-000001-empty", state="stopped", metrics=False)
+    assert [i.name for i in analysis.runs_without_metrics(list_runs(tmp_path))] == ["empty"]
+
+
+def test_predict_opens_on_the_best_run_of_the_newest_group():
+    from finetune_core.runs import RunInfo
+
+    infos = [RunInfo(path="c", id="3-scratch", group="g2", best_test_acc=0.53),   # newest first
+             RunInfo(path="b", id="2-fine", group="g2", best_test_acc=0.94),
+             RunInfo(path="a", id="1-old", group="g1", best_test_acc=0.97)]
+    assert analysis.best_of_newest_group(infos) == "2-fine"
+    assert analysis.best_of_newest_group([RunInfo(path="d", id="4-alone"), *infos]) == "4-alone"
+    assert analysis.best_of_newest_group([]) is None
+
+
+def test_the_gallery_pages_through_every_image():
+    frame = pd.DataFrame({"path": [f"{i}.png" for i in range(65)]})
+    first, pages = analysis.page_of(frame, 1, 30)
+    last, _ = analysis.page_of(frame, 3, 30)
+    assert pages == 3 and list(first["path"])[:2] == ["0.png", "1.png"] and list(last["path"]) == ["60.png", "61.png",
+                                                                                                    "62.png", "63.png",
+                                                                                                    "64.png"]
+    assert analysis.page_of(frame, 9, 30)[0].equals(last)  # kept within range
+
+
+def test_messages_show_paths_and_patterns_as_code_not_markdown():
+    message = ("/data/my photos: no dataset found: expected class folders holding images (root/<class>/*) "
+               "or splits (root/train/<class>/*, root/test/<class>/*); see file_name_here")
+    shown = analysis.markdown_message(message, paths=("/data/my photos",))
+    assert shown.startswith("`/data/my photos`: no dataset found")
+    assert "(`root/<class>/*`)" in shown and "(`root/train/<class>/*`, `root/test/<class>/*`)" in shown
+    assert "file\\_name\\_here" in shown  # no italics from underscores either
+
+
 @pytest.mark.slow
 def test_compare_table_marks_the_settings_that_differ(finished_runs):
     table, differing = analysis.compare_table(list_runs(finished_runs))
-    assert set(differing) == {"lr", "param_groups"}
-    assert set(table["run"]) == {"fine", "single"} and table["final test acc"].notna().all()
+    assert set(differing) == {"lr", "param_groups", "head_lr_mult"}  # the multiplier: 10 against "-"
+    assert set(table["run"]) == {"fine", "single"} and (table["final test acc"] != "-").all()
     metrics = analysis.metrics_of(list_runs(finished_runs))
     assert set(metrics["run"]) == {"fine", "single"} and (metrics["kind"] == "epoch").sum() == 4
 
@@ -217,20 +290,44 @@ def test_compare_page_overlays_runs_and_highlights_differences(dashboard_runs):
     assert sum(t.get("hoverinfo") == "skip" for t in charts(at)[0]["data"]) == len(spec["data"])  # raw, faint
 
 
-@pytest.mark.slow
-def test_compare_page_renames_tags_and_deletes_after_asking(dashboard_runs, finished_runs):
+def test_compare_page_confirms_a_save_and_asks_before_deleting(dashboard_env):
+    runs = dashboard_env / "runs"
+    write_run(runs, "20260101-000000-keep")
+    target = "20260101-000001-gone"
+    write_run(runs, target, state="stopped", metrics=False)
     at = page("pages/2_Compare.py").run()
-    target = at.selectbox(key="manage_run").value
+    assert any("No curves for **gone** (stopped)" in c.value for c in at.caption)  # why it is not in the legend
+    at.selectbox(key="manage_run").set_value(target).run()
     at.text_input(key=f"name-{target}").set_value("renamed")
     at.text_input(key=f"tags-{target}").set_value("best, keep")
     at.button(key="save_meta").click().run()
-    meta = RunDir(dashboard_runs / target).read_meta()
-    assert meta == {"name": "renamed", "tags": ["best", "keep"]}
-    assert at.button(key="delete_run").disabled  # nothing is deleted before the user confirms
-    at.checkbox(key=f"sure-{target}").check().run()
+    assert RunDir(runs / target).read_meta() == {"name": "renamed", "tags": ["best", "keep"]}
+    assert any("Saved: renamed" in s.value for s in at.success)  # shown after the rerun, not wiped by it
+    assert "renamed" in at.selectbox(key="manage_run").format_func(target)  # the new name, at once
+    assert any(o.startswith("renamed · ") for o in at.multiselect(key="compare_runs").options)  # the run chips
     at.button(key="delete_run").click().run()
-    assert not (dashboard_runs / target).exists()
-    assert (finished_runs / target / "checkpoint_last.pt").is_file()  # the shared original is untouched
+    assert (runs / target).exists() and any("cannot be undone" in w.value for w in at.warning)  # it asks first
+    at.button(key="delete_cancel").click().run()
+    assert (runs / target).exists() and not at.warning
+    at.button(key="delete_run").click().run()
+    at.button(key="delete_confirm").click().run()
+    assert not (runs / target).exists() and any("Deleted renamed" in s.value for s in at.success)
+    assert not at.exception
+
+
+@pytest.mark.slow
+def test_predict_opens_on_the_groups_best_run_and_pages_through_the_gallery(dashboard_runs):
+    fine, single = dashboard_runs / "20260101-000000-fine", dashboard_runs / "20260101-000001-single"
+    RunDir(fine).write_status(best_test_acc=0.94)
+    RunDir(single).write_status(best_test_acc=0.53)  # the newest run, a worse twin in the same group
+    preds = pd.read_csv(fine / "predictions.csv")
+    pd.concat([preds] * 9, ignore_index=True).head(65).to_csv(fine / "predictions.csv", index=False)
+    at = page("pages/3_Predict.py").run()
+    assert at.selectbox(key="predict_run").value == fine.name
+    assert any("65 images: 1-30 shown, page 1 of 3" in c.value for c in at.caption)
+    at.number_input(key="gallery_page").set_value(3).run()
+    assert any("61-65 shown, page 3 of 3" in c.value for c in at.caption)
+    assert sum(c.value.startswith(("right:", "WRONG:")) for c in at.caption) == 5 and not at.exception
 
 
 @pytest.mark.slow

@@ -203,6 +203,7 @@ def test_what_has_no_effect_says_why():
     head = book.replace(train_stages="head")
     assert "param_groups" not in inactive_settings(head) and "head_lr_mult" not in inactive_settings(head)
     assert setting_notes(head)["param_groups"] == "only the head trains: one group, at lr × multiplier"
+    assert setting_notes(head)["head_lr_mult"].endswith("act only as their product, 0.0005")  # 5e-5 × 10
     assert "warmup_epochs" in inactive_settings(head) and "feature_views" not in inactive_settings(head)
     assert "head_lr_mult" in inactive_settings(head.replace(param_groups=False))
 

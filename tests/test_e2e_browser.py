@@ -158,10 +158,23 @@ def choose(page, label: str, option: str) -> None:
     wait_idle(page)
 
 
-def set_recipe(page, server, name: str, param_groups: bool) -> None:
+def set_recipe(page, server, name: str, param_groups: bool, browse: bool = False) -> None:
+    page.get_by_role("tab", name="Setup").click()  # after Train, the page shows the Live tab
+    wait_idle(page)
     page.get_by_text("A folder path", exact=True).click()
     wait_idle(page)
-    fill(page, "Folder", str(server["data"] / "shapes"))
+    if browse:  # the folder browser: pick a sub-folder of the data folder, then "Use this folder"
+        page.get_by_text(f"Browse {server['data']}", exact=False).click()
+        page.get_by_role("combobox", name="Sub-folder", exact=True).wait_for()
+        page.wait_for_selector(IDLE)  # the run that drew the folder box has ended: the list stays open
+        choose(page, "Sub-folder", "shapes")
+        page.get_by_role("button", name="Use this folder", exact=True).click()
+        from playwright.sync_api import expect
+
+        expect(page.get_by_label("Folder", exact=True)).to_have_value(str((server["data"] / "shapes").resolve()))
+        wait_idle(page)
+    else:
+        fill(page, "Folder", str(server["data"] / "shapes"))
     page.get_by_text("Training images", exact=True).wait_for()
     fill(page, "Learning rate", "0.002")
     fill(page, "Head learning-rate multiplier", "5")
@@ -174,6 +187,12 @@ def set_recipe(page, server, name: str, param_groups: bool) -> None:
     fill(page, "Batch size", "2")
     fill(page, "Epochs", "1")
     fill(page, "Run name", name)
+
+
+def train(page) -> None:
+    """Press Train: the page turns to its Live tab."""
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.locator("[role=tab][aria-selected=true]", has_text="Live").wait_for()
 
 
 def selected_run(page, runs_dir):
@@ -201,9 +220,9 @@ def test_the_dashboard_end_to_end(server, browser_page):
     # 2. Train: a small dataset, a learning rate and head multiplier, a tiny run; watch it grow.
     page.goto(f"{url}/Train")
     page.get_by_text("1 · Data").wait_for()
-    set_recipe(page, server, "e2e-groups", param_groups=True)
-    page.get_by_role("button", name="Train", exact=True).click()
-    page.get_by_text("e2e-groups running").first.wait_for()
+    set_recipe(page, server, "e2e-groups", param_groups=True, browse=True)
+    train(page)
+    page.get_by_text("e2e-groups running").filter(visible=True).first.wait_for()
     page.wait_for_function(f"() => ({points_js('e2e-groups')}) >= 2", timeout=120_000)  # the first batches
     first = plotted_points(page, "e2e-groups")
     # Two looks at the live chart: it must hold more points later, while the run is still going.
@@ -215,19 +234,22 @@ def test_the_dashboard_end_to_end(server, browser_page):
 
     # 6. Reload mid-run: a new session finds the same job, still running.
     page.reload()
-    page.get_by_text("e2e-groups running").first.wait_for()
+    page.get_by_text("e2e-groups running").filter(visible=True).first.wait_for()
     shot(page, "03-train-after-reload", scroll_to="3 · Live")
-    page.get_by_text("e2e-groups completed").first.wait_for(timeout=180_000)
+    page.get_by_text("e2e-groups completed").filter(visible=True).first.wait_for(timeout=180_000)
     shot(page, "04-train-completed", scroll_to="3 · Live")
+    page.set_viewport_size({"width": 400, "height": 900})  # a phone
+    shot(page, "04b-train-phone", scroll_to="3 · Live")
+    page.set_viewport_size({"width": 1400, "height": 1000})
 
     # 2b/3. A second run without parameter groups; stop it once it has trained a few batches.
     set_recipe(page, server, "e2e-single", param_groups=False)
-    page.get_by_role("button", name="Train", exact=True).click()
-    page.get_by_text("e2e-single running").first.wait_for()
+    train(page)
+    page.get_by_text("e2e-single running").filter(visible=True).first.wait_for()
     page.wait_for_function(f"() => ({points_js('e2e-single')}) >= 2", timeout=120_000)
     # The job's own Stop (Streamlit's toolbar has a Stop button too, for the script run).
     page.locator("[class*='st-key-live-stop-'] button").first.click()
-    page.get_by_text("e2e-single stopped").first.wait_for(timeout=60_000)
+    page.get_by_text("e2e-single stopped").filter(visible=True).first.wait_for(timeout=60_000)
     shot(page, "05-train-stopped", scroll_to="3 · Live")
 
     # 4. Compare: both runs overlaid.

@@ -139,6 +139,63 @@ def test_stop_is_honoured_within_a_batch_and_keeps_metrics(tiny_config, tmp_path
     assert len(metrics[metrics["kind"] == "batch"]) == 4 and len(epoch_rows(tmp_path / "run")) == 1
 
 
+def test_a_stop_while_decoding_ends_the_run_without_decoding_the_rest(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from conftest import make_dataset, tiny_train_config
+
+    data = make_dataset(tmp_path / "many", per_class=100, test_per_class=2)
+    stop = threading.Event()
+    started_after_stop = []
+    real_decode = prepare.decode_train
+
+    def slow_decode(*args):  # a photo's decode time, so that the decoding threads do not race ahead
+        if stop.is_set():
+            started_after_stop.append(1)
+        time.sleep(0.02)
+        return real_decode(*args)
+
+    monkeypatch.setattr(prepare, "decode_train", slow_decode)
+
+    def on_event(e):
+        if "decoding images" in e.get("message", ""):
+            stop.set()
+
+    status = train(tiny_train_config(data), tmp_path / "run", on_event=on_event, stop_event=stop, cache_dir="")
+    assert status["state"] == "stopped"
+    workers = min(8, os.cpu_count() or 1)
+    # At most the images until the next progress call (which raises) and those already in hand.
+    assert len(started_after_stop) <= prepare.PROGRESS_EVERY + workers, len(started_after_stop)
+
+
+def test_a_stop_while_caching_activations_lands_within_a_layer(tiny_config, tmp_path, monkeypatch):
+    """The frozen layers run over large batches (eval_batch_size images at once, seconds on a CPU
+    with a real backbone): a stop asked during that pass must not wait for the batch to end."""
+    from finetune_core import engine
+
+    stop = threading.Event()
+    layers_run_after_stop = []
+    real_build = engine.build_model
+
+    def build_counting(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        for m in model.modules():
+            m.register_forward_hook(lambda *_: stop.is_set() and layers_run_after_stop.append(1))
+        return model
+
+    monkeypatch.setattr(engine, "build_model", build_counting)
+
+    def on_event(e):
+        if "frozen layers' output" in e.get("message", ""):
+            stop.set()
+
+    config = tiny_config.replace(train_stages="1", eval_batch_size=256)
+    status = train(config, tmp_path / "run", on_event=on_event, stop_event=stop, cache_dir="")
+    assert status["state"] == "stopped", status["message"]
+    assert layers_run_after_stop == []  # the whole frozen bottom ran over the batch before
+
+
 def test_divergence_ends_the_run_naming_step_and_learning_rate(tiny_config, tmp_path, cache_dir):
     status = train(tiny_config.replace(lr=1e12, loss_reduction="sum"), tmp_path / "run", cache_dir=cache_dir)
     assert status["state"] == "diverged"

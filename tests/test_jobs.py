@@ -114,6 +114,30 @@ def test_bad_settings_are_refused_before_anything_is_created(tiny_config, tmp_pa
     assert list((tmp_path / "runs").iterdir()) == []
 
 
+def test_a_double_click_queues_one_run_and_a_later_click_another(tiny_config, tmp_path, fake, monkeypatch):
+    from finetune_core import jobs
+
+    mgr = JobManager(tmp_path / "runs", train_fn=fake)
+    first = mgr.submit(tiny_config.replace(name="twice", group="a", device="cpu"))
+    with pytest.raises(jobs.DuplicateSubmission, match="twice was queued a moment ago") as refused:
+        mgr.submit(tiny_config.replace(name="twice", group="b", device="cpu"))  # each click makes a new group
+    assert refused.value.run_id == first
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    mgr.submit(tiny_config.replace(name="twice", lr=0.02, device="cpu"))  # other settings: queued
+    monkeypatch.setattr(jobs, "DUPLICATE_WINDOW_S", 0.0)  # the same settings later on purpose: queued
+    mgr.submit(tiny_config.replace(name="twice", group="c", device="cpu"))
+    assert len(list((tmp_path / "runs").iterdir())) == 3
+    fake.release.set()
+
+
+def test_a_rename_shows_in_the_jobs_at_once(tiny_config, tmp_path, fake):
+    mgr = JobManager(tmp_path / "runs", train_fn=fake)
+    run_id = mgr.submit(tiny_config.replace(name="old name", device="cpu"))
+    RunDir(tmp_path / "runs" / run_id).write_meta(name="new name")  # what Compare's Save writes
+    assert [j["name"] for j in mgr.jobs()] == ["new name"] and mgr.job(run_id)["name"] == "new name"
+    fake.release.set()
+
+
 @pytest.mark.slow
 def test_a_real_run_through_the_manager_then_resume(tiny_config, tmp_path, cache_dir):
     reached_step_4 = threading.Event()

@@ -57,6 +57,40 @@ def test_home_page_shows_device_backbones_and_runs(dashboard_env):
     assert at.button(key="quick_start")
 
 
+def test_the_sidebar_names_every_page(dashboard_env):
+    at = page("app.py").run()
+    pages = at._registered_pages.values()  # what st.navigation registered: the sidebar's entries
+    assert [p["page_name"] for p in pages] == ["Home", "Train", "Compare", "Predict"]  # never "app"
+    assert [p["url_pathname"] for p in pages] == ["", "Train", "Compare", "Predict"]  # links keep working
+    at.switch_page("pages/2_Compare.py").run()
+    assert [t.value for t in at.title] == ["Compare runs"] and not at.exception
+
+
+def test_the_quick_start_queues_once_and_its_message_lasts_while_it_runs(dashboard_env, monkeypatch):
+    from finetune_core import config, datastore
+    from finetune_core.jobs import wait_until
+    from tuneboard_ui import manager
+
+    data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
+    from conftest import tiny_train_config
+
+    monkeypatch.setattr(datastore, "ensure_example_dataset", lambda *a: data)  # a tiny example, a long run
+    monkeypatch.setattr(config, "quick_start_config", lambda *a: tiny_train_config(data, epochs=500, name="quick"))
+    at = page("app.py").run()
+    at.button(key="quick_start").click().run()
+    at.button(key="quick_start").click().run()  # a double click
+    assert any("Already queued a moment ago" in i.value for i in at.info)
+    assert len(list((dashboard_env / "runs").iterdir())) == 1
+    at.run()  # a later run of the page: the run is still going, the message still says where to look
+    assert any("The example is queued" in s.value for s in at.success)
+    (job,) = manager().active()
+    manager().stop(job["run_id"])
+    assert wait_until(lambda: not manager().active(), timeout=60)
+    at.run()
+    assert not any("The example is queued" in s.value for s in at.success)  # gone once it has ended
+    assert at.dataframe[0].value["state"].tolist() == ["stopped"]  # Recent runs: not "queued"
+
+
 def test_train_page_defaults_to_a_working_offline_example(dashboard_env):
     from finetune_core.config import default_preset
     from finetune_core.models import offline_backbones, resolve_device
@@ -191,8 +225,8 @@ def test_the_lr_finders_failures_are_messages_not_tracebacks(dashboard_env, fake
 
     at = page("pages/1_Train.py").run()
     cases = [(WeightsUnavailable("no ImageNet weights for resnet18: place resnet18-f37072fd.pth in /hub"),
-              "place resnet18-f37072fd.pth in /hub"),
-             (DatasetError("no usable images in /d"), "no usable images in /d"),
+              "place resnet18-f37072fd.pth in `/hub`"),  # paths as code
+             (DatasetError("no usable images in /d"), "no usable images in `/d`"),
              (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), "Out of memory"),
              (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9 GB"), "Out of memory"),
              (RuntimeError("something broke"), "The learning-rate finder failed: RuntimeError: something broke")]
@@ -222,6 +256,7 @@ def test_an_unusable_dataset_disables_train(dashboard_env):
     (dashboard_env / "empty" / "only_class").mkdir(parents=True)
     at = use_folder(page("pages/1_Train.py").run(), dashboard_env / "empty")
     assert any("cannot be used" in e.value for e in at.error)
+    assert any("(`root/<class>/*`)" in e.value for e in at.error)  # a pattern as code, not Markdown italics
     assert at.button(key="train_button").disabled
     assert any("Train is disabled" in c.value for c in at.caption)
 
@@ -262,6 +297,44 @@ def test_a_tiny_run_launches_shows_progress_and_its_curves(dashboard_env):
     configs = [RunDir(r["path"]).read_config()["config"] for r in runs]
     assert sorted(c["param_groups"] for c in configs) == [False, True]
     assert all(c["lr"] == 0.01 and c["head_lr_mult"] == 10 for c in configs)
+
+
+def test_train_turns_to_the_live_tab_and_a_double_click_queues_once(dashboard_env):
+    data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.number_input(key="f_epochs").set_value(200)
+    at.run()
+    assert [t.label for t in at.tabs] == ["Setup", "Live"] and at.session_state["train_tab"] == "Setup"
+    at.button(key="train_button").click().run()
+    assert at.session_state["train_tab"] == "Live"  # where the eye goes after pressing Train
+    assert any("Queued 1 run" in s.value for s in at.success)
+    at.button(key="train_button").click().run()  # the second click of a double click
+    assert any("Already queued a moment ago" in i.value for i in at.info)
+    assert len(list((dashboard_env / "runs").iterdir())) == 1
+    again = page("pages/1_Train.py").run()  # a new session opens on Live while a run is active
+    assert again.session_state["train_tab"] == "Live"
+    next(b for b in again.button if b.label == "Stop").click().run()
+    assert any("stopping" in c.value for c in again.caption)  # at once, before the run has ended
+    assert wait_for_runs(again, dashboard_env / "runs", 1, timeout=60)[0]["state"] == "stopped"
+    assert again.run().session_state["train_tab"] == "Live"  # it does not jump back when the run ends
+
+
+def test_a_run_without_metrics_says_so_instead_of_drawing_empty_charts(dashboard_env):
+    from conftest import tiny_train_config
+    from finetune_core.jobs import wait_until
+    from tuneboard_ui import manager
+
+    config = tiny_train_config(make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4), epochs=500,
+                               group="g")
+    at = page("pages/1_Train.py")
+    at.session_state["group"] = "g"  # the group this tab launched
+    long = manager().submit(config.replace(name="long"))
+    manager().stop(manager().submit(config.replace(name="never")))  # stopped while queued: no metrics
+    at.run()
+    assert any("No curves for never" in c.value for c in at.caption)
+    manager().stop(long)
+    assert wait_until(lambda: not manager().active(), timeout=60) and not at.exception
 
 
 def test_a_second_session_sees_the_running_job(dashboard_env):
