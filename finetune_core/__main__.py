@@ -156,19 +156,28 @@ def run_to_the_end(config, run, args, report=None, resume: bool = False) -> int:
 def cmd_resume(args) -> int:
     """Continue a stopped or interrupted run from its last checkpoint, in its own folder."""
     from .config import ConfigError, TrainConfig
-    from .runs import RunDir
+    from .runs import ACTIVE_STATES, RunDir, RunOwned, owning
 
     run = RunDir(args.run_dir)
+    if not run.path.is_dir():
+        return fail(f"{run.path}: no such run folder")
     try:
-        record, status = run.read_config(), run.read_status()
-        config = TrainConfig.from_dict(record["config"]).check(check_paths=True)
-    except (OSError, ValueError, KeyError) as exc:
-        return fail(f"{run.path}: cannot be resumed ({type(exc).__name__}: {exc})")
-    except ConfigError as exc:
-        return fail(f"{run.path}: its settings are no longer valid here: " + "; ".join(exc.errors.values()))
-    if status.get("state") not in ("stopped", "interrupted"):
-        return fail(f"{run.path}: is {status.get('state')}; only a stopped or interrupted run can be resumed")
-    return run_to_the_end(config, run, args, resume=True)
+        with owning(run):  # no other process writes it from here on
+            try:
+                record, status = run.read_config(), run.read_status()
+                config = TrainConfig.from_dict(record["config"]).check(check_paths=True)
+            except (OSError, ValueError, KeyError) as exc:
+                return fail(f"{run.path}: cannot be resumed ({type(exc).__name__}: {exc})")
+            except ConfigError as exc:
+                return fail(f"{run.path}: its settings are no longer valid here: " + "; ".join(exc.errors.values()))
+            state = status.get("state")
+            if state in ACTIVE_STATES:  # left so by a process that is gone (we own the run now)
+                state = "interrupted"
+            if state not in ("stopped", "interrupted"):
+                return fail(f"{run.path}: is {state}; only a stopped or interrupted run can be resumed")
+            return run_to_the_end(config, run, args, resume=True)
+    except RunOwned as exc:
+        return fail(str(exc))
 
 
 MIN_SWEEP_STEPS = 5  # lr_find.suggest_lr needs five points of the curve

@@ -58,7 +58,7 @@ from .memory import release_memory
 from .models import BACKBONES, build_model, parameter_groups, resolve_backbone, resolve_device, split_model
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
-from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, now_iso
+from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, claim_run, now_iso, release_run
 
 Event = dict
 EventCallback = Callable[[Event], None]
@@ -774,10 +774,12 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     """Run one training to its end and return its final status. Never raises for a failed run:
     the state (completed, stopped, failed, diverged) and message are in the returned status and
     in status.json. Raises ConfigError for invalid settings before writing anything. `report`: the
-    dataset's scan when the caller already has it (it is not scanned again)."""
+    dataset's scan when the caller already has it (it is not scanned again). Raises RunOwned,
+    before writing, when another live process writes the run."""
     config = resolve_auto(config.check())  # epochs and views 0 are resolved once the data is scanned
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
+    claim_run(run)  # this process writes the run until the end below (runs.py: ownership)
     run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None)
     run.log(f"{'resuming' if resume else 'starting'} run {run.id}")
     reporter = Reporter(run, on_event, stop_event)
@@ -821,6 +823,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
         if ctx is not None:
             for cache in ctx.caches.values():
                 cache.close()
+        release_run(run)
     run.log(f"ended {status.get('state')}: {status.get('message')}")
     if on_event is not None:
         on_event({"kind": "end", **status})

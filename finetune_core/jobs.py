@@ -3,11 +3,18 @@
 The dashboard keeps one `JobManager` per server process (in `st.cache_resource`). A worker
 thread never touches Streamlit: it trains through `engine.train`, which writes to the run
 directory, and updates its job's fields under the manager's lock. Pages read both back.
+
+The manager owns each run it queues (runs.claim_run) from submit to its end, so that no other
+process resumes or deletes it meanwhile, and a new server marks it interrupted only once this
+process is gone. `shutdown()` runs at interpreter exit: queued runs end `stopped`, running ones
+are asked to stop and end `stopped` (or `interrupted` if they do not stop in time).
 """
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,7 +25,7 @@ from .config import TrainConfig
 from .data import ScanReport
 from .engine import config_record, resolve_auto, train
 from .models import resolve_device
-from .runs import RunDir, mark_interrupted, new_run_dir, now_iso
+from .runs import RunDir, claim_run, mark_interrupted, new_run_dir, now_iso, release_run
 
 
 @dataclass
@@ -68,6 +75,7 @@ class JobManager:
         self._workers: dict[str, threading.Thread] = {}
         self._closed = False
         self.interrupted = mark_interrupted(self.runs_dir)
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     # --- submitting ----------------------------------------------------------------------------
     def submit(self, config: TrainConfig, report: ScanReport | None = None) -> str:
@@ -75,12 +83,19 @@ class JobManager:
         `report`: the dataset's scan if the caller has it, so that the run does not scan again."""
         config = resolve_auto(config.check(check_paths=True), report)  # what the run will use, shown at once
         run = new_run_dir(self.runs_dir, config.name or config.backbone)
-        run.write_config(config_record(config, report))
-        run.write_status(state="queued", message="waiting for the device", progress=0.0, submitted_at=now_iso())
-        return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report))
+        claim_run(run)  # a fresh folder: nobody else can own it; this process does until the job ends
+        try:
+            run.write_config(config_record(config, report))
+            run.write_status(state="queued", message="waiting for the device", progress=0.0,
+                             submitted_at=now_iso())
+            return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report))
+        except BaseException:
+            release_run(run)
+            raise
 
     def resume(self, run_id: str) -> str:
-        """Queue an interrupted or stopped run again; it continues from its last checkpoint."""
+        """Queue an interrupted or stopped run again; it continues from its last checkpoint.
+        Raises RunOwned when another process (the command line, another server) writes it."""
         run = RunDir(self.runs_dir / run_id)
         config = TrainConfig.from_dict(run.read_config()["config"])
         job = Job(run_id, run, config, device_key(config.device), resume=True,
@@ -89,8 +104,13 @@ class JobManager:
             current = self._jobs.get(run_id)
             if current is not None and current.state in ("queued", "running"):
                 raise RuntimeError(f"run {run_id} is already {current.state}")
-            run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None)
-            return self._enqueue(job)
+            claim_run(run)  # RunOwned if another process writes it
+            try:
+                run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None)
+                return self._enqueue(job)
+            except BaseException:
+                release_run(run)
+                raise
 
     def _enqueue(self, job: Job) -> str:
         with self._lock:  # re-entrant: resume() already holds it
@@ -118,6 +138,7 @@ class JobManager:
                 self._queues[job.device].remove(job)
                 job.state, job.message = "stopped", "stopped before it started"
                 job.run.write_status(state="stopped", message=job.message, ended_at=now_iso())
+                release_run(job.run)
                 job.done.set()
             elif job.state == "running":
                 job.stop_event.set()
@@ -146,6 +167,9 @@ class JobManager:
         return job.snapshot()
 
     def shutdown(self, stop_running: bool = True, timeout: float = 30.0) -> None:
+        """Take every queued job off its queue (`stopped`), ask running ones to stop and wait up
+        to `timeout` seconds for them; a run still going then is marked `interrupted`. Called at
+        interpreter exit (the server stopping); calling it again does nothing more."""
         with self._lock:
             self._closed = True
             for q in self._queues.values():
@@ -153,14 +177,25 @@ class JobManager:
                     job = q.popleft()
                     job.state, job.message = "stopped", "stopped: the server shut down"
                     job.run.write_status(state="stopped", message=job.message, ended_at=now_iso())
+                    release_run(job.run)
                     job.done.set()
             if stop_running:
                 for job in self._jobs.values():
                     job.stop_event.set()
             self._lock.notify_all()
             workers = list(self._workers.values())
+        deadline = time.monotonic() + timeout
         for w in workers:
-            w.join(timeout)
+            w.join(max(0.0, deadline - time.monotonic()))
+        if not stop_running:
+            return
+        with self._lock:
+            late = [j for j in self._jobs.values() if j.state == "running"]
+        for job in late:  # did not reach a batch boundary in time; the process is about to end
+            job.run.write_status(state="interrupted", ended_at=now_iso(),
+                                 message="interrupted: the server shut down before the run could stop"
+                                         + ("; it can be resumed from its last checkpoint"
+                                            if job.run.has_checkpoint() else ""))
 
     # --- the worker ----------------------------------------------------------------------------
     def _work(self, device: str) -> None:
@@ -197,8 +232,15 @@ class JobManager:
                 pass
         with self._lock:
             job.state, job.message = state, message
+            release_run(job.run)
             job.done.set()
             self._lock.notify_all()
+
+
+def _shutdown_at_exit(ref: "weakref.ref[JobManager]") -> None:
+    manager = ref()
+    if manager is not None:
+        manager.shutdown()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:
