@@ -102,7 +102,11 @@ def folder_path(root: Path) -> str:
         chosen = str(folder if pick in ("(this folder)", "..") else folder / pick)
         # A callback runs before the next run draws the text box, the only time its value may be set.
         cols[1].button("Use this folder", on_click=use_folder, args=(chosen,))
-    return path
+    try:
+        return str(datastore.check_data_folder(path)) if path else path
+    except datastore.FolderNotAllowed as exc:
+        st.error(str(exc))
+        return ""
 
 
 def use_folder(path: str) -> None:
