@@ -4,8 +4,9 @@
 
 One SGD step (forward, summed cross-entropy, backward, update) on random tensors, in a worker
 thread as the dashboard trains, for each batch size, memory layout (NCHW / channels_last),
-precision (fp32 / bf16 autocast) and glibc malloc settings (its defaults / Tuneboard's, each in a
-child process since glibc reads them at start). Prints images/s and the share of the time spent
+precision (fp32 / bf16 autocast) and glibc malloc settings (its defaults; Tuneboard's set by
+GLIBC_TUNABLES when the process starts, as the re-exec did; the same set by mallopt inside the
+process, as serve.py and the command line do now), each in a child process. Prints images/s and the share of the time spent
 in the kernel (page faults, mostly). If Tuneboard's loop trains at the step's rate for its batch
 size, data handling costs nothing and only a cheaper step can make it faster.
 """
@@ -22,9 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
 from finetune_core import memory  # noqa: E402
+
+if "--mallopt" in sys.argv:  # the child measuring mallopt: before torch or any thread
+    assert memory.tune_in_process(), "mallopt refused the settings"
+
+import torch  # noqa: E402
 from finetune_core.models import build_model, device_description  # noqa: E402
 
 
@@ -72,27 +76,37 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--layouts", nargs="+", choices=["NCHW", "channels_last"], default=["NCHW", "channels_last"])
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--allocators", nargs="+", choices=["default", "tunables", "mallopt"],
+                        default=["default", "tunables", "mallopt"])
+    parser.add_argument("--repeat", type=int, default=1, help="measure each case this many times, interleaved")
     parser.add_argument("--one", nargs=3, type=int, help=argparse.SUPPRESS)  # child: batch channels_last bf16
+    parser.add_argument("--mallopt", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         rate, kernel = measure(args.backbone, args.size, args.one[0], bool(args.one[1]), bool(args.one[2]))
-        print(f"RESULT {rate} {kernel}")
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1e6 if sys.platform == "darwin" else 1e3)
+        print(f"RESULT {rate} {kernel} {peak_mb}")
         return
     print(f"{device_description()}, {args.backbone}, {args.size} px: `python benchmarks/bench_step.py "
           f"{' '.join(sys.argv[1:])}`".rstrip())
-    print("| batch | layout | precision | glibc malloc settings | images/s | time in the kernel |\n|---|---|---|---|---|---|")
+    print("| batch | layout | precision | glibc malloc settings | images/s | time in the kernel | peak memory |\n"
+          "|---|---|---|---|---|---|---|")
     base = memory.untuned_environ()
-    allocators = {"default": base, "Tuneboard's": memory.tuned_environ(base)} if memory.supported() else {"system": base}
+    allocators = {"default": (base, []), "tunables": (memory.tuned_environ(base), []),
+                  "mallopt": (base, ["--mallopt"])} if memory.supported() else {"system": (base, [])}
+    allocators = {k: v for k, v in allocators.items() if k in args.allocators or k == "system"}
     for batch in args.batches:
-        for channels_last in (False, True):
-            for bf16 in (False, True):
-                for allocator, env in allocators.items():
+        for channels_last in [layout == "channels_last" for layout in args.layouts]:
+            for bf16 in [p == "bf16" for p in args.precisions]:
+                for allocator, (env, flags) in [a for _ in range(args.repeat) for a in allocators.items()]:
                     child = [sys.executable, __file__, "--backbone", args.backbone, "--size", str(args.size),
-                             "--one", str(batch), str(int(channels_last)), str(int(bf16))]
+                             "--one", str(batch), str(int(channels_last)), str(int(bf16)), *flags]
                     proc = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
-                    rate, kernel = map(float, proc.stdout.split("RESULT ")[-1].split())
+                    rate, kernel, peak_mb = map(float, proc.stdout.split("RESULT ")[-1].split())
                     print(f"| {batch} | {'channels_last' if channels_last else 'NCHW'} | {'bf16' if bf16 else 'fp32'} "
-                          f"| {allocator} | {rate:.1f} | {kernel:.0%} |", flush=True)
+                          f"| {allocator} | {rate:.1f} | {kernel:.0%} | {peak_mb / 1e3:.2f} GB |", flush=True)
 
 
 if __name__ == "__main__":

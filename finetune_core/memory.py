@@ -37,6 +37,14 @@ TUNABLES: dict[str, str] = {
     "glibc.malloc.tcache_count": "0",
     "glibc.malloc.mxfast": "0",
 }
+# The same settings for mallopt(3), which applies them to the running process: (parameter, value).
+MALLOPT: dict[str, tuple[int, int]] = {
+    "M_MMAP_MAX": (-4, 0),
+    "M_ARENA_MAX": (-8, 1),       # before any thread starts: threads then share the main heap
+    "M_TRIM_THRESHOLD": (-1, -1),  # glibc reads -1 as the largest size: never trim
+    "M_MXFAST": (1, 0),
+}
+_tuned_in_process = False
 OPT_OUT_VARIABLE = "TUNEBOARD_ALLOCATOR"
 _REEXEC_MARK = "TUNEBOARD_REEXECUTED"
 
@@ -73,6 +81,8 @@ def tuned_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def is_tuned(environ: Mapping[str, str] | None = None) -> bool:
     """Whether a process started with ``environ`` runs with Tuneboard's settings."""
+    if environ is None and _tuned_in_process:
+        return True
     env = os.environ if environ is None else environ
     have = _parse(env.get("GLIBC_TUNABLES", ""))
     return all(have.get(name) == value for name, value in TUNABLES.items())
@@ -94,6 +104,22 @@ def reexec_tuned(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(argv if argv is not None else sys.orig_argv), env)
+
+
+def tune_in_process() -> bool:
+    """Apply the settings to this process with mallopt(3), once, when they are wanted: no re-exec,
+    no environment variable for child processes to inherit. Call it before any thread starts (a
+    thread that started earlier keeps its own arena). True when they are in force."""
+    global _tuned_in_process
+    if _tuned_in_process or not wanted():
+        return _tuned_in_process
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _tuned_in_process = all(mallopt(param, value) == 1 for param, value in MALLOPT.values())
+    return _tuned_in_process
 
 
 def release_memory() -> bool:
