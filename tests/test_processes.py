@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import ROOT, tiny_train_config
-from finetune_core.jobs import JobManager, wait_until
+from finetune_core.__main__ import main
+from finetune_core.jobs import JobManager
 from finetune_core.runs import RunDir, RunOwned, delete_run, list_runs, mark_interrupted, run_info, run_owner
 
 
@@ -44,7 +45,8 @@ def killed():
         p.wait(30)
 
 
-def test_a_run_another_process_writes_is_left_alone_until_that_process_is_gone(tiny_config, tmp_path, killed):
+def test_a_run_another_process_writes_is_left_alone_until_that_process_is_gone(tiny_config, tmp_path, killed,
+                                                                               capsys):
     runs = tmp_path / "runs"
     run = RunDir(runs / "20260101-000000-cli")
     run.path.mkdir(parents=True)
@@ -70,6 +72,8 @@ def test_a_run_another_process_writes_is_left_alone_until_that_process_is_gone(t
         mgr.resume(run.id)
     with pytest.raises(RunOwned, match="stop it before deleting it"):
         delete_run(run.path)
+    assert main(["resume", str(run.path), "--quiet"]) == 2  # the command line refuses too
+    assert f"process {owner.pid}" in capsys.readouterr().err
     assert run.read_status()["state"] == "running"
 
     owner.send_signal(signal.SIGKILL)
