@@ -33,8 +33,10 @@ from finetune_core.models import build_model, device_description  # noqa: E402
 
 
 def step_rate(backbone: str, size: int, batch: int, channels_last: bool, bf16: bool,
-              steps: int) -> tuple[float, float]:
-    """(images/s, share of the CPU time spent in the kernel) over `steps` steps after a warm-up one."""
+              steps: int) -> tuple[float, float, float]:
+    """(images/s, share of the CPU time spent in the kernel, CPU seconds per image) over `steps`
+    steps after a warm-up one. The CPU time per image moves less than images/s when other work
+    shares the machine."""
     torch.manual_seed(0)
     model = build_model(backbone, 2, "none").train()
     if channels_last:
@@ -58,11 +60,11 @@ def step_rate(backbone: str, size: int, batch: int, channels_last: bool, bf16: b
         step()
     seconds, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     sys_s, user_s = cpu1.ru_stime - cpu0.ru_stime, cpu1.ru_utime - cpu0.ru_utime
-    return batch * steps / seconds, sys_s / max(sys_s + user_s, 1e-9)
+    return batch * steps / seconds, sys_s / max(sys_s + user_s, 1e-9), (sys_s + user_s) / (batch * steps)
 
 
-def measure(backbone: str, size: int, batch: int, channels_last: bool, bf16: bool) -> tuple[float, float]:
-    """(images/s, kernel share of the time) of steps after a warm-up, in a worker thread."""
+def measure(backbone: str, size: int, batch: int, channels_last: bool, bf16: bool) -> tuple[float, float, float]:
+    """step_rate's figures, in a worker thread."""
     out = []
     worker = threading.Thread(target=lambda: out.append(
         step_rate(backbone, size, batch, channels_last, bf16, max(2, 256 // batch))))
@@ -85,14 +87,14 @@ def main() -> None:
     parser.add_argument("--mallopt", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        rate, kernel = measure(args.backbone, args.size, args.one[0], bool(args.one[1]), bool(args.one[2]))
+        rate, kernel, cpu = measure(args.backbone, args.size, args.one[0], bool(args.one[1]), bool(args.one[2]))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1e6 if sys.platform == "darwin" else 1e3)
-        print(f"RESULT {rate} {kernel} {peak_mb}")
+        print(f"RESULT {rate} {kernel} {cpu} {peak_mb}")
         return
     print(f"{device_description()}, {args.backbone}, {args.size} px: `python benchmarks/bench_step.py "
           f"{' '.join(sys.argv[1:])}`".rstrip())
-    print("| batch | layout | precision | glibc malloc settings | images/s | time in the kernel | peak memory |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| batch | layout | precision | glibc malloc settings | images/s | time in the kernel | CPU ms per image "
+          "| peak memory |\n|---|---|---|---|---|---|---|---|")
     base = memory.untuned_environ()
     allocators = {"default": (base, []), "tunables": (memory.tuned_environ(base), []),
                   "mallopt": (base, ["--mallopt"])} if memory.supported() else {"system": (base, [])}
@@ -104,9 +106,10 @@ def main() -> None:
                     child = [sys.executable, __file__, "--backbone", args.backbone, "--size", str(args.size),
                              "--one", str(batch), str(int(channels_last)), str(int(bf16)), *flags]
                     proc = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
-                    rate, kernel, peak_mb = map(float, proc.stdout.split("RESULT ")[-1].split())
+                    rate, kernel, cpu, peak_mb = map(float, proc.stdout.split("RESULT ")[-1].split())
                     print(f"| {batch} | {'channels_last' if channels_last else 'NCHW'} | {'bf16' if bf16 else 'fp32'} "
-                          f"| {allocator} | {rate:.1f} | {kernel:.0%} | {peak_mb / 1e3:.2f} GB |", flush=True)
+                          f"| {allocator} | {rate:.1f} | {kernel:.0%} | {cpu * 1000:.0f} | {peak_mb / 1e3:.2f} GB |",
+                          flush=True)
 
 
 if __name__ == "__main__":

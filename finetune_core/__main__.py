@@ -9,8 +9,8 @@
     python -m finetune_core export --run RUN_DIR --out DIR
     python -m finetune_core info [--json]
 
-The command starts Python once more with glibc's malloc settings from finetune_core.memory (about
-2x faster CPU training on Linux); TUNEBOARD_ALLOCATOR=default turns that off.
+The command sets glibc's malloc settings from finetune_core.memory in its own process (about 2x
+faster CPU training on Linux); TUNEBOARD_ALLOCATOR=default turns that off.
 
 Runs go to runs.default_runs_dir() (TUNEBOARD_RUNS_DIR, else runs/ beside the app), as the
 dashboard's do; --runs-dir changes it. `runs` does not import torch.
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .memory import reexec_tuned
+    from .memory import tune_in_process
 
-    reexec_tuned()  # before torch is imported: glibc reads its malloc settings at start only
+    tune_in_process()  # before torch is imported or any thread starts (glibc's arenas are per thread)
     sys.exit(main())
