@@ -130,6 +130,7 @@ def test_the_command_line_sets_the_settings_in_its_own_process(monkeypatch, caps
     monkeypatch.setattr(memory, "tune_in_process", lambda: tuned.append(True) or True)
     monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("the command line must not re-execute Python"))
     monkeypatch.setattr(sys, "argv", ["finetune_core", "runs", "--json"])
+    monkeypatch.delitem(sys.modules, "finetune_core.__main__", raising=False)  # run it afresh, as -m does
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("finetune_core", run_name="__main__")
     assert exit_.value.code == 0 and tuned == [True]
