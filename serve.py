@@ -1,8 +1,15 @@
 """Start the dashboard: `python serve.py [streamlit options]`, e.g. `python serve.py --server.port 8600`.
 
-The same as `streamlit run app.py`, but Python starts with glibc's malloc settings from
-finetune_core.memory, which glibc reads only at start: CPU training runs up to 2x faster. Settings
-in .streamlit/config.toml apply as usual (the server binds to 127.0.0.1).
+The same as `streamlit run app.py`, started the same way on Linux, macOS and Windows (in this
+process: nothing is re-executed), with:
+- glibc's malloc settings from finetune_core.memory, set with mallopt before any thread starts
+  (Linux with glibc; nothing to do elsewhere): CPU training runs up to 2x faster. No environment
+  variable carries them into child processes.
+- the address to listen on: TUNEBOARD_ADDRESS if set (e.g. 0.0.0.0 for every interface; mind
+  that the dashboard has no login), else 127.0.0.1, this machine only. --server.address wins.
+- runs that end with the server: on Ctrl-C or SIGTERM, Streamlit stops and the interpreter exits,
+  and jobs.JobManager.shutdown (registered at exit) stops a run in progress at its next batch.
+Other settings come from .streamlit/config.toml as usual.
 """
 from __future__ import annotations
 
@@ -13,26 +20,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from finetune_core import memory  # noqa: E402  (stdlib only: nothing heavy before the exec)
+from finetune_core import memory  # noqa: E402  (stdlib only: no thread may start before mallopt)
 
-
-def command(streamlit_args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment that start the dashboard."""
-    env = memory.tuned_environ() if memory.wanted() else dict(os.environ)
-    return [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), *streamlit_args], env
-
-
+ADDRESS_VARIABLE, DEFAULT_ADDRESS = "TUNEBOARD_ADDRESS", "127.0.0.1"
 PATH_VARIABLES = ("TUNEBOARD_DATA_ROOT", "TUNEBOARD_RUNS_DIR", "TUNEBOARD_CACHE")
 
 
+def streamlit_args(argv: list[str], environ=None) -> list[str]:
+    """The `streamlit` command's arguments: run app.py at the address, then the user's options."""
+    env = os.environ if environ is None else environ
+    args = ["run", str(ROOT / "app.py")]
+    if not any(a == "--server.address" or a.startswith("--server.address=") for a in argv):
+        args += ["--server.address", env.get(ADDRESS_VARIABLE, "").strip() or DEFAULT_ADDRESS]
+    return args + list(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    cmd, env = command(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    memory.tune_in_process()  # first: glibc's arenas are per thread, and threads start below
     for name in PATH_VARIABLES:  # relative to where the user typed the command, not to ROOT
-        if env.get(name):
-            env[name] = str(Path(env[name]).expanduser().resolve())
-    os.chdir(ROOT)  # Streamlit reads .streamlit/config.toml (127.0.0.1 only) from the working folder
-    sys.stdout.flush()
-    os.execve(cmd[0], cmd, env)
+        if os.environ.get(name):
+            os.environ[name] = str(Path(os.environ[name]).expanduser().resolve())
+    os.chdir(ROOT)  # Streamlit reads .streamlit/config.toml from the working folder
+    from streamlit.web import cli
+
+    cli.main(args=streamlit_args(argv), prog_name="streamlit")
 
 
 if __name__ == "__main__":

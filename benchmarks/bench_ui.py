@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from finetune_core.memory import describe, reexec_tuned  # noqa: E402
+from finetune_core.memory import describe, tune_in_process  # noqa: E402
 
-reexec_tuned()  # as serve.py starts the dashboard
+tune_in_process()  # as serve.py starts the dashboard
 
 
 def percentile(values, q):

@@ -10,8 +10,8 @@
     python -m finetune_core export --run RUN_DIR --out DIR
     python -m finetune_core info [--json]
 
-The command starts Python once more with glibc's malloc settings from finetune_core.memory (about
-2x faster CPU training on Linux); TUNEBOARD_ALLOCATOR=default turns that off.
+The command sets glibc's malloc settings from finetune_core.memory in its own process (about 2x
+faster CPU training on Linux); TUNEBOARD_ALLOCATOR=default turns that off.
 
 Runs go to runs.default_runs_dir() (TUNEBOARD_RUNS_DIR, else runs/ beside the app), as the
 dashboard's do; --runs-dir changes it. `runs` does not import torch.
@@ -173,7 +173,7 @@ def saved_run(run_dir: str, states: tuple[str, ...], distributed):
     """(config, None) of a run folder whose state is one of `states`, or (None, exit code) after
     saying what is wrong. Under torchrun rank 0 reads the folder and tells the other ranks."""
     from .config import ConfigError, TrainConfig
-    from .runs import RunDir
+    from .runs import ACTIVE_STATES, RunDir
 
     run = RunDir(run_dir)
 
@@ -185,8 +185,11 @@ def saved_run(run_dir: str, states: tuple[str, ...], distributed):
             return None, f"{run.path}: cannot be resumed ({type(exc).__name__}: {exc})"
         except ConfigError as exc:
             return None, f"{run.path}: its settings are no longer valid here: " + "; ".join(exc.errors.values())
-        if status.get("state") not in states:
-            return None, f"{run.path}: is {status.get('state')}; only a {' or '.join(states)} run can be resumed"
+        state = status.get("state")
+        if state in ACTIVE_STATES and "interrupted" in states:  # left so by a process that is gone (rank 0
+            state = "interrupted"                                # owns the run now: see cmd_resume)
+        if state not in states:
+            return None, f"{run.path}: is {state}; only a {' or '.join(states)} run can be resumed"
         return record["config"], ""
 
     values, problem = distributed.from_main(read)
@@ -196,16 +199,25 @@ def saved_run(run_dir: str, states: tuple[str, ...], distributed):
 
 
 def cmd_resume(args) -> int:
-    """Continue a stopped or interrupted run from its last checkpoint, in its own folder."""
+    """Continue a stopped or interrupted run from its last checkpoint, in its own folder. Refused
+    while another live process (a server, another command) writes the run."""
+    import contextlib
+
     from .distributed import Distributed
-    from .runs import RunDir
+    from .runs import RunDir, RunOwned, owning
 
     distributed = Distributed.from_env()
-    config, code = saved_run(args.run_dir, ("stopped", "interrupted"), distributed)
-    if config is None:
-        return code
-    return run_to_the_end(config, distributed.follower(RunDir(args.run_dir)), args, resume=True,
-                          distributed=distributed)
+    run = RunDir(args.run_dir)
+    if distributed.is_main and not run.path.is_dir():
+        return fail(f"{run.path}: no such run folder")
+    try:
+        with owning(run) if distributed.is_main else contextlib.nullcontext():  # no other writer from here on
+            config, code = saved_run(args.run_dir, ("stopped", "interrupted"), distributed)
+            if config is None:
+                return code
+            return run_to_the_end(config, distributed.follower(run), args, resume=True, distributed=distributed)
+    except RunOwned as exc:
+        return fail(str(exc))
 
 
 def cmd_start(args) -> int:
@@ -556,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .memory import reexec_tuned
+    from .memory import tune_in_process
 
-    reexec_tuned()  # before torch is imported: glibc reads its malloc settings at start only
+    tune_in_process()  # before torch is imported or any thread starts (glibc's arenas are per thread)
     sys.exit(main())

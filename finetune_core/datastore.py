@@ -2,7 +2,10 @@
 built-in example, and the book's hot-dog set.
 
 Everything the dashboard writes goes under one data root (default: `data/` beside the app,
-`TUNEBOARD_DATA_ROOT` to change it), and a folder browser never leaves it.
+`TUNEBOARD_DATA_ROOT` to change it), and the dashboard reads datasets only from inside it (the
+folder browser and a typed folder alike), unless whoever starts the server names more folders in
+`TUNEBOARD_EXTRA_DATA_ROOTS` (separated by os.pathsep, ":" or ";" on Windows), or `*` for any
+folder the server can read. The command line is the user's own shell and is not limited.
 """
 from __future__ import annotations
 
@@ -35,12 +38,43 @@ MAX_COMPRESSION_RATIO = 100          # an entry that unpacks to more than this m
 RATIO_CHECK_BYTES = 1024**2          # ...and to more than this is a zip bomb (photos barely compress)
 
 
+EXTRA_ROOTS_VARIABLE = "TUNEBOARD_EXTRA_DATA_ROOTS"
+
+
 class UploadError(ValueError):
     """An archive that is refused; the message says why."""
 
 
+class FolderNotAllowed(ValueError):
+    """A folder outside the folders the dashboard may read; the message names it and them."""
+
+
 def data_root() -> Path:
     return Path(os.environ.get("TUNEBOARD_DATA_ROOT", APP_DIR / "data")).expanduser().resolve()
+
+
+def allowed_roots() -> list[Path] | None:
+    """The folders the dashboard may read datasets from: the data root and those named in
+    TUNEBOARD_EXTRA_DATA_ROOTS; None when that setting is `*` (any folder)."""
+    extra = [item.strip() for item in os.environ.get(EXTRA_ROOTS_VARIABLE, "").split(os.pathsep) if item.strip()]
+    if "*" in extra:
+        return None
+    return [data_root(), *(Path(item).expanduser().resolve() for item in extra)]
+
+
+def check_data_folder(path: str | os.PathLike) -> Path:
+    """The folder, resolved (links followed, '..' gone), if the dashboard may read it; raises
+    FolderNotAllowed naming the folder and the allowed roots otherwise."""
+    folder = Path(path).expanduser().resolve()
+    roots = allowed_roots()
+    if roots is None or any(inside(root, folder) for root in roots):
+        return folder
+    where = f"the data folder {roots[0]}" if len(roots) == 1 else \
+        "the folders " + ", ".join(str(r) for r in roots)
+    raise FolderNotAllowed(
+        f"{folder} is outside {where}: the dashboard reads datasets only from there. Copy or "
+        f"upload the images there, or start the server with {EXTRA_ROOTS_VARIABLE} naming the folder "
+        f"({EXTRA_ROOTS_VARIABLE}=* allows any folder)")
 
 
 def runs_root() -> Path:

@@ -66,7 +66,8 @@ from .models import (BACKBONES, build_model, load_refusal, parameter_groups, res
                      split_model)
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
-from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, now_iso
+from .runs import (CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, claim_run, now_iso,
+                   release_run)
 
 Event = dict
 EventCallback = Callable[[Event], None]
@@ -986,7 +987,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     dataset's scan when the caller already has it (it is not scanned again). `shared_features`: a
     dict the caller keeps across runs (a sweep's): the frozen part's outputs are computed once
     for all the runs that can share them (shared_features_key). `distributed`: this process's
-    rank under torchrun (distributed.py); only rank 0 writes the run directory."""
+    rank under torchrun (distributed.py); only rank 0 writes the run directory. Raises RunOwned,
+    before writing, when another live process writes the run."""
     config = resolve_auto(config.check())  # epochs and views 0 are resolved once the data is scanned
     device_problem = config.validate(check_paths=True).get("device")
     if device_problem and not resume:
@@ -998,6 +1000,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     run = distributed.follower(run)
     if distributed.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
+        claim_run(run)  # this process writes the run until the end below (runs.py: ownership)
     run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None,
                      **distributed.status_fields())
     run.log(f"{'resuming' if resume else 'starting'} run {run.id}")
@@ -1057,6 +1060,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
         if ctx is not None:
             for cache in ctx.caches.values():
                 cache.close()
+        if distributed.is_main:
+            release_run(run)
     run.log(f"ended {status.get('state')}: {status.get('message')}")
     if on_event is not None:
         on_event({"kind": "end", **status})

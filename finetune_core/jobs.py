@@ -8,11 +8,18 @@ A run with more than one process (the `processes` setting, or auto on a machine 
 GPUs) is started as a torchrun child process instead (distributed.launch); the worker follows it
 through its run directory, asks it to stop with the run's stop file, and a manager started later
 (a server restart) finds it again from the pid in its launcher.json.
+
+The manager owns each run it queues (runs.claim_run) from submit to its end, so that no other
+process resumes or deletes it meanwhile, and a new server marks it interrupted only once this
+process is gone. `shutdown()` runs at interpreter exit: queued runs end `stopped`, running ones
+are asked to stop and end `stopped` (or `interrupted` if they do not stop in time).
 """
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,7 +31,8 @@ from .config import TrainConfig
 from .data import ScanReport
 from .engine import config_record, resolve_auto, train
 from .models import resolve_device
-from .runs import ACTIVE_STATES, RunDir, mark_interrupted, new_run_dir, now_iso
+from .runs import (ACTIVE_STATES, RunDir, claim_run, list_runs, mark_interrupted, new_run_dir, now_iso,
+                   release_run)
 from .sweep import is_sweep_group
 
 DUPLICATE_WINDOW_S = 5.0  # an identical config submitted again within this is a double click
@@ -87,7 +95,11 @@ class JobManager:
         self._workers: dict[str, threading.Thread] = {}
         self._shared_features: dict[str, dict] = {}  # per sweep: the frozen part's outputs, computed once
         self._closed = False
-        self.interrupted = mark_interrupted(self.runs_dir, alive=lambda info: self._adopt(RunDir(info.path)))
+        self.interrupted = mark_interrupted(self.runs_dir, alive=self._adopt)
+        for info in list_runs(self.runs_dir):  # a torchrun child of an earlier server that owns its run
+            if info.state in ACTIVE_STATES and info.id not in self._jobs:
+                self._adopt(RunDir(info.path))
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     # --- submitting ----------------------------------------------------------------------------
     def submit(self, config: TrainConfig, report: ScanReport | None = None) -> str:
@@ -101,10 +113,16 @@ class JobManager:
             if twin is not None:
                 raise DuplicateSubmission(twin.run_id, config.name or twin.run_id)
             run = new_run_dir(self.runs_dir, config.name or config.backbone)
-            run.write_config(config_record(config, report))
-            run.write_status(state="queued", message="waiting for the device", progress=0.0, submitted_at=now_iso())
-            return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report,
-                                     processes=distributed.default_processes(config.processes, config.device)))
+            claim_run(run)  # a fresh folder: nobody else can own it; this process does until the job ends
+            try:
+                run.write_config(config_record(config, report))
+                run.write_status(state="queued", message="waiting for the device", progress=0.0,
+                                 submitted_at=now_iso())
+                return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report,
+                                         processes=distributed.default_processes(config.processes, config.device)))
+            except BaseException:
+                release_run(run)
+                raise
 
     def _recent_twin(self, config: TrainConfig) -> Job | None:
         """A job submitted less than DUPLICATE_WINDOW_S ago with the same settings but its group."""
@@ -115,7 +133,8 @@ class JobManager:
                      and {**j.config.to_dict(), "group": None} == same), None)
 
     def resume(self, run_id: str) -> str:
-        """Queue an interrupted or stopped run again; it continues from its last checkpoint."""
+        """Queue an interrupted or stopped run again; it continues from its last checkpoint.
+        Raises RunOwned when another process (the command line, another server) writes it."""
         run = RunDir(self.runs_dir / run_id)
         config = TrainConfig.from_dict(run.read_config()["config"])
         job = Job(run_id, run, config, device_key(config.device), resume=True,
@@ -125,8 +144,13 @@ class JobManager:
             current = self._jobs.get(run_id)
             if current is not None and current.state in ("queued", "running"):
                 raise RuntimeError(f"run {run_id} is already {current.state}")
-            run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None)
-            return self._enqueue(job)
+            claim_run(run)  # RunOwned if another process writes it
+            try:
+                run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None)
+                return self._enqueue(job)
+            except BaseException:
+                release_run(run)
+                raise
 
     def _enqueue(self, job: Job) -> str:
         with self._lock:  # re-entrant: resume() already holds it
@@ -154,6 +178,7 @@ class JobManager:
                 self._queues[job.device].remove(job)
                 job.state, job.message = "stopped", "stopped before it started"
                 job.run.write_status(state="stopped", message=job.message, ended_at=now_iso())
+                release_run(job.run)
                 job.done.set()
                 self._release_shared(job.config.group)
             elif job.state == "running":
@@ -201,6 +226,9 @@ class JobManager:
         return job.snapshot()
 
     def shutdown(self, stop_running: bool = True, timeout: float = 30.0) -> None:
+        """Take every queued job off its queue (`stopped`), ask running ones to stop and wait up
+        to `timeout` seconds for them; a run still going then is marked `interrupted`. Called at
+        interpreter exit (the server stopping); calling it again does nothing more."""
         with self._lock:
             self._closed = True
             for q in self._queues.values():
@@ -208,14 +236,25 @@ class JobManager:
                     job = q.popleft()
                     job.state, job.message = "stopped", "stopped: the server shut down"
                     job.run.write_status(state="stopped", message=job.message, ended_at=now_iso())
+                    release_run(job.run)
                     job.done.set()
             if stop_running:
                 for job in self._jobs.values():
                     job.stop_event.set()
             self._lock.notify_all()
             workers = list(self._workers.values())
+        deadline = time.monotonic() + timeout
         for w in workers:
-            w.join(timeout)
+            w.join(max(0.0, deadline - time.monotonic()))
+        if not stop_running:
+            return
+        with self._lock:
+            late = [j for j in self._jobs.values() if j.state == "running"]
+        for job in late:  # did not reach a batch boundary in time; the process is about to end
+            job.run.write_status(state="interrupted", ended_at=now_iso(),
+                                 message="interrupted: the server shut down before the run could stop"
+                                         + ("; it can be resumed from its last checkpoint"
+                                            if job.run.has_checkpoint() else ""))
 
     # --- the worker ----------------------------------------------------------------------------
     def _work(self, device: str) -> None:
@@ -261,6 +300,7 @@ class JobManager:
                 pass
         with self._lock:
             job.state, job.message = state, message
+            release_run(job.run)
             job.done.set()
             self._release_shared(group)
             self._lock.notify_all()
@@ -270,6 +310,7 @@ class JobManager:
     def _run_torchrun(self, job: Job) -> None:
         try:
             job.run.write_status(state="queued", message=f"starting {job.processes} processes (torchrun)")
+            release_run(job.run)  # the child's rank 0 owns the run from here (engine.train claims it)
             child = distributed.launch(job.run, job.processes, resume=job.resume, cache_dir=self.cache_dir)
         except Exception as exc:  # noqa: BLE001 - a launch that fails marks its run and keeps serving
             job.run.write_status(state="failed", message=f"could not start torchrun: {type(exc).__name__}: {exc}",
@@ -335,6 +376,12 @@ def _named(snapshot: dict) -> dict:
     """A job's snapshot under the name the user gave the run last (meta.json), if any."""
     snapshot["name"] = RunDir(snapshot["path"]).read_meta().get("name") or snapshot["name"]
     return snapshot
+
+
+def _shutdown_at_exit(ref: "weakref.ref[JobManager]") -> None:
+    manager = ref()
+    if manager is not None:
+        manager.shutdown()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:

@@ -12,9 +12,13 @@ not handed back between steps), and no small-block caches (so freed blocks merge
 The cost: the heap keeps its high-water mark while a run lasts (for the book's recipe, 14.6 GB
 instead of a peak of 11.8), and the first epoch pays the page faults once.
 
-glibc reads the tunables only when a process starts, from the ``GLIBC_TUNABLES`` environment
-variable, so the front ends start Python with them: ``serve.py`` for the dashboard, and
-``python -m finetune_core`` re-executes itself once. After a run, ``release_memory()`` gives the
+The front ends set them in their own process with ``mallopt`` (``tune_in_process``) before any
+thread starts: ``serve.py`` for the dashboard, ``python -m finetune_core`` for the command line.
+Nothing is re-executed (which Windows cannot do) and no environment variable carries the settings
+into child processes. ``mallopt`` has no switch for the per-thread cache (``tcache_count``): a few
+hundred MB more stay resident than with ``GLIBC_TUNABLES``, for the same speed (bench_step.py).
+``GLIBC_TUNABLES`` (``tuned_environ``, which glibc reads only when a process starts) remains for
+benchmarks that compare the two in child processes. After a run, ``release_memory()`` gives the
 freed heap back to the system.
 
 ``TUNEBOARD_ALLOCATOR=default`` keeps glibc's own behaviour. Nothing here imports torch.
@@ -37,6 +41,15 @@ TUNABLES: dict[str, str] = {
     "glibc.malloc.tcache_count": "0",
     "glibc.malloc.mxfast": "0",
 }
+# The same settings for mallopt(3), which applies them to the running process:
+# tunable -> (mallopt parameter, value). tcache_count has no mallopt parameter.
+MALLOPT: dict[str, tuple[int, int]] = {
+    "glibc.malloc.mmap_max": (-4, 0),          # M_MMAP_MAX
+    "glibc.malloc.arena_max": (-8, 1),         # M_ARENA_MAX: set before any thread starts: one heap for all
+    "glibc.malloc.trim_threshold": (-1, -1),   # M_TRIM_THRESHOLD: glibc reads -1 as the largest size: never trim
+    "glibc.malloc.mxfast": (1, 0),             # M_MXFAST
+}
+_tuned_in_process = False
 OPT_OUT_VARIABLE = "TUNEBOARD_ALLOCATOR"
 _REEXEC_MARK = "TUNEBOARD_REEXECUTED"
 
@@ -73,6 +86,8 @@ def tuned_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def is_tuned(environ: Mapping[str, str] | None = None) -> bool:
     """Whether a process started with ``environ`` runs with Tuneboard's settings."""
+    if environ is None and _tuned_in_process:
+        return True
     env = os.environ if environ is None else environ
     have = _parse(env.get("GLIBC_TUNABLES", ""))
     return all(have.get(name) == value for name, value in TUNABLES.items())
@@ -94,6 +109,25 @@ def reexec_tuned(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(argv if argv is not None else sys.orig_argv), env)
+
+
+def tune_in_process() -> bool:
+    """Apply the settings to this process with mallopt(3), once, when they are wanted: no re-exec,
+    no environment variable for child processes to inherit. Call it before any thread starts (a
+    thread that started earlier keeps its own arena). A setting the user gave in GLIBC_TUNABLES
+    keeps the user's value. True when they are in force."""
+    global _tuned_in_process
+    if _tuned_in_process or not wanted():
+        return _tuned_in_process
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    users = _parse(os.environ.get("GLIBC_TUNABLES", ""))
+    _tuned_in_process = all(mallopt(param, value) == 1 for name, (param, value) in MALLOPT.items()
+                            if name not in users)
+    return _tuned_in_process
 
 
 def release_memory() -> bool:

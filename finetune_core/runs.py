@@ -13,20 +13,36 @@ the app. The dashboard and every command of the command line use it.
                            one prob_<class> column per class
       log.txt              what happened, with the traceback of a failure
       meta.json            what the user edits afterwards: display name, tags
+      owner.lock           locked by the one process writing the run (queued or training)
+      owner.json           who that is: pid, host, the process's start time, its command line
 
 States: queued, running, completed, stopped, failed, diverged, interrupted.
 Every file is written atomically (temp file + rename; checkpoints are also fsynced) except the
 append-only metrics and log; a metrics row cut short by a kill or a full disk is left out when
 read and cut off before the next row is appended.
+
+Ownership: a run has one writer. The process that queues or trains it holds an OS lock on
+`owner.lock` (flock on Linux and macOS, msvcrt on Windows) for as long as it does; the system
+drops the lock when that process ends, however it ends (SIGKILL and power loss included), so a
+lock that can be taken means the writer is gone, whatever became of its PID. A run left queued or
+running without a live owner is `interrupted`; one with a live owner (the command line, another
+server) is left alone and cannot be resumed or deleted until it ends.
 """
 from __future__ import annotations
 
 import csv
 import json
+import errno
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +56,7 @@ FINISHED_STATES = ("completed", "stopped", "failed", "diverged", "interrupted")
 CONFIG, STATUS, METRICS, PREDICTIONS, LOG, META = (
     "config.json", "status.json", "metrics.csv", "predictions.csv", "log.txt", "meta.json")
 CHECKPOINT_LAST, CHECKPOINT_BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+OWNER, OWNER_LOCK = "owner.json", "owner.lock"
 
 METRIC_COLUMNS = ["kind", "epoch", "step", "loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc",
                   "lr", "head_lr", "images_per_s", "elapsed_s"]
@@ -254,6 +271,168 @@ def new_run_dir(runs_dir: str | os.PathLike, name: str = "") -> RunDir:
     raise RuntimeError(f"cannot create a run folder under {runs_dir}")
 
 
+# --------------------------------------------------------------------------------------------
+# Ownership: one writer per run (see the module's docstring)
+
+
+class RunOwned(RuntimeError):
+    """Another live process is writing this run; the message names it."""
+
+
+CLAIM_WAIT_S = 2.0  # a claim waits this long for a quick look by another process to end
+
+_claims: dict[Path, list] = {}  # run folder -> [its open, locked owner.lock, claims]: this process's runs
+_claims_lock = threading.Lock()
+
+
+def _try_lock(f) -> bool:
+    """Take the exclusive OS lock on the open file `f` without waiting; False when another holds it."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if os.name == "nt" or exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return False
+        raise  # a filesystem without locks: say so rather than guess who owns what
+
+
+def _unlock_and_close(f) -> None:
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+    finally:
+        f.close()  # on Linux and macOS closing the file drops the lock
+
+
+def process_started_at() -> str:
+    """When this process started (with the PID, it names the process even after the PID is reused)."""
+    try:  # Linux: field 22 of /proc/self/stat is the start in clock ticks after boot
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        started = _IMPORTED_AT
+    return datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
+
+
+_IMPORTED_AT = time.time()
+
+
+def owner_record() -> dict:
+    """owner.json for a run this process writes."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "process_started_at": process_started_at(),
+            "since": now_iso(), "command": " ".join(getattr(sys, "orig_argv", sys.argv))[:300]}
+
+
+def describe_owner(owner: dict) -> str:
+    return (f"process {owner.get('pid', '?')} on {owner.get('host', '?')} ({owner.get('command') or 'unknown'}, "
+            f"since {owner.get('since', '?')})")
+
+
+def _key(run: RunDir) -> Path:
+    return run.path.resolve()
+
+
+def claim_run(run: RunDir) -> None:
+    """Make this process the run's writer (again: claims nest, each needs its release_run).
+    Raises RunOwned, naming the owner, when another live process writes it."""
+    key = _key(run)
+    with _claims_lock:
+        if key in _claims:
+            _claims[key][1] += 1
+            return
+        run.path.mkdir(parents=True, exist_ok=True)
+        f = open(run.file(OWNER_LOCK), "a+b")
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while not _try_lock(f):  # another process may only be looking (run_owner): wait a moment
+            if time.monotonic() > deadline:
+                f.close()
+                raise RunOwned(f"run {run.id} is being written by {describe_owner(_read_owner(run))}: "
+                               "wait for it to end or stop it there")
+            time.sleep(0.05)
+        try:
+            atomic_write_json(run.file(OWNER), owner_record())
+        except BaseException:
+            _unlock_and_close(f)
+            raise
+        _claims[key] = [f, 1]
+
+
+def release_run(run: RunDir) -> None:
+    """Undo one claim_run; the last one lets the run go (its files stay as they are)."""
+    key = _key(run)
+    with _claims_lock:
+        held = _claims.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _claims[key]
+            _unlock_and_close(held[0])
+
+
+@contextmanager
+def owning(run: RunDir):
+    """`with owning(run):` this process writes the run inside the block (RunOwned if another does)."""
+    claim_run(run)
+    try:
+        yield run
+    finally:
+        release_run(run)
+
+
+def _read_owner(run: RunDir) -> dict:
+    try:
+        owner = run.read_json(OWNER)
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@contextmanager
+def _unowned(run: RunDir):
+    """Yields True, holding the run's lock for the block, when no live process owns the run;
+    False when one does (this process included)."""
+    with _claims_lock:
+        mine = _key(run) in _claims
+    if mine:
+        yield False
+        return
+    try:
+        f = open(run.file(OWNER_LOCK), "a+b")
+    except OSError:
+        yield True  # cannot even open it (e.g. a read-only copy): nobody is writing there
+        return
+    if not _try_lock(f):
+        f.close()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        _unlock_and_close(f)
+
+
+def run_owner(run: RunDir | str | os.PathLike) -> dict | None:
+    """The owner record (pid, host, process_started_at, since, command) of the live process that
+    writes this run, or None when no process does."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    with _unowned(run) as free:
+        return None if free else (_read_owner(run) or {"pid": "?"})
+
+
 @dataclass
 class RunInfo:
     """A summary of one run for listings. `error` is set when the folder is damaged."""
@@ -274,6 +453,7 @@ class RunInfo:
     duration_s: float | None = None
     tags: list[str] = field(default_factory=list)
     has_checkpoint: bool = False
+    owner: str = ""               # the live process writing a queued or running run (describe_owner)
     error: str = ""               # the folder cannot be summarised (status.json or config.json unreadable)
     warning: str = ""             # readable, but part of it is damaged (a missing checkpoint, a torn metrics row)
 
@@ -354,6 +534,12 @@ def _fill_info(info: RunInfo, run: RunDir, status: dict, config: dict) -> None:
     info.ended_at = status.get("ended_at", "")
     info.duration_s = _duration(status)
     info.has_checkpoint = run.has_checkpoint()
+    if info.state in ACTIVE_STATES:  # status.json says so; is its writer still alive?
+        owner = run_owner(run)
+        if owner is None:
+            info.state, info.message = "interrupted", interrupted_message(info.state, info.has_checkpoint)
+        else:
+            info.owner = describe_owner(owner)
 
 
 def list_runs(runs_dir: str | os.PathLike) -> list[RunInfo]:
@@ -373,26 +559,48 @@ def find_run(runs_dir: str | os.PathLike, run_id: str) -> RunDir:
 
 
 def delete_run(path: str | os.PathLike) -> None:
-    """Delete a finished run's folder. Refuses a queued or running one."""
+    """Delete a run's folder. Refuses while a live process writes it (queued or running there);
+    a run left queued or running by a process that is gone can be deleted."""
     run = RunDir(path)
-    try:
-        state = run.read_status(default={}).get("state")
-    except (OSError, ValueError, AttributeError):  # a damaged status.json: nothing says it is running
-        state = None
-    if state in ACTIVE_STATES:
-        raise RuntimeError(f"run {run.id} is {state}: stop it before deleting it")
-    shutil.rmtree(run.path)
+    with _unowned(run) as free:
+        if not free:
+            owner = _read_owner(run)
+            try:
+                state = run.read_status(default={}).get("state", "in use")
+            except (OSError, ValueError, AttributeError):  # a damaged status.json
+                state = "in use"
+            raise RunOwned(f"run {run.id} is {state} in {describe_owner(owner)}: stop it before deleting it")
+        for entry in run.path.iterdir():  # all but the lock this holds (Windows cannot delete a locked file)
+            if entry.name != OWNER_LOCK:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    shutil.rmtree(run.path, ignore_errors=True)
 
 
-def mark_interrupted(runs_dir: str | os.PathLike, alive=lambda info: False) -> list[str]:
-    """Runs left queued or running by a server that died: mark them interrupted. Returns their ids.
-    `alive(info)`: a run still trained by a process of its own (a torchrun child) is left alone."""
+def interrupted_message(state: str, has_checkpoint: bool) -> str:
+    return (f"interrupted: the process writing this run ended while it was {state}"
+            + ("; it can be resumed from its last checkpoint" if has_checkpoint else ""))
+
+
+def mark_interrupted(runs_dir: str | os.PathLike, alive: Callable[[RunDir], bool] = lambda run: False) -> list[str]:
+    """Runs left queued or running by a process that is gone (a server or command that died):
+    mark them interrupted. A run whose writer is alive is left alone, and so is one for which
+    `alive(run)` says so (a torchrun child still starting, before its rank 0 owns the run).
+    Returns the ids marked."""
     marked = []
-    for info in list_runs(runs_dir):
-        if info.state in ACTIVE_STATES and not info.error and not alive(info):
-            RunDir(info.path).write_status(
-                state="interrupted", ended_at=now_iso(),
-                message=f"interrupted: the server stopped while this run was {info.state}"
-                        + ("; it can be resumed from its last checkpoint" if info.has_checkpoint else ""))
-            marked.append(info.id)
+    runs_dir = Path(runs_dir).expanduser()
+    if not runs_dir.is_dir():
+        return marked
+    for path in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        run = RunDir(path)
+        try:
+            if run.read_status(default={}).get("state") not in ACTIVE_STATES:
+                continue
+            with _unowned(run) as free:
+                state = run.read_status(default={}).get("state")  # again, now that nobody can write it
+                if free and state in ACTIVE_STATES and not alive(run):
+                    run.write_status(state="interrupted", ended_at=now_iso(),
+                                     message=interrupted_message(state, run.has_checkpoint()))
+                    marked.append(run.id)
+        except (OSError, ValueError):
+            continue  # a damaged folder: the listing flags it
     return marked

@@ -22,7 +22,7 @@ from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, S
 from finetune_core.data import INFO, DatasetError, scan_dataset
 from finetune_core.engine import resolve_auto
 from finetune_core.jobs import DuplicateSubmission
-from finetune_core.runs import RunDir
+from finetune_core.runs import RunDir, RunOwned
 from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, flash, job_controls, manager, page, resumable_runs,
                           setting_input, state_label, submit, widget_value)
 
@@ -104,7 +104,11 @@ def folder_path(root: Path) -> str:
         chosen = str(folder if pick in ("(this folder)", "..") else folder / pick)
         # A callback runs before the next run draws the text box, the only time its value may be set.
         cols[1].button("Use this folder", on_click=use_folder, args=(chosen,))
-    return path
+    try:
+        return str(datastore.check_data_folder(path)) if path else path
+    except datastore.FolderNotAllowed as exc:
+        st.error(str(exc))
+        return ""
 
 
 def use_folder(path: str) -> None:
@@ -546,7 +550,10 @@ def resume_section() -> None:
         cols = st.columns([5, 1])
         cols[0].write(f"**{info.name}** {state_label(info.state)}: {info.message}")
         if cols[1].button("Resume", key=f"resume-{info.id}"):
-            manager().resume(info.id)
+            try:
+                manager().resume(info.id)
+            except RunOwned as exc:  # another process took it over since this page was drawn
+                flash(str(exc), "error")
             st.rerun()
 
 

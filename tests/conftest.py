@@ -111,6 +111,9 @@ def dashboard_env(tmp_path, monkeypatch):
     """A private data root, runs folder and decode cache for the pages under test, and an empty
     torch hub: what the pages offer must not depend on weights cached on this machine."""
     monkeypatch.setenv("TUNEBOARD_DATA_ROOT", str(tmp_path / "data"))
+    # The tests' datasets sit beside the data root (tmp_path/tiny): allowed here; the tests of
+    # that limit (test_pages, test_datastore) take it away.
+    monkeypatch.setenv("TUNEBOARD_EXTRA_DATA_ROOTS", str(tmp_path))
     monkeypatch.setenv("TUNEBOARD_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("TUNEBOARD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
 import tomllib
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +200,26 @@ def test_hotdog_download_offline_says_so(tmp_path, monkeypatch):
     with pytest.raises(datastore.UploadError, match="are you offline"):
         datastore.download_hotdog(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_dashboard_reads_datasets_only_inside_the_data_root_unless_allowed(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    inside = make_dataset(root / "pets", per_class=2, test_per_class=1)
+    outside = make_dataset(tmp_path / "elsewhere", per_class=2, test_per_class=1)
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    monkeypatch.setenv("TUNEBOARD_DATA_ROOT", str(root))
+    monkeypatch.delenv(datastore.EXTRA_ROOTS_VARIABLE, raising=False)
+    assert datastore.check_data_folder(inside) == inside.resolve()
+    for refused in (outside, root / ".." / "elsewhere", root / "link", "/etc", "~"):
+        with pytest.raises(datastore.FolderNotAllowed) as exc:
+            datastore.check_data_folder(refused)
+        text = str(exc.value)
+        assert str(Path(refused).expanduser().resolve()) in text and f"the data folder {root.resolve()}" in text
+        assert datastore.EXTRA_ROOTS_VARIABLE in text
+    monkeypatch.setenv(datastore.EXTRA_ROOTS_VARIABLE, os.pathsep.join([str(tmp_path / "elsewhere"), "/srv/x"]))
+    assert datastore.check_data_folder(outside) == outside.resolve()
+    assert datastore.check_data_folder(root / "link") == outside.resolve()
+    with pytest.raises(datastore.FolderNotAllowed, match="outside the folders .*/srv/x"):
+        datastore.check_data_folder("/etc")
+    monkeypatch.setenv(datastore.EXTRA_ROOTS_VARIABLE, "*")
+    assert datastore.check_data_folder("/etc") == Path("/etc").resolve()

@@ -75,15 +75,46 @@ def test_a_crashing_worker_marks_its_run_failed_and_keeps_serving(tiny_config, t
     assert mgr.wait(after, 10)["state"] == "completed"
 
 
-def test_a_restart_marks_runs_left_running_as_interrupted(tiny_config, tmp_path, fake):
+def test_a_second_manager_leaves_a_run_its_owner_is_still_training(tiny_config, tmp_path, fake):
+    """Before runs had owners, a second manager on the same folder marked this run interrupted
+    and offered Resume while the first was still training it: two writers on one folder."""
     mgr = JobManager(tmp_path / "runs", train_fn=fake)
     run_id = mgr.submit(tiny_config.replace(device="cpu"))
     assert wait_until(lambda: fake.started)
-    # the server dies here: a new process starts a new manager on the same folder
     again = JobManager(tmp_path / "runs", train_fn=fake)
-    assert again.interrupted == [run_id]
-    assert RunDir(tmp_path / "runs" / run_id).read_status()["state"] == "interrupted"
+    assert again.interrupted == []
+    assert RunDir(tmp_path / "runs" / run_id).read_status()["state"] == "running"
     fake.release.set()
+    assert mgr.wait(run_id, 10)["state"] == "completed"
+
+
+def test_shutdown_ends_running_and_queued_runs_stopped(tiny_config, tmp_path, fake):
+    mgr = JobManager(tmp_path / "runs", train_fn=fake)
+    first = mgr.submit(tiny_config.replace(name="first", device="cpu"))
+    second = mgr.submit(tiny_config.replace(name="second", device="cpu"))
+    assert wait_until(lambda: fake.started == ["first"])
+    mgr.shutdown(timeout=10)
+    for run_id in (first, second):
+        assert RunDir(tmp_path / "runs" / run_id).read_status()["state"] == "stopped"
+    with pytest.raises(RuntimeError, match="shut down"):
+        mgr.submit(tiny_config.replace(device="cpu"))
+
+
+def test_shutdown_marks_a_run_that_does_not_stop_in_time_interrupted(tiny_config, tmp_path):
+    release = threading.Event()
+
+    def deaf(config, run, on_event=None, stop_event=None, **options):  # never looks at stop_event
+        run.write_status(state="running")
+        release.wait(30)
+        return run.write_status(state="completed")
+
+    mgr = JobManager(tmp_path / "runs", train_fn=deaf)
+    run_id = mgr.submit(tiny_config.replace(device="cpu"))
+    assert wait_until(lambda: mgr.job(run_id)["state"] == "running")
+    mgr.shutdown(timeout=0.2)
+    status = RunDir(tmp_path / "runs" / run_id).read_status()
+    assert status["state"] == "interrupted" and "shut down" in status["message"]
+    release.set()
 
 
 def test_concurrent_submits_are_all_queued_once(tiny_config, tmp_path, fake):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -92,26 +93,47 @@ def test_tuned_environ_adds_the_settings_and_keeps_the_users_own():
 @pytest.mark.slow
 def test_the_settings_stop_the_page_faults_of_large_tensors_in_a_worker_thread():
     # Two processes: glibc reads its settings only when a process starts.
-    default, tuned = map(last_json, run_together([([sys.executable, "-c", PROBE], clean_env()),
-                                                  ([sys.executable, "-c", PROBE], memory.tuned_environ(clean_env()))]))
+    in_process = "from finetune_core import memory as m; assert m.tune_in_process()\n" + PROBE  # mallopt, no env
+    default, tuned, mallopt = map(last_json, run_together([
+        ([sys.executable, "-c", PROBE], clean_env()),
+        ([sys.executable, "-c", PROBE], memory.tuned_environ(clean_env())),
+        ([sys.executable, "-c", in_process], clean_env())]))
     # By default every step maps fresh zeroed pages for its activations (measured: ~164k faults in
     # the last step); with the settings the freed blocks are reused (measured: 0).
     assert default["faults"] > MEASURED_STEPS * ACTIVATION // 4096, default
     assert tuned["faults"] * 10 < default["faults"], (tuned, default)
+    # The same settings set in-process by mallopt (serve.py, the command line): the heap is reused
+    # too, but without the tunables' tcache_count=0 it still grows now and then (measured: 0 to 49k
+    # faults in the last step, against 164k).
+    assert mallopt["faults"] * 2 < default["faults"], (mallopt, default)
     # ... and release_memory() hands the kept heap back to the system (measured: ~390 MB).
     assert tuned["released"] is True
     assert tuned["rss_kept"] - tuned["rss_after_release"] > 4 * ACTIVATION, tuned
+    assert mallopt["released"] is True and mallopt["rss_kept"] - mallopt["rss_after_release"] > 4 * ACTIVATION
 
 
 @needs_glibc
 @pytest.mark.slow
-def test_the_command_line_restarts_itself_with_the_settings_unless_told_not_to():
-    # A subprocess is the point here: the command re-executes its own interpreter.
+def test_the_command_line_runs_with_the_settings_unless_told_not_to():
+    # A subprocess is the point here: the settings are made when the command starts.
     info = [sys.executable, "-m", "finetune_core", "info", "--json"]
     on, off = map(last_json, run_together([(info, clean_env()),
                                            (info, clean_env(**{memory.OPT_OUT_VARIABLE: "default"}))]))
     assert on["allocator_tuned"] is True
     assert off["allocator_tuned"] is False and "TUNEBOARD_ALLOCATOR=default" in off["allocator"]
+
+
+def test_the_command_line_sets_the_settings_in_its_own_process(monkeypatch, capsys):
+    import runpy
+
+    tuned = []
+    monkeypatch.setattr(memory, "tune_in_process", lambda: tuned.append(True) or True)
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("the command line must not re-execute Python"))
+    monkeypatch.setattr(sys, "argv", ["finetune_core", "runs", "--json"])
+    monkeypatch.delitem(sys.modules, "finetune_core.__main__", raising=False)  # run it afresh, as -m does
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("finetune_core", run_name="__main__")
+    assert exit_.value.code == 0 and tuned == [True]
 
 
 def test_reexec_happens_once_and_only_when_wanted(monkeypatch):
@@ -132,19 +154,88 @@ def test_reexec_happens_once_and_only_when_wanted(monkeypatch):
     assert len(calls) == 1
 
 
-def test_serve_starts_streamlit_on_app_py_with_the_settings(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
-    monkeypatch.setattr(memory, "supported", lambda: True)
-    monkeypatch.delenv(memory.OPT_OUT_VARIABLE, raising=False)
+def test_serve_starts_streamlit_in_this_process_with_the_settings_and_the_address(monkeypatch, tmp_path):
+    from streamlit.web import cli
+
+    calls, tuned = [], []
+    monkeypatch.setattr(cli, "main", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(memory, "tune_in_process", lambda: tuned.append(True) or True)
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("serve.py must not re-execute Python"))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(serve.ADDRESS_VARIABLE, raising=False)
     monkeypatch.setenv("TUNEBOARD_RUNS_DIR", "my-runs")
     monkeypatch.chdir(tmp_path)
-    serve.main(["--server.port", "8600"])
-    (exe, argv, env), = calls
-    assert argv[1:5] == ["-m", "streamlit", "run", str(ROOT / "app.py")] and argv[-2:] == ["--server.port", "8600"]
-    assert memory.is_tuned(env)
-    assert env["TUNEBOARD_RUNS_DIR"] == str(tmp_path / "my-runs")  # relative to where it was typed
-    assert os.getcwd() == str(ROOT)  # where .streamlit/config.toml (127.0.0.1) is read
+    serve.main(["--server.port", "8600", "--theme.base", "a value with spaces"])
+    assert tuned == [True] and "GLIBC_TUNABLES" not in os.environ  # nothing for child processes to inherit
+    assert calls == [{"prog_name": "streamlit", "args": ["run", str(ROOT / "app.py"), "--server.address", "127.0.0.1",
+                                                         "--server.port", "8600", "--theme.base", "a value with spaces"]}]
+    assert os.environ["TUNEBOARD_RUNS_DIR"] == str(tmp_path / "my-runs")  # relative to where it was typed
+    assert os.getcwd() == str(ROOT)  # where .streamlit/config.toml is read
+    monkeypatch.setenv(serve.ADDRESS_VARIABLE, "0.0.0.0")
+    assert serve.streamlit_args([])[2:] == ["--server.address", "0.0.0.0"]
+    assert serve.streamlit_args(["--server.address=10.0.0.1"])[2:] == ["--server.address=10.0.0.1"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_server_listens_on_tuneboard_address_and_ends_cleanly_on_sigterm(tmp_path):
+    """A real start: the address comes from TUNEBOARD_ADDRESS, no GLIBC_TUNABLES in the server's
+    environment, and SIGTERM ends it through the interpreter's exit, where JobManager.shutdown
+    stops the run in progress: it ends `stopped`, not `running`."""
+    import signal
+    import time
+    import urllib.request
+
+    from finetune_core.runs import RunDir
+
+    port = free_port()
+    code = textwrap.dedent(f"""
+        import atexit, serve
+        from finetune_core.jobs import JobManager
+        from finetune_core.config import TrainConfig
+
+        def endless(config, run, on_event=None, stop_event=None, **options):
+            run.write_status(state="running")
+            while not stop_event.wait(0.05):
+                pass
+            return run.write_status(state="stopped", message="stopped by the user")
+
+        atexit.register(lambda: print('EXITED CLEANLY', flush=True))
+        JobManager({str(tmp_path / "runs")!r}, train_fn=endless).submit(
+            TrainConfig(data={str(ROOT)!r}, backbone="resnet18", weights="none", device="cpu"))
+        serve.main(['--server.port', '{port}'])
+    """)
+    env = clean_env(TUNEBOARD_ADDRESS="127.0.0.1", TUNEBOARD_RUNS_DIR=str(tmp_path / "runs"),
+                    TUNEBOARD_DATA_ROOT=str(tmp_path / "data"))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, healthy = time.monotonic() + 90, False
+        while not healthy and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                healthy = urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
+            except OSError:
+                time.sleep(0.5)
+        assert healthy, proc.stdout.read() if proc.poll() is not None else "no answer"
+        if memory.supported():
+            environ = open(f"/proc/{proc.pid}/environ", "rb").read()
+            assert b"GLIBC_TUNABLES" not in environ
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"127.0.0.1:{port}" in out and "EXITED CLEANLY" in out, out
+    (run,) = (tmp_path / "runs").iterdir()
+    assert RunDir(run).read_status()["state"] == "stopped"
 
 
 def test_a_run_gives_its_memory_back_when_it_ends(tiny_config, tmp_path, cache_dir, monkeypatch):
@@ -152,3 +243,27 @@ def test_a_run_gives_its_memory_back_when_it_ends(tiny_config, tmp_path, cache_d
     monkeypatch.setattr(engine, "release_memory", lambda: released.append(True))
     status = engine.train(tiny_config, tmp_path / "run", cache_dir=cache_dir)
     assert status["state"] == "completed" and released == [True]
+
+
+def test_tune_in_process_calls_mallopt_once_and_keeps_the_users_tunables(monkeypatch):
+    calls = []
+
+    class Mallopt:  # a C function as ctypes hands it out: it takes argtypes and restype
+        def __call__(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    class FakeLibc:
+        mallopt = Mallopt()
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(memory, "supported", lambda: True)
+    monkeypatch.setattr(memory, "_tuned_in_process", False)
+    monkeypatch.delenv(memory.OPT_OUT_VARIABLE, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
+    assert memory.tune_in_process() and memory.tune_in_process()
+    assert sorted(calls) == sorted([(-4, 0), (-1, -1), (1, 0)])  # M_ARENA_MAX stays the user's 4
+    assert memory.is_tuned() and "GLIBC_TUNABLES" in os.environ  # nothing added for children
+    monkeypatch.setattr(memory, "_tuned_in_process", False)
+    monkeypatch.setenv(memory.OPT_OUT_VARIABLE, "default")
+    assert memory.tune_in_process() is False and len(calls) == 3

@@ -383,6 +383,18 @@ def test_use_this_folder_fills_the_folder_box_without_an_error(dashboard_env):
 
 
 
+def test_a_typed_folder_outside_the_data_root_is_refused_by_name(dashboard_env, monkeypatch):
+    monkeypatch.delenv("TUNEBOARD_EXTRA_DATA_ROOTS")
+    outside = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
+    at = use_folder(page("pages/1_Train.py").run(), outside)
+    errors = " ".join(e.value for e in at.error)
+    assert f"{outside.resolve()} is outside the data folder {(dashboard_env / 'data').resolve()}" in errors
+    assert at.button(key="train_button").disabled
+    inside = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
+    at = use_folder(at, inside)
+    assert not at.error and not at.button(key="train_button").disabled
+
+
 def test_a_stopped_run_is_offered_for_resume_and_finishes(dashboard_env, tiny_config):
     from finetune_core.engine import train
     from finetune_core.runs import RunDir

@@ -28,7 +28,7 @@ def test_readme_start_command_runs_the_dashboard():
 
 def test_readme_documents_every_run_file_and_metric_column():
     for name in (runs.CONFIG, runs.STATUS, runs.METRICS, runs.PREDICTIONS, runs.LOG, runs.META,
-                 runs.CHECKPOINT_LAST, runs.CHECKPOINT_BEST):
+                 runs.CHECKPOINT_LAST, runs.CHECKPOINT_BEST, runs.OWNER, runs.OWNER_LOCK):
         assert f"`{name}`" in README, name
     for column in runs.METRIC_COLUMNS:
         assert f"`{column}`" in README, column
