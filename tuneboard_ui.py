@@ -146,3 +146,12 @@ def setting_input(s: Setting, key: str, disabled: bool = False, help: str | None
     else:
         st.text_input(label, key=key, disabled=disabled, help=help,
                       placeholder="optional" if s.name == "name" else None)
+
+
+def curve_panels(frames: dict, key: str, **kwargs) -> None:
+    """The runs' loss and accuracy curves, one chart per metric in columns (side by side on a wide
+    screen, stacked on a phone); `kwargs` go to plots.panel_figures (colours, x axis, smoothing...)."""
+    figures = plots.panel_figures(frames, **kwargs)
+    with st.container(key=key):
+        for k, (column, figure) in enumerate(zip(st.columns(len(figures)), figures)):
+            column.plotly_chart(figure, width="stretch", key=f"{key}_{k}")

@@ -139,6 +139,19 @@ def _number_format(metric: str) -> str:
     return ".3f" if metric.endswith("_acc") else ".4g"
 
 
+def panel_figures(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", "test_acc"),
+                  **kwargs) -> list[go.Figure]:
+    """overlay_figure's panels as one figure each (same colours, hover, smoothing and axes), so a
+    page can set them in columns that stack on a narrow screen instead of squeezing three panels
+    across a phone."""
+    figures = []
+    for metric in metrics:
+        fig = overlay_figure(runs, metrics=(metric,), **kwargs)
+        fig.update_layout(height=340, legend=dict(orientation="h", y=-0.3))
+        figures.append(fig)
+    return figures
+
+
 def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", "test_acc"), x: str = "epoch",
                    epochs: int | None = None, colors: dict[str, str] | None = None, smoothing: float = 0.0,
                    log_loss: bool = False) -> go.Figure:

@@ -23,8 +23,8 @@ from finetune_core.data import INFO, DatasetError, scan_dataset
 from finetune_core.engine import resolve_auto
 from finetune_core.jobs import DuplicateSubmission
 from finetune_core.runs import RunDir, RunOwned
-from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, flash, job_controls, manager, page, resumable_runs,
-                          setting_input, state_label, submit, widget_value)
+from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, curve_panels, flash, job_controls, manager, page,
+                          resumable_runs, setting_input, state_label, submit, widget_value)
 
 DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
 WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
@@ -506,8 +506,7 @@ def live_section() -> None:
         epochs = max(j["epochs"] for j in members)
         chart = chart_controls("live")
         colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
-        st.plotly_chart(plots.overlay_figure(frames, epochs=epochs, colors=colors, **chart), width="stretch",
-                        key="live_curves")
+        curve_panels(frames, "live_curves", epochs=epochs, colors=colors, **chart)
     others = [j for j in jobs if j["state"] in ("queued", "running") and j["group"] != group]
     if others:
         st.subheader("Other jobs on this server")

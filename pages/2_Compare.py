@@ -7,7 +7,7 @@ from finetune_core import analysis, plots
 from finetune_core.config import settings
 from finetune_core.datastore import runs_root
 from finetune_core.runs import RunDir, RunInfo, delete_run, list_runs
-from tuneboard_ui import LIVE_REFRESH_S, chart_controls, flash, page, state_label
+from tuneboard_ui import LIVE_REFRESH_S, chart_controls, curve_panels, flash, page, state_label
 
 
 def run_label(info: RunInfo) -> str:
@@ -29,7 +29,7 @@ def curves_section(infos: list[RunInfo], chart: dict) -> None:
     labels = analysis.run_labels(infos)
     frames = {labels[i.id]: RunDir(i.path).read_metrics() for i in infos}
     colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
-    st.plotly_chart(plots.overlay_figure(frames, colors=colors, **chart), width="stretch", key="compare_curves")
+    curve_panels(frames, "compare_curves", colors=colors, **chart)
     empty = analysis.runs_without_metrics(infos)
     if empty:
         st.caption("No curves for " + ", ".join(f"**{labels[i.id]}** ({state_label(i.state)})" for i in empty)

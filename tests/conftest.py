@@ -144,3 +144,12 @@ def plotly_array(value):
             arr = arr.reshape([int(n) for n in str(value["shape"]).split(",")])
         return arr
     return np.asarray(value)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (item.rep_call...), for fixtures that keep evidence of
+    a failure (the browser test's last screenshot)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

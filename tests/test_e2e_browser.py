@@ -98,6 +98,16 @@ def browser_page(server):
         browser.close()
 
 
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request):
+    """What the page showed when a test gave up: artifacts/e2e/failed-<test>.png."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed and "browser_page" in request.fixturenames:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        request.getfixturevalue("browser_page").screenshot(path=str(SHOTS / f"failed-{request.node.name}.png"))
+
+
 SHOTS = Path(os.environ.get("TUNEBOARD_SCREENSHOTS", ROOT / "artifacts" / "e2e"))
 
 
@@ -149,12 +159,22 @@ def fill(page, label: str, value: str) -> None:
 def choose(page, label: str, option: str) -> None:
     """Pick `option` in the select box labelled `label` (typed, as a user can, so that the option
     is in the list whatever its length)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = page.get_by_role("combobox", name=label, exact=True)
-    if box.input_value() == option:
-        return
-    box.click()
-    box.fill(option)
-    page.get_by_role("option", name=option, exact=True).click()
+    for attempt in range(3):  # a rerun of the page that lands meanwhile closes an open list: open it again
+        if box.input_value() == option:
+            return
+        box.click()
+        box.fill(option)
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
+            wait_idle(page)
     wait_idle(page)
 
 

@@ -287,10 +287,12 @@ def test_a_tiny_run_launches_shows_progress_and_its_curves(dashboard_env):
     assert {r["state"] for r in runs} == {"completed"}
     at.run()
     assert not at.exception
-    spec = charts(at)[-1]  # the live curves: both runs, three panels
+    spec = charts(at)[-1]  # the live curves: both runs, one chart per metric, test accuracy last
     names = {t["name"] for t in spec["data"]}
     assert len(names) == 2 and any("one group" in n for n in names)
-    test_acc = [t for t in spec["data"] if t.get("xaxis") == "x3"]
+    test_acc = spec["data"]
+    # each chart in a column of its own: side by side on a wide screen, stacked on a phone
+    assert sum(len(column.get("plotly_chart")) == 1 for column in at.columns) >= 3
     assert len(test_acc) == 2 and all(len(plotly_array(t["x"])) == 2 for t in test_acc)  # a point an epoch
     from finetune_core.runs import RunDir
 

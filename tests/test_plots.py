@@ -68,6 +68,21 @@ def test_the_figure_draws_each_run_in_the_colour_it_is_given_in_every_panel():
         assert {t.line.color for t in fig.data if t.name == name} == {color}
 
 
+def test_panels_drawn_apart_keep_one_metric_each_and_the_runs_colours():
+    colors = {"fine": plots.PALETTE[3], "scratch": plots.PALETTE[7]}
+    runs = {"fine": book_run(), "scratch": book_run(seed=1)}
+    figures = plots.panel_figures(runs, colors=colors, x="step", log_loss=True)
+    together = plots.overlay_figure(runs, colors=colors, x="step", log_loss=True)
+    assert len(figures) == 3
+    assert [len(f.data) for f in figures] == [len([t for t in together.data if t.xaxis == axis])
+                                              for axis in ("x", "x2", "x3")]
+    assert all({t.xaxis for t in f.data} == {"x"} for f in figures)  # one panel each
+    assert figures[0].layout.yaxis.type == "log" and figures[1].layout.yaxis.range == (0, 1.02)
+    for f in figures:
+        for name, color in colors.items():
+            assert {t.line.color for t in f.data if t.name == name} == {color}
+
+
 def contrast(a: str, b: str) -> float:
     def luminance(hex_color: str) -> float:
         h = hex_color.lstrip("#")
