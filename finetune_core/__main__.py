@@ -203,7 +203,7 @@ def cmd_resume(args) -> int:
     while another live process (a server, another command) writes the run."""
     import contextlib
 
-    from .distributed import Distributed
+    from .distributed import STOP_FILE, Distributed
     from .runs import RunDir, RunOwned, owning
 
     distributed = Distributed.from_env()
@@ -215,6 +215,8 @@ def cmd_resume(args) -> int:
             config, code = saved_run(args.run_dir, ("stopped", "interrupted"), distributed)
             if config is None:
                 return code
+            if distributed.is_main:  # a stop the dashboard asked of an earlier process is not for this one
+                run.file(STOP_FILE).unlink(missing_ok=True)
             return run_to_the_end(config, distributed.follower(run), args, resume=True, distributed=distributed)
     except RunOwned as exc:
         return fail(str(exc))
@@ -237,6 +239,10 @@ def cmd_sweep(args) -> int:
     """One run per learning rate x head multiplier, one after another in this process, in one
     group; then the grid of final accuracies (validation when held out, else test), best marked."""
     from .config import ConfigError
+    from .distributed import launched_by_torchrun
+
+    if launched_by_torchrun():  # every rank would run every cell
+        return fail("sweep runs its cells in one process: start it with python -m finetune_core, not torchrun")
     from .engine import resolve_auto, train
     from .runs import new_run_dir
     from .sweep import new_sweep_group, parse_values, sweep_configs, sweep_grid, sweep_table
@@ -329,6 +335,10 @@ def lr_find_failure(exc: BaseException) -> tuple[int, str]:
 
 def cmd_lr_find(args) -> int:
     from . import lr_find
+    from .distributed import launched_by_torchrun
+
+    if launched_by_torchrun():  # every rank would sweep on its own
+        return fail("lr-find runs in one process: start it with python -m finetune_core, not torchrun")
 
     problem = sweep_problem(args)
     if problem:

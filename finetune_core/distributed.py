@@ -43,20 +43,18 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .runs import APP_DIR, RunDir, now_iso
+from .runs import APP_DIR, LAUNCH_FILE, RunDir, now_iso
 
 TIMEOUT_VARIABLE = "TUNEBOARD_DDP_TIMEOUT_S"   # how long a rank waits for the others in a collective
 DEFAULT_TIMEOUT_S = 900
 FAIL_VARIABLE = "TUNEBOARD_DDP_FAIL_RANK"     # fault injection for the tests: this rank raises at its first step
 STOP_FILE = "stop_request"                    # in the run directory: the dashboard asks a torchrun run to stop
-LAUNCH_FILE = "launcher.json"                 # in the run directory: the torchrun child the dashboard started
 LAUNCH_LOG = "launcher.log"                   # in the run directory: that child's output
 STORE_STOP, STORE_FAILURE = "tuneboard/stop", "tuneboard/failure"
 STOP_POLL_S = 0.2                             # how often a rank looks at the stop file and the store
@@ -455,32 +453,6 @@ def request_stop(run: RunDir) -> None:
     run.file(STOP_FILE).touch()
 
 
-def launched_pid(run: RunDir) -> int | None:
-    """The pid of the torchrun child that trains this run, if it is still alive on this machine."""
-    try:
-        record = json.loads(run.file(LAUNCH_FILE).read_text())
-        pid = int(record["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if record.get("host") != socket.gethostname():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():  # the pid may have been reused by another program
-        try:
-            if str(run.path).encode() not in cmdline.read_bytes():
-                return None
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if stat[stat.rindex(")") + 2] == "Z":  # a zombie: it has ended
-                return None
-        except OSError:
-            return None
-    return pid
 
 
 def launcher_tail(run: RunDir, lines: int = 12) -> str:

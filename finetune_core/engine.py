@@ -59,7 +59,7 @@ from torch import nn
 from . import __version__
 from .config import ConfigError, TrainConfig
 from .data import DatasetError, ScanReport, scan_dataset
-from .distributed import Distributed
+from .distributed import STOP_FILE, Distributed
 from .memory import describe as describe_memory
 from .memory import release_memory
 from .models import (BACKBONES, build_model, load_refusal, parameter_groups, resolve_backbone, resolve_device,
@@ -911,13 +911,19 @@ def final_test(ctx: Setup, reporter: Reporter) -> tuple[float, float, torch.Tens
     """The test split, once, with the model the run selected (its best validation checkpoint
     when a validation split was held out; the final model otherwise)."""
     stages = stages_of_epoch(ctx.config, ctx.config.epochs - 1)
+    training_weights = None
     if ctx.val_idx and ctx.dist.from_main(ctx.run.file(CHECKPOINT_BEST).exists):  # rank 0's, under DDP
         ctx.model.load_state_dict(ctx.dist.from_main(lambda: load_checkpoint(ctx.run.file(CHECKPOINT_BEST))["model"]))
     elif ctx.last_logits is not None:
         loss, acc = accuracy_and_loss(ctx.last_logits, ctx.data.test_labels)
         return loss, acc, ctx.last_logits
+    else:  # the final model: with weight averaging, the average (a resume past the last epoch lands here)
+        training_weights = swap_in_average(ctx)
     reporter.prepare("evaluating on the test split", ctx.progress(), force_status=True)
-    return evaluate_split(ctx, "test", stages, reporter)
+    try:
+        return evaluate_split(ctx, "test", stages, reporter)
+    finally:
+        swap_back(ctx, training_weights)
 
 
 def write_predictions(ctx: Setup, logits: torch.Tensor) -> None:
@@ -1001,9 +1007,14 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     if distributed.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         claim_run(run)  # this process writes the run until the end below (runs.py: ownership)
-    run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None,
-                     **distributed.status_fields())
-    run.log(f"{'resuming' if resume else 'starting'} run {run.id}")
+    try:
+        run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None,
+                         **distributed.status_fields())
+        run.log(f"{'resuming' if resume else 'starting'} run {run.id}")
+    except BaseException:  # e.g. a full disk: the caller hears it, and the run is not left claimed
+        if distributed.is_main:
+            release_run(run)
+        raise
     reporter = Reporter(run, on_event, stop_event)
     ctx: Setup | None = None
     interrupted: KeyboardInterrupt | None = None
@@ -1061,6 +1072,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
             for cache in ctx.caches.values():
                 cache.close()
         if distributed.is_main:
+            with contextlib.suppress(OSError):  # a stop request is consumed by the run it stopped
+                run.file(STOP_FILE).unlink(missing_ok=True)
             release_run(run)
     run.log(f"ended {status.get('state')}: {status.get('message')}")
     if on_event is not None:

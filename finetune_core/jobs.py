@@ -31,8 +31,8 @@ from .config import TrainConfig
 from .data import ScanReport
 from .engine import config_record, resolve_auto, train
 from .models import resolve_device
-from .runs import (ACTIVE_STATES, RunDir, claim_run, list_runs, mark_interrupted, new_run_dir, now_iso,
-                   release_run)
+from .runs import (ACTIVE_STATES, RunDir, claim_run, launched_pid, list_runs, mark_interrupted, new_run_dir,
+                   now_iso, release_run)
 from .sweep import is_sweep_group
 
 DUPLICATE_WINDOW_S = 5.0  # an identical config submitted again within this is a double click
@@ -310,19 +310,22 @@ class JobManager:
     def _run_torchrun(self, job: Job) -> None:
         try:
             job.run.write_status(state="queued", message=f"starting {job.processes} processes (torchrun)")
-            release_run(job.run)  # the child's rank 0 owns the run from here (engine.train claims it)
             child = distributed.launch(job.run, job.processes, resume=job.resume, cache_dir=self.cache_dir)
         except Exception as exc:  # noqa: BLE001 - a launch that fails marks its run and keeps serving
             job.run.write_status(state="failed", message=f"could not start torchrun: {type(exc).__name__}: {exc}",
                                  ended_at=now_iso())
+            release_run(job.run)
             self._finish(job)
             return
+        # The child owns the run from here: launcher.json names it (runs.launched_pid) until its rank 0
+        # holds the lock (engine.train), so no other process can take the run in between.
+        release_run(job.run)
         self._follow(job, lambda: child.poll() is None)
         child.wait()
 
     def _adopt(self, run: RunDir) -> bool:
         """A run that a torchrun child of an earlier server still trains: follow it as a job."""
-        if distributed.launched_pid(run) is None:
+        if launched_pid(run) is None:
             return False
         try:
             config = TrainConfig.from_dict(run.read_config()["config"])
@@ -332,7 +335,7 @@ class JobManager:
                   processes=max(2, config.processes))
         with self._lock:
             self._jobs[run.id] = job
-        threading.Thread(target=self._follow, args=(job, lambda: distributed.launched_pid(run) is not None),
+        threading.Thread(target=self._follow, args=(job, lambda: launched_pid(run) is not None),
                          daemon=True, name=f"tuneboard-follow-{run.id}").start()
         return True
 

@@ -345,6 +345,38 @@ def _key(run: RunDir) -> Path:
     return run.path.resolve()
 
 
+LAUNCH_FILE = "launcher.json"  # in the run directory: the torchrun child the dashboard started
+
+
+def launched_pid(run: RunDir) -> int | None:
+    """The pid of the torchrun child the dashboard started for this run (launcher.json), if it is
+    still alive on this machine. It owns the run from its launch, before its rank 0 holds the lock."""
+    try:
+        record = json.loads(run.file(LAUNCH_FILE).read_text())
+        pid = int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if record.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():  # the pid may have been reused by another program
+        try:
+            if str(run.path).encode() not in cmdline.read_bytes():
+                return None
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat[stat.rindex(")") + 2] == "Z":  # a zombie: it has ended
+                return None
+        except OSError:
+            return None
+    return pid
+
+
 def claim_run(run: RunDir) -> None:
     """Make this process the run's writer (again: claims nest, each needs its release_run).
     Raises RunOwned, naming the owner, when another live process writes it."""
@@ -353,6 +385,10 @@ def claim_run(run: RunDir) -> None:
         if key in _claims:
             _claims[key][1] += 1
             return
+        child = launched_pid(run)
+        if child is not None and child not in (os.getpid(), os.getppid()):  # torchrun's own ranks may claim
+            raise RunOwned(f"run {run.id} is being started by torchrun (process {child}): wait for it to end "
+                           "or stop it there")
         run.path.mkdir(parents=True, exist_ok=True)
         f = open(run.file(OWNER_LOCK), "a+b")
         deadline = time.monotonic() + CLAIM_WAIT_S
@@ -417,6 +453,10 @@ def _unowned(run: RunDir):
         return
     if not _try_lock(f):
         f.close()
+        yield False
+        return
+    if launched_pid(run) is not None:  # a torchrun child starting up owns it before its rank 0 locks it
+        _unlock_and_close(f)
         yield False
         return
     try:

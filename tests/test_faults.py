@@ -281,3 +281,105 @@ def test_damaged_run_folders_are_flagged_by_the_runs_command_and_every_page(dash
 
     delete_run(runs / "20260102-000000-status-truncated")  # a damaged folder can still be deleted
     assert not (runs / "20260102-000000-status-truncated").exists()
+
+
+# --- found by review after the merges -------------------------------------------------------------
+
+def tiny_config(data, **changes):
+    from finetune_core.config import TrainConfig
+
+    return TrainConfig(**{**dict(data=str(data), backbone="resnet18", weights="none", image_size=32, batch_size=8,
+                                 epochs=2, lr=0.02, loss_reduction="mean", train_stages="1", feature_views=2,
+                                 eval_batch_size=16), **changes})
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from conftest import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiny", per_class=8, test_per_class=4)
+
+
+def test_a_resume_past_the_last_epoch_tests_the_averaged_weights_as_the_run_did(small_data, tmp_path):
+    """A kill between the last checkpoint and `completed` leaves nothing to train on resume: the
+    final test must still use the moving average, as the uninterrupted run did."""
+    import shutil
+
+    config = tiny_config(small_data, ema_decay=0.9)
+    straight = train(config, tmp_path / "straight")
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    RunDir(tmp_path / "resumed").write_status(state="interrupted")
+    resumed = train(config, tmp_path / "resumed", resume=True)
+    assert straight["state"] == resumed["state"] == "completed"
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], abs=1e-5)
+    a = pd.read_csv(tmp_path / "straight" / "predictions.csv")
+    b = pd.read_csv(tmp_path / "resumed" / "predictions.csv")
+    assert (a["loss"] - b["loss"]).abs().max() < 1e-5
+
+
+def test_a_torchrun_child_starting_up_owns_its_run_before_its_rank_0_locks_it(tmp_path):
+    """Between the launch (launcher.json) and rank 0's lock, nobody may delete or take the run."""
+    import socket
+
+    from finetune_core.runs import RunOwned, claim_run, delete_run, list_runs, run_owner
+
+    run = RunDir(tmp_path / "runs" / "ddp-run")
+    run.path.mkdir(parents=True)
+    run.write_config({"config": {"name": "ddp-run", "processes": 2}})
+    run.write_status(state="queued", message="starting 2 processes (torchrun)")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(run.path)])
+    try:
+        run.file("launcher.json").write_text(f'{{"pid": {child.pid}, "host": "{socket.gethostname()}"}}')
+        from finetune_core.runs import launched_pid
+        from pathlib import Path
+
+        from finetune_core.jobs import wait_until
+
+        if Path("/proc").is_dir():  # the child's command line (which names the run) is set once it has started
+            assert wait_until(lambda: str(run.path).encode() in Path(f"/proc/{child.pid}/cmdline").read_bytes(), 10)
+        assert run_owner(run) is not None
+        with pytest.raises(RunOwned):
+            delete_run(run.path)
+        with pytest.raises(RunOwned, match="torchrun"):
+            claim_run(run)
+        assert [i.state for i in list_runs(tmp_path / "runs")] == ["queued"]  # not shown as interrupted
+    finally:
+        child.kill()
+        child.wait()
+    assert run_owner(run) is None  # the child is gone: the run is free again
+    delete_run(run.path)
+    assert not run.path.exists()
+
+
+def test_a_stop_request_is_consumed_by_the_run_it_stopped(small_data, tmp_path):
+    """A stop file left by the dashboard must not stop the next process that resumes the run."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.file("stop_request").write_text("")
+    status = train(tiny_config(small_data, epochs=1), run)
+    assert status["state"] == "completed"
+    assert not run.file("stop_request").exists()
+
+
+def test_a_run_whose_first_write_fails_is_not_left_claimed(small_data, tmp_path, monkeypatch):
+    from finetune_core.runs import delete_run, run_owner
+
+    def disk_full(self, **fields):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.file("status.json")))
+
+    monkeypatch.setattr(RunDir, "write_status", disk_full)
+    with pytest.raises(OSError):
+        train(tiny_config(small_data), tmp_path / "run")
+    monkeypatch.undo()
+    assert run_owner(RunDir(tmp_path / "run")) is None
+    delete_run(tmp_path / "run")
+
+
+def test_sweep_and_lr_find_refuse_to_run_once_per_torchrun_rank(monkeypatch, capsys):
+    from finetune_core.__main__ import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["sweep", "--data", "x", "--lr", "0.1", "--head-lr-mult", "1"]) == 2
+    assert main(["lr-find", "--data", "x"]) == 2
+    assert capsys.readouterr().err.count("not torchrun") == 2
