@@ -330,7 +330,6 @@ def test_a_torchrun_child_starting_up_owns_its_run_before_its_rank_0_locks_it(tm
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(run.path)])
     try:
         run.file("launcher.json").write_text(f'{{"pid": {child.pid}, "host": "{socket.gethostname()}"}}')
-        from finetune_core.runs import launched_pid
         from pathlib import Path
 
         from finetune_core.jobs import wait_until
