@@ -241,6 +241,8 @@ class JobManager:
             if stop_running:
                 for job in self._jobs.values():
                     job.stop_event.set()
+                    if job.processes > 1 and job.state == "running":  # a torchrun child: its stop file
+                        distributed.request_stop(job.run)             # (the follow thread may not live on)
             self._lock.notify_all()
             workers = list(self._workers.values())
         deadline = time.monotonic() + timeout
@@ -251,6 +253,8 @@ class JobManager:
         with self._lock:
             late = [j for j in self._jobs.values() if j.state == "running"]
         for job in late:  # did not reach a batch boundary in time; the process is about to end
+            if job.processes > 1 and launched_pid(job.run) is not None:
+                continue  # a torchrun child outlives this server: it owns the run and writes its end itself
             job.run.write_status(state="interrupted", ended_at=now_iso(),
                                  message="interrupted: the server shut down before the run could stop"
                                          + ("; it can be resumed from its last checkpoint"

@@ -382,3 +382,30 @@ def test_sweep_and_lr_find_refuse_to_run_once_per_torchrun_rank(monkeypatch, cap
     assert main(["sweep", "--data", "x", "--lr", "0.1", "--head-lr-mult", "1"]) == 2
     assert main(["lr-find", "--data", "x"]) == 2
     assert capsys.readouterr().err.count("not torchrun") == 2
+
+
+def test_a_server_shutting_down_asks_its_torchrun_child_to_stop_and_leaves_it_the_last_word(tmp_path):
+    """The child outlives the server: the server must not mark the run `interrupted` under it."""
+    import socket
+    from pathlib import Path
+
+    from finetune_core.config import TrainConfig
+    from finetune_core.jobs import Job, JobManager, wait_until
+
+    manager = JobManager(tmp_path / "runs")
+    run = RunDir(tmp_path / "runs" / "ddp-run")
+    run.path.mkdir(parents=True)
+    run.write_config({"config": {"name": "ddp-run", "processes": 2}})
+    run.write_status(state="running", message="epoch 1/2")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(run.path)])
+    try:
+        run.file("launcher.json").write_text(f'{{"pid": {child.pid}, "host": "{socket.gethostname()}"}}')
+        if Path("/proc").is_dir():
+            assert wait_until(lambda: str(run.path).encode() in Path(f"/proc/{child.pid}/cmdline").read_bytes(), 10)
+        manager._jobs[run.id] = Job(run.id, run, TrainConfig(name="ddp-run"), "cpu", processes=2, state="running")
+        manager.shutdown(timeout=0.1)
+        assert run.file("stop_request").exists()
+        assert run.read_status()["state"] == "running"  # the child writes how it ended
+    finally:
+        child.kill()
+        child.wait()
