@@ -181,7 +181,8 @@ def seed_device(device: torch.device, seed: int) -> None:
     elif device.type == "mps":
         torch.mps.manual_seed(seed)
     else:
-        torch.default_generator.manual_seed(seed)
+        with INIT_LOCK:  # not in the middle of another run's model build (seeded_init forks this generator)
+            torch.default_generator.manual_seed(seed)
 
 
 def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
