@@ -64,8 +64,12 @@ def allowed_roots() -> list[Path] | None:
 
 def check_data_folder(path: str | os.PathLike) -> Path:
     """The folder, resolved (links followed, '..' gone), if the dashboard may read it; raises
-    FolderNotAllowed naming the folder and the allowed roots otherwise."""
-    folder = Path(path).expanduser().resolve()
+    FolderNotAllowed naming the folder and the allowed roots otherwise. A relative path is read
+    inside the data folder (where the folder browser starts), not the server's working folder."""
+    folder = Path(path).expanduser()
+    if not folder.is_absolute():
+        folder = data_root() / folder
+    folder = folder.resolve()
     roots = allowed_roots()
     if roots is None or any(inside(root, folder) for root in roots):
         return folder

@@ -59,8 +59,13 @@ def dataset_section():
         try:
             path = Path(data_path).expanduser()
             report = scan(str(path), TrainConfig.test_fraction, path.stat().st_mtime)
-        except (DatasetError, OSError) as exc:
-            st.error(analysis.markdown_message(f"{data_path}: {exc}", paths=(str(data_path),)))
+        except FileNotFoundError:
+            st.error(analysis.markdown_message(f"{data_path}: no such folder", paths=(str(data_path),)))
+        except OSError as exc:
+            st.error(analysis.markdown_message(f"{data_path}: {exc.strerror or exc}", paths=(str(data_path),)))
+        except DatasetError as exc:  # its message names the folder
+            message = str(exc) if str(data_path) in str(exc) else f"{data_path}: {exc}"
+            st.error(analysis.markdown_message(message, paths=(str(data_path),)))
     if report is not None:
         show_scan(report)
     return data_path, report
@@ -81,6 +86,11 @@ def dataset_in_data_folder(root: Path) -> str:
     else:
         choice = st.selectbox("Dataset", [e.name for e in entries], key="data_choice")
         path = next(e.path for e in entries if e.name == choice)
+        try:  # a link in the data folder that leads out of it is refused, as when typed
+            path = str(datastore.check_data_folder(path))
+        except datastore.FolderNotAllowed as exc:
+            st.error(str(exc))
+            path = ""
     if st.button("Fetch the book's hot-dog set (needs internet)"):
         try:
             with st.spinner("Downloading hotdog.zip and checking its checksum…"):
@@ -143,7 +153,7 @@ def show_scan(report) -> None:
     c[0].metric("Classes", len(report.classes))
     c[1].metric("Training images", sum(splits.get("train", {}).values()))
     c[2].metric("Test images", sum(splits.get("test", {}).values()))
-    c[3].metric("Skipped files", len(report.warnings))
+    c[3].metric("Warnings", len(report.warnings), help="files skipped and advice about the data, listed below")
     if report.layout == "flat":
         st.caption(f"No train/test split in the folder: {report.test_fraction:.0%} of each class is held out "
                    "for testing (the same files every time).")
@@ -495,6 +505,10 @@ def live_section() -> None:
     for job in members:
         if job["state"] in ("queued", "running"):
             job_controls(job, "live")
+        elif job["state"] in ("stopped", "interrupted") and RunDir(job["path"]).has_checkpoint():
+            cols = st.columns([5, 1])  # the message says it can be resumed: the button is next to it
+            cols[0].write(f"**{labels[job['run_id']]}** {state_label(job['state'])}: {job['message']}")
+            cols[1].button("Resume", key=f"live-resume-{job['run_id']}", on_click=resume_run, args=(job["run_id"],))
         else:
             st.write(f"**{labels[job['run_id']]}** {state_label(job['state'])}: {job['message']}")
         metrics = RunDir(job["path"]).read_metrics()
@@ -548,12 +562,15 @@ def resume_section() -> None:
     for info in resumable:
         cols = st.columns([5, 1])
         cols[0].write(f"**{info.name}** {state_label(info.state)}: {info.message}")
-        if cols[1].button("Resume", key=f"resume-{info.id}"):
-            try:
-                manager().resume(info.id)
-            except RunOwned as exc:  # another process took it over since this page was drawn
-                flash(str(exc), "error")
-            st.rerun()
+        cols[1].button("Resume", key=f"resume-{info.id}", on_click=resume_run, args=(info.id,))
+
+
+def resume_run(run_id: str) -> None:
+    """Queue a stopped or interrupted run again (a button's callback)."""
+    try:
+        manager().resume(run_id)
+    except RunOwned as exc:  # another process took it over since this page was drawn
+        flash(str(exc), "error")
 
 
 def keep_form_values() -> None:

@@ -223,3 +223,16 @@ def test_the_dashboard_reads_datasets_only_inside_the_data_root_unless_allowed(t
         datastore.check_data_folder("/etc")
     monkeypatch.setenv(datastore.EXTRA_ROOTS_VARIABLE, "*")
     assert datastore.check_data_folder("/etc") == Path("/etc").resolve()
+
+
+def test_a_relative_folder_is_read_inside_the_data_folder(tmp_path, monkeypatch):
+    """Typed below "Browse <data folder>", a bare name means a folder there, not in the server's
+    working folder."""
+    root = tmp_path / "data"
+    pets = make_dataset(root / "pets", per_class=2, test_per_class=1)
+    monkeypatch.setenv("TUNEBOARD_DATA_ROOT", str(root))
+    monkeypatch.delenv(datastore.EXTRA_ROOTS_VARIABLE, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert datastore.check_data_folder("pets") == pets.resolve()
+    with pytest.raises(datastore.FolderNotAllowed):
+        datastore.check_data_folder("../elsewhere")

@@ -478,3 +478,50 @@ def test_stop_the_sweep_stops_every_run_of_it(dashboard_env):
     assert [r["state"] for r in runs] == ["stopped"] * 4
     at.run()
     assert not at.exception and not [b for b in at.button if b.key == "sweep_stop"]
+
+
+def test_a_run_stopped_in_the_live_view_offers_resume_next_to_its_message(dashboard_env):
+    from conftest import tiny_train_config
+    from finetune_core.jobs import wait_until
+    from tuneboard_ui import manager
+
+    config = tiny_train_config(make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4), epochs=3,
+                               group="g", name="stopped mid-run")
+    at = page("pages/1_Train.py")
+    at.session_state["group"] = "g"
+    run_id = manager().submit(config)
+    assert wait_until(lambda: any(j["run_id"] == run_id and j["last_event"].get("kind") == "batch"
+                                  for j in manager().jobs()), timeout=60)
+    while any(j["run_id"] == run_id and j["state"] == "running" for j in manager().jobs()):
+        if (dashboard_env / "runs" / run_id / "checkpoint_last.pt").exists():
+            manager().stop(run_id)
+        wait_until(lambda: False, timeout=0.2)
+    at.run()
+    assert not at.exception
+    at.button(key=f"live-resume-{run_id}").click().run()  # the button sits in the Live view, no reload needed
+    assert wait_until(lambda: any(j["run_id"] == run_id and j["state"] == "completed" for j in manager().jobs()),
+                      timeout=120)
+
+
+def test_a_link_in_the_data_folder_that_leads_out_of_it_is_refused_like_a_typed_one(dashboard_env, monkeypatch,
+                                                                                      tmp_path_factory):
+    outside = make_dataset(tmp_path_factory.mktemp("elsewhere") / "pets", per_class=2, test_per_class=1)
+    (dashboard_env / "data").mkdir(exist_ok=True)
+    (dashboard_env / "data" / "pets-link").symlink_to(outside, target_is_directory=True)
+    monkeypatch.delenv("TUNEBOARD_EXTRA_DATA_ROOTS")
+    at = page("pages/1_Train.py").run()
+    at.radio(key="data_source").set_value("A dataset in the data folder").run()
+    at.selectbox(key="data_choice").set_value("pets-link").run()
+    assert not at.exception
+    assert any("is outside the data folder" in e.value and str(outside.resolve()) in e.value for e in at.error)
+    assert at.button(key="train_button").disabled
+
+
+def test_a_missing_folder_or_a_file_is_named_once_in_plain_words(dashboard_env):
+    (dashboard_env / "data").mkdir(exist_ok=True)
+    (dashboard_env / "data" / "notes.txt").write_text("not a dataset")
+    at = use_folder(page("pages/1_Train.py").run(), dashboard_env / "data" / "nope")
+    assert any("no such folder" in e.value for e in at.error) and not any("Errno" in e.value for e in at.error)
+    at = use_folder(at, dashboard_env / "data" / "notes.txt")
+    errors = [e.value for e in at.error]
+    assert errors and all(e.count("notes.txt") == 1 for e in errors), errors
