@@ -2,6 +2,7 @@
 uploads and checkpoints. Each test says what must still hold afterwards."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -317,34 +318,41 @@ def test_a_resume_past_the_last_epoch_tests_the_averaged_weights_as_the_run_did(
     assert (a["loss"] - b["loss"]).abs().max() < 1e-5
 
 
-def test_a_torchrun_child_starting_up_owns_its_run_before_its_rank_0_locks_it(tmp_path):
-    """Between the launch (launcher.json) and rank 0's lock, nobody may delete or take the run."""
+@contextlib.contextmanager
+def launched_torchrun_child(run: RunDir, state: str):
+    """A run folder as the dashboard leaves it after launching a torchrun child: launcher.json
+    naming a live process whose command line names the run (a sleeping Python stands in)."""
     import socket
+    from pathlib import Path
 
-    from finetune_core.runs import RunOwned, claim_run, delete_run, list_runs, run_owner
+    from finetune_core.jobs import wait_until
 
-    run = RunDir(tmp_path / "runs" / "ddp-run")
     run.path.mkdir(parents=True)
-    run.write_config({"config": {"name": "ddp-run", "processes": 2}})
-    run.write_status(state="queued", message="starting 2 processes (torchrun)")
+    run.write_config({"config": {"name": run.id, "processes": 2}})
+    run.write_status(state=state, message="torchrun")
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(run.path)])
     try:
         run.file("launcher.json").write_text(f'{{"pid": {child.pid}, "host": "{socket.gethostname()}"}}')
-        from pathlib import Path
-
-        from finetune_core.jobs import wait_until
-
         if Path("/proc").is_dir():  # the child's command line (which names the run) is set once it has started
             assert wait_until(lambda: str(run.path).encode() in Path(f"/proc/{child.pid}/cmdline").read_bytes(), 10)
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_torchrun_child_starting_up_owns_its_run_before_its_rank_0_locks_it(tmp_path):
+    """Between the launch (launcher.json) and rank 0's lock, nobody may delete or take the run."""
+    from finetune_core.runs import RunOwned, claim_run, delete_run, list_runs, run_owner
+
+    run = RunDir(tmp_path / "runs" / "ddp-run")
+    with launched_torchrun_child(run, "queued"):
         assert run_owner(run) is not None
         with pytest.raises(RunOwned):
             delete_run(run.path)
         with pytest.raises(RunOwned, match="torchrun"):
             claim_run(run)
         assert [i.state for i in list_runs(tmp_path / "runs")] == ["queued"]  # not shown as interrupted
-    finally:
-        child.kill()
-        child.wait()
     assert run_owner(run) is None  # the child is gone: the run is free again
     delete_run(run.path)
     assert not run.path.exists()
@@ -386,26 +394,13 @@ def test_sweep_and_lr_find_refuse_to_run_once_per_torchrun_rank(monkeypatch, cap
 
 def test_a_server_shutting_down_asks_its_torchrun_child_to_stop_and_leaves_it_the_last_word(tmp_path):
     """The child outlives the server: the server must not mark the run `interrupted` under it."""
-    import socket
-    from pathlib import Path
-
     from finetune_core.config import TrainConfig
-    from finetune_core.jobs import Job, JobManager, wait_until
+    from finetune_core.jobs import Job, JobManager
 
     manager = JobManager(tmp_path / "runs")
     run = RunDir(tmp_path / "runs" / "ddp-run")
-    run.path.mkdir(parents=True)
-    run.write_config({"config": {"name": "ddp-run", "processes": 2}})
-    run.write_status(state="running", message="epoch 1/2")
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(run.path)])
-    try:
-        run.file("launcher.json").write_text(f'{{"pid": {child.pid}, "host": "{socket.gethostname()}"}}')
-        if Path("/proc").is_dir():
-            assert wait_until(lambda: str(run.path).encode() in Path(f"/proc/{child.pid}/cmdline").read_bytes(), 10)
+    with launched_torchrun_child(run, "running"):
         manager._jobs[run.id] = Job(run.id, run, TrainConfig(name="ddp-run"), "cpu", processes=2, state="running")
         manager.shutdown(timeout=0.1)
         assert run.file("stop_request").exists()
         assert run.read_status()["state"] == "running"  # the child writes how it ended
-    finally:
-        child.kill()
-        child.wait()
