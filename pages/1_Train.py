@@ -424,27 +424,29 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
         st.caption(f"Train is disabled: {blocked}.")
     for warning in launch_warnings(config) if config is not None else []:  # the rule is config.launch_warnings
         st.warning(warning, icon="⚠️")
-    # Pressing Train turns to the Live tab (a callback: the tabs are drawn before this button).
-    if st.button("Train", type="primary", disabled=bool(blocked), key="train_button", on_click=show_live):
-        config = resolve_auto(config, report)  # auto epochs and views in numbers: the twins and cells copy them
-        if grid is not None:
-            group = sweep.new_sweep_group()
-            configs = sweep.sweep_configs(config, *grid, group=group)
-        else:
-            group = uuid.uuid4().hex[:8]
-            configs = comparison_configs(config, also_scratch, also_single, group)
-        try:
-            ids = [submit(c, report) for c in configs]
-        except DuplicateSubmission as exc:  # a double click: the first click's runs are the ones to follow
-            flash(f"Already queued a moment ago: {exc}.", "info")
-        else:
-            st.session_state["group"] = group
-            flash(f"Queued {len(ids)} run{'s' if len(ids) > 1 else ''}: follow {'them' if len(ids) > 1 else 'it'} "
-                  "here.")
-        st.rerun()
+    # Pressing Train queues the runs and turns to the Live tab in a callback, before the page is
+    # drawn again: one run of the page, with the tabs already on Live (no second rerun that could
+    # race the live view's refresh back to Setup).
+    st.button("Train", type="primary", disabled=bool(blocked), key="train_button", on_click=launch,
+              args=(config, report, grid, also_scratch, also_single))
 
 
-def show_live() -> None:
+def launch(config: TrainConfig, report, grid, also_scratch: bool, also_single: bool) -> None:
+    """The Train button: the run (and its comparison runs) or the sweep's cells, as one group."""
+    config = resolve_auto(config, report)  # auto epochs and views in numbers: the twins and cells copy them
+    if grid is not None:
+        group = sweep.new_sweep_group()
+        configs = sweep.sweep_configs(config, *grid, group=group)
+    else:
+        group = uuid.uuid4().hex[:8]
+        configs = comparison_configs(config, also_scratch, also_single, group)
+    try:
+        ids = [submit(c, report) for c in configs]
+    except DuplicateSubmission as exc:  # a double click: the first click's runs are the ones to follow
+        flash(f"Already queued a moment ago: {exc}.", "info")
+    else:
+        st.session_state["group"] = group
+        flash(f"Queued {len(ids)} run{'s' if len(ids) > 1 else ''}: follow {'them' if len(ids) > 1 else 'it'} here.")
     st.session_state["train_tab"] = "Live"
 
 
