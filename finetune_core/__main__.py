@@ -146,10 +146,13 @@ def run_to_the_end(config, run, args, report=None, resume: bool = False, distrib
             try:
                 status = train(config, run, on_event=progress, stop_event=stop, report=report, resume=resume,
                                distributed=distributed)
-            except Terminated:  # torchrun ended this rank as train() was tidying up: its state stands
-                status = run.read_status()
-            training_done()
+            except Terminated as exc:  # torchrun ended this rank, perhaps as train() was writing its end
+                status = ended_by_torchrun(run, exc)
+            finally:
+                training_done()
             status = distributed.settle(run, status)  # a failed rank's message reaches rank 0
+    except Terminated as exc:  # it landed between train()'s return and training_done()
+        status = distributed.settle(run, ended_by_torchrun(run, exc))
     except KeyboardInterrupt:  # the engine has marked the run stopped, its checkpoint kept
         status = run.read_status()
     finally:
@@ -167,6 +170,18 @@ def run_to_the_end(config, run, args, report=None, resume: bool = False, distrib
     else:
         print(f"{result['status']}: {result['message']}\nrun folder: {run.path}")
     return 0 if status.get("state") == "completed" else 1
+
+
+def ended_by_torchrun(run, exc: BaseException) -> dict:
+    """The status of a rank that torchrun ended (SIGTERM, because another rank failed). The signal
+    can land anywhere, even while train() writes why the run failed: a run still marked running
+    is marked failed here, and settle() then replaces the message with the failing rank's."""
+    from .runs import ACTIVE_STATES, now_iso
+
+    status = run.read_status(default={})
+    if status.get("state") in ACTIVE_STATES or not status:
+        status = run.write_status(state="failed", ended_at=now_iso(), message=f"Terminated: {exc}")
+    return status
 
 
 def saved_run(run_dir: str, states: tuple[str, ...], distributed):

@@ -128,6 +128,52 @@ def test_two_ranks_make_the_one_process_updates_and_metrics(tiny_dataset, tmp_pa
     assert (predictions["true"] == predictions["predicted"]).mean() == pytest.approx(status["test_acc"])
 
 
+@pytest.mark.parametrize("where", ["while train() writes its end", "after train() returned"])
+def test_torchruns_sigterm_landing_anywhere_leaves_the_run_failed_with_the_failing_ranks_message(
+        tmp_path, monkeypatch, where):
+    """torchrun ends rank 0 with SIGTERM when rank 1 fails; the signal can land while rank 0's
+    train() is writing why it failed (seen in CI: the run then stayed `running` for good) or just
+    after train() returned. Either way the run ends `failed` with rank 1's message."""
+    import argparse
+
+    from finetune_core import __main__ as cli, engine
+    from finetune_core.distributed import Terminated
+
+    class RankZero(Distributed):  # rank 0 of 2, with rank 1's failure published
+        def __init__(self):
+            super().__init__(rank=0, world_size=2)
+
+        def _peer_failure(self, wait_s):
+            return {"rank": 1, "host": "node-b", "message": "planted failure on rank 1", "state": "failed"}
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+
+    def fake_train(config, run_dir, **kwargs):
+        run_dir.write_status(state="running", message="epoch 1")
+        if where == "while train() writes its end":
+            raise Terminated("torchrun ended this process (SIGTERM)")
+        return run_dir.write_status(state="failed", message="DistBackendError: connection closed by peer")
+
+    monkeypatch.setattr(engine, "train", fake_train)
+    distributed = RankZero()
+    if where == "after train() returned":  # the signal arrives as settle() begins
+        real_settle = Distributed.settle
+        calls = []
+
+        def settle_once_interrupted(self, run_dir, status, wait_s=5.0):
+            if not calls:
+                calls.append(status)
+                raise Terminated("torchrun ended this process (SIGTERM)")
+            return real_settle(self, run_dir, status, wait_s)
+        monkeypatch.setattr(Distributed, "settle", settle_once_interrupted)
+    args = argparse.Namespace(quiet=True, json=True)
+    assert cli.run_to_the_end(None, run, args, distributed=distributed) == 1
+    status = run.read_status()
+    assert status["state"] == "failed"
+    assert status["message"] == "rank 1 (node-b) failed: planted failure on rank 1"
+
+
 @pytest.mark.slow
 def test_a_failure_on_rank_1_fails_the_run_with_its_message(tiny_dataset, tmp_path, cache_dir):
     config = tiny_train_config(tiny_dataset, epochs=3)
@@ -136,7 +182,7 @@ def test_a_failure_on_rank_1_fails_the_run_with_its_message(tiny_dataset, tmp_pa
                     timeout=120)
     assert done.returncode != 0
     status = only_run(tmp_path / "runs").read_status()
-    assert status["state"] == "failed"
+    assert status["state"] == "failed", (status, done.stderr[-3000:])  # what torchrun and the ranks said
     assert status["message"].startswith("rank 1 (") and "planted failure on rank 1" in status["message"]
     ended = time.monotonic() - start
     assert ended < 90, f"the failure took {ended:.0f} s to end the run"
