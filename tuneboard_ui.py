@@ -43,10 +43,14 @@ def flash(message: str, kind: str = "success") -> None:
 
 
 def show_flash() -> None:
-    """The confirmation left by the last action, once; also as a toast, where the eye is."""
+    """The confirmation left by the last action, once; also as a toast, where the eye is. Its slot
+    is drawn on every run, message or not: an element that comes and goes above the Train page's
+    tabs shifts them, the browser then draws them anew on their first tab, and the page jumped back
+    from Live to Setup after Train (seen in CI)."""
     kind, message = st.session_state.pop("flash", (None, None))
+    slot = st.empty()
     if message:
-        getattr(st, kind)(message)
+        getattr(slot, kind)(message)
         st.toast(message)
 
 

@@ -111,9 +111,10 @@ def folder_path(root: Path) -> str:
             target = folder.parent if pick == ".." else folder / pick
             st.session_state["browse_rel"] = str(target.relative_to(root)) if datastore.inside(root, target) else ""
             st.rerun()
-        chosen = str(folder if pick in ("(this folder)", "..") else folder / pick)
         # A callback runs before the next run draws the text box, the only time its value may be set.
-        cols[1].button("Use this folder", on_click=use_folder, args=(chosen,))
+        # It reads the sub-folder picked at the moment of the click (not the one of the run that drew
+        # the button: a click right after picking came before that run ended, and took the old pick).
+        cols[1].button("Use this folder", on_click=use_folder, args=(str(folder),))
     try:
         return str(datastore.check_data_folder(path)) if path else path
     except datastore.FolderNotAllowed as exc:
@@ -121,8 +122,9 @@ def folder_path(root: Path) -> str:
         return ""
 
 
-def use_folder(path: str) -> None:
-    st.session_state["data_path_text"] = path
+def use_folder(folder: str) -> None:
+    pick = st.session_state.get("browse_pick", "(this folder)")
+    st.session_state["data_path_text"] = folder if pick in ("(this folder)", "..") else str(Path(folder) / pick)
 
 
 def uploaded_zip(root: Path) -> str:

@@ -385,6 +385,17 @@ def test_use_this_folder_fills_the_folder_box_without_an_error(dashboard_env):
 
 
 
+def test_use_this_folder_takes_the_sub_folder_picked_just_before_the_click(dashboard_env):
+    """A pick and the click in one go, before the page is drawn again (a quick user; the browser
+    test on a busy machine): the folder used is the one picked, not the one the button was drawn with."""
+    at = page("pages/1_Train.py").run()
+    make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
+    at.radio(key="data_source").set_value("A folder path").run()
+    at.selectbox(key="browse_pick").set_value("mine")  # no run between the pick and the click
+    next(b for b in at.button if b.label == "Use this folder").click().run()
+    assert at.text_input(key="data_path_text").value == str((dashboard_env / "data" / "mine").resolve())
+
+
 def test_a_typed_folder_outside_the_data_root_is_refused_by_name(dashboard_env, monkeypatch):
     monkeypatch.delenv("TUNEBOARD_EXTRA_DATA_ROOTS")
     outside = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
