@@ -400,6 +400,12 @@ class Reporter:
         self.emit({"kind": "prepare", "message": message, "progress": round(progress, 4)}, force_status)
 
 
+def pass_time_left(seconds: float, done: int, total: int) -> str:
+    """The time left in a pass over `total` images of which `done` took `seconds`, in words."""
+    left = seconds / max(done, 1) * (total - done)
+    return f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min"
+
+
 @contextlib.contextmanager
 def stop_checks(model: nn.Module, check: Callable[[], None]) -> Iterator[None]:
     """`check` (which raises StopRequested once the user asked) before every layer of `model` runs,
@@ -556,7 +562,8 @@ class FeatureCache:
         out: torch.Tensor | None = None
         t0 = time.perf_counter()
         for start in range(0, n, cfg.eval_batch_size):
-            self.reporter.prepare(f"computing the frozen layers' output for {what} ({start}/{n})",
+            left = f", about {pass_time_left(time.perf_counter() - t0, start, n)} left" if start else ""
+            self.reporter.prepare(f"computing the frozen layers' output for {what} ({start}/{n}{left})",
                                   ctx.progress())
             idx = list(range(start, min(n, start + cfg.eval_batch_size)))
             x = normalize_batch(images_of(idx), ctx.mean, ctx.std, cfg.channels_last)

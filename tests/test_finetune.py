@@ -103,6 +103,18 @@ def test_the_head_multiplier_changes_the_result(dataset, weights_file, cache, tm
     assert not torch.equal(finals[0]["layer4.1.conv2.weight"], finals[1]["layer4.1.conv2.weight"])
 
 
+def test_the_frozen_pass_says_how_long_it_has_left(dataset, weights_file, tmp_path):
+    """The pass over the frozen layers (minutes on a CPU for a real set) tells the time left in it."""
+    assert [engine.pass_time_left(10.0, 100, 400), engine.pass_time_left(60.0, 100, 400)] == ["30 s", "3 min"]
+    messages = []
+    status = train(config_for(dataset, weights_file, epochs=1, eval_batch_size=4), tmp_path / "run", cache_dir="",
+                   on_event=lambda e: e["kind"] == "prepare" and messages.append(e["message"]))
+    assert status["state"] == "completed", status["message"]
+    passes = [m for m in messages if m.startswith("computing the frozen layers' output for training view 1")]
+    assert passes[0].endswith("(0/24)")  # nothing to go by yet
+    assert len(passes) == 6 and all(m.endswith(" left)") and ", about " in m for m in passes[1:]), passes
+
+
 def test_cached_activations_are_the_frozen_layers_output_on_that_views_crop(dataset, weights_file, cache, tmp_path):
     config = config_for(dataset, weights_file, train_stages="1", feature_views=3, channels_last=False)
     reporter = Reporter(RunDir(tmp_path), None, None)
