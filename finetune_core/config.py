@@ -477,6 +477,19 @@ def setting_notes(config: TrainConfig) -> dict[str, str]:
     return notes
 
 
+def auto_notes(config: "TrainConfig", resolved: "TrainConfig") -> dict[str, str]:
+    """{setting: remark} for the settings left at 0 (auto): what they come to for this dataset
+    (`resolved`: engine.resolve_auto of `config` with the dataset's scan), so that a control
+    holding 0 does not read as zero epochs."""
+    notes = {}
+    if config.epochs == 0 and resolved.epochs:
+        notes["epochs"] = f"0 = auto: {resolved.epochs} epochs for this dataset and trainable part"
+    if config.feature_views == 0 and resolved.feature_views:
+        n = resolved.feature_views
+        notes["feature_views"] = f"0 = auto: {n} view{'s' if n != 1 else ''} per image for this dataset"
+    return notes
+
+
 # --------------------------------------------------------------------------------------------
 # Warnings before a launch
 

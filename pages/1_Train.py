@@ -18,7 +18,7 @@ from finetune_core import analysis, datastore, models, plots, sweep
 from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, launch_warnings, parse_form, preset_for_machine,
-                                  setting_notes, settings)
+                                  auto_notes, setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, scan_dataset
 from finetune_core.engine import resolve_auto
 from finetune_core.jobs import DuplicateSubmission
@@ -129,7 +129,7 @@ def use_folder(folder: str) -> None:
 
 def uploaded_zip(root: Path) -> str:
     upload = st.file_uploader("A zip of class folders (with or without train/test splits)", type=["zip"],
-                              key="zip_upload")
+                              key="zip_upload", max_upload_size=datastore.MAX_ZIP_BYTES // 2**20)
     if upload is None:
         return ""
     done = st.session_state.setdefault("unzipped", {})
@@ -221,6 +221,8 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
     parsed, _ = parse_form(values)
     draft = TrainConfig(**{k: v for k, v in parsed.items() if k in settings()})  # what is known so far
     inactive, notes = inactive_settings(draft), setting_notes(draft)
+    if config is not None and report is not None and report.usable:  # what the controls left at 0 (auto) come to
+        notes.update(auto_notes(config, resolve_auto(config, report)))
     n_classes = len(report.classes) if report is not None and report.classes else 2
     for column, sections in zip(st.columns(len(COLUMNS)), COLUMNS):
         with column:
@@ -426,15 +428,25 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
         st.caption(f"Train is disabled: {blocked}.")
     for warning in launch_warnings(config) if config is not None else []:  # the rule is config.launch_warnings
         st.warning(warning, icon="⚠️")
-    # Pressing Train queues the runs and turns to the Live tab in a callback, before the page is
-    # drawn again: one run of the page, with the tabs already on Live (no second rerun that could
-    # race the live view's refresh back to Setup).
-    st.button("Train", type="primary", disabled=bool(blocked), key="train_button", on_click=launch,
-              args=(config, report, grid, also_scratch, also_single))
+    st.button("Train", type="primary", disabled=bool(blocked), key="train_button", on_click=request_launch)
+    if st.session_state.pop("launch_requested", False):
+        if blocked:  # the values sent with the click made the recipe invalid: nothing is queued
+            st.toast(f"Not queued: {blocked}.")
+        else:
+            launch(config, report, grid, also_scratch, also_single)
+
+
+def request_launch() -> None:
+    """Train's callback: it turns to the Live tab before the page is drawn again (one run of the
+    page, the tabs already on Live), and that run queues the runs from the settings it reads: a
+    value typed just before the click included (a callback's arguments would be the settings of
+    the run that drew the button, without it)."""
+    st.session_state["launch_requested"] = True
+    st.session_state["train_tab"] = "Live"
 
 
 def launch(config: TrainConfig, report, grid, also_scratch: bool, also_single: bool) -> None:
-    """The Train button: the run (and its comparison runs) or the sweep's cells, as one group."""
+    """The run (and its comparison runs) or the sweep's cells, as one group."""
     config = resolve_auto(config, report)  # auto epochs and views in numbers: the twins and cells copy them
     if grid is not None:
         group = sweep.new_sweep_group()
@@ -445,11 +457,11 @@ def launch(config: TrainConfig, report, grid, also_scratch: bool, also_single: b
     try:
         ids = [submit(c, report) for c in configs]
     except DuplicateSubmission as exc:  # a double click: the first click's runs are the ones to follow
-        flash(f"Already queued a moment ago: {exc}.", "info")
+        st.toast(f"Already queued a moment ago: {exc}.")
     else:
         st.session_state["group"] = group
-        flash(f"Queued {len(ids)} run{'s' if len(ids) > 1 else ''}: follow {'them' if len(ids) > 1 else 'it'} here.")
-    st.session_state["train_tab"] = "Live"
+        # a toast: the Live tab the page turns to shows the runs; a banner would outlive them
+        st.toast(f"Queued {len(ids)} run{'s' if len(ids) > 1 else ''}.")
 
 
 def sweep_option(config: TrainConfig | None) -> tuple[tuple[list[float], list[float]] | None, bool]:
@@ -511,13 +523,16 @@ def live_section() -> None:
             job_controls(job, "live")
         elif job["state"] in ("stopped", "interrupted") and RunDir(job["path"]).has_checkpoint():
             cols = st.columns([5, 1])  # the message says it can be resumed: the button is next to it
-            cols[0].write(f"**{labels[job['run_id']]}** {state_label(job['state'])}: {job['message']}")
+            cols[0].write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
+                          f"{analysis.markdown_message(job['message'])}")
             cols[1].button("Resume", key=f"live-resume-{job['run_id']}", on_click=resume_run, args=(job["run_id"],))
         else:
-            st.write(f"**{labels[job['run_id']]}** {state_label(job['state'])}: {job['message']}")
+            st.write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
+                     f"{analysis.markdown_message(job['message'])}")
         metrics = RunDir(job["path"]).read_metrics()
         if metrics.empty and job["state"] not in ("queued", "running"):
-            st.caption(f"No curves for {labels[job['run_id']]}: it ended before its first training batch.")
+            st.caption(f"No curves for {analysis.markdown_text(labels[job['run_id']])}: it ended before its first "
+                       "training batch.")
         else:
             frames[labels[job["run_id"]]] = metrics
     if frames:

@@ -79,7 +79,7 @@ def test_the_quick_start_queues_once_and_its_message_lasts_while_it_runs(dashboa
     at = page("app.py").run()
     at.button(key="quick_start").click().run()
     at.button(key="quick_start").click().run()  # a double click
-    assert any("Already queued a moment ago" in i.value for i in at.info)
+    assert any("Already queued a moment ago" in t.value for t in at.toast)
     assert len(list((dashboard_env / "runs").iterdir())) == 1
     at.run()  # a later run of the page: the run is still going, the message still says where to look
     assert any("The example is queued" in s.value for s in at.success)
@@ -310,9 +310,10 @@ def test_train_turns_to_the_live_tab_and_a_double_click_queues_once(dashboard_en
     assert [t.label for t in at.tabs] == ["Setup", "Live"] and at.session_state["train_tab"] == "Setup"
     at.button(key="train_button").click().run()
     assert at.session_state["train_tab"] == "Live"  # where the eye goes after pressing Train
-    assert any("Queued 1 run" in s.value for s in at.success)
+    assert any("Queued 1 run" in t.value for t in at.toast)
+    assert not at.success  # no banner above the tabs that would outlive the run (the toast passes)
     at.button(key="train_button").click().run()  # the second click of a double click
-    assert any("Already queued a moment ago" in i.value for i in at.info)
+    assert any("Already queued a moment ago" in t.value for t in at.toast)
     assert len(list((dashboard_env / "runs").iterdir())) == 1
     again = page("pages/1_Train.py").run()  # a new session opens on Live while a run is active
     assert again.session_state["train_tab"] == "Live"
@@ -320,6 +321,23 @@ def test_train_turns_to_the_live_tab_and_a_double_click_queues_once(dashboard_en
     assert any("stopping" in c.value for c in again.caption)  # at once, before the run has ended
     assert wait_for_runs(again, dashboard_env / "runs", 1, timeout=60)[0]["state"] == "stopped"
     assert again.run().session_state["train_tab"] == "Live"  # it does not jump back when the run ends
+
+
+def test_train_queues_the_values_typed_just_before_the_click(dashboard_env):
+    """A name typed and Train clicked at once (the browser sends both with the click): the run has
+    that name and rate, not the settings of the page as it was drawn before."""
+    data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.run()
+    set_text(at, "f_name", "typed-then-clicked")
+    set_text(at, "f_lr", "0.005")  # no run between these and the click
+    at.button(key="train_button").click().run()
+    runs = wait_for_runs(at, dashboard_env / "runs", 1, timeout=120)
+    from finetune_core.runs import RunDir
+
+    config = RunDir(runs[0]["path"]).read_config()["config"]
+    assert config["name"] == "typed-then-clicked" and config["lr"] == 0.005
 
 
 def test_a_run_without_metrics_says_so_instead_of_drawing_empty_charts(dashboard_env):
@@ -536,3 +554,23 @@ def test_a_missing_folder_or_a_file_is_named_once_in_plain_words(dashboard_env):
     at = use_folder(at, dashboard_env / "data" / "notes.txt")
     errors = [e.value for e in at.error]
     assert errors and all(e.count("notes.txt") == 1 for e in errors), errors
+
+
+def test_settings_left_at_auto_say_what_they_come_to_for_the_dataset(dashboard_env):
+    """The fast preset leaves epochs and cached views at 0 (auto): the form says the numbers in
+    force for this dataset instead of a bare 0 that reads as zero epochs."""
+    from finetune_core.config import PRESETS, TrainConfig
+    from finetune_core.data import scan_dataset
+    from finetune_core.engine import resolve_auto
+
+    data = make_dataset(dashboard_env / "data" / "mine", per_class=12, test_per_class=4)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    at.selectbox(key="preset").set_value("fast").run()
+    assert PRESETS["fast"]["epochs"] == 0 and PRESETS["fast"]["feature_views"] == 0
+    assert at.number_input(key="f_epochs").value == 0
+    config = resolve_auto(TrainConfig(**{**PRESETS["fast"], "data": str(data)}), scan_dataset(data))
+    captions = [c.value for c in at.caption]
+    assert f"0 = auto: {config.epochs} epochs for this dataset and trainable part." in captions, captions
+    assert f"0 = auto: {config.feature_views} views per image for this dataset." in captions, captions
+    at.number_input(key="f_epochs").set_value(3).run()  # a number of one's own: no remark
+    assert not any(c.value.startswith("0 = auto") and "epochs" in c.value for c in at.caption)
