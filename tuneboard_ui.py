@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from finetune_core import plots
+from finetune_core import analysis, plots
 from finetune_core.config import Setting, TrainConfig
 from finetune_core.datastore import runs_root
 from finetune_core.jobs import JobManager
@@ -95,7 +95,8 @@ def job_controls(job: dict, key_prefix: str) -> None:
             slot.caption("stopping…")
     with cols[0]:
         st.progress(min(max(job["progress"], 0.0), 1.0),
-                    text=f"**{job['name']}** {state_label(job['state'])}: {progress_text(job)}")
+                    text=f"**{analysis.markdown_text(job['name'])}** {state_label(job['state'])}: "
+                         f"{analysis.markdown_text(progress_text(job))}")
 
 
 def chart_controls(key_prefix: str) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .config import TrainConfig, compare_settings, inactive_settings, saved_settings
-from .runs import RunDir, RunInfo
+from .runs import METRICS, RunDir, RunInfo
 
 COMPARE_SETTINGS = compare_settings()  # from the settings' definitions (config.Setting.compare)
 
@@ -99,12 +99,15 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
     for info in infos:
         run = RunDir(info.path)
         try:
-            cfg = run.read_config().get("config", {})
+            record = run.read_config()
         except (OSError, ValueError):
-            cfg = {}
+            record = {}
+        cfg = record.get("config", {})
         status = run.read_status(default={})
         values = saved_settings(cfg)  # older runs: today's defaults for settings they did not have
         inert = inactive_settings(TrainConfig(**values))
+        if (record.get("dataset") or {}).get("layout") == "splits":  # the data came with its own test split
+            inert["test_fraction"] = "the dataset has its own test split"
         row = {"run": info.name, "state": info.state}
         row.update({column: _metric(status.get(field), fmt) for column, field, fmt in COMPARE_METRICS})
         row["tags"] = ", ".join(info.tags)
@@ -172,14 +175,31 @@ def markdown_message(text: str, paths: tuple[str, ...] = ()) -> str:
     return "".join(pieces)
 
 
+def markdown_text(text: str) -> str:
+    """A user's text (a run's name) shown as itself in Markdown: its special characters escaped,
+    so that `**x**`, `[link](...)` or `<b>` in a name stay as typed."""
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", str(text))
+
+
 def _code(text: str) -> str:
     fence = "``" if "`" in text else "`"
     return f"{fence}{text}{fence}" if fence == "`" else f"{fence} {text} {fence}"
 
 
+def has_curves(info: RunInfo) -> bool:
+    """Whether a run has logged a point (a line under metrics.csv's header), read cheaply."""
+    try:
+        with open(RunDir(info.path).file(METRICS), "rb") as f:
+            return len(f.readline()) > 0 and len(f.readline()) > 0
+    except OSError:
+        return False
+
+
 def default_selection(infos: list[RunInfo]) -> list[str]:
-    """The runs the Compare page opens on (ids, newest first): the newest run's group when it has
-    companions, else the two newest runs."""
+    """The runs the Compare page opens on (ids, newest first): of the runs with curves (all of them
+    when none has any: a queued run or one that ended before its first batch has nothing to
+    compare), the newest run's group when it has companions, else the two newest runs."""
+    infos = [i for i in infos if has_curves(i)] or infos
     if not infos:
         return []
     group = infos[0].group

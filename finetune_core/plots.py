@@ -8,6 +8,7 @@ no background is set here: the page's theme (theme="streamlit") draws it."""
 from __future__ import annotations
 
 import hashlib
+import html
 import math
 
 import numpy as np
@@ -59,6 +60,12 @@ def run_colors(run_ids) -> dict[str, str]:
         taken.add(slot)
         colors[run_id] = PALETTE[slot]
     return colors
+
+
+def chart_text(text: str) -> str:
+    """A user's text (a run's name, a class) for a plotly label: plotly draws the tags it knows
+    (<b>, <br>, <a href>) in names and hovers, so <, > and & are escaped and the text shows as typed."""
+    return html.escape(str(text), quote=False)
 
 
 def faint(color: str, alpha: float = 0.25) -> str:
@@ -171,8 +178,8 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
     colors = {**run_colors(runs), **(colors or {})}
     validated = {metric: [_has_validation(frame, metric) for frame in runs.values()] for metric in metrics}
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[_panel_title(m, validated[m]) for m in metrics])
-    for k, (label, frame) in enumerate(runs.items()):
-        color = colors[label]
+    for k, (key, frame) in enumerate(runs.items()):
+        color, label = colors[key], chart_text(key)  # plotly reads <b>, <a href> in names: a name stays as typed
         for col, metric in enumerate(metrics, start=1):
             name = METRIC_LABELS.get(metric, metric)
             shown = metric
@@ -223,6 +230,7 @@ def class_counts_figure(splits: dict[str, dict[str, int]]) -> go.Figure:
 
 
 def confusion_figure(matrix, classes: list[str]) -> go.Figure:
+    classes = [chart_text(c) for c in classes]  # folder names, shown as typed
     fig = go.Figure(go.Heatmap(z=matrix, x=classes, y=classes, colorscale="Blues", text=matrix, texttemplate="%{text}",
                                hovertemplate="true %{y}<br>predicted %{x}<br>%{z}<extra></extra>"))
     fig.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed", height=420,
@@ -231,7 +239,7 @@ def confusion_figure(matrix, classes: list[str]) -> go.Figure:
 
 
 def top_k_figure(top: list[tuple[str, float]]) -> go.Figure:
-    labels = [c for c, _ in top][::-1]
+    labels = [chart_text(c) for c, _ in top][::-1]
     values = [p for _, p in top][::-1]
     fig = go.Figure(go.Bar(x=values, y=labels, orientation="h", text=[f"{v:.1%}" for v in values],
                            textposition="auto", marker_color=COLORS[0]))

@@ -32,7 +32,7 @@ def curves_section(infos: list[RunInfo], chart: dict) -> None:
     curve_panels(frames, "compare_curves", colors=colors, **chart)
     empty = analysis.runs_without_metrics(infos)
     if empty:
-        st.caption("No curves for " + ", ".join(f"**{labels[i.id]}** ({state_label(i.state)})" for i in empty)
+        st.caption("No curves for " + ", ".join(f"**{analysis.markdown_text(labels[i.id])}** ({state_label(i.state)})" for i in empty)
                    + ": no training batch logged yet (queued, or ended before its first batch).")
     table, differing = analysis.compare_table(infos)
     if table.empty:
