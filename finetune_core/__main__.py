@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("export", help="write a bundle (safetensors + JSON + torch.export program) of a run")
+    p = sub.add_parser("export", help="write a bundle (safetensors + JSON + torch.export program + ONNX) of a run")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", choices=["last", "best"], default=None,

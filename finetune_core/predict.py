@@ -5,6 +5,11 @@ A bundle is a folder (or a zip of it) that works without Tuneboard's UI:
     weights.safetensors    the state_dict (safetensors: loading it can never run code)
     model.pt2              the whole model as a torch.export program: torch.export.load(path).module()
                            takes a normalised float batch N x 3 x S x S (any N) and returns logits
+    model.onnx             the same model in ONNX (one file, weights inside): input `images`, the same
+                           normalised float32 batch (any N), output `logits`; runs with onnxruntime alone
+
+Both model files compute what the Predict page computes: with flip test-time augmentation on, the
+logits are averaged with those of the mirrored batch inside the model (model.json says so).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 
 from .data import load_rgb, resize_size_for
 from .models import build_model
@@ -223,10 +229,44 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
         "source_run": str(Path(run_dir).resolve()),
     }
     (out / "model.json").write_text(json.dumps(meta, indent=2))
+    deployed = Deployed(predictor.model, predictor.tta_flip).eval()
     example = torch.zeros(2, 3, predictor.image_size, predictor.image_size)
-    program = torch.export.export(predictor.model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    program = torch.export.export(deployed, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     torch.export.save(program, str(out / "model.pt2"))
+    export_onnx(deployed, predictor.image_size, out / "model.onnx")
     return out
+
+
+class Deployed(nn.Module):
+    """What a bundle's model files compute: the logits of a normalised float batch, averaged with
+    the mirrored batch's when the run predicts with flip test-time augmentation (as Predictor)."""
+
+    def __init__(self, model: nn.Module, tta_flip: bool):
+        super().__init__()
+        self.model, self.tta_flip = model, tta_flip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images)
+        if self.tta_flip:
+            logits = (logits + self.model(images.flip(-1))) / 2
+        return logits
+
+
+def export_onnx(module: nn.Module, image_size: int, path: str | os.PathLike) -> Path:
+    """`module` as one ONNX file (weights inside) with any batch size: input `images` (N x 3 x S x S,
+    normalised float32), output `logits` (N x classes). PyTorch's torch.export-based exporter
+    (the default since PyTorch 2.9; it needs onnxscript)."""
+    import contextlib
+    import warnings
+
+    path = Path(path)
+    example = torch.zeros(2, 3, image_size, image_size)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, input_names=["images"],
+                          output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                          external_data=False, optimize=True, verbose=False)
+    return path
 
 
 def bundle_zip_bytes(bundle_dir: str | os.PathLike) -> bytes:

@@ -8,7 +8,7 @@ import streamlit as st
 
 from finetune_core import analysis, plots
 from finetune_core.datastore import runs_root
-from finetune_core.predict import PredictError, Predictor, bundle_zip_bytes, export_bundle
+from finetune_core.predict import MAX_IMAGE_BYTES, PredictError, Predictor, bundle_zip_bytes, export_bundle
 from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, RunInfo, list_runs
 from tuneboard_ui import page, state_label
 
@@ -70,7 +70,8 @@ def metrics_tab(predictions, classes) -> None:
 
 def classify_tab(model: Predictor) -> None:
     classes = model.classes
-    files = st.file_uploader("Drop one or more images", accept_multiple_files=True, key="classify_upload")
+    files = st.file_uploader("Drop one or more images", accept_multiple_files=True, key="classify_upload",
+                             max_upload_size=MAX_IMAGE_BYTES // 2**20)  # the widget states the limit that applies
     if st.toggle("Use the camera", key="use_camera"):
         shot = st.camera_input("Take a picture", key="camera")
         if shot is not None:
@@ -90,8 +91,9 @@ def classify_tab(model: Predictor) -> None:
 
 def export_tab(info: RunInfo) -> None:
     st.write("A bundle that works without Tuneboard: `weights.safetensors`, `model.json` (classes and "
-             "preprocessing) and `model.pt2` (a `torch.export` program). `python -m finetune_core predict --run "
-             "bundle.zip IMAGE` accepts it.")
+             "preprocessing), `model.pt2` (a `torch.export` program) and `model.onnx` (for onnxruntime and other "
+             "ONNX runtimes; the README shows the lines that classify a photo with it). "
+             "`python -m finetune_core predict --run bundle.zip IMAGE` accepts it.")
     if st.button("Build the bundle", key="build_bundle"):
         with st.spinner("Exporting…"):
             with tempfile.TemporaryDirectory() as tmp:

@@ -6,6 +6,7 @@ import os
 import shutil
 import zipfile
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,8 +14,10 @@ import torch
 from conftest import charts, make_tiny_dataset, page, plotly_array, tiny_train_config
 from finetune_core import analysis
 from finetune_core.__main__ import main as cli_main
+from finetune_core.data import load_rgb
 from finetune_core.engine import train
-from finetune_core.predict import Predictor, bundle_zip_bytes, export_bundle
+from finetune_core.predict import MAX_IMAGE_BYTES, Predictor, bundle_zip_bytes, export_bundle
+from finetune_core.prepare import normalize_batch
 from finetune_core.runs import RunDir, list_runs
 
 
@@ -89,7 +92,7 @@ def test_live_curves_of_jobs_with_one_name_are_kept_apart():
                                          "3-z": "scratch"}
 
 
-def write_run(runs, run_id, state="completed", metrics=True, tags=(), **settings_and_status):
+def write_run(runs, run_id, state="completed", metrics=True, tags=(), dataset=None, group="", **settings_and_status):
     """A run folder written by hand: config.json, status.json, meta.json, a metrics row or none."""
     from finetune_core.config import settings
 
@@ -97,7 +100,8 @@ def write_run(runs, run_id, state="completed", metrics=True, tags=(), **settings
     run.path.mkdir(parents=True)
     config = {k: v for k, v in settings_and_status.items() if k in settings()}
     status = {k: v for k, v in settings_and_status.items() if k not in settings()}
-    run.write_config({"config": {"name": run_id.split("-")[-1], **config}})
+    run.write_config({"config": {"name": run_id.split("-")[-1], "group": group, **config},
+                      **({"dataset": dataset} if dataset else {})})
     run.write_status(state=state, **status)
     run.write_meta(tags=list(tags))
     if metrics:
@@ -118,6 +122,40 @@ def test_compare_table_leads_with_the_results_formats_numbers_and_dashes_what_ha
     assert fine["lr"] == "5e-05" and fine["head_lr_mult"] == "10" and fine["param_groups"] == "on"  # not 10.000000
     assert single["head_lr_mult"] == "-" and single["final test acc"] == "-"  # one group; no metrics yet
     assert set(differing) == {"head_lr_mult", "param_groups"}
+
+
+def test_the_test_fraction_shows_as_not_applying_to_a_dataset_with_its_own_test_split(tmp_path):
+    write_run(tmp_path, "20260101-000000-split", dataset={"root": "/d/hotdog", "layout": "splits"})
+    write_run(tmp_path, "20260101-000001-flat", dataset={"root": "/d/flowers", "layout": "flat"})
+    table = analysis.compare_table(list_runs(tmp_path))[0].set_index("run")
+    assert table.loc["split", "test_fraction"] == "-" and table.loc["flat", "test_fraction"] == "0.2"
+
+
+def test_compare_opens_on_runs_that_have_curves(tmp_path):
+    """The newest group's queued run (nothing logged yet) is not among the runs Compare opens on."""
+    write_run(tmp_path, "20260101-000000-old", group="a")
+    write_run(tmp_path, "20260101-000001-fine", group="b")
+    write_run(tmp_path, "20260101-000002-scratch", group="b")
+    write_run(tmp_path, "20260101-000003-single", state="queued", metrics=False, group="b")
+    infos = list_runs(tmp_path)
+    assert sorted(analysis.default_selection(infos)) == ["20260101-000001-fine", "20260101-000002-scratch"]
+    empty = tmp_path / "empty"
+    write_run(empty, "20260101-000000-a", state="queued", metrics=False)
+    write_run(empty, "20260101-000001-b", state="queued", metrics=False)
+    assert len(analysis.default_selection(list_runs(empty))) == 2  # none has curves: the newest two still
+
+
+def test_a_runs_name_shows_as_typed_in_markdown_and_in_charts():
+    from finetune_core import plots
+
+    name = "**bold** <b>x</b> & [link](http://e.com) my_run"
+    shown = analysis.markdown_text(name)
+    assert "\\*\\*bold\\*\\*" in shown and "\\[link\\]" in shown and "my\\_run" in shown
+    frame = pd.DataFrame({"kind": ["batch", "epoch"], "epoch": [0.5, 1.0], "step": [1, 2], "loss": [0.7, 0.6],
+                          "train_acc": [0.5, 0.6], "test_acc": [None, 0.7], "elapsed_s": [1.0, 2.0]})
+    figure = plots.overlay_figure({name: frame})
+    names = {t.name for t in figure.data}
+    assert names == {"**bold** &lt;b&gt;x&lt;/b&gt; &amp; [link](http://e.com) my_run"}  # plotly draws it as typed
 
 
 def test_display_values_read_as_a_person_writes_them():
@@ -176,7 +214,7 @@ def test_export_bundle_reloads_with_equal_outputs(finished_runs, tmp_path, capsy
     run = finished_runs / "20260101-000000-fine"
     original = Predictor.from_run(run)
     bundle = export_bundle(run, tmp_path / "bundle")
-    assert {p.name for p in bundle.iterdir()} == {"model.json", "weights.safetensors", "model.pt2"}
+    assert {p.name for p in bundle.iterdir()} == {"model.json", "weights.safetensors", "model.pt2", "model.onnx"}
     meta = json.loads((bundle / "model.json").read_text())
     assert meta["classes"] == ["cat", "dog"] and meta["preprocessing"]["image_size"] == 32
 
@@ -187,6 +225,9 @@ def test_export_bundle_reloads_with_equal_outputs(finished_runs, tmp_path, capsy
         exported = torch.export.load(str(bundle / "model.pt2")).module()(x)
     assert torch.allclose(expected, reloaded, atol=1e-6)
     assert torch.allclose(expected, exported, atol=1e-5)
+    onnx_logits = onnx_run(bundle, x)  # onnxruntime alone, any batch size
+    assert onnx_logits.shape == (4, 2) and np.abs(onnx_logits - expected.numpy()).max() < 1e-4
+    assert np.abs(onnx_run(bundle, x[:1]) - expected[:1].numpy()).max() < 1e-4
 
     (tmp_path / "bundle.zip").write_bytes(bundle_zip_bytes(bundle))
     assert zipfile.is_zipfile(tmp_path / "bundle.zip")
@@ -202,6 +243,61 @@ def test_export_bundle_reloads_with_equal_outputs(finished_runs, tmp_path, capsy
     top = json.loads(out.out)[0]["top"]
     live = original.predict_files([image], top_k=2)[0].top
     assert top[0]["class"] == live[0][0] and top[0]["probability"] == pytest.approx(live[0][1], abs=1e-5)
+
+
+def onnx_run(bundle, x: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"images": x.numpy()})[0]
+
+
+@pytest.mark.slow
+def test_the_exported_models_average_the_mirror_image_when_the_run_predicts_with_it(finished_runs, tmp_path):
+    """With flip test-time augmentation the bundle's model.onnx and model.pt2 give what the Predict
+    page gives: the logits averaged with those of the mirrored batch."""
+    runs = copy_runs(finished_runs, tmp_path / "runs")
+    run = runs / "20260101-000000-fine"
+    record = json.loads((run / "config.json").read_text())
+    record["config"]["tta_flip"] = True
+    (run / "config.json").write_text(json.dumps(record))
+    predictor = Predictor.from_run(run)
+    assert predictor.tta_flip
+    bundle = export_bundle(run, tmp_path / "bundle")
+    assert json.loads((bundle / "model.json").read_text())["preprocessing"]["tta_flip"] is True
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        plain, mirrored = predictor.model(x), predictor.model(x.flip(-1))
+        exported = torch.export.load(str(bundle / "model.pt2")).module()(x)
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the mirror image changes the logits here
+    averaged = ((plain + mirrored) / 2).numpy()
+    assert np.abs(onnx_run(bundle, x) - averaged).max() < 1e-4
+    assert np.abs(exported.numpy() - averaged).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_the_readmes_onnxruntime_lines_classify_an_image_as_tuneboard_does(finished_runs, tmp_path, capsys):
+    """The README's lines, run as written (with this bundle and image in place of the example's
+    paths): the same preprocessing, logits and class as the Predict page's."""
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("<!-- onnxruntime example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "import torch" not in code and "finetune_core" not in code  # onnxruntime alone
+    run = finished_runs / "20260101-000000-fine"
+    bundle = export_bundle(run, tmp_path / "bundle")
+    image = pd.read_csv(run / "predictions.csv")["path"][0]
+    code = code.replace('"bundle/', f'"{bundle}/').replace('"photo.jpg"', f'"{image}"')
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own lines
+    printed = capsys.readouterr().out.strip()
+    predictor = Predictor.from_run(run)
+    ours = normalize_batch(predictor.preprocess(load_rgb(image)).unsqueeze(0), predictor.mean, predictor.std,
+                           channels_last=False)
+    assert np.abs(namespace["x"] - ours.numpy()).max() < 1e-5  # their preprocessing is ours
+    with torch.no_grad():
+        expected = predictor.model(ours).numpy()
+    assert np.abs(namespace["logits"] - expected).max() < 1e-4
+    assert printed == predictor.predict_files([image], top_k=1)[0].top[0][0]
 
 
 @pytest.mark.slow
@@ -296,6 +392,8 @@ def test_compare_page_confirms_a_save_and_asks_before_deleting(dashboard_env):
     target = "20260101-000001-gone"
     write_run(runs, target, state="stopped", metrics=False)
     at = page("pages/2_Compare.py").run()
+    assert at.multiselect(key="compare_runs").value == ["20260101-000000-keep"]  # it opens on runs with curves
+    at.multiselect(key="compare_runs").set_value(["20260101-000000-keep", target]).run()
     assert any("No curves for **gone** (stopped)" in c.value for c in at.caption)  # why it is not in the legend
     at.selectbox(key="manage_run").set_value(target).run()
     at.text_input(key=f"name-{target}").set_value("renamed")
@@ -344,8 +442,10 @@ def test_predict_page_gallery_confusion_and_uploads(dashboard_runs):
     import sklearn.datasets
 
     photo = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images", "flower.jpg")
+    uploader = at.file_uploader(key="classify_upload")
+    assert uploader.proto.max_upload_size_mb == MAX_IMAGE_BYTES // 2**20  # the limit it states is the one that applies
     with open(photo, "rb") as f:
-        at.file_uploader(key="classify_upload").set_value([("flower.jpg", f.read(), "image/jpeg"),
+        uploader.set_value([("flower.jpg", f.read(), "image/jpeg"),
                                                            ("notes.txt", b"just text", "text/plain")])
     at.run()
     assert not at.exception
