@@ -7,9 +7,9 @@ In one process, as in the dashboard's server: a JobManager trains a run (random-
 at 64 px on a generated dataset, long enough to outlast the measurement). First the run trains
 alone for --quiet-minutes; then --sessions threads each do what a browser with every page open
 does on the pages' own timers: each second the home page's live part (the active jobs) and the
-Train page's live fragment (the group's jobs, each run's metrics.csv, the overlay figure
-serialised to JSON); every other second the Compare page's fragment (the runs listed, their
-metrics.csv, the overlay figure as JSON, the comparison table). The
+Train page's live fragment (the group's jobs, each run's metrics.csv, its charts built and
+serialised as st.plotly_chart does); every other second the Compare page's fragment (the runs
+listed, their metrics.csv, their charts, the comparison table). The
 process's resident memory (RSS) is sampled every 5 s. The run's speed is its own images/s
 (metrics.csv) in the quiet phase against the polled one.
 
@@ -56,13 +56,22 @@ def page_poll(manager, runs_dir: Path, compare: bool) -> None:
     members = [j for j in jobs if j["group"] == group]
     labels = analysis.job_labels(members)
     frames = {labels[j["run_id"]]: RunDir(j["path"]).read_metrics() for j in members}
-    plots.overlay_figure(frames, epochs=max(j["epochs"] for j in members)).to_json()
+    as_the_page_sends(plots.panel_figures(frames, epochs=max(j["epochs"] for j in members)))
     if compare:  # Compare: its fragment, every other second
         infos = [i for i in list_runs(runs_dir) if not i.error]
         labels = analysis.run_labels(infos)
         frames = {labels[i.id]: RunDir(i.path).read_metrics() for i in infos}
-        plots.overlay_figure(frames, x="epoch").to_json()
+        as_the_page_sends(plots.panel_figures(frames, x="epoch"))
         analysis.compare_table(infos)
+
+
+def as_the_page_sends(figures) -> None:
+    """What st.plotly_chart does with each chart (tuneboard_ui.curve_panels: one per metric)."""
+    import plotly
+
+    for figure in figures:
+        plotly.io.to_json(plotly.tools.return_figure_from_figure_or_data(figure, validate_figure=True),
+                          validate=False)
 
 
 def images_per_s(metrics, since_s: float, until_s: float) -> float:
