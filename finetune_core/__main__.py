@@ -431,12 +431,14 @@ def cmd_runs(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .predict import PredictError, export_bundle
+    from .predict import PredictError, bundle_warning, export_bundle
 
     try:
         out = export_bundle(args.run, args.out, checkpoint=args.checkpoint)
     except (PredictError, FileNotFoundError) as exc:
         return fail(str(exc))
+    if bundle_warning(out):
+        print(f"warning: {bundle_warning(out)} (the rest of the bundle is written)", file=sys.stderr)
     print(out)
     return 0
 

@@ -219,22 +219,36 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
     meta = {
         "format": BUNDLE_FORMAT, "backbone": predictor.backbone, "classes": predictor.classes,
         "preprocessing": {"image_size": predictor.image_size, "resize": predictor.resize,
-                          "steps": f"RGB, Resize([{predictor.resize}, {predictor.resize}]) bilinear, "
+                          "steps": f"RGB (EXIF orientation applied, transparency on white), "
+                                   f"Resize([{predictor.resize}, {predictor.resize}]) bilinear, "
                                    f"CenterCrop({predictor.image_size}), scale to [0, 1], Normalize(mean, std)"
-                                   + ("; average the logits with the mirrored image's (tta_flip)"
-                                      if predictor.tta_flip else ""),
+                                   + ("; model.pt2 and model.onnx average the logits with the mirrored image's "
+                                      "themselves (tta_flip)" if predictor.tta_flip else ""),
                           "mean": list(predictor.mean), "std": list(predictor.std),
                           "tta_flip": predictor.tta_flip,
                           "precision": "bf16 autocast" if predictor.bf16 else "fp32"},
         "source_run": str(Path(run_dir).resolve()),
     }
-    (out / "model.json").write_text(json.dumps(meta, indent=2))
     deployed = Deployed(predictor.model, predictor.tta_flip).eval()
     example = torch.zeros(2, 3, predictor.image_size, predictor.image_size)
     program = torch.export.export(deployed, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     torch.export.save(program, str(out / "model.pt2"))
-    export_onnx(deployed, predictor.image_size, out / "model.onnx")
+    (out / "model.onnx").unlink(missing_ok=True)
+    try:  # the ONNX exporter is a separate piece (onnxscript): without it the rest of the bundle still stands
+        export_onnx(deployed, predictor.image_size, out / "model.onnx")
+    except Exception as exc:  # noqa: BLE001 - named in model.json and by export's callers
+        (out / "model.onnx").unlink(missing_ok=True)
+        meta["onnx_error"] = f"model.onnx could not be exported: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    (out / "model.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def bundle_warning(bundle_dir: str | os.PathLike) -> str:
+    """What an exported bundle lacks ("" when it is whole): the ONNX model's export error."""
+    try:
+        return json.loads((Path(bundle_dir) / "model.json").read_text()).get("onnx_error", "")
+    except (OSError, ValueError):
+        return ""
 
 
 class Deployed(nn.Module):
@@ -256,16 +270,11 @@ def export_onnx(module: nn.Module, image_size: int, path: str | os.PathLike) -> 
     """`module` as one ONNX file (weights inside) with any batch size: input `images` (N x 3 x S x S,
     normalised float32), output `logits` (N x classes). PyTorch's torch.export-based exporter
     (the default since PyTorch 2.9; it needs onnxscript)."""
-    import contextlib
-    import warnings
-
     path = Path(path)
     example = torch.zeros(2, 3, image_size, image_size)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, input_names=["images"],
-                          output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                          external_data=False, optimize=True, verbose=False)
+    torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, input_names=["images"],
+                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                      external_data=False, optimize=True, verbose=False)
     return path
 
 

@@ -8,7 +8,8 @@ import streamlit as st
 
 from finetune_core import analysis, plots
 from finetune_core.datastore import runs_root
-from finetune_core.predict import MAX_IMAGE_BYTES, PredictError, Predictor, bundle_zip_bytes, export_bundle
+from finetune_core.predict import (MAX_IMAGE_BYTES, PredictError, Predictor, bundle_warning, bundle_zip_bytes,
+                                   export_bundle)
 from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, RunInfo, list_runs
 from tuneboard_ui import page, state_label
 
@@ -58,7 +59,8 @@ def gallery_tab(predictions, classes) -> None:
         ok = str(row["true"]) == str(row["predicted"])
         with grid[k % 6]:
             st.image(row["path"], width="stretch")
-            st.caption(f"{'right' if ok else 'WRONG'}: true **{row['true']}** · predicted **{row['predicted']}** "
+            st.caption(f"{'right' if ok else 'WRONG'}: true **{analysis.markdown_text(row['true'])}** · predicted "
+                       f"**{analysis.markdown_text(row['predicted'])}** "
                        f"({row['confidence']:.0%})")
 
 
@@ -85,7 +87,7 @@ def classify_tab(model: Predictor) -> None:
             continue
         cols[0].image(f.getvalue(), width="stretch")
         best, p = result.top[0]
-        cols[1].markdown(f"**{f.name}**: **{best}** ({p:.1%})")
+        cols[1].markdown(f"**{analysis.markdown_text(f.name)}**: **{analysis.markdown_text(best)}** ({p:.1%})")
         cols[1].plotly_chart(plots.top_k_figure(result.top), width="stretch", key=f"topk-{f.name}-{f.file_id}")
 
 
@@ -97,10 +99,14 @@ def export_tab(info: RunInfo) -> None:
     if st.button("Build the bundle", key="build_bundle"):
         with st.spinner("Exporting…"):
             with tempfile.TemporaryDirectory() as tmp:
-                st.session_state["bundle"] = (info.id, bundle_zip_bytes(export_bundle(info.path, Path(tmp) / "b")))
+                bundle = export_bundle(info.path, Path(tmp) / "b")
+                st.session_state["bundle"] = (info.id, bundle_zip_bytes(bundle), bundle_warning(bundle))
     if st.session_state.get("bundle", (None,))[0] == info.id:
-        st.download_button("Download bundle.zip", st.session_state["bundle"][1], file_name=f"{info.id}-bundle.zip",
-                           mime="application/zip", key="download_bundle")
+        _, data, warning = st.session_state["bundle"]
+        if warning:
+            st.warning(f"{warning}. The rest of the bundle is complete.")
+        st.download_button("Download bundle.zip", data, file_name=f"{info.id}-bundle.zip", mime="application/zip",
+                           key="download_bundle")
 
 
 def main() -> None:

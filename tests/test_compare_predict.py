@@ -275,6 +275,23 @@ def test_the_exported_models_average_the_mirror_image_when_the_run_predicts_with
 
 
 @pytest.mark.slow
+def test_an_onnx_export_failure_keeps_the_rest_of_the_bundle_and_says_why(finished_runs, tmp_path, monkeypatch,
+                                                                          capsys):
+    from finetune_core import predict
+
+    def no_exporter(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'onnxscript'")
+
+    monkeypatch.setattr(predict, "export_onnx", no_exporter)
+    code = cli_main(["export", "--run", str(finished_runs / "20260101-000000-fine"), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 0 and "model.onnx could not be exported" in err and "onnxscript" in err, err
+    assert {p.name for p in (tmp_path / "b").iterdir()} == {"model.json", "weights.safetensors", "model.pt2"}
+    assert "onnxscript" in json.loads((tmp_path / "b" / "model.json").read_text())["onnx_error"]
+    assert Predictor.from_bundle(tmp_path / "b").classes == ["cat", "dog"]  # the bundle still works
+
+
+@pytest.mark.slow
 def test_the_readmes_onnxruntime_lines_classify_an_image_as_tuneboard_does(finished_runs, tmp_path, capsys):
     """The README's lines, run as written (with this bundle and image in place of the example's
     paths): the same preprocessing, logits and class as the Predict page's."""
