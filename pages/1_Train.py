@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, curve_panels, flash, j
 
 DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
 WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
+LAUNCH_REQUEST_S = 30.0  # a Train click not acted on within this (the user went to another page) is dropped
 # Where each section of the recipe goes: three columns.
 COLUMNS = [("learning",), ("model", "selection"), ("optimiser", "hardware", "run")]
 
@@ -429,9 +431,10 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
     for warning in launch_warnings(config) if config is not None else []:  # the rule is config.launch_warnings
         st.warning(warning, icon="⚠️")
     st.button("Train", type="primary", disabled=bool(blocked), key="train_button", on_click=request_launch)
-    if st.session_state.pop("launch_requested", False):
+    requested = st.session_state.pop("launch_requested", None)
+    if requested is not None and time.monotonic() - requested < LAUNCH_REQUEST_S:  # not one left by a page change
         if blocked:  # the values sent with the click made the recipe invalid: nothing is queued
-            st.toast(f"Not queued: {blocked}.")
+            st.toast(f"Not queued: {blocked} (on the Setup tab).", icon="🚫", duration="long")
         else:
             launch(config, report, grid, also_scratch, also_single)
 
@@ -441,7 +444,7 @@ def request_launch() -> None:
     page, the tabs already on Live), and that run queues the runs from the settings it reads: a
     value typed just before the click included (a callback's arguments would be the settings of
     the run that drew the button, without it)."""
-    st.session_state["launch_requested"] = True
+    st.session_state["launch_requested"] = time.monotonic()
     st.session_state["train_tab"] = "Live"
 
 
@@ -580,7 +583,8 @@ def resume_section() -> None:
     st.subheader("Stopped and interrupted runs")
     for info in resumable:
         cols = st.columns([5, 1])
-        cols[0].write(f"**{info.name}** {state_label(info.state)}: {info.message}")
+        cols[0].write(f"**{analysis.markdown_text(info.name)}** {state_label(info.state)}: "
+                      f"{analysis.markdown_message(info.message)}")
         cols[1].button("Resume", key=f"resume-{info.id}", on_click=resume_run, args=(info.id,))
 
 

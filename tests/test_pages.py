@@ -340,6 +340,18 @@ def test_train_queues_the_values_typed_just_before_the_click(dashboard_env):
     assert config["name"] == "typed-then-clicked" and config["lr"] == 0.005
 
 
+def test_a_train_click_left_by_a_page_change_is_not_acted_on_later(dashboard_env):
+    """Train clicked, then another page opened before the Train page ran: coming back much later
+    does not queue a run from whatever the form holds by then."""
+    data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    tiny_recipe(at)
+    at.session_state["launch_requested"] = time.monotonic() - 120  # the click, two minutes ago
+    at.run()
+    assert not (dashboard_env / "runs").exists() or not list((dashboard_env / "runs").iterdir())
+    assert "launch_requested" not in at.session_state
+
+
 def test_a_run_without_metrics_says_so_instead_of_drawing_empty_charts(dashboard_env):
     from conftest import tiny_train_config
     from finetune_core.jobs import wait_until
