@@ -224,7 +224,8 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
 def class_counts_figure(splits: dict[str, dict[str, int]]) -> go.Figure:
     fig = go.Figure()
     for k, (split, counts) in enumerate(splits.items()):
-        fig.add_trace(go.Bar(x=list(counts), y=list(counts.values()), name=split, marker_color=COLORS[k]))
+        fig.add_trace(go.Bar(x=[chart_text(c) for c in counts], y=list(counts.values()), name=split,
+                             marker_color=COLORS[k]))
     fig.update_layout(barmode="group", height=280, margin=dict(l=40, r=10, t=10, b=40), yaxis_title="images")
     return fig
 

@@ -62,7 +62,8 @@ def manage_section(by_id: dict[str, RunInfo]) -> None:
         tags = st.text_input("Tags (comma-separated)", value=", ".join(meta.get("tags", [])), key=f"tags-{target}")
         if st.button("Save", key="save_meta"):
             RunDir(info.path).write_meta(name=new_name.strip(), tags=[t.strip() for t in tags.split(",") if t.strip()])
-            flash(f"Saved: {new_name.strip() or info.id}, tags {tags.strip() or 'none'}.")
+            flash(f"Saved: {analysis.markdown_text(new_name.strip() or info.id)}, tags "
+                  f"{analysis.markdown_text(tags.strip() or 'none')}.")
             st.rerun()
     with cols[1]:
         if info.state in ("queued", "running"):
@@ -73,14 +74,14 @@ def manage_section(by_id: dict[str, RunInfo]) -> None:
                 st.session_state["confirm_delete"] = target
                 st.rerun()
             return
-        st.warning(f"Delete **{info.name}** and all its files (curves, checkpoints, predictions)? This cannot be "
+        st.warning(f"Delete **{analysis.markdown_text(info.name)}** and all its files (curves, checkpoints, predictions)? This cannot be "
                    "undone.")
         yes, no = st.columns(2)
         if yes.button("Yes, delete it", type="primary", key="delete_confirm"):
             del st.session_state["confirm_delete"]
             try:
                 delete_run(info.path)
-                flash(f"Deleted {info.name}.")
+                flash(f"Deleted {analysis.markdown_text(info.name)}.")
             except RuntimeError as exc:
                 flash(str(exc), "error")
             st.rerun()
