@@ -128,13 +128,15 @@ def test_two_ranks_make_the_one_process_updates_and_metrics(tiny_dataset, tmp_pa
     assert (predictions["true"] == predictions["predicted"]).mean() == pytest.approx(status["test_acc"])
 
 
-@pytest.mark.parametrize("where", ["while train() writes its end", "after train() returned"])
+@pytest.mark.parametrize("where", ["while train() writes its end", "as training ends"])
 def test_torchruns_sigterm_landing_anywhere_leaves_the_run_failed_with_the_failing_ranks_message(
         tmp_path, monkeypatch, where):
     """torchrun ends rank 0 with SIGTERM when rank 1 fails; the signal can land while rank 0's
-    train() is writing why it failed (seen in CI: the run then stayed `running` for good) or just
-    after train() returned. Either way the run ends `failed` with rank 1's message."""
+    train() is writing why it failed (seen in CI: the run then stayed `running` for good) or as
+    train() has returned and the handler is being disarmed. Either way the run ends `failed` with
+    rank 1's message."""
     import argparse
+    import contextlib
 
     from finetune_core import __main__ as cli, engine
     from finetune_core.distributed import Terminated
@@ -146,6 +148,13 @@ def test_torchruns_sigterm_landing_anywhere_leaves_the_run_failed_with_the_faili
         def _peer_failure(self, wait_s):
             return {"rank": 1, "host": "node-b", "message": "planted failure on rank 1", "state": "failed"}
 
+        @contextlib.contextmanager
+        def signals(self, stop):
+            def disarm():  # the signal arrives just before the handler is disarmed
+                if where == "as training ends":
+                    raise Terminated("torchrun ended this process (SIGTERM)")
+            yield disarm
+
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
 
@@ -156,19 +165,8 @@ def test_torchruns_sigterm_landing_anywhere_leaves_the_run_failed_with_the_faili
         return run_dir.write_status(state="failed", message="DistBackendError: connection closed by peer")
 
     monkeypatch.setattr(engine, "train", fake_train)
-    distributed = RankZero()
-    if where == "after train() returned":  # the signal arrives as settle() begins
-        real_settle = Distributed.settle
-        calls = []
-
-        def settle_once_interrupted(self, run_dir, status, wait_s=5.0):
-            if not calls:
-                calls.append(status)
-                raise Terminated("torchrun ended this process (SIGTERM)")
-            return real_settle(self, run_dir, status, wait_s)
-        monkeypatch.setattr(Distributed, "settle", settle_once_interrupted)
     args = argparse.Namespace(quiet=True, json=True)
-    assert cli.run_to_the_end(None, run, args, distributed=distributed) == 1
+    assert cli.run_to_the_end(None, run, args, distributed=RankZero()) == 1
     status = run.read_status()
     assert status["state"] == "failed"
     assert status["message"] == "rank 1 (node-b) failed: planted failure on rank 1"
