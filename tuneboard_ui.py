@@ -156,7 +156,7 @@ def setting_input(s: Setting, key: str, disabled: bool = False, help: str | None
 def curve_panels(frames: dict, key: str, **kwargs) -> None:
     """The runs' loss and accuracy curves, one chart per metric in columns (side by side on a wide
     screen, stacked on a phone); `kwargs` go to plots.panel_figures (colours, x axis, smoothing...)."""
-    figures = plots.panel_figures(frames, **kwargs)
+    figures = plots.cached_panel_figures(frames, **kwargs)  # one build for every session drawing these curves
     with st.container(key=key):
         for k, (column, figure) in enumerate(zip(st.columns(len(figures)), figures)):
             column.plotly_chart(figure, width="stretch", key=f"{key}_{k}")

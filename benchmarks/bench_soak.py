@@ -55,13 +55,13 @@ def page_poll(manager, runs_dir: Path, compare: bool) -> None:
     group = analysis.current_group(jobs)
     members = [j for j in jobs if j["group"] == group]
     labels = analysis.job_labels(members)
-    frames = {labels[j["run_id"]]: RunDir(j["path"]).read_metrics() for j in members}
-    as_the_page_sends(plots.panel_figures(frames, epochs=max(j["epochs"] for j in members)))
+    frames = {labels[j["run_id"]]: RunDir(j["path"]).read_metrics(max_age_s=1.0) for j in members}
+    as_the_page_sends(plots.cached_panel_figures(frames, epochs=max(j["epochs"] for j in members)))
     if compare:  # Compare: its fragment, every other second
         infos = [i for i in list_runs(runs_dir) if not i.error]
         labels = analysis.run_labels(infos)
-        frames = {labels[i.id]: RunDir(i.path).read_metrics() for i in infos}
-        as_the_page_sends(plots.panel_figures(frames, x="epoch"))
+        frames = {labels[i.id]: RunDir(i.path).read_metrics(max_age_s=2.0) for i in infos}
+        as_the_page_sends(plots.cached_panel_figures(frames, x="epoch"))
         analysis.compare_table(infos)
 
 

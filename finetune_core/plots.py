@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import html
 import math
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
@@ -146,6 +148,44 @@ def _number_format(metric: str) -> str:
     return ".3f" if metric.endswith("_acc") else ".4g"
 
 
+_FIGURES: "OrderedDict[tuple, list[go.Figure]]" = OrderedDict()
+_FIGURES_LOCK = threading.Lock()
+_BUILD_LOCK = threading.Lock()
+FIGURES_CACHED = 32
+
+
+def cached_panel_figures(runs: dict[str, pd.DataFrame], **kwargs) -> list[go.Figure]:
+    """panel_figures, built once for the same curves and options in this process: the live views of
+    several sessions refreshing every second, and Compare on finished runs, then cost one build.
+    Curves are known to be the same by their metrics.csv's identity (size and modification time,
+    which RunDir.read_metrics records in the frame's attrs); frames without it are built every time.
+    The figures are shared: draw them, do not change them."""
+    sources = [frame.attrs.get("source") for frame in runs.values()]
+    if not runs or any(s is None or s[1] is None for s in sources):
+        return panel_figures(runs, **kwargs)
+    key = (tuple(zip(runs, sources)), tuple(sorted((k, _hashable(v)) for k, v in kwargs.items())))
+    with _BUILD_LOCK:  # sessions asking at once for the same new curves wait for one build
+        with _FIGURES_LOCK:
+            hit = _FIGURES.get(key)
+            if hit is not None:
+                _FIGURES.move_to_end(key)
+                return hit
+        figures = panel_figures(runs, **kwargs)
+        with _FIGURES_LOCK:
+            _FIGURES[key] = figures
+            while len(_FIGURES) > FIGURES_CACHED:
+                _FIGURES.popitem(last=False)
+    return figures
+
+
+def _hashable(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
 def panel_figures(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", "test_acc"),
                   **kwargs) -> list[go.Figure]:
     """overlay_figure's panels as one figure each (same colours, hover, smoothing and axes), so a
@@ -177,7 +217,16 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
         raise ValueError(f"smoothing must be at least 0 and below 1, got {smoothing}")
     colors = {**run_colors(runs), **(colors or {})}
     validated = {metric: [_has_validation(frame, metric) for frame in runs.values()] for metric in metrics}
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[_panel_title(m, validated[m]) for m in metrics])
+    titles = [_panel_title(m, validated[m]) for m in metrics]
+    if len(metrics) == 1:  # one panel (panel_figures, every refresh of the live view): no subplot grid to build
+        fig = go.Figure(layout=dict(annotations=[dict(text=titles[0], x=0.5, y=1.0, xref="paper", yref="paper",
+                                                      xanchor="center", yanchor="bottom", showarrow=False,
+                                                      font=dict(size=16))]))
+    else:
+        fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=titles)
+
+    def cell(col: int) -> dict:
+        return {} if len(metrics) == 1 else {"row": 1, "col": col}
     for k, (key, frame) in enumerate(runs.items()):
         color, label = colors[key], chart_text(key)  # plotly reads <b>, <a href> in names: a name stays as typed
         for col, metric in enumerate(metrics, start=1):
@@ -191,7 +240,7 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
             if smoothing:
                 fig.add_trace(go.Scatter(x=pts[x], y=pts[shown], name=label, legendgroup=label, showlegend=False,
                                          mode=mode, line=dict(color=faint(color), width=1),
-                                         marker=dict(color=faint(color)), hoverinfo="skip"), row=1, col=col)
+                                         marker=dict(color=faint(color)), hoverinfo="skip"), **cell(col))
                 hover = f"%{{fullData.name}} · {name} %{{y:{fmt}}} (raw %{{customdata:{fmt}}})<extra></extra>"
                 y, raw = pts["smoothed"], pts[shown]
             else:
@@ -199,7 +248,7 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
                 y, raw = pts[shown], None
             fig.add_trace(go.Scatter(x=pts[x], y=y, customdata=raw, name=label, legendgroup=label,
                                      showlegend=col == 1, mode=mode, line=dict(color=color), marker=dict(color=color),
-                                     hovertemplate=hover), row=1, col=col)
+                                     hovertemplate=hover), **cell(col))
             if validated[metric][k]:
                 final = _curve_points(frame, metric, x, kind="test")
                 hover = (f"%{{fullData.name}} · final {METRIC_LABELS.get(metric, metric)} %{{y:{fmt}}}"
@@ -207,12 +256,12 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
                 fig.add_trace(go.Scatter(x=final[x], y=final[metric], name=label, legendgroup=label, showlegend=False,
                                          mode="markers", hovertemplate=hover,
                                          marker=dict(color=color, symbol="diamond", size=11,
-                                                     line=dict(color="white", width=1))), row=1, col=col)
+                                                     line=dict(color="white", width=1))), **cell(col))
     for col, metric in enumerate(metrics, start=1):
         if metric.endswith("_acc"):
-            fig.update_yaxes(range=[0, 1.02], row=1, col=col)
+            fig.update_yaxes(range=[0, 1.02], **cell(col))
         elif log_loss and metric.endswith("loss"):
-            fig.update_yaxes(type="log", row=1, col=col)
+            fig.update_yaxes(type="log", **cell(col))
     fig.update_layout(height=360, margin=dict(l=40, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.25),
                       hovermode="x unified", hoverlabel=HOVER_LABEL)
     fig.update_xaxes(title_text=X_TITLES.get(x, x.replace("_", " ")), hoverformat=X_HOVER.get(x, ".3g"))

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,6 +137,13 @@ def _drop_torn_row(path: Path) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
+# metrics.csv frames parsed in this process: {path: (read at, (size, mtime_ns), frame)}, the most
+# recently read runs (RunDir.read_metrics).
+METRICS_CACHE_RUNS = 64
+_METRICS_CACHE: OrderedDict = OrderedDict()
+_METRICS_LOCK = threading.Lock()
+
+
 def slugify(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:48]
 
@@ -227,10 +235,40 @@ class RunDir:
         atomic_write_json(self.file(META), meta)
         return meta
 
-    def read_metrics(self):
+    def read_metrics(self, max_age_s: float = 0.0):
+        """metrics.csv as a frame (the rows of a known kind; a torn last row left out). Parsed once
+        for as long as the file does not change (size and modification time), for every reader in
+        the process: the pages of several sessions, refreshing every second, share one parse.
+        `max_age_s`: a frame read that recently is returned without looking at the file (the live
+        views: the curves as of at most that long ago)."""
+        path = self.file(METRICS)
+        key, now = str(path), time.monotonic()
+        with _METRICS_LOCK:
+            hit = _METRICS_CACHE.get(key)
+        if hit is not None and max_age_s and now - hit[0] < max_age_s:
+            return hit[2].copy(deep=False)
+        try:
+            info = path.stat()
+            signature = (info.st_size, info.st_mtime_ns)
+        except OSError:
+            signature = None
+        if hit is not None and signature is not None and hit[1] == signature:
+            frame = hit[2]
+        else:
+            frame = self._parse_metrics(path)
+            frame.attrs["source"] = (key, signature)  # what the charts' cache keys on (plots.cached_panel_figures)
+        if signature is not None:
+            with _METRICS_LOCK:
+                _METRICS_CACHE[key] = (now, signature, frame)
+                _METRICS_CACHE.move_to_end(key)
+                while len(_METRICS_CACHE) > METRICS_CACHE_RUNS:
+                    _METRICS_CACHE.popitem(last=False)
+        return frame.copy(deep=False)  # a caller may add columns to its copy, never to the shared frame
+
+    @staticmethod
+    def _parse_metrics(path: Path):
         import pandas as pd
 
-        path = self.file(METRICS)
         if not path.exists() or path.stat().st_size == 0:
             return pd.DataFrame(columns=METRIC_COLUMNS)
         try:

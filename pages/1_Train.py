@@ -532,7 +532,7 @@ def live_section() -> None:
         else:
             st.write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
                      f"{analysis.markdown_message(job['message'])}")
-        metrics = RunDir(job["path"]).read_metrics()
+        metrics = RunDir(job["path"]).read_metrics(max_age_s=LIVE_REFRESH_S)  # sessions share a read
         if metrics.empty and job["state"] not in ("queued", "running"):
             st.caption(f"No curves for {analysis.markdown_text(labels[job['run_id']])}: it ended before its first "
                        "training batch.")

@@ -76,7 +76,7 @@ def test_panels_drawn_apart_keep_one_metric_each_and_the_runs_colours():
     assert len(figures) == 3
     assert [len(f.data) for f in figures] == [len([t for t in together.data if t.xaxis == axis])
                                               for axis in ("x", "x2", "x3")]
-    assert all({t.xaxis for t in f.data} == {"x"} for f in figures)  # one panel each
+    assert all({t.xaxis or "x" for t in f.data} == {"x"} for f in figures)  # one panel each (x: the default)
     assert figures[0].layout.yaxis.type == "log" and figures[1].layout.yaxis.range == (0, 1.02)
     for f in figures:
         for name, color in colors.items():
@@ -180,3 +180,40 @@ def test_several_long_runs_stay_light_to_draw():
     assert points <= 6 * 2 * 2 * (plots.MAX_POINTS + 1)  # two training panels, raw and smoothed
     assert fig.data[1].x[-1] == pytest.approx(30.0)  # the newest point is always drawn
     print(f"6 runs x {n} rows, smoothed: {points} points, {size / 1e6:.2f} MB of JSON, {elapsed:.2f} s")
+
+
+def test_metrics_are_parsed_once_while_the_file_is_unchanged_and_read_anew_when_it_grows(tmp_path):
+    from finetune_core.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.append_metrics({"kind": "batch", "epoch": 0.5, "step": 1, "loss": 0.7})
+    first = run.read_metrics()
+    first["mine"] = 1  # a reader's own column stays in its copy
+    again = run.read_metrics()
+    assert "mine" not in again and len(again) == 1
+    assert again.attrs["source"] == first.attrs["source"]  # the same parse: the file did not change
+    run.append_metrics({"kind": "batch", "epoch": 1.0, "step": 2, "loss": 0.6})
+    assert len(run.read_metrics(max_age_s=60)) == 1  # a live view may take the frame read just now...
+    grown = run.read_metrics()  # ...any other reader sees the new row
+    assert len(grown) == 2 and grown.attrs["source"] != first.attrs["source"]
+    assert len(run.read_metrics(max_age_s=60)) == 2
+
+
+def test_the_charts_of_unchanged_curves_are_built_once_for_every_session(tmp_path):
+    from finetune_core.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    for step in range(1, 4):
+        run.append_metrics({"kind": "batch", "epoch": step / 4, "step": step, "loss": 1 / step, "train_acc": 0.5})
+    one = plots.cached_panel_figures({"a": run.read_metrics()}, x="step", colors={"a": "#123456"})
+    two = plots.cached_panel_figures({"a": run.read_metrics()}, x="step", colors={"a": "#123456"})
+    assert all(f is g for f, g in zip(one, two))  # a second session draws the same figures
+    other = plots.cached_panel_figures({"a": run.read_metrics()}, x="epoch", colors={"a": "#123456"})
+    assert other[0] is not one[0] and other[0].data[0].x.tolist() == [0.25, 0.5, 0.75]  # other options: built
+    run.append_metrics({"kind": "batch", "epoch": 1.0, "step": 4, "loss": 0.2, "train_acc": 0.6})
+    grown = plots.cached_panel_figures({"a": run.read_metrics()}, x="step", colors={"a": "#123456"})
+    assert grown[0] is not one[0] and grown[0].data[0].x.tolist() == [1, 2, 3, 4]  # new points: built anew
+    plain = logged([{"kind": "batch", "epoch": 0.5, "step": 1, "loss": 0.5}])  # not read from a run folder
+    assert plots.cached_panel_figures({"a": plain})[0] is not plots.cached_panel_figures({"a": plain})[0]
