@@ -66,6 +66,16 @@ def check_data_folder(path: str | os.PathLike) -> Path:
     """The folder, resolved (links followed, '..' gone), if the dashboard may read it; raises
     FolderNotAllowed naming the folder and the allowed roots otherwise. A relative path is read
     inside the data folder (where the folder browser starts), not the server's working folder."""
+    return _check_readable(path, "datasets")
+
+
+def check_weights_file(path: str | os.PathLike) -> Path:
+    """A weights file typed on the Train page, held to the same roots as the datasets: a server
+    that listens beyond localhost must not open any file on the machine for whoever reaches it."""
+    return _check_readable(path, "weights files")
+
+
+def _check_readable(path: str | os.PathLike, what: str) -> Path:
     folder = Path(path).expanduser()
     if not folder.is_absolute():
         folder = data_root() / folder
@@ -76,7 +86,7 @@ def check_data_folder(path: str | os.PathLike) -> Path:
     where = f"the data folder {roots[0]}" if len(roots) == 1 else \
         "the folders " + ", ".join(str(r) for r in roots)
     raise FolderNotAllowed(
-        f"{folder} is outside {where}: the dashboard reads datasets only from there. Copy or "
+        f"{folder} is outside {where}: the dashboard reads {what} only from there. Copy or "
         f"upload the images there, or start the server with {EXTRA_ROOTS_VARIABLE} naming the folder "
         f"({EXTRA_ROOTS_VARIABLE}=* allows any folder)")
 

@@ -219,7 +219,15 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
         st.caption(st.session_state["preset_note"])
 
     values = form_values(data_path)
+    refused = ""
+    if values["weights"] not in ("auto", "none", ""):  # a typed weights file: only from the data roots
+        try:
+            values["weights"] = str(datastore.check_weights_file(values["weights"]))
+        except datastore.FolderNotAllowed as exc:
+            refused = str(exc)
     config, errors = config_from_form(values)
+    if refused:
+        config, errors = None, {**errors, "weights": refused}
     parsed, _ = parse_form(values)
     draft = TrainConfig(**{k: v for k, v in parsed.items() if k in settings()})  # what is known so far
     inactive, notes = inactive_settings(draft), setting_notes(draft)

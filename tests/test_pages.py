@@ -438,6 +438,28 @@ def test_a_typed_folder_outside_the_data_root_is_refused_by_name(dashboard_env, 
     assert not at.error and not at.button(key="train_button").disabled
 
 
+def test_a_weights_file_outside_the_data_root_is_refused_by_name(dashboard_env, monkeypatch):
+    """The weights box is held to the data roots like the folder box: a server reachable from the
+    network must not open any file of the machine for whoever types its path."""
+    monkeypatch.delenv("TUNEBOARD_EXTRA_DATA_ROOTS")
+    data = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
+    outside = dashboard_env / "elsewhere" / "weights.pt"
+    outside.parent.mkdir()
+    outside.write_bytes(b"not read")
+    at = use_folder(page("pages/1_Train.py").run(), data)
+    at.radio(key="f_weights_kind").set_value("a local file").run()
+    set_text(at, "f_weights_path", str(outside))
+    at.run()
+    errors = " ".join(e.value for e in at.error)
+    assert f"{outside.resolve()}` is outside the data folder" in errors and "reads weights files only" in errors
+    assert at.button(key="train_button").disabled
+    inside = dashboard_env / "data" / "weights.pt"
+    inside.write_bytes(b"not read either")
+    set_text(at, "f_weights_path", "weights.pt")  # relative: inside the data folder, as for datasets
+    at.run()
+    assert "is outside" not in " ".join(e.value for e in at.error)
+
+
 def test_a_stopped_run_is_offered_for_resume_and_finishes(dashboard_env, tiny_config):
     from finetune_core.engine import train
     from finetune_core.runs import RunDir
