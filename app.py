@@ -52,8 +52,9 @@ def live_sections() -> None:
 def running_section() -> None:
     st.subheader("Running and queued")
     active = manager().active()
-    if st.session_state.get("quick_start_run") in {j["run_id"] for j in active}:
-        st.success("The example is queued: follow it here or on the Train page.")
+    started = next((j for j in active if j["run_id"] == st.session_state.get("quick_start_run")), None)
+    if started is not None:
+        st.success(f"The example is {started['state']}: follow it here or on the Train page.")
     if not active:
         st.caption("Nothing is training right now.")
     for job in active:
@@ -69,7 +70,7 @@ def recent_runs_section() -> None:
     st.dataframe([{
         "run": r.name, "state": state_label(r.state) if not r.error else "damaged",
         "dataset": r.dataset, "backbone": r.backbone,
-        "best test acc": None if r.best_test_acc is None else round(r.best_test_acc, 3),
+        "best test acc": "-" if r.best_test_acc is None else f"{r.best_test_acc:.3f}",
         "duration": format_seconds(r.duration_s), "message": r.error or r.warning or r.message,
     } for r in runs], width="stretch", hide_index=True)
 

@@ -132,7 +132,7 @@ def widget_value(s: Setting, value):
 def setting_input(s: Setting, key: str, disabled: bool = False, help: str | None = None,
                   options: list | None = None, format_func=str) -> None:
     """The control for one setting, by its type: a checkbox for on/off, a number box for whole
-    numbers (with the setting's bounds), a selectbox for choices, a text box otherwise (fractions
+    numbers (their bounds checked by validation, by name), a selectbox for choices, a text box otherwise (fractions
     included). Its value lives in st.session_state[key]."""
     label, help = s.display_label, help or (s.help[:1].upper() + s.help[1:] if s.help else None)
     options = options if options is not None else (None if callable(s.choices) else s.choice_list())
@@ -144,10 +144,11 @@ def setting_input(s: Setting, key: str, disabled: bool = False, help: str | None
             options = [*options, current]  # keep a value the choices no longer hold: validation names it
         st.selectbox(label, options, key=key, disabled=disabled, help=help, format_func=format_func)
     elif s.kind is int:
-        low = s.minimum if s.minimum is not None else None
-        st.number_input(label, key=key, disabled=disabled, help=help, step=int(s.step or 1),
-                        min_value=None if low is None else int(low),
-                        max_value=None if s.maximum is None else int(s.maximum))
+        # No min_value/max_value: the browser would refuse an out-of-range number by itself, keep the
+        # previous value under the digits shown (a typed batch size 0 trained at 64), and say so only
+        # in a tooltip. Every value reaches the settings' validation, which names the setting and
+        # the range and keeps Train disabled.
+        st.number_input(label, key=key, disabled=disabled, help=help, step=int(s.step or 1))
     else:
         st.text_input(label, key=key, disabled=disabled, help=help,
                       placeholder="optional" if s.name == "name" else None)

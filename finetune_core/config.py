@@ -567,8 +567,9 @@ PRESET_DESCRIPTIONS = {
                      "loss, 5 epochs.",
     "book-scratch": "The book's scratch run: random init, one group at lr 5e-4, summed loss, 5 epochs.",
     "fast": "Partial fine-tuning: EfficientNet-Lite2 at 260 px (weights offline); its last stage trains at lr "
-            "3e-3 and a new head at 10x, on cached outputs of the frozen layers for up to 4 views per image "
-            "(random crops of at least a quarter of the photo), 30 epochs with momentum, a cosine schedule, label "
+            "3e-3 and a new head at 10x, on cached outputs of the frozen layers for several views per image "
+            "(random crops of at least a quarter of the photo), epochs and views set for the dataset's size (30 "
+            "epochs and 4 views for a few hundred photos, fewer for large sets), with momentum, a cosine schedule, label "
             "smoothing, a moving average of the weights and flip test-time augmentation (bf16 where the hardware "
             "has it). About a minute for 500 photos on a 2-core CPU.",
 }

@@ -107,7 +107,8 @@ def folder_path(root: Path) -> str:
     with st.expander(f"Browse {root}"):
         folder, subs = datastore.browse(root, st.session_state.get("browse_rel", ""))
         st.caption(f"In {folder}")
-        pick = st.selectbox("Sub-folder", ["(this folder)", ".."] + subs, key="browse_pick")
+        up = [".."] if folder.resolve() != root.resolve() else []  # nothing above the data folder to go to
+        pick = st.selectbox("Sub-folder", ["(this folder)", *up] + subs, key="browse_pick")
         cols = st.columns(2)
         if cols[0].button("Open") and pick != "(this folder)":
             target = folder.parent if pick == ".." else folder / pick
@@ -228,6 +229,9 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
     config, errors = config_from_form(values)
     if refused:
         config, errors = None, {**errors, "weights": refused}
+    elif not values["weights"]:  # "a local file" chosen, no path typed yet
+        config, errors = None, {**errors, "weights": "type the path of a weights file (.pt, .pth or .safetensors) "
+                                                     "in the data folder"}
     parsed, _ = parse_form(values)
     draft = TrainConfig(**{k: v for k, v in parsed.items() if k in settings()})  # what is known so far
     inactive, notes = inactive_settings(draft), setting_notes(draft)
@@ -536,7 +540,9 @@ def live_section() -> None:
             cols = st.columns([5, 1])  # the message says it can be resumed: the button is next to it
             cols[0].write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
                           f"{analysis.markdown_message(job['message'])}")
-            cols[1].button("Resume", key=f"live-resume-{job['run_id']}", on_click=resume_run, args=(job["run_id"],))
+            if cols[1].button("Resume", key=f"live-resume-{job['run_id']}"):
+                resume_run(job["run_id"])
+                st.rerun()  # the whole page: the list of resumable runs below this view changes too
         else:
             st.write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
                      f"{analysis.markdown_message(job['message'])}")
