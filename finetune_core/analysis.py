@@ -96,6 +96,7 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
     first, then its settings ("-" for those that have no effect in that run, e.g. the multiplier
     of a one-group run) and its speed; plus the settings that differ between the runs."""
     rows = []
+    labels = run_labels(infos)  # a name shared by several runs gets its run's id
     for info in infos:
         run = RunDir(info.path)
         try:
@@ -108,7 +109,7 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
         inert = inactive_settings(TrainConfig(**values))
         if (record.get("dataset") or {}).get("layout") == "splits":  # the data came with its own test split
             inert["test_fraction"] = "the dataset has its own test split"
-        row = {"run": info.name, "state": info.state}
+        row = {"run": labels[info.id], "state": info.state}
         row.update({column: _metric(status.get(field), fmt) for column, field, fmt in COMPARE_METRICS})
         row["tags"] = ", ".join(info.tags)
         row.update({k: NOT_APPLICABLE if k in inert else display_value(values[k]) for k in COMPARE_SETTINGS})
@@ -117,7 +118,9 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
         rows.append(row)
     frame = pd.DataFrame(rows)
     differing = [k for k in COMPARE_SETTINGS if k in frame and frame[k].nunique() > 1]
-    return frame, differing
+    lead = [c for c in frame.columns if c not in COMPARE_SETTINGS and c not in ("images/s", "duration (s)")]
+    rest = [c for c in frame.columns if c not in lead and c not in differing]
+    return frame[lead + differing + rest], differing  # what differs right after the results, in view
 
 
 def runs_without_metrics(infos: list[RunInfo]) -> list[RunInfo]:

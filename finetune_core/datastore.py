@@ -77,7 +77,8 @@ def check_weights_file(path: str | os.PathLike) -> Path:
 
 def _check_readable(path: str | os.PathLike, what: str) -> Path:
     folder = Path(path).expanduser()
-    if not folder.is_absolute():
+    relative = not folder.is_absolute()
+    if relative:
         folder = data_root() / folder
     folder = folder.resolve()
     roots = allowed_roots()
@@ -85,9 +86,11 @@ def _check_readable(path: str | os.PathLike, what: str) -> Path:
         return folder
     where = f"the data folder {roots[0]}" if len(roots) == 1 else \
         "the folders " + ", ".join(str(r) for r in roots)
+    typed = f" ({path} is relative: it is read from the data folder)" if relative else ""
+    what_to_copy = "the images" if what == "datasets" else "the file"
     raise FolderNotAllowed(
-        f"{folder} is outside {where}: the dashboard reads {what} only from there. Copy or "
-        f"upload the images there, or start the server with {EXTRA_ROOTS_VARIABLE} naming the folder "
+        f"{folder} is outside {where}{typed}: the dashboard reads {what} only from there. Copy "
+        f"{what_to_copy} there, or start the server with {EXTRA_ROOTS_VARIABLE} naming the folder "
         f"({EXTRA_ROOTS_VARIABLE}=* allows any folder)")
 
 

@@ -176,7 +176,9 @@ class JobManager:
                 raise KeyError(f"no job {run_id}")
             if job.state == "queued":
                 self._queues[job.device].remove(job)
-                job.state, job.message = "stopped", "stopped before it started"
+                job.state = "stopped"  # a resumed run taken off the queue keeps what it trained
+                job.message = ("stopped while queued to resume; it can be resumed from its last checkpoint"
+                               if job.run.has_checkpoint() else "stopped before it started")
                 job.run.write_status(state="stopped", message=job.message, ended_at=now_iso())
                 release_run(job.run)
                 job.done.set()

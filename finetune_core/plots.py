@@ -275,7 +275,8 @@ def class_counts_figure(splits: dict[str, dict[str, int]]) -> go.Figure:
     for k, (split, counts) in enumerate(splits.items()):
         fig.add_trace(go.Bar(x=[chart_text(c) for c in counts], y=list(counts.values()), name=split,
                              marker_color=COLORS[k]))
-    fig.update_layout(barmode="group", height=280, margin=dict(l=40, r=10, t=10, b=40), yaxis_title="images")
+    fig.update_layout(barmode="group", height=280, margin=dict(l=40, r=10, t=10, b=40), yaxis_title="images",
+                      xaxis_type="category", xaxis_dtick=1)  # classes named 0-9 are names, each labelled
     return fig
 
 
@@ -284,6 +285,7 @@ def confusion_figure(matrix, classes: list[str]) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=matrix, x=classes, y=classes, colorscale="Blues", text=matrix, texttemplate="%{text}",
                                hovertemplate="true %{y}<br>predicted %{x}<br>%{z}<extra></extra>"))
     fig.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed", height=420,
+                      xaxis_type="category", yaxis_type="category", xaxis_dtick=1, yaxis_dtick=1,
                       margin=dict(l=60, r=10, t=10, b=60))
     return fig
 
@@ -293,7 +295,7 @@ def top_k_figure(top: list[tuple[str, float]]) -> go.Figure:
     values = [p for _, p in top][::-1]
     fig = go.Figure(go.Bar(x=values, y=labels, orientation="h", text=[f"{v:.1%}" for v in values],
                            textposition="auto", marker_color=COLORS[0]))
-    fig.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%"), height=60 + 35 * len(top),
+    fig.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%"), yaxis_type="category", height=60 + 35 * len(top),
                       margin=dict(l=10, r=10, t=10, b=30))
     return fig
 

@@ -216,6 +216,7 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in predictor.model.state_dict().items()}
     save_file(state, str(out / "weights.safetensors"))
+    os.chmod(out / "weights.safetensors", 0o644)  # safetensors writes it owner-only; the bundle is for sharing
     meta = {
         "format": BUNDLE_FORMAT, "backbone": predictor.backbone, "classes": predictor.classes,
         "preprocessing": {"image_size": predictor.image_size, "resize": predictor.resize,

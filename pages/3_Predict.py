@@ -95,7 +95,7 @@ def export_tab(info: RunInfo) -> None:
     st.write("A bundle that works without Tuneboard: `weights.safetensors`, `model.json` (classes and "
              "preprocessing), `model.pt2` (a `torch.export` program) and `model.onnx` (for onnxruntime and other "
              "ONNX runtimes; the README shows the lines that classify a photo with it). "
-             "`python -m finetune_core predict --run bundle.zip IMAGE` accepts it.")
+             "From Tuneboard's folder, `python -m finetune_core predict --run bundle.zip IMAGE` accepts it.")
     if st.button("Build the bundle", key="build_bundle"):
         with st.spinner("Exporting…"):
             with tempfile.TemporaryDirectory() as tmp:

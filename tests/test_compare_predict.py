@@ -122,6 +122,14 @@ def test_compare_table_leads_with_the_results_formats_numbers_and_dashes_what_ha
     assert fine["lr"] == "5e-05" and fine["head_lr_mult"] == "10" and fine["param_groups"] == "on"  # not 10.000000
     assert single["head_lr_mult"] == "-" and single["final test acc"] == "-"  # one group; no metrics yet
     assert set(differing) == {"head_lr_mult", "param_groups"}
+    assert list(table.columns[7:9]) == ["head_lr_mult", "param_groups"]  # what differs, next to the results
+
+
+def test_compare_table_tells_runs_with_one_name_apart(tmp_path):
+    for k in range(2):
+        write_run(tmp_path, f"2026010{k}-000000-stopme")
+    table = analysis.compare_table(list_runs(tmp_path))[0]
+    assert table["run"].is_unique and all(r.startswith("stopme · ") for r in table["run"])
 
 
 def test_the_test_fraction_shows_as_not_applying_to_a_dataset_with_its_own_test_split(tmp_path):
@@ -215,6 +223,7 @@ def test_export_bundle_reloads_with_equal_outputs(finished_runs, tmp_path, capsy
     original = Predictor.from_run(run)
     bundle = export_bundle(run, tmp_path / "bundle")
     assert {p.name for p in bundle.iterdir()} == {"model.json", "weights.safetensors", "model.pt2", "model.onnx"}
+    assert (bundle / "weights.safetensors").stat().st_mode & 0o044 == 0o044  # readable by those it is shared with
     meta = json.loads((bundle / "model.json").read_text())
     assert meta["classes"] == ["cat", "dog"] and meta["preprocessing"]["image_size"] == 32
 

@@ -225,6 +225,20 @@ def test_the_dashboard_reads_datasets_only_inside_the_data_root_unless_allowed(t
     assert datastore.check_data_folder("/etc") == Path("/etc").resolve()
 
 
+def test_a_refused_path_says_where_a_relative_one_was_read_and_what_to_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEBOARD_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.delenv(datastore.EXTRA_ROOTS_VARIABLE, raising=False)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(datastore.FolderNotAllowed) as exc:
+        datastore.check_data_folder("../shared/datasets/seefood")
+    assert "(../shared/datasets/seefood is relative: it is read from the data folder)" in str(exc.value)
+    assert "Copy the images there" in str(exc.value)
+    with pytest.raises(datastore.FolderNotAllowed) as exc:
+        datastore.check_weights_file("/etc/weights.pt")
+    assert "reads weights files only from there. Copy the file there" in str(exc.value)
+    assert "is relative" not in str(exc.value)
+
+
 def test_a_relative_folder_is_read_inside_the_data_folder(tmp_path, monkeypatch):
     """Typed below "Browse <data folder>", a bare name means a folder there, not in the server's
     working folder."""

@@ -63,6 +63,21 @@ def test_stop_a_running_and_a_queued_job(tiny_config, tmp_path, fake):
     assert fake.started == ["first"]  # the queued one never started
 
 
+def test_a_resumed_run_taken_off_the_queue_says_it_can_still_be_resumed(tiny_config, tmp_path, fake):
+    """Stop pressed while a resumed run waits in the queue: it keeps its checkpoint, and its
+    message says so instead of "stopped before it started" beside the accuracy it reached."""
+    mgr = JobManager(tmp_path / "runs", train_fn=fake)
+    first = mgr.submit(tiny_config.replace(name="first", device="cpu"))
+    second = mgr.submit(tiny_config.replace(name="second", device="cpu"))
+    assert wait_until(lambda: fake.started == ["first"])
+    RunDir(mgr.job(second)["path"]).file("checkpoint_last.pt").write_bytes(b"as a resumed run has one")
+    mgr.stop(second)
+    message = RunDir(mgr.job(second)["path"]).read_status()["message"]
+    assert message == "stopped while queued to resume; it can be resumed from its last checkpoint"
+    mgr.stop(first)
+    mgr.wait(first, 10)
+
+
 def test_a_crashing_worker_marks_its_run_failed_and_keeps_serving(tiny_config, tmp_path, fake):
     mgr = JobManager(tmp_path / "runs", train_fn=fake)
     fake.release.set()

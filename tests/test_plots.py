@@ -217,3 +217,16 @@ def test_the_charts_of_unchanged_curves_are_built_once_for_every_session(tmp_pat
     assert grown[0] is not one[0] and grown[0].data[0].x.tolist() == [1, 2, 3, 4]  # new points: built anew
     plain = logged([{"kind": "batch", "epoch": 0.5, "step": 1, "loss": 0.5}])  # not read from a run folder
     assert plots.cached_panel_figures({"a": plain})[0] is not plots.cached_panel_figures({"a": plain})[0]
+
+
+def test_class_names_that_look_like_numbers_stay_names_on_every_class_axis():
+    """The built-in example's classes are "0".."9": each must be its own labelled category, not a
+    point on a number line (top-3 bars read 5, 4, 3 with an empty row for class 4)."""
+    classes = [str(d) for d in range(10)]
+    confusion = plots.confusion_figure(np.eye(10, dtype=int), classes)
+    assert confusion.layout.xaxis.type == confusion.layout.yaxis.type == "category"
+    assert confusion.layout.xaxis.dtick == 1 and confusion.layout.yaxis.dtick == 1  # every class labelled
+    top = plots.top_k_figure([("5", 0.6), ("3", 0.3), ("8", 0.1)])
+    assert top.layout.yaxis.type == "category" and list(top.data[0].y) == ["8", "3", "5"]
+    counts = plots.class_counts_figure({"train": {c: 10 for c in classes}})
+    assert counts.layout.xaxis.type == "category" and counts.layout.xaxis.dtick == 1
