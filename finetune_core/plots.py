@@ -150,32 +150,45 @@ def _number_format(metric: str) -> str:
 
 _FIGURES: "OrderedDict[tuple, list[go.Figure]]" = OrderedDict()
 _FIGURES_LOCK = threading.Lock()
-_BUILD_LOCK = threading.Lock()
+_BUILDING: dict[tuple, threading.Event] = {}  # keys being built, and the event their waiters wait on
 FIGURES_CACHED = 32
 
 
 def cached_panel_figures(runs: dict[str, pd.DataFrame], **kwargs) -> list[go.Figure]:
     """panel_figures, built once for the same curves and options in this process: the live views of
     several sessions refreshing every second, and Compare on finished runs, then cost one build.
-    Curves are known to be the same by their metrics.csv's identity (size and modification time,
-    which RunDir.read_metrics records in the frame's attrs); frames without it are built every time.
-    The figures are shared: draw them, do not change them."""
+    Curves are known to be the same by their metrics.csv's identity (RunDir.read_metrics records it
+    in the frame's attrs) with the frame's length and columns (a frame cut from it is another);
+    frames without it are built every time. Sessions asking at once for the same new curves wait
+    for one build; other builds go on meanwhile. The figures are shared: draw them, do not change them."""
     sources = [frame.attrs.get("source") for frame in runs.values()]
     if not runs or any(s is None or s[1] is None for s in sources):
         return panel_figures(runs, **kwargs)
-    key = (tuple(zip(runs, sources)), tuple(sorted((k, _hashable(v)) for k, v in kwargs.items())))
-    with _BUILD_LOCK:  # sessions asking at once for the same new curves wait for one build
+    key = (tuple((label, source, len(frame), tuple(frame.columns))
+                 for (label, frame), source in zip(runs.items(), sources)),
+           tuple(sorted((k, _hashable(v)) for k, v in kwargs.items())))
+    while True:
         with _FIGURES_LOCK:
             hit = _FIGURES.get(key)
             if hit is not None:
                 _FIGURES.move_to_end(key)
                 return hit
+            building = _BUILDING.get(key)
+            if building is None:  # this caller builds; others asking for the same key wait for it
+                building = _BUILDING[key] = threading.Event()
+                break
+        building.wait(30)
+    try:
         figures = panel_figures(runs, **kwargs)
         with _FIGURES_LOCK:
             _FIGURES[key] = figures
             while len(_FIGURES) > FIGURES_CACHED:
                 _FIGURES.popitem(last=False)
-    return figures
+        return figures
+    finally:
+        with _FIGURES_LOCK:
+            _BUILDING.pop(key, None)
+        building.set()
 
 
 def _hashable(value):

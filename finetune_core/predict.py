@@ -13,6 +13,7 @@ logits are averaged with those of the mirrored batch inside the model (model.jso
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -216,7 +217,8 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in predictor.model.state_dict().items()}
     save_file(state, str(out / "weights.safetensors"))
-    os.chmod(out / "weights.safetensors", 0o644)  # safetensors writes it owner-only; the bundle is for sharing
+    with contextlib.suppress(OSError):  # safetensors writes it owner-only; the bundle is for sharing
+        os.chmod(out / "weights.safetensors", 0o644)
     meta = {
         "format": BUNDLE_FORMAT, "backbone": predictor.backbone, "classes": predictor.classes,
         "preprocessing": {"image_size": predictor.image_size, "resize": predictor.resize,

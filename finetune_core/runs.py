@@ -137,9 +137,10 @@ def _drop_torn_row(path: Path) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
-# metrics.csv frames parsed in this process: {path: (read at, (size, mtime_ns), frame)}, the most
+# metrics.csv frames parsed in this process: {path: (read at, signature, frame, settled)}, the most
 # recently read runs (RunDir.read_metrics).
-METRICS_CACHE_RUNS = 64
+METRICS_CACHE_RUNS = 32
+RACY_S = 2.0  # a file changed this recently may change again within its timestamp's tick
 _METRICS_CACHE: OrderedDict = OrderedDict()
 _METRICS_LOCK = threading.Lock()
 
@@ -237,33 +238,39 @@ class RunDir:
 
     def read_metrics(self, max_age_s: float = 0.0):
         """metrics.csv as a frame (the rows of a known kind; a torn last row left out). Parsed once
-        for as long as the file does not change (size and modification time), for every reader in
-        the process: the pages of several sessions, refreshing every second, share one parse.
-        `max_age_s`: a frame read that recently is returned without looking at the file (the live
-        views: the curves as of at most that long ago)."""
+        for as long as the file does not change, for every reader in the process: the pages of
+        several sessions, refreshing every second, share one parse. A change is seen by its size,
+        modification and status-change times and inode (a file replaced by another of the same size
+        and mtime has a new inode and ctime); a parse of a file changed less than RACY_S before it is
+        not trusted to stand for the file (a same-size rewrite within one timestamp tick), as git
+        treats its "racy" entries. `max_age_s`: a frame read that recently is returned without
+        looking at the file (the live views: the curves as of at most that long ago)."""
         path = self.file(METRICS)
         key, now = str(path), time.monotonic()
         with _METRICS_LOCK:
             hit = _METRICS_CACHE.get(key)
         if hit is not None and max_age_s and now - hit[0] < max_age_s:
-            return hit[2].copy(deep=False)
+            return hit[2].copy()
         try:
             info = path.stat()
-            signature = (info.st_size, info.st_mtime_ns)
+            signature = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+            settled = time.time() - max(info.st_mtime_ns, info.st_ctime_ns) / 1e9 > RACY_S
         except OSError:
-            signature = None
-        if hit is not None and signature is not None and hit[1] == signature:
+            signature, settled = None, False
+        if hit is not None and signature is not None and hit[1] == signature and hit[3]:
             frame = hit[2]
         else:
             frame = self._parse_metrics(path)
             frame.attrs["source"] = (key, signature)  # what the charts' cache keys on (plots.cached_panel_figures)
         if signature is not None:
             with _METRICS_LOCK:
-                _METRICS_CACHE[key] = (now, signature, frame)
-                _METRICS_CACHE.move_to_end(key)
+                current = _METRICS_CACHE.get(key)
+                if current is None or current[0] <= now:  # a slower, older read never replaces a newer one
+                    _METRICS_CACHE[key] = (now, signature, frame, settled)
+                    _METRICS_CACHE.move_to_end(key)
                 while len(_METRICS_CACHE) > METRICS_CACHE_RUNS:
                     _METRICS_CACHE.popitem(last=False)
-        return frame.copy(deep=False)  # a caller may add columns to its copy, never to the shared frame
+        return frame.copy()  # a caller may change its copy (any pandas), never the shared frame
 
     @staticmethod
     def _parse_metrics(path: Path):

@@ -182,22 +182,40 @@ def test_several_long_runs_stay_light_to_draw():
     print(f"6 runs x {n} rows, smoothed: {points} points, {size / 1e6:.2f} MB of JSON, {elapsed:.2f} s")
 
 
-def test_metrics_are_parsed_once_while_the_file_is_unchanged_and_read_anew_when_it_grows(tmp_path):
+def test_metrics_are_parsed_once_while_the_file_is_unchanged_and_read_anew_when_it_changes(tmp_path, monkeypatch):
+    import shutil
+
+    from finetune_core import runs as runs_module
     from finetune_core.runs import RunDir
 
+    parses = []
+    real_parse = RunDir._parse_metrics
+    monkeypatch.setattr(RunDir, "_parse_metrics", staticmethod(lambda path: parses.append(path) or real_parse(path)))
+    monkeypatch.setattr(runs_module, "RACY_S", 0.2)  # a file left alone this long is trusted by its identity
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     run.append_metrics({"kind": "batch", "epoch": 0.5, "step": 1, "loss": 0.7})
+    time.sleep(0.3)
     first = run.read_metrics()
     first["mine"] = 1  # a reader's own column stays in its copy
     again = run.read_metrics()
-    assert "mine" not in again and len(again) == 1
-    assert again.attrs["source"] == first.attrs["source"]  # the same parse: the file did not change
+    assert len(parses) == 1 and "mine" not in again and len(again) == 1  # one parse for both readers
     run.append_metrics({"kind": "batch", "epoch": 1.0, "step": 2, "loss": 0.6})
     assert len(run.read_metrics(max_age_s=60)) == 1  # a live view may take the frame read just now...
-    grown = run.read_metrics()  # ...any other reader sees the new row
-    assert len(grown) == 2 and grown.attrs["source"] != first.attrs["source"]
-    assert len(run.read_metrics(max_age_s=60)) == 2
+    assert len(run.read_metrics()) == 2  # ...any other reader sees the new row
+    # Replaced by a file of the same size and modification time (cp -p): a new inode, read anew.
+    copy = tmp_path / "other.csv"
+    shutil.copy2(run.file("metrics.csv"), copy)
+    text = copy.read_text().replace("0.6", "0.5")
+    stat = copy.stat()
+    copy.write_text(text)
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    old = run.file("metrics.csv").stat()
+    os.utime(copy, ns=(old.st_atime_ns, old.st_mtime_ns))
+    time.sleep(0.3)
+    run.read_metrics()
+    os.replace(copy, run.file("metrics.csv"))
+    assert run.read_metrics()["loss"].tolist() == [0.7, 0.5]
 
 
 def test_the_charts_of_unchanged_curves_are_built_once_for_every_session(tmp_path):
@@ -215,6 +233,8 @@ def test_the_charts_of_unchanged_curves_are_built_once_for_every_session(tmp_pat
     run.append_metrics({"kind": "batch", "epoch": 1.0, "step": 4, "loss": 0.2, "train_acc": 0.6})
     grown = plots.cached_panel_figures({"a": run.read_metrics()}, x="step", colors={"a": "#123456"})
     assert grown[0] is not one[0] and grown[0].data[0].x.tolist() == [1, 2, 3, 4]  # new points: built anew
+    cut = run.read_metrics().iloc[:2]  # a frame cut from a run's metrics is other curves
+    assert plots.cached_panel_figures({"a": cut}, x="step", colors={"a": "#123456"})[0].data[0].x.tolist() == [1, 2]
     plain = logged([{"kind": "batch", "epoch": 0.5, "step": 1, "loss": 0.5}])  # not read from a run folder
     assert plots.cached_panel_figures({"a": plain})[0] is not plots.cached_panel_figures({"a": plain})[0]
 
