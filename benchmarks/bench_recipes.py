@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--grid-backbones", nargs="+", default=list(NATIVE))
     parser.add_argument("--grid-stages", nargs="+", default=["head", "1", "2", "3"],
                         help="'all' trains every layer for the preset's 30 epochs: tens of minutes on a CPU")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[],
+                        help="run each recipe once per seed (the run-to-run spread) and add a summary row")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
@@ -91,14 +94,25 @@ def main() -> None:
         for name in args.datasets:
             data = four_class_set(scratch) if name == "four" else SHARED / name
             for label, preset, flags in recipes:
-                r = run_recipe(data, preset, flags, scratch / "runs")
-                if r.get("status") != "completed":
-                    line = f"| {name} | {label} | {r.get('status')}: {r.get('message')} | | {r['wall_s']:.0f} | |"
-                else:
-                    line = (f"| {name} | {label} | {r['test_acc']:.3f} | {r['best_test_acc']:.3f} | "
-                            f"{r['wall_s']:.0f} | {r['images_per_s']:.1f} |")
-                print(line, flush=True)
-                lines.append(line)
+                finals, walls = [], []
+                for seed in args.seeds or [None]:
+                    seeded = flags + (["--seed", str(seed)] if seed is not None else [])
+                    shown = label + (f" (seed {seed})" if seed is not None else "")
+                    r = run_recipe(data, preset, seeded, scratch / "runs")
+                    if r.get("status") != "completed":
+                        line = f"| {name} | {shown} | {r.get('status')}: {r.get('message')} | | {r['wall_s']:.0f} | |"
+                    else:
+                        finals.append(r["test_acc"])
+                        walls.append(r["wall_s"])
+                        line = (f"| {name} | {shown} | {r['test_acc']:.3f} | {r['best_test_acc']:.3f} | "
+                                f"{r['wall_s']:.0f} | {r['images_per_s']:.1f} |")
+                    print(line, flush=True)
+                    lines.append(line)
+                if len(finals) > 1:
+                    line = (f"| {name} | {label}: {len(finals)} seeds | mean {statistics.mean(finals):.3f}, "
+                            f"{min(finals):.3f}-{max(finals):.3f} | | up to {max(walls):.0f} | |")
+                    print(line, flush=True)
+                    lines.append(line)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
 

@@ -12,7 +12,7 @@ test split is never read.
 
 A variant is NAME[:key=value,...] over the fast preset; keys: stages, crop (crop_scale), views,
 epochs, lr, mult (head_lr_mult), ls (label_smoothing), ema (decay of an exponential moving average
-of the trained weights, scored instead of the last weights; 0: off), size (image size).
+of the trained weights, scored instead of the last weights; 0: off), size (image size), ens (an\nensemble of that many tops, each with a new head and other batches, their probabilities averaged).
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -31,7 +33,8 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 
 KEYS = {"stages": ("train_stages", str), "crop": ("crop_scale", float), "views": ("feature_views", int),
         "epochs": ("epochs", int), "lr": ("lr", float), "mult": ("head_lr_mult", float),
-        "ls": ("label_smoothing", float), "ema": ("ema", float), "size": ("image_size", int)}
+        "ls": ("label_smoothing", float), "ema": ("ema", float), "size": ("image_size", int),
+        "ens": ("ensemble", int)}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -56,12 +59,38 @@ def folds_of(labels: list[int], k: int, seed: int) -> list[list[int]]:
     return folds
 
 
+def center_features(ctx, bottom, size: int, crop: float, flip: bool):
+    """The frozen bottom's output on every training image's centre view at another test size:
+    Resize([size / crop] * 2) + CenterCrop(size) (+ mirror)."""
+    import torch
+    from torchvision.transforms.v2 import functional as F2
+
+    from finetune_core.engine import FEATURE_DTYPE
+    from finetune_core.prepare import normalize_batch
+
+    out = []
+    bottom.eval()
+    with torch.inference_mode():
+        for s in range(0, len(ctx.train_idx), 64):
+            idx = ctx.train_idx[s:s + 64]
+            src = torch.from_numpy(np.asarray(ctx.data.train_images[np.asarray(idx)]))
+            resized = F2.resize(src, [round(size / crop)] * 2, antialias=True)
+            x = F2.center_crop(resized, [size, size])
+            x = normalize_batch(x.flip(-1) if flip else x, ctx.mean, ctx.std, ctx.config.channels_last)
+            with ctx.autocast():
+                out.append(bottom(x).to(FEATURE_DTYPE))
+    return torch.cat(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["seefood", "hymenoptera"])
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=["base"])
     parser.add_argument("--out", default="")
+    parser.add_argument("--eval-views", nargs="+", default=[],
+                        help="also score each fold's model on held-out centre views of other sizes: SIZE or "
+                             "SIZE/CROP (CROP: the centre crop's share of the resized side, the book's 224/256)")
     args = parser.parse_args()
 
     import torch
@@ -97,66 +126,86 @@ def main() -> None:
                 top, cache = split_for(ctx, cfg.train_stages, reporter)
                 labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)]
                 folds = folds_of(labels.tolist(), args.folds, cfg.seed)
+                extra = {}
+                for spec in args.eval_views:
+                    tsize, _, tcrop = spec.partition("/")
+                    extra[spec] = [center_features(ctx, cache.bottom, int(tsize), float(tcrop or 224 / 256), flip)
+                                   for flip in (False, True)]
                 start_top = copy.deepcopy(top.state_dict())
                 start_opt = copy.deepcopy(ctx.optimizer.state_dict())
                 for name, values in members:
                     changes = {"epochs": 0, "feature_views": 0, **values}
                     changes.pop("ema", None)
+                    changes.pop("ensemble", None)
                     vcfg = resolve_auto(cfg.replace(**changes), ctx.report)
                     # resolve_auto sizes epochs/views for the full training split; keep that
                     views = vcfg.feature_views
                     feats = [cache.get("train", v) for v in range(views)]
                     mirror = cache.get("train", 0, flip=True)
                     accs, t0 = [], time.perf_counter()
+                    extra_accs = {spec: [] for spec in extra}
                     for f, held in enumerate(folds):
                         held_set = set(held)
                         train_rows = [i for i in range(len(labels)) if i not in held_set]
-                        top.load_state_dict(start_top)
-                        ctx.optimizer.load_state_dict(start_opt)
-                        for g in ctx.optimizer.param_groups:
-                            g["initial_lr"] = vcfg.lr * (vcfg.head_lr_mult if g.get("name") == "head"
-                                                         and vcfg.param_groups else 1.0)
-                        ema = (AveragedModel(top, multi_avg_fn=get_ema_multi_avg_fn(values["ema"]), use_buffers=True)
-                               if values.get("ema") else None)
-                        steps_per_epoch = len(batch_slices(len(train_rows), vcfg.batch_size))
-                        total = steps_per_epoch * vcfg.epochs
-                        step = 0
-                        rng = random.Random(vcfg.seed * 31 + f)
-                        torch.manual_seed(vcfg.seed + f)
-
-                        def before() -> None:
-                            factor = lr_factor(vcfg, step, total)
+                        probs = []
+                        for m in range(values.get("ensemble", 1)):
+                            top.load_state_dict(start_top)
+                            torch.manual_seed(vcfg.seed + f + 7919 * m)
+                            if m:  # another member: a new head, other batches and views
+                                head = [mod for mod in top.modules() if isinstance(mod, torch.nn.Linear)][-1]
+                                head.reset_parameters()
+                            ctx.optimizer.load_state_dict(start_opt)
                             for g in ctx.optimizer.param_groups:
-                                g["lr"] = g["initial_lr"] * factor
+                                g["initial_lr"] = vcfg.lr * (vcfg.head_lr_mult if g.get("name") == "head"
+                                                             and vcfg.param_groups else 1.0)
+                            ema = (AveragedModel(top, multi_avg_fn=get_ema_multi_avg_fn(values["ema"]), use_buffers=True)
+                                   if values.get("ema") else None)
+                            steps_per_epoch = len(batch_slices(len(train_rows), vcfg.batch_size))
+                            total = steps_per_epoch * vcfg.epochs
+                            step = 0
+                            rng = random.Random(vcfg.seed * 31 + f + 7919 * m)
+                            torch.manual_seed(vcfg.seed + f + 7919 * m)
 
-                        def after(*_):
-                            nonlocal step
-                            step += 1
-                            if ema is not None:
-                                ema.update_parameters(top)
+                            def before() -> None:
+                                factor = lr_factor(vcfg, step, total)
+                                for g in ctx.optimizer.param_groups:
+                                    g["lr"] = g["initial_lr"] * factor
 
-                        loss_fn = lambda lg, y: batch_loss(lg, y, vcfg.loss_reduction,  # noqa: E731
-                                                           vcfg.label_smoothing)
-                        rows_t = torch.as_tensor(train_rows)
-                        for epoch in range(vcfg.epochs):
-                            inputs = feats[epoch % views][rows_t]
-                            order = list(range(len(train_rows)))
-                            rng.shuffle(order)
-                            train_one_epoch(top, loss_fn, ctx.optimizer,
-                                            tensor_batches(inputs, labels[rows_t], order, vcfg.batch_size,
-                                                           ctx.device, vcfg.channels_last),
-                                            before, after, ctx.autocast)
-                        scorer = ema.module if ema is not None else top
-                        held_t = torch.as_tensor(held)
+                            def after(*_):
+                                nonlocal step
+                                step += 1
+                                if ema is not None:
+                                    ema.update_parameters(top)
 
-                        def held_batches():
-                            for s in range(0, len(held), 256):
-                                idx = held_t[s:s + 256]
-                                xs = [feats[0][idx].float()] + ([mirror[idx].float()] if vcfg.tta_flip else [])
-                                yield xs, labels[idx]
+                            loss_fn = lambda lg, y: batch_loss(lg, y, vcfg.loss_reduction,  # noqa: E731
+                                                               vcfg.label_smoothing)
+                            rows_t = torch.as_tensor(train_rows)
+                            for epoch in range(vcfg.epochs):
+                                inputs = feats[(epoch + m) % views][rows_t]
+                                order = list(range(len(train_rows)))
+                                rng.shuffle(order)
+                                train_one_epoch(top, loss_fn, ctx.optimizer,
+                                                tensor_batches(inputs, labels[rows_t], order, vcfg.batch_size,
+                                                               ctx.device, vcfg.channels_last),
+                                                before, after, ctx.autocast)
+                            scorer = ema.module if ema is not None else top
+                            held_t = torch.as_tensor(held)
 
-                        logits, y = evaluate(scorer, held_batches(), ctx.autocast)
-                        accs.append(accuracy_and_loss(logits, y)[1])
+                            def held_batches():
+                                for s in range(0, len(held), 256):
+                                    idx = held_t[s:s + 256]
+                                    xs = [feats[0][idx].float()] + ([mirror[idx].float()] if vcfg.tta_flip else [])
+                                    yield xs, labels[idx]
+
+                            logits, y = evaluate(scorer, held_batches(), ctx.autocast)
+                            probs.append(torch.softmax(logits.float(), 1))
+                        accs.append(accuracy_and_loss(torch.stack(probs).mean(0).log(), y)[1])
+                        for spec, (plain, flipped) in extra.items():
+                            views_of = lambda idx, a=plain, b=flipped: [a[idx].float()] + (  # noqa: E731
+                                [b[idx].float()] if vcfg.tta_flip else [])
+                            logits, y = evaluate(scorer, ((views_of(held_t[s:s + 256]), labels[held_t[s:s + 256]])
+                                                          for s in range(0, len(held), 256)), ctx.autocast)
+                            extra_accs[spec].append(accuracy_and_loss(logits, y)[1])
                     seconds = time.perf_counter() - t0
                     mean = sum(accs) / len(accs)
                     shown = {k: v for k, v in values.items()}
@@ -165,6 +214,11 @@ def main() -> None:
                             f"{mean:.4f} | {' '.join(f'{a:.3f}' for a in accs)} | {seconds:.0f} |")
                     print(line, flush=True)
                     lines.append(line)
+                    for spec, got in extra_accs.items():
+                        line = (f"| {dataset} | {name} @ {spec} | (scored on centre views {spec}) | "
+                                f"{sum(got) / len(got):.4f} | {' '.join(f'{a:.3f}' for a in got)} | |")
+                        print(line, flush=True)
+                        lines.append(line)
                 for c in ctx.caches.values():
                     c.close()
     if args.out:
