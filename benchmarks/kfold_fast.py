@@ -12,7 +12,7 @@ test split is never read.
 
 A variant is NAME[:key=value,...] over the fast preset; keys: stages, crop (crop_scale), views,
 epochs, lr, mult (head_lr_mult), ls (label_smoothing), ema (decay of an exponential moving average
-of the trained weights, scored instead of the last weights; 0: off), size (image size), ens (an\nensemble of that many tops, each with a new head and other batches, their probabilities averaged).
+of the trained weights, scored instead of the last weights; 0: off), size (image size), ens (an\nensemble of that many tops, each with a new head and other batches, their probabilities averaged), lp\n(epochs of the head alone before the schedule starts: LP-FT).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 KEYS = {"stages": ("train_stages", str), "crop": ("crop_scale", float), "views": ("feature_views", int),
         "epochs": ("epochs", int), "lr": ("lr", float), "mult": ("head_lr_mult", float),
         "ls": ("label_smoothing", float), "ema": ("ema", float), "size": ("image_size", int),
-        "ens": ("ensemble", int)}
+        "ens": ("ensemble", int), "lp": ("probe_epochs", int)}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -137,6 +137,7 @@ def main() -> None:
                     changes = {"epochs": 0, "feature_views": 0, **values}
                     changes.pop("ema", None)
                     changes.pop("ensemble", None)
+                    changes.pop("probe_epochs", None)
                     vcfg = resolve_auto(cfg.replace(**changes), ctx.report)
                     # resolve_auto sizes epochs/views for the full training split; keep that
                     views = vcfg.feature_views
@@ -180,6 +181,19 @@ def main() -> None:
                             loss_fn = lambda lg, y: batch_loss(lg, y, vcfg.loss_reduction,  # noqa: E731
                                                                vcfg.label_smoothing)
                             rows_t = torch.as_tensor(train_rows)
+                            for epoch in range(values.get("probe_epochs", 0)):  # LP-FT: the head alone first
+                                for g in ctx.optimizer.param_groups:  # no gradient, no momentum
+                                    g["lr"] = g["initial_lr"]
+                                    for q in g["params"]:
+                                        q.requires_grad_(g.get("name") == "head")
+                                order = list(range(len(train_rows)))
+                                rng.shuffle(order)
+                                train_one_epoch(top, loss_fn, ctx.optimizer,
+                                                tensor_batches(feats[epoch % views][rows_t], labels[rows_t], order,
+                                                               vcfg.batch_size, ctx.device, vcfg.channels_last),
+                                                lambda: None, lambda *_: None, ctx.autocast)
+                            for q in top.parameters():
+                                q.requires_grad_(True)
                             for epoch in range(vcfg.epochs):
                                 inputs = feats[(epoch + m) % views][rows_t]
                                 order = list(range(len(train_rows)))
