@@ -12,7 +12,10 @@ test split is never read.
 
 A variant is NAME[:key=value,...] over the fast preset; keys: stages, crop (crop_scale), views,
 epochs, lr, mult (head_lr_mult), ls (label_smoothing), ema (decay of an exponential moving average
-of the trained weights, scored instead of the last weights; 0: off), size (image size), ens (an\nensemble of that many tops, each with a new head and other batches, their probabilities averaged), lp\n(epochs of the head alone before the schedule starts: LP-FT).
+of the trained weights at a constant decay, scored instead of the last weights; 0: off; the engine
+ramps its decay up to the setting: min(decay, (1 + t) / (10 + t))), size (image size), ens (an
+ensemble of that many tops, each with a new head and other batches, their probabilities averaged), lp
+(epochs of the head alone before the schedule starts: LP-FT).
 """
 from __future__ import annotations
 
@@ -99,10 +102,13 @@ def main() -> None:
     from finetune_core.config import preset_config
     from finetune_core.engine import (Reporter, accuracy_and_loss, batch_loss, batch_slices, evaluate, lr_factor,
                                       resolve_auto, setup, split_for, tensor_batches, train_one_epoch)
+    from finetune_core.models import get_head
     from finetune_core.runs import RunDir
     from bench_recipes import four_class_set
 
     variants = [parse_variant(v) for v in args.variants]
+    if args.eval_views and any(v.get("ensemble", 1) > 1 for _, v in variants):
+        parser.error("--eval-views scores one model per fold; run the ens variants without it")
     header = ("| dataset | variant | settings | mean held-out acc | per fold | train s |\n"
               "|---|---|---|---|---|---|")
     lines = [header]
@@ -131,6 +137,7 @@ def main() -> None:
                     tsize, _, tcrop = spec.partition("/")
                     extra[spec] = [center_features(ctx, cache.bottom, int(tsize), float(tcrop or 224 / 256), flip)
                                    for flip in (False, True)]
+                head = get_head(ctx.model, cfg.backbone)
                 start_top = copy.deepcopy(top.state_dict())
                 start_opt = copy.deepcopy(ctx.optimizer.state_dict())
                 for name, values in members:
@@ -152,9 +159,9 @@ def main() -> None:
                         for m in range(values.get("ensemble", 1)):
                             top.load_state_dict(start_top)
                             torch.manual_seed(vcfg.seed + f + 7919 * m)
-                            if m:  # another member: a new head, other batches and views
-                                head = [mod for mod in top.modules() if isinstance(mod, torch.nn.Linear)][-1]
+                            if m:  # another member: a new head drawn as the engine draws it, other batches and views
                                 head.reset_parameters()
+                                torch.nn.init.xavier_uniform_(head.weight)
                             ctx.optimizer.load_state_dict(start_opt)
                             for g in ctx.optimizer.param_groups:
                                 g["initial_lr"] = vcfg.lr * (vcfg.head_lr_mult if g.get("name") == "head"
@@ -182,16 +189,19 @@ def main() -> None:
                                                                vcfg.label_smoothing)
                             rows_t = torch.as_tensor(train_rows)
                             for epoch in range(values.get("probe_epochs", 0)):  # LP-FT: the head alone first
-                                for g in ctx.optimizer.param_groups:  # no gradient, no momentum
+                                # the rest of the top: no gradient (so no momentum either) and batch norm in
+                                # eval mode; the head keeps its momentum into the fine-tuning
+                                for g in ctx.optimizer.param_groups:
                                     g["lr"] = g["initial_lr"]
-                                    for q in g["params"]:
-                                        q.requires_grad_(g.get("name") == "head")
+                                head_ids = {id(q) for q in head.parameters()}
+                                for q in top.parameters():
+                                    q.requires_grad_(id(q) in head_ids)
                                 order = list(range(len(train_rows)))
                                 rng.shuffle(order)
                                 train_one_epoch(top, loss_fn, ctx.optimizer,
                                                 tensor_batches(feats[epoch % views][rows_t], labels[rows_t], order,
                                                                vcfg.batch_size, ctx.device, vcfg.channels_last),
-                                                lambda: None, lambda *_: None, ctx.autocast)
+                                                lambda: (top.eval(), head.train()), lambda *_: None, ctx.autocast)
                             for q in top.parameters():
                                 q.requires_grad_(True)
                             for epoch in range(vcfg.epochs):
