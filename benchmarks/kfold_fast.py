@@ -188,30 +188,30 @@ def main() -> None:
                             loss_fn = lambda lg, y: batch_loss(lg, y, vcfg.loss_reduction,  # noqa: E731
                                                                vcfg.label_smoothing)
                             rows_t = torch.as_tensor(train_rows)
-                            for epoch in range(values.get("probe_epochs", 0)):  # LP-FT: the head alone first
-                                # the rest of the top: no gradient (so no momentum either) and batch norm in
-                                # eval mode; the head keeps its momentum into the fine-tuning
+
+                            def one_epoch(view: int, before_step, after_step) -> None:
+                                order = list(range(len(train_rows)))
+                                rng.shuffle(order)
+                                train_one_epoch(top, loss_fn, ctx.optimizer,
+                                                tensor_batches(feats[view % views][rows_t], labels[rows_t], order,
+                                                               vcfg.batch_size, ctx.device, vcfg.channels_last),
+                                                before_step, after_step, ctx.autocast)
+
+                            probe_epochs = values.get("probe_epochs", 0)
+                            if probe_epochs:  # LP-FT: the head alone first, at its full rate. The rest of the
+                                # top: no gradient (so no momentum either) and batch norm in eval mode; the
+                                # head keeps its momentum into the fine-tuning
                                 for g in ctx.optimizer.param_groups:
                                     g["lr"] = g["initial_lr"]
                                 head_ids = {id(q) for q in head.parameters()}
                                 for q in top.parameters():
                                     q.requires_grad_(id(q) in head_ids)
-                                order = list(range(len(train_rows)))
-                                rng.shuffle(order)
-                                train_one_epoch(top, loss_fn, ctx.optimizer,
-                                                tensor_batches(feats[epoch % views][rows_t], labels[rows_t], order,
-                                                               vcfg.batch_size, ctx.device, vcfg.channels_last),
-                                                lambda: (top.eval(), head.train()), lambda *_: None, ctx.autocast)
-                            for q in top.parameters():
-                                q.requires_grad_(True)
+                                for epoch in range(probe_epochs):
+                                    one_epoch(epoch, lambda: (top.eval(), head.train()), lambda *_: None)
+                                for q in top.parameters():
+                                    q.requires_grad_(True)
                             for epoch in range(vcfg.epochs):
-                                inputs = feats[(epoch + m) % views][rows_t]
-                                order = list(range(len(train_rows)))
-                                rng.shuffle(order)
-                                train_one_epoch(top, loss_fn, ctx.optimizer,
-                                                tensor_batches(inputs, labels[rows_t], order, vcfg.batch_size,
-                                                               ctx.device, vcfg.channels_last),
-                                                before, after, ctx.autocast)
+                                one_epoch(epoch + m, before, after)
                             scorer = ema.module if ema is not None else top
                             held_t = torch.as_tensor(held)
 

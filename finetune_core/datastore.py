@@ -66,16 +66,16 @@ def check_data_folder(path: str | os.PathLike) -> Path:
     """The folder, resolved (links followed, '..' gone), if the dashboard may read it; raises
     FolderNotAllowed naming the folder and the allowed roots otherwise. A relative path is read
     inside the data folder (where the folder browser starts), not the server's working folder."""
-    return _check_readable(path, "datasets")
+    return _check_readable(path, "datasets", "the images")
 
 
 def check_weights_file(path: str | os.PathLike) -> Path:
     """A weights file typed on the Train page, held to the same roots as the datasets: a server
     that listens beyond localhost must not open any file on the machine for whoever reaches it."""
-    return _check_readable(path, "weights files")
+    return _check_readable(path, "weights files", "the file")
 
 
-def _check_readable(path: str | os.PathLike, what: str) -> Path:
+def _check_readable(path: str | os.PathLike, what: str, what_to_copy: str) -> Path:
     folder = Path(path).expanduser()
     relative = not folder.is_absolute()
     if relative:
@@ -87,7 +87,6 @@ def _check_readable(path: str | os.PathLike, what: str) -> Path:
     where = f"the data folder {roots[0]}" if len(roots) == 1 else \
         "the folders " + ", ".join(str(r) for r in roots)
     typed = f" ({path} is relative: it is read from the data folder)" if relative else ""
-    what_to_copy = "the images" if what == "datasets" else "the file"
     raise FolderNotAllowed(
         f"{folder} is outside {where}{typed}: the dashboard reads {what} only from there. Copy "
         f"{what_to_copy} there, or start the server with {EXTRA_ROOTS_VARIABLE} naming the folder "
