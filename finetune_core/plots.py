@@ -148,6 +148,8 @@ def _number_format(metric: str) -> str:
     return ".3f" if metric.endswith("_acc") else ".4g"
 
 
+LABEL_EVERY_CLASS = 30  # up to this many classes every one is labelled; above, plotly thins the labels
+
 _FIGURES: "OrderedDict[tuple, list[go.Figure]]" = OrderedDict()
 _FIGURES_LOCK = threading.Lock()
 _BUILDING: dict[tuple, threading.Event] = {}  # keys being built, and the event their waiters wait on
@@ -157,15 +159,13 @@ FIGURES_CACHED = 32
 def cached_panel_figures(runs: dict[str, pd.DataFrame], **kwargs) -> list[go.Figure]:
     """panel_figures, built once for the same curves and options in this process: the live views of
     several sessions refreshing every second, and Compare on finished runs, then cost one build.
-    Curves are known to be the same by their metrics.csv's identity (RunDir.read_metrics records it
-    in the frame's attrs) with the frame's length and columns (a frame cut from it is another);
-    frames without it are built every time. Sessions asking at once for the same new curves wait
-    for one build; other builds go on meanwhile. The figures are shared: draw them, do not change them."""
-    sources = [frame.attrs.get("source") for frame in runs.values()]
-    if not runs or any(s is None or s[1] is None for s in sources):
+    Curves are known to be the same by their content (a hash of every value and the columns: a few
+    milliseconds, where a build takes tens), so any change to a frame is other curves. Sessions
+    asking at once for the same new curves wait for one build; other builds go on meanwhile. The
+    figures are shared: draw them, do not change them."""
+    if not runs:
         return panel_figures(runs, **kwargs)
-    key = (tuple((label, source, len(frame), tuple(frame.columns))
-                 for (label, frame), source in zip(runs.items(), sources)),
+    key = (tuple((label, _content_digest(frame)) for label, frame in runs.items()),
            tuple(sorted((k, _hashable(v)) for k, v in kwargs.items())))
     while True:
         with _FIGURES_LOCK:
@@ -189,6 +189,11 @@ def cached_panel_figures(runs: dict[str, pd.DataFrame], **kwargs) -> list[go.Fig
         with _FIGURES_LOCK:
             _BUILDING.pop(key, None)
         building.set()
+
+
+def _content_digest(frame: pd.DataFrame) -> str:
+    rows = pd.util.hash_pandas_object(frame, index=False).to_numpy()
+    return hashlib.sha1(rows.tobytes() + repr((list(frame.columns), len(frame))).encode()).hexdigest()
 
 
 def _hashable(value):
@@ -289,7 +294,8 @@ def class_counts_figure(splits: dict[str, dict[str, int]]) -> go.Figure:
         fig.add_trace(go.Bar(x=[chart_text(c) for c in counts], y=list(counts.values()), name=split,
                              marker_color=COLORS[k]))
     fig.update_layout(barmode="group", height=280, margin=dict(l=40, r=10, t=10, b=40), yaxis_title="images",
-                      xaxis_type="category", xaxis_dtick=1)  # classes named 0-9 are names, each labelled
+                      xaxis_type="category",  # classes named 0-9 are names; each labelled while they fit
+                      xaxis_dtick=1 if len(next(iter(splits.values()), {})) <= LABEL_EVERY_CLASS else None)
     return fig
 
 
@@ -298,7 +304,9 @@ def confusion_figure(matrix, classes: list[str]) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=matrix, x=classes, y=classes, colorscale="Blues", text=matrix, texttemplate="%{text}",
                                hovertemplate="true %{y}<br>predicted %{x}<br>%{z}<extra></extra>"))
     fig.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed", height=420,
-                      xaxis_type="category", yaxis_type="category", xaxis_dtick=1, yaxis_dtick=1,
+                      xaxis_type="category", yaxis_type="category",
+                      xaxis_dtick=1 if len(classes) <= LABEL_EVERY_CLASS else None,
+                      yaxis_dtick=1 if len(classes) <= LABEL_EVERY_CLASS else None,
                       margin=dict(l=60, r=10, t=10, b=60))
     return fig
 

@@ -261,7 +261,6 @@ class RunDir:
             frame = hit[2]
         else:
             frame = self._parse_metrics(path)
-            frame.attrs["source"] = (key, signature)  # what the charts' cache keys on (plots.cached_panel_figures)
         if signature is not None:
             with _METRICS_LOCK:
                 current = _METRICS_CACHE.get(key)

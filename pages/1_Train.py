@@ -546,7 +546,7 @@ def live_section() -> None:
         else:
             st.write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
                      f"{analysis.markdown_message(job['message'])}")
-        metrics = RunDir(job["path"]).read_metrics(max_age_s=LIVE_REFRESH_S)  # sessions share a read
+        metrics = RunDir(job["path"]).read_metrics(max_age_s=LIVE_REFRESH_S / 2)  # sessions share a read
         if metrics.empty and job["state"] not in ("queued", "running"):
             st.caption(f"No curves for {analysis.markdown_text(labels[job['run_id']])}: it ended before its first "
                        "training batch.")
@@ -603,7 +603,7 @@ def resume_section() -> None:
 
 
 def resume_run(run_id: str) -> None:
-    """Queue a stopped or interrupted run again (a button's callback)."""
+    """Queue a stopped or interrupted run again (a Resume button's callback or click)."""
     try:
         manager().resume(run_id)
     except RunOwned as exc:  # another process took it over since this page was drawn
@@ -613,7 +613,7 @@ def resume_run(run_id: str) -> None:
 def keep_form_values() -> None:
     """Streamlit forgets the value of a control that a run does not draw (a run that stops early,
     a dataset being chosen): keep the recipe's controls in a copy of our own and put back any
-    that went missing, so the form never silently falls back to its widgets' minimums."""
+    that went missing, so the form never silently falls back to its widgets' defaults."""
     kept = st.session_state.setdefault("recipe_kept", {})
     for name, value in kept.items():
         if name not in st.session_state:

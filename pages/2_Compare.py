@@ -27,7 +27,7 @@ def curves_section(infos: list[RunInfo], chart: dict) -> None:
     """Their curves overlaid (each run in its own colour, as on every page), and the table of
     settings and final metrics, differences highlighted."""
     labels = analysis.run_labels(infos)
-    frames = {labels[i.id]: RunDir(i.path).read_metrics(max_age_s=LIVE_REFRESH_S * 2) for i in infos}
+    frames = {labels[i.id]: RunDir(i.path).read_metrics(max_age_s=LIVE_REFRESH_S) for i in infos}  # half its refresh
     colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
     curve_panels(frames, "compare_curves", colors=colors, **chart)
     empty = analysis.runs_without_metrics(infos)

@@ -235,8 +235,83 @@ def test_the_charts_of_unchanged_curves_are_built_once_for_every_session(tmp_pat
     assert grown[0] is not one[0] and grown[0].data[0].x.tolist() == [1, 2, 3, 4]  # new points: built anew
     cut = run.read_metrics().iloc[:2]  # a frame cut from a run's metrics is other curves
     assert plots.cached_panel_figures({"a": cut}, x="step", colors={"a": "#123456"})[0].data[0].x.tolist() == [1, 2]
+    frame = run.read_metrics()
+    changed = frame.assign(loss=frame["loss"] * 100)  # the same shape and source, other values
+    drawn = plots.cached_panel_figures({"a": changed}, x="step", colors={"a": "#123456"})
+    assert drawn[0] is not grown[0] and drawn[0].data[0].y.tolist()[-1] == pytest.approx(20.0)
     plain = logged([{"kind": "batch", "epoch": 0.5, "step": 1, "loss": 0.5}])  # not read from a run folder
-    assert plots.cached_panel_figures({"a": plain})[0] is not plots.cached_panel_figures({"a": plain})[0]
+    assert plots.cached_panel_figures({"a": plain})[0] is plots.cached_panel_figures({"a": plain.copy()})[0]
+
+
+def test_sessions_asking_at_once_for_new_curves_wait_for_one_build_and_a_failed_build_frees_them(monkeypatch):
+    import threading
+
+    builds, gate = [], threading.Event()
+    real = plots.panel_figures
+
+    def slow(runs, **kwargs):
+        builds.append(1)
+        gate.wait(5)
+        if kwargs.get("x") == "epoch":
+            raise RuntimeError("build failed")
+        return real(runs, **kwargs)
+
+    monkeypatch.setattr(plots, "panel_figures", slow)
+    frame = logged([{"kind": "batch", "epoch": 0.5, "step": 1, "loss": 0.5},
+                    {"kind": "batch", "epoch": 1.0, "step": 2, "loss": 0.4}])
+    got, failed = [], []
+
+    def session(x):
+        try:
+            got.append(plots.cached_panel_figures({"a": frame.copy()}, x=x))
+        except RuntimeError:
+            failed.append(x)
+
+    threads = [threading.Thread(target=session, args=("step",)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # all four are in: one builds, three wait
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(builds) == 1 and len(got) == 4 and all(g[0] is got[0][0] for g in got)
+    gate.clear()
+    threads = [threading.Thread(target=session, args=("epoch",)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)  # no session hangs on a build that failed
+    assert failed == ["epoch"] * 3  # each waiter tried itself, and failed the same way
+
+
+def test_a_parse_of_a_file_changed_within_the_racy_window_is_not_trusted(tmp_path, monkeypatch):
+    """A same-size rewrite within one timestamp tick keeps the file's size, times and inode: only a
+    parse made after the file has settled may stand for it."""
+    from pathlib import Path as P
+
+    from finetune_core import runs as runs_module
+    from finetune_core.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.append_metrics({"kind": "batch", "epoch": 0.5, "step": 1, "loss": 0.7})
+    metrics = run.file("metrics.csv")
+    frozen = metrics.stat()  # every later stat of the file says this: the rewrite is invisible to it
+    real_stat = P.stat
+    monkeypatch.setattr(P, "stat", lambda self, **kw: frozen if self == metrics else real_stat(self, **kw))
+
+    monkeypatch.setattr(runs_module, "RACY_S", 3600.0)  # changed "just now": not settled
+    assert run.read_metrics()["loss"].tolist() == [0.7]
+    metrics.write_text(metrics.read_text().replace("0.7", "0.6"))
+    assert run.read_metrics()["loss"].tolist() == [0.6]  # parsed again
+
+    monkeypatch.setattr(runs_module, "RACY_S", 0.0)  # settled: the parse stands for the file...
+    assert run.read_metrics()["loss"].tolist() == [0.6]
+    metrics.write_text(metrics.read_text().replace("0.6", "0.5"))
+    assert run.read_metrics()["loss"].tolist() == [0.6]  # ...so an invisible rewrite is not seen
 
 
 def test_class_names_that_look_like_numbers_stay_names_on_every_class_axis():
