@@ -76,11 +76,14 @@ def check_weights_file(path: str | os.PathLike) -> Path:
 
 
 def _check_readable(path: str | os.PathLike, what: str, what_to_copy: str) -> Path:
-    folder = Path(path).expanduser()
-    relative = not folder.is_absolute()
-    if relative:
-        folder = data_root() / folder
-    folder = folder.resolve()
+    try:
+        folder = Path(path).expanduser()
+        relative = not folder.is_absolute()
+        if relative:
+            folder = data_root() / folder
+        folder = folder.resolve()
+    except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, an unknown ~user, a link loop
+        raise FolderNotAllowed(f"{path!r} is not a path the dashboard can read ({exc})") from exc
     roots = allowed_roots()
     if roots is None or any(inside(root, folder) for root in roots):
         return folder

@@ -237,6 +237,8 @@ def test_a_refused_path_says_where_a_relative_one_was_read_and_what_to_copy(tmp_
         datastore.check_weights_file("/etc/weights.pt")
     assert "reads weights files only from there. Copy the file there" in str(exc.value)
     assert "is relative" not in str(exc.value)
+    with pytest.raises(datastore.FolderNotAllowed, match="is not a path the dashboard can read"):
+        datastore.check_weights_file("weights\x00.pt")  # pasted with a NUL byte: a message, not a traceback
 
 
 def test_a_relative_folder_is_read_inside_the_data_folder(tmp_path, monkeypatch):
