@@ -1050,7 +1050,9 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
         status = run.write_status(state="completed", progress=1.0, eta_s=0, ended_at=now_iso(), **fields,
                                   **summary())
     except (StopRequested, KeyboardInterrupt) as exc:
-        status = run.write_status(state="stopped", ended_at=now_iso(), message="stopped by the user"
+        reason = getattr(stop_event, "reason", None)  # set by whoever stopped it for another cause
+        status = run.write_status(state="stopped", ended_at=now_iso(),
+                                  message=(f"stopped: {reason}" if reason else "stopped by the user")
                                   + (" (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
                                      or getattr(stop_event, "interrupted", False) else "")
                                   + ("; it can be resumed from its last checkpoint" if run.has_checkpoint() else ""),

@@ -242,6 +242,7 @@ class JobManager:
                     job.done.set()
             if stop_running:
                 for job in self._jobs.values():
+                    job.stop_event.reason = "the server shut down"  # the run's message says why, not "the user"
                     job.stop_event.set()
                     if job.processes > 1 and job.state == "running":  # a torchrun child: its stop file
                         distributed.request_stop(job.run)             # (the follow thread may not live on)

@@ -115,6 +115,17 @@ def test_shutdown_ends_running_and_queued_runs_stopped(tiny_config, tmp_path, fa
         mgr.submit(tiny_config.replace(device="cpu"))
 
 
+def test_a_run_stopped_by_the_servers_shutdown_says_so_not_stopped_by_the_user(tiny_config, tmp_path):
+    mgr = JobManager(tmp_path / "runs")  # the real engine
+    run_id = mgr.submit(tiny_config.replace(device="cpu", epochs=200, name="long"))
+    run = RunDir(tmp_path / "runs" / run_id)
+    assert wait_until(lambda: not run.read_metrics().empty, timeout=120)
+    mgr.shutdown(timeout=60)
+    status = run.read_status()
+    assert status["state"] == "stopped" and status["message"].startswith("stopped: the server shut down")
+    assert "by the user" not in status["message"]
+
+
 def test_shutdown_marks_a_run_that_does_not_stop_in_time_interrupted(tiny_config, tmp_path):
     release = threading.Event()
 
