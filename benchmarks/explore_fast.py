@@ -42,9 +42,9 @@ def main() -> None:
     if args.fp32_cache:
         import torch
 
-        from finetune_core import engine
+        from finetune_core import activations
 
-        engine.FEATURE_DTYPE = torch.float32
+        activations.FEATURE_DTYPE = torch.float32
 
     from finetune_core.config import preset_config
     from finetune_core.engine import Reporter, final_test, run_epoch, setup, split_for

@@ -68,7 +68,7 @@ def center_features(ctx, bottom, size: int, crop: float, flip: bool):
     import torch
     from torchvision.transforms.v2 import functional as F2
 
-    from finetune_core.engine import FEATURE_DTYPE
+    from finetune_core.activations import FEATURE_DTYPE
     from finetune_core.prepare import normalize_batch
 
     out = []

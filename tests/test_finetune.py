@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from finetune_core import engine, prepare
+from finetune_core import activations, engine, prepare
 from finetune_core.config import TrainConfig
 from finetune_core.data import scan_dataset
 from finetune_core.engine import Reporter, epoch_seed, load_checkpoint, setup, split_for, train
@@ -105,7 +105,7 @@ def test_the_head_multiplier_changes_the_result(dataset, weights_file, cache, tm
 
 def test_the_frozen_pass_says_how_long_it_has_left(dataset, weights_file, tmp_path):
     """The pass over the frozen layers (minutes on a CPU for a real set) tells the time left in it."""
-    assert [engine.pass_time_left(10.0, 100, 400), engine.pass_time_left(60.0, 100, 400)] == ["30 s", "3 min"]
+    assert [activations.pass_time_left(10.0, 100, 400), activations.pass_time_left(60.0, 100, 400)] == ["30 s", "3 min"]
     messages = []
     status = train(config_for(dataset, weights_file, epochs=1, eval_batch_size=4), tmp_path / "run", cache_dir="",
                    on_event=lambda e: e["kind"] == "prepare" and messages.append(e["message"]))
@@ -402,7 +402,7 @@ def test_activations_over_the_memory_budget_are_memory_mapped_and_leave_no_file(
                                                                                  tmp_path, monkeypatch):
     config = config_for(dataset, weights_file, epochs=2, train_stages="1")
     in_memory = train(config, tmp_path / "a", cache_dir=cache)
-    monkeypatch.setattr(engine, "FEATURE_MEMORY_BUDGET", 0)
+    monkeypatch.setattr(activations, "FEATURE_MEMORY_BUDGET", 0)
     folder = tmp_path / "cache-mapped"
     mapped = train(config, tmp_path / "b", cache_dir=str(folder))
     assert mapped["state"] == "completed" and mapped["test_acc"] == pytest.approx(in_memory["test_acc"])
