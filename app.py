@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from finetune_core import datastore, memory
+from finetune_core import cachestore, datastore, memory
 from finetune_core.config import quick_start_config
 from finetune_core.jobs import DuplicateSubmission
 from finetune_core.models import BACKBONES, device_description, offline_backbones, resolve_device
@@ -25,6 +25,23 @@ def machine_section(offline: list[str]) -> None:
     if memory.wanted() and not memory.is_tuned() and resolve_device("auto").type == "cpu":
         st.info("This server was started without Tuneboard's memory settings, so training on the CPU runs up to "
                 "2x slower. Start it with `python serve.py` instead of `streamlit run app.py`.")
+
+
+def cache_section() -> None:
+    """The decode cache's size against its budget, and a button that empties it."""
+    used, folder = cachestore.cache_size(), cachestore.default_cache_dir()
+    try:
+        budget = f"{cachestore.budget_bytes() / 1024**3:.1f} GB"
+    except ValueError as exc:
+        budget = f"the default {cachestore.DEFAULT_BUDGET_MB / 1024:.1f} GB ({exc})"
+    c = st.columns([3, 1])
+    c[0].caption(f"Decode cache: {used / 1024**2:.0f} MB of {budget} ({folder}; "
+                 f"{cachestore.BUDGET_VARIABLE} sets the budget). Clearing it costs only time: "
+                 "the next run decodes its photos again.")
+    if c[1].button("Clear the cache", key="clear_cache", disabled=not used):
+        freed = cachestore.clear_cache()
+        flash(f"Cleared the decode cache ({freed / 1024**2:.0f} MB).", "info")
+        st.rerun()
 
 
 def quick_start_section(offline: list[str]) -> None:
@@ -83,6 +100,7 @@ def home() -> None:
              "fine-tuning chapter of *Dive into Deep Learning*.")
     offline = offline_backbones()
     machine_section(offline)
+    cache_section()
     quick_start_section(offline)
     live_sections()
 

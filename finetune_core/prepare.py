@@ -1,27 +1,32 @@
 """Decode each image once, then build batches from uint8 tensors.
 
-The book's loop opens, decodes and resizes every JPEG with PIL on every epoch. Here every
-image is decoded once into a uint8 array (kept in memory, or memory-mapped from a disk cache
-keyed by the files' contents and the size, so a second run on the same data decodes nothing;
-the cache records which rows failed by their position, never by path, so a renamed or moved
-folder that hits the cache still pairs every image with its own label):
+The book's loop opens, decodes and resizes every JPEG with PIL on every epoch. Here every image
+is decoded once into the form training needs, and that form is kept in the decode cache (one
+compressed entry per image, keyed by the file's contents, the kind and the size: adding ten photos
+to a cached set decodes ten images, and a renamed or moved folder still hits the cache). Nothing
+holds the whole set in memory: a batch reads its images from their entries (a small JPEG or WebP
+decode each). The cache is bounded by a size budget with least-recently-used eviction
+(cachestore.py); an entry evicted meanwhile is made again from its photo, to the same pixels.
 
 - test images exactly as the book's test transform leaves them before ToTensor:
-  Resize([R, R]) then CenterCrop(S) with PIL (R = 256 for S = 224);
+  Resize([R, R]) then CenterCrop(S) with PIL (R = 256 for S = 224), stored losslessly (WebP), so
+  evaluation sees the pixels prediction sees;
 - training images squeezed to a T x T square (T = up to 2 S, never above the images' own size)
-  together with their original width and height. The book's RandomResizedCrop + flip then run
-  per batch: the crop box is drawn in the original image's coordinates with the same algorithm
+  together with their original width and height, stored as JPEG at quality TRAIN_QUALITY (about
+  the photo's own size; the random crops are resized anyway). Every read goes through the stored
+  form, so a cold and a warm cache give the same pixels. The book's RandomResizedCrop + flip then
+  run per batch: the crop box is drawn in the original image's coordinates with the same algorithm
   and mapped onto the square, so the geometry is the book's; on a GPU the crops of a whole batch
   are cut and resized at once with roi_align.
 """
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import math
 import os
 import random
-import tempfile
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,16 +36,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cachestore import DiskStore, MemoryStore, default_cache_dir, evict
 from .data import WARNING, ImageRecord, Problem, ScanReport, load_rgb, resize_size_for, to_rgb
-from .runs import atomic_write_text
 
-MEMORY_BUDGET_BYTES = 2 * 1024**3  # above this, decoded images are memory-mapped from the disk cache
-CACHE_FORMAT = "tuneboard-decoded-3"  # 3: failed rows by position, not by path
+CACHE_FORMAT = "tuneboard-decoded-4"  # 4: one compressed entry per image
+TRAIN_QUALITY = 95  # JPEG quality of the stored training squares
 PROGRESS_EVERY = 8  # images decoded between progress calls (each checks for a stop)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TUNEBOARD_CACHE", Path.home() / ".cache" / "tuneboard" / "decoded"))
+READ_WORKERS = min(4, os.cpu_count() or 1)  # threads reading a batch's entries (decoding releases the GIL)
 
 
 @dataclass
@@ -49,11 +51,11 @@ class PreparedData:
     image_size: int
     resize: int
     train_side: int
-    train_images: np.ndarray          # N x 3 x T x T uint8 (RAM or memory-mapped)
+    train_images: DecodedImages       # N x 3 x T x T uint8, read from the decode cache
     train_sizes: np.ndarray           # N x 2 (width, height) of the decoded originals
     train_labels: torch.Tensor        # N int64
     train_paths: list[str]
-    test_images: torch.Tensor         # M x 3 x S x S uint8
+    test_images: DecodedImages        # M x 3 x S x S uint8
     test_labels: torch.Tensor
     test_paths: list[str]
     skipped: list[Problem] = field(default_factory=list)
@@ -100,133 +102,161 @@ def choose_train_side(records: list[ImageRecord], image_size: int) -> int:
     return int(min(2 * image_size, max(image_size, short)))
 
 
-def _cache_key(records: list[ImageRecord], kind: str, *sizes: int) -> str:
-    h = hashlib.sha1(f"{CACHE_FORMAT}|{kind}|{sizes}".encode())
-    for r in records:
-        h.update(r.sha1.encode())
-    return h.hexdigest()[:24]
+# --------------------------------------------------------------------------------------------
+# The decode cache's entries: b"I" + (width, height) + the encoded image, or b"F" + why it failed
+
+HEADER = struct.Struct("<cII")
 
 
-def _decode_all(records: list[ImageRecord], shape: tuple, decode: Callable, cache_dir: Path | None, key: str,
-                progress: Callable[[int, int], None] | None
-                ) -> tuple[np.ndarray, list[tuple], list[int], list[Problem]]:
-    """Decode every record into one uint8 array (rows of failed files are dropped). Returns
-    (array, sizes, the positions in `records` of its rows, the failed files). The cache key is
-    the files' contents, not their paths: the failed rows are kept by position and named with
-    the paths of `records`, whatever they were called when the entry was written."""
-    n = len(records)
-    meta_path = cache_dir / f"{key}.json" if cache_dir else None
-    array_path = cache_dir / f"{key}.npy" if cache_dir else None
-    nbytes = n * int(np.prod(shape))
-    if meta_path is not None and meta_path.exists() and array_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-            arr = np.load(array_path, mmap_mode="r" if nbytes > MEMORY_BUDGET_BYTES else None)
-            valid = [int(i) for i in meta["valid_rows"]]
-            failed = {int(i): text for i, text in meta["failed"]}
-            if (arr.shape[1:] == shape and arr.shape[0] == len(valid) == len(meta["sizes"])
-                    and sorted(set(valid) | set(failed)) == list(range(n)) and not set(valid) & set(failed)):
-                if progress:
-                    progress(n, n)
-                skipped = [Problem(records[i].path, text, WARNING) for i, text in sorted(failed.items())]
-                return arr, [tuple(s) if s else None for s in meta["sizes"]], valid, skipped
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # damaged cache entry: decode again
-    tmp_path = None
-    if nbytes > MEMORY_BUDGET_BYTES and cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp_path = Path(_temp_name(cache_dir, f".{array_path.name}.", ".tmp"))
-        arr = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(n, *shape))
+def entry_key(record: ImageRecord, kind: str, *sizes: int) -> str:
+    """One image's entry: its contents (not its path), what it was decoded for, and the format."""
+    return hashlib.sha1(f"{CACHE_FORMAT}|{kind}|{sizes}|{record.sha1}".encode()).hexdigest()
+
+
+def encode_entry(image: np.ndarray, size: tuple[int, int] | None, lossless: bool) -> bytes:
+    buffer = io.BytesIO()
+    picture = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)))
+    if lossless:
+        picture.save(buffer, "WEBP", lossless=True, method=0)
     else:
-        arr = np.empty((n, *shape), dtype=np.uint8)
-    sizes: list = [None] * n
-    ok = [False] * n
-    skipped: list[Problem] = []
-    failed: list[tuple[int, str]] = []
+        picture.save(buffer, "JPEG", quality=TRAIN_QUALITY)
+    width, height = size or (0, 0)
+    return HEADER.pack(b"I", width, height) + buffer.getvalue()
+
+
+def failed_entry(error: str) -> bytes:
+    return HEADER.pack(b"F", 0, 0) + error.encode()
+
+
+def entry_pixels(blob: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(blob[HEADER.size:])) as picture:
+        return np.asarray(picture.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def make_entry(kind: str, path: str, size: int) -> bytes:
+    """Decode one photo for `kind` ("train": the T x T square, "test": the test view) into its
+    entry; a file that fails gives a failed entry that says why."""
+    try:
+        if kind == "train":
+            image, original = decode_train(path, size)
+        else:
+            image, original = decode_test(path, size), None
+    except Exception as exc:  # noqa: BLE001 - a file that fails now is skipped and reported
+        return failed_entry(f"failed to decode ({type(exc).__name__}: {exc}), skipped")
+    return encode_entry(image, original, lossless=kind == "test")
+
+
+_readers: ThreadPoolExecutor | None = None
+
+
+def readers() -> ThreadPoolExecutor:
+    global _readers
+    if _readers is None:
+        _readers = ThreadPoolExecutor(max_workers=READ_WORKERS, thread_name_prefix="tuneboard-read")
+    return _readers
+
+
+class DecodedImages:
+    """The decoded images of one split as a sequence of uint8 3 x H x W tensors, read from their
+    cache entries when asked for: memory holds a batch, never the set. An entry evicted since is
+    made again from its photo (the same pixels)."""
+
+    def __init__(self, store, kind: str, size: int, keys: list[str], paths: list[str], shape: tuple):
+        self.store, self.kind, self.size = store, kind, size
+        self.keys, self.paths, self.image_shape = keys, paths, tuple(shape)
+        self.dtype = torch.uint8
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.keys), *self.image_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape))
+
+    def image(self, i: int) -> np.ndarray:
+        blob = self.store.get(self.keys[i])
+        if blob is None:
+            blob = make_entry(self.kind, self.paths[i], self.size)
+            self.store.put(self.keys[i], blob)
+        if blob[:1] != b"I":
+            raise OSError(f"{self.paths[i]}: {blob[HEADER.size:].decode(errors='replace')}")
+        return entry_pixels(blob)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)):
+            return torch.from_numpy(self.image(int(index)))
+        rows = range(len(self))[index] if isinstance(index, slice) else np.asarray(index).reshape(-1).tolist()
+        if not len(rows):
+            return torch.empty((0, *self.image_shape), dtype=torch.uint8)
+        return torch.from_numpy(np.stack(list(readers().map(self.image, rows))))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """The whole split at once (small sets and tests only)."""
+        array = self[:].numpy()
+        return array if dtype is None else array.astype(dtype)
+
+    def to_device(self, device: torch.device, chunk: int = 256) -> torch.Tensor:
+        """The whole split on `device`, uploaded a chunk at a time."""
+        out = torch.empty(self.shape, dtype=torch.uint8, device=device)
+        for start in range(0, len(self), chunk):
+            out[start:start + chunk] = self[start:start + chunk].to(device)
+        return out
+
+
+def index_entries(records: list[ImageRecord], kind: str, size: int, store,
+                  progress: Callable[[int, int], None] | None
+                  ) -> tuple[list[int], list[str], list[tuple | None], list[Problem]]:
+    """Make sure every record has its entry (decoding only those missing) and read their
+    headers. Returns (the positions in `records` of the images that decoded, their keys, their
+    original sizes, the files that failed, named by their paths in `records`)."""
+    n = len(records)
+    sizes = (size,) if kind == "train" else (size, resize_size_for(size))
+    keys = [entry_key(r, kind, *sizes) for r in records]
 
     def work(i):
-        try:
-            out = decode(records[i].path)
-        except Exception as exc:  # noqa: BLE001 - a file that fails now is skipped and reported
-            return i, None, f"failed to decode ({type(exc).__name__}: {exc}), skipped"
-        return i, out, ""
+        head = store.get(keys[i], HEADER.size)
+        if head is None or len(head) < HEADER.size:
+            blob = make_entry(kind, records[i].path, size)
+            store.put(keys[i], blob)
+            head = blob[:HEADER.size]
+        tag, width, height = HEADER.unpack(head)
+        if tag != b"I":
+            blob = store.get(keys[i]) or failed_entry("failed to decode, skipped")
+            return i, None, blob[HEADER.size:].decode(errors="replace")
+        return i, (width, height) if width else None, ""
 
-    workers = min(8, os.cpu_count() or 1)
+    rows, row_sizes, skipped = [], [], []
     done = 0
-    pool = ThreadPoolExecutor(max_workers=workers)
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     try:
-        for i, out, error in pool.map(work, range(n)):
+        for i, original, error in pool.map(work, range(n)):
             if error:
                 skipped.append(Problem(records[i].path, error, WARNING))
-                failed.append((i, error))
             else:
-                image, size = out if isinstance(out, tuple) else (out, None)
-                arr[i] = image
-                sizes[i] = size
-                ok[i] = True
+                rows.append(i)
+                row_sizes.append(original)
             done += 1
             if progress and (done % PROGRESS_EVERY == 0 or done == n):
                 progress(done, n)  # may raise (a stop request): the images not started yet are dropped
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)  # only the few being decoded finish
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
         raise
     pool.shutdown()
-    valid = [i for i in range(n) if ok[i]]
-    for new_i, old_i in enumerate(valid):  # compact in place: drop the failed rows
-        if new_i != old_i:
-            arr[new_i] = arr[old_i]
-    arr = arr[:len(valid)]
-    sizes = [sizes[i] for i in valid]
-    if cache_dir is not None:
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            if tmp_path is not None:
-                arr.flush()
-                if len(valid) != n:  # the memmap file holds n rows: write the valid ones with their header
-                    part = _temp_name(cache_dir, f".{array_path.name}.", ".tmp.npy")
-                    try:
-                        np.save(part, np.asarray(arr))
-                        os.replace(part, array_path)
-                    finally:
-                        if os.path.exists(part):
-                            os.unlink(part)
-                else:
-                    os.replace(tmp_path, array_path)
-                arr = np.load(array_path, mmap_mode="r")
-            else:
-                tmp = _temp_name(cache_dir, f".{array_path.name}.", ".tmp.npy")
-                try:
-                    np.save(tmp, arr)
-                    os.replace(tmp, array_path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-            meta = {"valid_rows": valid, "sizes": sizes, "failed": failed}
-            atomic_write_text(meta_path, json.dumps(meta))
-        except OSError:
-            pass  # a cache that cannot be written only costs time
-        finally:
-            if tmp_path is not None and os.path.exists(tmp_path):
-                os.unlink(tmp_path)  # a mapping of it stays valid; no file is left behind
-    return arr, sizes, valid, skipped
-
-
-def _temp_name(folder: Path, prefix: str, suffix: str) -> str:
-    """A new, unique file in `folder` (two runs of one process decoding the same data into the
-    shared cache never write the same temporary file)."""
-    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
-    os.close(fd)
-    return name
+    return rows, [keys[i] for i in rows], row_sizes, skipped
 
 
 def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLike | None = None,
                  device: torch.device | None = None,
                  progress: Callable[[int, int], None] | None = None) -> PreparedData:
-    """Decode the scanned train and test images once. cache_dir: None for the default cache
-    folder, "" to keep everything in memory only."""
-    cache = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir else None)
+    """Decode the scanned train and test images into the decode cache (those not there yet),
+    then keep the cache within its budget. cache_dir: None for the default cache folder, "" to
+    keep the entries in memory only."""
+    folder = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir else None)
+    store = DiskStore(folder / "images") if folder else MemoryStore()
     train_records, test_records = report.samples["train"], report.samples["test"]
     resize = resize_size_for(image_size)
     side = choose_train_side(train_records, image_size)
@@ -240,34 +270,32 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
         if progress:
             progress(len(train_records) + done, total)
 
-    train_arr, train_sizes, train_rows, skipped_train = _decode_all(
-        train_records, (3, side, side), lambda p: decode_train(p, side), cache,
-        _cache_key(train_records, "train", side), train_progress)
-    test_arr, _, test_rows, skipped_test = _decode_all(
-        test_records, (3, image_size, image_size), lambda p: (decode_test(p, image_size), None), cache,
-        _cache_key(test_records, "test", image_size, resize), test_progress)
+    train_rows, train_keys, train_sizes, skipped_train = index_entries(train_records, "train", side, store,
+                                                                       train_progress)
+    test_rows, test_keys, _, skipped_test = index_entries(test_records, "test", image_size, store, test_progress)
+    if folder is not None:
+        evict(folder, keep=[store.path(k) for k in train_keys + test_keys])
     skipped = skipped_train + skipped_test
     train_ok = [train_records[i] for i in train_rows]  # each row's own record: images and labels agree
     test_ok = [test_records[i] for i in test_rows]
-    if len(train_ok) != len(train_arr) or len(test_ok) != len(test_arr):
-        raise RuntimeError(f"decoded images and labels disagree ({len(train_arr)} training images for "
-                           f"{len(train_ok)} labels, {len(test_arr)} test images for {len(test_ok)})")
     if not train_ok or not test_ok:
         from .data import DatasetError
 
         raise DatasetError("no image of the " + ("train" if not train_ok else "test") + " split could be decoded")
     data = PreparedData(
         classes=report.classes, image_size=image_size, resize=resize, train_side=side,
-        train_images=train_arr, train_sizes=np.asarray(train_sizes, dtype=np.int64).reshape(-1, 2),
+        train_images=DecodedImages(store, "train", side, train_keys, [r.path for r in train_ok], (3, side, side)),
+        train_sizes=np.asarray(train_sizes, dtype=np.int64).reshape(-1, 2),
         train_labels=torch.tensor([r.label for r in train_ok], dtype=torch.int64),
         train_paths=[r.path for r in train_ok],
-        test_images=torch.from_numpy(test_arr if test_arr.flags.writeable else np.array(test_arr)),
+        test_images=DecodedImages(store, "test", image_size, test_keys, [r.path for r in test_ok],
+                                  (3, image_size, image_size)),
         test_labels=torch.tensor([r.label for r in test_ok], dtype=torch.int64),
         test_paths=[r.path for r in test_ok], skipped=skipped)
     if device is not None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        if train_arr.nbytes < free // 4:
-            data.device_train_images = torch.from_numpy(np.ascontiguousarray(train_arr)).to(device)
+        if data.train_images.nbytes < free // 4:
+            data.device_train_images = data.train_images.to_device(device)
     return data
 
 
@@ -314,10 +342,10 @@ def augment_batch(data: PreparedData, idx: list[int], image_size: int, rng: rand
         if src is not None:
             batch = src[torch.as_tensor(idx, device=device)]
         else:
-            batch = torch.from_numpy(np.asarray(data.train_images[np.asarray(idx)])).pin_memory().to(device, non_blocking=True)
+            batch = data.train_images[idx].pin_memory().to(device, non_blocking=True)
         out = crops_batched(batch, boxes, image_size)
     else:
-        out = crops_per_image([np.array(data.train_images[i]) for i in idx], boxes, image_size)  # copies
+        out = crops_per_image(list(readers().map(data.train_images.image, idx)), boxes, image_size)
     flip = torch.tensor(flips, device=out.device)
     if flip.any():
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
@@ -353,7 +381,7 @@ def center_view_batch(data: PreparedData, idx: list[int], image_size: int, devic
     """Training images seen as the test transform sees them (Resize([R, R]) + CenterCrop(S))."""
     from torchvision.transforms.v2 import functional as F2
 
-    src = torch.from_numpy(np.asarray(data.train_images[np.asarray(idx)])).to(device)
+    src = data.train_images[idx].to(device)
     resized = F2.resize(src, [data.resize, data.resize], antialias=True)
     return F2.center_crop(resized, [image_size, image_size])
 

@@ -326,21 +326,22 @@ def test_images_and_labels_agree_when_a_renamed_folder_hits_the_decode_cache(tmp
 
 def test_two_jobs_decoding_into_one_cache_never_share_a_temporary_file(tmp_path, monkeypatch):
     import shutil
+    import tempfile
 
-    from finetune_core import prepare
+    from finetune_core import cachestore, prepare
 
     root = make_dataset(tmp_path / "d", per_class=3, test_per_class=2)
     report = scan_dataset(root)
     cache = tmp_path / "cache"
     written = []
-    real_save = np.save
-    monkeypatch.setattr(prepare.np, "save", lambda file, arr, *a, **k: (written.append(str(file)),
-                                                                        real_save(file, arr, *a, **k))[1])
-    for job in range(2):  # the same entry written twice by one process, as two jobs would
+    real_mkstemp = tempfile.mkstemp
+    monkeypatch.setattr(cachestore.tempfile, "mkstemp", lambda *a, **k: (lambda fd_name: (
+        written.append(fd_name[1]), fd_name)[1])(real_mkstemp(*a, **k)))
+    for job in range(2):  # the same entries written twice by one process, as two jobs would
         shutil.rmtree(cache, ignore_errors=True)
         prepare.prepare_data(report, 28, cache_dir=cache)
-    assert len(written) == 4 and len(set(written)) == 4, written
-    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # nothing left behind
+    assert len(written) == 2 * 10 and len(set(written)) == 2 * 10, written
+    assert [p.name for p in cache.rglob(".*")] == []  # nothing left behind
 
 
 # --- the real datasets ---------------------------------------------------------------------------

@@ -382,12 +382,13 @@ def test_a_file_that_fails_after_the_scan_is_skipped_and_reported(tiny_config, t
 def test_decoded_images_are_cached_on_disk_and_reused(tiny_dataset, tmp_path, monkeypatch):
     report = scan_dataset(tiny_dataset)
     first = prepare.prepare_data(report, 32, cache_dir=tmp_path / "c")
-    assert len(list((tmp_path / "c").glob("*.npy"))) == 2
+    images = len(report.samples["train"]) + len(report.samples["test"])
+    assert len([p for p in (tmp_path / "c" / "images").rglob("*") if p.is_file()]) == images  # one entry each
     monkeypatch.setattr(prepare, "decode_train", lambda *a: pytest.fail("decoded again"))
     monkeypatch.setattr(prepare, "decode_test", lambda *a: pytest.fail("decoded again"))
     second = prepare.prepare_data(report, 32, cache_dir=tmp_path / "c")
-    assert np.array_equal(first.train_images, second.train_images)
-    assert torch.equal(first.test_images, second.test_images)
+    assert np.array_equal(np.asarray(first.train_images), np.asarray(second.train_images))
+    assert np.array_equal(np.asarray(first.test_images), np.asarray(second.test_images))
 
 
 def test_test_images_are_exactly_the_books_test_transform(tiny_dataset, tmp_path):
@@ -474,21 +475,20 @@ def test_live_curves_stay_small_with_thousands_of_points():
     assert fig.data[0].x[-1] == pytest.approx(5.0)  # the newest point is always drawn
 
 
-def test_sets_too_big_for_memory_are_memory_mapped_from_the_disk_cache(tiny_config, tmp_path, monkeypatch):
-    """Above the memory budget the decoded images live in a memory-mapped file; a file that fails
-    to decode is dropped from it, and training runs the same."""
-    monkeypatch.setattr(prepare, "MEMORY_BUDGET_BYTES", 1000)
+def test_decoded_images_are_read_from_the_disk_cache_when_used(tiny_config, tmp_path, monkeypatch):
+    """No array holds the decoded set: each image is read from its cache entry when a batch needs
+    it; a file that fails to decode is dropped, and training runs the same."""
     report = scan_dataset(tiny_config.data)
     victim = report.samples["train"][3].path
     real = prepare.decode_train
     monkeypatch.setattr(prepare, "decode_train", lambda p, side: (_ for _ in ()).throw(OSError("bad")) if p == victim
                         else real(p, side))
     data = prepare.prepare_data(report, 32, cache_dir=tmp_path / "c")
-    assert isinstance(data.train_images, np.memmap)
+    assert isinstance(data.train_images, prepare.DecodedImages)
     assert len(data.train_images) == len(data.train_labels) == len(report.samples["train"]) - 1
     in_memory = prepare.prepare_data(report, 32, cache_dir="")
-    assert np.array_equal(np.asarray(data.train_images), in_memory.train_images)
-    again = prepare.prepare_data(report, 32, cache_dir=tmp_path / "c")  # from the cache, still mapped
-    assert isinstance(again.train_images, np.memmap) and [p.path for p in again.skipped] == [victim]
+    assert np.array_equal(np.asarray(data.train_images), np.asarray(in_memory.train_images))
+    again = prepare.prepare_data(report, 32, cache_dir=tmp_path / "c")  # from the cache
+    assert [p.path for p in again.skipped] == [victim]
     status = train(tiny_config, tmp_path / "run", cache_dir=str(tmp_path / "c"))
     assert status["state"] == "completed"

@@ -391,7 +391,7 @@ def test_flip_averaging_on_cached_activations_uses_the_mirrored_test_images(data
     assert len(views) == 2
     bottom, _ = split_model(ctx.model, "resnet18", "1")
     bottom.eval()
-    x = prepare.normalize_batch(ctx.data.test_images, ctx.mean, ctx.std, channels_last=False)
+    x = prepare.normalize_batch(ctx.data.test_images[:], ctx.mean, ctx.std, channels_last=False)
     with torch.no_grad():
         assert torch.allclose(views[0], bottom(x)[:len(views[0])], atol=2e-3)
         assert torch.allclose(views[1], bottom(x.flip(-1))[:len(views[1])], atol=2e-3)
