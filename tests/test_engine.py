@@ -273,6 +273,7 @@ def test_resume_refuses_a_dataset_whose_classes_changed_and_names_the_change(tmp
     run = RunDir(tmp_path / "run")
     assert run.read_status()["state"] == "stopped"
     before = {name: run.file(name).read_bytes() for name in ("checkpoint_last.pt", "config.json", "metrics.csv")}
+    status_before = run.read_status()
 
     added = shutil.copytree(data, tmp_path / "added")
     make_dataset(tmp_path / "emu", classes=("emu",), per_class=4, test_per_class=2)
@@ -286,6 +287,7 @@ def test_resume_refuses_a_dataset_whose_classes_changed_and_names_the_change(tmp
         assert status["state"] == "stopped", status["message"]  # still resumable once the folders are back
         assert "classes changed" in status["message"] and change in status["message"], status["message"]
         assert {name: run.file(name).read_bytes() for name in before} == before  # nothing touched
+        assert {**run.read_status(), "message": ""} == {**status_before, "message": ""}  # progress, times...
 
     status = train(config, run.path, cache_dir=cache_dir, resume=True)  # the data as it was: it resumes
     assert status["state"] == "completed", status["message"]

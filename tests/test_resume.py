@@ -217,3 +217,20 @@ def test_two_quick_start_clicks_an_hour_apart_are_two_groups():
     first, later = (quick_start_config("/data/digits", ["efficientnet_lite0"]) for _ in range(2))
     assert first.group.startswith("quick-start") and later.group.startswith("quick-start")
     assert first.group != later.group
+
+
+@pytest.mark.slow
+def test_a_stale_resume_click_on_the_train_page_is_a_message(dashboard_env):
+    """The page drew a stopped run's Resume button; the run completed elsewhere before the click."""
+    from conftest import page
+
+    data = make_tiny_dataset(dashboard_env / "tiny")
+    run = stopped_after_one_epoch(tiny_train_config(data, epochs=2), dashboard_env / "runs" / "run")
+    at = page("pages/1_Train.py").run()
+    assert not at.exception, at.exception
+    run.write_status(state="completed", message="finished from the command line")
+    at.button(key=f"resume-{run.id}").click().run()
+    assert not at.exception, at.exception
+    assert any("Not resumed" in w.value and "is completed" in w.value for w in at.warning), \
+        [w.value for w in at.warning]
+    assert run.read_status()["state"] == "completed"
