@@ -9,7 +9,7 @@ from finetune_core import analysis, plots
 from finetune_core.config import Setting, TrainConfig
 from finetune_core.datastore import runs_root
 from finetune_core.jobs import JobManager
-from finetune_core.runs import list_runs
+from finetune_core.runs import RESUMABLE_STATES, list_runs
 
 LIVE_REFRESH_S = 1.0
 
@@ -114,7 +114,7 @@ def chart_controls(key_prefix: str) -> dict:
 
 
 def resumable_runs() -> list:
-    return [i for i in list_runs(runs_root()) if i.state in ("interrupted", "stopped") and i.has_checkpoint]
+    return [i for i in list_runs(runs_root()) if i.state in RESUMABLE_STATES and i.has_checkpoint]
 
 
 # --------------------------------------------------------------------------------------------

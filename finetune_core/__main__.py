@@ -186,23 +186,27 @@ def ended_by_torchrun(run, exc: BaseException) -> dict:
 
 def saved_run(run_dir: str, states: tuple[str, ...], distributed):
     """(config, None) of a run folder whose state is one of `states`, or (None, exit code) after
-    saying what is wrong. Under torchrun rank 0 reads the folder and tells the other ranks."""
+    saying what is wrong. Under torchrun rank 0 reads the folder and tells the other ranks. A
+    resume (`states` RESUMABLE_STATES) does not need the run's starting weights: its checkpoint
+    replaces them (and the engine refuses a resume that needs them and lacks them, saying why)."""
     from .config import ConfigError, TrainConfig
-    from .runs import ACTIVE_STATES, RunDir
+    from .runs import ACTIVE_STATES, RESUMABLE_STATES, RunDir
 
     run = RunDir(run_dir)
+    resuming = states == RESUMABLE_STATES
 
     def read() -> tuple[dict | None, str]:
         try:
             record, status = run.read_config(), run.read_status()
-            TrainConfig.from_dict(record["config"]).check(check_paths=True)
+            saved = TrainConfig.from_dict(record["config"])
+            (saved.replace(weights="none") if resuming else saved).check(check_paths=True)
         except (OSError, ValueError, KeyError) as exc:
             return None, f"{run.path}: cannot be resumed ({type(exc).__name__}: {exc})"
         except ConfigError as exc:
             return None, f"{run.path}: its settings are no longer valid here: " + "; ".join(exc.errors.values())
         state = status.get("state")
-        if state in ACTIVE_STATES and "interrupted" in states:  # left so by a process that is gone (rank 0
-            state = "interrupted"                                # owns the run now: see cmd_resume)
+        if state in ACTIVE_STATES and resuming:  # left so by a process that is gone (rank 0 owns the run
+            state = "interrupted"                 # now: see cmd_resume)
         if state not in states:
             return None, f"{run.path}: is {state}; only a {' or '.join(states)} run can be resumed"
         return record["config"], ""
@@ -219,7 +223,7 @@ def cmd_resume(args) -> int:
     import contextlib
 
     from .distributed import STOP_FILE, Distributed
-    from .runs import RunDir, RunOwned, owning
+    from .runs import RESUMABLE_STATES, RunDir, RunOwned, owning
 
     distributed = Distributed.from_env()
     run = RunDir(args.run_dir)
@@ -227,7 +231,7 @@ def cmd_resume(args) -> int:
         return fail(f"{run.path}: no such run folder")
     try:
         with owning(run) if distributed.is_main else contextlib.nullcontext():  # no other writer from here on
-            config, code = saved_run(args.run_dir, ("stopped", "interrupted"), distributed)
+            config, code = saved_run(args.run_dir, RESUMABLE_STATES, distributed)
             if config is None:
                 return code
             if distributed.is_main:  # a stop the dashboard asked of an earlier process is not for this one

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .config import TrainConfig, compare_settings, inactive_settings, saved_settings
-from .runs import METRICS, RunDir, RunInfo
+from .runs import ACTIVE_STATES, METRICS, RunDir, RunInfo
 
 COMPARE_SETTINGS = compare_settings()  # from the settings' definitions (config.Setting.compare)
 
@@ -216,7 +216,7 @@ def current_group(jobs: list[dict], preferred: str = "") -> str:
     second tab shows the same running job). "" when there are no jobs."""
     if preferred and any(j["group"] == preferred for j in jobs):
         return preferred
-    candidates = [j for j in jobs if j["state"] in ("running", "queued")] or jobs
+    candidates = [j for j in jobs if j["state"] in ACTIVE_STATES] or jobs
     return max(candidates, key=lambda j: j["submitted_at"])["group"] if candidates else ""
 
 

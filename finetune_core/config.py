@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -611,9 +612,11 @@ def preset_for_machine(preset: str, offline: Sequence[str], **overrides) -> tupl
 
 def quick_start_config(data: str, offline: Sequence[str]) -> TrainConfig:
     """The home page's one-click example: the fast preset on the built-in digits, small images,
-    a backbone whose weights are here (from scratch, all layers, if none is)."""
+    a backbone whose weights are here (from scratch, all layers, if none is). Each call is a group
+    of its own: two clicks an hour apart are two runs to follow, not one group (a double click is
+    still queued once: JobManager compares settings without their group)."""
     config, _ = preset_for_machine("fast", offline, data=data, image_size=128, epochs=8, name="digits quick start",
-                                   group="quick-start")
+                                   group=f"quick-start-{uuid.uuid4().hex[:8]}")  # each click its own group
     if config.backbone not in offline:
         config = config.replace(weights="none", train_stages="all")
     return config

@@ -392,6 +392,10 @@ class FollowerRunDir(RunDir):
         self._status.update(fields)
         return dict(self._status)
 
+    def replace_status(self, status: dict) -> dict:
+        self._status = dict(status)
+        return dict(self._status)
+
     def read_status(self, default=None) -> dict:
         return dict(self._status)
 

@@ -30,8 +30,9 @@ over an iterator of (inputs, labels) batches. What the engine adds around them:
   would have without the interruption. Nothing seeds a process-wide generator: the crops and
   the order come from the run's own `random.Random`s, the new model's initial weights from a
   private fork of torch's CPU generator (`seeded_init`), and dropout from the generator of the
-  run's own device only (`seed_device`; one run at a time per device), so two runs on two
-  devices in one process cannot reseed each other.
+  run's own GPU (`seed_device`; one run at a time per device) or, on the CPU, from a generator
+  state of the run's own put in place around each training forward pass (`RunGenerator`), so
+  neither a second run nor the learning-rate finder in the same process changes a run's draws.
 """
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import threading
 import time
 import traceback
@@ -61,12 +61,14 @@ from .data import DatasetError, ScanReport, scan_dataset
 from .distributed import STOP_FILE, Distributed
 from .memory import describe as describe_memory
 from .memory import release_memory
-from .models import (BACKBONES, build_model, load_refusal, parameter_groups, resolve_backbone, resolve_device,
-                     split_model)
+from .checkpoints import (CheckpointError, ResumeRefused, class_change, keep_as_best, load_checkpoint,  # noqa: F401
+                          restore, save_checkpoint)
+from .models import (BACKBONES, CPU_GENERATOR_LOCK, build_model, parameter_groups, resolve_backbone, resolve_device,
+                     seeded_init, split_model)
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
 from .runs import (CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, claim_run, now_iso,
-                   release_run)
+                   release_run, status_before_resume, status_put_back, without_before_resume)
 
 Event = dict
 EventCallback = Callable[[Event], None]
@@ -80,28 +82,6 @@ class StopRequested(Exception):
 
 class Diverged(Exception):
     """The loss became NaN or infinite."""
-
-
-class ResumeRefused(Exception):
-    """The run cannot continue from its checkpoint as things are (its dataset's classes changed);
-    the run and its checkpoint are left as they were."""
-
-
-def class_change(saved: list[str], now: list[str]) -> str:
-    """How the dataset's classes differ from a checkpoint's ('' when they are the same list): the
-    classes added, removed, or the new order, each by name."""
-    if list(saved) == list(now):
-        return ""
-    added = [c for c in now if c not in saved]
-    removed = [c for c in saved if c not in now]
-    parts = []
-    if added:
-        parts.append("added " + ", ".join(f"'{c}'" for c in added))
-    if removed:
-        parts.append("removed " + ", ".join(f"'{c}'" for c in removed))
-    if not parts:
-        parts.append(f"reordered from {list(saved)} to {list(now)}")
-    return "; ".join(parts)
 
 
 @dataclass
@@ -156,30 +136,39 @@ def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 7919 + salt) % (2**31)
 
 
-INIT_LOCK = threading.Lock()  # two runs in one process never build their models under the same fork
+class RunGenerator:
+    """A run's own stream of random numbers for the CPU's dropout (nn.Dropout and timm's drop
+    path take no generator: they draw from the process's). `active()` puts the run's state into
+    the process's CPU generator for a forward pass and takes it back out afterwards, under
+    CPU_GENERATOR_LOCK: another user of that generator (the learning-rate finder, a second run, a
+    model being built) holds the same lock, so it neither draws the run's numbers nor has its own
+    drawn by the run; the process's stream is left as it was."""
+
+    def __init__(self, seed: int):
+        self.state = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        with CPU_GENERATOR_LOCK, torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.state)
+            try:
+                yield
+            finally:
+                self.state = torch.get_rng_state()
 
 
-@contextlib.contextmanager
-def seeded_init(seed: int) -> Iterator[None]:
-    """Build a model with its initial weights drawn from `seed`, as after torch.manual_seed(seed),
-    without touching the process's CPU generator: its state is forked and put back afterwards
-    (models are built on the CPU, whatever device they then train on)."""
-    with INIT_LOCK, torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        yield
-
-
-def seed_device(device: torch.device, seed: int) -> None:
-    """Seed the generator that dropout uses on `device` only (torch.manual_seed would reseed
-    every GPU and the CPU, under the runs of other devices)."""
+def seed_device(device: torch.device, seed: int) -> RunGenerator | None:
+    """Seed the dropout of a run on `device`: on the CPU a generator of the run's own (returned),
+    elsewhere the generator of that device only (torch.manual_seed would reseed every GPU and the
+    CPU, under the runs of other devices; one run at a time per device)."""
     if device.type == "cuda":
         torch.cuda.default_generators[device.index if device.index is not None
                                       else torch.cuda.current_device()].manual_seed(seed)
     elif device.type == "mps":
         torch.mps.manual_seed(seed)
     else:
-        with INIT_LOCK:  # not in the middle of another run's model build (seeded_init forks this generator)
-            torch.default_generator.manual_seed(seed)
+        return RunGenerator(seed)
+    return None
 
 
 def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -252,22 +241,6 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {g.get("name", f"group{k}"): g["lr"] for k, g in enumerate(optimizer.param_groups)}
 
 
-def save_checkpoint(path: Path, model, optimizer, epoch: int, best_score: float, config: dict,
-                    classes: list[str], epochs_without_gain: int = 0,
-                    training_weights: dict[str, torch.Tensor] | None = None) -> None:
-    """Write a checkpoint atomically and durably (a kill or a full disk mid-write leaves the
-    previous one whole): it loads with torch.load(..., weights_only=True).
-    `best_test_acc` is the best score on the selection split (validation when held out). With
-    weight averaging, `model` holds the averaged weights (the ones evaluated and used) and
-    `training_weights` the weights the optimiser was training, for resume."""
-    extra = {} if training_weights is None else {"training_weights": {k: v.cpu() for k, v in training_weights.items()}}
-    state = {**extra, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "epoch": epoch, "best_test_acc": best_score,
-             "epochs_without_gain": epochs_without_gain,
-             "config": config, "classes": classes, "format": "tuneboard-checkpoint-1"}
-    atomic_write_file(path, lambda f: torch.save(state, f))
-
-
 def failure_message(exc: BaseException) -> str:
     """What status.json says about an exception that ended a run; a full disk in plain words."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -275,10 +248,6 @@ def failure_message(exc: BaseException) -> str:
         return (f"the disk is full{where} ({exc.strerror or exc}): free some space, then resume the run "
                 "from its last checkpoint; the metrics logged so far are kept")
     return f"{type(exc).__name__}: {exc}"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded safely: damaged, or holding more than tensors and plain data."""
 
 
 def update_average(ctx: "Setup") -> None:
@@ -311,20 +280,6 @@ def swap_in_average(ctx: "Setup") -> dict[str, torch.Tensor] | None:
 def swap_back(ctx: "Setup", training: dict[str, torch.Tensor] | None) -> None:
     if training is not None:
         ctx.model.load_state_dict(training)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A run's checkpoint, loaded with weights_only=True: a file crafted to run code when unpickled
-    is refused (CheckpointError naming it), and nothing in it runs."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - unpickling refused, truncated, not a torch file
-        raise CheckpointError(f"{path} cannot be loaded as a checkpoint: {load_refusal(exc)}") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path} is not a Tuneboard checkpoint (no model weights in it)")
-    return ckpt
 
 
 def config_record(config: TrainConfig, report: ScanReport | None = None, data: PreparedData | None = None,
@@ -541,9 +496,16 @@ class Setup:
     average: dict[str, torch.Tensor] | None = None  # ema_decay: the moving average of the weights
     shared_features: dict | None = None  # {shared_features_key: outputs} kept across runs (a sweep)
     dist: Distributed = field(default_factory=Distributed)  # DDP under torchrun; one process otherwise
+    generator: RunGenerator | None = None  # on the CPU: the run's own stream for dropout (seed_device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    @contextlib.contextmanager
+    def training_forward(self) -> Iterator[None]:
+        """A training step's forward pass: autocast and, on the CPU, the run's own generator."""
+        with self.generator.active() if self.generator is not None else contextlib.nullcontext(), self.autocast():
+            yield
 
     def progress(self) -> float:
         return self.step / self.total_steps if self.total_steps else 0.0
@@ -565,8 +527,11 @@ def report_fits(report: ScanReport | None, config: TrainConfig) -> bool:
 
 
 def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanReport | None = None,
-          cache_dir: str | None = None, distributed: Distributed | None = None) -> Setup:
-    """Scan (unless the caller already did), build the model and optimiser, decode the images."""
+          cache_dir: str | None = None, distributed: Distributed | None = None,
+          from_checkpoint: bool = False) -> Setup:
+    """Scan (unless the caller already did), build the model and optimiser, decode the images.
+    `from_checkpoint`: the weights will come from the run's checkpoint (a resume), so the model is
+    built without its starting weights (which may be gone, or need a download)."""
     distributed = distributed or Distributed()
     device = distributed.device_for(resolve_device(config.device))
     if not report_fits(report, config):
@@ -577,9 +542,11 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     config = resolve_auto(config, report)
     if device.type == "cpu":
         run.log(describe_memory())
-    reporter.prepare(f"loading {config.backbone} weights ({config.weights})", force_status=True)
+    weights = "none" if from_checkpoint else config.weights
+    reporter.prepare(f"building {config.backbone} for its checkpoint" if from_checkpoint
+                     else f"loading {config.backbone} weights ({config.weights})", force_status=True)
     with seeded_init(config.seed):
-        model = build_model(config.backbone, len(report.classes), config.weights)
+        model = build_model(config.backbone, len(report.classes), weights)
     model = model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -602,36 +569,9 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     return Setup(config=config, run=run, device=device, bf16=use_bf16(config, device), mean=mean, std=std,
                  report=report, data=data, classes=report.classes, model=model, optimizer=optimizer,
                  train_idx=train_idx, val_idx=val_idx, batches_per_epoch=batches_per_epoch,
-                 total_steps=batches_per_epoch * config.epochs, cache_dir=cache_dir, dist=distributed)
-
-
-def restore(ctx: Setup, reporter: Reporter) -> None:
-    """Continue from the last checkpoint: weights, optimiser, epoch, best score, elapsed time."""
-    path = ctx.run.file(CHECKPOINT_LAST)
-    ckpt = ctx.dist.from_main(lambda: load_checkpoint(path) if path.exists() else None)  # rank 0's, under DDP
-    if ckpt is None:
-        ctx.run.log("resume: no checkpoint yet, starting from the beginning")
-        ctx.run.truncate_metrics(0)
-        return
-    saved = ckpt.get("classes") or ctx.run.read_config().get("classes", [])
-    change = class_change(saved, ctx.classes)
-    if change:
-        raise ResumeRefused(f"not resumed: the dataset's classes changed since the checkpoint ({change}); "
-                            f"the checkpoint was trained on {len(saved)} classes {list(saved)}. Put the class "
-                            "folders back as they were to resume, or start a new run")
-    ctx.model.load_state_dict(ckpt.get("training_weights", ckpt["model"]))
-    if "training_weights" in ckpt and ctx.config.ema_decay:
-        ctx.average = {k: v.to(ctx.device) for k, v in ckpt["model"].items()}
-    ctx.optimizer.load_state_dict(ckpt["optimizer"])
-    ctx.start_epoch = int(ckpt["epoch"])
-    ctx.best_score = float(ckpt.get("best_test_acc", -1.0))
-    ctx.epochs_without_gain = int(ckpt.get("epochs_without_gain", 0))
-    ctx.step = ctx.start_epoch * ctx.batches_per_epoch
-    ctx.run.truncate_metrics(ctx.start_epoch)
-    metrics = ctx.run.read_metrics()
-    if len(metrics) and "elapsed_s" in metrics:
-        reporter.t_start -= float(metrics["elapsed_s"].max())  # the wall-time axis keeps running
-    ctx.run.log(f"resumed from the end of epoch {ctx.start_epoch}")
+                 total_steps=batches_per_epoch * config.epochs, cache_dir=cache_dir, dist=distributed,
+                 generator=RunGenerator(epoch_seed(config.seed, 0, 2 + 1000 * distributed.rank))
+                 if device.type == "cpu" else None)  # the LR finder's steps too never draw the process's
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,7 +653,7 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
     cfg = ctx.config
     stages = stages_of_epoch(cfg, epoch)
     top, cache = split_for(ctx, stages, reporter)
-    seed_device(ctx.device, epoch_seed(cfg.seed, epoch, 2 + 1000 * ctx.dist.rank))  # dropout, per rank
+    ctx.generator = seed_device(ctx.device, epoch_seed(cfg.seed, epoch, 2 + 1000 * ctx.dist.rank))  # dropout, per rank
     batches = training_batches(ctx, epoch, cache)  # may compute this epoch's cached view
     loss_fn = lambda logits, y: batch_loss(logits, y, cfg.loss_reduction, cfg.label_smoothing)  # noqa: E731
     loss_fn = ctx.dist.scaled_loss(loss_fn, cfg.loss_reduction, [s.stop - s.start for s in batch_slices(
@@ -756,7 +696,7 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
 
     try:
         result = train_one_epoch(ctx.dist.wrap(top, stages), loss_fn, ctx.optimizer, batches, before_step, after_step,
-                                 ctx.autocast, max_loss=diverged_loss(len(ctx.classes)))
+                                 ctx.training_forward, max_loss=diverged_loss(len(ctx.classes)))
         if ctx.dist.enabled:  # every rank's images
             result = EpochResult(totals[0] / totals[2], totals[1] / totals[2], totals[2], result.seconds)
     except Diverged as exc:
@@ -792,9 +732,8 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
     if ctx.dist.is_main:  # only rank 0 writes the run directory
         save_checkpoint(ctx.run.file(CHECKPOINT_LAST), ctx.model, ctx.optimizer, epoch + 1, ctx.best_score,
                         cfg.to_dict(), ctx.classes, ctx.epochs_without_gain, training_weights)
-        if improved:  # the same state: copy the file rather than serialise twice
-            with open(ctx.run.file(CHECKPOINT_LAST), "rb") as src:
-                atomic_write_file(ctx.run.file(CHECKPOINT_BEST), lambda f: shutil.copyfileobj(src, f))
+        if improved:  # the same state: a link to the file rather than a second one
+            keep_as_best(ctx.run)
     swap_back(ctx, training_weights)  # every rank trains on from its training weights
     return row
 
@@ -880,6 +819,27 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Resuming: everything up to the restored checkpoint, or a refusal that changes nothing
+
+
+def setup_resumed(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanReport | None,
+                  cache_dir: str | None, distributed: Distributed, device_problem: str | None) -> Setup:
+    """setup() and restore() for a resume; any error on the way is a ResumeRefused naming it
+    (nothing in the run folder has changed yet), a stop is a stop."""
+    try:
+        if device_problem:
+            raise ResumeRefused(f"not resumed: {device_problem}")
+        checkpoint = distributed.from_main(run.file(CHECKPOINT_LAST).exists)  # rank 0's, under DDP
+        ctx = setup(config, run, reporter, report, cache_dir, distributed, from_checkpoint=checkpoint)
+        restore(ctx, reporter)
+        return ctx
+    except (ResumeRefused, StopRequested):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the dataset folder gone, weights, a damaged checkpoint...
+        raise ResumeRefused(f"not resumed: {failure_message(exc)}") from exc
+
+
+# --------------------------------------------------------------------------------------------
 # The entry point
 
 
@@ -895,21 +855,29 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     dict the caller keeps across runs (a sweep's): the frozen part's outputs are computed once
     for all the runs that can share them (shared_features_key). `distributed`: this process's
     rank under torchrun (distributed.py); only rank 0 writes the run directory. Raises RunOwned,
-    before writing, when another live process writes the run."""
+    before writing, when another live process writes the run.
+
+    A resume builds the model without its starting weights (the checkpoint replaces them), and
+    any error before the checkpoint is restored (the dataset folder gone, a damaged checkpoint,
+    a missing device...) refuses it: status.json is put back as it was before the resume, with
+    the reason as its message, and the run stays resumable."""
     config = resolve_auto(config.check())  # epochs and views 0 are resolved once the data is scanned
     device_problem = config.validate(check_paths=True).get("device")
     if device_problem and not resume:
         raise ConfigError({"device": device_problem})
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     distributed = distributed or Distributed()
-    if distributed.enabled:  # config.json says how many processes trained it (a resume starts as many)
-        config = config.replace(processes=distributed.world_size)
+    # config.json says how many processes trained it, 1 for this one alone: a resume starts as many
+    config = config.replace(processes=distributed.world_size if distributed.enabled else 1)
     run = distributed.follower(run)
     if distributed.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         claim_run(run)  # this process writes the run until the end below (runs.py: ownership)
+    started_at = now_iso()
     try:
-        run.write_status(state="running", message="starting", progress=0.0, started_at=now_iso(), ended_at=None,
+        before_resume = status_before_resume(run) if resume else {}
+        run.write_status(state="running", message="resuming" if resume else "starting", ended_at=None,
+                         **({} if resume else {"progress": 0.0, "started_at": started_at}),
                          **distributed.status_fields())
         run.log(f"{'resuming' if resume else 'starting'} run {run.id}")
     except BaseException:  # e.g. a full disk: the caller hears it, and the run is not left claimed
@@ -927,13 +895,13 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
                 "train_seconds": round(ctx.train_seconds, 2)}
 
     try:
-        if device_problem:
-            raise ResumeRefused(f"not resumed: {device_problem}")
-        ctx = setup(config, run, reporter, report, cache_dir, distributed)
+        if resume:  # first: a refused resume leaves config.json as it was
+            ctx = setup_resumed(config, run, reporter, report, cache_dir, distributed, device_problem)
+            run.replace_status({**without_before_resume(run.read_status(default={})), "started_at": started_at})
+        else:
+            ctx = setup(config, run, reporter, report, cache_dir, distributed)
         ctx.shared_features = shared_features
         run.write_status(**distributed.status_fields())  # the backend is known once the device is
-        if resume:  # first: a refused resume leaves config.json as it was
-            restore(ctx, reporter)
         run.write_config({**config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16),
                           **distributed.record()})
         # a stop lands within a layer; under DDP it travels with each step's all_reduce instead, so
@@ -955,7 +923,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
     except Diverged as exc:
         status = run.write_status(state="diverged", ended_at=now_iso(), message=str(exc), **summary())
     except ResumeRefused as exc:  # nothing was changed: the run can still resume once its data is back
-        status = run.write_status(state="stopped", ended_at=now_iso(), message=str(exc))
+        run.log(str(exc))
+        status = run.replace_status(status_put_back(before_resume, str(exc)))
     except torch.OutOfMemoryError as exc:
         run.log(traceback.format_exc())
         device = ctx.device if ctx else config.device

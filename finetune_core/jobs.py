@@ -31,11 +31,18 @@ from .config import TrainConfig
 from .data import ScanReport
 from .engine import config_record, resolve_auto, train
 from .models import resolve_device
-from .runs import (ACTIVE_STATES, RunDir, claim_run, launched_pid, list_runs, mark_interrupted, new_run_dir,
-                   now_iso, release_run)
+from .runs import (ACTIVE_STATES, BEFORE_RESUME, META, RESUMABLE_STATES, RunDir, claim_run, launched_pid, list_runs,
+                   mark_interrupted, new_run_dir, now_iso, release_run, run_info, status_before_resume,
+                   status_put_back)
 from .sweep import is_sweep_group
 
 DUPLICATE_WINDOW_S = 5.0  # an identical config submitted again within this is a double click
+FINISHED_JOBS_KEPT = 50   # finished jobs the manager remembers (the Live view's groups); older ones are forgotten
+
+
+class NotResumable(RuntimeError):
+    """Resume was asked of a run that cannot resume now (already queued or running, completed,
+    failed, damaged): the message says why, for the page to show; nothing was changed."""
 
 
 class DuplicateSubmission(RuntimeError):
@@ -94,6 +101,7 @@ class JobManager:
         self._queues: dict[str, deque[Job]] = {}
         self._workers: dict[str, threading.Thread] = {}
         self._shared_features: dict[str, dict] = {}  # per sweep: the frozen part's outputs, computed once
+        self._names = RunNames()
         self._closed = False
         self.interrupted = mark_interrupted(self.runs_dir, alive=self._adopt)
         for info in list_runs(self.runs_dir):  # a torchrun child of an earlier server that owns its run
@@ -134,19 +142,29 @@ class JobManager:
 
     def resume(self, run_id: str) -> str:
         """Queue an interrupted or stopped run again; it continues from its last checkpoint.
-        Raises RunOwned when another process (the command line, another server) writes it."""
+        Raises NotResumable when the run is already queued or running, or is in any state but
+        RESUMABLE_STATES (a stale click on a run that completed meanwhile), and RunOwned when
+        another process (the command line, another server) writes it. status.json keeps the
+        status it had (BEFORE_RESUME) for a refused resume to put back."""
         run = RunDir(self.runs_dir / run_id)
-        config = TrainConfig.from_dict(run.read_config()["config"])
-        job = Job(run_id, run, config, device_key(config.device), resume=True,
-                  message="waiting for the device (resuming)",
-                  processes=distributed.default_processes(config.processes, config.device))
         with self._lock:  # the check and the queueing at once: two quick clicks queue it once
             current = self._jobs.get(run_id)
-            if current is not None and current.state in ("queued", "running"):
-                raise RuntimeError(f"run {run_id} is already {current.state}")
+            if current is not None and current.state in ACTIVE_STATES:
+                raise NotResumable(f"{current.config.name or run_id} is already {current.state}")
+            info = run_info(run.path)
+            if info.error:
+                raise NotResumable(f"{info.name} cannot be resumed: {info.error}")
+            if info.state not in RESUMABLE_STATES:
+                raise NotResumable(f"{info.name} is {info.state}: only a {' or '.join(RESUMABLE_STATES)} run "
+                                   "can be resumed")
+            config = TrainConfig.from_dict(run.read_config()["config"])
+            job = Job(run_id, run, config, device_key(config.device), resume=True,
+                      message="waiting for the device (resuming)",
+                      processes=distributed.default_processes(config.processes, config.device))
             claim_run(run)  # RunOwned if another process writes it
             try:
-                run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None)
+                run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None,
+                                 **{BEFORE_RESUME: status_before_resume(run)})
                 return self._enqueue(job)
             except BaseException:
                 release_run(run)
@@ -156,7 +174,9 @@ class JobManager:
         with self._lock:  # re-entrant: resume() already holds it
             if self._closed:
                 raise RuntimeError("the job manager is shut down")
+            self._jobs.pop(job.run_id, None)  # a resumed run: the newest job, last in submission order
             self._jobs[job.run_id] = job
+            self._forget_old_jobs()
             self._queues.setdefault(job.device, deque()).append(job)
             worker = self._workers.get(job.device)
             if worker is None or not worker.is_alive():
@@ -176,24 +196,31 @@ class JobManager:
                 raise KeyError(f"no job {run_id}")
             if job.state == "queued":
                 self._queues[job.device].remove(job)
-                job.state = "stopped"  # a resumed run taken off the queue keeps what it trained
-                job.message = ("stopped while queued to resume; it can be resumed from its last checkpoint"
-                               if job.run.has_checkpoint() else "stopped before it started")
-                job.run.write_status(state="stopped", message=job.message, ended_at=now_iso())
-                release_run(job.run)
-                job.done.set()
+                self._end_queued(job, "stopped while queued to resume; it can be resumed from its last checkpoint"
+                                 if job.run.has_checkpoint() else "stopped before it started")
                 self._release_shared(job.config.group)
             elif job.state == "running":
                 job.stop_event.set()
                 job.message = "stopping..."
             return job.state
 
+    def _end_queued(self, job: Job, message: str) -> None:
+        """A job taken off its queue (lock held): `stopped`, or a resume that did not happen puts
+        the run's status back as it was (a resumed run keeps what it trained)."""
+        if job.resume:
+            status = job.run.replace_status(status_put_back(status_before_resume(job.run), message))
+        else:
+            status = job.run.write_status(state="stopped", message=message, ended_at=now_iso())
+        job.state, job.message = status["state"], message
+        release_run(job.run)
+        job.done.set()
+
     def stop_group(self, group: str) -> list[str]:
         """Stop every queued or running job of a group (a sweep, a run and its comparisons): the
         queued ones first, so that none starts while the running one stops. Returns their ids."""
         with self._lock:
             members = [j for j in self._jobs.values() if group and j.config.group == group
-                       and j.state in ("queued", "running")]
+                       and j.state in ACTIVE_STATES]
             members.sort(key=lambda j: j.state != "queued")
             for job in members:
                 self.stop(job.run_id)
@@ -201,25 +228,39 @@ class JobManager:
 
     def _release_shared(self, group: str) -> None:
         """Free a sweep's shared outputs once none of its runs is queued or running (lock held)."""
-        if not any(j.config.group == group and j.state in ("queued", "running") for j in self._jobs.values()):
+        if not any(j.config.group == group and j.state in ACTIVE_STATES for j in self._jobs.values()):
             self._shared_features.pop(group, None)
+
+    def _forget_old_jobs(self) -> None:
+        """Keep the FINISHED_JOBS_KEPT newest finished jobs (lock held): a server that runs for
+        months does not hold every job it ever ran."""
+        finished = [run_id for run_id, j in self._jobs.items() if j.state not in ACTIVE_STATES]
+        for run_id in finished[:max(0, len(finished) - FINISHED_JOBS_KEPT)]:
+            del self._jobs[run_id]
 
     # --- reading -------------------------------------------------------------------------------
     def jobs(self) -> list[dict]:
         """Every job this manager knows, queued ones with their place in the queue, under the
-        name the user gave it last (a rename in meta.json shows at once)."""
+        name the user gave it last (a rename in meta.json shows at once). A finished job whose
+        run folder was deleted is forgotten."""
         with self._lock:
+            gone = [run_id for run_id, j in self._jobs.items()
+                    if j.state not in ACTIVE_STATES and not j.run.path.is_dir()]
+            for run_id in gone:
+                del self._jobs[run_id]
+            self._forget_old_jobs()
             positions = {j.run_id: k for q in self._queues.values() for k, j in enumerate(q, start=1)}
             snapshots = [j.snapshot(positions.get(j.run_id)) for j in self._jobs.values()]
-        return [_named(snap) for snap in snapshots]
+        self._names.keep_only([snap["path"] for snap in snapshots])
+        return [self._names.named(snap) for snap in snapshots]
 
     def active(self) -> list[dict]:
-        return [j for j in self.jobs() if j["state"] in ("queued", "running")]
+        return [j for j in self.jobs() if j["state"] in ACTIVE_STATES]
 
     def job(self, run_id: str) -> dict | None:
         with self._lock:
             snapshot = self._jobs[run_id].snapshot() if run_id in self._jobs else None
-        return _named(snapshot) if snapshot else None
+        return self._names.named(snapshot) if snapshot else None
 
     def wait(self, run_id: str, timeout: float | None = None) -> dict:
         with self._lock:
@@ -235,11 +276,7 @@ class JobManager:
             self._closed = True
             for q in self._queues.values():
                 while q:
-                    job = q.popleft()
-                    job.state, job.message = "stopped", "stopped: the server shut down"
-                    job.run.write_status(state="stopped", message=job.message, ended_at=now_iso())
-                    release_run(job.run)
-                    job.done.set()
+                    self._end_queued(q.popleft(), "stopped: the server shut down")
             if stop_running:
                 for job in self._jobs.values():
                     job.stop_event.reason = "the server shut down"  # the run's message says why, not "the user"
@@ -382,10 +419,37 @@ class JobManager:
             self._lock.notify_all()
 
 
-def _named(snapshot: dict) -> dict:
-    """A job's snapshot under the name the user gave the run last (meta.json), if any."""
-    snapshot["name"] = RunDir(snapshot["path"]).read_meta().get("name") or snapshot["name"]
-    return snapshot
+class RunNames:
+    """The names users gave runs (meta.json), read again only when the file changes: every open
+    page asks for every job's name every second or two."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._read: dict[str, tuple[tuple, str]] = {}  # meta.json path: (its version, the name in it)
+
+    def named(self, snapshot: dict) -> dict:
+        """A job's snapshot under the name the user gave the run last (meta.json), if any."""
+        run = RunDir(snapshot["path"])
+        path = run.file(META)
+        try:
+            st = path.stat()
+        except OSError:  # no meta.json: never renamed
+            return snapshot
+        version = (st.st_mtime_ns, st.st_ino, st.st_size)  # a rename writes a new file (atomic_write_json)
+        with self._lock:
+            cached = self._read.get(str(path))
+        if cached is None or cached[0] != version:
+            cached = (version, run.read_meta().get("name") or "")
+            with self._lock:
+                self._read[str(path)] = cached
+        snapshot["name"] = cached[1] or snapshot["name"]
+        return snapshot
+
+    def keep_only(self, run_paths: list[str]) -> None:
+        """Forget the names of runs the manager no longer lists."""
+        kept = {str(RunDir(p).file(META)) for p in run_paths}
+        with self._lock:
+            self._read = {k: v for k, v in self._read.items() if k in kept}
 
 
 def _shutdown_at_exit(ref: "weakref.ref[JobManager]") -> None:

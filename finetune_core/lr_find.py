@@ -108,7 +108,7 @@ def lr_range_test(ctx: Setup, reporter: Reporter, start_lr: float = 1e-6, end_lr
         while state["step"] < steps:
             state["loss_sum"], state["seen"] = 0.0, 0
             train_one_epoch(top, loss_fn, ctx.optimizer, training_batches(ctx, epoch, cache), before_step,
-                            after_step, ctx.autocast)
+                            after_step, ctx.training_forward)
             epoch += 1
     except Done:
         pass

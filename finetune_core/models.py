@@ -20,16 +20,18 @@ to the part that trains.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import re
+import threading
 import urllib.request
 import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -412,11 +414,27 @@ def _forward_steps(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
     raise ValueError(f"no stage split is known for {type(model).__name__}")
 
 
+CPU_GENERATOR_LOCK = threading.RLock()  # held by whoever sets the process's CPU generator to its own state
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build a model with its initial weights drawn from `seed`, as after torch.manual_seed(seed),
+    without touching the process's CPU generator: its state is forked and put back afterwards
+    (models are built on the CPU, whatever device they then train on), under CPU_GENERATOR_LOCK
+    (a CPU run's forward pass holds it while its own state is in place: engine.RunGenerator)."""
+    with CPU_GENERATOR_LOCK, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 @functools.lru_cache(maxsize=None)
 def _architecture(backbone: str) -> tuple[tuple[str, ...], int, int]:
     """(stage names, total parameters without the head, the head's in_features) of a backbone,
-    read once from a randomly initialised build."""
-    model = BACKBONES[backbone].build()
+    read once from a randomly initialised build (on a private generator: the first run of a
+    backbone in a process must not draw from the process's)."""
+    with seeded_init(0):
+        model = BACKBONES[backbone].build()
     names = tuple(name for name, _, starts in _forward_steps(model) if starts)
     head = get_head(model, backbone)
     head_ids = {id(p) for p in head.parameters()}

@@ -52,6 +52,7 @@ APP_DIR = Path(__file__).resolve().parents[1]
 
 STATES = ("queued", "running", "completed", "stopped", "failed", "diverged", "interrupted")
 ACTIVE_STATES = ("queued", "running")
+RESUMABLE_STATES = ("stopped", "interrupted")  # with a checkpoint, such a run continues from it
 FINISHED_STATES = ("completed", "stopped", "failed", "diverged", "interrupted")
 
 CONFIG, STATUS, METRICS, PREDICTIONS, LOG, META = (
@@ -173,6 +174,11 @@ class RunDir:
         status["updated_at"] = now_iso()
         atomic_write_json(self.file(STATUS), status)
         return status
+
+    def replace_status(self, status: dict) -> dict:
+        """Write status.json as exactly `status` (a refused resume puts the previous one back)."""
+        atomic_write_json(self.file(STATUS), status)
+        return dict(status)
 
     def append_metrics(self, row: dict) -> None:
         path = self.file(METRICS)
@@ -297,6 +303,27 @@ class RunDir:
 
     def has_checkpoint(self) -> bool:
         return self.file(CHECKPOINT_LAST).exists()
+
+
+BEFORE_RESUME = "before_resume"  # status.json while a resume waits: the status it had before (JobManager.resume)
+
+
+def without_before_resume(status: dict) -> dict:
+    return {k: v for k, v in status.items() if k != BEFORE_RESUME}
+
+
+def status_before_resume(run: RunDir) -> dict:
+    """The run's status as it was before a resume was asked for: what a refused resume puts back."""
+    status = run.read_status(default={})
+    return status.get(BEFORE_RESUME) or without_before_resume(status)
+
+
+def status_put_back(before: dict, message: str) -> dict:
+    """status.json after a resume that did not happen (refused, or taken off the queue): as it was
+    before, with `message` saying why (a run left active by a process that is gone reads as
+    interrupted, as the run list showed it)."""
+    state = before.get("state")
+    return {**before, "state": state if state in FINISHED_STATES else "interrupted", "message": message}
 
 
 def new_run_dir(runs_dir: str | os.PathLike, name: str = "") -> RunDir:
@@ -548,10 +575,13 @@ class RunInfo:
 
 
 def _duration(status: dict) -> float | None:
+    """The run's wall time, every segment of a resumed run included: the time it had behind it
+    when it last resumed (`resumed_after_s`, the wall-time axis at its checkpoint) plus this
+    segment's, from its start to its end (or now)."""
     try:
         start = datetime.fromisoformat(status["started_at"])
         end = datetime.fromisoformat(status["ended_at"]) if status.get("ended_at") else datetime.now(timezone.utc)
-        return (end - start).total_seconds()
+        return (end - start).total_seconds() + float(status.get("resumed_after_s") or 0.0)
     except (KeyError, TypeError, ValueError):
         return None
 

@@ -22,8 +22,8 @@ from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, S
                                   auto_notes, setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, scan_dataset
 from finetune_core.engine import resolve_auto
-from finetune_core.jobs import DuplicateSubmission
-from finetune_core.runs import RunDir, RunOwned
+from finetune_core.jobs import DuplicateSubmission, NotResumable
+from finetune_core.runs import ACTIVE_STATES, RESUMABLE_STATES, RunDir, RunOwned
 from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, curve_panels, flash, job_controls, manager, page,
                           resumable_runs, setting_input, state_label, submit, widget_value)
 
@@ -534,9 +534,9 @@ def live_section() -> None:
     if sweep.is_sweep_group(group):
         sweep_results(members)
     for job in members:
-        if job["state"] in ("queued", "running"):
+        if job["state"] in ACTIVE_STATES:
             job_controls(job, "live")
-        elif job["state"] in ("stopped", "interrupted") and RunDir(job["path"]).has_checkpoint():
+        elif job["state"] in RESUMABLE_STATES and RunDir(job["path"]).has_checkpoint():
             cols = st.columns([5, 1])  # the message says it can be resumed: the button is next to it
             cols[0].write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
                           f"{analysis.markdown_message(job['message'])}")
@@ -547,7 +547,7 @@ def live_section() -> None:
             st.write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
                      f"{analysis.markdown_message(job['message'])}")
         metrics = RunDir(job["path"]).read_metrics(max_age_s=LIVE_REFRESH_S / 2)  # sessions share a read
-        if metrics.empty and job["state"] not in ("queued", "running"):
+        if metrics.empty and job["state"] not in ACTIVE_STATES:
             st.caption(f"No curves for {analysis.markdown_text(labels[job['run_id']])}: it ended before its first "
                        "training batch.")
         else:
@@ -557,7 +557,7 @@ def live_section() -> None:
         chart = chart_controls("live")
         colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
         curve_panels(frames, "live_curves", epochs=epochs, colors=colors, **chart)
-    others = [j for j in jobs if j["state"] in ("queued", "running") and j["group"] != group]
+    others = [j for j in jobs if j["state"] in ACTIVE_STATES and j["group"] != group]
     if others:
         st.subheader("Other jobs on this server")
         for job in others:
@@ -570,7 +570,7 @@ def sweep_results(members: list[dict]) -> None:
     grid = sweep.sweep_grid(sweep.sweep_table([j["path"] for j in members]))
     st.plotly_chart(plots.sweep_figure(grid), width="stretch", key="sweep_heatmap")
     cols = iter(st.columns(2))
-    if any(j["state"] in ("queued", "running") for j in members):
+    if any(j["state"] in ACTIVE_STATES for j in members):
         if next(cols).button("Stop the sweep", key="sweep_stop",
                              help="Stop the running run and take the others off the queue"):
             manager().stop_group(members[0]["group"])
@@ -608,6 +608,8 @@ def resume_run(run_id: str) -> None:
         manager().resume(run_id)
     except RunOwned as exc:  # another process took it over since this page was drawn
         flash(str(exc), "error")
+    except NotResumable as exc:  # a second click, or a click on a run that ended differently since
+        flash(f"Not resumed: {exc}.", "warning")
 
 
 def keep_form_values() -> None:

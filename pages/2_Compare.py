@@ -6,7 +6,7 @@ import streamlit as st
 from finetune_core import analysis, plots
 from finetune_core.config import settings
 from finetune_core.datastore import runs_root
-from finetune_core.runs import RunDir, RunInfo, delete_run, list_runs
+from finetune_core.runs import ACTIVE_STATES, RunDir, RunInfo, delete_run, list_runs
 from tuneboard_ui import LIVE_REFRESH_S, chart_controls, curve_panels, flash, page, state_label
 
 
@@ -66,7 +66,7 @@ def manage_section(by_id: dict[str, RunInfo]) -> None:
                   f"{analysis.markdown_text(tags.strip() or 'none')}.")
             st.rerun()
     with cols[1]:
-        if info.state in ("queued", "running"):
+        if info.state in ACTIVE_STATES:
             st.caption(f"This run is {info.state}: stop it before deleting it.")
             return
         if st.session_state.get("confirm_delete") != target:

@@ -173,7 +173,8 @@ def test_a_crafted_run_checkpoint_runs_nothing_on_resume_or_predict(dashboard_en
     assert not predict.exception, predict.exception
     assert any("cannot be loaded as a checkpoint" in e.value for e in predict.error), [e.value for e in predict.error]
     status = train(tiny_config.replace(epochs=2), run.path, cache_dir=cache_dir, resume=True)
-    assert status["state"] == "failed"
+    assert status["state"] == "completed"  # a refused resume: the run's status is put back, with the reason
+    assert "not resumed" in status["message"]
     assert "checkpoint_last.pt cannot be loaded as a checkpoint: it refers to exec" in status["message"], \
         status["message"]
     assert "\n" not in status["message"]
@@ -359,13 +360,19 @@ def test_a_torchrun_child_starting_up_owns_its_run_before_its_rank_0_locks_it(tm
 
 
 def test_a_stop_request_is_consumed_by_the_run_it_stopped(small_data, tmp_path):
-    """A stop file left by the dashboard must not stop the next process that resumes the run."""
+    """A stop file left by the dashboard must not stop the next process that resumes the run. The
+    runs here read the file as a torchrun run's rank 0 does (distributed.StopFlag)."""
+    from finetune_core.distributed import Distributed, StopFlag, request_stop
+
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
-    run.file("stop_request").write_text("")
-    status = train(tiny_config(small_data, epochs=1), run)
-    assert status["state"] == "completed"
-    assert not run.file("stop_request").exists()
+    request_stop(run)  # the dashboard's Stop, as the run starts (read at its first check)
+    config = tiny_config(small_data, epochs=1)
+    status = train(config, run, stop_event=StopFlag(Distributed(), run))
+    assert status["state"] == "stopped", status["message"]  # it read the request...
+    assert not run.file("stop_request").exists()  # ...and consumed it
+    status = train(config, run, stop_event=StopFlag(Distributed(), run), resume=True)
+    assert status["state"] == "completed", status["message"]
 
 
 def test_a_run_whose_first_write_fails_is_not_left_claimed(small_data, tmp_path, monkeypatch):
