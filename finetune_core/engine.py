@@ -331,7 +331,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def config_record(config: TrainConfig, report: ScanReport | None = None, data: PreparedData | None = None,
-                  device: torch.device | None = None, bf16: bool | None = None) -> dict:
+                  device: torch.device | None = None, bf16: bool | None = None,
+                  validation_copies: dict | None = None) -> dict:
     """config.json: every setting and what the run was made of. Written when a run is queued
     (what is known then) and again when it starts; the format is the same."""
     record: dict = {"config": config.to_dict(), "classes": report.classes if report else [],
@@ -340,6 +341,8 @@ def config_record(config: TrainConfig, report: ScanReport | None = None, data: P
         record["dataset"].update(layout=report.layout, splits=report.splits,
                                  test_split_name=report.test_split_name,
                                  skipped_files=len(report.warnings) + (len(data.skipped) if data else 0))
+    if validation_copies:
+        record["dataset"]["validation_split"] = validation_copies
     if config.backbone in BACKBONES:
         spec = BACKBONES[config.backbone]
         mean, std = normalisation(config)
@@ -635,6 +638,7 @@ class Setup:
     val_idx: list[int]
     batches_per_epoch: int
     total_steps: int
+    validation_copies: dict = field(default_factory=dict)  # how exact copies were split (config.json)
     cache_dir: str | None = None
     start_epoch: int = 0
     step: int = 0
@@ -702,13 +706,17 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     data = prepare_data(report, config.image_size, cache_dir=cache_dir, device=device, progress=decoding)
     for problem in data.skipped:
         run.log(f"skipped {problem.path}: {problem.problem}")
-    train_idx, val_idx = validation_split(data, config.val_fraction, report.root)
+    split = validation_split(data, config.val_fraction)
+    if split.describe():
+        run.log(split.describe())
+    train_idx, val_idx = split.train, split.val
     distributed.check_sizes(config.batch_size, len(train_idx))
     batches_per_epoch = len(batch_slices(len(train_idx), config.batch_size, distributed.world_size))
     mean, std = normalisation(config)
     return Setup(config=config, run=run, device=device, bf16=use_bf16(config, device), mean=mean, std=std,
                  report=report, data=data, classes=report.classes, model=model, optimizer=optimizer,
-                 train_idx=train_idx, val_idx=val_idx, batches_per_epoch=batches_per_epoch,
+                 train_idx=train_idx, val_idx=val_idx, validation_copies=split.record() if val_idx else {},
+                 batches_per_epoch=batches_per_epoch,
                  total_steps=batches_per_epoch * config.epochs, cache_dir=cache_dir, dist=distributed)
 
 
@@ -1041,7 +1049,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
         run.write_status(**distributed.status_fields())  # the backend is known once the device is
         if resume:  # first: a refused resume leaves config.json as it was
             restore(ctx, reporter)
-        run.write_config({**config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16),
+        run.write_config({**config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16,
+                                          ctx.validation_copies),
                           **distributed.record()})
         # a stop lands within a layer; under DDP it travels with each step's all_reduce instead, so
         # that no rank is left waiting in a collective for one that stopped mid-layer

@@ -163,15 +163,17 @@ def test_a_resumed_partial_run_equals_an_uninterrupted_one(dataset, weights_file
 def test_the_validation_split_is_stable_stratified_and_apart_from_the_test_split(dataset):
     report = scan_dataset(dataset)
     data = prepare.prepare_data(report, 32, cache_dir="")
-    train_idx, val_idx = prepare.validation_split(data, 0.25, report.root)
-    again = prepare.validation_split(prepare.prepare_data(report, 32, cache_dir=""), 0.25, report.root)
-    assert (train_idx, val_idx) == again
+    split = prepare.validation_split(data, 0.25)
+    train_idx, val_idx = split.train, split.val
+    again = prepare.validation_split(prepare.prepare_data(report, 32, cache_dir=""), 0.25)
+    assert (train_idx, val_idx) == (again.train, again.val)
     assert set(train_idx).isdisjoint(val_idx) and sorted(train_idx + val_idx) == list(range(len(data.train_labels)))
     val_paths = {data.train_paths[i] for i in val_idx}
     assert val_paths.isdisjoint(data.test_paths)
     labels = data.train_labels[val_idx].tolist()
     assert labels.count(0) == labels.count(1) == 3  # a quarter of each class's 12
-    assert prepare.validation_split(data, 0.0, report.root) == (list(range(len(data.train_labels))), [])
+    nothing_held = prepare.validation_split(data, 0.0)
+    assert (nothing_held.train, nothing_held.val) == (list(range(len(data.train_labels))), [])
 
 
 def test_with_a_validation_split_the_test_split_is_evaluated_once_at_the_end(dataset, weights_file, cache, tmp_path):
