@@ -161,8 +161,9 @@ def run_to_the_end(config, run, args, report=None, resume: bool = False, distrib
     distributed.close()
     if not distributed.is_main:
         return 0 if status.get("state") == "completed" else 1
+    score = run_score(status)  # the model the run keeps: what predict and export use
     result = {"run_dir": str(run.path), "status": status.get("state"), "message": status.get("message"),
-              "test_acc": status.get("test_acc"), "best_test_acc": status.get("best_test_acc"),
+              "test_acc": score.test_acc, "kept_model": score.kept,
               "train_acc": status.get("train_acc"), "loss": status.get("loss"),
               "images_per_s": status.get("images_per_s")}
     if args.json:
@@ -252,7 +253,8 @@ def cmd_start(args) -> int:
 
 def cmd_sweep(args) -> int:
     """One run per learning rate x head multiplier, one after another in this process, in one
-    group; then the grid of final accuracies (validation when held out, else test), best marked."""
+    group; then the grid of the kept models' accuracies (validation when held out, else test),
+    best marked."""
     from .config import ConfigError
     from .distributed import launched_by_torchrun
 
@@ -298,7 +300,7 @@ def cmd_sweep(args) -> int:
             best = {"lr": lr, "head_lr_mult": mult, "accuracy": grid.accuracy[i][j]}
         print(json.dumps({"cells": cells, "best": best, "split": grid.split}))
     else:
-        print(f"final {grid.split} accuracy (rows: lr, columns: head multiplier; * best)")
+        print(f"{grid.label} (rows: lr, columns: head multiplier; * best)")
         print("lr        " + "".join(f"{'x' + format(m, 'g'):>10}" for m in grid.head_lr_mults))
         for i, lr in enumerate(grid.lrs):
             cells = [("-" if v is None else f"{v:.3f}") + ("*" if grid.best == (i, j) else "")
@@ -423,8 +425,7 @@ def cmd_runs(args) -> int:
         if i.error:
             print(f"{i.id}  {i.error}")
             continue
-        acc = f"{i.best_test_acc:.3f}" if i.best_test_acc is not None else "-"
-        print(f"{i.id}  {i.state:<11} best test acc {acc}  {i.backbone}  {i.dataset}")
+        print(f"{i.id}  {i.state:<11} {i.score.text()}  {i.backbone}  {i.dataset}")
         if i.warning:
             print(f"{'':<{len(i.id)}}  {i.warning}")
     return 0

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .config import TrainConfig, compare_settings, inactive_settings, saved_settings
-from .runs import METRICS, RunDir, RunInfo
+from .runs import KEPT_NAME, METRICS, SCORE_NAME, RunDir, RunInfo
 
 COMPARE_SETTINGS = compare_settings()  # from the settings' definitions (config.Setting.compare)
 
@@ -65,10 +65,10 @@ def job_labels(jobs: list[dict]) -> dict[str, str]:
 
 NOT_APPLICABLE = "-"  # a setting that has no effect in a run, or a metric it does not have
 
-# The Compare table's metric columns: (column, status.json field, format). They come first, after
-# the run's name, state and tags, so that what was achieved is visible without scrolling.
-COMPARE_METRICS = [("final test acc", "test_acc", "{:.3f}"), ("best test acc", "best_test_acc", "{:.3f}"),
-                   ("final train acc", "train_acc", "{:.3f}"), ("final loss", "loss", "{:.3f}")]
+# The Compare table's metric columns after the run's score (runs.SCORE_NAME and which model it
+# keeps): (column, status.json field, format). They come first, after the run's name and state,
+# so that what was achieved is visible without scrolling.
+COMPARE_METRICS = [("final train acc", "train_acc", "{:.3f}"), ("final loss", "loss", "{:.3f}")]
 
 
 def display_value(value) -> str:
@@ -92,7 +92,8 @@ def _metric(value, fmt: str) -> str:
 
 
 def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
-    """One row per run, as text ready to show: its name, state, final and best metrics and tags
+    """One row per run, as text ready to show: its name, state, score (the test accuracy of the
+    model it keeps, and which epoch that is), final metrics and tags
     first, then its settings ("-" for those that have no effect in that run, e.g. the multiplier
     of a one-group run) and its speed; plus the settings that differ between the runs."""
     rows = []
@@ -109,7 +110,8 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
         inert = inactive_settings(TrainConfig(**values))
         if (record.get("dataset") or {}).get("layout") == "splits":  # the data came with its own test split
             inert["test_fraction"] = "the dataset has its own test split"
-        row = {"run": labels[info.id], "state": info.state}
+        row = {"run": labels[info.id], "state": info.state, SCORE_NAME: _metric(info.score.test_acc, "{:.3f}"),
+               KEPT_NAME: info.score.kept}
         row.update({column: _metric(status.get(field), fmt) for column, field, fmt in COMPARE_METRICS})
         row["tags"] = ", ".join(info.tags)
         row.update({k: NOT_APPLICABLE if k in inert else display_value(values[k]) for k in COMPARE_SETTINGS})
@@ -131,16 +133,16 @@ def runs_without_metrics(infos: list[RunInfo]) -> list[RunInfo]:
 
 def best_of_newest_group(infos: list[RunInfo]) -> str | None:
     """The run the Predict page opens on (an id, or None without runs): of the runs given (those
-    with a model), the newest run's group's best by test accuracy, so that a comparison's scratch
-    twin does not hide its fine-tuned run; the newest run when it has no group."""
+    with a model), the newest run's group's best by the test accuracy of the model each keeps
+    (runs.run_score, what Predict uses), so that a comparison's scratch twin does not hide its
+    fine-tuned run; the newest run when it has no group."""
     if not infos:
         return None
     newest = infos[0]
     members = [i for i in infos if newest.group and i.group == newest.group] or [newest]
 
     def score(info: RunInfo) -> float:
-        value = info.best_test_acc if info.best_test_acc is not None else info.final_test_acc
-        return -1.0 if value is None else float(value)
+        return -1.0 if info.score.test_acc is None else info.score.test_acc
 
     return max(members, key=score).id
 

@@ -67,7 +67,7 @@ from .models import (BACKBONES, build_model, load_refusal, parameter_groups, res
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
 from .runs import (CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, claim_run, now_iso,
-                   release_run)
+                   release_run, run_score)
 
 Event = dict
 EventCallback = Callable[[Event], None]
@@ -986,11 +986,9 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
         row = {"kind": "test", "epoch": ctx.run.read_status().get("epochs_done", cfg.epochs), "step": ctx.step,
                "test_loss": test_loss, "test_acc": test_acc, "elapsed_s": round(reporter.elapsed(), 3)}
         ctx.run.append_metrics(row)
-        message = (f"test accuracy {test_acc:.3f} with the checkpoint of the best validation accuracy "
-                   f"({ctx.best_score:.3f})")
         fields["best_test_acc"] = test_acc
-    else:
-        message = f"best test accuracy {ctx.best_score:.3f}"
+    score = run_score({**ctx.run.read_status(), **fields})
+    message = score.text() + (f", validation acc {score.val_acc:.3f}" if score.val_acc is not None else "")
     return {**fields, "message": message + stopped_early}
 
 

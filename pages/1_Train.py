@@ -485,7 +485,7 @@ def sweep_option(config: TrainConfig | None) -> tuple[tuple[list[float], list[fl
     option is off or its values are wrong, whether they are wrong)."""
     if not st.checkbox("Sweep: one run for each learning rate x head multiplier", key="sweep_on",
                        help="The grid the book's exercises ask about, on this data and recipe; a heatmap of the "
-                            "final accuracy fills in below as runs finish."):
+                            "score of each run's kept model fills in below as runs finish."):
         return None, False
     if "sweep_lrs" not in st.session_state:
         lr = config.lr if config is not None else settings()["lr"].default
@@ -565,7 +565,7 @@ def live_section() -> None:
 
 
 def sweep_results(members: list[dict]) -> None:
-    """A sweep's heatmap of final accuracy by learning rate and head multiplier, filled in as its
+    """A sweep's heatmap of each run's score (the kept model's accuracy) by learning rate and head multiplier, filled in as its
     runs finish, the best cell marked; Stop for the whole sweep, and the best cell into the form."""
     grid = sweep.sweep_grid(sweep.sweep_table([j["path"] for j in members]))
     st.plotly_chart(plots.sweep_figure(grid), width="stretch", key="sweep_heatmap")

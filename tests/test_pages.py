@@ -91,7 +91,7 @@ def test_the_quick_start_queues_once_and_its_message_lasts_while_it_runs(dashboa
     assert not any("The example is" in s.value for s in at.success)  # gone once it has ended
     recent = at.dataframe[0].value
     assert recent["state"].tolist() == ["stopped"]  # Recent runs: not "queued"
-    assert recent["best test acc"].tolist() == ["-"]  # no accuracy yet, shown as "-", not None
+    assert recent["test acc of the kept model"].tolist() == ["-"]  # no accuracy yet, shown as "-", not None
 
 
 def test_train_page_defaults_to_a_working_offline_example(dashboard_env):

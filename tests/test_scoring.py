@@ -41,3 +41,45 @@ def test_the_validation_split_keeps_exact_copies_on_one_side_and_says_so(tmp_pat
     # copies filed under both classes: those the order held out of 'cat' went back to training
     assert split.moved_to_training and {Path(p).parent.name for p in split.moved_to_training} == {"cat"}
     assert "moved to training" in split.describe()
+
+
+# --- a run is scored by the model it keeps -------------------------------------------------------
+
+
+def test_a_sweep_picks_its_best_cell_by_the_model_each_run_keeps(tmp_path):
+    """With early stopping the last epoch is worse than the kept one: cell a peaked at 0.9 on
+    validation and kept that checkpoint; b's last epoch (0.8) is its best."""
+    from test_sweep import fake_cell
+
+    from finetune_core import plots, sweep
+
+    paths = [fake_cell(tmp_path, "a", 1e-4, 10, "completed", test_acc=0.85, val_accs=(0.9, 0.6), val_fraction=0.2),
+             fake_cell(tmp_path, "b", 1e-3, 10, "completed", test_acc=0.80, val_accs=(0.7, 0.8), val_fraction=0.2)]
+    grid = sweep.sweep_grid(sweep.sweep_table(paths))
+    assert grid.accuracy == [[0.9], [0.8]] and grid.best_values == (1e-4, 10.0)
+    assert grid.label == "validation acc of the kept model (best validation epoch)"
+    assert plots.sweep_figure(grid).layout.title.text.startswith(grid.label)
+
+
+def test_every_listing_scores_a_run_by_its_kept_model_in_the_same_words(tmp_path, capsys):
+    """A run without a validation split keeps its final model: its best test epoch (0.99, chosen
+    on the test split) is not its score. Compare, Predict's default run and the command line agree."""
+    from test_compare_predict import write_run
+
+    from finetune_core import analysis
+    from finetune_core.__main__ import main
+    from finetune_core.runs import list_runs
+
+    write_run(tmp_path, "20260101-000000-peaked", group="g", test_acc=0.80, best_test_acc=0.99,
+              selection_split="test", selected_checkpoint="last")
+    write_run(tmp_path, "20260101-000001-steady", group="g", test_acc=0.90, best_test_acc=0.91,
+              selection_split="test", selected_checkpoint="last")
+    infos = list_runs(tmp_path)
+    scores = {i.name: i.score for i in infos}
+    assert scores["peaked"].text() == "test acc 0.800 of the kept model (final epoch)"
+    assert analysis.best_of_newest_group(infos) == "20260101-000001-steady"
+    table = analysis.compare_table(infos)[0].set_index("run")
+    assert table.loc["peaked", "test acc of the kept model"] == "0.800"
+    assert table.loc["peaked", "kept model"] == "final epoch"
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    assert "test acc 0.800 of the kept model (final epoch)" in capsys.readouterr().out
