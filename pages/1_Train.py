@@ -20,7 +20,7 @@ from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, S
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, launch_warnings, parse_form, preset_for_machine,
                                   auto_notes, setting_notes, settings)
-from finetune_core.data import INFO, DatasetError, scan_dataset
+from finetune_core.data import INFO, DatasetError, SeveralDatasets, find_dataset_root, scan_dataset
 from finetune_core.engine import resolve_auto
 from finetune_core.jobs import DuplicateSubmission
 from finetune_core.runs import RunDir, RunOwned
@@ -56,6 +56,8 @@ def dataset_section():
         data_path = folder_path(root)
     else:
         data_path = uploaded_zip(root)
+    if data_path:
+        data_path = one_of_several(data_path)
     report = None
     if data_path:
         try:
@@ -71,6 +73,21 @@ def dataset_section():
     if report is not None:
         show_scan(report)
     return data_path, report
+
+
+def one_of_several(folder: str) -> str:
+    """When the folder holds several datasets (a data root), which one: asked, never guessed.
+    Returns the chosen dataset's folder ("" until one is chosen), else the folder itself."""
+    try:
+        find_dataset_root(folder)
+    except SeveralDatasets as exc:
+        st.warning(analysis.markdown_message(str(exc), paths=(folder,)))
+        choice = st.radio("Which dataset?", [str(c) for c in exc.candidates], index=None,
+                          format_func=lambda p: Path(p).name, key=f"several-{folder}")
+        return choice or ""
+    except (DatasetError, OSError, ValueError):
+        pass  # the scan below says what is wrong with the folder
+    return folder
 
 
 def example_dataset(root: Path) -> str:

@@ -83,3 +83,45 @@ def test_every_listing_scores_a_run_by_its_kept_model_in_the_same_words(tmp_path
     assert table.loc["peaked", "kept model"] == "final epoch"
     assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
     assert "test acc 0.800 of the kept model (final epoch)" in capsys.readouterr().out
+
+
+# --- a folder holding several datasets -----------------------------------------------------------
+
+
+def data_root_of_two(root: Path) -> Path:
+    """A data root: two datasets (one with splits, one of class folders) and a folder of notes."""
+    make_dataset(root / "birds", per_class=4, test_per_class=2)
+    make_dataset(root / "ants", per_class=4, test_per_class=2, flat=True)
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not a dataset")
+    return root
+
+
+def test_a_folder_of_several_datasets_is_not_guessed_the_library_names_them_and_the_cli_refuses(tmp_path, capsys):
+    from finetune_core.__main__ import main
+    from finetune_core.data import SeveralDatasets, find_dataset_root
+
+    root = data_root_of_two(tmp_path / "data")
+    with pytest.raises(SeveralDatasets) as err:
+        find_dataset_root(root)
+    assert err.value.candidates == [root / "ants", root / "birds"]
+    assert main(["scan", str(root)]) == 2
+    said = capsys.readouterr().err
+    assert "holds 2 datasets: ants, birds" in said and "choose one" in said
+    shutil.rmtree(root / "ants")  # one dataset beside a folder of notes: an archive's wrapper, gone down into
+    assert find_dataset_root(root) == (root / "birds", "splits")
+
+
+def test_the_train_page_asks_which_dataset_of_a_folder_holding_several(dashboard_env):
+    from conftest import page
+
+    root = data_root_of_two(dashboard_env / "data" / "shelf")
+    at = page("pages/1_Train.py").run()
+    at.radio(key="data_source").set_value("A folder path").run()
+    at.text_input(key="data_path_text").set_value(str(root)).run()
+    assert any("holds 2 datasets" in w.value for w in at.warning) and not at.exception
+    choice = at.radio(key=f"several-{root.resolve()}")
+    assert choice.value is None and [Path(o).name for o in choice.options] == ["ants", "birds"]
+    assert not at.metric  # nothing scanned until the user says which
+    choice.set_value(str(root.resolve() / "birds")).run()
+    assert [m.value for m in at.metric][:1] == ["2"] and not at.exception  # birds: 2 classes
