@@ -50,6 +50,24 @@ def gallery(predictions: pd.DataFrame, mistakes_only: bool = False, true_class: 
     return frame
 
 
+GALLERY_SIDE = 256  # pixels: the gallery's pictures are at most this wide and high
+
+
+def gallery_picture(path: str, side: int = GALLERY_SIDE):
+    """(a test image as the gallery shows it, None) or (None, why it cannot be shown, naming the
+    file): a test image moved, deleted or damaged since the run must not stop the page."""
+    from .data import load_rgb
+
+    try:
+        picture = load_rgb(path)
+    except FileNotFoundError:
+        return None, f"{path}: moved or deleted since the run"
+    except (OSError, ValueError) as exc:
+        return None, f"{path}: cannot be shown ({exc})"
+    picture.thumbnail((side, side))
+    return picture, ""
+
+
 def run_labels(infos: list[RunInfo]) -> dict[str, str]:
     """{run id: label}: the run's name, with its id added where names repeat."""
     names = [i.name for i in infos]

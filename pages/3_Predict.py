@@ -58,7 +58,11 @@ def gallery_tab(predictions, classes) -> None:
     for k, (_, row) in enumerate(part.iterrows()):
         ok = str(row["true"]) == str(row["predicted"])
         with grid[k % 6]:
-            st.image(row["path"], width="stretch")
+            picture, problem = analysis.gallery_picture(row["path"])
+            if picture is None:
+                st.info(analysis.markdown_message(problem, paths=(row["path"],)), icon=":material/hide_image:")
+            else:
+                st.image(picture, width="stretch")
             st.caption(f"{'right' if ok else 'WRONG'}: true **{analysis.markdown_text(row['true'])}** · predicted "
                        f"**{analysis.markdown_text(row['predicted'])}** "
                        f"({row['confidence']:.0%})")

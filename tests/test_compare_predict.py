@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -492,3 +493,18 @@ def test_predict_page_gallery_confusion_and_uploads(dashboard_runs):
     at.button(key="build_bundle").click().run()
     assert not at.exception
     assert [b.proto.label for b in at.get("download_button")] == ["Download bundle.zip"]
+
+
+@pytest.mark.slow
+def test_predict_draws_a_placeholder_for_a_test_image_that_moved_and_keeps_its_other_tabs(dashboard_runs):
+    fine = dashboard_runs / "20260101-000000-fine"
+    preds = pd.read_csv(fine / "predictions.csv")
+    gone = preds["path"].iloc[0]
+    preds.loc[0, "path"] = gone + ".moved"  # the file the run saw is no longer there
+    preds.to_csv(fine / "predictions.csv", index=False)
+    at = page("pages/3_Predict.py").run()
+    at.selectbox(key="predict_run").set_value(fine.name).run()
+    assert not at.exception
+    assert any(f"{Path(gone).name}.moved" in i.value and "moved or deleted" in i.value for i in at.info)
+    assert len(at.get("image")) == len(preds) - 1  # the other test images are drawn
+    assert at.slider(key="top_k") and at.button(key="build_bundle")  # Classify and Export are drawn too
