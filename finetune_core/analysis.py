@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .config import TrainConfig, compare_settings, inactive_settings, saved_settings
-from .runs import KEPT_NAME, METRICS, SCORE_NAME, RunDir, RunInfo
+from .runs import KEPT_NAME, METRICS, SCORE_NAME, RunDir, RunInfo, run_info
 
 COMPARE_SETTINGS = compare_settings()  # from the settings' definitions (config.Setting.compare)
 
@@ -109,14 +109,24 @@ def _metric(value, fmt: str) -> str:
     return fmt.format(value)
 
 
+def refreshed(infos: list[RunInfo]) -> list[RunInfo]:
+    """The same runs read again from their folders (state, score, duration as they are now); a run
+    deleted or damaged since it was listed keeps what the listing knew."""
+    fresh = [run_info(i.path) for i in infos]
+    return [listed if info.error else info for listed, info in zip(infos, fresh)]
+
+
 def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
     """One row per run, as text ready to show: its name, state, score (the test accuracy of the
     model it keeps, and which epoch that is), final metrics and tags
     first, then its settings ("-" for those that have no effect in that run, e.g. the multiplier
-    of a one-group run) and its speed; plus the settings that differ between the runs."""
+    of a one-group run) and its speed; plus the settings that differ between the runs. Each run's
+    state, score and duration are read again from its folder, not taken from `infos`: the Compare
+    page's fragment refreshes this table with the list of its last full rerun, and a run that has
+    finished since must show it."""
     rows = []
     labels = run_labels(infos)  # a name shared by several runs gets its run's id
-    for info in infos:
+    for listed, info in zip(infos, refreshed(infos)):
         run = RunDir(info.path)
         try:
             record = run.read_config()
@@ -128,7 +138,7 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
         inert = inactive_settings(TrainConfig(**values))
         if (record.get("dataset") or {}).get("layout") == "splits":  # the data came with its own test split
             inert["test_fraction"] = "the dataset has its own test split"
-        row = {"run": labels[info.id], "state": info.state, SCORE_NAME: _metric(info.score.test_acc, "{:.3f}"),
+        row = {"run": labels[listed.id], "state": info.state, SCORE_NAME: _metric(info.score.test_acc, "{:.3f}"),
                KEPT_NAME: info.score.kept}
         row.update({column: _metric(status.get(field), fmt) for column, field, fmt in COMPARE_METRICS})
         row["tags"] = ", ".join(info.tags)

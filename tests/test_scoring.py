@@ -125,3 +125,26 @@ def test_the_train_page_asks_which_dataset_of_a_folder_holding_several(dashboard
     assert not at.metric  # nothing scanned until the user says which
     choice.set_value(str(root.resolve() / "birds")).run()
     assert [m.value for m in at.metric][:1] == ["2"] and not at.exception  # birds: 2 classes
+
+
+# --- Compare's table follows a run that finishes while the page is open ---------------------------
+
+
+def test_compares_table_shows_the_state_and_duration_of_a_run_that_finished_since_it_was_listed(tmp_path):
+    """The page's fragment refreshes the table with the run list of its last full rerun."""
+    from test_compare_predict import write_run
+
+    from finetune_core import analysis
+    from finetune_core.runs import claim_run, list_runs, release_run
+
+    run = write_run(tmp_path, "20260101-000000-live", state="running", started_at="2026-01-01T00:00:00+00:00")
+    claim_run(run)  # its trainer is alive: listed as running
+    try:
+        listed = list_runs(tmp_path)
+        assert listed[0].state == "running"
+        run.write_status(state="completed", ended_at="2026-01-01T00:01:30+00:00", test_acc=0.75,
+                         selection_split="test", selected_checkpoint="last")
+    finally:
+        release_run(run)
+    row = analysis.compare_table(listed)[0].iloc[0]
+    assert (row["state"], row["duration (s)"], row["test acc of the kept model"]) == ("completed", "90", "0.750")
