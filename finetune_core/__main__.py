@@ -326,30 +326,6 @@ def sweep_problem(args) -> str | None:
     return None
 
 
-def lr_find_failure(exc: BaseException) -> tuple[int, str]:
-    """(exit code, message) for a sweep that raised: 2 when the input is at fault (settings, a
-    dataset whose images cannot be used), 1 when the sweep failed."""
-    import torch
-
-    from .config import ConfigError
-    from .data import DatasetError
-    from .models import WeightsError
-
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, ConfigError):
-        return 2, "invalid settings: " + "; ".join(exc.errors.values())
-    if isinstance(exc, DatasetError):
-        return 2, str(exc)
-    if isinstance(exc, KeyboardInterrupt):
-        return 1, "lr-find interrupted"
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in first_line.lower() \
-            or "not enough memory" in first_line.lower():
-        return 1, f"out of memory: try a smaller batch size or image size ({first_line or type(exc).__name__})"
-    if isinstance(exc, WeightsError):
-        return 1, str(exc)
-    return 1, f"lr-find failed: {type(exc).__name__}: {first_line}"
-
-
 def cmd_lr_find(args) -> int:
     from . import lr_find
     from .distributed import launched_by_torchrun
@@ -370,13 +346,13 @@ def cmd_lr_find(args) -> int:
         result = lr_find.find_lr(config, report=report, start_lr=args.start_lr, end_lr=args.end_lr,
                                  steps=args.steps, on_event=progress)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line, not a traceback
-        failure = lr_find_failure(exc)
+        failure = lr_find.failure_message(exc)
     finally:
         if progress is not None:
             progress.close()
     if failure is not None:
-        code, message = failure
-        return fail(message, code)
+        input_at_fault, message = failure
+        return fail(message, 2 if input_at_fault else 1)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0

@@ -62,8 +62,8 @@ from .data import DatasetError, ScanReport, scan_dataset
 from .distributed import STOP_FILE, Distributed
 from .memory import describe as describe_memory
 from .memory import release_memory
-from .models import (BACKBONES, build_model, load_refusal, parameter_groups, resolve_backbone, resolve_device,
-                     split_model)
+from .models import (BACKBONES, build_model, classified_views, load_refusal, mean_logits, parameter_groups,
+                     resolve_backbone, resolve_device, split_model)
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
 from .runs import (CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, claim_run, now_iso,
@@ -468,7 +468,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[list[torch.Tensor], torch
     all_logits, all_labels = [], []
     for views, labels in batches:
         with autocast():
-            logits = torch.stack([model(v).float() for v in views]).mean(0)
+            logits = mean_logits(model, views)
         all_logits.append(logits)
         all_labels.append(labels)
     return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
@@ -804,7 +804,7 @@ def evaluation_batches(ctx: Setup, split: str, cache: FeatureCache | None) -> It
             else:
                 u8 = data.test_images[start:end].to(ctx.device)
             x = normalize_batch(u8, ctx.mean, ctx.std, cfg.channels_last)
-            xs = [x, x.flip(-1)] if cfg.tta_flip else [x]
+            xs = classified_views(x, cfg.tta_flip)
         yield xs, ctx_labels
 
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[1]  # the project's folder: runs/ and data/ default to beside it
 
 STATES = ("queued", "running", "completed", "stopped", "failed", "diverged", "interrupted")
 ACTIVE_STATES = ("queued", "running")

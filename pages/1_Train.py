@@ -384,24 +384,6 @@ def lr_finder_section(config: TrainConfig | None, report) -> None:
                       args=(found["suggestion"],))
 
 
-def lr_finder_failure(exc: Exception) -> str:
-    """Why the finder failed, in a sentence the page shows instead of a traceback."""
-    from finetune_core.config import ConfigError
-    from finetune_core.models import WeightsError
-
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, WeightsError):
-        return f"The backbone's weights could not be loaded: {exc}"
-    if isinstance(exc, DatasetError):
-        return f"The dataset could not be used: {exc}"
-    if isinstance(exc, ConfigError):
-        return f"Invalid settings: {'; '.join(exc.errors.values())}"
-    if isinstance(exc, MemoryError) or "out of memory" in first_line.lower() or "not enough memory" in \
-            first_line.lower():
-        return f"Out of memory: try a smaller batch size or image size ({first_line or type(exc).__name__})."
-    return f"The learning-rate finder failed: {type(exc).__name__}: {first_line}"
-
-
 def run_lr_finder(config: TrainConfig, report) -> dict:
     """The sweep, with a progress bar: {"result": its curve as a dict, "error": None}, or
     {"result": None, "error": why it failed}. The page's scan goes with it (the engine uses it when
@@ -420,7 +402,8 @@ def run_lr_finder(config: TrainConfig, report) -> dict:
         return {"result": result.to_dict(), "error": None}
     except Exception as exc:  # noqa: BLE001 - shown as a message; the server log keeps the traceback
         logging.getLogger(__name__).exception("learning-rate finder failed")
-        return {"result": None, "error": lr_finder_failure(exc)}
+        message = lr_find.failure_message(exc)[1]
+        return {"result": None, "error": message[:1].upper() + message[1:]}
     finally:
         bar.empty()
 

@@ -217,11 +217,24 @@ def test_flip_averaging_averages_the_logits_of_the_image_and_its_mirror():
 
 
 @pytest.mark.slow
-def test_tta_and_label_smoothing_reach_the_run(dataset, weights_file, cache, tmp_path):
+def test_tta_and_label_smoothing_reach_the_run(dataset, weights_file, cache, tmp_path, monkeypatch):
+    from finetune_core import engine
+
+    views_seen = []  # the number of views evaluation averaged, batch by batch
+
+    def spy(model, views):
+        views_seen.append(len(views))
+        return real_mean_logits(model, views)
+
+    real_mean_logits = engine.mean_logits
+    monkeypatch.setattr(engine, "mean_logits", spy)
     plain = train(config_for(dataset, weights_file, epochs=1), tmp_path / "plain", cache_dir=cache)
+    assert views_seen and set(views_seen) == {1}
+    views_seen.clear()
     smooth = train(config_for(dataset, weights_file, epochs=1, label_smoothing=0.3, tta_flip=True),
                    tmp_path / "smooth", cache_dir=cache)
     assert plain["loss"] != pytest.approx(smooth["loss"])
+    assert views_seen and set(views_seen) == {2}  # every evaluated batch: the image and its mirror
     config = RunDir(tmp_path / "smooth").read_config()
     assert "mirror" in config["preprocessing"]["test_transform"]
 
