@@ -8,7 +8,7 @@ from finetune_core import cachestore, datastore, memory
 from finetune_core.config import quick_start_config
 from finetune_core.jobs import DuplicateSubmission
 from finetune_core.models import BACKBONES, device_description, offline_backbones, resolve_device
-from finetune_core.runs import list_runs
+from finetune_core.runs import KEPT_NAME, SCORE_NAME, list_runs
 from tuneboard_ui import LIVE_REFRESH_S, flash, format_seconds, job_controls, manager, page, state_label, submit
 
 
@@ -87,7 +87,7 @@ def recent_runs_section() -> None:
     st.dataframe([{
         "run": r.name, "state": state_label(r.state) if not r.error else "damaged",
         "dataset": r.dataset, "backbone": r.backbone,
-        "best test acc": "-" if r.best_test_acc is None else f"{r.best_test_acc:.3f}",
+        SCORE_NAME: "-" if r.score.test_acc is None else f"{r.score.test_acc:.3f}", KEPT_NAME: r.score.kept,
         "duration": format_seconds(r.duration_s), "message": r.error or r.warning or r.message,
     } for r in runs], width="stretch", hide_index=True)
 

@@ -161,8 +161,9 @@ def run_to_the_end(config, run, args, report=None, resume: bool = False, distrib
     distributed.close()
     if not distributed.is_main:
         return 0 if status.get("state") == "completed" else 1
+    score = run_score(status)  # the model the run keeps: what predict and export use
     result = {"run_dir": str(run.path), "status": status.get("state"), "message": status.get("message"),
-              "test_acc": status.get("test_acc"), "best_test_acc": status.get("best_test_acc"),
+              "test_acc": score.test_acc, "kept_model": score.kept,
               "train_acc": status.get("train_acc"), "loss": status.get("loss"),
               "images_per_s": status.get("images_per_s")}
     if args.json:
@@ -256,7 +257,8 @@ def cmd_start(args) -> int:
 
 def cmd_sweep(args) -> int:
     """One run per learning rate x head multiplier, one after another in this process, in one
-    group; then the grid of final accuracies (validation when held out, else test), best marked."""
+    group; then the grid of the kept models' accuracies (validation when held out, else test),
+    best marked."""
     from .config import ConfigError
     from .distributed import launched_by_torchrun
 
@@ -302,7 +304,7 @@ def cmd_sweep(args) -> int:
             best = {"lr": lr, "head_lr_mult": mult, "accuracy": grid.accuracy[i][j]}
         print(json.dumps({"cells": cells, "best": best, "split": grid.split}))
     else:
-        print(f"final {grid.split} accuracy (rows: lr, columns: head multiplier; * best)")
+        print(f"{grid.label} (rows: lr, columns: head multiplier; * best)")
         print("lr        " + "".join(f"{'x' + format(m, 'g'):>10}" for m in grid.head_lr_mults))
         for i, lr in enumerate(grid.lrs):
             cells = [("-" if v is None else f"{v:.3f}") + ("*" if grid.best == (i, j) else "")
@@ -328,30 +330,6 @@ def sweep_problem(args) -> str | None:
     return None
 
 
-def lr_find_failure(exc: BaseException) -> tuple[int, str]:
-    """(exit code, message) for a sweep that raised: 2 when the input is at fault (settings, a
-    dataset whose images cannot be used), 1 when the sweep failed."""
-    import torch
-
-    from .config import ConfigError
-    from .data import DatasetError
-    from .models import WeightsError
-
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, ConfigError):
-        return 2, "invalid settings: " + "; ".join(exc.errors.values())
-    if isinstance(exc, DatasetError):
-        return 2, str(exc)
-    if isinstance(exc, KeyboardInterrupt):
-        return 1, "lr-find interrupted"
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in first_line.lower() \
-            or "not enough memory" in first_line.lower():
-        return 1, f"out of memory: try a smaller batch size or image size ({first_line or type(exc).__name__})"
-    if isinstance(exc, WeightsError):
-        return 1, str(exc)
-    return 1, f"lr-find failed: {type(exc).__name__}: {first_line}"
-
-
 def cmd_lr_find(args) -> int:
     from . import lr_find
     from .distributed import launched_by_torchrun
@@ -372,13 +350,13 @@ def cmd_lr_find(args) -> int:
         result = lr_find.find_lr(config, report=report, start_lr=args.start_lr, end_lr=args.end_lr,
                                  steps=args.steps, on_event=progress)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line, not a traceback
-        failure = lr_find_failure(exc)
+        failure = lr_find.failure_message(exc)
     finally:
         if progress is not None:
             progress.close()
     if failure is not None:
-        code, message = failure
-        return fail(message, code)
+        input_at_fault, message = failure
+        return fail(message, 2 if input_at_fault else 1)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -427,8 +405,7 @@ def cmd_runs(args) -> int:
         if i.error:
             print(f"{i.id}  {i.error}")
             continue
-        acc = f"{i.best_test_acc:.3f}" if i.best_test_acc is not None else "-"
-        print(f"{i.id}  {i.state:<11} best test acc {acc}  {i.backbone}  {i.dataset}")
+        print(f"{i.id}  {i.state:<11} {i.score.text()}  {i.backbone}  {i.dataset}")
         if i.warning:
             print(f"{'':<{len(i.id)}}  {i.warning}")
     return 0

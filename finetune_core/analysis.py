@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .config import TrainConfig, compare_settings, inactive_settings, saved_settings
-from .runs import ACTIVE_STATES, METRICS, RunDir, RunInfo
+from .runs import ACTIVE_STATES, KEPT_NAME, METRICS, SCORE_NAME, RunDir, RunInfo, run_info
 
 COMPARE_SETTINGS = compare_settings()  # from the settings' definitions (config.Setting.compare)
 
@@ -50,6 +50,24 @@ def gallery(predictions: pd.DataFrame, mistakes_only: bool = False, true_class: 
     return frame
 
 
+GALLERY_SIDE = 256  # pixels: the gallery's pictures are at most this wide and high
+
+
+def gallery_picture(path: str, side: int = GALLERY_SIDE):
+    """(a test image as the gallery shows it, None) or (None, why it cannot be shown, naming the
+    file): a test image moved, deleted or damaged since the run must not stop the page."""
+    from .data import load_rgb
+
+    try:
+        picture = load_rgb(path)
+    except FileNotFoundError:
+        return None, f"{path}: moved or deleted since the run"
+    except (OSError, ValueError) as exc:
+        return None, f"{path}: cannot be shown ({exc})"
+    picture.thumbnail((side, side))
+    return picture, ""
+
+
 def run_labels(infos: list[RunInfo]) -> dict[str, str]:
     """{run id: label}: the run's name, with its id added where names repeat."""
     names = [i.name for i in infos]
@@ -65,10 +83,10 @@ def job_labels(jobs: list[dict]) -> dict[str, str]:
 
 NOT_APPLICABLE = "-"  # a setting that has no effect in a run, or a metric it does not have
 
-# The Compare table's metric columns: (column, status.json field, format). They come first, after
-# the run's name, state and tags, so that what was achieved is visible without scrolling.
-COMPARE_METRICS = [("final test acc", "test_acc", "{:.3f}"), ("best test acc", "best_test_acc", "{:.3f}"),
-                   ("final train acc", "train_acc", "{:.3f}"), ("final loss", "loss", "{:.3f}")]
+# The Compare table's metric columns after the run's score (runs.SCORE_NAME and which model it
+# keeps): (column, status.json field, format). They come first, after the run's name and state,
+# so that what was achieved is visible without scrolling.
+COMPARE_METRICS = [("final train acc", "train_acc", "{:.3f}"), ("final loss", "loss", "{:.3f}")]
 
 
 def display_value(value) -> str:
@@ -91,13 +109,24 @@ def _metric(value, fmt: str) -> str:
     return fmt.format(value)
 
 
+def refreshed(infos: list[RunInfo]) -> list[RunInfo]:
+    """The same runs read again from their folders (state, score, duration as they are now); a run
+    deleted or damaged since it was listed keeps what the listing knew."""
+    fresh = [run_info(i.path) for i in infos]
+    return [listed if info.error else info for listed, info in zip(infos, fresh)]
+
+
 def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
-    """One row per run, as text ready to show: its name, state, final and best metrics and tags
+    """One row per run, as text ready to show: its name, state, score (the test accuracy of the
+    model it keeps, and which epoch that is), final metrics and tags
     first, then its settings ("-" for those that have no effect in that run, e.g. the multiplier
-    of a one-group run) and its speed; plus the settings that differ between the runs."""
+    of a one-group run) and its speed; plus the settings that differ between the runs. Each run's
+    state, score and duration are read again from its folder, not taken from `infos`: the Compare
+    page's fragment refreshes this table with the list of its last full rerun, and a run that has
+    finished since must show it."""
     rows = []
     labels = run_labels(infos)  # a name shared by several runs gets its run's id
-    for info in infos:
+    for listed, info in zip(infos, refreshed(infos)):
         run = RunDir(info.path)
         try:
             record = run.read_config()
@@ -109,7 +138,8 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
         inert = inactive_settings(TrainConfig(**values))
         if (record.get("dataset") or {}).get("layout") == "splits":  # the data came with its own test split
             inert["test_fraction"] = "the dataset has its own test split"
-        row = {"run": labels[info.id], "state": info.state}
+        row = {"run": labels[listed.id], "state": info.state, SCORE_NAME: _metric(info.score.test_acc, "{:.3f}"),
+               KEPT_NAME: info.score.kept}
         row.update({column: _metric(status.get(field), fmt) for column, field, fmt in COMPARE_METRICS})
         row["tags"] = ", ".join(info.tags)
         row.update({k: NOT_APPLICABLE if k in inert else display_value(values[k]) for k in COMPARE_SETTINGS})
@@ -131,16 +161,16 @@ def runs_without_metrics(infos: list[RunInfo]) -> list[RunInfo]:
 
 def best_of_newest_group(infos: list[RunInfo]) -> str | None:
     """The run the Predict page opens on (an id, or None without runs): of the runs given (those
-    with a model), the newest run's group's best by test accuracy, so that a comparison's scratch
-    twin does not hide its fine-tuned run; the newest run when it has no group."""
+    with a model), the newest run's group's best by the test accuracy of the model each keeps
+    (runs.run_score, what Predict uses), so that a comparison's scratch twin does not hide its
+    fine-tuned run; the newest run when it has no group."""
     if not infos:
         return None
     newest = infos[0]
     members = [i for i in infos if newest.group and i.group == newest.group] or [newest]
 
     def score(info: RunInfo) -> float:
-        value = info.best_test_acc if info.best_test_acc is not None else info.final_test_acc
-        return -1.0 if value is None else float(value)
+        return -1.0 if info.score.test_acc is None else info.score.test_acc
 
     return max(members, key=score).id
 

@@ -59,6 +59,17 @@ class DatasetError(ValueError):
     """The path cannot be used as a dataset at all (missing, not a folder, no usable images)."""
 
 
+class SeveralDatasets(DatasetError):
+    """The folder holds several datasets one folder down: which one is the user's to say.
+    `candidates` are their folders, in name order."""
+
+    def __init__(self, path: Path, candidates: list[Path]):
+        self.path, self.candidates = path, candidates
+        super().__init__(f"{path} holds {len(candidates)} datasets: "
+                         + ", ".join(c.name for c in candidates) + "; choose one of them rather than "
+                         "the folder that holds them")
+
+
 @dataclass
 class Problem:
     path: str
@@ -259,23 +270,36 @@ def _looks_like_class_root(root: Path) -> bool:
     return False
 
 
+def dataset_candidates(path: str | os.PathLike) -> list[tuple[Path, str]]:
+    """The datasets one folder below `path`: (folder, layout "splits" or "flat") each, in name order."""
+    found = []
+    for sub in _subdirs(Path(path).expanduser()):
+        if _split_folders(sub):
+            found.append((sub, "splits"))
+        elif _looks_like_class_root(sub):
+            found.append((sub, "flat"))
+    return found
+
+
 def find_dataset_root(path: str | os.PathLike) -> tuple[Path, str]:
     """Locate the dataset inside `path`: (root, layout) with layout "splits" or "flat".
-    Looks at `path` itself, then one folder down (an unzipped archive's wrapper folder)."""
+    Looks at `path` itself, then one folder down (an unzipped archive's wrapper folder), where it
+    goes only when exactly one dataset is there: a folder holding several (a data root) raises
+    SeveralDatasets naming them, rather than training on the first in name order."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(f"{path}: no such folder")
     if not path.is_dir():
         raise DatasetError(f"{path}: not a folder")
-    candidates = [path] + _subdirs(path)
-    for candidate in candidates:
-        if _split_folders(candidate):
-            return candidate, "splits"
-    if _looks_like_class_root(path):
+    if _split_folders(path):
+        return path, "splits"
+    candidates = dataset_candidates(path)
+    if _looks_like_class_root(path) and not any(layout == "splits" for _, layout in candidates):
         return path, "flat"
-    subs = _subdirs(path)
-    if len(subs) == 1 and _looks_like_class_root(subs[0]):
-        return subs[0], "flat"
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(candidates) > 1:
+        raise SeveralDatasets(path, [folder for folder, _ in candidates])
     return path, ""
 
 
@@ -349,8 +373,8 @@ def scan_dataset(
     few_images: int = FEW_IMAGES_PER_CLASS,
     imbalance_ratio: float = IMBALANCE_RATIO,
 ) -> ScanReport:
-    """Scan a dataset folder. Raises DatasetError only when `path` is missing or not a folder;
-    every other problem is in the report."""
+    """Scan a dataset folder. Raises DatasetError only when `path` is missing or not a folder, and
+    SeveralDatasets when it holds several datasets; every other problem is in the report."""
     import time
 
     if not 0.0 < test_fraction < 1.0:

@@ -24,9 +24,8 @@ import numpy as np
 from PIL import Image
 
 from .data import DatasetError, find_dataset_root
-from .runs import default_runs_dir
+from .runs import APP_DIR, default_runs_dir
 
-APP_DIR = Path(__file__).resolve().parents[1]
 EXAMPLE_NAME = "digits"
 HOTDOG_URL = "https://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"

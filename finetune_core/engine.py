@@ -63,12 +63,12 @@ from .memory import describe as describe_memory
 from .memory import release_memory
 from .checkpoints import (CheckpointError, ResumeRefused, class_change, keep_as_best, load_checkpoint,  # noqa: F401
                           restore, save_checkpoint)
-from .models import (BACKBONES, CPU_GENERATOR_LOCK, build_model, parameter_groups, resolve_backbone, resolve_device,
-                     seeded_init, split_model)
+from .models import (BACKBONES, CPU_GENERATOR_LOCK, build_model, classified_views, mean_logits, parameter_groups,
+                     resolve_backbone, resolve_device, seeded_init, split_model)
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
 from .runs import (CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, claim_run, now_iso,
-                   release_run, status_before_resume, status_put_back, without_before_resume)
+                   release_run, run_score, status_before_resume, status_put_back, without_before_resume)
 
 Event = dict
 EventCallback = Callable[[Event], None]
@@ -283,7 +283,8 @@ def swap_back(ctx: "Setup", training: dict[str, torch.Tensor] | None) -> None:
 
 
 def config_record(config: TrainConfig, report: ScanReport | None = None, data: PreparedData | None = None,
-                  device: torch.device | None = None, bf16: bool | None = None) -> dict:
+                  device: torch.device | None = None, bf16: bool | None = None,
+                  validation_copies: dict | None = None) -> dict:
     """config.json: every setting and what the run was made of. Written when a run is queued
     (what is known then) and again when it starts; the format is the same."""
     record: dict = {"config": config.to_dict(), "classes": report.classes if report else [],
@@ -292,6 +293,8 @@ def config_record(config: TrainConfig, report: ScanReport | None = None, data: P
         record["dataset"].update(layout=report.layout, splits=report.splits,
                                  test_split_name=report.test_split_name,
                                  skipped_files=len(report.warnings) + (len(data.skipped) if data else 0))
+    if validation_copies:
+        record["dataset"]["validation_split"] = validation_copies
     if config.backbone in BACKBONES:
         spec = BACKBONES[config.backbone]
         mean, std = normalisation(config)
@@ -411,7 +414,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[list[torch.Tensor], torch
     all_logits, all_labels = [], []
     for views, labels in batches:
         with autocast():
-            logits = torch.stack([model(v).float() for v in views]).mean(0)
+            logits = mean_logits(model, views)
         all_logits.append(logits)
         all_labels.append(labels)
     return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
@@ -483,6 +486,7 @@ class Setup:
     val_idx: list[int]
     batches_per_epoch: int
     total_steps: int
+    validation_copies: dict = field(default_factory=dict)  # how exact copies were split (config.json)
     cache_dir: str | None = None
     start_epoch: int = 0
     step: int = 0
@@ -562,13 +566,17 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     data = prepare_data(report, config.image_size, cache_dir=cache_dir, device=device, progress=decoding)
     for problem in data.skipped:
         run.log(f"skipped {problem.path}: {problem.problem}")
-    train_idx, val_idx = validation_split(data, config.val_fraction, report.root)
+    split = validation_split(data, config.val_fraction)
+    if split.describe():
+        run.log(split.describe())
+    train_idx, val_idx = split.train, split.val
     distributed.check_sizes(config.batch_size, len(train_idx))
     batches_per_epoch = len(batch_slices(len(train_idx), config.batch_size, distributed.world_size))
     mean, std = normalisation(config)
     return Setup(config=config, run=run, device=device, bf16=use_bf16(config, device), mean=mean, std=std,
                  report=report, data=data, classes=report.classes, model=model, optimizer=optimizer,
-                 train_idx=train_idx, val_idx=val_idx, batches_per_epoch=batches_per_epoch,
+                 train_idx=train_idx, val_idx=val_idx, validation_copies=split.record() if val_idx else {},
+                 batches_per_epoch=batches_per_epoch,
                  total_steps=batches_per_epoch * config.epochs, cache_dir=cache_dir, dist=distributed,
                  generator=RunGenerator(epoch_seed(config.seed, 0, 2 + 1000 * distributed.rank))
                  if device.type == "cpu" else None)  # the LR finder's steps too never draw the process's
@@ -629,7 +637,7 @@ def evaluation_batches(ctx: Setup, split: str, cache: FeatureCache | None) -> It
             else:
                 u8 = data.test_images[start:end].to(ctx.device)
             x = normalize_batch(u8, ctx.mean, ctx.std, cfg.channels_last)
-            xs = [x, x.flip(-1)] if cfg.tta_flip else [x]
+            xs = classified_views(x, cfg.tta_flip)
         yield xs, ctx_labels
 
 
@@ -810,11 +818,9 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
         row = {"kind": "test", "epoch": ctx.run.read_status().get("epochs_done", cfg.epochs), "step": ctx.step,
                "test_loss": test_loss, "test_acc": test_acc, "elapsed_s": round(reporter.elapsed(), 3)}
         ctx.run.append_metrics(row)
-        message = (f"test accuracy {test_acc:.3f} with the checkpoint of the best validation accuracy "
-                   f"({ctx.best_score:.3f})")
         fields["best_test_acc"] = test_acc
-    else:
-        message = f"best test accuracy {ctx.best_score:.3f}"
+    score = run_score({**ctx.run.read_status(), **fields})
+    message = score.text() + (f", validation acc {score.val_acc:.3f}" if score.val_acc is not None else "")
     return {**fields, "message": message + stopped_early}
 
 
@@ -902,7 +908,8 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
             ctx = setup(config, run, reporter, report, cache_dir, distributed)
         ctx.shared_features = shared_features
         run.write_status(**distributed.status_fields())  # the backend is known once the device is
-        run.write_config({**config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16),
+        run.write_config({**config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16,
+                                          ctx.validation_copies),
                           **distributed.record()})
         # a stop lands within a layer; under DDP it travels with each step's all_reduce instead, so
         # that no rank is left waiting in a collective for one that stopped mid-layer

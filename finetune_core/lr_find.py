@@ -135,3 +135,26 @@ def find_lr(config: TrainConfig, report: ScanReport | None = None, cache_dir: st
         finally:
             for cache in ctx.caches.values():
                 cache.close()
+
+
+def failure_message(exc: BaseException) -> tuple[bool, str]:
+    """(whether the input is at fault, why the finder failed) in one line, for the page and the
+    command line alike (the command line exits 2 when the input is at fault: settings, a dataset
+    whose images cannot be used; 1 otherwise)."""
+    from .config import ConfigError
+    from .data import DatasetError
+    from .models import WeightsError
+
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, ConfigError):
+        return True, "invalid settings: " + "; ".join(exc.errors.values())
+    if isinstance(exc, DatasetError):
+        return True, f"the dataset could not be used: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return False, "the learning-rate finder was interrupted"
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in first_line.lower() \
+            or "not enough memory" in first_line.lower():
+        return False, f"out of memory: try a smaller batch size or image size ({first_line or type(exc).__name__})"
+    if isinstance(exc, WeightsError):
+        return False, f"the backbone's weights could not be loaded: {exc}"
+    return False, f"the learning-rate finder failed: {type(exc).__name__}: {first_line}"

@@ -51,7 +51,6 @@ MALLOPT: dict[str, tuple[int, int]] = {
 }
 _tuned_in_process = False
 OPT_OUT_VARIABLE = "TUNEBOARD_ALLOCATOR"
-_REEXEC_MARK = "TUNEBOARD_REEXECUTED"
 
 
 def supported() -> bool:
@@ -66,9 +65,9 @@ def _parse(value: str) -> dict[str, str]:
 
 def untuned_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """A copy of ``environ`` (default: this process's) in which a child starts with glibc's own
-    settings: no GLIBC_TUNABLES, no opt-out, no re-exec mark (benchmarks compare both)."""
+    settings: no GLIBC_TUNABLES, no opt-out (benchmarks compare both)."""
     env = dict(os.environ if environ is None else environ)
-    for name in ("GLIBC_TUNABLES", OPT_OUT_VARIABLE, _REEXEC_MARK):
+    for name in ("GLIBC_TUNABLES", OPT_OUT_VARIABLE):
         env.pop(name, None)
     return env
 
@@ -97,18 +96,6 @@ def wanted(environ: Mapping[str, str] | None = None) -> bool:
     """Whether the settings apply and were not turned off with TUNEBOARD_ALLOCATOR=default."""
     env = os.environ if environ is None else environ
     return supported() and env.get(OPT_OUT_VARIABLE, "").strip().lower() != "default"
-
-
-def reexec_tuned(argv: list[str] | None = None) -> None:
-    """Replace this process with the same command started with the settings, once, when they are
-    wanted and missing. Call it before anything heavy is imported (it costs one interpreter start)."""
-    if not wanted() or is_tuned() or os.environ.get(_REEXEC_MARK):
-        return
-    env = tuned_environ()
-    env[_REEXEC_MARK] = "1"  # never loop, whatever glibc makes of the variable
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, list(argv if argv is not None else sys.orig_argv), env)
 
 
 def tune_in_process() -> bool:

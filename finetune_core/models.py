@@ -574,6 +574,21 @@ def parameter_groups(model: nn.Module, backbone: str, lr: float, head_lr_mult: f
     return [{"params": body, "lr": lr, "name": "backbone"}, {"params": head, "lr": head_lr, "name": "head"}]
 
 
+def classified_views(images: torch.Tensor, tta_flip: bool) -> list[torch.Tensor]:
+    """The views of a test batch that are classified: the images, and their mirror images with
+    flip test-time augmentation."""
+    return [images, images.flip(-1)] if tta_flip else [images]
+
+
+def mean_logits(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """The float logits of one batch seen in several views (classified_views, or their cached
+    activations), averaged: how evaluation, Predict and an exported bundle all classify."""
+    logits = model(views[0]).float()
+    for view in views[1:]:
+        logits = logits + model(view).float()
+    return logits / len(views)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():

@@ -322,8 +322,8 @@ def top_k_figure(top: list[tuple[str, float]]) -> go.Figure:
 
 
 def sweep_figure(grid) -> go.Figure:
-    """A sweep's heatmap (sweep.SweepGrid): learning rate down, head multiplier across, the final
-    accuracy in each finished cell, the run's state in the others, the best cell marked with a
+    """A sweep's heatmap (sweep.SweepGrid): learning rate down, head multiplier across, the score
+    of the model each finished cell's run keeps (grid.label says which), the run's state in the others, the best cell marked with a
     star and a frame."""
     def cell_text(i: int, j: int) -> str:
         value = grid.accuracy[i][j]
@@ -344,5 +344,5 @@ def sweep_figure(grid) -> go.Figure:
     fig.update_layout(xaxis_title="head learning-rate multiplier", yaxis_title="learning rate",
                       xaxis_type="category", yaxis_type="category", height=120 + 60 * len(rows),
                       margin=dict(l=60, r=10, t=30, b=50),
-                      title=f"final {grid.split} accuracy: {grid.finished} of {grid.total} runs finished")
+                      title=f"{grid.label}: {grid.finished} of {grid.total} runs finished")
     return fig

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from .data import load_rgb, resize_size_for
-from .models import build_model
+from .models import build_model, classified_views, mean_logits
 from .prepare import normalize_batch, test_view
 from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, RunDir
 
@@ -153,9 +153,7 @@ class Predictor:
         batch = torch.stack([self.preprocess(img) for img in images])
         x = normalize_batch(batch, self.mean, self.std, channels_last=False)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(x).float()
-            if self.tta_flip:
-                logits = (logits + self.model(x.flip(-1)).float()) / 2
+            logits = mean_logits(self.model, classified_views(x, self.tta_flip))
         return torch.softmax(logits, dim=1)
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
@@ -263,10 +261,7 @@ class Deployed(nn.Module):
         self.model, self.tta_flip = model, tta_flip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model(images)
-        if self.tta_flip:
-            logits = (logits + self.model(images.flip(-1))) / 2
-        return logits
+        return mean_logits(self.model, classified_views(images, self.tta_flip))
 
 
 def export_onnx(module: nn.Module, image_size: int, path: str | os.PathLike) -> Path:

@@ -55,6 +55,7 @@ class PreparedData:
     train_sizes: np.ndarray           # N x 2 (width, height) of the decoded originals
     train_labels: torch.Tensor        # N int64
     train_paths: list[str]
+    train_sha1: list[str]             # each training file's content hash (the scan's): copies share one
     test_images: DecodedImages        # M x 3 x S x S uint8
     test_labels: torch.Tensor
     test_paths: list[str]
@@ -287,7 +288,7 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
         train_images=DecodedImages(store, "train", side, train_keys, [r.path for r in train_ok], (3, side, side)),
         train_sizes=np.asarray(train_sizes, dtype=np.int64).reshape(-1, 2),
         train_labels=torch.tensor([r.label for r in train_ok], dtype=torch.int64),
-        train_paths=[r.path for r in train_ok],
+        train_paths=[r.path for r in train_ok], train_sha1=[r.sha1 for r in train_ok],
         test_images=DecodedImages(store, "test", image_size, test_keys, [r.path for r in test_ok],
                                   (3, image_size, image_size)),
         test_labels=torch.tensor([r.label for r in test_ok], dtype=torch.int64),
@@ -395,27 +396,82 @@ def normalize_batch(images_u8: torch.Tensor, mean, std, channels_last: bool = Tr
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def validation_split(data: PreparedData, fraction: float, root: str | os.PathLike) -> tuple[list[int], list[int]]:
-    """(training indices, validation indices) into `data.train_*`: `fraction` of each class held
-    out, the same files every time (ordered by the hash of each path relative to the dataset
-    root, as the train/test split of a flat folder). fraction 0: everything trains."""
+@dataclass
+class ValidationSplit:
+    """Which training images train and which are held out for validation, and what the split did
+    with exact copies (files with the same bytes): each set of copies in one class lands whole on
+    one side; a validation image that is also filed under another class in training is moved to
+    training, so that no validation image is a training image."""
+    train: list[int]                       # indices into data.train_*
+    val: list[int]
+    copy_sets: int = 0                     # sets of two or more identical files in one class
+    copy_images: int = 0                   # the images in those sets
+    copy_sets_in_validation: int = 0       # the sets held out whole (the others train whole)
+    moved_to_training: list[str] = field(default_factory=list)  # paths of cross-class copies
+
+    def record(self) -> dict:
+        """The field of config.json's "dataset" that says how copies were split."""
+        return {"split_by": "file content", "copy_sets": self.copy_sets, "copy_images": self.copy_images,
+                "copy_sets_in_validation": self.copy_sets_in_validation,
+                "moved_to_training": self.moved_to_training}
+
+    def describe(self) -> str:
+        """One log line; empty when the training images hold no copies."""
+        if not self.copy_sets and not self.moved_to_training:
+            return ""
+        parts = []
+        if self.copy_sets:
+            parts.append(f"{self.copy_images} images are exact copies ({self.copy_sets} set{'s' * (self.copy_sets != 1)} of "
+                         "identical files); "
+                         f"each set kept on one side ({self.copy_sets_in_validation} in validation, "
+                         f"{self.copy_sets - self.copy_sets_in_validation} in training)")
+        if self.moved_to_training:
+            parts.append(f"{len(self.moved_to_training)} moved to training as copies of a training image of "
+                         f"another class: " + ", ".join(self.moved_to_training))
+        return "validation split by content: " + "; ".join(parts)
+
+
+def validation_split(data: PreparedData, fraction: float) -> ValidationSplit:
+    """`fraction` of each class's training images held out for validation, the same files every
+    time. Split by content, not by path: each class's distinct files are ordered by the hash of
+    their bytes, so exact copies share a place in the order and fall on the same side (a
+    path-ordered split put copies of one photo on both sides, and validation then scored
+    training images). fraction 0: everything trains."""
     n = len(data.train_labels)
     if not fraction:
-        return list(range(n)), []
-    by_class: dict[int, list[int]] = {}
+        return ValidationSplit(train=list(range(n)), val=[])
+    copies: dict[int, dict[str, list[int]]] = {}  # class -> content hash -> indices
     for i, label in enumerate(data.train_labels.tolist()):
-        by_class.setdefault(label, []).append(i)
-    val: list[int] = []
+        copies.setdefault(label, {}).setdefault(data.train_sha1[i], []).append(i)
+    split = ValidationSplit(train=[], val=[])
+    for groups in copies.values():
+        held = _held_out_groups(groups, fraction)
+        for sha1, indices in groups.items():
+            if len(indices) > 1:
+                split.copy_sets += 1
+                split.copy_images += len(indices)
+                split.copy_sets_in_validation += sha1 in held
+            split.val.extend(indices if sha1 in held else [])
+    training_content = {data.train_sha1[i] for i in set(range(n)) - set(split.val)}
+    moved = [i for i in split.val if data.train_sha1[i] in training_content]
+    split.moved_to_training = sorted(data.train_paths[i] for i in moved)
+    held = set(split.val) - set(moved)
+    split.val = sorted(held)
+    split.train = [i for i in range(n) if i not in held]
+    return split
 
-    def key(i: int) -> str:
-        rel = os.path.relpath(data.train_paths[i], root).replace(os.sep, "/")
-        return hashlib.sha1(f"validation|{rel}".encode()).hexdigest()
 
-    for indices in by_class.values():
-        if len(indices) < 2:
-            continue
-        ordered = sorted(indices, key=key)
-        k = min(max(1, int(round(len(ordered) * fraction))), len(ordered) - 1)
-        val.extend(ordered[:k])
-    held = set(val)
-    return [i for i in range(n) if i not in held], sorted(val)
+def _held_out_groups(groups: dict[str, list[int]], fraction: float) -> set[str]:
+    """The content hashes of one class held out: sets of copies in the order of their hash, each
+    taken whole while the class's share is not exceeded (at least one set, and never all)."""
+    n = sum(len(indices) for indices in groups.values())
+    if len(groups) < 2:
+        return set()
+    target = min(max(1, int(round(n * fraction))), n - 1)
+    ordered = sorted(groups, key=lambda sha1: hashlib.sha1(f"validation|{sha1}".encode()).hexdigest())
+    held, taken = set(), 0
+    for sha1 in ordered[:-1]:
+        if taken + len(groups[sha1]) <= target:
+            held.add(sha1)
+            taken += len(groups[sha1])
+    return held or {ordered[0]}

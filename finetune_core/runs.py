@@ -5,7 +5,7 @@ the app. The dashboard and every command of the command line use it.
 
     <runs_dir>/<run_id>/
       config.json          every setting, dataset, classes, backbone, normalisation, versions, device
-      status.json          state, message, progress, times, best test accuracy
+      status.json          state, message, progress, times, the kept model's test accuracy (run_score)
       metrics.csv          one row per logged point (kind = batch | epoch), pandas-readable
       checkpoint_last.pt   model, optimiser, scheduler, epoch, config (torch.load weights_only=True)
       checkpoint_best.pt   the same at the best test accuracy so far
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[1]  # the project's folder: runs/ and data/ default to beside it
 
 STATES = ("queued", "running", "completed", "stopped", "failed", "diverged", "interrupted")
 ACTIVE_STATES = ("queued", "running")
@@ -544,6 +544,62 @@ def run_owner(run: RunDir | str | os.PathLike) -> dict | None:
         return None if free else (_read_owner(run) or {"pid": "?"})
 
 
+KEPT_BEST, KEPT_FINAL = "best validation epoch", "final epoch"
+SCORE_NAME = "test acc of the kept model"  # the words every page and the command line use
+KEPT_NAME = "kept model"  # a table's column of which epoch that is (RunScore.kept)
+
+
+@dataclass(frozen=True)
+class RunScore:
+    """What a run is scored by: the model it keeps, the one Predict, Export and the command line
+    use (`selected_checkpoint`): its best validation epoch when it held a validation split out,
+    else its final epoch. Never the last epoch of a run that kept an earlier one (worse by
+    construction with early stopping), nor the best test epoch (a choice made on the test split).
+    `test_acc` is None until the kept model was tested (a run with a validation split is tested
+    once, at its end); `val_acc` is the kept model's validation accuracy, None without one."""
+    kept: str = KEPT_FINAL
+    test_acc: float | None = None
+    val_acc: float | None = None
+
+    @property
+    def label(self) -> str:
+        """What the number is: "test acc of the kept model (best validation epoch)"."""
+        return f"{SCORE_NAME} ({self.kept})"
+
+    def text(self) -> str:
+        """The score in words: "test acc 0.967 of the kept model (final epoch)"."""
+        if self.test_acc is None:
+            return f"not tested yet (kept model: {self.kept})"
+        return f"test acc {self.test_acc:.3f} of the kept model ({self.kept})"
+
+    def selection(self) -> tuple[float | None, str]:
+        """(accuracy, split) to choose between runs by, as a sweep does: the kept model's
+        validation accuracy when the run held a validation split out (choosing on the test split
+        would make its score optimistic), else its test accuracy."""
+        if self.kept == KEPT_BEST:
+            return self.val_acc, "validation"
+        return self.test_acc, "test"
+
+
+def selection_label(split: str) -> str:
+    """The words for RunScore.selection's number ("validation acc of the kept model (best
+    validation epoch)"), as a sweep's heatmap and the command line's grid say it."""
+    return f"{split} acc of the kept model ({KEPT_BEST if split == 'validation' else KEPT_FINAL})"
+
+
+def run_score(status: dict) -> RunScore:
+    """A run's score from its status.json (see RunScore): the one definition every listing uses."""
+    def number(name: str) -> float | None:
+        value = status.get(name)
+        return None if value is None else float(value)
+
+    held_out = status.get("selection_split") == "val" or status.get("best_val_acc") is not None
+    if held_out and status.get("selected_checkpoint", "best") == "best":
+        tested = status.get("selected_checkpoint") is not None  # the end's test of the kept checkpoint
+        return RunScore(KEPT_BEST, number("test_acc") if tested else None, number("best_val_acc"))
+    return RunScore(KEPT_FINAL, number("test_acc"), number("val_acc"))
+
+
 @dataclass
 class RunInfo:
     """A summary of one run for listings. `error` is set when the folder is damaged."""
@@ -556,8 +612,7 @@ class RunInfo:
     backbone: str = ""
     preset: str = ""
     group: str = ""               # runs launched together share it
-    best_test_acc: float | None = None
-    final_test_acc: float | None = None
+    score: RunScore = field(default_factory=RunScore)  # what the run keeps, tested (run_score)
     progress: float = 0.0
     started_at: str = ""
     ended_at: str = ""
@@ -641,8 +696,7 @@ def _fill_info(info: RunInfo, run: RunDir, status: dict, config: dict) -> None:
     info.backbone = cfg.get("backbone", "")
     info.preset = cfg.get("preset", "")
     info.group = cfg.get("group", "")
-    info.best_test_acc = status.get("best_test_acc")
-    info.final_test_acc = status.get("test_acc")
+    info.score = run_score(status)
     info.progress = float(status.get("progress", 0.0) or 0.0)
     info.started_at = status.get("started_at", "")
     info.ended_at = status.get("ended_at", "")

@@ -1,9 +1,10 @@
 """A sweep: the grid of learning rates x head multipliers the book's exercises ask about.
 
 One run per cell, every other setting as in the recipe, all in one group (so they are followed,
-overlaid and stopped together); the result is a table of the final accuracy of each cell: the
-validation accuracy when the recipe holds a validation split out (choosing on the test split
-would make the test figure optimistic), else the test accuracy, as the book does.
+overlaid and stopped together); the result is a table of each cell's score, the accuracy of the
+model its run keeps (runs.RunScore): the best validation epoch's validation accuracy when the
+recipe holds a validation split out (choosing on the test split would make the test figure
+optimistic), else the final test accuracy, as the book does.
 
     configs = sweep_configs(config, [1e-5, 5e-5, 2e-4], [1, 10, 30], group=new_sweep_group())
     ...queue them (JobManager.submit)...
@@ -23,7 +24,7 @@ from .config import ConfigError, TrainConfig, check_value, settings
 MAX_SWEEP_RUNS = 25   # one CPU trains one run at a time: a 5 x 5 grid is already an afternoon
 GROUP_PREFIX = "sweep-"
 SWEPT = ("lr", "head_lr_mult")
-SCORED_STATES = ("completed", "stopped", "diverged")  # a final accuracy of sorts; failed runs have none
+SCORED_STATES = ("completed", "stopped", "diverged")  # a kept model of sorts; failed runs have none
 
 
 def new_sweep_group() -> str:
@@ -93,24 +94,12 @@ def sweep_configs(config: TrainConfig, lrs, head_lr_mults, group: str,
 # The result
 
 
-def _final_accuracy(run, cfg: dict, status: dict) -> tuple[float | None, str]:
-    """(final accuracy, which split): the last epoch's validation accuracy with a validation split,
-    else the test accuracy of the end (status.json), else the last epoch's test accuracy."""
-    metrics = run.read_metrics()
-    epochs = metrics[metrics["kind"] == "epoch"] if "kind" in metrics else metrics.iloc[0:0]
-    if (cfg.get("val_fraction") or 0) > 0:
-        values = epochs["val_acc"].dropna() if "val_acc" in epochs else []
-        return (float(values.iloc[-1]) if len(values) else None), "validation"
-    if status.get("test_acc") is not None:
-        return float(status["test_acc"]), "test"
-    values = epochs["test_acc"].dropna() if "test_acc" in epochs else []
-    return (float(values.iloc[-1]) if len(values) else None), "test"
-
-
 def sweep_table(run_paths) -> pd.DataFrame:
-    """One row per run of a sweep: run_id, name, state, lr, head_lr_mult, accuracy (the final
-    accuracy, empty until the run has finished), split ("validation" or "test")."""
-    from .runs import RunDir
+    """One row per run of a sweep: run_id, name, state, lr, head_lr_mult, accuracy (the accuracy of
+    the model the run keeps, runs.RunScore.selection: its best validation epoch's when it held a
+    validation split out, else its final test accuracy; empty until the run has finished), split
+    ("validation" or "test")."""
+    from .runs import RunDir, run_score
 
     rows = []
     for path in run_paths:
@@ -123,7 +112,7 @@ def sweep_table(run_paths) -> pd.DataFrame:
         state = status.get("state", "")
         accuracy, split = None, ("validation" if (cfg.get("val_fraction") or 0) > 0 else "test")
         if state in SCORED_STATES:
-            accuracy, split = _final_accuracy(run, cfg, status)
+            accuracy, split = run_score(status).selection()
         rows.append({"run_id": run.id, "name": cfg.get("name", run.id), "state": state, "lr": cfg.get("lr"),
                      "head_lr_mult": cfg.get("head_lr_mult"), "accuracy": accuracy, "split": split})
     return pd.DataFrame(rows, columns=["run_id", "name", "state", "lr", "head_lr_mult", "accuracy", "split"])
@@ -144,6 +133,13 @@ class SweepGrid:
     best: tuple[int, int] | None = None
     finished: int = 0
     total: int = 0
+
+    @property
+    def label(self) -> str:
+        """What each cell's number is, in the words every page uses (runs.selection_label)."""
+        from .runs import selection_label
+
+        return selection_label(self.split)
 
     @property
     def best_values(self) -> tuple[float, float] | None:

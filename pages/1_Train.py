@@ -20,7 +20,7 @@ from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, S
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, launch_warnings, parse_form, preset_for_machine,
                                   auto_notes, setting_notes, settings)
-from finetune_core.data import INFO, DatasetError, scan_dataset
+from finetune_core.data import INFO, DatasetError, SeveralDatasets, find_dataset_root, scan_dataset
 from finetune_core.engine import resolve_auto
 from finetune_core.jobs import DuplicateSubmission, NotResumable
 from finetune_core.runs import ACTIVE_STATES, RESUMABLE_STATES, RunDir, RunOwned
@@ -56,6 +56,8 @@ def dataset_section():
         data_path = folder_path(root)
     else:
         data_path = uploaded_zip(root)
+    if data_path:
+        data_path = one_of_several(data_path)
     report = None
     if data_path:
         try:
@@ -71,6 +73,21 @@ def dataset_section():
     if report is not None:
         show_scan(report)
     return data_path, report
+
+
+def one_of_several(folder: str) -> str:
+    """When the folder holds several datasets (a data root), which one: asked, never guessed.
+    Returns the chosen dataset's folder ("" until one is chosen), else the folder itself."""
+    try:
+        find_dataset_root(folder)
+    except SeveralDatasets as exc:
+        st.warning(analysis.markdown_message(str(exc), paths=(folder,)))
+        choice = st.radio("Which dataset?", [str(c) for c in exc.candidates], index=None,
+                          format_func=lambda p: Path(p).name, key=f"several-{folder}")
+        return choice or ""
+    except (DatasetError, OSError, ValueError):
+        pass  # the scan below says what is wrong with the folder
+    return folder
 
 
 def example_dataset(root: Path) -> str:
@@ -367,24 +384,6 @@ def lr_finder_section(config: TrainConfig | None, report) -> None:
                       args=(found["suggestion"],))
 
 
-def lr_finder_failure(exc: Exception) -> str:
-    """Why the finder failed, in a sentence the page shows instead of a traceback."""
-    from finetune_core.config import ConfigError
-    from finetune_core.models import WeightsError
-
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, WeightsError):
-        return f"The backbone's weights could not be loaded: {exc}"
-    if isinstance(exc, DatasetError):
-        return f"The dataset could not be used: {exc}"
-    if isinstance(exc, ConfigError):
-        return f"Invalid settings: {'; '.join(exc.errors.values())}"
-    if isinstance(exc, MemoryError) or "out of memory" in first_line.lower() or "not enough memory" in \
-            first_line.lower():
-        return f"Out of memory: try a smaller batch size or image size ({first_line or type(exc).__name__})."
-    return f"The learning-rate finder failed: {type(exc).__name__}: {first_line}"
-
-
 def run_lr_finder(config: TrainConfig, report) -> dict:
     """The sweep, with a progress bar: {"result": its curve as a dict, "error": None}, or
     {"result": None, "error": why it failed}. The page's scan goes with it (the engine uses it when
@@ -403,7 +402,8 @@ def run_lr_finder(config: TrainConfig, report) -> dict:
         return {"result": result.to_dict(), "error": None}
     except Exception as exc:  # noqa: BLE001 - shown as a message; the server log keeps the traceback
         logging.getLogger(__name__).exception("learning-rate finder failed")
-        return {"result": None, "error": lr_finder_failure(exc)}
+        message = lr_find.failure_message(exc)[1]
+        return {"result": None, "error": message[:1].upper() + message[1:]}
     finally:
         bar.empty()
 
@@ -485,7 +485,7 @@ def sweep_option(config: TrainConfig | None) -> tuple[tuple[list[float], list[fl
     option is off or its values are wrong, whether they are wrong)."""
     if not st.checkbox("Sweep: one run for each learning rate x head multiplier", key="sweep_on",
                        help="The grid the book's exercises ask about, on this data and recipe; a heatmap of the "
-                            "final accuracy fills in below as runs finish."):
+                            "score of each run's kept model fills in below as runs finish."):
         return None, False
     if "sweep_lrs" not in st.session_state:
         lr = config.lr if config is not None else settings()["lr"].default
@@ -565,7 +565,7 @@ def live_section() -> None:
 
 
 def sweep_results(members: list[dict]) -> None:
-    """A sweep's heatmap of final accuracy by learning rate and head multiplier, filled in as its
+    """A sweep's heatmap of each run's score (the kept model's accuracy) by learning rate and head multiplier, filled in as its
     runs finish, the best cell marked; Stop for the whole sweep, and the best cell into the form."""
     grid = sweep.sweep_grid(sweep.sweep_table([j["path"] for j in members]))
     st.plotly_chart(plots.sweep_figure(grid), width="stretch", key="sweep_heatmap")

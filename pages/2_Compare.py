@@ -25,7 +25,9 @@ def choose_runs(by_id: dict[str, RunInfo]) -> tuple[list[str], dict]:
 @st.fragment(run_every=LIVE_REFRESH_S * 2)
 def curves_section(infos: list[RunInfo], chart: dict) -> None:
     """Their curves overlaid (each run in its own colour, as on every page), and the table of
-    settings and final metrics, differences highlighted."""
+    settings and final metrics, differences highlighted. `infos` come from the last full rerun:
+    their states are read again here, so that a run that ends while the page is open shows it."""
+    infos = analysis.refreshed(infos)
     labels = analysis.run_labels(infos)
     frames = {labels[i.id]: RunDir(i.path).read_metrics(max_age_s=LIVE_REFRESH_S) for i in infos}  # half its refresh
     colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}

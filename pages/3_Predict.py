@@ -27,8 +27,8 @@ def choose_run() -> RunInfo | None:
     by_id = {r.id: r for r in runs}
     best = analysis.best_of_newest_group(runs)  # not the newest: often a comparison's scratch twin
     run_id = st.selectbox("Run", list(by_id), key="predict_run", index=list(by_id).index(best),
-                          format_func=lambda i: f"{by_id[i].name} · {state_label(by_id[i].state)} · best test acc "
-                                                f"{by_id[i].best_test_acc or 0:.3f} · {i}")
+                          format_func=lambda i: f"{by_id[i].name} · {state_label(by_id[i].state)} · "
+                                                f"{by_id[i].score.text()} · {i}")
     return by_id[run_id]
 
 
@@ -58,7 +58,11 @@ def gallery_tab(predictions, classes) -> None:
     for k, (_, row) in enumerate(part.iterrows()):
         ok = str(row["true"]) == str(row["predicted"])
         with grid[k % 6]:
-            st.image(row["path"], width="stretch")
+            picture, problem = analysis.gallery_picture(row["path"])
+            if picture is None:
+                st.info(analysis.markdown_message(problem, paths=(row["path"],)), icon=":material/hide_image:")
+            else:
+                st.image(picture, width="stretch")
             st.caption(f"{'right' if ok else 'WRONG'}: true **{analysis.markdown_text(row['true'])}** · predicted "
                        f"**{analysis.markdown_text(row['predicted'])}** "
                        f"({row['confidence']:.0%})")
@@ -122,9 +126,8 @@ def main() -> None:
         st.error(f"This run cannot be used for prediction: {exc}")
         return
     classes = model.classes
-    accuracy = float((predictions["true"].astype(str) == predictions["predicted"].astype(str)).mean())
-    st.caption(f"{model.backbone}, {len(classes)} classes, {model.image_size} px · test accuracy {accuracy:.3f} "
-               f"on {len(predictions)} images")
+    st.caption(f"{model.backbone}, {len(classes)} classes, {model.image_size} px · {info.score.text()} "
+               f"on {len(predictions)} test images")
     tab_images, tab_metrics, tab_classify, tab_export = st.tabs(
         ["Test images", "Confusion and per-class metrics", "Classify your images", "Export"])
     with tab_images:

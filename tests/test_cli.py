@@ -148,7 +148,7 @@ def test_lr_find_reports_a_failure_in_one_line(tiny_dataset, capsys, monkeypatch
               "place resnet18-f37072fd.pth in /hub"),
              (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nGPU 0 has ..."), 1,
               "out of memory: try a smaller batch size or image size (CUDA out of memory. Tried to allocate 2.00 GiB)"),
-             (RuntimeError("something broke\nwith details"), 1, "lr-find failed: RuntimeError: something broke"),
+             (RuntimeError("something broke\nwith details"), 1, "the learning-rate finder failed: RuntimeError: something broke"),
              (DatasetError("no usable images in the training split"), 2, "no usable images in the training split")]
     for error, code, text in cases:
         def failing(*a, error=error, **k):

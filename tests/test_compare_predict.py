@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -114,13 +115,14 @@ def test_compare_table_leads_with_the_results_formats_numbers_and_dashes_what_ha
               test_acc=0.93871, best_test_acc=0.9412, train_acc=0.9, loss=0.22049, images_per_s=17.333)
     write_run(tmp_path, "20260101-000001-single", state="stopped", lr=5e-5, head_lr_mult=10.0, param_groups=False)
     table, differing = analysis.compare_table(list_runs(tmp_path))
-    assert list(table.columns[:7]) == ["run", "state", "final test acc", "best test acc", "final train acc",
-                                       "final loss", "tags"]
+    assert list(table.columns[:7]) == ["run", "state", "test acc of the kept model", "kept model",
+                                       "final train acc", "final loss", "tags"]
     fine, single = table.set_index("run").loc["fine"], table.set_index("run").loc["single"]
-    assert (fine["final test acc"], fine["best test acc"], fine["final loss"]) == ("0.939", "0.941", "0.220")
+    assert (fine["test acc of the kept model"], fine["kept model"], fine["final loss"]) == ("0.939", "final epoch",
+                                                                                          "0.220")
     assert fine["tags"] == "book" and fine["images/s"] == "17.3"
     assert fine["lr"] == "5e-05" and fine["head_lr_mult"] == "10" and fine["param_groups"] == "on"  # not 10.000000
-    assert single["head_lr_mult"] == "-" and single["final test acc"] == "-"  # one group; no metrics yet
+    assert single["head_lr_mult"] == "-" and single["test acc of the kept model"] == "-"  # one group; no metrics yet
     assert set(differing) == {"head_lr_mult", "param_groups"}
     assert list(table.columns[7:9]) == ["head_lr_mult", "param_groups"]  # what differs, next to the results
 
@@ -179,11 +181,11 @@ def test_runs_without_metrics_are_named(tmp_path):
 
 
 def test_predict_opens_on_the_best_run_of_the_newest_group():
-    from finetune_core.runs import RunInfo
+    from finetune_core.runs import RunInfo, RunScore
 
-    infos = [RunInfo(path="c", id="3-scratch", group="g2", best_test_acc=0.53),   # newest first
-             RunInfo(path="b", id="2-fine", group="g2", best_test_acc=0.94),
-             RunInfo(path="a", id="1-old", group="g1", best_test_acc=0.97)]
+    infos = [RunInfo(path="c", id="3-scratch", group="g2", score=RunScore(test_acc=0.53)),   # newest first
+             RunInfo(path="b", id="2-fine", group="g2", score=RunScore(test_acc=0.94)),
+             RunInfo(path="a", id="1-old", group="g1", score=RunScore(test_acc=0.97))]
     assert analysis.best_of_newest_group(infos) == "2-fine"
     assert analysis.best_of_newest_group([RunInfo(path="d", id="4-alone"), *infos]) == "4-alone"
     assert analysis.best_of_newest_group([]) is None
@@ -212,7 +214,7 @@ def test_messages_show_paths_and_patterns_as_code_not_markdown():
 def test_compare_table_marks_the_settings_that_differ(finished_runs):
     table, differing = analysis.compare_table(list_runs(finished_runs))
     assert set(differing) == {"lr", "param_groups", "head_lr_mult"}  # the multiplier: 10 against "-"
-    assert set(table["run"]) == {"fine", "single"} and (table["final test acc"] != "-").all()
+    assert set(table["run"]) == {"fine", "single"} and (table["test acc of the kept model"] != "-").all()
     metrics = analysis.metrics_of(list_runs(finished_runs))
     assert set(metrics["run"]) == {"fine", "single"} and (metrics["kind"] == "epoch").sum() == 4
 
@@ -442,12 +444,18 @@ def test_compare_page_confirms_a_save_and_asks_before_deleting(dashboard_env):
 @pytest.mark.slow
 def test_predict_opens_on_the_groups_best_run_and_pages_through_the_gallery(dashboard_runs):
     fine, single = dashboard_runs / "20260101-000000-fine", dashboard_runs / "20260101-000001-single"
-    RunDir(fine).write_status(best_test_acc=0.94)
-    RunDir(single).write_status(best_test_acc=0.53)  # the newest run, a worse twin in the same group
+    RunDir(fine).write_status(test_acc=0.94, best_test_acc=0.94)
+    # the newest run, a worse twin in the same group: its final model, the one it keeps, scores 0.53
+    # (its best test epoch, 0.99, is not what it keeps)
+    RunDir(single).write_status(test_acc=0.53, best_test_acc=0.99)
     preds = pd.read_csv(fine / "predictions.csv")
     pd.concat([preds] * 9, ignore_index=True).head(65).to_csv(fine / "predictions.csv", index=False)
     at = page("pages/3_Predict.py").run()
     assert at.selectbox(key="predict_run").value == fine.name
+    picker = at.selectbox(key="predict_run")
+    score = "test acc 0.940 of the kept model (final epoch)"
+    assert score in picker.options[picker.index]  # the picker and the header say the same
+    assert any(c.value.endswith(f"{score} on 65 test images") for c in at.caption)
     assert any("65 images: 1-30 shown, page 1 of 3" in c.value for c in at.caption)
     at.number_input(key="gallery_page").set_value(3).run()
     assert any("61-65 shown, page 3 of 3" in c.value for c in at.caption)
@@ -485,3 +493,18 @@ def test_predict_page_gallery_confusion_and_uploads(dashboard_runs):
     at.button(key="build_bundle").click().run()
     assert not at.exception
     assert [b.proto.label for b in at.get("download_button")] == ["Download bundle.zip"]
+
+
+@pytest.mark.slow
+def test_predict_draws_a_placeholder_for_a_test_image_that_moved_and_keeps_its_other_tabs(dashboard_runs):
+    fine = dashboard_runs / "20260101-000000-fine"
+    preds = pd.read_csv(fine / "predictions.csv")
+    gone = preds["path"].iloc[0]
+    preds.loc[0, "path"] = gone + ".moved"  # the file the run saw is no longer there
+    preds.to_csv(fine / "predictions.csv", index=False)
+    at = page("pages/3_Predict.py").run()
+    at.selectbox(key="predict_run").set_value(fine.name).run()
+    assert not at.exception
+    assert any(f"{Path(gone).name}.moved" in i.value and "moved or deleted" in i.value for i in at.info)
+    assert len(at.get("image")) == len(preds) - 1  # the other test images are drawn
+    assert at.slider(key="top_k") and at.button(key="build_bundle")  # Classify and Export are drawn too

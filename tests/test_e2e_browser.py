@@ -291,7 +291,7 @@ def test_the_dashboard_end_to_end(server, browser_page):
 
     # 5. Predict: drop an image, then a text file.
     page.goto(f"{url}/Predict")
-    page.get_by_text("test accuracy").first.wait_for()
+    page.get_by_text("of the kept model").first.wait_for()
     page.get_by_role("tab", name="Classify your images").click()
     image = write_image(server["tmp"] / "a_red_thing.png", (220, 40, 40), (64, 64), noise=20)
     page.locator("input[type=file]").first.set_input_files(str(image))

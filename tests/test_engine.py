@@ -449,7 +449,7 @@ def test_listing_survives_a_damaged_run_folder(tiny_config, tmp_path, cache_dir)
     (runs / "empty").mkdir()
     infos = {i.id: i for i in list_runs(runs)}
     assert infos["good"].state == "completed" and not infos["good"].error
-    assert infos["good"].best_test_acc is not None and infos["good"].duration_s >= 0
+    assert infos["good"].score.test_acc is not None and infos["good"].duration_s >= 0
     assert "damaged run folder" in infos["damaged"].error and "damaged run folder" in infos["empty"].error
 
 

@@ -163,15 +163,17 @@ def test_a_resumed_partial_run_equals_an_uninterrupted_one(dataset, weights_file
 def test_the_validation_split_is_stable_stratified_and_apart_from_the_test_split(dataset):
     report = scan_dataset(dataset)
     data = prepare.prepare_data(report, 32, cache_dir="")
-    train_idx, val_idx = prepare.validation_split(data, 0.25, report.root)
-    again = prepare.validation_split(prepare.prepare_data(report, 32, cache_dir=""), 0.25, report.root)
-    assert (train_idx, val_idx) == again
+    split = prepare.validation_split(data, 0.25)
+    train_idx, val_idx = split.train, split.val
+    again = prepare.validation_split(prepare.prepare_data(report, 32, cache_dir=""), 0.25)
+    assert (train_idx, val_idx) == (again.train, again.val)
     assert set(train_idx).isdisjoint(val_idx) and sorted(train_idx + val_idx) == list(range(len(data.train_labels)))
     val_paths = {data.train_paths[i] for i in val_idx}
     assert val_paths.isdisjoint(data.test_paths)
     labels = data.train_labels[val_idx].tolist()
     assert labels.count(0) == labels.count(1) == 3  # a quarter of each class's 12
-    assert prepare.validation_split(data, 0.0, report.root) == (list(range(len(data.train_labels))), [])
+    nothing_held = prepare.validation_split(data, 0.0)
+    assert (nothing_held.train, nothing_held.val) == (list(range(len(data.train_labels))), [])
 
 
 def test_with_a_validation_split_the_test_split_is_evaluated_once_at_the_end(dataset, weights_file, cache, tmp_path):
@@ -215,11 +217,24 @@ def test_flip_averaging_averages_the_logits_of_the_image_and_its_mirror():
 
 
 @pytest.mark.slow
-def test_tta_and_label_smoothing_reach_the_run(dataset, weights_file, cache, tmp_path):
+def test_tta_and_label_smoothing_reach_the_run(dataset, weights_file, cache, tmp_path, monkeypatch):
+    from finetune_core import engine
+
+    views_seen = []  # the number of views evaluation averaged, batch by batch
+
+    def spy(model, views):
+        views_seen.append(len(views))
+        return real_mean_logits(model, views)
+
+    real_mean_logits = engine.mean_logits
+    monkeypatch.setattr(engine, "mean_logits", spy)
     plain = train(config_for(dataset, weights_file, epochs=1), tmp_path / "plain", cache_dir=cache)
+    assert views_seen and set(views_seen) == {1}
+    views_seen.clear()
     smooth = train(config_for(dataset, weights_file, epochs=1, label_smoothing=0.3, tta_flip=True),
                    tmp_path / "smooth", cache_dir=cache)
     assert plain["loss"] != pytest.approx(smooth["loss"])
+    assert views_seen and set(views_seen) == {2}  # every evaluated batch: the image and its mirror
     config = RunDir(tmp_path / "smooth").read_config()
     assert "mirror" in config["preprocessing"]["test_transform"]
 

@@ -136,24 +136,6 @@ def test_the_command_line_sets_the_settings_in_its_own_process(monkeypatch, caps
     assert exit_.value.code == 0 and tuned == [True]
 
 
-def test_reexec_happens_once_and_only_when_wanted(monkeypatch):
-    calls = []
-    monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
-    monkeypatch.setattr(memory, "supported", lambda: True)
-    for name in ("GLIBC_TUNABLES", memory.OPT_OUT_VARIABLE, "TUNEBOARD_REEXECUTED"):
-        monkeypatch.delenv(name, raising=False)
-    memory.reexec_tuned(["python", "-m", "finetune_core", "train"])
-    (exe, argv, env), = calls
-    assert exe == sys.executable and argv[-2:] == ["finetune_core", "train"]
-    assert memory.is_tuned(env) and env["TUNEBOARD_REEXECUTED"] == "1"
-    monkeypatch.setenv("TUNEBOARD_REEXECUTED", "1")  # glibc ignored it: never loop
-    memory.reexec_tuned(["x"])
-    monkeypatch.delenv("TUNEBOARD_REEXECUTED")
-    monkeypatch.setenv(memory.OPT_OUT_VARIABLE, "default")
-    memory.reexec_tuned(["x"])
-    assert len(calls) == 1
-
-
 def test_serve_starts_streamlit_in_this_process_with_the_settings_and_the_address(monkeypatch, tmp_path):
     from streamlit.web import cli
 

@@ -91,7 +91,7 @@ def test_the_quick_start_queues_once_and_its_message_lasts_while_it_runs(dashboa
     assert not any("The example is" in s.value for s in at.success)  # gone once it has ended
     recent = at.dataframe[0].value
     assert recent["state"].tolist() == ["stopped"]  # Recent runs: not "queued"
-    assert recent["best test acc"].tolist() == ["-"]  # no accuracy yet, shown as "-", not None
+    assert recent["test acc of the kept model"].tolist() == ["-"]  # no accuracy yet, shown as "-", not None
 
 
 def test_train_page_defaults_to_a_working_offline_example(dashboard_env):
@@ -247,12 +247,18 @@ def test_the_lr_finders_failures_are_messages_not_tracebacks(dashboard_env, fake
     assert finder_curve(at) is not None and not any("failed" in e.value for e in at.error)
 
 
-def test_the_train_page_has_no_guards_for_what_the_library_always_has():
-    from conftest import ROOT
+def test_the_train_page_shows_what_the_library_says_trains(dashboard_env):
+    """The page calls the library directly: a guard around the call once hid a typo, and the
+    summary of what trains silently vanished. (Whether the page's scan fits a run, the engine
+    decides: test_finetune's test_a_scan_the_caller_made_is_used_instead_of_scanning_again.)"""
+    from finetune_core import models
 
-    source = (ROOT / "pages" / "1_Train.py").read_text()
-    assert "getattr(models" not in source
-    assert "report.test_fraction ==" not in source  # the engine decides whether the page's scan fits the run
+    at = page("pages/1_Train.py").run()
+    backbone = models.resolve_backbone(at.selectbox(key="f_backbone").value)[0]
+    for stages in ("head", models.train_stages_choices(backbone)[1]):
+        at.selectbox(key="f_train_stages").set_value(stages).run()
+        summary = models.trainable_summary(backbone, stages, n_classes=10)  # the example: ten digits
+        assert summary and any(c.value == summary for c in at.caption), stages
 
 
 def test_an_unusable_dataset_disables_train(dashboard_env):

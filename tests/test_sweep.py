@@ -58,6 +58,9 @@ def fake_cell(runs, name: str, lr: float, mult: float, state: str, test_acc=None
     run.path.mkdir(parents=True)
     run.write_config({"config": {"name": name, "lr": lr, "head_lr_mult": mult, "val_fraction": val_fraction}})
     run.write_status(state=state, test_acc=test_acc)
+    if val_accs:  # as the engine writes it: the latest and the best validation accuracy
+        run.write_status(selection_split="val", val_acc=val_accs[-1], best_val_acc=max(val_accs),
+                         **({"selected_checkpoint": "best"} if state == "completed" else {}))
     for e, acc in enumerate(val_accs, start=1):
         run.append_metrics({"kind": "epoch", "epoch": e, "val_acc": acc, "test_acc": None})
     return run.path
