@@ -113,6 +113,33 @@ def chart_controls(key_prefix: str) -> dict:
     return {"x": plots.X_AXES[x], "smoothing": smoothing, "log_loss": log_loss}
 
 
+def run_choice_label(name: str, *details: str, run_id: str) -> str:
+    """How a run picker shows a run: its name, details, and its id last (keep_run_choice reads it back)."""
+    return " · ".join([name, *details, run_id])
+
+
+def keep_run_choice(key: str, run_ids) -> None:
+    """Keep a run picker (a selectbox or multiselect of run ids) on the runs it had chosen after
+    their labels changed. Streamlit stores a choice as its shown label, so a rename (or a run that
+    ended) turned the choice into a label no option has: the selectbox fell back to its first run
+    (Delete... then named another run) and the multiselect dropped the run. Each label ends with
+    its run's id (run_choice_label): map stale labels back to their ids before the widget draws."""
+    value = st.session_state.get(key)
+    if value is None:
+        return
+    ids = set(run_ids)
+
+    def as_id(choice):
+        if choice in ids:
+            return choice
+        tail = str(choice).rsplit(" · ", 1)[-1]
+        return tail if tail in ids else None
+
+    kept = [c for c in map(as_id, value) if c is not None] if isinstance(value, list) else as_id(value)
+    if kept != value and kept is not None:
+        st.session_state[key] = kept
+
+
 def resumable_runs() -> list:
     return [i for i in list_runs(runs_root()) if i.state in ("interrupted", "stopped") and i.has_checkpoint]
 

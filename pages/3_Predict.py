@@ -11,7 +11,7 @@ from finetune_core.datastore import runs_root
 from finetune_core.predict import (MAX_IMAGE_BYTES, PredictError, Predictor, bundle_warning, bundle_zip_bytes,
                                    export_bundle)
 from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, RunInfo, list_runs
-from tuneboard_ui import page, state_label
+from tuneboard_ui import keep_run_choice, page, state_label
 
 
 def choose_run() -> RunInfo | None:
@@ -26,6 +26,7 @@ def choose_run() -> RunInfo | None:
         return None
     by_id = {r.id: r for r in runs}
     best = analysis.best_of_newest_group(runs)  # not the newest: often a comparison's scratch twin
+    keep_run_choice("predict_run", by_id)  # its label ends with the id, as run_choice_label's
     run_id = st.selectbox("Run", list(by_id), key="predict_run", index=list(by_id).index(best),
                           format_func=lambda i: f"{by_id[i].name} · {state_label(by_id[i].state)} · best test acc "
                                                 f"{by_id[i].best_test_acc or 0:.3f} · {i}")
