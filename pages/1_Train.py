@@ -555,8 +555,7 @@ def live_section() -> None:
     if frames:
         epochs = max(j["epochs"] for j in members)
         chart = chart_controls("live")
-        colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
-        curve_panels(frames, "live_curves", epochs=epochs, colors=colors, **chart)
+        curve_panels(frames, "live_curves", epochs=epochs, **plots.run_styles(labels), **chart)
     others = [j for j in jobs if j["state"] in ("queued", "running") and j["group"] != group]
     if others:
         st.subheader("Other jobs on this server")

@@ -30,8 +30,7 @@ def curves_section(infos: list[RunInfo], chart: dict) -> None:
     settings and final metrics, differences highlighted."""
     labels = analysis.run_labels(infos)
     frames = {labels[i.id]: RunDir(i.path).read_metrics(max_age_s=LIVE_REFRESH_S) for i in infos}  # half its refresh
-    colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
-    curve_panels(frames, "compare_curves", colors=colors, **chart)
+    curve_panels(frames, "compare_curves", **plots.run_styles(labels), **chart)
     empty = analysis.runs_without_metrics(infos)
     if empty:
         st.caption("No curves for " + ", ".join(f"**{analysis.markdown_text(labels[i.id])}** ({state_label(i.state)})" for i in empty)
