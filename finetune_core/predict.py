@@ -9,7 +9,10 @@ A bundle is a folder (or a zip of it) that works without Tuneboard's UI:
                            normalised float32 batch (any N), output `logits`; runs with onnxruntime alone
 
 Both model files compute what the Predict page computes: with flip test-time augmentation on, the
-logits are averaged with those of the mirrored batch inside the model (model.json says so).
+logits are averaged with those of the mirrored batch inside the model (model.json says so), in
+fp32. The Predict page and the CLI predict in fp32 too, whatever precision the run trained in:
+under bf16 autocast a confidence moved by up to 4 points (a borderline photo could change class
+between the app and the exported model).
 """
 from __future__ import annotations
 
@@ -32,12 +35,6 @@ from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, RunDir
 
 MAX_IMAGE_BYTES = 25 * 1024 * 1024
 BUNDLE_FORMAT = "tuneboard-bundle-1"
-
-
-def _native_bf16() -> bool:
-    from .engine import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()
 
 
 class PredictError(ValueError):
@@ -72,7 +69,7 @@ def image_from_bytes(data: bytes, name: str = "image") -> Image.Image:
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, classes: list[str], image_size: int, mean, std,
-                 backbone: str = "", source: str = "", tta_flip: bool = False, bf16: bool = False):
+                 backbone: str = "", source: str = "", tta_flip: bool = False):
         self.model = model.eval()
         self.classes = list(classes)
         self.image_size = int(image_size)
@@ -81,7 +78,6 @@ class Predictor:
         self.backbone = backbone
         self.source = source
         self.tta_flip = bool(tta_flip)  # average the logits of each image and its mirror, as the run evaluated
-        self.bf16 = bool(bf16) and _native_bf16()  # the run's precision, so answers equal its predictions.csv
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -109,7 +105,7 @@ class Predictor:
         model.load_state_dict(state)
         norm = config["normalisation"]
         return cls(model, config["classes"], cfg["image_size"], norm["mean"], norm["std"], cfg["backbone"], str(path),
-                   tta_flip=cfg.get("tta_flip", False), bf16=config.get("precision") == "bf16 autocast")
+                   tta_flip=cfg.get("tta_flip", False))
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike) -> "Predictor":
@@ -132,7 +128,7 @@ class Predictor:
         model = build_model(backbone, len(classes), weights="none")
         model.load_state_dict(state)
         return cls(model, classes, pre["image_size"], pre["mean"], pre["std"], backbone, str(path),
-                   tta_flip=pre.get("tta_flip", False), bf16=pre.get("precision") == "bf16 autocast")
+                   tta_flip=pre.get("tta_flip", False))
 
     @classmethod
     def load(cls, path: str | os.PathLike, checkpoint: str | None = None) -> "Predictor":
@@ -150,12 +146,12 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
+        """In fp32, as the bundle's model files compute (see the module docstring)."""
         batch = torch.stack([self.preprocess(img) for img in images])
         x = normalize_batch(batch, self.mean, self.std, channels_last=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(x).float()
-            if self.tta_flip:
-                logits = (logits + self.model(x.flip(-1)).float()) / 2
+        logits = self.model(x).float()
+        if self.tta_flip:
+            logits = (logits + self.model(x.flip(-1)).float()) / 2
         return torch.softmax(logits, dim=1)
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
@@ -229,7 +225,7 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
                                       "themselves (tta_flip)" if predictor.tta_flip else ""),
                           "mean": list(predictor.mean), "std": list(predictor.std),
                           "tta_flip": predictor.tta_flip,
-                          "precision": "bf16 autocast" if predictor.bf16 else "fp32"},
+                          "precision": "fp32"},
         "source_run": str(Path(run_dir).resolve()),
     }
     deployed = Deployed(predictor.model, predictor.tta_flip).eval()
