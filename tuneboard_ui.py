@@ -71,11 +71,13 @@ def format_seconds(seconds: float | None) -> str:
 
 
 def progress_text(job: dict) -> str:
-    e = job.get("last_event", {})
+    """What the job does, then its phase with that phase's own rate and time left (finetune_core.phases)."""
     parts = [job.get("message", "")]
-    if e.get("kind") == "batch":
-        parts.append(f"{format_seconds(e.get('eta_s'))} left")
-        parts.append(f"{e.get('images_per_s', 0):.1f} images/s")
+    phase = job.get("phase") or {}
+    if job.get("state") == "running" and phase.get("phase"):
+        rates = ([f"{phase['images_per_s']:,.1f} images/s"] if phase.get("images_per_s") is not None else []) + \
+                ([f"{format_seconds(phase['eta_s'])} left of it"] if phase.get("eta_s") is not None else [])
+        parts.append(phase["phase"] + (f" ({', '.join(rates)})" if rates else ""))
     if job.get("queue_position"):
         parts.append(f"place {job['queue_position']} in the queue on {job['device']}")
     return " · ".join(p for p in parts if p)
