@@ -264,8 +264,9 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
     validated = {metric: [_has_validation(frame, metric) for frame in runs.values()] for metric in metrics}
     titles = [_panel_title(m, validated[m]) for m in metrics]
     if len(metrics) == 1:  # one panel (panel_figures, every refresh of the live view): no subplot grid to build
-        fig = go.Figure(layout=dict(annotations=[dict(text=titles[0], x=0.5, y=1.0, xref="paper", yref="paper",
-                                                      xanchor="center", yanchor="bottom", showarrow=False,
+        # The title on the left: plotly's toolbar sits top right, and covered a centred title
+        fig = go.Figure(layout=dict(annotations=[dict(text=titles[0], x=0.0, y=1.0, xref="paper", yref="paper",
+                                                      xanchor="left", yanchor="bottom", showarrow=False,
                                                       font=dict(size=16))]))
     else:
         fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=titles)
@@ -307,11 +308,17 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
             fig.update_yaxes(range=[0, 1.02], **cell(col))
         elif log_loss and metric.endswith("loss"):
             fig.update_yaxes(type="log", **cell(col))
+        elif not any(t.x is not None and len(t.x) for t in fig.select_traces(**cell(col))):  # none yet: 0-1, not -1-4
+            fig.update_yaxes(range=[0, 1], **cell(col))
     fig.update_layout(height=360, margin=dict(l=40, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.25),
                       hovermode="x unified", hoverlabel=HOVER_LABEL)
     fig.update_xaxes(title_text=X_TITLES.get(x, x.replace("_", " ")), hoverformat=X_HOVER.get(x, ".3g"))
     if epochs and x == "epoch":
         fig.update_xaxes(range=[0, epochs * 1.03])
+    elif x != "epoch":  # every panel to the last step or second any run logged (a panel's own ended earlier)
+        last = max((float(f[x].max()) for f in runs.values() if x in f and f[x].notna().any()), default=0.0)
+        if last > 0:
+            fig.update_xaxes(range=[0, last * 1.03])
     return fig
 
 
@@ -328,7 +335,9 @@ def class_counts_figure(splits: dict[str, dict[str, int]]) -> go.Figure:
 
 def confusion_figure(matrix, classes: list[str]) -> go.Figure:
     classes = [chart_text(c) for c in classes]  # folder names, shown as typed
-    fig = go.Figure(go.Heatmap(z=matrix, x=classes, y=classes, colorscale="Blues", text=matrix, texttemplate="%{text}",
+    # No colorscale of its own: the page's theme gives its sequential one, dark on the dark theme
+    # ("Blues" starts at white: a bright block there); plotly picks each count's text colour.
+    fig = go.Figure(go.Heatmap(z=matrix, x=classes, y=classes, text=matrix, texttemplate="%{text}",
                                hovertemplate="true %{y}<br>predicted %{x}<br>%{z}<extra></extra>"))
     fig.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed", height=420,
                       xaxis_type="category", yaxis_type="category",

@@ -188,14 +188,14 @@ def _bundle_files(path: Path) -> tuple[bytes, bytes]:
     """(model.json, weights.safetensors) of a bundle folder or zip, read into memory."""
     names = ("model.json", "weights.safetensors")
     if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            entries = {i.filename: i for i in zf.infolist()}
+        with zipfile.ZipFile(path) as zf:  # the files at the top, or in bundle/ (bundle_zip_bytes)
+            entries = {i.filename.removeprefix(f"{BUNDLE_FOLDER}/"): i for i in zf.infolist()}
             missing = [n for n in names if n not in entries]
             if missing:
                 raise PredictError(f"{path}: not a bundle (no {' or '.join(missing)} in the zip)")
             if sum(entries[n].file_size for n in names) > MAX_BUNDLE_BYTES:
                 raise PredictError(f"{path}: its files unpack to more than {MAX_BUNDLE_BYTES // 2**30} GB")
-            return zf.read(names[0]), zf.read(names[1])
+            return zf.read(entries[names[0]]), zf.read(entries[names[1]])
     if not path.is_dir():
         raise PredictError(f"{path}: not a run folder, a bundle folder or a bundle zip")
     missing = [n for n in names if not (path / n).is_file()]
@@ -277,9 +277,13 @@ def export_onnx(module: nn.Module, image_size: int, path: str | os.PathLike) -> 
     return path
 
 
+BUNDLE_FOLDER = "bundle"  # the folder a bundle zip unpacks to (the README's lines read bundle/model.json)
+
+
 def bundle_zip_bytes(bundle_dir: str | os.PathLike) -> bytes:
+    """The bundle as a zip that unpacks to a `bundle/` folder."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for f in sorted(Path(bundle_dir).iterdir()):
-            zf.write(f, f.name)
+            zf.write(f, f"{BUNDLE_FOLDER}/{f.name}")
     return buf.getvalue()

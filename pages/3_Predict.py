@@ -49,14 +49,18 @@ def gallery_tab(predictions, classes) -> None:
                           format_func=lambda s: {"loss": "worst mistakes first", "confidence": "most confident first",
                                                  "least confident": "least confident first"}[s])
     shown = analysis.gallery(predictions, mistakes, None if cls == "all" else cls, sort)
-    number = int(st.number_input("Page", min_value=1, value=1, step=1, key="gallery_page",
+    last = analysis.page_of(shown, 1, GALLERY_PAGE)[1]
+    if st.session_state.get("gallery_page", 1) > last:  # fewer pages since (a filter): the box shows the last
+        st.session_state["gallery_page"] = last
+    number = int(st.number_input("Page", min_value=1, max_value=last, value=1, step=1, key="gallery_page",
                                  help=f"{GALLERY_PAGE} images a page")) if len(shown) > GALLERY_PAGE else 1
-    part, pages = analysis.page_of(shown, number, GALLERY_PAGE)  # a page beyond the last shows the last
+    part, pages = analysis.page_of(shown, number, GALLERY_PAGE)
     first = min(number, pages) * GALLERY_PAGE - GALLERY_PAGE
     st.caption(f"{len(shown)} images" + (f": {first + 1}-{first + len(part)} shown, page {min(number, pages)} of "
                                          f"{pages}" if pages > 1 else ""))
-    grid = st.columns(6)
     for k, (_, row) in enumerate(part.iterrows()):
+        if k % 6 == 0:  # a row of columns per six images: on a phone they stack in order, row by row
+            grid = st.columns(6)
         ok = str(row["true"]) == str(row["predicted"])
         with grid[k % 6]:
             st.image(row["path"], width="stretch")
@@ -68,7 +72,8 @@ def gallery_tab(predictions, classes) -> None:
 def metrics_tab(predictions, classes) -> None:
     matrix = analysis.confusion(predictions, classes)
     st.plotly_chart(plots.confusion_figure(matrix, [str(x) for x in classes]), width="stretch", key="confusion")
-    st.dataframe(analysis.per_class_metrics(predictions, classes).round(3), width="stretch", hide_index=True)
+    st.dataframe(analysis.per_class_metrics(predictions, classes).style.format(precision=3),  # "0.900", not "0.9"
+                 width="stretch", hide_index=True)
 
 
 def classify_tab(model: Predictor) -> None:
