@@ -24,8 +24,8 @@ from finetune_core.data import INFO, DatasetError, scan_dataset
 from finetune_core.engine import resolve_auto
 from finetune_core.jobs import DuplicateSubmission
 from finetune_core.runs import RunDir, RunOwned
-from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, curve_panels, flash, job_controls, manager, page,
-                          resumable_runs, setting_input, state_label, submit, widget_value)
+from tuneboard_ui import (CURVES_MAX_AGE_S, LIVE_REFRESH_S, chart_controls, curve_panels, flash, job_controls,
+                          manager, page, resumable_runs, setting_input, state_label, submit, widget_value)
 
 DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
 WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
@@ -548,7 +548,7 @@ def live_section() -> None:
         else:
             st.write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
                      f"{analysis.markdown_message(job['message'])}")
-        metrics = RunDir(job["path"]).read_metrics(max_age_s=LIVE_REFRESH_S / 2)  # sessions share a read
+        metrics = RunDir(job["path"]).read_metrics(max_age_s=CURVES_MAX_AGE_S)  # sessions share a read
         if metrics.empty and job["state"] not in ("queued", "running"):
             st.caption(f"No curves for {analysis.markdown_text(labels[job['run_id']])}: it ended before its first "
                        "training batch.")
