@@ -17,8 +17,9 @@ def run_label(info: RunInfo) -> str:
 
 def choose_runs(by_id: dict[str, RunInfo]) -> tuple[list[str], dict]:
     """Which runs, and how their curves are drawn. Opens on analysis.default_selection (the newest group)."""
-    default = analysis.default_selection(list(by_id.values()))
     keep_run_choice("compare_runs", by_id)
+    # the default only on the first draw: the choice is in the session after (keep_run_choice may set it)
+    default = None if "compare_runs" in st.session_state else analysis.default_selection(list(by_id.values()))
     chosen = st.multiselect("Runs", list(by_id), default=default, format_func=lambda i: run_label(by_id[i]),
                             key="compare_runs")
     return chosen, chart_controls("compare")
