@@ -7,6 +7,11 @@ process: nothing is re-executed), with:
   variable carries them into child processes.
 - the address to listen on: TUNEBOARD_ADDRESS if set (e.g. 0.0.0.0 for every interface; mind
   that the dashboard has no login), else 127.0.0.1, this machine only. --server.address wins.
+- no garbage collection after every script run (Streamlit's runner.postScriptGC, on by default):
+  each open page reruns its live part every 1-2 s, and a full gc.collect() in a process holding
+  PyTorch takes 0.25-0.6 s under the GIL, which slowed the training thread several-fold with a
+  tab open. .streamlit/config.toml says the same for `streamlit run app.py`; this flag applies it
+  wherever serve.py is started from. --runner.postScriptGC wins.
 - runs that end with the server: on Ctrl-C or SIGTERM, Streamlit stops and the interpreter exits,
   and jobs.JobManager.shutdown (registered at exit) stops a run in progress at its next batch.
 Other settings come from .streamlit/config.toml as usual.
@@ -24,14 +29,19 @@ from finetune_core import memory  # noqa: E402  (stdlib only: no thread may star
 
 ADDRESS_VARIABLE, DEFAULT_ADDRESS = "TUNEBOARD_ADDRESS", "127.0.0.1"
 PATH_VARIABLES = ("TUNEBOARD_DATA_ROOT", "TUNEBOARD_RUNS_DIR", "TUNEBOARD_CACHE")
+# Settings serve.py passes unless the user's options name them (see the docstring for why).
+DEFAULT_OPTIONS = {"--runner.postScriptGC": "false"}
 
 
 def streamlit_args(argv: list[str], environ=None) -> list[str]:
-    """The `streamlit` command's arguments: run app.py at the address, then the user's options."""
+    """The `streamlit` command's arguments: run app.py at the address with DEFAULT_OPTIONS, then the
+    user's options (an option the user gives is not passed twice)."""
     env = os.environ if environ is None else environ
     args = ["run", str(ROOT / "app.py")]
-    if not any(a == "--server.address" or a.startswith("--server.address=") for a in argv):
-        args += ["--server.address", env.get(ADDRESS_VARIABLE, "").strip() or DEFAULT_ADDRESS]
+    defaults = {"--server.address": env.get(ADDRESS_VARIABLE, "").strip() or DEFAULT_ADDRESS, **DEFAULT_OPTIONS}
+    for option, value in defaults.items():
+        if not any(a == option or a.startswith(option + "=") for a in argv):
+            args += [option, value]
     return args + list(argv)
 
 

@@ -11,7 +11,13 @@ from finetune_core.datastore import runs_root
 from finetune_core.jobs import JobManager
 from finetune_core.runs import RESUMABLE_STATES, list_runs
 
-LIVE_REFRESH_S = 1.0
+# How often an open page's live part reruns, and how old a metrics read its curves may draw. Every
+# rerun of every open tab takes the GIL from the training thread of this same process: with Train
+# -> Live in two tabs and Home in a third, reruns every second with curves built and serialised
+# each time slowed a run about 4x (benchmarks/bench_tabs.py). Progress every 2 s, curves from a
+# read up to 6 s old (in between the figures come from plots.cached_panel_figures, not rebuilt).
+LIVE_REFRESH_S = 2.0
+CURVES_MAX_AGE_S = 6.0
 
 
 @st.cache_resource(show_spinner=False)
@@ -71,11 +77,13 @@ def format_seconds(seconds: float | None) -> str:
 
 
 def progress_text(job: dict) -> str:
-    e = job.get("last_event", {})
+    """What the job does, then its phase with that phase's own rate and time left (finetune_core.phases)."""
     parts = [job.get("message", "")]
-    if e.get("kind") == "batch":
-        parts.append(f"{format_seconds(e.get('eta_s'))} left")
-        parts.append(f"{e.get('images_per_s', 0):.1f} images/s")
+    phase = job.get("phase") or {}
+    if job.get("state") == "running" and phase.get("phase"):
+        rates = ([f"{phase['images_per_s']:,.1f} images/s"] if phase.get("images_per_s") is not None else []) + \
+                ([f"{format_seconds(phase['eta_s'])} left of it"] if phase.get("eta_s") is not None else [])
+        parts.append(phase["phase"] + (f" ({', '.join(rates)})" if rates else ""))
     if job.get("queue_position"):
         parts.append(f"place {job['queue_position']} in the queue on {job['device']}")
     return " · ".join(p for p in parts if p)
@@ -111,6 +119,33 @@ def chart_controls(key_prefix: str) -> dict:
                                     "draws the logged values, 0.9 a strong average; the raw curve stays faint")
     log_loss = cols[2].checkbox("Log-scale loss", key=f"{key_prefix}_log_loss")
     return {"x": plots.X_AXES[x], "smoothing": smoothing, "log_loss": log_loss}
+
+
+def run_choice_label(name: str, *details: str, run_id: str) -> str:
+    """How a run picker shows a run: its name, details, and its id last (keep_run_choice reads it back)."""
+    return " · ".join([name, *details, run_id])
+
+
+def keep_run_choice(key: str, run_ids) -> None:
+    """Keep a run picker (a selectbox or multiselect of run ids) on the runs it had chosen after
+    their labels changed. Streamlit stores a choice as its shown label, so a rename (or a run that
+    ended) turned the choice into a label no option has: the selectbox fell back to its first run
+    (Delete... then named another run) and the multiselect dropped the run. Each label ends with
+    its run's id (run_choice_label): map stale labels back to their ids before the widget draws."""
+    value = st.session_state.get(key)
+    if value is None:
+        return
+    ids = set(run_ids)
+
+    def as_id(choice):
+        if choice in ids:
+            return choice
+        tail = str(choice).rsplit(" · ", 1)[-1]
+        return tail if tail in ids else None
+
+    kept = [c for c in map(as_id, value) if c is not None] if isinstance(value, list) else as_id(value)
+    if kept != value and kept is not None:
+        st.session_state[key] = kept
 
 
 def resumable_runs() -> list:

@@ -175,6 +175,11 @@ def best_of_newest_group(infos: list[RunInfo]) -> str | None:
     return max(members, key=score).id
 
 
+def count_text(n: int, noun: str) -> str:
+    """ "1 error", "2 errors", "1,438 images": a count with its noun in the right number."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def page_of(frame: pd.DataFrame, page: int, per_page: int) -> tuple[pd.DataFrame, int]:
     """(the rows of page `page`, counting from 1 and kept within range, and the number of pages)."""
     pages = max(1, math.ceil(len(frame) / per_page))

@@ -500,6 +500,12 @@ def auto_notes(config: "TrainConfig", resolved: "TrainConfig") -> dict[str, str]
 # above it training usually blows up (lr 100 logged a loss near 25,000), below it barely moves.
 USUAL_STEP_RANGE = (1e-4, 0.1)
 FAR_OUTSIDE = 10.0
+# The step a warning's suggestion aims at: where the presets step (the book's fine-tuning 6.4e-3 and
+# scratch 6.4e-2, the fast preset's 3e-2), their geometric mean; the head at the presets' multiplier
+# (x10). The middle of USUAL_STEP_RANGE (3.2e-3) suggested 0.00032 for the fast preset, ten times
+# below its own 3e-3 and the learning-rate finder's 0.0036.
+PRESET_STEP = 2e-2
+PRESET_HEAD_MULT = 10.0
 
 
 def launch_warnings(config: TrainConfig) -> list[str]:
@@ -510,35 +516,45 @@ def launch_warnings(config: TrainConfig) -> list[str]:
     scale = (config.batch_size if config.loss_reduction == "sum" else 1) / (1.0 - config.momentum)
     how = ([f"summed over batches of {config.batch_size}"] if config.loss_reduction == "sum" else []) + \
           ([f"momentum {config.momentum:g}"] if config.momentum else [])
-    rates = []
+    rates = []  # (what the rate is, its value, the step a preset takes with it, what to set to fix it)
     if config.train_stages != "head":
         rates.append(("Learning rate" if config.param_groups else "Learning rate (one group for every layer)",
-                      config.lr))
+                      config.lr, PRESET_STEP, "Learning rate"))
     if config.param_groups:
-        rates.append(("Head learning rate (lr × multiplier)", config.lr * config.head_lr_mult))
+        rates.append(("Head learning rate (lr × multiplier)", config.lr * config.head_lr_mult,
+                      PRESET_STEP * PRESET_HEAD_MULT, "Head learning-rate multiplier"))
     elif config.train_stages == "head":
-        rates.append(("Learning rate (of the head, the only part that trains)", config.lr))
+        rates.append(("Learning rate (of the head, the only part that trains)", config.lr, PRESET_STEP,
+                      "Learning rate"))
     warnings = []
     usual = f"{USUAL_STEP_RANGE[0]:g} to {USUAL_STEP_RANGE[1]:g} is usual"
-    for label, rate in rates:
+    lr = config.lr  # the learning rate a head multiplier is suggested for: the suggested one if lr is off too
+    for label, rate, preset_step, setting in rates:
         step = rate * scale
         if low * (1 - 1e-9) <= step <= high * (1 + 1e-9):  # the bounds themselves are in range
             continue
+        if setting == "Learning rate":
+            lr = rate * preset_step / step
         where = (f"{' and '.join(how)}, it steps like {step:.3g} would on a mean loss without momentum, where {usual}"
                  if how else f"on a mean loss without momentum {usual}")
         if step > high:
             warnings.append(f"{label} {rate:.3g} is far above the usual range: {where}. Training will likely blow up "
-                            f"(the run then ends diverged); try the learning-rate finder, or about "
-                            f"{_usual(rate, step):.2g}.")
+                            f"(the run then ends diverged); try the learning-rate finder, or "
+                            f"{_suggestion(rate * preset_step / step, setting, lr)}.")
         else:
             warnings.append(f"{label} {rate:.3g} is far below the usual range: {where}. The weights will barely "
-                            f"move; try the learning-rate finder, or about {_usual(rate, step):.2g}.")
+                            f"move; try the learning-rate finder, or "
+                            f"{_suggestion(rate * preset_step / step, setting, lr)}.")
     return warnings
 
 
-def _usual(rate: float, step: float) -> float:
-    """The rate that would take a step in the middle of the usual range (geometric mean)."""
-    return rate * math.sqrt(USUAL_STEP_RANGE[0] * USUAL_STEP_RANGE[1]) / step
+def _suggestion(rate: float, setting: str, lr: float) -> str:
+    """What to type where for a rate that steps as the presets do with these settings (a head's
+    rate is set by its multiplier, at learning rate `lr`)."""
+    if setting == "Learning rate":
+        return f"set {setting} to about {rate:.2g}, the step the presets take with these settings"
+    return (f"set {setting} to about {rate / lr:.2g} (a head rate of {rate:.2g} at learning rate {lr:.2g}, "
+            f"the step the presets' heads take)")
 
 
 # --------------------------------------------------------------------------------------------

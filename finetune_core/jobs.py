@@ -31,6 +31,7 @@ from .config import TrainConfig
 from .data import ScanReport
 from .engine import config_record, resolve_auto, train
 from .models import resolve_device
+from .phases import PhaseMeter
 from .runs import (ACTIVE_STATES, BEFORE_RESUME, META, RESUMABLE_STATES, RunDir, claim_run, launched_pid, list_runs,
                    mark_interrupted, new_run_dir, now_iso, release_run, run_info, status_before_resume,
                    status_put_back)
@@ -66,6 +67,7 @@ class Job:
     message: str = "waiting for the device"
     progress: float = 0.0
     last_event: dict = field(default_factory=dict)
+    meter: PhaseMeter | None = None  # the phase and its rates, from the events (set when the run starts)
     submitted_at: str = field(default_factory=now_iso)
     stop_event: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -77,6 +79,7 @@ class Job:
                 "backbone": self.config.backbone, "dataset": self.config.data, "queue_position": position,
                 "group": self.config.group, "epochs": self.config.epochs, "processes": self.processes,
                 "submitted_at": self.submitted_at, "last_event": dict(self.last_event),
+                "phase": dict(self.meter.current) if self.meter is not None else None,
                 "stopping": self.stop_event.is_set() and self.state == "running"}
 
 
@@ -318,9 +321,12 @@ class JobManager:
             self._run_torchrun(job)
             return
 
+        job.meter = PhaseMeter(job.config.batch_size)
+
         def on_event(event: dict) -> None:
             with self._lock:
                 job.last_event = event
+                job.meter.update(event)
                 if "progress" in event:
                     job.progress = float(event["progress"])
                 if "message" in event and not job.stop_event.is_set():
@@ -388,7 +394,8 @@ class JobManager:
         run's stop file."""
         with self._lock:
             job.state = "running"
-        asked = False
+            job.meter = PhaseMeter(job.config.batch_size)
+        asked, started = False, time.monotonic()
         while alive():
             if job.stop_event.is_set() and not asked:
                 distributed.request_stop(job.run)
@@ -400,7 +407,9 @@ class JobManager:
                     job.message = status["message"]
                 job.last_event = {"kind": "batch" if status.get("step") else "prepare",
                                   **{k: status[k] for k in ("progress", "epoch", "step", "eta_s", "images_per_s",
-                                                            "message") if k in status}}
+                                                            "message") if k in status},
+                                  "elapsed_s": time.monotonic() - started}
+                job.meter.update(job.last_event)
             job.stop_event.wait(0.25)
             time.sleep(0.05 if job.stop_event.is_set() else 0.0)
         status = job.run.read_status(default={})

@@ -20,10 +20,16 @@ from plotly.subplots import make_subplots
 
 METRIC_LABELS = {"loss": "train loss", "train_acc": "train acc", "test_acc": "test acc", "test_loss": "test loss"}
 # Ten hues, each with a contrast of at least 3:1 (WCAG's bar for graphics) against both the light
-# theme's white and the dark theme's #171614 (tests/test_plots.py checks it). The page's theme
-# gets the same list (.streamlit/config.toml, chartCategoricalColors).
-PALETTE = ["#1c7ed6", "#f03e3e", "#2b8a3e", "#7048e8", "#e8590c", "#0c8599", "#e64980", "#9c755f", "#5c940d",
-           "#ae3ec9"]
+# theme's white and the dark theme's #171614, and no two alike: every pair at least
+# MIN_COLOR_DIFFERENCE apart in CIELAB (the earlier palette had violet and grape, red and orange,
+# green and olive within 26 of each other). tests/test_plots.py and tests/test_ui_colors.py check
+# both. The page's theme gets the same list (.streamlit/config.toml, chartCategoricalColors).
+PALETTE = ["#1c7ed6", "#f03e3e", "#2b8a3e", "#7048e8", "#0c8599", "#9c755f", "#f800a8", "#a09000", "#985090",
+           "#f000f8"]
+MIN_COLOR_DIFFERENCE = 40.0  # CIE76 delta E; about 2.3 is the smallest difference an eye notices
+# How the curves of runs that share a colour differ (in id order): two ids hash to one of ten
+# colours about one time in ten, and their colour must stay the one every page shows.
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
 COLORS = PALETTE
 THEME_BACKGROUNDS = {"light": "#ffffff", "dark": "#171614"}  # Streamlit 1.67's two backgrounds, as Chromium draws them
 # The hover box: light text on a dark box, as TensorBoard's, readable on either theme (the light
@@ -47,21 +53,41 @@ def run_color(run_id: str) -> str:
 
 
 def run_colors(run_ids) -> dict[str, str]:
-    """{run id: colour} for runs drawn together: each its own run_color, except that where two of
-    them would share one, the newer (the larger id: ids start with the UTC time) takes the next
-    free colour. So a run keeps its colour on every page that shows it with the same companions
-    (Train's live view and Compare both open on the newest group), and no two runs of a chart look
-    alike while there are colours left."""
-    colors, taken = {}, set()
+    """{run id: colour}: each run's own run_color, whatever else is on the chart (a colour that
+    depended on the companions changed between pages and as runs were added)."""
+    return {run_id: run_color(run_id) for run_id in sorted(set(run_ids))}
+
+
+def run_dashes(run_ids) -> dict[str, str]:
+    """{run id: line dash} for runs drawn together: solid, except that runs whose ids hash to one
+    colour take the next of DASHES in id order, so that no two curves of a chart look alike and
+    every run keeps its colour."""
+    dashes, seen = {}, {}
     for run_id in sorted(set(run_ids)):
-        slot = _slot(run_id)
-        for k in range(len(PALETTE)):
-            if (slot + k) % len(PALETTE) not in taken:
-                slot = (slot + k) % len(PALETTE)
-                break
-        taken.add(slot)
-        colors[run_id] = PALETTE[slot]
-    return colors
+        color = run_color(run_id)
+        dashes[run_id] = DASHES[seen.get(color, 0) % len(DASHES)]
+        seen[color] = seen.get(color, 0) + 1
+    return dashes
+
+
+def run_styles(labels: dict[str, str]) -> dict[str, dict[str, str]]:
+    """overlay_figure's colors and dashes for runs drawn under their labels ({run id: label})."""
+    return {"colors": {labels[i]: c for i, c in run_colors(labels).items()},
+            "dashes": {labels[i]: d for i, d in run_dashes(labels).items()}}
+
+
+def color_difference(a: str, b: str) -> float:
+    """How far apart two "#rrggbb" colours look: CIE76 delta E, the distance in CIELAB (D65)."""
+    return math.dist(_lab(a), _lab(b))
+
+
+def _lab(color: str) -> tuple[float, float, float]:
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+              for c in (int(color[k:k + 2], 16) / 255 for k in (1, 3, 5))]
+    xyz = [sum(m * c for m, c in zip(row, linear)) / white for row, white in zip(
+        ((0.4124, 0.3576, 0.1805), (0.2126, 0.7152, 0.0722), (0.0193, 0.1192, 0.9505)), (0.95047, 1.0, 1.08883))]
+    fx, fy, fz = (t ** (1 / 3) if t > (6 / 29) ** 3 else t / (3 * (6 / 29) ** 2) + 4 / 29 for t in xyz)
+    return 116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)
 
 
 def chart_text(text: str) -> str:
@@ -219,11 +245,11 @@ def panel_figures(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", "
 
 def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", "test_acc"), x: str = "epoch",
                    epochs: int | None = None, colors: dict[str, str] | None = None, smoothing: float = 0.0,
-                   log_loss: bool = False) -> go.Figure:
+                   log_loss: bool = False, dashes: dict[str, str] | None = None) -> go.Figure:
     """Several runs overlaid, one panel per metric; each run keeps one colour across panels.
 
-    `runs`: {label: metrics frame}; `colors`: {label: colour} (the pages pass run_colors of the runs'
-    ids; by default the labels are hashed). `x`: a metrics.csv column, "epoch", "step" or
+    `runs`: {label: metrics frame}; `colors`, `dashes`: {label: colour or line dash} (the pages pass
+    run_styles of the runs' ids; by default the labels are hashed). `x`: a metrics.csv column, "epoch", "step" or
     "elapsed_s". `smoothing`: TensorBoard's EMA weight (0: none); above 0 the smoothed curve is
     drawn over the raw one, faint, and the hover shows both. `log_loss`: the loss panels on a log
     scale. The hover lists every run's value at the x under the cursor ("x unified").
@@ -233,12 +259,14 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
     A run without one (the book's way) draws its test metric of every epoch."""
     if smoothing and not 0 <= smoothing < 1:
         raise ValueError(f"smoothing must be at least 0 and below 1, got {smoothing}")
+    dashes = {**(run_dashes(runs) if colors is None else dict.fromkeys(runs, "solid")), **(dashes or {})}
     colors = {**run_colors(runs), **(colors or {})}
     validated = {metric: [_has_validation(frame, metric) for frame in runs.values()] for metric in metrics}
     titles = [_panel_title(m, validated[m]) for m in metrics]
     if len(metrics) == 1:  # one panel (panel_figures, every refresh of the live view): no subplot grid to build
-        fig = go.Figure(layout=dict(annotations=[dict(text=titles[0], x=0.5, y=1.0, xref="paper", yref="paper",
-                                                      xanchor="center", yanchor="bottom", showarrow=False,
+        # The title on the left: plotly's toolbar sits top right, and covered a centred title
+        fig = go.Figure(layout=dict(annotations=[dict(text=titles[0], x=0.0, y=1.0, xref="paper", yref="paper",
+                                                      xanchor="left", yanchor="bottom", showarrow=False,
                                                       font=dict(size=16))]))
     else:
         fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=titles)
@@ -246,7 +274,7 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
     def cell(col: int) -> dict:
         return {} if len(metrics) == 1 else {"row": 1, "col": col}
     for k, (key, frame) in enumerate(runs.items()):
-        color, label = colors[key], chart_text(key)  # plotly reads <b>, <a href> in names: a name stays as typed
+        color, dash, label = colors[key], dashes[key], chart_text(key)  # plotly reads <b>, <a href> in names: a name stays as typed
         for col, metric in enumerate(metrics, start=1):
             name = METRIC_LABELS.get(metric, metric)
             shown = metric
@@ -257,7 +285,7 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
             mode = "lines+markers" if metric.startswith("test") else "lines"
             if smoothing:
                 fig.add_trace(go.Scatter(x=pts[x], y=pts[shown], name=label, legendgroup=label, showlegend=False,
-                                         mode=mode, line=dict(color=faint(color), width=1),
+                                         mode=mode, line=dict(color=faint(color), width=1, dash=dash),
                                          marker=dict(color=faint(color)), hoverinfo="skip"), **cell(col))
                 hover = f"%{{fullData.name}} · {name} %{{y:{fmt}}} (raw %{{customdata:{fmt}}})<extra></extra>"
                 y, raw = pts["smoothed"], pts[shown]
@@ -265,7 +293,7 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
                 hover = f"%{{fullData.name}} · {name} %{{y:{fmt}}}<extra></extra>"
                 y, raw = pts[shown], None
             fig.add_trace(go.Scatter(x=pts[x], y=y, customdata=raw, name=label, legendgroup=label,
-                                     showlegend=col == 1, mode=mode, line=dict(color=color), marker=dict(color=color),
+                                     showlegend=col == 1, mode=mode, line=dict(color=color, dash=dash), marker=dict(color=color),
                                      hovertemplate=hover), **cell(col))
             if validated[metric][k]:
                 final = _curve_points(frame, metric, x, kind="test")
@@ -280,11 +308,17 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
             fig.update_yaxes(range=[0, 1.02], **cell(col))
         elif log_loss and metric.endswith("loss"):
             fig.update_yaxes(type="log", **cell(col))
+        elif not any(t.x is not None and len(t.x) for t in fig.select_traces(**cell(col))):  # none yet: 0-1, not -1-4
+            fig.update_yaxes(range=[0, 1], **cell(col))
     fig.update_layout(height=360, margin=dict(l=40, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.25),
                       hovermode="x unified", hoverlabel=HOVER_LABEL)
     fig.update_xaxes(title_text=X_TITLES.get(x, x.replace("_", " ")), hoverformat=X_HOVER.get(x, ".3g"))
     if epochs and x == "epoch":
         fig.update_xaxes(range=[0, epochs * 1.03])
+    elif x != "epoch":  # every panel to the last step or second any run logged (a panel's own ended earlier)
+        last = max((float(f[x].max()) for f in runs.values() if x in f and f[x].notna().any()), default=0.0)
+        if last > 0:
+            fig.update_xaxes(range=[0, last * 1.03])
     return fig
 
 
@@ -301,7 +335,9 @@ def class_counts_figure(splits: dict[str, dict[str, int]]) -> go.Figure:
 
 def confusion_figure(matrix, classes: list[str]) -> go.Figure:
     classes = [chart_text(c) for c in classes]  # folder names, shown as typed
-    fig = go.Figure(go.Heatmap(z=matrix, x=classes, y=classes, colorscale="Blues", text=matrix, texttemplate="%{text}",
+    # No colorscale of its own: the page's theme gives its sequential one, dark on the dark theme
+    # ("Blues" starts at white: a bright block there); plotly picks each count's text colour.
+    fig = go.Figure(go.Heatmap(z=matrix, x=classes, y=classes, text=matrix, texttemplate="%{text}",
                                hovertemplate="true %{y}<br>predicted %{x}<br>%{z}<extra></extra>"))
     fig.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed", height=420,
                       xaxis_type="category", yaxis_type="category",

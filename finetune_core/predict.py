@@ -9,7 +9,10 @@ A bundle is a folder (or a zip of it) that works without Tuneboard's UI:
                            normalised float32 batch (any N), output `logits`; runs with onnxruntime alone
 
 Both model files compute what the Predict page computes: with flip test-time augmentation on, the
-logits are averaged with those of the mirrored batch inside the model (model.json says so).
+logits are averaged with those of the mirrored batch inside the model (model.json says so), in
+fp32. The Predict page and the CLI predict in fp32 too, whatever precision the run trained in:
+under bf16 autocast a confidence moved by up to 4 points (a borderline photo could change class
+between the app and the exported model).
 """
 from __future__ import annotations
 
@@ -32,12 +35,6 @@ from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, RunDir
 
 MAX_IMAGE_BYTES = 25 * 1024 * 1024
 BUNDLE_FORMAT = "tuneboard-bundle-1"
-
-
-def _native_bf16() -> bool:
-    from .engine import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()
 
 
 class PredictError(ValueError):
@@ -72,7 +69,7 @@ def image_from_bytes(data: bytes, name: str = "image") -> Image.Image:
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, classes: list[str], image_size: int, mean, std,
-                 backbone: str = "", source: str = "", tta_flip: bool = False, bf16: bool = False):
+                 backbone: str = "", source: str = "", tta_flip: bool = False):
         self.model = model.eval()
         self.classes = list(classes)
         self.image_size = int(image_size)
@@ -81,7 +78,6 @@ class Predictor:
         self.backbone = backbone
         self.source = source
         self.tta_flip = bool(tta_flip)  # average the logits of each image and its mirror, as the run evaluated
-        self.bf16 = bool(bf16) and _native_bf16()  # the run's precision, so answers equal its predictions.csv
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -109,7 +105,7 @@ class Predictor:
         model.load_state_dict(state)
         norm = config["normalisation"]
         return cls(model, config["classes"], cfg["image_size"], norm["mean"], norm["std"], cfg["backbone"], str(path),
-                   tta_flip=cfg.get("tta_flip", False), bf16=config.get("precision") == "bf16 autocast")
+                   tta_flip=cfg.get("tta_flip", False))
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike) -> "Predictor":
@@ -132,7 +128,7 @@ class Predictor:
         model = build_model(backbone, len(classes), weights="none")
         model.load_state_dict(state)
         return cls(model, classes, pre["image_size"], pre["mean"], pre["std"], backbone, str(path),
-                   tta_flip=pre.get("tta_flip", False), bf16=pre.get("precision") == "bf16 autocast")
+                   tta_flip=pre.get("tta_flip", False))
 
     @classmethod
     def load(cls, path: str | os.PathLike, checkpoint: str | None = None) -> "Predictor":
@@ -150,10 +146,10 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
+        """In fp32, as the bundle's model files compute (see the module docstring)."""
         batch = torch.stack([self.preprocess(img) for img in images])
         x = normalize_batch(batch, self.mean, self.std, channels_last=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = mean_logits(self.model, classified_views(x, self.tta_flip))
+        logits = mean_logits(self.model, classified_views(x, self.tta_flip))
         return torch.softmax(logits, dim=1)
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
@@ -190,14 +186,14 @@ def _bundle_files(path: Path) -> tuple[bytes, bytes]:
     """(model.json, weights.safetensors) of a bundle folder or zip, read into memory."""
     names = ("model.json", "weights.safetensors")
     if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            entries = {i.filename: i for i in zf.infolist()}
+        with zipfile.ZipFile(path) as zf:  # the files at the top, or in bundle/ (bundle_zip_bytes)
+            entries = {i.filename.removeprefix(f"{BUNDLE_FOLDER}/"): i for i in zf.infolist()}
             missing = [n for n in names if n not in entries]
             if missing:
                 raise PredictError(f"{path}: not a bundle (no {' or '.join(missing)} in the zip)")
             if sum(entries[n].file_size for n in names) > MAX_BUNDLE_BYTES:
                 raise PredictError(f"{path}: its files unpack to more than {MAX_BUNDLE_BYTES // 2**30} GB")
-            return zf.read(names[0]), zf.read(names[1])
+            return zf.read(entries[names[0]]), zf.read(entries[names[1]])
     if not path.is_dir():
         raise PredictError(f"{path}: not a run folder, a bundle folder or a bundle zip")
     missing = [n for n in names if not (path / n).is_file()]
@@ -227,7 +223,7 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
                                       "themselves (tta_flip)" if predictor.tta_flip else ""),
                           "mean": list(predictor.mean), "std": list(predictor.std),
                           "tta_flip": predictor.tta_flip,
-                          "precision": "bf16 autocast" if predictor.bf16 else "fp32"},
+                          "precision": "fp32"},
         "source_run": str(Path(run_dir).resolve()),
     }
     deployed = Deployed(predictor.model, predictor.tta_flip).eval()
@@ -276,9 +272,13 @@ def export_onnx(module: nn.Module, image_size: int, path: str | os.PathLike) -> 
     return path
 
 
+BUNDLE_FOLDER = "bundle"  # the folder a bundle zip unpacks to (the README's lines read bundle/model.json)
+
+
 def bundle_zip_bytes(bundle_dir: str | os.PathLike) -> bytes:
+    """The bundle as a zip that unpacks to a `bundle/` folder."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for f in sorted(Path(bundle_dir).iterdir()):
-            zf.write(f, f.name)
+            zf.write(f, f"{BUNDLE_FOLDER}/{f.name}")
     return buf.getvalue()

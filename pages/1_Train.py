@@ -24,8 +24,8 @@ from finetune_core.data import INFO, DatasetError, SeveralDatasets, find_dataset
 from finetune_core.engine import resolve_auto
 from finetune_core.jobs import DuplicateSubmission, NotResumable
 from finetune_core.runs import ACTIVE_STATES, RESUMABLE_STATES, RunDir, RunOwned
-from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, curve_panels, flash, job_controls, manager, page,
-                          resumable_runs, setting_input, state_label, submit, widget_value)
+from tuneboard_ui import (CURVES_MAX_AGE_S, LIVE_REFRESH_S, chart_controls, curve_panels, flash, job_controls,
+                          manager, page, resumable_runs, setting_input, state_label, submit, widget_value)
 
 DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
 WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
@@ -173,8 +173,8 @@ def show_scan(report) -> None:
     splits = report.splits
     c = st.columns(4)
     c[0].metric("Classes", len(report.classes))
-    c[1].metric("Training images", sum(splits.get("train", {}).values()))
-    c[2].metric("Test images", sum(splits.get("test", {}).values()))
+    c[1].metric("Training images", f"{sum(splits.get('train', {}).values()):,}")  # "1,438", as "1,797" above
+    c[2].metric("Test images", f"{sum(splits.get('test', {}).values()):,}")
     c[3].metric("Warnings", len(report.warnings), help="files skipped and advice about the data, listed below")
     if report.layout == "flat":
         st.caption(f"No train/test split in the folder: {report.test_fraction:.0%} of each class is held out "
@@ -188,7 +188,8 @@ def show_scan(report) -> None:
                     st.image(paths, width=96, caption=[cls] * len(paths))
     problems = [p.__dict__ for p in report.problems if p.severity != INFO]
     if problems:
-        with st.expander(f"Problems: {len(report.errors)} errors, {len(report.warnings)} warnings",
+        with st.expander(f"Problems: {analysis.count_text(len(report.errors), 'error')}, "
+                         f"{analysis.count_text(len(report.warnings), 'warning')}",
                          expanded=bool(report.errors)):
             st.dataframe(problems, width="stretch", hide_index=True)
     if not report.usable:
@@ -263,7 +264,7 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
                     if settings()[name].section == section:
                         setting_control(name, draft, offline, n_classes, inactive.get(name), notes.get(name))
                         if name in errors:
-                            st.error(analysis.markdown_message(errors[name]), icon="🚫")
+                            st.error(analysis.markdown_message(errors[name]), icon=":material/block:")  # an emoji drew as a box with Debian's fonts
     if config is not None and config.weights == "auto" and config.backbone not in (*offline, "auto"):
         st.warning(f"The ImageNet weights of {config.backbone} are not on this machine; the run will try to download "
                    f"them. Offline, choose one of: {', '.join(offline)}.")
@@ -371,7 +372,7 @@ def lr_finder_section(config: TrainConfig | None, report) -> None:
         if stored is None or current is None:  # nothing yet, or the settings have errors: shown once fixed
             return
         if stored["error"]:
-            st.error(analysis.markdown_message(stored["error"]), icon="🚫")
+            st.error(analysis.markdown_message(stored["error"]), icon=":material/block:")  # an emoji drew as a box with Debian's fonts
             return
         found = stored["result"]
         st.plotly_chart(lr_finder_figure(found), width="stretch", key="lr_find_curve")
@@ -414,7 +415,8 @@ def lr_finder_figure(found: dict):
     fig = go.Figure(go.Scatter(x=found["lrs"], y=found["losses"], mode="lines", name=found["curve"]))
     if found["suggestion"] is not None:
         fig.add_vline(x=found["suggestion"], line_dash="dash", annotation_text=f"suggested {found['suggestion']:.2g}")
-    fig.update_layout(xaxis_type="log", xaxis_title="learning rate", yaxis_title=found["curve"], height=300,
+    fig.update_layout(xaxis_type="log", xaxis_tickformat=".0e",  # "1e-06" and "1e-03", not "1μ" beside "0.001"
+                      xaxis_title="learning rate", yaxis_title=found["curve"], height=300,
                       margin=dict(l=10, r=10, t=30, b=10))
     return fig
 
@@ -507,7 +509,7 @@ def sweep_option(config: TrainConfig | None) -> tuple[tuple[list[float], list[fl
                        "the comparison runs above are not added.")
     except ConfigError as exc:
         for message in exc.errors.values():
-            st.error(message, icon="🚫")
+            st.error(message, icon=":material/block:")  # an emoji drew as a box with Debian's fonts
         return None, True
     return (lrs, mults), False
 
@@ -546,7 +548,7 @@ def live_section() -> None:
         else:
             st.write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
                      f"{analysis.markdown_message(job['message'])}")
-        metrics = RunDir(job["path"]).read_metrics(max_age_s=LIVE_REFRESH_S / 2)  # sessions share a read
+        metrics = RunDir(job["path"]).read_metrics(max_age_s=CURVES_MAX_AGE_S)  # sessions share a read
         if metrics.empty and job["state"] not in ACTIVE_STATES:
             st.caption(f"No curves for {analysis.markdown_text(labels[job['run_id']])}: it ended before its first "
                        "training batch.")
@@ -555,8 +557,7 @@ def live_section() -> None:
     if frames:
         epochs = max(j["epochs"] for j in members)
         chart = chart_controls("live")
-        colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
-        curve_panels(frames, "live_curves", epochs=epochs, colors=colors, **chart)
+        curve_panels(frames, "live_curves", epochs=epochs, **plots.run_styles(labels), **chart)
     others = [j for j in jobs if j["state"] in ACTIVE_STATES and j["group"] != group]
     if others:
         st.subheader("Other jobs on this server")

@@ -7,16 +7,19 @@ from finetune_core import analysis, plots
 from finetune_core.config import settings
 from finetune_core.datastore import runs_root
 from finetune_core.runs import ACTIVE_STATES, RunDir, RunInfo, delete_run, list_runs
-from tuneboard_ui import LIVE_REFRESH_S, chart_controls, curve_panels, flash, page, state_label
+from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, curve_panels, flash, keep_run_choice, page,
+                          run_choice_label, state_label)
 
 
 def run_label(info: RunInfo) -> str:
-    return f"{info.name} · {state_label(info.state)} · {info.id}"
+    return run_choice_label(info.name, state_label(info.state), run_id=info.id)
 
 
 def choose_runs(by_id: dict[str, RunInfo]) -> tuple[list[str], dict]:
     """Which runs, and how their curves are drawn. Opens on analysis.default_selection (the newest group)."""
-    default = analysis.default_selection(list(by_id.values()))
+    keep_run_choice("compare_runs", by_id)
+    # the default only on the first draw: the choice is in the session after (keep_run_choice may set it)
+    default = None if "compare_runs" in st.session_state else analysis.default_selection(list(by_id.values()))
     chosen = st.multiselect("Runs", list(by_id), default=default, format_func=lambda i: run_label(by_id[i]),
                             key="compare_runs")
     return chosen, chart_controls("compare")
@@ -30,8 +33,7 @@ def curves_section(infos: list[RunInfo], chart: dict) -> None:
     infos = analysis.refreshed(infos)
     labels = analysis.run_labels(infos)
     frames = {labels[i.id]: RunDir(i.path).read_metrics(max_age_s=LIVE_REFRESH_S) for i in infos}  # half its refresh
-    colors = {labels[run_id]: color for run_id, color in plots.run_colors(labels).items()}
-    curve_panels(frames, "compare_curves", colors=colors, **chart)
+    curve_panels(frames, "compare_curves", **plots.run_styles(labels), **chart)
     empty = analysis.runs_without_metrics(infos)
     if empty:
         st.caption("No curves for " + ", ".join(f"**{analysis.markdown_text(labels[i.id])}** ({state_label(i.state)})" for i in empty)
@@ -55,17 +57,24 @@ def download_section(infos: list[RunInfo]) -> None:
 def manage_section(by_id: dict[str, RunInfo]) -> None:
     """Rename, tag, or delete one run (after asking; never a queued or running one)."""
     st.header("Manage a run")
+    keep_run_choice("manage_run", by_id)
     target = st.selectbox("Run", list(by_id), format_func=lambda i: run_label(by_id[i]), key="manage_run")
     info = by_id[target]
     meta = RunDir(info.path).read_meta()
     cols = st.columns(2)
     with cols[0]:
-        new_name = st.text_input("Name", value=info.name, key=f"name-{target}")
-        tags = st.text_input("Tags (comma-separated)", value=", ".join(meta.get("tags", [])), key=f"tags-{target}")
-        if st.button("Save", key="save_meta"):
+        # A form: the fields' values travel with the Save click itself. As separate widgets, a name
+        # typed while the server was busy reached it after the click, and the old name was saved.
+        with st.form(key=f"meta-{target}", border=False):
+            new_name = st.text_input("Name", value=info.name, key=f"name-{target}")
+            tags = st.text_input("Tags (comma-separated)", value=", ".join(meta.get("tags", [])),
+                                 key=f"tags-{target}")
+            saved = st.form_submit_button("Save", key="save_meta")
+        if saved:
             RunDir(info.path).write_meta(name=new_name.strip(), tags=[t.strip() for t in tags.split(",") if t.strip()])
-            flash(f"Saved: {analysis.markdown_text(new_name.strip() or info.id)}, tags "
-                  f"{analysis.markdown_text(tags.strip() or 'none')}.")
+            kept = RunDir(info.path).read_meta()  # what was saved, read back: the message names that
+            flash(f"Saved: {analysis.markdown_text(kept.get('name') or info.id)}, tags "
+                  f"{analysis.markdown_text(', '.join(kept.get('tags', [])) or 'none')}.")
             st.rerun()
     with cols[1]:
         if info.state in ACTIVE_STATES:

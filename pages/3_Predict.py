@@ -11,7 +11,7 @@ from finetune_core.datastore import runs_root
 from finetune_core.predict import (MAX_IMAGE_BYTES, PredictError, Predictor, bundle_warning, bundle_zip_bytes,
                                    export_bundle)
 from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, RunInfo, list_runs
-from tuneboard_ui import page, state_label
+from tuneboard_ui import keep_run_choice, page, state_label
 
 
 def choose_run() -> RunInfo | None:
@@ -26,6 +26,7 @@ def choose_run() -> RunInfo | None:
         return None
     by_id = {r.id: r for r in runs}
     best = analysis.best_of_newest_group(runs)  # not the newest: often a comparison's scratch twin
+    keep_run_choice("predict_run", by_id)  # its label ends with the id, as run_choice_label's
     run_id = st.selectbox("Run", list(by_id), key="predict_run", index=list(by_id).index(best),
                           format_func=lambda i: f"{by_id[i].name} · {state_label(by_id[i].state)} · "
                                                 f"{by_id[i].score.text()} · {i}")
@@ -48,14 +49,18 @@ def gallery_tab(predictions, classes) -> None:
                           format_func=lambda s: {"loss": "worst mistakes first", "confidence": "most confident first",
                                                  "least confident": "least confident first"}[s])
     shown = analysis.gallery(predictions, mistakes, None if cls == "all" else cls, sort)
-    number = int(st.number_input("Page", min_value=1, value=1, step=1, key="gallery_page",
+    last = analysis.page_of(shown, 1, GALLERY_PAGE)[1]
+    if st.session_state.get("gallery_page", 1) > last:  # fewer pages since (a filter): the box shows the last
+        st.session_state["gallery_page"] = last
+    number = int(st.number_input("Page", min_value=1, max_value=last, value=1, step=1, key="gallery_page",
                                  help=f"{GALLERY_PAGE} images a page")) if len(shown) > GALLERY_PAGE else 1
-    part, pages = analysis.page_of(shown, number, GALLERY_PAGE)  # a page beyond the last shows the last
+    part, pages = analysis.page_of(shown, number, GALLERY_PAGE)
     first = min(number, pages) * GALLERY_PAGE - GALLERY_PAGE
     st.caption(f"{len(shown)} images" + (f": {first + 1}-{first + len(part)} shown, page {min(number, pages)} of "
                                          f"{pages}" if pages > 1 else ""))
-    grid = st.columns(6)
     for k, (_, row) in enumerate(part.iterrows()):
+        if k % 6 == 0:  # a row of columns per six images: on a phone they stack in order, row by row
+            grid = st.columns(6)
         ok = str(row["true"]) == str(row["predicted"])
         with grid[k % 6]:
             picture, problem = analysis.gallery_picture(row["path"])
@@ -71,7 +76,8 @@ def gallery_tab(predictions, classes) -> None:
 def metrics_tab(predictions, classes) -> None:
     matrix = analysis.confusion(predictions, classes)
     st.plotly_chart(plots.confusion_figure(matrix, [str(x) for x in classes]), width="stretch", key="confusion")
-    st.dataframe(analysis.per_class_metrics(predictions, classes).round(3), width="stretch", hide_index=True)
+    st.dataframe(analysis.per_class_metrics(predictions, classes).style.format(precision=3),  # "0.900", not "0.9"
+                 width="stretch", hide_index=True)
 
 
 def classify_tab(model: Predictor) -> None:

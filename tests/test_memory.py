@@ -150,12 +150,12 @@ def test_serve_starts_streamlit_in_this_process_with_the_settings_and_the_addres
     serve.main(["--server.port", "8600", "--theme.base", "a value with spaces"])
     assert tuned == [True] and "GLIBC_TUNABLES" not in os.environ  # nothing for child processes to inherit
     assert calls == [{"prog_name": "streamlit", "args": ["run", str(ROOT / "app.py"), "--server.address", "127.0.0.1",
-                                                         "--server.port", "8600", "--theme.base", "a value with spaces"]}]
+                                                         "--runner.postScriptGC", "false", "--server.port", "8600", "--theme.base", "a value with spaces"]}]
     assert os.environ["TUNEBOARD_RUNS_DIR"] == str(tmp_path / "my-runs")  # relative to where it was typed
     assert os.getcwd() == str(ROOT)  # where .streamlit/config.toml is read
     monkeypatch.setenv(serve.ADDRESS_VARIABLE, "0.0.0.0")
-    assert serve.streamlit_args([])[2:] == ["--server.address", "0.0.0.0"]
-    assert serve.streamlit_args(["--server.address=10.0.0.1"])[2:] == ["--server.address=10.0.0.1"]
+    assert serve.streamlit_args([])[2:4] == ["--server.address", "0.0.0.0"]
+    assert "--server.address" not in serve.streamlit_args(["--server.address=10.0.0.1"])
 
 
 def free_port() -> int:

@@ -43,17 +43,15 @@ def traces_of(fig, name: str, axis: str = "x") -> list:
 def test_a_run_keeps_its_colour_whatever_it_is_drawn_with():
     ids = ["20261129-101500-fine", "20261129-101500-fine-scratch", "20261129-101501-fine-one-group"]
     together = plots.run_colors(ids)
-    assert len(set(together.values())) == 3  # three runs, three colours
     assert plots.run_colors(list(reversed(ids))) == together  # the order they are listed in does not matter
     alone = {i: plots.run_colors([i])[i] for i in ids}
-    assert alone == {i: plots.run_color(i) for i in ids}
-    # a run whose own colour no companion takes keeps it in company
-    assert sum(together[i] == alone[i] for i in ids) >= 2
+    assert alone == together == {i: plots.run_color(i) for i in ids}  # in company as alone
 
 
-def test_colours_are_distinct_while_the_palette_lasts_and_stable_across_processes():
+def test_runs_drawn_together_look_distinct_and_colours_are_stable_across_processes():
     ids = [f"20261129-1000{k:02d}-run" for k in range(len(plots.PALETTE))]
-    assert len(set(plots.run_colors(ids).values())) == len(plots.PALETTE)
+    colors, dashes = plots.run_colors(ids), plots.run_dashes(ids)
+    assert len({(colors[i], dashes[i]) for i in ids}) == len(ids)  # a shared colour, another dash
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from finetune_core import plots; "
             "print(plots.run_color('20261129-101500-fine'))")
     env = {**os.environ, "PYTHONHASHSEED": "123"}  # Python's own hash() would change with it
