@@ -299,3 +299,17 @@ def export_corrected(report, out_dir: str | os.PathLike) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(r.path, dest)
     return out
+
+
+def dataset_stamp(path: str | os.PathLike) -> tuple[float, float]:
+    """(the folder's modification time, its fixes file's): what a cached scan of `path` must key
+    on, so that a fix recorded on the Review page shows on the Train page at once."""
+    from .data import DatasetError, find_dataset_root
+
+    path = Path(path).expanduser()
+    try:
+        root, _ = find_dataset_root(path)
+        fixes = fixes_path(root)
+        return path.stat().st_mtime, fixes.stat().st_mtime if fixes.exists() else 0.0
+    except (DatasetError, OSError):
+        return path.stat().st_mtime, 0.0

@@ -467,10 +467,11 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
                    image_size: int = DEFAULT_IMAGE_SIZE, weights: str = "auto", run_dir: str | os.PathLike | None = None,
                    cache_dir: str | None = None, progress: ProgressCallback | None = None,
                    stop_event: threading.Event | None = None, report: ScanReport | None = None,
-                   kept: set[tuple[str, str]] | None = None) -> ReviewResult:
+                   kept: set[tuple[str, str]] | None = None, features_out: dict | None = None) -> ReviewResult:
     """Review a dataset folder (see the module's docstring). `run_dir`: a finished run on the same
     data whose predictions score the test images. `kept`: (path, kind) pairs a person marked as
-    not an issue (the fixes file's "keep" entries are read when None). Raises ReviewStopped when
+    not an issue (the fixes file's "keep" entries are read when None). `features_out`: a dict that
+    receives the features, labels and paths (benchmarks reuse them). Raises ReviewStopped when
     `stop_event` is set; DatasetError when the dataset is unusable."""
     from .data import DatasetError
 
@@ -487,6 +488,9 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
     n_classes = len(classes)
     train_labels = data.train_labels.numpy()
     test_labels = data.test_labels.numpy()
+    if features_out is not None:
+        features_out.update(train=train_features, test=test_features, train_labels=train_labels,
+                            test_labels=test_labels, train_paths=data.train_paths, test_paths=data.test_paths)
 
     steps.part(0.8, 0.9)
     train_probs = out_of_fold_probabilities(train_features, train_labels, n_classes, folds, progress=steps)
@@ -671,3 +675,38 @@ class ReviewJob:
     @property
     def running(self) -> bool:
         return self.thread.is_alive()
+
+
+# --------------------------------------------------------------------------------------------
+# From issues to fixes (what the page's buttons do)
+
+
+def fixes_for(result: ReviewResult, issues: list[Issue], action: str, to: str = ""):
+    """The fixes that answer `issues` with `action`: "suggested" (each kind's SUGGESTED_ACTION:
+    relabel to the suggested class, drop a leak, exclude the rest), "relabel" (to `to`), "exclude",
+    or "keep" (not an issue)."""
+    from .fixes import Fix, relative_path
+
+    out = []
+    for issue in issues:
+        chosen = SUGGESTED_ACTION[issue.kind] if action == "suggested" else action
+        if chosen == "relabel" and not (to or issue.suggested):
+            continue  # nothing to relabel to (a copy or a dark photo has no suggested class)
+        if chosen == "drop_leak" and issue.split != "test":
+            chosen = "exclude"
+        out.append(Fix(chosen, relative_path(issue.path, result.root), kind=issue.kind,
+                       to=(to or issue.suggested) if chosen == "relabel" else "",
+                       other=relative_path(issue.other, result.root) if issue.other else ""))
+    return out
+
+
+def decided(result: ReviewResult, fixes) -> dict[str, str]:
+    """{absolute path: what was decided, in words} for the images the fixes file already answers
+    (the page greys them out; keep entries count only for their issue kind)."""
+    out = {}
+    for fix in fixes:
+        path = str(Path(result.root) / fix.path)
+        words = {"relabel": f"relabelled to '{fix.to}'", "exclude": "excluded", "drop_leak": "dropped from the test split",
+                 "keep": "kept"}[fix.action]
+        out[path if fix.action != "keep" else f"{path}|{fix.kind}"] = words
+    return out
