@@ -425,6 +425,75 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_review(args) -> int:
+    """Review a dataset (label issues, copies and leaks, images that teach nothing), or change its
+    fixes file: --apply FIXES adds a fixes file's entries, --undo N removes one, --export OUT writes a
+    corrected copy."""
+    from .data import DatasetError, scan_dataset
+    from .fixes import FixesError, export_corrected, fixes_path, install_fixes, undo_fix
+
+    try:
+        report = scan_dataset(args.data)
+        if args.apply or args.undo is not None or args.export:
+            if args.apply:
+                path, n = install_fixes(report.root, args.apply)
+                print(f"{n} fixes from {args.apply} recorded in {path}")
+            if args.undo is not None:
+                removed = undo_fix(report.root, args.undo - 1)
+                print(f"undone: {removed.action} {removed.path} ({fixes_path(report.root)})")
+            if args.export:
+                report = scan_dataset(args.data)
+                if not report.usable:
+                    return fail(f"no usable dataset: {report.reason()}")
+                print(f"corrected copy written to {export_corrected(report, args.export)}")
+            return 0
+        if not report.usable:
+            return fail(f"no usable dataset: {report.reason()}")
+        return _print_review(args, report)
+    except (DatasetError, FixesError, ValueError) as exc:
+        return fail(str(exc))
+
+
+def _print_review(args, report) -> int:
+    from .review import KIND_LABELS, review_dataset
+
+    bar = None if args.quiet or args.json else ProgressBar()
+
+    def progress(fraction: float, message: str) -> None:
+        if bar is not None:
+            bar({"kind": "prepare", "progress": fraction, "message": message})
+
+    try:
+        result = review_dataset(args.data, folds=args.folds, backbone=args.backbone, image_size=args.image_size,
+                                run_dir=args.run, report=report, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.csv:
+        import pandas as pd
+
+        pd.DataFrame([i.to_dict() for i in result.issues],
+                     columns=["kind", "path", "split", "given", "suggested", "score", "other", "confidence",
+                              "detail"]).to_csv(args.csv, index=False)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(f"Reviewed {result.images.get('train', 0)} training and {result.images.get('test', 0)} test images "
+          f"in {result.seconds:.0f} s")
+    for kind, n in result.counts().items():
+        if n:
+            print(f"  {KIND_LABELS[kind]:<22} {n}")
+    for note in result.health_notes:
+        print(note)
+    for issue in result.issues[:args.top]:
+        suggestion = f" -> {issue.suggested}" if issue.suggested else ""
+        other = f" (copies {issue.other})" if issue.other else ""
+        print(f"{issue.kind:<16} {issue.score:5.2f}  [{issue.given}{suggestion}] {issue.path}{other}")
+    if len(result.issues) > args.top:
+        print(f"... and {len(result.issues) - args.top} more (--json or --csv for all)")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -558,6 +627,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the one the run selected (best on the validation split when it held one out, "
                         "else the last)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("review", help="find label issues, copies, leaks and useless images in a dataset; "
+                       "record or export fixes")
+    p.add_argument("data")
+    p.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold predictions [default: %(default)s]")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="[default: %(default)s]")
+    p.add_argument("--image-size", type=int, default=224, help="[default: %(default)s]")
+    p.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="a finished run on this dataset: its predictions score the test images")
+    p.add_argument("--json", action="store_true", help="print the review as one JSON object (README)")
+    p.add_argument("--csv", metavar="FILE", help="also write the issues to a CSV file")
+    p.add_argument("--top", type=int, default=30, help="issues listed in the text output [default: %(default)s]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--apply", metavar="FIXES", help="add the fixes of a fixes file to the dataset's own (no review)")
+    p.add_argument("--undo", type=int, metavar="N", help="remove fix number N (1 = first) of the dataset's fixes file")
+    p.add_argument("--export", metavar="OUT", help="write a corrected copy of the dataset (fixes applied) to OUT")
+    p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("info", help="the device, threads, memory settings and offline backbones")
     p.add_argument("--json", action="store_true")

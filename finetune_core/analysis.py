@@ -142,15 +142,28 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
                KEPT_NAME: info.score.kept}
         row.update({column: _metric(status.get(field), fmt) for column, field, fmt in COMPARE_METRICS})
         row["tags"] = ", ".join(info.tags)
+        row["review fixes"] = review_fixes_label(record)
         row.update({k: NOT_APPLICABLE if k in inert else display_value(values[k]) for k in COMPARE_SETTINGS})
         row.update({"images/s": _metric(status.get("images_per_s"), "{:.1f}"),
                     "duration (s)": _metric(info.duration_s, "{:.0f}")})
         rows.append(row)
     frame = pd.DataFrame(rows)
     differing = [k for k in COMPARE_SETTINGS if k in frame and frame[k].nunique() > 1]
-    lead = [c for c in frame.columns if c not in COMPARE_SETTINGS and c not in ("images/s", "duration (s)")]
+    trailing = ("images/s", "duration (s)", "review fixes")
+    lead = [c for c in frame.columns if c not in COMPARE_SETTINGS and c not in trailing]
     rest = [c for c in frame.columns if c not in lead and c not in differing]
     return frame[lead + differing + rest], differing  # what differs right after the results, in view
+
+
+def review_fixes_label(record: dict) -> str:
+    """What the data review had changed when a run trained: "before review" (no fixes file) or
+    the fixes in force ("3 relabelled, 5 excluded"), so Compare shows before and after review."""
+    from .fixes import summary_text
+
+    fixes = (record.get("dataset") or {}).get("fixes")
+    if not isinstance(fixes, dict):
+        return "before review"
+    return summary_text(fixes.get("relabelled", 0), fixes.get("excluded", 0), fixes.get("leaks_dropped", 0))
 
 
 def runs_without_metrics(infos: list[RunInfo]) -> list[RunInfo]:

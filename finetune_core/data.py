@@ -96,6 +96,8 @@ class ScanReport:
     test_split_name: str = "test"
     test_fraction: float | None = None
     seconds: float = 0.0
+    exact_leaks: list[tuple[str, str]] = field(default_factory=list)  # (test copy left out, training image)
+    fixes: object | None = None  # fixes.AppliedFixes: what the dataset's fixes file changed (None: no file)
 
     @property
     def errors(self) -> list[Problem]:
@@ -151,6 +153,7 @@ class ScanReport:
             "usable": self.usable,
             "reason": self.reason(),
             "seconds": round(self.seconds, 3),
+            "fixes": self.fixes.to_dict() if self.fixes is not None else None,
         }
 
 
@@ -372,9 +375,12 @@ def scan_dataset(
     max_pixels: int | None = None,
     few_images: int = FEW_IMAGES_PER_CLASS,
     imbalance_ratio: float = IMBALANCE_RATIO,
+    use_fixes: bool = True,
 ) -> ScanReport:
     """Scan a dataset folder. Raises DatasetError only when `path` is missing or not a folder, and
-    SeveralDatasets when it holds several datasets; every other problem is in the report."""
+    SeveralDatasets when it holds several datasets; every other problem is in the report. The
+    dataset's fixes file (fixes.py: relabelled, excluded, dropped leaks), if it has one, is applied
+    unless `use_fixes` is off."""
     import time
 
     if not 0.0 < test_fraction < 1.0:
@@ -460,9 +466,29 @@ def scan_dataset(
                 r.label = index[c]
         report.samples["train"], report.samples["test"] = stratified_split(by_class, root, test_fraction)
 
+    if use_fixes:
+        _apply_fixes_file(report)
     _dataset_checks(report, split_dirs, few_images, imbalance_ratio)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _apply_fixes_file(report: ScanReport) -> None:
+    """Apply the review's fixes to the scanned records. A malformed fixes file is an error that
+    names it (nothing applied: training on labels the user believes corrected would mislead)."""
+    from .fixes import FixesError, apply_fixes, fixes_path, load_fixes
+
+    path = fixes_path(report.root)
+    try:
+        fixes = load_fixes(path)
+    except FixesError as exc:
+        report.problems.append(Problem(str(path), f"{exc}; no fix applied. Correct or delete the file", ERROR))
+        return
+    if not path.exists():
+        return
+    report.fixes = apply_fixes(report, fixes, str(path))
+    for line in report.fixes.unmatched:
+        report.problems.append(Problem(str(path), line, WARNING))
 
 
 def _dataset_checks(report: ScanReport, split_dirs: dict, few_images: int, imbalance_ratio: float) -> None:
@@ -490,6 +516,7 @@ def _dataset_checks(report: ScanReport, split_dirs: dict, few_images: int, imbal
         if r.sha1 in train_hashes:
             problems.append(Problem(r.path, f"same file as training image {train_hashes[r.sha1]} "
                                     "(test leakage), left out of the test split", WARNING))
+            report.exact_leaks.append((r.path, train_hashes[r.sha1]))
         else:
             kept.append(r)
     report.samples["test"] = kept

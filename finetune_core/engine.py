@@ -292,7 +292,8 @@ def config_record(config: TrainConfig, report: ScanReport | None = None, data: P
     if report is not None:
         record["dataset"].update(layout=report.layout, splits=report.splits,
                                  test_split_name=report.test_split_name,
-                                 skipped_files=len(report.warnings) + (len(data.skipped) if data else 0))
+                                 skipped_files=len(report.warnings) + (len(data.skipped) if data else 0),
+                                 fixes=report.fixes.to_dict() if report.fixes is not None else None)
     if validation_copies:
         record["dataset"]["validation_split"] = validation_copies
     if config.backbone in BACKBONES:

@@ -21,6 +21,7 @@ from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, S
                                   inactive_settings, launch_warnings, parse_form, preset_for_machine,
                                   auto_notes, setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, SeveralDatasets, find_dataset_root, scan_dataset
+from finetune_core.fixes import dataset_stamp
 from finetune_core.engine import resolve_auto
 from finetune_core.jobs import DuplicateSubmission, NotResumable
 from finetune_core.runs import ACTIVE_STATES, RESUMABLE_STATES, RunDir, RunOwned
@@ -62,7 +63,8 @@ def dataset_section():
     if data_path:
         try:
             path = Path(data_path).expanduser()
-            report = scan(str(path), TrainConfig.test_fraction, path.stat().st_mtime)
+            report = scan(str(path), TrainConfig.test_fraction, dataset_stamp(path))
+            st.session_state["current_dataset"] = str(path)  # the Review page starts from it
         except FileNotFoundError:
             st.error(analysis.markdown_message(f"{data_path}: no such folder", paths=(str(data_path),)))
         except OSError as exc:
@@ -165,7 +167,7 @@ def uploaded_zip(root: Path) -> str:
 
 
 @st.cache_data(ttl=60, show_spinner="Scanning the dataset…")
-def scan(path: str, test_fraction: float, stamp: float):
+def scan(path: str, test_fraction: float, stamp: tuple):
     return scan_dataset(path, test_fraction=test_fraction)
 
 
@@ -176,6 +178,9 @@ def show_scan(report) -> None:
     c[1].metric("Training images", f"{sum(splits.get('train', {}).values()):,}")  # "1,438", as "1,797" above
     c[2].metric("Test images", f"{sum(splits.get('test', {}).values()):,}")
     c[3].metric("Warnings", len(report.warnings), help="files skipped and advice about the data, listed below")
+    if report.fixes is not None:
+        st.caption(f"Review fixes in force: **{report.fixes.text()}** (`{report.fixes.file}`; the Review page "
+                   "changes or undoes them)")
     if report.layout == "flat":
         st.caption(f"No train/test split in the folder: {report.test_fraction:.0%} of each class is held out "
                    "for testing (the same files every time).")

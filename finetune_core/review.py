@@ -1,0 +1,712 @@
+"""Data review: photos whose label is probably wrong, copies and leaks, photos that teach nothing.
+
+`review_dataset(path)` looks at a dataset the way the scan leaves it (the fixes file applied) and
+returns a `ReviewResult`: one list of `Issue`s (kind, path, given, suggested, score, other) and
+the health of each class. It reads the images once and runs the frozen backbone once:
+
+- Label issues, out of fold. The backbone's pooled features of every image (centre view, the
+  test transform's) are computed with the engine's own FeatureCache, as a run that trains the
+  head only would. A logistic-regression head is fitted k times (k folds, stratified), each
+  fold predicted by the head that did not see it, so every training image gets an out-of-sample
+  probability for each class. Test images get theirs from a finished run's predictions.csv when
+  one is given (the model the user trained), else from the head fitted on all training images
+  (never fitted on them either).
+  cleanlab ranks and flags them: the ranking is `cleanlab.rank.get_label_quality_scores` with
+  method "self_confidence" (the out-of-fold probability of the given label): on out-of-fold
+  probabilities it ranks planted flips well, it is the simplest score to explain on the page
+  ("the model gives this label 3%"), and unlike "normalized_margin" it does not penalise a
+  correct image whose second class is close. Which images are *flagged* is
+  `cleanlab.filter.find_label_issues(filter_by="prune_by_noise_rate")` (confident learning: as
+  many per pair of classes as the estimated joint of given and true labels says are wrong),
+  kept only where the suggested class differs from the given one.
+- Copies: exact (the same bytes, as the scan finds them) and near (resized, re-encoded, slightly
+  cropped, mirrored): a pair whose perceptual hashes (pHash of the centre view, and of its
+  mirror) are close AND whose backbone features agree, or whose features are nearly identical.
+  A copy of a training image in the test split is a `leak`; other copies are `near_duplicate` /
+  `exact_duplicate`, the later path being the issue and `other` the image it copies.
+- Photos that teach nothing, measured on the centre view (what the model sees), with thresholds
+  set on the real sets so normal photos are almost never flagged (README, bench_review.py):
+  dark (99th percentile of brightness under 100 of 255), light (1st percentile above 160),
+  blurry (variance of the Laplacian under 8), low_information (grey standard deviation under 5:
+  almost one colour), odd_aspect_ratio (a side over 3 times the other), tiny (shorter side under
+  a quarter of the dataset's median, or under 32 px).
+- Class health: per class the images, share, suspected label errors and copies, with imbalance
+  and too-few-to-learn named.
+
+Nothing is changed here: fixes are recorded by fixes.py and applied by the scan.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data import ScanReport, scan_dataset
+
+ProgressCallback = Callable[[float, str], None]
+
+DEFAULT_BACKBONE = "efficientnet_lite0"  # works offline; the fastest ImageNet backbone here
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_FOLDS = 5
+
+# Thresholds of the detectors (measured on seefood, hymenoptera and trashnet6: README).
+DARK_P99_BRIGHTNESS = 100.0     # the brightest 1% of pixels still darker than this (0-255)
+LIGHT_P1_BRIGHTNESS = 160.0     # the darkest 1% of pixels still lighter than this
+BLUR_LAPLACIAN_VAR = 8.0        # variance of the Laplacian of the grey 224 px centre view
+LOW_INFO_GREY_STD = 5.0         # grey standard deviation: almost one flat colour
+ODD_ASPECT_RATIO = 3.0          # long side / short side
+TINY_SIDE_PX = 32               # shorter side, px (or a quarter of the dataset's median)
+NEAR_HASH_BITS = 10             # pHash Hamming distance (of 64 bits) for a near copy ...
+NEAR_COSINE = 0.90              # ... together with this feature cosine,
+SAME_COSINE = 0.97              # or this feature cosine alone
+IMBALANCE_RATIO = 5.0
+FEW_IMAGES = 20                 # a class with fewer training images is named as too few to learn well
+
+QUALITY_KINDS = ("dark", "light", "blurry", "low_information", "odd_aspect_ratio", "tiny")
+COPY_KINDS = ("exact_duplicate", "near_duplicate", "leak")
+KINDS = ("label", *COPY_KINDS, *QUALITY_KINDS)
+KIND_LABELS = {"label": "Label issue", "exact_duplicate": "Exact copy", "near_duplicate": "Near copy",
+               "leak": "Test leak", "dark": "Dark", "light": "Too light", "blurry": "Blurred",
+               "low_information": "Almost uniform", "odd_aspect_ratio": "Extreme aspect ratio", "tiny": "Tiny"}
+# What the page offers to do about an issue when the user accepts its suggestion.
+SUGGESTED_ACTION = {"label": "relabel", "leak": "drop_leak", "exact_duplicate": "exclude",
+                    "near_duplicate": "exclude", **{k: "exclude" for k in QUALITY_KINDS}}
+
+
+class ReviewStopped(Exception):
+    """The user stopped the review."""
+
+
+@dataclass
+class Issue:
+    kind: str               # one of KINDS; a wrong label's kind is "label", a copy across splits "leak"
+    path: str
+    split: str              # train | test
+    given: str              # the label the image has now
+    suggested: str = ""     # label: the class the out-of-fold model prefers
+    score: float = 0.0      # higher is more suspect (0-1 for labels and copies)
+    other: str = ""         # copies: the image it copies
+    confidence: float | None = None  # label: the model's probability of `suggested`
+    detail: str = ""        # one line for a person
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ReviewResult:
+    root: str
+    classes: list[str]
+    issues: list[Issue] = field(default_factory=list)
+    class_health: list[dict] = field(default_factory=list)
+    health_notes: list[str] = field(default_factory=list)
+    images: dict = field(default_factory=dict)         # {"train": n, "test": n}
+    method: dict = field(default_factory=dict)         # how it was computed (backbone, folds, ranking)
+    fixes: dict | None = None                           # the fixes already applied by the scan
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        out = {k: 0 for k in KINDS}
+        for issue in self.issues:
+            out[issue.kind] = out.get(issue.kind, 0) + 1
+        return out
+
+    def to_dict(self) -> dict:
+        return {"format": "tuneboard-review-1", "root": self.root, "classes": self.classes,
+                "images": self.images, "counts": self.counts(), "issues": [i.to_dict() for i in self.issues],
+                "class_health": self.class_health, "health_notes": self.health_notes, "method": self.method,
+                "fixes": self.fixes, "seconds": round(self.seconds, 2)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReviewResult":
+        return cls(root=data["root"], classes=data["classes"], issues=[Issue(**i) for i in data["issues"]],
+                   class_health=data.get("class_health", []), health_notes=data.get("health_notes", []),
+                   images=data.get("images", {}), method=data.get("method", {}), fixes=data.get("fixes"),
+                   seconds=data.get("seconds", 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Activations of the frozen backbone, through the engine's FeatureCache
+
+
+class _Progress:
+    """The `reporter` FeatureCache expects (prepare(message, progress)), mapping its progress
+    into a part of the review's and raising ReviewStopped when asked to stop."""
+
+    def __init__(self, callback: ProgressCallback | None, stop_event: threading.Event | None):
+        self.callback, self.stop_event = callback, stop_event or threading.Event()
+        self.low, self.high = 0.0, 1.0
+
+    def part(self, low: float, high: float) -> "_Progress":
+        self.low, self.high = low, high
+        return self
+
+    def check_stop(self) -> None:
+        if self.stop_event.is_set():
+            raise ReviewStopped("stopped by the user")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.check_stop()
+        if self.callback is not None:
+            self.callback(self.low + (self.high - self.low) * min(max(fraction, 0.0), 1.0), message)
+
+    def prepare(self, message: str, progress: float = 0.0, force_status: bool = False) -> None:
+        self(self._fraction(message), message)
+
+    @staticmethod
+    def _fraction(message: str) -> float:
+        """FeatureCache says "(done/total ...)"; that is the fraction of this part."""
+        import re
+
+        match = re.search(r"\((\d+)/(\d+)", message)
+        return int(match.group(1)) / max(int(match.group(2)), 1) if match else 0.0
+
+
+@dataclass
+class _FeatureContext:
+    """What FeatureCache reads of a run's Setup, for a review that trains no model."""
+    config: object
+    data: object
+    device: torch.device
+    bf16: bool
+    mean: tuple
+    std: tuple
+    train_idx: list[int]
+    val_idx: list[int] = field(default_factory=list)
+    cache_dir: str | None = None
+    train_seconds: float = 0.0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def progress(self) -> float:
+        return 0.0
+
+
+def backbone_features(report: ScanReport, backbone: str, image_size: int, weights: str, cache_dir: str | None,
+                      progress: _Progress) -> tuple[object, np.ndarray, np.ndarray]:
+    """(decoded data, training features, test features): the pooled output of the backbone without
+    its head, for the centre view of every image, from the engine's FeatureCache."""
+    from .config import TrainConfig
+    from .engine import FeatureCache, normalisation, use_bf16
+    from .models import build_model, resolve_device, split_model
+    from .prepare import prepare_data
+
+    config = TrainConfig(data=report.root, backbone=backbone, weights=weights, image_size=image_size,
+                         train_stages="head", precision="bf16", eval_batch_size=64)
+    device = resolve_device("auto")
+    progress.part(0.0, 0.35)
+    data = prepare_data(report, image_size, cache_dir=cache_dir, device=device,
+                        progress=lambda done, total: progress(done / max(total, 1),
+                                                              f"decoding images ({done}/{total})"))
+    progress.part(0.35, 0.4)
+    progress(0.0, f"loading {backbone}")
+    model = build_model(backbone, len(report.classes), weights).to(device)
+    bottom, _ = split_model(model, backbone, "head")
+    if config.channels_last:
+        bottom.to(memory_format=torch.channels_last)
+    mean, std = normalisation(config)
+    ctx = _FeatureContext(config=config, data=data, device=device, bf16=use_bf16(config, device), mean=mean,
+                          std=std, train_idx=list(range(len(data.train_labels))), cache_dir=cache_dir)
+    cache = FeatureCache(bottom, ctx, progress)
+    progress.part(0.4, 0.7)
+    train = cache.get("train").float().reshape(len(data.train_labels), -1).numpy()
+    progress.part(0.7, 0.8)
+    test = cache.get("test").float().reshape(len(data.test_labels), -1).numpy()
+    cache.close()
+    return data, train, test
+
+
+# --------------------------------------------------------------------------------------------
+# Label issues
+
+
+def _head():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=300))
+
+
+def _probabilities(model, features: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class probabilities with a column for every class (a class absent from a fold's training
+    part gets 0)."""
+    out = np.zeros((len(features), n_classes))
+    out[:, model.classes_] = model.predict_proba(features)
+    return out
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = DEFAULT_FOLDS,
+                              seed: int = 0, progress: ProgressCallback | None = None) -> np.ndarray:
+    """Every image's class probabilities from a head fitted on the other folds (stratified when
+    every class has at least two images per fold's share)."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(labels, minlength=n_classes)
+    smallest = counts[counts > 0].min()
+    k = max(2, min(folds, len(labels)))
+    splitter = StratifiedKFold(k, shuffle=True, random_state=seed) if smallest >= k else \
+        KFold(k, shuffle=True, random_state=seed)
+    probs = np.zeros((len(labels), n_classes))
+    for i, (fit_idx, held_idx) in enumerate(splitter.split(features, labels)):
+        if progress:
+            progress(i / k, f"fitting fold {i + 1} of {k}")
+        model = _head().fit(features[fit_idx], labels[fit_idx])
+        probs[held_idx] = _probabilities(model, features[held_idx], n_classes)
+    return probs
+
+
+def label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(score of each image: 1 - cleanlab's self-confidence label quality, higher is more suspect;
+    a mask of the images cleanlab's confident learning flags, whose suggested class differs)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    score = 1.0 - get_label_quality_scores(labels, probs, method="self_confidence")
+    present = np.unique(labels)
+    if len(present) < 2:
+        return score, np.zeros(len(labels), dtype=bool)
+    # cleanlab wants every class present among the labels: restrict to those that are
+    sub = probs[:, present]
+    sub = sub / np.clip(sub.sum(1, keepdims=True), 1e-12, None)
+    remap = np.searchsorted(present, labels)
+    with np.errstate(all="ignore"), _quiet():
+        flagged = find_label_issues(remap, sub, filter_by="prune_by_noise_rate", n_jobs=1)
+    flagged &= probs.argmax(1) != labels
+    return score, flagged
+
+
+@contextlib.contextmanager
+def _quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def run_test_probabilities(run_dir: str | os.PathLike, paths: list[str], classes: list[str]) -> np.ndarray | None:
+    """The test images' probabilities from a finished run's predictions.csv, in `paths` order;
+    None when the run does not cover exactly these images and classes."""
+    import pandas as pd
+
+    file = Path(run_dir) / "predictions.csv"
+    if not file.is_file():
+        return None
+    frame = pd.read_csv(file)
+    columns = [f"prob_{c}" for c in classes]
+    if any(c not in frame for c in columns):
+        return None
+    by_path = {os.path.realpath(p): row for p, row in zip(frame["path"], frame[columns].to_numpy())}
+    rows = [by_path.get(os.path.realpath(p)) for p in paths]
+    if any(r is None for r in rows):
+        return None
+    return np.asarray(rows, dtype=float)
+
+
+# --------------------------------------------------------------------------------------------
+# Centre views: perceptual hashes and image quality
+
+
+def centre_views(data, split: str, batch: int = 64):
+    """Batches of (indices, uint8 N x 3 x S x S) centre views: what the model sees of each image."""
+    from .prepare import center_view_batch
+
+    n = len(data.train_labels) if split == "train" else len(data.test_labels)
+    for start in range(0, n, batch):
+        idx = list(range(start, min(n, start + batch)))
+        if split == "train":
+            yield idx, center_view_batch(data, idx, data.image_size, torch.device("cpu"))
+        else:
+            yield idx, data.test_images[idx[0]:idx[-1] + 1]
+
+
+def quality_measures(views: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per image of a uint8 batch: 99th and 1st percentile of perceived brightness, variance of the
+    Laplacian of grey, grey standard deviation."""
+    x = views.float()
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    brightness = torch.sqrt(0.241 * r ** 2 + 0.691 * g ** 2 + 0.068 * b ** 2).flatten(1)
+    grey = (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    laplacian = torch.nn.functional.conv2d(grey, kernel)
+    q = torch.quantile(brightness[:, ::4], torch.tensor([0.01, 0.99]), dim=1)
+    return {"p1_brightness": q[0].numpy(), "p99_brightness": q[1].numpy(),
+            "laplacian_var": laplacian.flatten(1).var(1).numpy(), "grey_std": grey.flatten(1).std(1).numpy()}
+
+
+def perceptual_hashes(views: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(pHash bits N x 64, pHash bits of the mirror images N x 64) of a uint8 batch."""
+    import imagehash
+    from PIL import Image
+
+    plain, mirrored = [], []
+    for view in views.permute(0, 2, 3, 1).numpy():
+        img = Image.fromarray(view)
+        plain.append(imagehash.phash(img).hash.ravel())
+        mirrored.append(imagehash.phash(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).hash.ravel())
+    return np.asarray(plain, dtype=bool), np.asarray(mirrored, dtype=bool)
+
+
+def quality_issues(measures: dict[str, np.ndarray], sizes: np.ndarray) -> list[tuple[int, str, float, str]]:
+    """(image index, kind, score, detail) of every image that teaches little."""
+    out = []
+    short = sizes.min(1)
+    long = sizes.max(1)
+    tiny_side = max(TINY_SIDE_PX, float(np.median(short)) / 4) if len(short) else TINY_SIDE_PX
+    for i in range(len(sizes)):
+        p99, p1 = measures["p99_brightness"][i], measures["p1_brightness"][i]
+        lap, std = measures["laplacian_var"][i], measures["grey_std"][i]
+        if std < LOW_INFO_GREY_STD:
+            out.append((i, "low_information", 1 - std / LOW_INFO_GREY_STD,
+                        f"almost one flat colour (grey spread {std:.1f} of 255)"))
+        elif lap < BLUR_LAPLACIAN_VAR:
+            out.append((i, "blurry", 1 - lap / BLUR_LAPLACIAN_VAR, f"blurred (sharpness {lap:.1f}, under "
+                                                                   f"{BLUR_LAPLACIAN_VAR:.0f})"))
+        if p99 < DARK_P99_BRIGHTNESS:
+            out.append((i, "dark", 1 - p99 / DARK_P99_BRIGHTNESS, f"dark (its brightest pixels reach {p99:.0f} "
+                                                                  "of 255)"))
+        if p1 > LIGHT_P1_BRIGHTNESS:
+            out.append((i, "light", (p1 - LIGHT_P1_BRIGHTNESS) / (255 - LIGHT_P1_BRIGHTNESS),
+                        f"washed out (its darkest pixels are {p1:.0f} of 255)"))
+        ratio = long[i] / max(short[i], 1)
+        if ratio > ODD_ASPECT_RATIO:
+            out.append((i, "odd_aspect_ratio", min(1.0, ratio / 10), f"{sizes[i][0]}x{sizes[i][1]} px: the "
+                        "centre crop keeps little of it"))
+        if short[i] < tiny_side:
+            out.append((i, "tiny", 1 - short[i] / tiny_side, f"{sizes[i][0]}x{sizes[i][1]} px, far smaller than "
+                                                             "the others"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Copies
+
+
+def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    return a @ (1 - b).T + (1 - a) @ b.T
+
+
+def near_copies(hashes: np.ndarray, mirrored: np.ndarray, features: np.ndarray | None,
+                chunk: int = 1024) -> list[tuple[int, int, float]]:
+    """(i, j, similarity) for i > j: image i nearly copies the earlier image j (its best such
+    match). Near: pHash distance at most NEAR_HASH_BITS (of the image or of its mirror) with a
+    feature cosine of at least NEAR_COSINE, or a cosine of at least SAME_COSINE."""
+    n = len(hashes)
+    normed = None
+    if features is not None:
+        normed = features / np.clip(np.linalg.norm(features, axis=1, keepdims=True), 1e-12, None)
+        normed = normed.astype(np.float32)
+    pairs = []
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        dist = np.minimum(_hamming(hashes[rows], hashes), _hamming(mirrored[rows], hashes))
+        cos = normed[rows] @ normed.T if normed is not None else np.ones_like(dist)
+        near = ((dist <= NEAR_HASH_BITS) & (cos >= NEAR_COSINE)) | (cos >= SAME_COSINE if normed is not None
+                                                                      else dist <= NEAR_HASH_BITS // 2)
+        for r in range(near.shape[0]):
+            i = start + r
+            candidates = np.flatnonzero(near[r, :i])
+            if len(candidates):
+                similarity = 1 - dist[r, candidates] / 64 if normed is None else cos[r, candidates]
+                best = int(np.argmax(similarity))
+                pairs.append((i, int(candidates[best]), float(similarity[best])))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Class health
+
+
+def class_health(report: ScanReport, issues: list[Issue]) -> tuple[list[dict], list[str]]:
+    """Per class: training and test images, share, suspected label errors and copies; and the
+    sentences naming imbalance and classes too small to learn."""
+    splits = report.splits
+    train = splits.get("train", {})
+    total = sum(train.values()) or 1
+    rows = []
+    for c in report.classes:
+        rows.append({"class": c, "train": train.get(c, 0), "test": splits.get("test", {}).get(c, 0),
+                     "share": round(train.get(c, 0) / total, 4),
+                     "label_issues": sum(1 for i in issues if i.kind == "label" and i.given == c),
+                     "copies": sum(1 for i in issues if i.kind in COPY_KINDS and i.given == c),
+                     "low_quality": sum(1 for i in issues if i.kind in QUALITY_KINDS and i.given == c)})
+    notes = []
+    counts = {r["class"]: r["train"] for r in rows if r["train"]}
+    if counts:
+        big, small = max(counts, key=counts.get), min(counts, key=counts.get)
+        ratio = counts[big] / counts[small]
+        if ratio >= IMBALANCE_RATIO:
+            notes.append(f"Imbalance: '{big}' has {counts[big]} training images, '{small}' {counts[small]} "
+                         f"({ratio:.1f} times fewer). The model will lean towards '{big}': expect lower accuracy "
+                         f"on '{small}' than the overall figure says; add images of '{small}' or weigh it up.")
+    for c, n in counts.items():
+        if n < FEW_IMAGES:
+            notes.append(f"Too few: '{c}' has only {n} training images; under {FEW_IMAGES} a class is hard to "
+                         "learn and its test accuracy is mostly noise. Add images or merge it with another.")
+    return rows, notes
+
+
+# --------------------------------------------------------------------------------------------
+# The review
+
+
+def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone: str = DEFAULT_BACKBONE,
+                   image_size: int = DEFAULT_IMAGE_SIZE, weights: str = "auto", run_dir: str | os.PathLike | None = None,
+                   cache_dir: str | None = None, progress: ProgressCallback | None = None,
+                   stop_event: threading.Event | None = None, report: ScanReport | None = None,
+                   kept: set[tuple[str, str]] | None = None, features_out: dict | None = None) -> ReviewResult:
+    """Review a dataset folder (see the module's docstring). `run_dir`: a finished run on the same
+    data whose predictions score the test images. `kept`: (path, kind) pairs a person marked as
+    not an issue (the fixes file's "keep" entries are read when None). `features_out`: a dict that
+    receives the features, labels and paths (benchmarks reuse them). Raises ReviewStopped when
+    `stop_event` is set; DatasetError when the dataset is unusable."""
+    from .data import DatasetError
+
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2 (each image is predicted by a head that did not see it), got {folds}")
+    t0 = time.perf_counter()
+    steps = _Progress(progress, stop_event)
+    steps(0.0, "scanning the dataset")
+    report = report or scan_dataset(path)
+    if not report.usable:
+        raise DatasetError(f"dataset not usable: {report.reason()}")
+    data, train_features, test_features = backbone_features(report, backbone, image_size, weights, cache_dir, steps)
+    classes = report.classes
+    n_classes = len(classes)
+    train_labels = data.train_labels.numpy()
+    test_labels = data.test_labels.numpy()
+    if features_out is not None:
+        features_out.update(train=train_features, test=test_features, train_labels=train_labels,
+                            test_labels=test_labels, train_paths=data.train_paths, test_paths=data.test_paths)
+
+    steps.part(0.8, 0.9)
+    train_probs = out_of_fold_probabilities(train_features, train_labels, n_classes, folds, progress=steps)
+    test_probs = run_test_probabilities(run_dir, data.test_paths, classes) if run_dir else None
+    test_source = f"the run {run_dir}" if test_probs is not None else "a head fitted on all training images"
+    if test_probs is None:
+        test_probs = _probabilities(_head().fit(train_features, train_labels), test_features, n_classes)
+
+    issues: list[Issue] = []
+    for split, labels, probs, paths in (("train", train_labels, train_probs, data.train_paths),
+                                        ("test", test_labels, test_probs, data.test_paths)):
+        scores, flagged = label_issues(labels, probs)
+        for i in np.flatnonzero(flagged):
+            suggested = int(probs[i].argmax())
+            issues.append(Issue("label", paths[i], split, classes[labels[i]], classes[suggested], float(scores[i]),
+                                confidence=round(float(probs[i, suggested]), 4),
+                                detail=f"the model gives '{classes[labels[i]]}' {probs[i, labels[i]]:.0%} and "
+                                       f"'{classes[suggested]}' {probs[i, suggested]:.0%}"))
+
+    steps.part(0.9, 1.0)
+    steps(0.0, "looking for copies and images that teach little")
+    measures: dict[str, dict] = {}
+    hashes: dict[str, tuple] = {}
+    for split in ("train", "test"):
+        parts, plain, mirror = [], [], []
+        for idx, views in centre_views(data, split):
+            steps.check_stop()
+            parts.append(quality_measures(views))
+            h, m = perceptual_hashes(views)
+            plain.append(h)
+            mirror.append(m)
+        measures[split] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        hashes[split] = (np.concatenate(plain), np.concatenate(mirror))
+    sizes = {split: np.asarray([(r.width, r.height) for r in _records_of(report, paths)])
+             for split, paths in (("train", data.train_paths), ("test", data.test_paths))}
+    for split, labels, paths in (("train", train_labels, data.train_paths), ("test", test_labels, data.test_paths)):
+        for i, kind, score, detail in quality_issues(measures[split], sizes[split]):
+            issues.append(Issue(kind, paths[i], split, classes[labels[i]], score=round(float(score), 4),
+                                detail=detail))
+
+    issues.extend(copy_issues(report, data, hashes, train_features, test_features))
+    if kept is None:
+        kept = kept_issues(report.root)
+    issues = [i for i in issues if (i.path, i.kind) not in kept]
+    issues.sort(key=lambda i: (KINDS.index(i.kind), -i.score))
+    health, notes = class_health(report, issues)
+    return ReviewResult(
+        root=report.root, classes=classes, issues=issues, class_health=health, health_notes=notes,
+        images={"train": len(data.train_paths), "test": len(data.test_paths)},
+        method={"backbone": backbone, "image_size": image_size, "folds": folds, "features": "pooled, centre view",
+                "head": "logistic regression (standardised features, C=0.05)",
+                "ranking": "cleanlab.rank.get_label_quality_scores(method='self_confidence')",
+                "flagging": "cleanlab.filter.find_label_issues(filter_by='prune_by_noise_rate')",
+                "test_scored_by": test_source},
+        fixes=report.fixes.to_dict() if report.fixes is not None else None,
+        seconds=time.perf_counter() - t0)
+
+
+def _records_of(report: ScanReport, paths: list[str]):
+    by_path = {r.path: r for records in report.samples.values() for r in records}
+    return [by_path[p] for p in paths]
+
+
+def copy_issues(report: ScanReport, data, hashes: dict, train_features: np.ndarray,
+                test_features: np.ndarray) -> list[Issue]:
+    """Exact and near copies within the splits, and copies of training images in the test split
+    (leaks: the exact ones the scan already left out, and near ones)."""
+    classes = report.classes
+    paths = data.train_paths + data.test_paths
+    labels = np.concatenate([data.train_labels.numpy(), data.test_labels.numpy()])
+    n_train = len(data.train_paths)
+    split = lambda k: "train" if k < n_train else "test"  # noqa: E731
+    issues = []
+    for test_path, train_path in report.exact_leaks:
+        given = Path(test_path).parent.name
+        issues.append(Issue("leak", test_path, "test", given, score=1.0, other=train_path,
+                            detail="the same file as a training image (already left out of the test split by the "
+                                   "scan)"))
+    sha = {r.path: r.sha1 for records in report.samples.values() for r in records}
+    first_of: dict[str, int] = {}
+    exact: set[int] = set()
+    for k, p in enumerate(paths):
+        if sha[p] in first_of:
+            j = first_of[sha[p]]
+            exact.add(k)
+            kind = "leak" if split(k) != split(j) else "exact_duplicate"
+            issues.append(Issue(kind, p, split(k), classes[labels[k]], score=1.0, other=paths[j],
+                                detail="the same file as " + ("a training image" if kind == "leak" else "another image")))
+        else:
+            first_of[sha[p]] = k
+    plain = np.concatenate([hashes["train"][0], hashes["test"][0]])
+    mirror = np.concatenate([hashes["train"][1], hashes["test"][1]])
+    features = np.concatenate([train_features, test_features])
+    for k, j, similarity in near_copies(plain, mirror, features):
+        if k in exact:
+            continue
+        kind = "leak" if split(k) != split(j) else "near_duplicate"
+        issues.append(Issue(kind, paths[k], split(k), classes[labels[k]], score=round(similarity, 4), other=paths[j],
+                            detail=("a near copy of a training image" if kind == "leak" else "a near copy of another "
+                                    "image") + " (resized, re-encoded, cropped or mirrored)"))
+    return issues
+
+
+def kept_issues(root: str | os.PathLike) -> set[tuple[str, str]]:
+    """(absolute path, kind) of every issue a person marked as not an issue ("keep" fixes)."""
+    from .fixes import FixesError, fixes_path, load_fixes
+
+    try:
+        fixes = load_fixes(fixes_path(root))
+    except FixesError:
+        return set()
+    return {(str(Path(root) / f.path), f.kind) for f in fixes if f.action == "keep"}
+
+
+# --------------------------------------------------------------------------------------------
+# Saved results and a background job (the page's)
+
+
+def result_path(root: str | os.PathLike, runs_dir: str | os.PathLike) -> Path:
+    """Where the review of a dataset is kept, so that a reload of the page finds it."""
+    resolved = str(Path(root).expanduser().resolve())
+    key = hashlib.sha1(resolved.encode()).hexdigest()[:12]
+    return Path(runs_dir) / "reviews" / f"{Path(resolved).name or 'dataset'}-{key}.json"
+
+
+def save_result(result: ReviewResult, file: str | os.PathLike) -> None:
+    from .runs import atomic_write_text
+
+    Path(file).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(file), json.dumps(result.to_dict(), indent=1))
+
+
+def load_result(file: str | os.PathLike) -> ReviewResult | None:
+    try:
+        return ReviewResult.from_dict(json.loads(Path(file).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class ReviewJob:
+    """A review in a worker thread, like a training job: progress, a stop event, the result saved
+    to `out_file` when it finishes. The page polls `snapshot()`."""
+
+    def __init__(self, data: str, out_file: str | os.PathLike, **options):
+        self.data, self.out_file, self.options = data, Path(out_file), options
+        self.stop_event = threading.Event()
+        self.state, self.progress, self.message, self.error = "queued", 0.0, "", ""
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._work, name=f"review {data}", daemon=True)
+
+    def start(self) -> "ReviewJob":
+        self.state = "running"
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _on_progress(self, fraction: float, message: str) -> None:
+        with self._lock:
+            self.progress, self.message = fraction, message
+
+    def _work(self) -> None:
+        try:
+            result = review_dataset(self.data, progress=self._on_progress, stop_event=self.stop_event, **self.options)
+            save_result(result, self.out_file)
+            state, message = "done", f"{len(result.issues)} issues found in {result.seconds:.0f} s"
+        except ReviewStopped:
+            state, message = "stopped", "stopped by the user"
+        except Exception as exc:  # noqa: BLE001 - the page shows why
+            state, message = "failed", f"{type(exc).__name__}: {exc}"
+            self.error = traceback.format_exc()
+        with self._lock:
+            self.state, self.message = state, message
+            self.progress = 1.0 if state == "done" else self.progress
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"state": self.state, "progress": self.progress, "message": self.message,
+                    "data": self.data, "out_file": str(self.out_file)}
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+
+# --------------------------------------------------------------------------------------------
+# From issues to fixes (what the page's buttons do)
+
+
+def fixes_for(result: ReviewResult, issues: list[Issue], action: str, to: str = ""):
+    """The fixes that answer `issues` with `action`: "suggested" (each kind's SUGGESTED_ACTION:
+    relabel to the suggested class, drop a leak, exclude the rest), "relabel" (to `to`), "exclude",
+    or "keep" (not an issue)."""
+    from .fixes import Fix, relative_path
+
+    out = []
+    for issue in issues:
+        chosen = SUGGESTED_ACTION[issue.kind] if action == "suggested" else action
+        if chosen == "relabel" and not (to or issue.suggested):
+            continue  # nothing to relabel to (a copy or a dark photo has no suggested class)
+        if chosen == "drop_leak" and issue.split != "test":
+            chosen = "exclude"
+        out.append(Fix(chosen, relative_path(issue.path, result.root), kind=issue.kind,
+                       to=(to or issue.suggested) if chosen == "relabel" else "",
+                       other=relative_path(issue.other, result.root) if issue.other else ""))
+    return out
+
+
+def decided(result: ReviewResult, fixes) -> dict[str, str]:
+    """{absolute path: what was decided, in words} for the images the fixes file already answers
+    (the page greys them out; keep entries count only for their issue kind)."""
+    out = {}
+    for fix in fixes:
+        path = str(Path(result.root) / fix.path)
+        words = {"relabel": f"relabelled to '{fix.to}'", "exclude": "excluded", "drop_leak": "dropped from the test split",
+                 "keep": "kept"}[fix.action]
+        out[path if fix.action != "keep" else f"{path}|{fix.kind}"] = words
+    return out
