@@ -113,6 +113,32 @@ BACKBONES: dict[str, Backbone] = {
     ]
 }
 
+# A backbone for the test suite only, registered when TEST_BACKBONE_VARIABLE is set (tests/conftest.py
+# sets it, so the processes the tests start - the CLI, torchrun's ranks, the dashboard - know it too):
+# most tests are about what the engine does with a network, not about ResNet-18, and with this one a
+# step takes milliseconds and a checkpoint a few kB instead of 45 MB. Never offered otherwise: it has
+# no ImageNet weights and learns nothing useful.
+TEST_BACKBONE_VARIABLE = "TUNEBOARD_TEST_BACKBONE"
+TEST_BACKBONE = "tiny_lite"
+
+
+def _tiny_lite() -> nn.Module:
+    """An EfficientNet-Lite cut down to three one-block stages, 8-24 channels and 32 features
+    (37 k parameters with the 1000-class head): timm's own EfficientNet class, so the stage
+    splitting, the cached activations and the export treat it as they treat Lite0."""
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.efficientnet import EfficientNet
+
+    arch = [["ds_r1_k3_s1_e1_c8"], ["ir_r1_k3_s2_e2_c16"], ["ir_r1_k3_s2_e2_c24"]]
+    return EfficientNet(block_args=decode_arch_def(arch), num_features=32, stem_size=8, fix_stem=True,
+                        act_layer=nn.ReLU6)
+
+
+if os.environ.get(TEST_BACKBONE_VARIABLE):
+    BACKBONES[TEST_BACKBONE] = Backbone(TEST_BACKBONE, _tiny_lite, "classifier", mean=_HALF, std=_HALF,
+                                        description="a tiny EfficientNet-Lite for the test suite, "
+                                        "37 k parameters, no ImageNet weights")
+
 # What `resolve_backbone("auto")` tries, best first: the first whose ImageNet weights are on this
 # machine wins. ResNet-18 (the book's backbone) only counts when its torchvision file is cached.
 AUTO_BACKBONE_ORDER: tuple[str, ...] = ("resnet18", "efficientnet_lite0", "efficientnet_lite1",
@@ -219,6 +245,8 @@ def torchvision_weights_url(backbone: str) -> str:
 def cached_weights_path(backbone: str) -> Path | None:
     """Where `auto` finds this backbone's ImageNet weights offline, or None."""
     spec = BACKBONES[backbone]
+    if not spec.bundled and not spec.torchvision_weights:  # the test suite's tiny backbone
+        return None
     if spec.bundled:
         try:
             path = bundled_weights_file(backbone)
@@ -277,6 +305,8 @@ def _download(url: str, dest: Path, timeout: float) -> None:
 def pretrained_state_dict(backbone: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> dict[str, torch.Tensor]:
     """The ImageNet state_dict of `backbone` (1000-class head), from the bundle, the cache or the net."""
     spec = BACKBONES[backbone]
+    if not spec.bundled and not spec.torchvision_weights:
+        raise WeightsUnavailable(f"{backbone} has no ImageNet weights: train it with weights 'none'")
     if spec.bundled:
         state = torch.load(bundled_weights_file(backbone), map_location="cpu", weights_only=True)
         return convert_lite_state_dict(state, lite_stage_repeats(backbone))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +19,10 @@ sys.path.insert(0, str(ROOT))
 # on them, and on a shared 2-core machine it costs several times the run (measured: a 2-epoch
 # tiny run 1.7-3 s with one thread, 9-14 s with two while other work ran). Set it to run otherwise.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The test suite's tiny backbone (finetune_core.models.TEST_BACKBONE), here and in every process the
+# tests start (read when finetune_core.models is imported, which is after this).
+os.environ["TUNEBOARD_TEST_BACKBONE"] = "1"
+TINY_BACKBONE = "tiny_lite"
 
 DATASETS = Path(os.environ.get("TUNEBOARD_DATASETS", ROOT.parent / "shared" / "datasets"))
 
@@ -77,12 +82,13 @@ def make_tiny_dataset(root: Path) -> Path:
 
 
 def tiny_train_config(data: Path, **changes):
-    """Settings that train in a second or two: a random-init ResNet-18 at 32 px. On the CPU even
-    where a GPU is present, so that what the tests see (the run's device, its speed, where a stop
-    lands) is the same on every machine."""
+    """Settings that train in well under a second: the tiny test backbone (random init, 37 k
+    parameters, checkpoints of a few kB; backbone="resnet18" where a test is about ResNet-18) at
+    32 px. On the CPU even where a GPU is present, so that what the tests see (the run's device,
+    its speed, where a stop lands) is the same on every machine."""
     from finetune_core.config import TrainConfig
 
-    return TrainConfig(data=str(data), backbone="resnet18", weights="none", image_size=32, batch_size=8,
+    return TrainConfig(data=str(data), backbone=TINY_BACKBONE, weights="none", image_size=32, batch_size=8,
                        epochs=2, lr=0.01, loss_reduction="mean", eval_batch_size=16, device="cpu").replace(**changes)
 
 
@@ -106,10 +112,36 @@ def cache_dir(tmp_path) -> str:
 PAGE_TIMEOUT = 120
 
 
+def link_tree(source: Path, target: Path) -> Path:
+    """A copy of a folder whose files are hard links (copies where links cannot be made): for
+    files that are only read or replaced, never changed in place."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            return shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link)
+    return target
+
+
+@pytest.fixture(scope="session")
+def example_digits(tmp_path_factory) -> Path:
+    """The built-in example (1,797 digit images), written once for the session: writing it takes
+    seconds, a linked copy a tenth of one."""
+    from finetune_core import datastore
+
+    return datastore.ensure_example_dataset(tmp_path_factory.mktemp("example"))
+
+
 @pytest.fixture
-def dashboard_env(tmp_path, monkeypatch):
+def dashboard_env(tmp_path, monkeypatch, example_digits):
     """A private data root, runs folder and decode cache for the pages under test, and an empty
-    torch hub: what the pages offer must not depend on weights cached on this machine."""
+    torch hub: what the pages offer must not depend on weights cached on this machine. The data
+    root already holds the example (linked from the session's copy), as after the first visit to
+    Train, where it is the default data source."""
+    link_tree(example_digits, tmp_path / "data" / example_digits.name)
     monkeypatch.setenv("TUNEBOARD_DATA_ROOT", str(tmp_path / "data"))
     # The tests' datasets sit beside the data root (tmp_path/tiny): allowed here; the tests of
     # that limit (test_pages, test_datastore) take it away.

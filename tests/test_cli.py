@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TINY_BACKBONE
 from finetune_core.__main__ import ProgressBar, build_parser, config_from_args, main
 from finetune_core.config import PRESETS
 from finetune_core.runs import default_runs_dir
@@ -55,7 +55,7 @@ def test_bad_settings_are_refused_in_one_line_without_a_run_folder(tiny_dataset,
 
 
 def test_train_then_runs_use_the_dashboards_runs_folder(tiny_dataset, runs_env, capsys):
-    code = main(train_args("--data", str(tiny_dataset), "--backbone", "resnet18", "--weights", "none",
+    code = main(train_args("--data", str(tiny_dataset), "--backbone", TINY_BACKBONE, "--weights", "none",
                            "--lr", "0.01", "--loss-reduction", "mean", "--batch-size", "8", "--epochs", "1",
                            "--image-size", "32", "--name", "cli test", "--json", "--quiet"))
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -104,7 +104,7 @@ def test_the_progress_bar_shows_batches_and_prints_each_epoch():
 
 
 def test_lr_find_suggests_a_rate_and_writes_no_run(tiny_dataset, runs_env, capsys):
-    code = main(["lr-find", "--data", str(tiny_dataset), "--backbone", "resnet18", "--weights", "none",
+    code = main(["lr-find", "--data", str(tiny_dataset), "--backbone", TINY_BACKBONE, "--weights", "none",
                  "--loss-reduction", "mean", "--batch-size", "8", "--image-size", "32", "--steps", "8", "--json",
                  "--quiet"])
     result = json.loads(capsys.readouterr().out)
@@ -114,7 +114,7 @@ def test_lr_find_suggests_a_rate_and_writes_no_run(tiny_dataset, runs_env, capsy
 
 
 def lr_find_args(data, *args: str) -> list[str]:
-    return ["lr-find", "--data", str(data), "--backbone", "resnet18", "--weights", "none", "--batch-size", "8",
+    return ["lr-find", "--data", str(data), "--backbone", TINY_BACKBONE, "--weights", "none", "--batch-size", "8",
             "--image-size", "32", "--quiet", *args]
 
 

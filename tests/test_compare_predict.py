@@ -219,11 +219,18 @@ def test_compare_table_marks_the_settings_that_differ(finished_runs):
     assert set(metrics["run"]) == {"fine", "single"} and (metrics["kind"] == "epoch").sum() == 4
 
 
+@pytest.fixture(scope="module")
+def fine_bundle(finished_runs, tmp_path_factory):
+    """The "fine" run exported once for the module (torch.export and ONNX take seconds each); the
+    tests that use it only read it."""
+    return export_bundle(finished_runs / "20260101-000000-fine", tmp_path_factory.mktemp("export") / "bundle")
+
+
 @pytest.mark.slow
-def test_export_bundle_reloads_with_equal_outputs(finished_runs, tmp_path, capsys):
+def test_export_bundle_reloads_with_equal_outputs(finished_runs, fine_bundle, tmp_path, capsys):
     run = finished_runs / "20260101-000000-fine"
     original = Predictor.from_run(run)
-    bundle = export_bundle(run, tmp_path / "bundle")
+    bundle = fine_bundle
     assert {p.name for p in bundle.iterdir()} == {"model.json", "weights.safetensors", "model.pt2", "model.onnx"}
     assert (bundle / "weights.safetensors").stat().st_mode & 0o044 == 0o044  # readable by those it is shared with
     meta = json.loads((bundle / "model.json").read_text())
@@ -303,7 +310,7 @@ def test_an_onnx_export_failure_keeps_the_rest_of_the_bundle_and_says_why(finish
 
 
 @pytest.mark.slow
-def test_the_readmes_onnxruntime_lines_classify_an_image_as_tuneboard_does(finished_runs, tmp_path, capsys):
+def test_the_readmes_onnxruntime_lines_classify_an_image_as_tuneboard_does(finished_runs, fine_bundle, capsys):
     """The README's lines, run as written (with this bundle and image in place of the example's
     paths): the same preprocessing, logits and class as the Predict page's."""
     from conftest import ROOT
@@ -312,9 +319,8 @@ def test_the_readmes_onnxruntime_lines_classify_an_image_as_tuneboard_does(finis
     code = readme.split("<!-- onnxruntime example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     assert "import torch" not in code and "finetune_core" not in code  # onnxruntime alone
     run = finished_runs / "20260101-000000-fine"
-    bundle = export_bundle(run, tmp_path / "bundle")
     image = pd.read_csv(run / "predictions.csv")["path"][0]
-    code = code.replace('"bundle/', f'"{bundle}/').replace('"photo.jpg"', f'"{image}"')
+    code = code.replace('"bundle/', f'"{fine_bundle}/').replace('"photo.jpg"', f'"{image}"')
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own lines
     printed = capsys.readouterr().out.strip()

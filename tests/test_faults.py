@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY_BACKBONE
 from finetune_core.engine import load_checkpoint, train
 from finetune_core.runs import RunDir
 
@@ -290,7 +290,7 @@ def test_damaged_run_folders_are_flagged_by_the_runs_command_and_every_page(dash
 def tiny_config(data, **changes):
     from finetune_core.config import TrainConfig
 
-    return TrainConfig(**{**dict(data=str(data), backbone="resnet18", weights="none", image_size=32, batch_size=8,
+    return TrainConfig(**{**dict(data=str(data), backbone=TINY_BACKBONE, weights="none", image_size=32, batch_size=8,
                                  epochs=2, lr=0.02, loss_reduction="mean", train_stages="1", feature_views=2,
                                  eval_batch_size=16), **changes})
 

@@ -10,13 +10,20 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import TINY_BACKBONE
 from finetune_core import activations, engine, prepare
 from finetune_core.config import TrainConfig
 from finetune_core.data import scan_dataset
 from finetune_core.engine import Reporter, epoch_seed, load_checkpoint, setup, split_for, train
 from finetune_core.lr_find import find_lr, lr_range_test, suggest_lr
-from finetune_core.models import build_model, split_model
+from finetune_core.models import BACKBONES, build_model, head_parameter_names, split_model
 from finetune_core.runs import RunDir
+
+# What these tests prove holds for any backbone with stages (test_models checks the split on every
+# one): the tiny test backbone trains in milliseconds.
+BACKBONE = TINY_BACKBONE
+HEAD = head_parameter_names(BACKBONE)  # its head's weight and bias
+HEAD_WEIGHT = f"{BACKBONES[BACKBONE].head}.weight"
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +35,11 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
-    """A random ResNet-18 with a 2-class head saved as a weights file: every run starts from
+    """A random tiny backbone with a 2-class head saved as a weights file: every run starts from
     exactly these tensors, head included, so a test can tell what changed."""
     torch.manual_seed(123)
     path = tmp_path_factory.mktemp("weights") / "start.pt"
-    torch.save(build_model("resnet18", 2, "none").state_dict(), path)
+    torch.save(build_model(BACKBONE, 2, "none").state_dict(), path)
     return path
 
 
@@ -42,7 +49,7 @@ def cache(tmp_path_factory):
 
 
 def config_for(dataset, weights_file, **changes) -> TrainConfig:
-    base = dict(data=str(dataset), backbone="resnet18", weights=str(weights_file), image_size=32, batch_size=8,
+    base = dict(data=str(dataset), backbone=BACKBONE, weights=str(weights_file), image_size=32, batch_size=8,
                 epochs=2, lr=0.02, head_lr_mult=10.0, momentum=0.9, loss_reduction="mean", eval_batch_size=16,
                 train_stages="1", feature_views=2)
     return TrainConfig(**{**base, **changes})
@@ -57,17 +64,16 @@ def test_only_the_chosen_part_of_the_network_changes(dataset, weights_file, cach
     config = config_for(dataset, weights_file, train_stages=stages, ema_decay=ema_decay)
     status = train(config, tmp_path / "run", cache_dir=cache)
     assert status["state"] == "completed", status["message"]
-    start = build_model("resnet18", 2, str(weights_file))
-    bottom, top = split_model(start, "resnet18", stages)
+    start = build_model(BACKBONE, 2, str(weights_file))
+    bottom, top = split_model(start, BACKBONE, stages)
     frozen = {id(t) for t in list(bottom.parameters()) + list(bottom.buffers())}
     trained = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["model"]
     initial = start.state_dict(keep_vars=True)
     same = {name: torch.equal(initial[name].detach(), trained[name]) for name in initial}
     frozen_names = [n for n, t in initial.items() if id(t) in frozen]
     assert frozen_names and all(same[n] for n in frozen_names)  # bit-identical, BN statistics included
-    head = ["fc.weight", "fc.bias"]
-    assert not any(same[n] for n in head)
-    top_weights = [n for n, t in initial.items() if id(t) not in frozen and n not in head and n.endswith("weight")]
+    assert not any(same[n] for n in HEAD)
+    top_weights = [n for n, t in initial.items() if id(t) not in frozen and n not in HEAD and n.endswith("weight")]
     if stages == "head":
         assert top_weights == []
     else:
@@ -88,7 +94,7 @@ def test_rates_and_multiplier_reach_the_optimiser_for_every_depth(dataset, weigh
         assert lrs == {"backbone": pytest.approx(0.01), "head": pytest.approx(0.07)}
     else:
         assert lrs == {"all": pytest.approx(0.01)}
-    _, top = split_model(ctx.model, "resnet18", stages)
+    _, top = split_model(ctx.model, BACKBONE, stages)
     in_groups = {id(p) for g in ctx.optimizer.param_groups for p in g["params"]}
     assert in_groups == {id(p) for p in top.parameters()}  # exactly the part that trains
 
@@ -99,8 +105,8 @@ def test_the_head_multiplier_changes_the_result(dataset, weights_file, cache, tm
     for mult in (1.0, 10.0):
         train(config_for(dataset, weights_file, head_lr_mult=mult, epochs=1), tmp_path / f"m{mult}", cache_dir=cache)
         finals.append(load_checkpoint(tmp_path / f"m{mult}" / "checkpoint_last.pt")["model"])
-    assert not torch.equal(finals[0]["fc.weight"], finals[1]["fc.weight"])
-    assert not torch.equal(finals[0]["layer4.1.conv2.weight"], finals[1]["layer4.1.conv2.weight"])
+    assert not torch.equal(finals[0][HEAD_WEIGHT], finals[1][HEAD_WEIGHT])
+    assert not torch.equal(finals[0]["conv_head.weight"], finals[1]["conv_head.weight"])  # the last stage's
 
 
 def test_the_frozen_pass_says_how_long_it_has_left(dataset, weights_file, tmp_path):
@@ -120,7 +126,7 @@ def test_cached_activations_are_the_frozen_layers_output_on_that_views_crop(data
     reporter = Reporter(RunDir(tmp_path), None, None)
     ctx = setup(config, RunDir(tmp_path), reporter, cache_dir=cache)
     _, features = split_for(ctx, "1", reporter)
-    bottom, _ = split_model(ctx.model, "resnet18", "1")
+    bottom, _ = split_model(ctx.model, BACKBONE, "1")
     bottom.eval()
     for view in (0, 2):
         cached = features.get("train", view).float()
@@ -404,7 +410,7 @@ def test_flip_averaging_on_cached_activations_uses_the_mirrored_test_images(data
     _, features = split_for(ctx, "1", reporter)
     views, _ = next(iter(engine.evaluation_batches(ctx, "test", features)))
     assert len(views) == 2
-    bottom, _ = split_model(ctx.model, "resnet18", "1")
+    bottom, _ = split_model(ctx.model, BACKBONE, "1")
     bottom.eval()
     x = prepare.normalize_batch(ctx.data.test_images[:], ctx.mean, ctx.std, channels_last=False)
     with torch.no_grad():
@@ -503,8 +509,8 @@ def test_with_weight_averaging_the_checkpoint_holds_the_average_and_the_training
     b = torch.load(tmp_path / "averaged" / "checkpoint_last.pt", weights_only=True)
     assert "training_weights" not in a
     # the same training (the average never feeds back into it), evaluated and kept as an average
-    assert torch.equal(a["model"]["fc.weight"], b["training_weights"]["fc.weight"])
-    assert not torch.equal(b["model"]["fc.weight"], b["training_weights"]["fc.weight"])
+    assert torch.equal(a["model"][HEAD_WEIGHT], b["training_weights"][HEAD_WEIGHT])
+    assert not torch.equal(b["model"][HEAD_WEIGHT], b["training_weights"][HEAD_WEIGHT])
     ma = pd.read_csv(tmp_path / "plain" / "metrics.csv")
     mb = pd.read_csv(tmp_path / "averaged" / "metrics.csv")
     assert np.allclose(ma[ma["kind"] == "epoch"]["loss"], mb[mb["kind"] == "epoch"]["loss"])

@@ -3,13 +3,11 @@ together, and the command line."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 
 import pytest
 
-from conftest import ROOT, make_dataset, tiny_train_config
+from conftest import make_dataset, tiny_train_config
 from finetune_core import plots, sweep
 from finetune_core.config import ConfigError
 from finetune_core.jobs import JobManager, wait_until
@@ -150,20 +148,23 @@ def test_the_job_manager_shares_the_frozen_outputs_within_a_sweep_only_and_frees
 
 
 @pytest.mark.slow
-def test_the_command_line_sweeps_and_prints_the_grid(recipe, tmp_path):
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "finetune_core", "sweep", "--data", recipe.data, "--backbone",
-                               "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--epochs",
-                               "1", "--loss-reduction", "mean", "--device", "cpu", "--runs-dir",
-                               str(tmp_path / "runs"), "--quiet", *args],
-                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+def test_the_command_line_sweeps_and_prints_the_grid(recipe, tmp_path, capsys):
+    """In process (`main([...])`, as test_cli calls the command line): what is checked is what the
+    sweep command prints and writes, not a fresh interpreter."""
+    from finetune_core.__main__ import main
 
-    bad = cli("--lr", "1e-3,fast", "--head-lr-mult", "10")
-    assert bad.returncode == 2 and "Learning rate: 'fast' is not a number" in bad.stderr
+    def cli(*args):
+        code = main(["sweep", "--data", recipe.data, "--backbone", recipe.backbone, "--weights", "none",
+                     "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--loss-reduction", "mean",
+                     "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--quiet", *args])
+        return code, capsys.readouterr()
+
+    code, bad = cli("--lr", "1e-3,fast", "--head-lr-mult", "10")
+    assert code == 2 and "Learning rate: 'fast' is not a number" in bad.err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
-    done = cli("--lr", "1e-3 1e-2", "--head-lr-mult", "10", "--json")
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    code, done = cli("--lr", "1e-3 1e-2", "--head-lr-mult", "10", "--json")
+    assert code == 0, done.err
+    result = json.loads(done.out.strip().splitlines()[-1])
     assert [(c["lr"], c["head_lr_mult"]) for c in result["cells"]] == [(1e-3, 10.0), (1e-2, 10.0)]
     assert all(c["state"] == "completed" and 0 <= c["accuracy"] <= 1 for c in result["cells"])
     assert result["best"]["accuracy"] == max(c["accuracy"] for c in result["cells"])
