@@ -32,8 +32,8 @@ from .data import ScanReport
 from .engine import config_record, resolve_auto, train
 from .models import resolve_device
 from .phases import PhaseMeter
-from .runs import (ACTIVE_STATES, BEFORE_RESUME, META, RESUMABLE_STATES, RunDir, claim_run, launched_pid, list_runs,
-                   mark_interrupted, new_run_dir, now_iso, release_run, run_info, status_before_resume,
+from .runs import (ACTIVE_STATES, BEFORE_RESUME, META, RESUMABLE_STATES, RunDir, RunOwned, claim_run, launched_pid,
+                   list_runs, mark_interrupted, new_run_dir, now_iso, release_run, run_info, status_before_resume,
                    status_put_back)
 from .sweep import is_sweep_group
 
@@ -157,6 +157,8 @@ class JobManager:
             info = run_info(run.path)
             if info.error:
                 raise NotResumable(f"{info.name} cannot be resumed: {info.error}")
+            if info.state in ACTIVE_STATES and info.owner:  # another process trains it: name that process
+                raise RunOwned(f"run {run_id} is being written by {info.owner}: wait for it to end or stop it there")
             if info.state not in RESUMABLE_STATES:
                 raise NotResumable(f"{info.name} is {info.state}: only a {' or '.join(RESUMABLE_STATES)} run "
                                    "can be resumed")
