@@ -47,6 +47,7 @@ def dataset_section():
     """Where the images are, and their scan. Returns (folder, scan report or None)."""
     st.header("1 · Data")
     root = datastore.data_root()
+    dataset_from_address()
     source = st.radio("Where are the images?", DATA_SOURCES, horizontal=True, key="data_source")
     if source == DATA_SOURCES[0]:
         data_path = example_dataset(root)
@@ -58,6 +59,7 @@ def dataset_section():
         data_path = uploaded_zip(root)
     if data_path:
         data_path = one_of_several(data_path)
+    remember_dataset(data_path, source)
     report = None
     if data_path:
         try:
@@ -73,6 +75,27 @@ def dataset_section():
     if report is not None:
         show_scan(report)
     return data_path, report
+
+
+def dataset_from_address() -> None:
+    """A browser reload starts a new session, whose form would fall back to the example: the
+    dataset comes back from the page's address (?data=FOLDER, written by remember_dataset), as a
+    folder path, checked as a typed one is."""
+    if "data_source" in st.session_state:
+        return  # this session has its own choice
+    wanted = st.query_params.get("data", "")
+    if wanted:
+        st.session_state["data_source"] = DATA_SOURCES[2]
+        st.session_state["data_path_text"] = wanted
+
+
+def remember_dataset(data_path: str, source: str) -> None:
+    """Keep the chosen dataset in the page's address, so that a reload (or the address, shared)
+    opens the form on it."""
+    if source == DATA_SOURCES[0] or not data_path:
+        st.query_params.pop("data", None)
+    elif st.query_params.get("data") != data_path:
+        st.query_params["data"] = data_path
 
 
 def one_of_several(folder: str) -> str:
@@ -575,11 +598,14 @@ def sweep_results(members: list[dict]) -> None:
                              help="Stop the running run and take the others off the queue"):
             manager().stop_group(members[0]["group"])
             st.rerun(scope="fragment")
-    if grid.best_values is not None:
-        lr, mult = grid.best_values
-        if next(cols).button(f"Use the best cell: lr {lr:g}, head x{mult:g}", key="sweep_use_best",
-                          on_click=use_best_cell, args=(lr, mult)):
+    label, refused = sweep.best_cell_offer(grid, sweep.sweep_recipe([j["path"] for j in members]),
+                                           st.session_state.get("form_data_path", ""))
+    if label:
+        if next(cols).button(label, key="sweep_use_best", disabled=bool(refused), on_click=use_best_cell,
+                             args=grid.best_values, help=f"{grid.label}; the form's other settings stay as they are"):
             st.rerun()  # the whole page: the form shows the new values
+        if refused:
+            st.caption(analysis.markdown_message(f"Not offered: {refused}."))
 
 
 def use_best_cell(lr: float, mult: float) -> None:
@@ -633,6 +659,7 @@ def main() -> None:
     setup, live = st.tabs(["Setup", "Live"], key="train_tab", on_change="rerun", default=opening)
     with setup:
         data_path, report = dataset_section()
+        st.session_state["form_data_path"] = data_path  # what the sweep's best cell is checked against
         config, errors = recipe_section(data_path, report)
         lr_finder_section(config, report)
         launch_section(config, errors, data_path, report)

@@ -116,8 +116,9 @@ def test_the_train_page_asks_which_dataset_of_a_folder_holding_several(dashboard
     from conftest import page
 
     root = data_root_of_two(dashboard_env / "data" / "shelf")
-    at = page("pages/1_Train.py").run()
-    at.radio(key="data_source").set_value("A folder path").run()
+    at = page("pages/1_Train.py")
+    at.session_state["data_source"] = "A folder path"  # not the example: it writes and scans 1,797 images
+    at.run()
     at.text_input(key="data_path_text").set_value(str(root)).run()
     assert any("holds 2 datasets" in w.value for w in at.warning) and not at.exception
     choice = at.radio(key=f"several-{root.resolve()}")
@@ -148,3 +149,46 @@ def test_compares_table_shows_the_state_and_duration_of_a_run_that_finished_sinc
         release_run(run)
     row = analysis.compare_table(listed)[0].iloc[0]
     assert (row["state"], row["duration (s)"], row["test acc of the kept model"]) == ("completed", "90", "0.750")
+
+
+# --- a reload keeps the dataset; the sweep's best cell names its dataset ---------------------------
+
+
+def test_a_reload_keeps_the_setup_forms_dataset(dashboard_env):
+    """A reload is a new session with the same address: the dataset comes back from ?data=."""
+    from conftest import page
+
+    mine = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
+    at = page("pages/1_Train.py")
+    at.session_state["data_source"] = "A folder path"  # not the example: it writes and scans 1,797 images
+    at.run()
+    at.text_input(key="data_path_text").set_value(str(mine)).run()
+    address = dict(at.query_params)
+    assert address.get("data") == [str(mine.resolve())] or address.get("data") == str(mine.resolve())
+    reloaded = page("pages/1_Train.py")
+    reloaded.query_params.update(data=str(mine.resolve()))
+    reloaded.run()
+    assert reloaded.radio(key="data_source").value == "A folder path" and not reloaded.exception
+    assert reloaded.text_input(key="data_path_text").value == str(mine.resolve())
+    assert [m.value for m in reloaded.metric][:1] == ["2"]  # mine: 2 classes, scanned, not the 10 digits
+
+
+def test_the_best_cell_names_its_dataset_and_is_refused_for_a_form_on_another(tmp_path):
+    from test_sweep import fake_cell
+
+    from finetune_core import sweep
+    from finetune_core.runs import RunDir
+
+    paths = [fake_cell(tmp_path, "a", 1e-4, 10, "completed", test_acc=0.9),
+             fake_cell(tmp_path, "b", 1e-3, 10, "completed", test_acc=0.8)]
+    data = make_dataset(tmp_path / "birds", per_class=2, test_per_class=1)
+    for p in paths:
+        run = RunDir(p)
+        record = run.read_config()
+        run.write_config({"config": {**record["config"], "data": str(data), "backbone": "resnet18"}})
+    grid = sweep.sweep_grid(sweep.sweep_table(paths))
+    recipe = sweep.sweep_recipe(paths)
+    label, refused = sweep.best_cell_offer(grid, recipe, str(data))
+    assert label == "Use the best cell: lr 0.0001, head x10 (resnet18 on birds)" and refused == ""
+    label, refused = sweep.best_cell_offer(grid, recipe, str(tmp_path / "digits"))
+    assert f"measured on {data}" in refused and "the form is set to" in refused and str(tmp_path / "digits") in refused
