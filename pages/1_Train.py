@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import analysis, datastore, models, plots, sweep
+from finetune_core import analysis, datastore, lr_find, models, plots, sweep
 from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, launch_warnings, parse_form, preset_for_machine,
@@ -23,9 +23,10 @@ from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, S
 from finetune_core.data import INFO, DatasetError, SeveralDatasets, find_dataset_root, scan_dataset
 from finetune_core.engine import resolve_auto
 from finetune_core.jobs import DuplicateSubmission
-from finetune_core.runs import RunDir, RunOwned
-from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, curve_panels, flash, job_controls, manager, page,
-                          resumable_runs, setting_input, state_label, submit, widget_value)
+from finetune_core.datastore import runs_root
+from finetune_core.runs import RunDir, RunOwned, list_runs
+from tuneboard_ui import (LIVE_REFRESH_S, chart_controls, curve_panels, flash, format_seconds, job_controls, manager,
+                          page, resumable_runs, setting_input, state_label, submit, widget_value)
 
 DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
 WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
@@ -366,6 +367,13 @@ def trainable_summary(backbone: str, train_stages: str, n_classes: int) -> str:
 LR_FIND_IGNORES = ("lr", "name", "group", "preset")
 
 
+def cost_caption(config: TrainConfig, report, steps: int | None = None) -> None:
+    """What it will cost, before it starts (analysis.cost_estimate)."""
+    seconds, basis = analysis.cost_estimate(config, report, list_runs(runs_root()), steps)
+    st.caption(f"Costs about {format_seconds(seconds)}: {basis}." if seconds is not None
+               else f"No cost estimate yet: {basis}.")
+
+
 def lr_finder_key(config: TrainConfig, report) -> str:
     """What a finder result was computed for: the recipe (its settings as a dict, but for those
     the sweep does not depend on) and the dataset as scanned. A result for another key is stale."""
@@ -389,6 +397,8 @@ def lr_finder_section(config: TrainConfig | None, report) -> None:
         st.caption("A short sweep: the learning rate grows exponentially, step by step, on exactly what this "
                    "recipe trains (the head keeps its multiplier), until the loss explodes. The model and the "
                    "runs folder are left as they were.")
+        if usable:
+            cost_caption(resolve_auto(config, report), report, steps=lr_find.STEPS)
         if st.button("Run the learning-rate finder", key="lr_find_button", disabled=not usable):
             stored = st.session_state["lr_find"] = {"key": current, **run_lr_finder(config, report)}
         if stored is None or current is None:  # nothing yet, or the settings have errors: shown once fixed
@@ -411,8 +421,6 @@ def run_lr_finder(config: TrainConfig, report) -> dict:
     """The sweep, with a progress bar: {"result": its curve as a dict, "error": None}, or
     {"result": None, "error": why it failed}. The page's scan goes with it (the engine uses it when
     it fits the settings)."""
-    from finetune_core import lr_find
-
     bar = st.progress(0.0, text="Preparing the learning-rate finder…")
 
     def on_event(event: dict) -> None:
@@ -455,6 +463,11 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
     also = st.columns(2)
     also_scratch = also[0].checkbox("Also train from scratch (the book's comparison)", key="also_scratch")
     also_single = also[1].checkbox("Also without parameter groups", key="also_single")
+    if config is not None and report is not None and report.usable and not errors:
+        twins = comparison_configs(resolve_auto(config, report), True, True)[1:]
+        for column, twin in zip(also, twins):
+            with column:
+                cost_caption(twin, report)
     grid, sweep_error = sweep_option(config)
     blocked = ("choose a dataset" if not data_path else
                "the dataset could not be read" if report is None else

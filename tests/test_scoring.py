@@ -192,3 +192,37 @@ def test_the_best_cell_names_its_dataset_and_is_refused_for_a_form_on_another(tm
     assert label == "Use the best cell: lr 0.0001, head x10 (resnet18 on birds)" and refused == ""
     label, refused = sweep.best_cell_offer(grid, recipe, str(tmp_path / "digits"))
     assert f"measured on {data}" in refused and "the form is set to" in refused and str(tmp_path / "digits") in refused
+
+
+def test_the_twins_and_the_lr_finder_say_what_they_will_cost_from_a_recorded_speed(tmp_path):
+    from test_compare_predict import write_run
+
+    from finetune_core import analysis
+    from finetune_core.data import scan_dataset
+    from finetune_core.runs import list_runs
+
+    report = scan_dataset(make_dataset(tmp_path / "data", per_class=10, test_per_class=2))  # 20 training images
+    config = tiny_train_config(tmp_path / "data", epochs=3, val_fraction=0.5, train_stages="all")
+    seconds, basis = analysis.cost_estimate(config, report, [])
+    assert seconds is None and "no finished run of resnet18 at 32 px" in basis
+    runs = tmp_path / "runs"
+    write_run(runs, "20260101-000000-other", images_per_s=99.0, backbone="resnet18", image_size=64,
+              batch_size=8, train_stages="all", device="cpu")  # another size: another speed
+    write_run(runs, "20260101-000001-measured", images_per_s=5.0, backbone="resnet18", image_size=32,
+              batch_size=8, train_stages="all", device="cpu")
+    seconds, basis = analysis.cost_estimate(config, report, list_runs(runs))
+    assert seconds == pytest.approx(10 * 3 / 5.0) and "5.0 images/s" in basis and "'measured'" in basis
+    seconds, _ = analysis.cost_estimate(config, report, list_runs(runs), steps=60)  # the finder: 60 batches of 8
+    assert seconds == pytest.approx(60 * 8 / 5.0)
+
+
+def test_the_train_page_shows_the_cost_of_each_twin_and_of_the_finder_before_they_start(dashboard_env):
+    from conftest import page
+
+    mine = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
+    at = page("pages/1_Train.py")
+    at.session_state["data_source"] = "A folder path"  # not the example: it writes and scans 1,797 images
+    at.run()
+    at.text_input(key="data_path_text").set_value(str(mine)).run()
+    estimates = [c.value for c in at.caption if c.value.startswith(("Costs about", "No cost estimate yet"))]
+    assert len(estimates) == 3 and not at.exception  # the scratch twin, the one-group twin, the finder
