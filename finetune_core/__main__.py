@@ -137,6 +137,7 @@ def run_to_the_end(config, run, args, report=None, resume: bool = False, distrib
     Under torchrun (`distributed`), every rank trains and rank 0 alone reports."""
     from .distributed import Distributed, Terminated
     from .engine import train
+    from .runs import run_score
 
     distributed = distributed or Distributed()
     stop = distributed.stop_flag(run) if distributed.enabled else threading.Event()
