@@ -226,3 +226,20 @@ def test_the_train_page_shows_the_cost_of_each_twin_and_of_the_finder_before_the
     at.text_input(key="data_path_text").set_value(str(mine)).run()
     estimates = [c.value for c in at.caption if c.value.startswith(("Costs about", "No cost estimate yet"))]
     assert len(estimates) == 3 and not at.exception  # the scratch twin, the one-group twin, the finder
+
+
+@pytest.mark.slow
+def test_a_run_logs_how_its_validation_split_treated_copies_and_is_scored_by_its_kept_checkpoint(tmp_path):
+    from finetune_core.engine import train
+    from finetune_core.runs import KEPT_BEST, RunDir, run_score
+
+    data = dataset_with_copies(tmp_path / "copies")
+    status = train(tiny_train_config(data, epochs=2, val_fraction=0.25), tmp_path / "run", cache_dir="")
+    assert status["state"] == "completed", status["message"]
+    run = RunDir(tmp_path / "run")
+    split = run.read_config()["dataset"]["validation_split"]
+    assert split["split_by"] == "file content" and (split["copy_sets"], split["copy_images"]) == (1, 6)
+    assert split["moved_to_training"] and "validation split by content" in run.file("log.txt").read_text()
+    score = run_score(run.read_status())
+    assert score.kept == KEPT_BEST and score.test_acc == status["test_acc"]
+    assert status["message"].startswith(score.text())  # the run's own message in the same words
