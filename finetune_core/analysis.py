@@ -191,6 +191,39 @@ def best_of_newest_group(infos: list[RunInfo]) -> str | None:
 def count_text(n: int, noun: str) -> str:
     """ "1 error", "2 errors", "1,438 images": a count with its noun in the right number."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
+def recorded_speed(infos: list[RunInfo], config: TrainConfig) -> tuple[float, RunInfo] | None:
+    """(training images per second, the run that measured it): the newest completed run that trained
+    as `config` would (same backbone, image size, trainable part, batch size and device), from its
+    status.json; None without one. Its speed counts training steps only, not decoding or caching."""
+    same = ("backbone", "image_size", "train_stages", "batch_size", "device")
+    for info in infos:  # newest first
+        if info.state != "completed" or info.error:
+            continue
+        run = RunDir(info.path)
+        try:
+            cfg = run.read_config().get("config", {})
+            speed = run.read_status(default={}).get("images_per_s")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if speed and all(str(cfg.get(k)) == str(getattr(config, k)) for k in same):
+            return float(speed), info
+    return None
+
+
+def cost_estimate(config: TrainConfig, report, infos: list[RunInfo], steps: int | None = None) -> tuple[float | None, str]:
+    """(seconds, what they rest on) of training `config` for its epochs on the training images of
+    `report` (the scan; less the validation split), or (with `steps`) `steps` batches as the
+    learning-rate finder trains, at the speed a recorded run measured (recorded_speed); (None, why
+    there is no estimate) without one. Shown before a twin or the finder starts."""
+    n_train_images = round(sum(report.splits.get("train", {}).values()) * (1 - config.val_fraction))
+    images = steps * config.batch_size if steps else n_train_images * config.epochs
+    found = recorded_speed(infos, config)
+    if found is None:
+        return None, (f"no finished run of {config.backbone} at {config.image_size} px has measured its speed "
+                      f"with batch {config.batch_size}, train_stages {config.train_stages} and device {config.device}")
+    speed, info = found
+    return images / speed, (f"{images:,} training images at {speed:.1f} images/s, the speed of "
+                            f"'{info.name}'; decoding and caching come on top the first time")
 
 
 def page_of(frame: pd.DataFrame, page: int, per_page: int) -> tuple[pd.DataFrame, int]:

@@ -25,6 +25,7 @@ from .runs import RunDir
 
 SMOOTHING = 0.9        # exponential moving average of the loss, bias-corrected
 EXPLODED = 4.0         # stop once the smoothed loss is this many times its minimum
+STEPS = 60             # batches a sweep trains at most (its cost estimate counts them)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def lr_range_test(ctx: Setup, reporter: Reporter, start_lr: float = 1e-6, end_lr
 
 
 def find_lr(config: TrainConfig, report: ScanReport | None = None, cache_dir: str | None = None,
-            start_lr: float = 1e-6, end_lr: float = 1.0, steps: int = 60, on_event: EventCallback | None = None,
+            start_lr: float = 1e-6, end_lr: float = 1.0, steps: int = STEPS, on_event: EventCallback | None = None,
             stop_event: threading.Event | None = None) -> LRFinderResult:
     """The learning-rate finder for these settings: builds the run's model and data as `train`
     would, sweeps, and returns the curve with a suggested learning rate. Writes no run folder."""

@@ -16,6 +16,7 @@ import math
 import re
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -172,3 +173,38 @@ def sweep_grid(table: pd.DataFrame) -> SweepGrid:
     split = table["split"].iloc[0] if len(table) else "test"
     return SweepGrid(lrs, mults, accuracy, states, run_ids, split=split, best=best, finished=finished,
                      total=len(table))
+
+
+def sweep_recipe(run_paths) -> dict:
+    """The settings the sweep's cells share (the first cell's config), {} when none can be read."""
+    from .runs import RunDir
+
+    for path in run_paths:
+        try:
+            return RunDir(path).read_config().get("config", {})
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
+def best_cell_offer(grid: SweepGrid, recipe: dict, form_data: str) -> tuple[str, str]:
+    """(the label of the button that puts the best cell into the form, why it may not: "" when it
+    may). The label names the dataset and backbone the cell was measured on; a form set to another
+    dataset is refused, saying so: the sweep's numbers say nothing about other data."""
+    if grid.best_values is None:
+        return "", "no cell has finished yet"
+    lr, mult = grid.best_values
+    data = recipe.get("data", "")
+    label = (f"Use the best cell: lr {lr:g}, head x{mult:g} ({recipe.get('backbone', '?')} on "
+             f"{Path(data).name or '?'})")
+    if not form_data or not data or not _same_folder(data, form_data):
+        return label, (f"the best cell was measured on {data or 'an unknown dataset'}, and the form is set to "
+                       f"{form_data or 'no dataset'}: choose that dataset in Setup to use it")
+    return label, ""
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError):
+        return a == b

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import analysis, datastore, models, plots, sweep
+from finetune_core import analysis, datastore, lr_find, models, plots, sweep
 from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, launch_warnings, parse_form, preset_for_machine,
@@ -23,10 +23,12 @@ from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, S
 from finetune_core.data import INFO, DatasetError, SeveralDatasets, find_dataset_root, scan_dataset
 from finetune_core.fixes import dataset_stamp
 from finetune_core.engine import resolve_auto
+from finetune_core.datastore import runs_root
 from finetune_core.jobs import DuplicateSubmission, NotResumable
-from finetune_core.runs import ACTIVE_STATES, RESUMABLE_STATES, RunDir, RunOwned
-from tuneboard_ui import (CURVES_MAX_AGE_S, LIVE_REFRESH_S, chart_controls, curve_panels, flash, job_controls,
-                          manager, page, resumable_runs, setting_input, state_label, submit, widget_value)
+from finetune_core.runs import ACTIVE_STATES, RESUMABLE_STATES, RunDir, RunOwned, list_runs
+from tuneboard_ui import (CURVES_MAX_AGE_S, LIVE_REFRESH_S, chart_controls, curve_panels, flash, format_seconds,
+                          job_controls, manager, page, resumable_runs, setting_input, state_label, submit,
+                          widget_value)
 
 DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
 WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
@@ -48,6 +50,7 @@ def dataset_section():
     """Where the images are, and their scan. Returns (folder, scan report or None)."""
     st.header("1 · Data")
     root = datastore.data_root()
+    dataset_from_address()
     source = st.radio("Where are the images?", DATA_SOURCES, horizontal=True, key="data_source")
     if source == DATA_SOURCES[0]:
         data_path = example_dataset(root)
@@ -59,6 +62,7 @@ def dataset_section():
         data_path = uploaded_zip(root)
     if data_path:
         data_path = one_of_several(data_path)
+    remember_dataset(data_path, source)
     report = None
     if data_path:
         try:
@@ -75,6 +79,27 @@ def dataset_section():
     if report is not None:
         show_scan(report)
     return data_path, report
+
+
+def dataset_from_address() -> None:
+    """A browser reload starts a new session, whose form would fall back to the example: the
+    dataset comes back from the page's address (?data=FOLDER, written by remember_dataset), as a
+    folder path, checked as a typed one is."""
+    if "data_source" in st.session_state:
+        return  # this session has its own choice
+    wanted = st.query_params.get("data", "")
+    if wanted:
+        st.session_state["data_source"] = DATA_SOURCES[2]
+        st.session_state["data_path_text"] = wanted
+
+
+def remember_dataset(data_path: str, source: str) -> None:
+    """Keep the chosen dataset in the page's address, so that a reload (or the address, shared)
+    opens the form on it."""
+    if source == DATA_SOURCES[0] or not data_path:
+        st.query_params.pop("data", None)
+    elif st.query_params.get("data") != data_path:
+        st.query_params["data"] = data_path
 
 
 def one_of_several(folder: str) -> str:
@@ -349,6 +374,13 @@ def trainable_summary(backbone: str, train_stages: str, n_classes: int) -> str:
 LR_FIND_IGNORES = ("lr", "name", "group", "preset")
 
 
+def cost_caption(config: TrainConfig, report, steps: int | None = None) -> None:
+    """What it will cost, before it starts (analysis.cost_estimate)."""
+    seconds, basis = analysis.cost_estimate(config, report, list_runs(runs_root()), steps)
+    st.caption(f"Costs about {format_seconds(seconds)}: {basis}." if seconds is not None
+               else f"No cost estimate yet: {basis}.")
+
+
 def lr_finder_key(config: TrainConfig, report) -> str:
     """What a finder result was computed for: the recipe (its settings as a dict, but for those
     the sweep does not depend on) and the dataset as scanned. A result for another key is stale."""
@@ -372,6 +404,8 @@ def lr_finder_section(config: TrainConfig | None, report) -> None:
         st.caption("A short sweep: the learning rate grows exponentially, step by step, on exactly what this "
                    "recipe trains (the head keeps its multiplier), until the loss explodes. The model and the "
                    "runs folder are left as they were.")
+        if usable:
+            cost_caption(resolve_auto(config, report), report, steps=lr_find.STEPS)
         if st.button("Run the learning-rate finder", key="lr_find_button", disabled=not usable):
             stored = st.session_state["lr_find"] = {"key": current, **run_lr_finder(config, report)}
         if stored is None or current is None:  # nothing yet, or the settings have errors: shown once fixed
@@ -394,8 +428,6 @@ def run_lr_finder(config: TrainConfig, report) -> dict:
     """The sweep, with a progress bar: {"result": its curve as a dict, "error": None}, or
     {"result": None, "error": why it failed}. The page's scan goes with it (the engine uses it when
     it fits the settings)."""
-    from finetune_core import lr_find
-
     bar = st.progress(0.0, text="Preparing the learning-rate finder…")
 
     def on_event(event: dict) -> None:
@@ -439,6 +471,11 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
     also = st.columns(2)
     also_scratch = also[0].checkbox("Also train from scratch (the book's comparison)", key="also_scratch")
     also_single = also[1].checkbox("Also without parameter groups", key="also_single")
+    if config is not None and report is not None and report.usable and not errors:
+        twins = comparison_configs(resolve_auto(config, report), True, True)[1:]
+        for column, twin in zip(also, twins):
+            with column:
+                cost_caption(twin, report)
     grid, sweep_error = sweep_option(config)
     blocked = ("choose a dataset" if not data_path else
                "the dataset could not be read" if report is None else
@@ -581,11 +618,14 @@ def sweep_results(members: list[dict]) -> None:
                              help="Stop the running run and take the others off the queue"):
             manager().stop_group(members[0]["group"])
             st.rerun(scope="fragment")
-    if grid.best_values is not None:
-        lr, mult = grid.best_values
-        if next(cols).button(f"Use the best cell: lr {lr:g}, head x{mult:g}", key="sweep_use_best",
-                          on_click=use_best_cell, args=(lr, mult)):
+    label, refused = sweep.best_cell_offer(grid, sweep.sweep_recipe([j["path"] for j in members]),
+                                           st.session_state.get("form_data_path", ""))
+    if label:
+        if next(cols).button(label, key="sweep_use_best", disabled=bool(refused), on_click=use_best_cell,
+                             args=grid.best_values, help=f"{grid.label}; the form's other settings stay as they are"):
             st.rerun()  # the whole page: the form shows the new values
+        if refused:
+            st.caption(analysis.markdown_message(f"Not offered: {refused}."))
 
 
 def use_best_cell(lr: float, mult: float) -> None:
@@ -641,6 +681,7 @@ def main() -> None:
     setup, live = st.tabs(["Setup", "Live"], key="train_tab", on_change="rerun", default=opening)
     with setup:
         data_path, report = dataset_section()
+        st.session_state["form_data_path"] = data_path  # what the sweep's best cell is checked against
         config, errors = recipe_section(data_path, report)
         lr_finder_section(config, report)
         launch_section(config, errors, data_path, report)

@@ -116,8 +116,9 @@ def test_the_train_page_asks_which_dataset_of_a_folder_holding_several(dashboard
     from conftest import page
 
     root = data_root_of_two(dashboard_env / "data" / "shelf")
-    at = page("pages/1_Train.py").run()
-    at.radio(key="data_source").set_value("A folder path").run()
+    at = page("pages/1_Train.py")
+    at.session_state["data_source"] = "A folder path"  # not the example: it writes and scans 1,797 images
+    at.run()
     at.text_input(key="data_path_text").set_value(str(root)).run()
     assert any("holds 2 datasets" in w.value for w in at.warning) and not at.exception
     choice = at.radio(key=f"several-{root.resolve()}")
@@ -148,3 +149,96 @@ def test_compares_table_shows_the_state_and_duration_of_a_run_that_finished_sinc
         release_run(run)
     row = analysis.compare_table(listed)[0].iloc[0]
     assert (row["state"], row["duration (s)"], row["test acc of the kept model"]) == ("completed", "90", "0.750")
+
+
+# --- a reload keeps the dataset; the sweep's best cell names its dataset ---------------------------
+
+
+def test_a_reload_keeps_the_setup_forms_dataset(dashboard_env):
+    """A reload is a new session with the same address: the dataset comes back from ?data=."""
+    from conftest import page
+
+    mine = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
+    at = page("pages/1_Train.py")
+    at.session_state["data_source"] = "A folder path"  # not the example: it writes and scans 1,797 images
+    at.run()
+    at.text_input(key="data_path_text").set_value(str(mine)).run()
+    assert at.query_params.get("data") == str(mine.resolve())  # the page's address names the dataset
+    reloaded = page("pages/1_Train.py")
+    reloaded.query_params.update(data=str(mine.resolve()))
+    reloaded.run()
+    assert reloaded.radio(key="data_source").value == "A folder path" and not reloaded.exception
+    assert reloaded.text_input(key="data_path_text").value == str(mine.resolve())
+    assert [m.value for m in reloaded.metric][:1] == ["2"]  # mine: 2 classes, scanned, not the 10 digits
+
+
+def test_the_best_cell_names_its_dataset_and_is_refused_for_a_form_on_another(tmp_path):
+    from test_sweep import fake_cell
+
+    from finetune_core import sweep
+    from finetune_core.runs import RunDir
+
+    paths = [fake_cell(tmp_path, "a", 1e-4, 10, "completed", test_acc=0.9),
+             fake_cell(tmp_path, "b", 1e-3, 10, "completed", test_acc=0.8)]
+    data = make_dataset(tmp_path / "birds", per_class=2, test_per_class=1)
+    for p in paths:
+        run = RunDir(p)
+        record = run.read_config()
+        run.write_config({"config": {**record["config"], "data": str(data), "backbone": "resnet18"}})
+    grid = sweep.sweep_grid(sweep.sweep_table(paths))
+    recipe = sweep.sweep_recipe(paths)
+    label, refused = sweep.best_cell_offer(grid, recipe, str(data))
+    assert label == "Use the best cell: lr 0.0001, head x10 (resnet18 on birds)" and refused == ""
+    label, refused = sweep.best_cell_offer(grid, recipe, str(tmp_path / "digits"))
+    assert f"measured on {data}" in refused and "the form is set to" in refused and str(tmp_path / "digits") in refused
+
+
+def test_the_twins_and_the_lr_finder_say_what_they_will_cost_from_a_recorded_speed(tmp_path):
+    from test_compare_predict import write_run
+
+    from finetune_core import analysis
+    from finetune_core.data import scan_dataset
+    from finetune_core.runs import list_runs
+
+    report = scan_dataset(make_dataset(tmp_path / "data", per_class=10, test_per_class=2))  # 20 training images
+    config = tiny_train_config(tmp_path / "data", epochs=3, val_fraction=0.5, train_stages="all")
+    seconds, basis = analysis.cost_estimate(config, report, [])
+    assert seconds is None and "no finished run of resnet18 at 32 px" in basis
+    runs = tmp_path / "runs"
+    write_run(runs, "20260101-000000-other", images_per_s=99.0, backbone="resnet18", image_size=64,
+              batch_size=8, train_stages="all", device="cpu")  # another size: another speed
+    write_run(runs, "20260101-000001-measured", images_per_s=5.0, backbone="resnet18", image_size=32,
+              batch_size=8, train_stages="all", device="cpu")
+    seconds, basis = analysis.cost_estimate(config, report, list_runs(runs))
+    assert seconds == pytest.approx(10 * 3 / 5.0) and "5.0 images/s" in basis and "'measured'" in basis
+    seconds, _ = analysis.cost_estimate(config, report, list_runs(runs), steps=60)  # the finder: 60 batches of 8
+    assert seconds == pytest.approx(60 * 8 / 5.0)
+
+
+def test_the_train_page_shows_the_cost_of_each_twin_and_of_the_finder_before_they_start(dashboard_env):
+    from conftest import page
+
+    mine = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
+    at = page("pages/1_Train.py")
+    at.session_state["data_source"] = "A folder path"  # not the example: it writes and scans 1,797 images
+    at.run()
+    at.text_input(key="data_path_text").set_value(str(mine)).run()
+    estimates = [c.value for c in at.caption if c.value.startswith(("Costs about", "No cost estimate yet"))]
+    assert len(estimates) == 3 and not at.exception  # the scratch twin, the one-group twin, the finder
+
+
+@pytest.mark.slow
+def test_a_run_logs_how_its_validation_split_treated_copies_and_is_scored_by_its_kept_checkpoint(tmp_path):
+    from finetune_core.engine import train
+    from finetune_core.runs import KEPT_BEST, RunDir, run_score
+
+    data = dataset_with_copies(tmp_path / "copies")
+    status = train(tiny_train_config(data, epochs=2, val_fraction=0.25), tmp_path / "run", cache_dir="")
+    assert status["state"] == "completed", status["message"]
+    run = RunDir(tmp_path / "run")
+    split = run.read_config()["dataset"]["validation_split"]
+    assert split["split_by"] == "file content" and (split["copy_sets"], split["copy_images"]) == (1, 6)
+    assert split["moved_to_training"] and "validation split by content" in run.file("log.txt").read_text()
+    score = run_score(run.read_status())
+    assert score.kept == KEPT_BEST and score.test_acc == status["test_acc"]
+    assert status["message"].startswith(score.text())  # the run's own message in the same words
