@@ -154,7 +154,7 @@ class JobManager:
             info = run_info(run.path)
             if info.error:
                 raise NotResumable(f"{info.name} cannot be resumed: {info.error}")
-            if info.state not in RESUMABLE_STATES:
+            if info.state not in RESUMABLE_STATES and not info.owner:  # a live owner: RunOwned names it below
                 raise NotResumable(f"{info.name} is {info.state}: only a {' or '.join(RESUMABLE_STATES)} run "
                                    "can be resumed")
             config = TrainConfig.from_dict(run.read_config()["config"])
