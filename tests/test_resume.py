@@ -137,7 +137,7 @@ def test_a_resumed_runs_duration_counts_every_segment(data, tmp_path):
         if event["kind"] == "batch" and event["step"] == 1:
             import time
 
-            time.sleep(2.0)  # the first segment takes over 2 s; the resumed one about 1 s
+            time.sleep(3.0)  # the first segment takes over 3 s; the resumed one about 1 s
 
     stop = threading.Event()
     config = tiny_train_config(data, epochs=2)
@@ -146,8 +146,8 @@ def test_a_resumed_runs_duration_counts_every_segment(data, tmp_path):
     train(config, tmp_path / "run", resume=True)
     info = run_info(tmp_path / "run")
     whole = float(RunDir(tmp_path / "run").read_metrics()["elapsed_s"].max())  # the wall-time axis, both segments
-    assert info.state == "completed" and whole > 2.0
-    assert info.duration_s >= whole - 0.5, (info.duration_s, whole)
+    assert info.state == "completed" and whole > 3.0
+    assert info.duration_s >= whole - 1.0, (info.duration_s, whole)  # status times are in whole seconds
 
 
 def test_the_best_checkpoint_is_a_link_that_the_next_last_checkpoint_leaves_alone(tmp_path, monkeypatch):
