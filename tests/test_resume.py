@@ -234,3 +234,17 @@ def test_a_stale_resume_click_on_the_train_page_is_a_message(dashboard_env):
     assert any("Not resumed" in w.value and "is completed" in w.value for w in at.warning), \
         [w.value for w in at.warning]
     assert run.read_status()["state"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_dropout_equals_its_uninterrupted_self(data, tmp_path):
+    """The run's own dropout stream, reseeded from (seed, epoch) each epoch: a resume draws what
+    the uninterrupted run drew (MobileNet-V3 has dropout before its head)."""
+    config = tiny_train_config(data, backbone="mobilenet_v3_large", train_stages="all", epochs=2)
+    train(config, tmp_path / "straight")
+    stopped_after_one_epoch(config, tmp_path / "resumed")
+    torch.rand(1000)  # whatever the process draws in between
+    assert train(config, tmp_path / "resumed", resume=True)["state"] == "completed"
+    losses = [RunDir(tmp_path / name).read_metrics().query("kind == 'epoch'")["loss"].tolist()
+              for name in ("straight", "resumed")]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-6)
