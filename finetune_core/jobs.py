@@ -13,6 +13,12 @@ The manager owns each run it queues (runs.claim_run) from submit to its end, so 
 process resumes or deletes it meanwhile, and a new server marks it interrupted only once this
 process is gone. `shutdown()` runs at interpreter exit: queued runs end `stopped`, running ones
 are asked to stop and end `stopped` (or `interrupted` if they do not stop in time).
+
+Resume queues only a stopped or interrupted run (NotResumable says why otherwise: a second click,
+a stale one); status.json keeps the status the run had (`before_resume`), which a refused resume
+or one taken off the queue puts back. The manager remembers the FINISHED_JOBS_KEPT newest
+finished jobs and forgets a job whose run folder was deleted; run names (meta.json) are read
+again only when the file changes.
 """
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ breaks what a resume might need, and resumes it the way a user would (the engine
 line, the dashboard's job manager)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
