@@ -122,6 +122,7 @@ class JobManager:
         Raises DuplicateSubmission when the same settings (whatever their group) were submitted
         less than DUPLICATE_WINDOW_S ago: a double click queues one run."""
         config = resolve_auto(config.check(check_paths=True), report)  # what the run will use, shown at once
+        config = config.replace(processes=distributed.default_processes(config.processes, config.device))
         with self._lock:  # the check and the queueing at once: two quick clicks queue it once
             twin = self._recent_twin(config)
             if twin is not None:
@@ -133,7 +134,7 @@ class JobManager:
                 run.write_status(state="queued", message="waiting for the device", progress=0.0,
                                  submitted_at=now_iso())
                 return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report,
-                                         processes=distributed.default_processes(config.processes, config.device)))
+                                         processes=config.processes))
             except BaseException:
                 release_run(run)
                 raise
@@ -166,7 +167,7 @@ class JobManager:
             config = TrainConfig.from_dict(run.read_config()["config"])
             job = Job(run_id, run, config, device_key(config.device), resume=True,
                       message="waiting for the device (resuming)",
-                      processes=distributed.default_processes(config.processes, config.device))
+                      processes=config.processes or 1)  # what it used (0: a run from before that was stored)
             claim_run(run)  # RunOwned if another process writes it
             try:
                 run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None,

@@ -126,6 +126,10 @@ def test_a_single_process_run_resumes_as_one_process_on_a_machine_with_several_g
         state="stopped", message="not trained here"))
     manager.resume(run.id)
     assert manager.wait(run.id, timeout=30)["processes"] == 1
+    run.write_config({**run.read_config(), "config": {**run.read_config()["config"], "processes": 0}})
+    run.write_status(state="stopped")  # a run from before `processes` was stored as what it used: auto
+    manager.resume(run.id)
+    assert manager.wait(run.id, timeout=30)["processes"] == 1
     manager.shutdown()
 
 
