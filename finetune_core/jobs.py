@@ -13,6 +13,12 @@ The manager owns each run it queues (runs.claim_run) from submit to its end, so 
 process resumes or deletes it meanwhile, and a new server marks it interrupted only once this
 process is gone. `shutdown()` runs at interpreter exit: queued runs end `stopped`, running ones
 are asked to stop and end `stopped` (or `interrupted` if they do not stop in time).
+
+Resume queues only a stopped or interrupted run (NotResumable says why otherwise: a second click,
+a stale one); status.json keeps the status the run had (`before_resume`), which a refused resume
+or one taken off the queue puts back. The manager remembers the FINISHED_JOBS_KEPT newest
+finished jobs and forgets a job whose run folder was deleted; run names (meta.json) are read
+again only when the file changes.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from .data import ScanReport
 from .engine import config_record, resolve_auto, train
 from .models import resolve_device
 from .phases import PhaseMeter
-from .runs import (ACTIVE_STATES, BEFORE_RESUME, META, RESUMABLE_STATES, RunDir, RunOwned, claim_run, launched_pid,
+from .runs import (ACTIVE_STATES, BEFORE_RESUME, META, RESUMABLE_STATES, RunDir, claim_run, launched_pid,
                    list_runs, mark_interrupted, new_run_dir, now_iso, release_run, run_info, status_before_resume,
                    status_put_back)
 from .sweep import is_sweep_group
@@ -119,6 +125,7 @@ class JobManager:
         Raises DuplicateSubmission when the same settings (whatever their group) were submitted
         less than DUPLICATE_WINDOW_S ago: a double click queues one run."""
         config = resolve_auto(config.check(check_paths=True), report)  # what the run will use, shown at once
+        config = config.replace(processes=distributed.default_processes(config.processes, config.device))
         with self._lock:  # the check and the queueing at once: two quick clicks queue it once
             twin = self._recent_twin(config)
             if twin is not None:
@@ -130,7 +137,7 @@ class JobManager:
                 run.write_status(state="queued", message="waiting for the device", progress=0.0,
                                  submitted_at=now_iso())
                 return self._enqueue(Job(run.id, run, config, device_key(config.device), report=report,
-                                         processes=distributed.default_processes(config.processes, config.device)))
+                                         processes=config.processes))
             except BaseException:
                 release_run(run)
                 raise
@@ -157,15 +164,13 @@ class JobManager:
             info = run_info(run.path)
             if info.error:
                 raise NotResumable(f"{info.name} cannot be resumed: {info.error}")
-            if info.state in ACTIVE_STATES and info.owner:  # another process trains it: name that process
-                raise RunOwned(f"run {run_id} is being written by {info.owner}: wait for it to end or stop it there")
-            if info.state not in RESUMABLE_STATES:
+            if info.state not in RESUMABLE_STATES and not info.owner:  # a live owner: RunOwned names it below
                 raise NotResumable(f"{info.name} is {info.state}: only a {' or '.join(RESUMABLE_STATES)} run "
                                    "can be resumed")
             config = TrainConfig.from_dict(run.read_config()["config"])
             job = Job(run_id, run, config, device_key(config.device), resume=True,
                       message="waiting for the device (resuming)",
-                      processes=distributed.default_processes(config.processes, config.device))
+                      processes=config.processes or 1)  # what it used (0: a run from before that was stored)
             claim_run(run)  # RunOwned if another process writes it
             try:
                 run.write_status(state="queued", message="waiting for the device (resuming)", ended_at=None,

@@ -94,7 +94,7 @@ class Predictor:
         path = run.file(CHECKPOINT_BEST if checkpoint == "best" else CHECKPOINT_LAST)
         if not path.exists():
             raise PredictError(f"{run_dir}: has no checkpoint yet (the run has not finished an epoch)")
-        from .engine import CheckpointError, load_checkpoint
+        from .checkpoints import CheckpointError, load_checkpoint
 
         try:
             state = load_checkpoint(path)["model"]

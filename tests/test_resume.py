@@ -5,7 +5,6 @@ breaks what a resume might need, and resumes it the way a user would (the engine
 line, the dashboard's job manager)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -127,6 +126,10 @@ def test_a_single_process_run_resumes_as_one_process_on_a_machine_with_several_g
         state="stopped", message="not trained here"))
     manager.resume(run.id)
     assert manager.wait(run.id, timeout=30)["processes"] == 1
+    run.write_config({**run.read_config(), "config": {**run.read_config()["config"], "processes": 0}})
+    run.write_status(state="stopped")  # a run from before `processes` was stored as what it used: auto
+    manager.resume(run.id)
+    assert manager.wait(run.id, timeout=30)["processes"] == 1
     manager.shutdown()
 
 
@@ -137,7 +140,7 @@ def test_a_resumed_runs_duration_counts_every_segment(data, tmp_path):
         if event["kind"] == "batch" and event["step"] == 1:
             import time
 
-            time.sleep(2.0)  # the first segment takes over 2 s; the resumed one about 1 s
+            time.sleep(3.0)  # the first segment takes over 3 s; the resumed one about 1 s
 
     stop = threading.Event()
     config = tiny_train_config(data, epochs=2)
@@ -146,8 +149,8 @@ def test_a_resumed_runs_duration_counts_every_segment(data, tmp_path):
     train(config, tmp_path / "run", resume=True)
     info = run_info(tmp_path / "run")
     whole = float(RunDir(tmp_path / "run").read_metrics()["elapsed_s"].max())  # the wall-time axis, both segments
-    assert info.state == "completed" and whole > 2.0
-    assert info.duration_s >= whole - 0.5, (info.duration_s, whole)
+    assert info.state == "completed" and whole > 3.0
+    assert info.duration_s >= whole - 1.0, (info.duration_s, whole)  # status times are in whole seconds
 
 
 def test_the_best_checkpoint_is_a_link_that_the_next_last_checkpoint_leaves_alone(tmp_path, monkeypatch):
@@ -234,3 +237,17 @@ def test_a_stale_resume_click_on_the_train_page_is_a_message(dashboard_env):
     assert any("Not resumed" in w.value and "is completed" in w.value for w in at.warning), \
         [w.value for w in at.warning]
     assert run.read_status()["state"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_dropout_equals_its_uninterrupted_self(data, tmp_path):
+    """The run's own dropout stream, reseeded from (seed, epoch) each epoch: a resume draws what
+    the uninterrupted run drew (MobileNet-V3 has dropout before its head)."""
+    config = tiny_train_config(data, backbone="mobilenet_v3_large", train_stages="all", epochs=2)
+    train(config, tmp_path / "straight")
+    stopped_after_one_epoch(config, tmp_path / "resumed")
+    torch.rand(1000)  # whatever the process draws in between
+    assert train(config, tmp_path / "resumed", resume=True)["state"] == "completed"
+    losses = [RunDir(tmp_path / name).read_metrics().query("kind == 'epoch'")["loss"].tolist()
+              for name in ("straight", "resumed")]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-6)
