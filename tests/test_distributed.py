@@ -221,42 +221,14 @@ def test_ctrl_c_ends_both_ranks_and_the_run_resumes(tiny_dataset, tmp_path, cach
 
 
 @pytest.mark.slow
-def test_the_job_manager_runs_two_processes_live_stops_them_a_restart_finds_them_and_resumes(tiny_dataset, tmp_path,
-                                                                                             cache_dir):
-    config = tiny_train_config(tiny_dataset, epochs=200, processes=2, name="ddp")
-    manager = JobManager(tmp_path / "runs", cache_dir=cache_dir)
-    run_id = manager.submit(config)
-    assert wait_until(lambda: (manager.job(run_id) or {}).get("last_event", {}).get("kind") == "batch", 120)
-    job = manager.job(run_id)
-    assert job["state"] == "running" and job["progress"] > 0 and "epoch" in job["message"]
-    run = RunDir(job["path"])
-    assert run.read_status()["world_size"] == 2
-
-    restarted = JobManager(tmp_path / "runs", cache_dir=cache_dir)  # a server restart while it trains
-    assert restarted.interrupted == []
-    found = restarted.job(run_id)
-    assert found is not None and found["state"] == "running"
-    assert wait_until(lambda: run.read_status().get("epochs_done", 0) >= 1, 120)  # a checkpoint to resume from
-    restarted.stop(run_id)
-    assert restarted.wait(run_id, 60)["state"] == "stopped"
-    assert manager.wait(run_id, 30)["state"] == "stopped"
-    assert run.read_status()["state"] == "stopped"
-    assert wait_until(lambda: subprocess.run(["pgrep", "-f", str(run.path)], capture_output=True).returncode == 1, 30)
-
-    done = run.read_status()["epochs_done"]  # Resume: 2 processes again, from the last checkpoint
-    restarted.resume(run_id)
-    assert wait_until(lambda: run.read_status().get("epochs_done", 0) > done, 120), run.read_status()
-    assert run.read_status()["world_size"] == 2 and "resumed from the end of epoch" in run.file("log.txt").read_text()
-    restarted.stop(run_id)
-    assert restarted.wait(run_id, 60)["state"] == "stopped"
-
-
-@pytest.mark.slow
-def test_the_train_page_runs_two_processes_live_and_stops_them(dashboard_env):
-    """The dashboard: Processes 2 on the Train page starts a torchrun child; a second session
-    (a refresh) shows it live from its run folder, and its Stop button ends both processes."""
+def test_the_train_page_runs_two_processes_live_a_restart_finds_them_stops_them_and_resumes(dashboard_env):
+    """Processes 2 on the Train page starts a torchrun child; a second session (a refresh) shows it
+    live from its run folder; a restarted server finds it still running, stops both processes and
+    resumes it as 2 processes from its last checkpoint. (One torchrun launch for what were a
+    page test and a job-manager test: the page's Stop calls the same JobManager.stop.)"""
     from conftest import make_dataset, page
     from test_pages import tiny_recipe, use_folder
+    from tuneboard_ui import manager
 
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
     at = use_folder(page("pages/1_Train.py").run(), data)
@@ -271,10 +243,24 @@ def test_the_train_page_runs_two_processes_live_and_stops_them(dashboard_env):
         other = page("pages/1_Train.py").run()
         return " ".join(str(p.proto.text) for p in other.get("progress")).replace("\\_", "_")  # markdown's escape
     assert wait_until(lambda: "images/s" in live_text(), 120), live_text()  # batches, from status.json
-    other = page("pages/1_Train.py").run()
     assert TINY_BACKBONE in live_text() and "epoch" in live_text()
     run = only_run(dashboard_env / "runs")
     assert run.read_status()["world_size"] == 2 and run.file("launcher.json").exists()
-    [b for b in other.button if b.label == "Stop"][0].click().run()
-    assert wait_until(lambda: run.read_status()["state"] == "stopped", 60), run.read_status()
+
+    restarted = JobManager(dashboard_env / "runs", cache_dir=str(dashboard_env / "cache"))  # a server restart
+    assert restarted.interrupted == []
+    found = restarted.job(run.id)
+    assert found is not None and found["state"] == "running"
+    assert wait_until(lambda: run.read_status().get("epochs_done", 0) >= 1, 120)  # a checkpoint to resume from
+    restarted.stop(run.id)
+    assert restarted.wait(run.id, 60)["state"] == "stopped"
+    assert manager().wait(run.id, 30)["state"] == "stopped"  # the page's server, which launched it, sees it too
+    assert run.read_status()["state"] == "stopped"
     assert wait_until(lambda: subprocess.run(["pgrep", "-f", str(run.path)], capture_output=True).returncode == 1, 30)
+
+    done = run.read_status()["epochs_done"]  # Resume: 2 processes again, from the last checkpoint
+    restarted.resume(run.id)
+    assert wait_until(lambda: run.read_status().get("epochs_done", 0) > done, 120), run.read_status()
+    assert run.read_status()["world_size"] == 2 and "resumed from the end of epoch" in run.file("log.txt").read_text()
+    restarted.stop(run.id)
+    assert restarted.wait(run.id, 60)["state"] == "stopped"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_dataset, write_image
+from conftest import ROOT, TINY_BACKBONE, make_dataset, write_image
 from finetune_core import memory
 
 CHROMIUM = "/usr/bin/chromium"
@@ -178,7 +178,10 @@ def choose(page, label: str, option: str) -> None:
     wait_idle(page)
 
 
-def set_recipe(page, server, name: str, param_groups: bool, browse: bool = False) -> None:
+def set_recipe(page, server, name: str, param_groups: bool, epochs: int, browse: bool = False) -> None:
+    """The tiny test backbone (random init, every layer): a run of 200 images at 64 px takes
+    seconds, not the minutes EfficientNet-Lite0 took on a busy 2-core machine; `epochs` keeps it
+    going long enough to be watched."""
     page.get_by_role("tab", name="Setup").click()  # after Train, the page shows the Live tab
     wait_idle(page)
     page.get_by_text("A folder path", exact=True).click()
@@ -196,6 +199,9 @@ def set_recipe(page, server, name: str, param_groups: bool, browse: bool = False
     else:
         fill(page, "Folder", str(server["data"] / "shapes"))
     page.get_by_text("Training images", exact=True).wait_for()
+    choose(page, "Backbone", f"{TINY_BACKBONE} (weights need a download)")
+    page.get_by_text("none (random init)", exact=True).click()
+    wait_idle(page)
     fill(page, "Learning rate", "0.002")
     fill(page, "Head learning-rate multiplier", "5")
     choose(page, "Trainable part", "every layer (the book)")
@@ -205,7 +211,7 @@ def set_recipe(page, server, name: str, param_groups: bool, browse: bool = False
         wait_idle(page)
     fill(page, "Image size (px)", "64")
     fill(page, "Batch size", "2")
-    fill(page, "Epochs", "1")
+    fill(page, "Epochs", str(epochs))
     fill(page, "Run name", name)
 
 
@@ -247,7 +253,7 @@ def test_the_dashboard_end_to_end(server, browser_page):
     # 2. Train: a small dataset, a learning rate and head multiplier, a tiny run; watch it grow.
     page.goto(f"{url}/Train")
     page.get_by_text("1 · Data").wait_for()
-    set_recipe(page, server, "e2e-groups", param_groups=True, browse=True)
+    set_recipe(page, server, "e2e-groups", param_groups=True, epochs=5, browse=True)
     train(page)
     page.get_by_text("e2e-groups running").filter(visible=True).first.wait_for()
     page.wait_for_function(f"() => ({points_js('e2e-groups')}) >= 2", timeout=120_000)  # the first batches
@@ -270,7 +276,7 @@ def test_the_dashboard_end_to_end(server, browser_page):
     page.set_viewport_size({"width": 1400, "height": 1000})
 
     # 2b/3. A second run without parameter groups; stop it once it has trained a few batches.
-    set_recipe(page, server, "e2e-single", param_groups=False)
+    set_recipe(page, server, "e2e-single", param_groups=False, epochs=50)  # stopped after a few batches
     train(page)
     page.get_by_text("e2e-single running").filter(visible=True).first.wait_for()
     page.wait_for_function(f"() => ({points_js('e2e-single')}) >= 2", timeout=120_000)

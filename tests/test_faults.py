@@ -26,6 +26,7 @@ def hidden_files(folder) -> list[str]:
 # --- a kill and a full disk while the run writes -------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX")
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     script = textwrap.dedent("""

@@ -66,6 +66,7 @@ def test_the_sidebar_names_every_page(dashboard_env):
     assert [t.value for t in at.title] == ["Compare runs"] and not at.exception
 
 
+@pytest.mark.slow
 def test_the_quick_start_queues_once_and_its_message_lasts_while_it_runs(dashboard_env, monkeypatch):
     from finetune_core import config, datastore
     from finetune_core.jobs import wait_until
@@ -151,6 +152,7 @@ def test_the_form_is_drawn_from_the_settings_and_greys_out_what_has_no_effect(da
     assert not at.exception
 
 
+@pytest.mark.slow
 def test_the_lr_finder_draws_its_curve_and_its_suggestion_fills_the_form(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
     at = use_folder(page("pages/1_Train.py").run(), data)
@@ -286,6 +288,7 @@ def test_the_train_page_warns_before_launch_when_the_learning_rate_is_far_outsid
     assert not at.button(key="train_button").disabled  # a warning, not a refusal
 
 
+@pytest.mark.slow
 def test_a_tiny_run_launches_shows_progress_and_its_curves(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
     at = use_folder(page("pages/1_Train.py").run(), data)
@@ -313,6 +316,7 @@ def test_a_tiny_run_launches_shows_progress_and_its_curves(dashboard_env):
     assert all(c["lr"] == 0.01 and c["head_lr_mult"] == 10 for c in configs)
 
 
+@pytest.mark.slow
 def test_train_turns_to_the_live_tab_and_a_double_click_queues_once(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
     at = use_folder(page("pages/1_Train.py").run(), data)
@@ -335,6 +339,7 @@ def test_train_turns_to_the_live_tab_and_a_double_click_queues_once(dashboard_en
     assert again.run().session_state["train_tab"] == "Live"  # it does not jump back when the run ends
 
 
+@pytest.mark.slow
 def test_train_queues_the_values_typed_just_before_the_click(dashboard_env):
     """A name typed and Train clicked at once (the browser sends both with the click): the run has
     that name and rate, not the settings of the page as it was drawn before."""
@@ -364,6 +369,7 @@ def test_a_train_click_left_by_a_page_change_is_not_acted_on_later(dashboard_env
     assert "launch_requested" not in at.session_state
 
 
+@pytest.mark.slow
 def test_a_run_without_metrics_says_so_instead_of_drawing_empty_charts(dashboard_env):
     from conftest import tiny_train_config
     from finetune_core.jobs import wait_until
@@ -381,6 +387,7 @@ def test_a_run_without_metrics_says_so_instead_of_drawing_empty_charts(dashboard
     assert wait_until(lambda: not manager().active(), timeout=60) and not at.exception
 
 
+@pytest.mark.slow
 def test_a_second_session_sees_the_running_job(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
     at = use_folder(page("pages/1_Train.py").run(), data)
@@ -397,6 +404,7 @@ def test_a_second_session_sees_the_running_job(dashboard_env):
     assert runs[0]["state"] == "stopped"
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_is_offered_for_resume_and_finishes(dashboard_env, tiny_config):
     from finetune_core.engine import train
     from finetune_core.runs import RunDir
@@ -504,6 +512,7 @@ def test_a_local_weights_file_without_a_path_asks_for_one(dashboard_env):
     assert at.button(key="train_button").disabled
 
 
+@pytest.mark.slow
 def test_a_stopped_run_is_offered_for_resume_and_finishes(dashboard_env, tiny_config):
     from finetune_core.engine import train
     from finetune_core.runs import RunDir
@@ -520,6 +529,7 @@ def test_a_stopped_run_is_offered_for_resume_and_finishes(dashboard_env, tiny_co
     assert list(metrics[metrics["kind"] == "epoch"]["epoch"]) == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_sweep_queues_its_grid_as_one_group_and_fills_a_heatmap_whose_best_cell_fills_the_form(dashboard_env):
     from finetune_core import plots, sweep
     from finetune_core.runs import RunDir
@@ -570,6 +580,7 @@ def test_the_sweep_takes_its_learning_rates_around_the_finders_suggestion(dashbo
     assert any("Train queues 9 runs" in c.value for c in at.caption)  # with the default multipliers 1, 10, 30
 
 
+@pytest.mark.slow
 def test_stop_the_sweep_stops_every_run_of_it(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
     at = use_folder(page("pages/1_Train.py").run(), data)
@@ -587,6 +598,7 @@ def test_stop_the_sweep_stops_every_run_of_it(dashboard_env):
     assert not at.exception and not [b for b in at.button if b.key == "sweep_stop"]
 
 
+@pytest.mark.slow
 def test_a_run_stopped_in_the_live_view_offers_resume_next_to_its_message(dashboard_env):
     from conftest import tiny_train_config
     from finetune_core.jobs import wait_until

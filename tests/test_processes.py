@@ -45,6 +45,7 @@ def killed():
         p.wait(30)
 
 
+@pytest.mark.slow
 def test_a_run_another_process_writes_is_left_alone_until_that_process_is_gone(tiny_config, tmp_path, killed,
                                                                                capsys):
     runs = tmp_path / "runs"
@@ -86,6 +87,7 @@ def test_a_run_another_process_writes_is_left_alone_until_that_process_is_gone(t
     assert not run.path.exists()
 
 
+@pytest.mark.slow
 def test_a_claim_is_refused_while_another_process_holds_the_run(tmp_path, killed):
     run = RunDir(tmp_path / "run")
     owner = child(f"""
@@ -105,6 +107,7 @@ def test_a_claim_is_refused_while_another_process_holds_the_run(tmp_path, killed
     assert not run.file("status.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX")
 def test_sigkill_mid_run_leaves_an_interrupted_run_that_resumes_to_the_same_end(tiny_config, tmp_path, killed,
                                                                                   cache_dir):
@@ -160,6 +163,7 @@ def test_sigkill_mid_run_leaves_an_interrupted_run_that_resumes_to_the_same_end(
     assert run.read_config()["config"]["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_a_server_that_exits_mid_run_leaves_it_stopped_not_running(tiny_config, tmp_path, killed):
     """JobManager.shutdown runs at interpreter exit: the run in progress is stopped at its next
     batch and a queued one is taken off the queue; neither stays `running` or `queued`."""
