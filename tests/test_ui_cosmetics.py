@@ -54,3 +54,16 @@ def test_a_bundle_zip_unpacks_to_a_bundle_folder_and_still_loads(tmp_path):
         zf.writestr("weights.safetensors", b"w")
     assert _bundle_files(flat) == (b"{}", b"w")
 
+
+
+def test_the_sweep_heatmap_names_each_cells_state_before_any_finished():
+    import pandas as pd
+
+    from finetune_core.sweep import sweep_grid
+
+    table = pd.DataFrame({"lr": [1e-3, 1e-3, 1e-2], "head_lr_mult": [1.0, 10.0, 1.0],
+                          "state": ["running", "queued", "completed"], "run_id": ["a", "b", "c"],
+                          "accuracy": [None, None, 0.9], "split": ["test"] * 3})
+    fig = plots.sweep_figure(sweep_grid(table))
+    shown = {(x, y, t) for trace in fig.data if trace.type == "scatter" for x, y, t in zip(trace.x, trace.y, trace.text)}
+    assert shown == {("x1", "0.001", "running"), ("x10", "0.001", "queued"), ("x10", "0.01", "-")}
