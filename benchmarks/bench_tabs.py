@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import make_dataset  # noqa: E402
-from test_e2e_browser import CHROMIUM, FLAGS, fill, free_port, wait_idle  # noqa: E402
+from test_e2e_browser import CHROMIUM, FLAGS, IDLE, free_port  # noqa: E402
 
 from finetune_core.runs import list_runs  # noqa: E402
 
@@ -61,6 +61,20 @@ def start_server(tmp: Path, data: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.3)
     proc.terminate()
     raise SystemExit(f"the server did not start: {(tmp / 'streamlit.log').read_text()[-2000:]}")
+
+
+def wait_idle(page) -> None:
+    """As the browser test waits, with room for a loaded machine (the Train page's first visit
+    writes the example dataset)."""
+    page.wait_for_timeout(100)
+    page.wait_for_selector(IDLE, timeout=600_000)
+
+
+def fill(page, label: str, value: str) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(value)
+    box.press("Enter")
+    wait_idle(page)
 
 
 def open_live(page, url: str) -> None:
@@ -126,7 +140,7 @@ def main() -> None:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, ignore_default_args=["--headless=old"])
             for k, cond in enumerate(order):
                 context = browser.new_context(viewport={"width": 1400, "height": 1000})
-                context.set_default_timeout(120_000)
+                context.set_default_timeout(600_000)
                 driver = context.new_page()
                 condition[0] = cond
                 name = f"run{k}-{cond.replace(' ', '')}"
@@ -147,7 +161,10 @@ def main() -> None:
     finally:
         done.set()
         server.terminate()
-        server.wait(30)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
     alone, tabbed = statistics.median(durations["no tab"]), statistics.median(durations["tabs"])
     rss = [mb for _, mb, c in samples if c not in ("start",)]
     result = {"no_tab_s": durations["no tab"], "tabs_s": durations["tabs"], "median_no_tab_s": round(alone, 1),
