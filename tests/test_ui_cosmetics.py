@@ -67,3 +67,16 @@ def test_the_sweep_heatmap_names_each_cells_state_before_any_finished():
     fig = plots.sweep_figure(sweep_grid(table))
     shown = {(x, y, t) for trace in fig.data if trace.type == "scatter" for x, y, t in zip(trace.x, trace.y, trace.text)}
     assert shown == {("x1", "0.001", "running"), ("x10", "0.001", "queued"), ("x10", "0.01", "-")}
+
+
+def test_a_zip_of_one_folder_unpacks_to_the_dataset_not_a_folder_inside_it(tmp_path):
+    from finetune_core import datastore
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("pets/cat/a.png", b"x")
+        zf.writestr("pets/dog/b.png", b"y")
+        zf.writestr("__MACOSX/pets/._a.png", b"")
+    target = datastore.extract_zip(buf, tmp_path / "data", "pets.zip")
+    assert target == tmp_path / "data" / "pets" and sorted(p.name for p in target.iterdir()) == ["cat", "dog"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["pets"]  # nothing left behind
