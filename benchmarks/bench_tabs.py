@@ -9,7 +9,8 @@ so the fast preset's pretrained backbone is offline as on a user's machine):
 - one Train tab fills the form (the fast preset on --images generated photos, a run name) and
   presses Train;
 - "no tab": that tab is closed at once; nothing is open while the run trains;
-- "tabs": it stays on Train -> Live, a second tab opens Train -> Live, a third Home.
+- "tabs": a Train tab on its Live view and a Home tab are open (and loaded) before the run starts,
+  and the tab that pressed Train stays on Train -> Live.
 The run's duration is its own (status.json: started to ended). Conditions alternate (no tab, tabs,
 tabs, no tab, ...) after one warm-up run that is not counted, so that the load of a shared machine
 falls on both. The server's resident memory (RSS) is sampled every 2 s throughout.
@@ -141,14 +142,16 @@ def main() -> None:
             for k, cond in enumerate(order):
                 context = browser.new_context(viewport={"width": 1400, "height": 1000})
                 context.set_default_timeout(600_000)
+                if cond == "tabs":  # open, and loaded, before the run starts: what is measured is their refreshes
+                    open_live(context.new_page(), url)
+                    home = context.new_page()
+                    home.goto(url)
+                    home.get_by_text("Recent runs").wait_for()
                 driver = context.new_page()
                 condition[0] = cond
                 name = f"run{k}-{cond.replace(' ', '')}"
                 start_run(driver, url, data / "shapes", name)
-                if cond == "tabs":
-                    open_live(context.new_page(), url)
-                    context.new_page().goto(url)
-                else:
+                if cond != "tabs":
                     driver.close()
                 info = wait_for_run(tmp / "runs", name)
                 context.close()
