@@ -11,13 +11,13 @@ from finetune_core.datastore import runs_root
 from finetune_core.jobs import JobManager
 from finetune_core.runs import RESUMABLE_STATES, list_runs
 
-# How often an open page's live part reruns, and how old a metrics read its curves may draw. Every
+# How often an open page's live part reruns, and how often the Train page's live curves do. Every
 # rerun of every open tab takes the GIL from the training thread of this same process: with Train
-# -> Live in two tabs and Home in a third, reruns every second with curves built and serialised
-# each time slowed a run about 4x (benchmarks/bench_tabs.py). Progress every 2 s, curves from a
-# read up to 6 s old (in between the figures come from plots.cached_panel_figures, not rebuilt).
+# -> Live in two tabs and Home in a third, reruns every second with the curves built and serialised
+# each time slowed a run about 4x (benchmarks/bench_tabs.py). Progress every 2 s; the curves in a
+# fragment of their own every 6 s.
 LIVE_REFRESH_S = 2.0
-CURVES_MAX_AGE_S = 6.0
+CURVES_REFRESH_S = 6.0
 
 
 @st.cache_resource(show_spinner=False)

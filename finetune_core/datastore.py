@@ -216,11 +216,19 @@ def extract_zip(source, dest_root: str | os.PathLike, name: str, max_unpacked: i
                 except OSError as exc:  # a full disk, a name the file system refuses
                     raise UploadError(f"{name}: entry '{info.filename}' could not be written under {dest_root} "
                                       f"({exc.strerror or exc}); nothing was kept") from None
-            os.replace(tmp, target)
+            os.replace(_dataset_folder(tmp), target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        shutil.rmtree(tmp, ignore_errors=True)  # what is left of it once its only folder moved out
     return target
+
+
+def _dataset_folder(unpacked: Path) -> Path:
+    """The folder of an unpacked zip that is the dataset: a zip of one folder (pets.zip holding
+    pets/cat, pets/dog, as zipping a folder makes it) unwraps to it, not to data/pets/pets."""
+    entries = [p for p in unpacked.iterdir() if p.name != "__MACOSX"]  # macOS's resource forks, not data
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else unpacked
 
 
 # --------------------------------------------------------------------------------------------

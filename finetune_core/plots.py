@@ -374,6 +374,10 @@ def sweep_figure(grid) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=z, x=cols, y=rows, text=text, texttemplate="%{text}", colorscale="Viridis",
                                zmin=0, zmax=1, colorbar=dict(title=f"{grid.split} acc"),
                                hovertemplate="lr %{y}, head %{x}<br>%{text}<extra></extra>"))
+    waiting = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if grid.accuracy[i][j] is None]
+    if waiting:  # a heatmap writes no text in a cell without a value: blank until a cell finished
+        fig.add_trace(go.Scatter(x=[cols[j] for _, j in waiting], y=[rows[i] for i, _ in waiting], mode="text",
+                                 text=[text[i][j] for i, j in waiting], hoverinfo="skip", showlegend=False))
     if grid.best is not None:
         i, j = grid.best
         fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="#f03e3e", width=3))

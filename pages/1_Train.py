@@ -26,7 +26,7 @@ from finetune_core.engine import resolve_auto
 from finetune_core.datastore import runs_root
 from finetune_core.jobs import DuplicateSubmission, NotResumable
 from finetune_core.runs import ACTIVE_STATES, RESUMABLE_STATES, RunDir, RunOwned, list_runs
-from tuneboard_ui import (CURVES_MAX_AGE_S, LIVE_REFRESH_S, chart_controls, curve_panels, flash, format_seconds,
+from tuneboard_ui import (CURVES_REFRESH_S, LIVE_REFRESH_S, chart_controls, curve_panels, flash, format_seconds,
                           job_controls, manager, page, resumable_runs, setting_input, state_label, submit,
                           widget_value)
 
@@ -565,16 +565,20 @@ def sweep_around(lr: float) -> None:
 # 4. Live
 
 
-@st.fragment(run_every=LIVE_REFRESH_S)
-def live_section() -> None:
-    """The group of runs this tab follows (analysis.current_group): progress, Stop, curves."""
+def followed_jobs() -> tuple[list[dict], str, list[dict], dict[str, str]]:
+    """(every job, the group this tab follows (analysis.current_group), its jobs, their labels)."""
     jobs = manager().jobs()
     group = analysis.current_group(jobs, st.session_state.get("group", ""))
     members = [j for j in jobs if j["group"] == group] if jobs else []
+    return jobs, group, members, analysis.job_labels(members)
+
+
+@st.fragment(run_every=LIVE_REFRESH_S)
+def live_section() -> None:
+    """The group of runs this tab follows: progress, Stop, Resume, and the other jobs."""
+    jobs, group, members, labels = followed_jobs()
     if not members:
         st.info("No run yet. Set the recipe and press Train.")
-    frames = {}
-    labels = analysis.job_labels(members)
     if sweep.is_sweep_group(group):
         sweep_results(members)
     for job in members:
@@ -590,7 +594,21 @@ def live_section() -> None:
         else:
             st.write(f"**{analysis.markdown_text(labels[job['run_id']])}** {state_label(job['state'])}: "
                      f"{analysis.markdown_message(job['message'])}")
-        metrics = RunDir(job["path"]).read_metrics(max_age_s=CURVES_MAX_AGE_S)  # sessions share a read
+    others = [j for j in jobs if j["state"] in ACTIVE_STATES and j["group"] != group]
+    if others:
+        st.subheader("Other jobs on this server")
+        for job in others:
+            job_controls(job, "other")
+
+
+@st.fragment(run_every=CURVES_REFRESH_S)
+def live_curves_section() -> None:
+    """The group's curves, in a fragment of their own that reruns less often than the progress
+    above it: building and sending the charts was most of what an open Live tab cost the run."""
+    _, _, members, labels = followed_jobs()
+    frames = {}
+    for job in members:
+        metrics = RunDir(job["path"]).read_metrics(max_age_s=CURVES_REFRESH_S / 2)  # sessions share a read (half the refresh)
         if metrics.empty and job["state"] not in ACTIVE_STATES:
             st.caption(f"No curves for {analysis.markdown_text(labels[job['run_id']])}: it ended before its first "
                        "training batch.")
@@ -600,11 +618,6 @@ def live_section() -> None:
         epochs = max(j["epochs"] for j in members)
         chart = chart_controls("live")
         curve_panels(frames, "live_curves", epochs=epochs, **plots.run_styles(labels), **chart)
-    others = [j for j in jobs if j["state"] in ACTIVE_STATES and j["group"] != group]
-    if others:
-        st.subheader("Other jobs on this server")
-        for job in others:
-            job_controls(job, "other")
 
 
 def sweep_results(members: list[dict]) -> None:
@@ -688,6 +701,7 @@ def main() -> None:
     with live:
         st.header("3 · Live")
         live_section()
+        live_curves_section()
         resume_section()
 
 

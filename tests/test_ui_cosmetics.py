@@ -54,3 +54,29 @@ def test_a_bundle_zip_unpacks_to_a_bundle_folder_and_still_loads(tmp_path):
         zf.writestr("weights.safetensors", b"w")
     assert _bundle_files(flat) == (b"{}", b"w")
 
+
+
+def test_the_sweep_heatmap_names_each_cells_state_before_any_finished():
+    import pandas as pd
+
+    from finetune_core.sweep import sweep_grid
+
+    table = pd.DataFrame({"lr": [1e-3, 1e-3, 1e-2], "head_lr_mult": [1.0, 10.0, 1.0],
+                          "state": ["running", "queued", "completed"], "run_id": ["a", "b", "c"],
+                          "accuracy": [None, None, 0.9], "split": ["test"] * 3})
+    fig = plots.sweep_figure(sweep_grid(table))
+    shown = {(x, y, t) for trace in fig.data if trace.type == "scatter" for x, y, t in zip(trace.x, trace.y, trace.text)}
+    assert shown == {("x1", "0.001", "running"), ("x10", "0.001", "queued"), ("x10", "0.01", "-")}
+
+
+def test_a_zip_of_one_folder_unpacks_to_the_dataset_not_a_folder_inside_it(tmp_path):
+    from finetune_core import datastore
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("pets/cat/a.png", b"x")
+        zf.writestr("pets/dog/b.png", b"y")
+        zf.writestr("__MACOSX/pets/._a.png", b"")
+    target = datastore.extract_zip(buf, tmp_path / "data", "pets.zip")
+    assert target == tmp_path / "data" / "pets" and sorted(p.name for p in target.iterdir()) == ["cat", "dog"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["pets"]  # nothing left behind
