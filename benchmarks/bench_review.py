@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="")
+    parser.add_argument("--dump", default="", help="also save the features, labels and planted problems (.npz), "
+                        "to tune thresholds without running the backbone again")
     args = parser.parse_args()
 
     from finetune_core.review import out_of_fold_probabilities, review_dataset
@@ -120,6 +122,13 @@ def main() -> None:
                                 kept=set())
         seconds = time.perf_counter() - t0
         classes = result.classes
+        if args.dump:
+            import json
+
+            np.savez(args.dump, train=features["train"], test=features["test"], train_labels=features["train_labels"],
+                     test_labels=features["test_labels"], train_paths=np.array(features["train_paths"]),
+                     test_paths=np.array(features["test_paths"]), planted=json.dumps(planted),
+                     classes=np.array(classes))
         n_classes = len(classes)
         paths = features["train_paths"]
         labels = features["train_labels"]

@@ -203,8 +203,7 @@ def test_near_copies_find_resized_recompressed_cropped_and_mirrored_copies(tmp_p
     copy.save(tmp_path / "near.jpg", quality=70)
     img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.jpg", quality=90)
     paths = real + [tmp_path / "near.jpg", tmp_path / "mirror.jpg"]
-    plain, mirrored = perceptual_hashes(centre_views_of(paths))
-    pairs = {(paths[i], paths[j]) for i, j, _ in near_copies(plain, mirrored, None)}
+    pairs = {(paths[i], paths[j]) for i, j, _ in near_copies(perceptual_hashes(centre_views_of(paths)), None)}
     assert pairs == {(tmp_path / "near.jpg", real[3]), (tmp_path / "mirror.jpg", real[3])}
 
 
