@@ -15,10 +15,13 @@ the health of each class. It reads the images once and runs the frozen backbone 
   method "self_confidence" (the out-of-fold probability of the given label): on out-of-fold
   probabilities it ranks planted flips well, it is the simplest score to explain on the page
   ("the model gives this label 3%"), and unlike "normalized_margin" it does not penalise a
-  correct image whose second class is close. Which images are *flagged* is
-  `cleanlab.filter.find_label_issues(filter_by="prune_by_noise_rate")` (confident learning: as
-  many per pair of classes as the estimated joint of given and true labels says are wrong),
-  kept only where the suggested class differs from the given one.
+  correct image whose second class is close (measured on trashnet6 with 5% random flips: 88% of
+  them in the top 10% and precision 0.71 at k = flips, against 81% and 0.59 for normalized_margin).
+  Which images are *flagged* is `cleanlab.filter.find_label_issues(filter_by="prune_by_noise_rate")`
+  (confident learning: as many per pair of classes as the estimated joint of given and true labels
+  says are wrong), kept only where the suggested class differs from the given one and the model
+  gives the given label under FLAG_GIVEN_BELOW (cleanlab alone flagged 5.6% of trashnet6's own,
+  unflipped labels; with this, 1.8%).
 - Copies: exact (the same bytes, as the scan finds them) and near (resized, re-encoded, slightly
   cropped, mirrored): a pair whose perceptual hashes (pHash of the centre view, and of its
   mirror) are close AND whose backbone features agree, or whose features are nearly identical.
@@ -70,6 +73,8 @@ NEAR_HASH_BITS = 6              # pHash Hamming distance (of 64 bits) of a near 
 LOOSE_HASH_BITS = 10            # or this distance together with
 NEAR_COSINE = 0.95              # this cosine of the backbone's features,
 SAME_COSINE = 0.99              # or this cosine alone
+FLAG_GIVEN_BELOW = 0.02         # flag a label only when the out-of-fold model gives it under 2% (bench_review.py:
+                                # cleanlab alone flagged 5.6% of trashnet6's own labels, this 1.8%)
 IMBALANCE_RATIO = 5.0
 FEW_IMAGES = 20                 # a class with fewer training images is named as too few to learn well
 
@@ -284,7 +289,8 @@ def label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.
     remap = np.searchsorted(present, labels)
     with np.errstate(all="ignore"), _quiet():
         flagged = find_label_issues(remap, sub, filter_by="prune_by_noise_rate", n_jobs=1)
-    flagged &= probs.argmax(1) != labels
+    given = probs[np.arange(len(labels)), labels]
+    flagged &= (probs.argmax(1) != labels) & (given < FLAG_GIVEN_BELOW)
     return score, flagged
 
 

@@ -148,9 +148,9 @@ def test_label_issues_rank_planted_flips_first_and_flag_none_on_clean_labels():
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 40)
-    probs = np.full((120, 3), 0.05)
-    probs[np.arange(120), labels] = 0.9  # a confident, right model ...
-    probs += rng.uniform(0, 0.05, probs.shape)
+    probs = np.full((120, 3), 0.004)
+    probs[np.arange(120), labels] = 0.98  # a confident, right model ...
+    probs += rng.uniform(0, 0.004, probs.shape)
     probs /= probs.sum(1, keepdims=True)
     _, flagged = label_issues(labels, probs)
     assert not flagged.any()
