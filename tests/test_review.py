@@ -197,14 +197,14 @@ def test_near_copies_find_resized_recompressed_cropped_and_mirrored_copies(tmp_p
     from finetune_core.review import near_copies, perceptual_hashes
 
     real = sorted((shared_dataset("hymenoptera") / "train").glob("*/*.jpg"))[:20]
-    img = Image.open(real[3]).convert("RGB")
+    img = Image.open(real[8]).convert("RGB")  # its cropped copy's plain pHash is 18 bits away
     w, h = img.size
     copy = img.crop((w // 20, h // 20, w - w // 20, h - h // 20)).resize((int(w * 0.6), int(h * 0.6)))
     copy.save(tmp_path / "near.jpg", quality=70)
-    img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.jpg", quality=90)
+    Image.open(real[3]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.jpg", quality=90)
     paths = real + [tmp_path / "near.jpg", tmp_path / "mirror.jpg"]
     pairs = {(paths[i], paths[j]) for i, j, _ in near_copies(perceptual_hashes(centre_views_of(paths)), None)}
-    assert pairs == {(tmp_path / "near.jpg", real[3]), (tmp_path / "mirror.jpg", real[3])}
+    assert pairs == {(tmp_path / "near.jpg", real[8]), (tmp_path / "mirror.jpg", real[3])}
 
 
 # --- the whole review, and the page ------------------------------------------------------------
@@ -301,3 +301,26 @@ def test_compare_shows_each_run_before_or_after_review(tmp_path):
         (folder / "status.json").write_text(json.dumps({"state": "completed", "test_acc": 0.9}))
     frame, _ = compare_table([run_info(tmp_path / "before"), run_info(tmp_path / "after")])
     assert list(frame["review fixes"]) == ["before review", "3 relabelled, 5 excluded, 2 leaks dropped"]
+
+
+def test_a_review_reports_progress_and_stops_when_asked(tmp_path, runs_dir):
+    from finetune_core.review import ReviewJob, ReviewStopped, review_dataset
+
+    data = make_dataset(tmp_path / "d", per_class=12, test_per_class=4)
+    stop = threading.Event()
+    seen = []
+
+    def progress(fraction, message):
+        seen.append((fraction, message))
+        if "decoding" in message:
+            stop.set()  # the user presses Stop while the images are decoded
+
+    with pytest.raises(ReviewStopped):
+        review_dataset(data, progress=progress, stop_event=stop, cache_dir="")
+    assert seen[0] == (0.0, "scanning the dataset")
+    assert not any("fold" in m for _, m in seen)  # stopped before the backbone and the folds
+
+    job = ReviewJob(str(data), tmp_path / "review.json", cache_dir="")
+    job.stop_event.set()
+    job.start().thread.join(60)
+    assert job.snapshot()["state"] == "stopped" and not (tmp_path / "review.json").exists()
