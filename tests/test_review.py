@@ -324,3 +324,29 @@ def test_a_review_reports_progress_and_stops_when_asked(tmp_path, runs_dir):
     job.stop_event.set()
     job.start().thread.join(60)
     assert job.snapshot()["state"] == "stopped" and not (tmp_path / "review.json").exists()
+
+
+def test_confusion_cell_lists_its_images_worst_first():
+    from finetune_core.analysis import confusion_cell
+
+    preds = pd.DataFrame({"path": ["a", "b", "c", "d"], "true": ["cat", "cat", "cat", "dog"],
+                          "predicted": ["dog", "dog", "cat", "dog"], "loss": [0.5, 2.0, 0.1, 0.2]})
+    assert list(confusion_cell(preds, "cat", "dog")["path"]) == ["b", "a"]
+
+
+@pytest.mark.slow
+def test_predict_confusion_cell_excludes_the_chosen_images(dashboard_env, cache_dir):
+    from finetune_core.engine import train
+
+    data = make_dataset(dashboard_env / "data" / "pets", per_class=6, test_per_class=3)
+    train(tiny_train_config(data, epochs=1), dashboard_env / "runs" / "20260101-000000-pets", cache_dir=cache_dir)
+    at = page("pages/3_Predict.py").run()
+    at.selectbox(key="cell_true").set_value("cat")
+    at.selectbox(key="cell_predicted").set_value("cat").run()
+    boxes = [c for c in at.checkbox if c.key and c.key.startswith("cell-")]
+    assert boxes, "the cell shows its images"
+    boxes[0].check().run()
+    at.button(key="cell_exclude").click().run()
+    assert not at.exception
+    fixes = load_fixes(data / FIXES_FILE)
+    assert [(f.action, f.path) for f in fixes] == [("exclude", "test/cat/" + Path(boxes[0].key[5:]).name)]
