@@ -12,7 +12,7 @@ import streamlit as st
 from finetune_core import analysis, datastore
 from finetune_core.data import DatasetError, scan_dataset
 from finetune_core.datastore import runs_root
-from finetune_core.fixes import FixesError, add_fixes, fixes_path, load_fixes, undo_fix
+from finetune_core.fixes import FixesError, add_fixes, dataset_stamp, fixes_path, load_fixes, undo_fix
 from finetune_core.review import (KIND_LABELS, KINDS, ReviewJob, decided, fixes_for, load_result, result_path)
 from tuneboard_ui import LIVE_REFRESH_S, flash, page
 
@@ -39,6 +39,13 @@ def choose_dataset() -> str:
         return ""
     st.session_state["review_data"] = path
     return path
+
+
+@st.cache_data(ttl=60, show_spinner="Scanning the dataset…")
+def scan(path: str, stamp: tuple):
+    """The scan (fixes applied), read again when the folder or its fixes file changes (as on Train):
+    not on every click of a large dataset's review."""
+    return scan_dataset(path)
 
 
 def job_section(root: str, data: str) -> None:
@@ -178,8 +185,8 @@ def main() -> None:
     if not data:
         return
     try:
-        report = scan_dataset(data)
-    except DatasetError as exc:
+        report = scan(data, dataset_stamp(data))
+    except (DatasetError, OSError) as exc:
         st.error(analysis.markdown_message(str(exc), paths=(data,)))
         return
     if not report.usable:
