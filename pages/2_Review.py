@@ -109,9 +109,10 @@ def issue_card(issue, status: str, key: str) -> None:
 
 def issues_section(root: str, result, fixes: list) -> None:
     counts = result.counts()
+    scored = result.method.get("test_scored_by")
     st.caption(f"Reviewed {result.images.get('train', 0)} training and {result.images.get('test', 0)} test images "
-               f"in {result.seconds:.0f} s with {result.method.get('backbone')}, {result.method.get('folds')} folds; "
-               f"test images scored by {result.method.get('test_scored_by')}.")
+               f"in {result.seconds:.0f} s with {result.method.get('backbone')}, {result.method.get('folds')} folds"
+               + (f"; test images scored by {scored}." if scored else "."))
     cols = st.columns(max(1, sum(1 for n in counts.values() if n)))
     for col, (kind, n) in zip(cols, [(k, n) for k, n in counts.items() if n]):
         col.metric(KIND_LABELS[kind], n)
@@ -146,7 +147,7 @@ def issues_section(root: str, result, fixes: list) -> None:
 def actions_bar(root: str, result, selected: list) -> None:
     st.markdown(f"**{len(selected)} selected**")
     c = st.columns([1, 1, 2, 1, 1])
-    if c[0].button("Accept suggestion", key="act_suggested", disabled=not selected,
+    if c[0].button("Accept", key="act_suggested", disabled=not selected,
                    help="label issue: relabel to the suggested class; test leak: drop it from the test split; "
                         "others: exclude"):
         record(root, fixes_for(result, selected, "suggested"), "suggestions accepted")
