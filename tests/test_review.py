@@ -211,8 +211,10 @@ def test_near_copies_find_resized_recompressed_cropped_and_mirrored_copies(tmp_p
 
 
 @pytest.mark.slow
-def test_review_finds_a_flipped_label_a_leak_and_a_dark_photo_end_to_end(tmp_path, runs_dir, capsys):
+def test_review_finds_a_flipped_label_a_leak_and_a_dark_photo_end_to_end(tmp_path, runs_dir, capsys, monkeypatch):
     from finetune_core.__main__ import main
+
+    monkeypatch.setenv("TUNEBOARD_CACHE", str(tmp_path / "cache"))  # decoded from cold, in the test's own folder
 
     src = shared_dataset("hymenoptera")
     data = tmp_path / "h"
