@@ -481,7 +481,8 @@ def class_health(report: ScanReport, issues: list[Issue]) -> tuple[list[dict], l
 
 
 def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone: str = DEFAULT_BACKBONE,
-                   image_size: int = DEFAULT_IMAGE_SIZE, weights: str = "auto", run_dir: str | os.PathLike | None = None,
+                   image_size: int = DEFAULT_IMAGE_SIZE, weights: str = "auto",
+                   run_dir: str | os.PathLike | None = None,
                    cache_dir: str | None = None, progress: ProgressCallback | None = None,
                    stop_event: threading.Event | None = None, report: ScanReport | None = None,
                    kept: set[tuple[str, str]] | None = None, features_out: dict | None = None) -> ReviewResult:
@@ -493,7 +494,8 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
     from .data import DatasetError
 
     if folds < 2:
-        raise ValueError(f"folds must be at least 2 (each image is predicted by a head that did not see it), got {folds}")
+        raise ValueError(f"folds must be at least 2 (each image is predicted by a head that did not see it), "
+                         f"got {folds}")
     t0 = time.perf_counter()
     steps = _Progress(progress, stop_event)
     steps(0.0, "scanning the dataset")
@@ -593,7 +595,8 @@ def copy_issues(report: ScanReport, data, hashes: dict, train_features: np.ndarr
             exact.add(k)
             kind = "leak" if split(k) != split(j) else "exact_duplicate"
             issues.append(Issue(kind, p, split(k), classes[labels[k]], score=1.0, other=paths[j],
-                                detail="the same file as " + ("a training image" if kind == "leak" else "another image")))
+                                detail="the same file as " + ("a training image" if kind == "leak"
+                                                              else "another image")))
         else:
             first_of[sha[p]] = k
     both = tuple(np.concatenate([hashes["train"][k], hashes["test"][k]]) for k in range(3))
@@ -720,7 +723,7 @@ def decided(result: ReviewResult, fixes) -> dict[str, str]:
     out = {}
     for fix in fixes:
         path = str(Path(result.root) / fix.path)
-        words = {"relabel": f"relabelled to '{fix.to}'", "exclude": "excluded", "drop_leak": "dropped from the test split",
-                 "keep": "kept"}[fix.action]
+        words = {"relabel": f"relabelled to '{fix.to}'", "exclude": "excluded",
+                 "drop_leak": "dropped from the test split", "keep": "kept"}[fix.action]
         out[path if fix.action != "keep" else f"{path}|{fix.kind}"] = words
     return out
