@@ -101,15 +101,83 @@ def training_loss_scores(features: np.ndarray, labels: np.ndarray, n_classes: in
     return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
 
 
+def label_rows(features: np.ndarray, labels: np.ndarray, true: np.ndarray, n_classes: int, folds: int,
+               seed: int) -> tuple[list, float]:
+    """The label table: random flips (as planted), flips to the most confused class, no flips;
+    the review's ranking and flags against the training-loss baseline. And the time of one
+    out-of-fold pass."""
+    from finetune_core.review import out_of_fold_probabilities
+
+    rows = []
+    t0 = time.perf_counter()
+    probs = out_of_fold_probabilities(features, labels, n_classes, folds)
+    seconds = time.perf_counter() - t0
+    clean_probs = out_of_fold_probabilities(features, true, n_classes, folds)
+    confusion = np.zeros((n_classes, n_classes))
+    for t, p in zip(true, clean_probs.argmax(1)):
+        confusion[t, p] += 1
+    np.fill_diagonal(confusion, -1)
+    most_confused = confusion.argmax(1)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(true), int((labels != true).sum()), replace=False)
+    confused = true.copy()
+    confused[chosen] = most_confused[true[chosen]]
+    confused_probs = out_of_fold_probabilities(features, confused, n_classes, folds)
+    for name, given, p in (("random flips 5%", labels, probs), ("flips to the most confused class 5%", confused,
+                                                                 confused_probs)):
+        review = ranking_scores(given, p)
+        rows.append((name, "review (out of fold, cleanlab)", label_metrics(review["score"], review["flagged"],
+                                                                          given != true)))
+        rows.append((name, "training loss (in sample)",
+                     label_metrics(training_loss_scores(features, given, n_classes), None, given != true)))
+    clean = ranking_scores(true, clean_probs)
+    rows.append(("no flips", "review (out of fold, cleanlab)",
+                 label_metrics(clean["score"], clean["flagged"], np.zeros(len(true), dtype=bool))))
+    return rows, seconds
+
+
+def label_table(rows: list) -> list[str]:
+    lines = ["| flips | ranking | flipped | in top 10% | precision at k=flipped | flagged | flagged share | "
+             "flag precision | flag recall |", "|---|---|---|---|---|---|---|---|---|"]
+    for flips, method, m in rows:
+        lines.append(f"| {flips} | {method} | {m['flipped']} | {m['recall_top10']:.2f} | {m['precision_at_k']:.2f} | "
+                     f"{m.get('flagged', '-')} | "
+                     + (f"{m['flagged_share']:.3f}" if "flagged_share" in m else "-") + " | "
+                     + (f"{m['flag_precision']:.2f}" if "flag_precision" in m else "-") + " | "
+                     + (f"{m['flag_recall']:.2f}" if "flag_recall" in m else "-") + " |")
+    return lines
+
+
+def true_labels(paths: list[str], planted: dict, classes: list[str]) -> np.ndarray:
+    return np.array([classes.index(planted["flips"].get(p, Path(p).parent.name)) for p in paths])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="trashnet6")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="")
+    parser.add_argument("--dump", default="", help="also save the features, labels and planted problems (.npz), "
+                        "to tune thresholds without running the backbone again")
+    parser.add_argument("--features", default="", help="a --dump file: only the label table, from its features")
     args = parser.parse_args()
 
-    from finetune_core.review import out_of_fold_probabilities, review_dataset
+    if args.features:
+        import json
+
+        z = np.load(args.features)
+        classes, planted = list(z["classes"]), json.loads(str(z["planted"]))
+        true = true_labels(list(z["train_paths"]), planted, classes)
+        rows, seconds = label_rows(z["train"], z["train_labels"], true, len(classes), args.folds, args.seed)
+        text = "\n".join([f"Label issues from {args.features}; one out-of-fold pass {seconds:.1f} s", ""]
+                         + label_table(rows))
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
+
+    from finetune_core.review import review_dataset
 
     with tempfile.TemporaryDirectory(prefix="bench-review-") as tmp:
         data = Path(tmp) / args.dataset
@@ -120,46 +188,16 @@ def main() -> None:
                                 kept=set())
         seconds = time.perf_counter() - t0
         classes = result.classes
-        n_classes = len(classes)
-        paths = features["train_paths"]
-        labels = features["train_labels"]
-        true = np.array([classes.index(planted["flips"].get(p, Path(p).parent.name)) for p in paths])
-        is_flip = labels != true
-        rows = []
+        if args.dump:
+            import json
 
-        # random flips: the review's own ranking and flags, and the training-loss baseline
-        issues = [i for i in result.issues if i.kind == "label" and i.split == "train"]
-        flagged = np.isin(paths, [i.path for i in issues])
-        t1 = time.perf_counter()
-        probs = out_of_fold_probabilities(features["train"], labels, n_classes, args.folds)
-        label_seconds = time.perf_counter() - t1
-        review_rank = ranking_scores(labels, probs)
-        rows.append(("random flips 5%", "review (out of fold, cleanlab)",
-                     label_metrics(review_rank["score"], flagged, is_flip)))
-        rows.append(("random flips 5%", "training loss (in sample)",
-                     label_metrics(training_loss_scores(features["train"], labels, n_classes), None, is_flip)))
-
-        # flips to the most confused class, from the clean labels' out-of-fold confusion
-        clean_probs = out_of_fold_probabilities(features["train"], true, n_classes, args.folds)
-        confusion = np.zeros((n_classes, n_classes))
-        for t, p in zip(true, clean_probs.argmax(1)):
-            confusion[t, p] += 1
-        np.fill_diagonal(confusion, -1)
-        most_confused = confusion.argmax(1)
-        rng = np.random.default_rng(args.seed)
-        chosen = rng.choice(len(true), int(is_flip.sum()), replace=False)
-        confused = true.copy()
-        confused[chosen] = most_confused[true[chosen]]
-        is_flip2 = confused != true
-        p2 = out_of_fold_probabilities(features["train"], confused, n_classes, args.folds)
-        r2 = ranking_scores(confused, p2)
-        rows.append(("flips to the most confused class 5%", "review (out of fold, cleanlab)",
-                     label_metrics(r2["score"], r2["flagged"], is_flip2)))
-        rows.append(("flips to the most confused class 5%", "training loss (in sample)",
-                     label_metrics(training_loss_scores(features["train"], confused, n_classes), None, is_flip2)))
-        r3 = ranking_scores(true, clean_probs)
-        rows.append(("no flips", "review (out of fold, cleanlab)",
-                     label_metrics(r3["score"], r3["flagged"], np.zeros(len(true), dtype=bool))))
+            np.savez(args.dump, train=features["train"], test=features["test"], train_labels=features["train_labels"],
+                     test_labels=features["test_labels"], train_paths=np.array(features["train_paths"]),
+                     test_paths=np.array(features["test_paths"]), planted=json.dumps(planted),
+                     classes=np.array(classes))
+        true = true_labels(features["train_paths"], planted, classes)
+        rows, label_seconds = label_rows(features["train"], features["train_labels"], true, len(classes), args.folds,
+                                         args.seed)
 
         # copies and leaks
         n_images = result.images["train"] + result.images["test"] + len(planted["exact"])
@@ -177,21 +215,14 @@ def main() -> None:
         any_quality = {i.path for i in result.issues if i.kind in ("dark", "light", "blurry", "low_information",
                                                                    "odd_aspect_ratio", "tiny")}
         fp_quality = len(any_quality - set(planted["dark"]) - set(planted["blurry"]))
+        root = str(data) + "/"
 
     lines = [f"# bench_review: {args.dataset} ({result.images['train']} training, {result.images['test']} test "
              f"images after planting), {args.folds} folds, {result.method['backbone']} at "
              f"{result.method['image_size']} px", "",
              f"Review time, cold (decoding, features, folds, copies, quality): {seconds:.0f} s; the out-of-fold "
              f"label step alone from the features: {label_seconds:.1f} s.", "",
-             "## Label issues", "",
-             "| flips | ranking | flipped | in top 10% | precision at k=flipped | flagged | flagged share | "
-             "flag precision | flag recall |", "|---|---|---|---|---|---|---|---|---|"]
-    for flips, method, m in rows:
-        lines.append(f"| {flips} | {method} | {m['flipped']} | {m['recall_top10']:.2f} | {m['precision_at_k']:.2f} | "
-                     f"{m.get('flagged', '-')} | "
-                     + (f"{m['flagged_share']:.3f}" if "flagged_share" in m else "-") + " | "
-                     + (f"{m['flag_precision']:.2f}" if "flag_precision" in m else "-") + " | "
-                     + (f"{m['flag_recall']:.2f}" if "flag_recall" in m else "-") + " |")
+             "## Label issues", ""] + label_table(rows)
     lines += ["", "## Copies and leaks", "",
               f"- exact copies in test found as leaks: {exact_found}/20",
               f"- near copies (60%, JPEG 70, 5% crop) in test found as leaks: {near_found}/20",
@@ -201,8 +232,9 @@ def main() -> None:
     for kind, (recall, fp) in quality.items():
         lines.append(f"- {kind}: {recall:.0%} of 10 planted found; {fp} other images flagged {kind}")
     lines.append(f"- any quality flag on a normal photo: {fp_quality} of {normal} ({fp_quality / normal:.2%})")
-    lines += ["", "Other copies flagged (for a person to judge):"] + [f"- {p} ~ {copy_found[p].other} "
-                                                                       f"({copy_found[p].score})" for p in others[:15]]
+    lines += ["", "Other copies flagged (for a person to judge):"] + [
+        f"- {p.replace(root, '')} ~ {copy_found[p].other.replace(root, '')} ({copy_found[p].kind}, "
+        f"{copy_found[p].score})" for p in others[:20]]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -68,6 +68,14 @@ def gallery_picture(path: str, side: int = GALLERY_SIDE):
     return picture, ""
 
 
+def confusion_cell(predictions: pd.DataFrame, true_class: str, predicted_class: str) -> pd.DataFrame:
+    """The test images of one cell of the confusion matrix (true A, predicted B), worst first (the
+    highest loss: the most confident mistakes, often a wrong label, come first)."""
+    frame = predictions[(predictions["true"].astype(str) == str(true_class))
+                        & (predictions["predicted"].astype(str) == str(predicted_class))]
+    return frame.sort_values("loss", ascending=False).drop_duplicates("path")  # one card (and key) per image
+
+
 def run_labels(infos: list[RunInfo]) -> dict[str, str]:
     """{run id: label}: the run's name, with its id added where names repeat."""
     names = [i.name for i in infos]

@@ -209,6 +209,12 @@ def add_fixes(root: str | os.PathLike, new: list[Fix]) -> Path:
     return path
 
 
+def fixes_for_images(root: str | os.PathLike, paths: list[str], action: str, to: str = "",
+                     kind: str = "") -> list[Fix]:
+    """Fixes of one action for images given by their full paths (the Predict page's confusion cell)."""
+    return [Fix(action, relative_path(p, root), to=to if action == "relabel" else "", kind=kind) for p in paths]
+
+
 def undo_fix(root: str | os.PathLike, index: int) -> Fix:
     """Remove the fix at `index` of the dataset's fixes file (the image is as it was before)."""
     path = fixes_path(root)

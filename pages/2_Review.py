@@ -12,7 +12,7 @@ import streamlit as st
 from finetune_core import analysis, datastore
 from finetune_core.data import DatasetError, scan_dataset
 from finetune_core.datastore import runs_root
-from finetune_core.fixes import FixesError, add_fixes, fixes_path, load_fixes, undo_fix
+from finetune_core.fixes import FixesError, add_fixes, dataset_stamp, fixes_path, load_fixes, undo_fix
 from finetune_core.review import (KIND_LABELS, KINDS, ReviewJob, decided, fixes_for, load_result, result_path)
 from tuneboard_ui import LIVE_REFRESH_S, flash, page
 
@@ -39,6 +39,13 @@ def choose_dataset() -> str:
         return ""
     st.session_state["review_data"] = path
     return path
+
+
+@st.cache_data(ttl=60, show_spinner="Scanning the dataset…")
+def scan(path: str, stamp: tuple):
+    """The scan (fixes applied), read again when the folder or its fixes file changes (as on Train):
+    not on every click of a large dataset's review."""
+    return scan_dataset(path)
 
 
 def job_section(root: str, data: str) -> None:
@@ -102,9 +109,10 @@ def issue_card(issue, status: str, key: str) -> None:
 
 def issues_section(root: str, result, fixes: list) -> None:
     counts = result.counts()
+    scored = result.method.get("test_scored_by")
     st.caption(f"Reviewed {result.images.get('train', 0)} training and {result.images.get('test', 0)} test images "
-               f"in {result.seconds:.0f} s with {result.method.get('backbone')}, {result.method.get('folds')} folds; "
-               f"test images scored by {result.method.get('test_scored_by')}.")
+               f"in {result.seconds:.0f} s with {result.method.get('backbone')}, {result.method.get('folds')} folds"
+               + (f"; test images scored by {scored}." if scored else "."))
     cols = st.columns(max(1, sum(1 for n in counts.values() if n)))
     for col, (kind, n) in zip(cols, [(k, n) for k, n in counts.items() if n]):
         col.metric(KIND_LABELS[kind], n)
@@ -139,7 +147,7 @@ def issues_section(root: str, result, fixes: list) -> None:
 def actions_bar(root: str, result, selected: list) -> None:
     st.markdown(f"**{len(selected)} selected**")
     c = st.columns([1, 1, 2, 1, 1])
-    if c[0].button("Accept suggestion", key="act_suggested", disabled=not selected,
+    if c[0].button("Accept", key="act_suggested", disabled=not selected,
                    help="label issue: relabel to the suggested class; test leak: drop it from the test split; "
                         "others: exclude"):
         record(root, fixes_for(result, selected, "suggested"), "suggestions accepted")
@@ -178,8 +186,8 @@ def main() -> None:
     if not data:
         return
     try:
-        report = scan_dataset(data)
-    except DatasetError as exc:
+        report = scan(data, dataset_stamp(data))
+    except (DatasetError, OSError) as exc:
         st.error(analysis.markdown_message(str(exc), paths=(data,)))
         return
     if not report.usable:

@@ -80,6 +80,40 @@ def metrics_tab(predictions, classes) -> None:
                  width="stretch", hide_index=True)
 
 
+def confusion_cell_section(predictions, classes, info: RunInfo) -> None:
+    """Pick a cell of the confusion matrix: its images, worst first, with the Review page's fixes."""
+    from finetune_core.fixes import FixesError, add_fixes, fixes_for_images
+    from tuneboard_ui import flash
+
+    st.subheader("A cell of the matrix")
+    names = [str(x) for x in classes]
+    c = st.columns(2)
+    true = c[0].selectbox("True class", names, key="cell_true")
+    predicted = c[1].selectbox("Predicted class", names, key="cell_predicted", index=min(1, len(names) - 1))
+    cell = analysis.confusion_cell(predictions, true, predicted).head(GALLERY_PAGE)
+    st.caption(f"{len(cell)} test images labelled '{true}' and predicted '{predicted}', worst first")
+    grid = st.columns(6)
+    for k, (_, row) in enumerate(cell.iterrows()):
+        with grid[k % 6]:
+            st.image(row["path"], width="stretch")
+            st.checkbox(f"{row['confidence']:.0%}", key=f"cell-{row['path']}")
+    chosen = [row["path"] for _, row in cell.iterrows() if st.session_state.get(f"cell-{row['path']}")]
+    root = (RunDir(info.path).read_config().get("dataset") or {}).get("root", "")
+    c = st.columns(2)
+    action = None
+    if c[0].button(f"Relabel to '{predicted}'", key="cell_relabel", disabled=not chosen or not root):
+        action = fixes_for_images(root, chosen, "relabel", to=predicted, kind="label")
+    if c[1].button("Exclude", key="cell_exclude", disabled=not chosen or not root):
+        action = fixes_for_images(root, chosen, "exclude", kind="label")
+    if action:
+        try:
+            flash(f"{len(action)} fixes recorded in {add_fixes(root, action)}; the next training uses them")
+        except FixesError as exc:
+            st.error(str(exc))
+            return
+        st.rerun()
+
+
 def classify_tab(model: Predictor) -> None:
     classes = model.classes
     files = st.file_uploader("Drop one or more images", accept_multiple_files=True, key="classify_upload",
@@ -140,6 +174,7 @@ def main() -> None:
         gallery_tab(predictions, classes)
     with tab_metrics:
         metrics_tab(predictions, classes)
+        confusion_cell_section(predictions, classes, info)
     with tab_classify:
         classify_tab(model)
     with tab_export:

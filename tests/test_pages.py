@@ -60,8 +60,8 @@ def test_home_page_shows_device_backbones_and_runs(dashboard_env):
 def test_the_sidebar_names_every_page(dashboard_env):
     at = page("app.py").run()
     pages = at._registered_pages.values()  # what st.navigation registered: the sidebar's entries
-    assert [p["page_name"] for p in pages] == ["Home", "Train", "Compare", "Predict"]  # never "app"
-    assert [p["url_pathname"] for p in pages] == ["", "Train", "Compare", "Predict"]  # links keep working
+    assert [p["page_name"] for p in pages] == ["Home", "Train", "Review", "Compare", "Predict"]  # never "app"
+    assert [p["url_pathname"] for p in pages] == ["", "Train", "Review", "Compare", "Predict"]  # links keep working
     at.switch_page("pages/2_Compare.py").run()
     assert [t.value for t in at.title] == ["Compare runs"] and not at.exception
 

@@ -148,9 +148,9 @@ def test_label_issues_rank_planted_flips_first_and_flag_none_on_clean_labels():
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 40)
-    probs = np.full((120, 3), 0.05)
-    probs[np.arange(120), labels] = 0.9  # a confident, right model ...
-    probs += rng.uniform(0, 0.05, probs.shape)
+    probs = np.full((120, 3), 0.004)
+    probs[np.arange(120), labels] = 0.98  # a confident, right model ...
+    probs += rng.uniform(0, 0.004, probs.shape)
     probs /= probs.sum(1, keepdims=True)
     _, flagged = label_issues(labels, probs)
     assert not flagged.any()
@@ -197,23 +197,24 @@ def test_near_copies_find_resized_recompressed_cropped_and_mirrored_copies(tmp_p
     from finetune_core.review import near_copies, perceptual_hashes
 
     real = sorted((shared_dataset("hymenoptera") / "train").glob("*/*.jpg"))[:20]
-    img = Image.open(real[3]).convert("RGB")
+    img = Image.open(real[8]).convert("RGB")  # its cropped copy's plain pHash is 18 bits away
     w, h = img.size
     copy = img.crop((w // 20, h // 20, w - w // 20, h - h // 20)).resize((int(w * 0.6), int(h * 0.6)))
     copy.save(tmp_path / "near.jpg", quality=70)
-    img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.jpg", quality=90)
+    Image.open(real[3]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.jpg", quality=90)
     paths = real + [tmp_path / "near.jpg", tmp_path / "mirror.jpg"]
-    plain, mirrored = perceptual_hashes(centre_views_of(paths))
-    pairs = {(paths[i], paths[j]) for i, j, _ in near_copies(plain, mirrored, None)}
-    assert pairs == {(tmp_path / "near.jpg", real[3]), (tmp_path / "mirror.jpg", real[3])}
+    pairs = {(paths[i], paths[j]) for i, j, _ in near_copies(perceptual_hashes(centre_views_of(paths)), None)}
+    assert pairs == {(tmp_path / "near.jpg", real[8]), (tmp_path / "mirror.jpg", real[3])}
 
 
 # --- the whole review, and the page ------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_review_finds_a_flipped_label_a_leak_and_a_dark_photo_end_to_end(tmp_path, runs_dir, capsys):
+def test_review_finds_a_flipped_label_a_leak_and_a_dark_photo_end_to_end(tmp_path, runs_dir, capsys, monkeypatch):
     from finetune_core.__main__ import main
+
+    monkeypatch.setenv("TUNEBOARD_CACHE", str(tmp_path / "cache"))  # decoded from cold, in the test's own folder
 
     src = shared_dataset("hymenoptera")
     data = tmp_path / "h"
@@ -302,3 +303,52 @@ def test_compare_shows_each_run_before_or_after_review(tmp_path):
         (folder / "status.json").write_text(json.dumps({"state": "completed", "test_acc": 0.9}))
     frame, _ = compare_table([run_info(tmp_path / "before"), run_info(tmp_path / "after")])
     assert list(frame["review fixes"]) == ["before review", "3 relabelled, 5 excluded, 2 leaks dropped"]
+
+
+def test_a_review_reports_progress_and_stops_when_asked(tmp_path, runs_dir):
+    from finetune_core.review import ReviewJob, ReviewStopped, review_dataset
+
+    data = make_dataset(tmp_path / "d", per_class=12, test_per_class=4)
+    stop = threading.Event()
+    seen = []
+
+    def progress(fraction, message):
+        seen.append((fraction, message))
+        if "decoding" in message:
+            stop.set()  # the user presses Stop while the images are decoded
+
+    with pytest.raises(ReviewStopped):
+        review_dataset(data, progress=progress, stop_event=stop, cache_dir="")
+    assert seen[0] == (0.0, "scanning the dataset")
+    assert not any("fold" in m for _, m in seen)  # stopped before the backbone and the folds
+
+    job = ReviewJob(str(data), tmp_path / "review.json", cache_dir="")
+    job.stop_event.set()
+    job.start().thread.join(60)
+    assert job.snapshot()["state"] == "stopped" and not (tmp_path / "review.json").exists()
+
+
+def test_confusion_cell_lists_its_images_worst_first():
+    from finetune_core.analysis import confusion_cell
+
+    preds = pd.DataFrame({"path": ["a", "b", "c", "d"], "true": ["cat", "cat", "cat", "dog"],
+                          "predicted": ["dog", "dog", "cat", "dog"], "loss": [0.5, 2.0, 0.1, 0.2]})
+    assert list(confusion_cell(preds, "cat", "dog")["path"]) == ["b", "a"]
+
+
+@pytest.mark.slow
+def test_predict_confusion_cell_excludes_the_chosen_images(dashboard_env, cache_dir):
+    from finetune_core.engine import train
+
+    data = make_dataset(dashboard_env / "data" / "pets", per_class=6, test_per_class=3)
+    train(tiny_train_config(data, epochs=1), dashboard_env / "runs" / "20260101-000000-pets", cache_dir=cache_dir)
+    at = page("pages/3_Predict.py").run()
+    at.selectbox(key="cell_true").set_value("cat")
+    at.selectbox(key="cell_predicted").set_value("cat").run()
+    boxes = [c for c in at.checkbox if c.key and c.key.startswith("cell-")]
+    assert boxes, "the cell shows its images"
+    boxes[0].check().run()
+    at.button(key="cell_exclude").click().run()
+    assert not at.exception
+    fixes = load_fixes(data / FIXES_FILE)
+    assert [(f.action, f.path) for f in fixes] == [("exclude", "test/cat/" + Path(boxes[0].key[5:]).name)]
