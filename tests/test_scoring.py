@@ -201,7 +201,8 @@ def test_the_twins_and_the_lr_finder_say_what_they_will_cost_from_a_recorded_spe
     from finetune_core.runs import list_runs
 
     report = scan_dataset(make_dataset(tmp_path / "data", per_class=10, test_per_class=2))  # 20 training images
-    config = tiny_train_config(tmp_path / "data", epochs=3, val_fraction=0.5, train_stages="all")
+    config = tiny_train_config(tmp_path / "data", epochs=3, val_fraction=0.5, train_stages="all",
+                               backbone="resnet18")  # the recorded runs below are resnet18 runs
     seconds, basis = analysis.cost_estimate(config, report, [])
     assert seconds is None and "no finished run of resnet18 at 32 px" in basis
     runs = tmp_path / "runs"
