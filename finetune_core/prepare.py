@@ -61,6 +61,11 @@ class PreparedData:
     skipped: list[Problem] = field(default_factory=list)
     device_train_images: torch.Tensor | None = None  # a copy on the GPU when it fits
 
+    def entry_paths(self) -> list:
+        """Where this set's decode-cache entries are (kept over others' when the cache is evicted)."""
+        images = [self.train_images, self.test_images]
+        return [d.store.path(k) for d in images for k in d.keys]
+
 
 def _open_scaled(path: str, target: int) -> Image.Image:
     """Decode, letting JPEG decode at a reduced scale when the file is over twice the target
@@ -130,7 +135,7 @@ def failed_entry(error: str) -> bytes:
 
 def entry_pixels(blob: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(blob[HEADER.size:])) as picture:
-        return np.asarray(picture.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+        return np.array(picture.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)  # writable, for torch
 
 
 def make_entry(kind: str, path: str, size: int) -> bytes:
