@@ -40,7 +40,7 @@ from .cachestore import DiskStore, MemoryStore, default_cache_dir, evict
 from .data import WARNING, ImageRecord, Problem, ScanReport, load_rgb, resize_size_for, to_rgb
 
 CACHE_FORMAT = "tuneboard-decoded-4"  # 4: one compressed entry per image
-TRAIN_QUALITY = 95  # JPEG quality of the stored training squares
+TRAIN_QUALITY = 90  # JPEG quality of the stored training squares (95 made them larger than the photos)
 PROGRESS_EVERY = 8  # images decoded between progress calls (each checks for a stop)
 READ_WORKERS = min(4, os.cpu_count() or 1)  # threads reading a batch's entries (decoding releases the GIL)
 

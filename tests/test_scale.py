@@ -190,3 +190,20 @@ def test_the_activation_budget_and_its_cost_are_stated_and_a_bad_one_named(monke
     assert "up to 512 MB" in activations.memory_note() and "memory-mapped" in activations.memory_note()
     monkeypatch.setenv(activations.MEMORY_VARIABLE, "-3")
     assert "TUNEBOARD_ACTIVATION_MEMORY_MB='-3'" in activations.memory_note()
+
+
+def test_the_frozen_pass_on_a_cpu_runs_in_batches_that_bound_its_memory(tmp_path):
+    from torch import nn
+
+    from finetune_core.engine import Reporter, setup
+    from finetune_core.runs import RunDir
+
+    root = make_dataset(tmp_path / "d", per_class=40, test_per_class=1, size=(32, 32))
+    config = tiny_train_config(root, train_stages="1", eval_batch_size=256)
+    reporter = Reporter(RunDir(tmp_path), None, None)
+    ctx = setup(config, RunDir(tmp_path), reporter, cache_dir="")
+    sizes = []
+    bottom = nn.Conv2d(3, 4, 8, stride=8)
+    bottom.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    activations.FeatureCache(bottom, ctx, reporter, stages="1").get("train", 0)
+    assert sum(sizes) == len(ctx.train_idx) == 80 and max(sizes) == activations.CPU_PASS_BATCH
