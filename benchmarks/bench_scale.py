@@ -90,7 +90,8 @@ def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: 
         first_step = float(batches["elapsed_s"].iloc[0]) if len(batches) else None
     return {"state": status.get("status") or f"exit {child.returncode}: {err.strip().splitlines()[-1:]}",
             "first_step_s": first_step, "wall_s": wall, "images_per_s": status.get("images_per_s"),
-            "peak_rss_mb": peak_rss_mb(usage), "cache_mb": cache_size(cache) / 1024**2}
+            "peak_rss_mb": peak_rss_mb(usage), "cache_mb": cache_size(cache) / 1024**2,
+            "activations_mb": cache_size(cache / "activations") / 1024**2}
 
 
 def peak_rss_mb(usage) -> float:
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/bench_scale.md")
     args = parser.parse_args()
     lines = ["| training images | photos on disk | preset | first step (s from the run's start) | total (s, click "
-             "to done) | peak RSS | cache on disk | training images/s |", "|---|---|---|---|---|---|---|---|"]
+             "to done) | peak RSS | cache on disk (of which activations) | training images/s |", "|---|---|---|---|---|---|---|---|"]
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix="tb-scale-") as scratch:
             scratch = Path(scratch)
@@ -123,7 +124,8 @@ def main() -> None:
                 r = run_preset(scratch / "data", preset, flags, args.epochs, scratch, Path(args.code))
                 first = "-" if r["first_step_s"] is None else f"{r['first_step_s']:.0f}"
                 lines.append(f"| {size:,} | {photos / 1024**2:.0f} MB | {name} ({r['state']}) | {first} | "
-                             f"{r['wall_s']:.0f} | {r['peak_rss_mb'] or 0:,.0f} MB | {r['cache_mb']:.0f} MB | "
+                             f"{r['wall_s']:.0f} | {r['peak_rss_mb']:,.0f} MB | {r['cache_mb']:.0f} MB "
+                             f"({r['activations_mb']:.0f} MB) | "
                              f"{r['images_per_s'] or 0:.1f} |")
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
