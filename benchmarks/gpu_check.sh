@@ -3,7 +3,8 @@
 #   1. every test marked `cuda` (they skip on CPU-only machines; here they must run),
 #   2. the speed benchmark on CUDA: the book's loop against Tuneboard's engine, ResNet-18 at 224 px with
 #      random weights (`--weights none`: no machine here has internet; throughput does not depend on them),
-#   3. with several GPUs, 1 process against one per GPU (DDP over NCCL).
+#   3. a big folder: 50,000 generated JPEGs through the fast preset (bench_scale.py; its own limit, see below),
+#   4. with several GPUs, 1 process against one per GPU (DDP over NCCL).
 # Everything goes to one results file (default benchmarks/results/gpu_check.md), also when a step fails;
 # the exit code is that of the first step that failed.
 #
@@ -77,6 +78,16 @@ note ""; note "Benchmark data: $DATA"
 step "Speed: the book's loop and the engine, ResNet-18 224 px, random weights, bf16 on CUDA" \
   "$PYTHON" benchmarks/bench_train.py --data "$DATA" --backbone resnet18 --weights none --device "$DEVICE" \
   --epochs "$EPOCHS" --target 2 --runs book,engine --out "benchmarks/results/gpu_bench_train_$DEVICE.md"
+
+# Big folders (issue 22 item 5): 50,000 generated 500 x 375 JPEGs through the fast preset, one epoch, cold cache:
+# time to the first step, total, peak memory, cache on disk, images/s. Generating them takes every core
+# a few minutes, so this step has its own limit (SCALE_LIMIT_S) beyond the 8 minutes above; SCALE_IMAGES=0 skips it.
+SCALE_IMAGES=${SCALE_IMAGES:-50000}
+if [ "$SCALE_IMAGES" -gt 0 ]; then
+  STEP_LIMIT_S=${SCALE_LIMIT_S:-900} step "Big folder: $SCALE_IMAGES synthetic JPEGs, fast preset, 1 epoch, cold cache" \
+    "$PYTHON" benchmarks/bench_scale.py --sizes "$SCALE_IMAGES" --presets fast --epochs 1 --device "$DEVICE" \
+    --out "benchmarks/results/gpu_bench_scale_$DEVICE.md"
+fi
 
 if [ "$GPUS" -gt 1 ] && [ "$DEVICE" = cuda ]; then
   step "1 process against $GPUS (DDP, NCCL)" "$PYTHON" benchmarks/bench_ddp.py --data "$DATA" --device cuda \

@@ -7,6 +7,8 @@ holds those outputs: `FeatureCache` for one run (in memory, or memory-mapped bey
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cachestore import default_cache_dir, evict, megabytes_from_env
 from .config import TrainConfig
 from .prepare import augment_batch, center_view_batch, normalize_batch
 
@@ -32,27 +35,95 @@ def pass_time_left(seconds: float, done: int, total: int) -> str:
 
 
 
-FEATURE_MEMORY_BUDGET = 4 * 1024**3  # cached activations above this go to a memory-mapped file
-FEATURE_DTYPE = torch.float16        # how cached activations are stored (benchmarks/explore_fast.py --fp32-cache)
+FEATURE_DTYPE = torch.float16  # how cached activations are stored (benchmarks/explore_fast.py --fp32-cache)
+MEMORY_VARIABLE = "TUNEBOARD_ACTIVATION_MEMORY_MB"
+DEFAULT_MEMORY_MB = 1024  # cached activations beyond this are memory-mapped from their file
+CPU_PASS_BATCH = 64  # images per frozen-layer pass on a CPU: as fast per image as 256, a quarter of the memory
+
+
+def memory_budget() -> int:
+    """Bytes of cached activations a run keeps in memory (TUNEBOARD_ACTIVATION_MEMORY_MB); beyond
+    it they are read from a memory-mapped file: the page cache then holds what fits, and a set
+    larger than the machine's free memory is read from disk each epoch (slower, never swapped)."""
+    return megabytes_from_env(MEMORY_VARIABLE, DEFAULT_MEMORY_MB)
+
+
+def memory_note() -> str:
+    """The Train page's line on the activation budget: what it is and what exceeding it costs."""
+    try:
+        budget = f"{memory_budget() / 1024**2:,.0f} MB"
+    except ValueError as exc:
+        return f"Cached activations: {exc}; fix it (the runs fail until then)."
+    return (f"Cached activations of the frozen layers are kept in memory up to {budget} ({MEMORY_VARIABLE}); "
+            "beyond that they are memory-mapped from the cache folder: memory stays bounded, and each "
+            "epoch reads them from disk where the system's page cache cannot hold them (slower, never swapped). "
+            "They are kept in the cache, so a resumed run or the run after the LR finder reuses them.")
+
+
+def activations_folder(cache_dir: str | None) -> Path | None:
+    """Where finished activations are kept for later runs (a resume, the run after an LR finder):
+    `activations/` in the cache folder, within its budget; None to keep nothing (cache_dir "")."""
+    if cache_dir == "":
+        return None
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "activations"
+
 
 class FeatureCache:
-    """Activations of the frozen bottom, computed once per (split, view) and kept in memory in
-    FEATURE_DTYPE, float16 (or in a memory-mapped file above FEATURE_MEMORY_BUDGET). Training views: view 0 is
-    the test transform's centre view; views 1, 2, ... are the book's RandomResizedCrop + flip,
-    seeded by (seed, view) so a resumed run sees the same ones."""
+    """Activations of the frozen bottom, computed once per (split, view) and stored in
+    FEATURE_DTYPE, float16. Training views: view 0 is the test transform's centre view; views 1,
+    2, ... are the book's RandomResizedCrop + flip, seeded by (seed, view) so a resumed run sees the
+    same ones. With a cache folder, each finished (split, view) is kept in a file under
+    `activations/`, keyed by the settings that shape it (shared_features_key) and the images'
+    contents, so a resumed run, or the run after the LR finder, reads it instead of computing it;
+    up to memory_budget() they are held in memory, beyond it memory-mapped from that file."""
 
-    def __init__(self, bottom: nn.Module, ctx: Setup, reporter: Reporter, store: dict | None = None):
+    def __init__(self, bottom: nn.Module, ctx: Setup, reporter: Reporter, store: dict | None = None,
+                 stages: str = ""):
         self.bottom, self.ctx, self.reporter = bottom, ctx, reporter
         # `store`: outputs shared with other runs whose frozen part sees the same images the same
         # way (a sweep's cells: see shared_features_key); they outlive this run.
         self._shared = store is not None
         self._cache: dict[tuple, torch.Tensor] = store if store is not None else {}
+        self.folder = activations_folder(ctx.cache_dir)
+        self.settings_key = shared_features_key(ctx.config, stages)
+        self.used_files: list[Path] = []  # this run's entries: evicted last
+        self._partial: tuple[str, np.memmap] | None = None  # a file being written in place
 
     def get(self, split: str, view: int = 0, flip: bool = False) -> torch.Tensor:
         key = (split, view, flip)
         if key not in self._cache:
-            self._cache[key] = self._compute(split, view, flip)
+            loaded = self._load(split, view, flip)
+            self._cache[key] = loaded if loaded is not None else self._compute(split, view, flip)
         return self._cache[key]
+
+    def entry_path(self, split: str, view: int, flip: bool) -> Path | None:
+        """The file of one (split, view): the settings, the split point and the images' entries."""
+        if self.folder is None:
+            return None
+        data = self.ctx.data
+        if split == "test":
+            keys = data.test_images.keys
+        else:
+            rows = self.ctx.train_idx if split == "train" else self.ctx.val_idx
+            keys = [data.train_images.keys[i] for i in rows]
+        h = hashlib.sha1(f"{self.settings_key}|{split}|{view}|{flip}|{FEATURE_DTYPE}".encode())
+        for key in keys:
+            h.update(key.encode())
+        return self.folder / f"{h.hexdigest()}.npy"
+
+    def _load(self, split: str, view: int, flip: bool) -> torch.Tensor | None:
+        path = self.entry_path(split, view, flip)
+        if path is None or not path.exists():
+            return None
+        try:
+            mapped = np.load(path, mmap_mode="c")  # copy-on-write: writable for torch, the file untouched
+            os.utime(path)  # least recently used: a read is a use
+        except (OSError, ValueError):
+            return None  # damaged or evicted meanwhile: compute it again
+        self.used_files.append(path)
+        if mapped.nbytes + self._held() <= memory_budget():
+            return torch.from_numpy(np.array(mapped))
+        return torch.from_numpy(mapped)
 
     def _images(self, split: str, view: int, flip: bool) -> tuple[int, Callable[[list[int]], torch.Tensor]]:
         ctx, data, size = self.ctx, self.ctx.data, self.ctx.config.image_size
@@ -81,40 +152,94 @@ class FeatureCache:
         what += " (mirrored)" if flip else ""
         self.bottom.eval()
         out: torch.Tensor | None = None
+        path = self.entry_path(split, view, flip)
         t0 = time.perf_counter()
-        for start in range(0, n, cfg.eval_batch_size):
-            left = f", about {pass_time_left(time.perf_counter() - t0, start, n)} left" if start else ""
-            self.reporter.prepare(f"computing the frozen layers' output for {what} ({start}/{n}{left})",
-                                  ctx.progress())
-            idx = list(range(start, min(n, start + cfg.eval_batch_size)))
-            x = normalize_batch(images_of(idx), ctx.mean, ctx.std, cfg.channels_last)
-            with ctx.autocast():
-                y = self.bottom(x).to(FEATURE_DTYPE).cpu()
-            if not torch.isfinite(y).all():
-                raise RuntimeError(f"the frozen layers' output for {what} does not fit {FEATURE_DTYPE} (values "
-                                   "beyond its range or not numbers); train all layers or another backbone")
-            if out is None:
-                out = self._allocate((n, *y.shape[1:]))
-            out[start:start + len(idx)] = y
+        batch = self.pass_batch()
+        try:
+            for start in range(0, n, batch):
+                left = f", about {pass_time_left(time.perf_counter() - t0, start, n)} left" if start else ""
+                self.reporter.prepare(f"computing the frozen layers' output for {what} ({start}/{n}{left})",
+                                      ctx.progress())
+                idx = list(range(start, min(n, start + batch)))
+                x = normalize_batch(images_of(idx), ctx.mean, ctx.std, cfg.channels_last)
+                with ctx.autocast():
+                    y = self.bottom(x).to(FEATURE_DTYPE).cpu()
+                if not torch.isfinite(y).all():
+                    raise RuntimeError(f"the frozen layers' output for {what} does not fit {FEATURE_DTYPE} (values "
+                                       "beyond its range or not numbers); train all layers or another backbone")
+                if out is None:
+                    out = self._allocate((n, *y.shape[1:]), path)
+                out[start:start + len(idx)] = y
+            assert out is not None
+            if path is not None:
+                self._keep(out, path)
+        finally:
+            self._discard_partial()
         if split == "train":  # the frozen layers' work counts as training time in images/s
             ctx.train_seconds += time.perf_counter() - t0
-        assert out is not None
         return out
 
-    def _allocate(self, shape: tuple) -> torch.Tensor:
+    def pass_batch(self) -> int:
+        """Images per batch of the frozen layers' pass: the evaluation batch, at most CPU_PASS_BATCH on
+        a CPU (the intermediate activations of 256 images at 260 px took gigabytes at the peak)."""
+        batch = self.ctx.config.eval_batch_size
+        return min(batch, CPU_PASS_BATCH) if self.ctx.device.type == "cpu" else batch
+
+    def _held(self) -> int:
+        """Bytes of activations this cache holds (memory-mapped ones included: an upper bound)."""
+        return sum(t.numel() * t.element_size() for t in self._cache.values() if t is not None)
+
+    def _allocate(self, shape: tuple, path: Path | None) -> torch.Tensor:
+        """Memory for one (split, view): in RAM within the budget, else a memory-mapped file (the
+        entry's own file, written in place, when there is a cache folder; an unlinked temporary
+        file otherwise, which leaves nothing behind even if the process is killed)."""
         itemsize = torch.empty((), dtype=FEATURE_DTYPE).element_size()
-        total = itemsize * int(np.prod(shape)) + sum(t.numel() * t.element_size() for t in self._cache.values())
-        if total <= FEATURE_MEMORY_BUDGET:
+        dtype = np.float16 if itemsize == 2 else np.float32
+        if itemsize * int(np.prod(shape)) + self._held() <= memory_budget():
             return torch.empty(shape, dtype=FEATURE_DTYPE)
-        folder = Path(self.ctx.cache_dir or tempfile.gettempdir())
+        folder = path.parent if path is not None else Path(self.ctx.cache_dir or tempfile.gettempdir())
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix="tuneboard-activations-", suffix=".bin")
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".tuneboard-activations-", suffix=".npy")
         os.close(fd)
+        if path is None:
+            try:
+                array = np.memmap(name, dtype=dtype, mode="w+", shape=shape)
+            finally:
+                os.unlink(name)
+            return torch.from_numpy(array)
+        self._partial = (name, np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=shape))
+        return torch.from_numpy(self._partial[1])
+
+    def _keep(self, out: torch.Tensor, path: Path) -> None:
+        """Put a finished (split, view) in its file for later runs, then keep the cache folder
+        within its budget (this run's entries last)."""
         try:
-            array = np.memmap(name, dtype=np.float16 if itemsize == 2 else np.float32, mode="w+", shape=shape)
-        finally:
-            os.unlink(name)  # the mapping stays valid; no file is left behind, even if the process is killed
-        return torch.from_numpy(array)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if self._partial is not None:  # written in place: flush and rename
+                name, array = self._partial
+                array.flush()
+                os.replace(name, path)
+                self._partial = None
+            else:
+                fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tuneboard-activations-", suffix=".npy")
+                os.close(fd)
+                try:
+                    np.save(name, out.numpy())
+                    os.replace(name, path)
+                finally:
+                    if os.path.exists(name):
+                        os.unlink(name)
+        except OSError:
+            return  # a store that cannot be written only costs time on the next run
+        self.used_files.append(path)
+        evict(path.parent.parent, keep=self.used_files + self.ctx.data.entry_paths())
+
+    def _discard_partial(self) -> None:
+        """A pass that did not finish (a stop, an error) leaves no file behind."""
+        if self._partial is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._partial[0])
+            self._partial = None
 
     def close(self) -> None:
         if not self._shared:

@@ -25,18 +25,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TUNEBOARD_CACHE", Path.home() / ".cache" / "tuneboard" / "decoded"))
 
 
-def budget_bytes() -> int:
-    """The cache's size budget in bytes, from TUNEBOARD_CACHE_BUDGET_MB (megabytes)."""
-    text = os.environ.get(BUDGET_VARIABLE, "").strip()
+def megabytes_from_env(variable: str, default_mb: float) -> int:
+    """A size in bytes given in megabytes by an environment variable; a value that is not a size
+    is refused with a message naming the variable and the value."""
+    text = os.environ.get(variable, "").strip()
     if not text:
-        return DEFAULT_BUDGET_MB * 1024**2
+        return int(default_mb * 1024**2)
     try:
         megabytes = float(text)
     except ValueError:
         megabytes = -1
     if not megabytes >= 0:
-        raise ValueError(f"{BUDGET_VARIABLE}={text!r} is not a size in megabytes (e.g. {DEFAULT_BUDGET_MB})")
+        raise ValueError(f"{variable}={text!r} is not a size in megabytes (e.g. {default_mb:g})")
     return int(megabytes * 1024**2)
+
+
+def budget_bytes() -> int:
+    """The cache's size budget in bytes, from TUNEBOARD_CACHE_BUDGET_MB (megabytes)."""
+    return megabytes_from_env(BUDGET_VARIABLE, DEFAULT_BUDGET_MB)
 
 
 def _entries(folder: Path) -> Iterable[os.DirEntry]:

@@ -595,7 +595,7 @@ def split_for(ctx: Setup, stages: str, reporter: Reporter) -> tuple[nn.Module, F
     if stages not in ctx.caches:
         store = None if ctx.shared_features is None else \
             ctx.shared_features.setdefault(shared_features_key(ctx.config, stages), {})
-        ctx.caches[stages] = FeatureCache(bottom, ctx, reporter, store)
+        ctx.caches[stages] = FeatureCache(bottom, ctx, reporter, store, stages)
     return top, ctx.caches[stages]
 
 

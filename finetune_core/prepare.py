@@ -40,7 +40,7 @@ from .cachestore import DiskStore, MemoryStore, default_cache_dir, evict
 from .data import WARNING, ImageRecord, Problem, ScanReport, load_rgb, resize_size_for, to_rgb
 
 CACHE_FORMAT = "tuneboard-decoded-4"  # 4: one compressed entry per image
-TRAIN_QUALITY = 95  # JPEG quality of the stored training squares
+TRAIN_QUALITY = 90  # JPEG quality of the stored training squares (95 made them larger than the photos)
 PROGRESS_EVERY = 8  # images decoded between progress calls (each checks for a stop)
 READ_WORKERS = min(4, os.cpu_count() or 1)  # threads reading a batch's entries (decoding releases the GIL)
 
@@ -61,6 +61,11 @@ class PreparedData:
     test_paths: list[str]
     skipped: list[Problem] = field(default_factory=list)
     device_train_images: torch.Tensor | None = None  # a copy on the GPU when it fits
+
+    def entry_paths(self) -> list:
+        """Where this set's decode-cache entries are (kept over others' when the cache is evicted)."""
+        images = [self.train_images, self.test_images]
+        return [d.store.path(k) for d in images for k in d.keys]
 
 
 def _open_scaled(path: str, target: int) -> Image.Image:
@@ -131,7 +136,7 @@ def failed_entry(error: str) -> bytes:
 
 def entry_pixels(blob: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(blob[HEADER.size:])) as picture:
-        return np.asarray(picture.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+        return np.array(picture.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)  # writable, for torch
 
 
 def make_entry(kind: str, path: str, size: int) -> bytes:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import analysis, datastore, lr_find, models, plots, sweep
+from finetune_core import activations, analysis, datastore, lr_find, models, plots, sweep
 from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, launch_warnings, parse_form, preset_for_machine,
@@ -487,6 +487,8 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
     for warning in launch_warnings(config) if config is not None else []:  # the rule is config.launch_warnings
         st.warning(warning, icon="⚠️")
     st.button("Train", type="primary", disabled=bool(blocked), key="train_button", on_click=request_launch)
+    if config is not None and config.train_stages != "all":
+        st.caption(activations.memory_note())
     requested = st.session_state.pop("launch_requested", None)
     if requested is not None and time.monotonic() - requested < LAUNCH_REQUEST_S:  # not one left by a page change
         if blocked:  # the values sent with the click made the recipe invalid: nothing is queued

@@ -428,12 +428,13 @@ def test_activations_over_the_memory_budget_are_memory_mapped_and_leave_no_file(
                                                                                  tmp_path, monkeypatch):
     config = config_for(dataset, weights_file, epochs=2, train_stages="1")
     in_memory = train(config, tmp_path / "a", cache_dir=cache)
-    monkeypatch.setattr(activations, "FEATURE_MEMORY_BUDGET", 0)
+    monkeypatch.setenv(activations.MEMORY_VARIABLE, "0")
     folder = tmp_path / "cache-mapped"
     mapped = train(config, tmp_path / "b", cache_dir=str(folder))
     assert mapped["state"] == "completed" and mapped["test_acc"] == pytest.approx(in_memory["test_acc"])
     assert mapped["loss"] == pytest.approx(in_memory["loss"], abs=1e-6)
-    assert not [p for p in folder.iterdir() if p.name.startswith("tuneboard-activations-")]
+    assert not list(folder.rglob(".tuneboard-activations-*"))  # written in place, then renamed
+    assert list((folder / "activations").glob("*.npy"))  # kept for a resumed run
 
 
 @pytest.mark.slow

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 
 import numpy as np
 import pytest
-from conftest import make_dataset, shared_dataset, write_image
+import torch
+from conftest import make_dataset, shared_dataset, tiny_train_config, write_image
 
-from finetune_core import cachestore, prepare
+from finetune_core import activations, cachestore, prepare
 from finetune_core.data import scan_dataset
 
 
@@ -94,3 +96,114 @@ def test_home_shows_the_cache_size_and_clears_it(dashboard_env):
     at.button(key="clear_cache").click().run()
     assert cachestore.cache_size(dashboard_env / "cache") == 0
     assert any("Decode cache: 0 MB" in c.value for c in at.caption)
+
+
+def anonymous_memory() -> int:
+    """This process's resident anonymous memory in bytes (not the page cache of mapped files)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+class PeakMemory:
+    """The highest anonymous memory above its level at the start, sampled every 2 ms in a thread."""
+
+    def __enter__(self):
+        self.start, self.peak, self.done = anonymous_memory(), 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, anonymous_memory() - self.start)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, anonymous_memory() - self.start)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="measures memory through /proc (Linux)")
+def test_memory_stays_under_its_budget_on_a_set_larger_than_it(tmp_path, monkeypatch):
+    """Decoded images are read a batch at a time and activations beyond the (lowered) budget are
+    memory-mapped: a set whose decoded images (30 MB) and activations (20 MB) are far over the
+    budget raises this process's anonymous memory by less than 10 MB."""
+    from torch import nn
+
+    from finetune_core.engine import Reporter, setup
+    from finetune_core.runs import RunDir
+
+    monkeypatch.setenv(activations.MEMORY_VARIABLE, "1")
+    root = make_dataset(tmp_path / "big", per_class=80, test_per_class=2, size=(256, 256), noise=4)
+    config = tiny_train_config(root, image_size=128, train_stages="1", eval_batch_size=8, feature_views=2)
+    reporter = Reporter(RunDir(tmp_path), None, None)
+    ctx = setup(config, RunDir(tmp_path), reporter, cache_dir=str(tmp_path / "cache"))
+    bottom = nn.Conv2d(3, 32, 4, stride=4)  # 32 x 32 x 32 float16 activations: 64 KB per image and view
+    cache = activations.FeatureCache(bottom, ctx, reporter, stages="1")
+    decoded = ctx.data.train_images.nbytes
+    with torch.inference_mode():  # what any first use costs (reading threads, the layer's kernels), once
+        bottom(prepare.normalize_batch(ctx.data.train_images[list(range(8))], ctx.mean, ctx.std))
+    with PeakMemory() as memory:
+        for start in range(0, len(ctx.data.train_images), 8):  # every image, as an epoch reads them
+            ctx.data.train_images[list(range(start, min(start + 8, len(ctx.data.train_images))))]
+        views = [cache.get("train", view) for view in (0, 1)]
+    held = sum(v.numel() * v.element_size() for v in views)
+    assert decoded >= 30 * 1024**2 and held >= 19 * 1024**2
+    assert memory.peak < 10 * 1024**2, f"{memory.peak / 1024**2:.1f} MB"
+
+
+def count_computed(monkeypatch) -> list[tuple]:
+    """Every (split, view, flip) whose activations the frozen layers compute."""
+    computed = []
+    real = activations.FeatureCache._compute
+    monkeypatch.setattr(activations.FeatureCache, "_compute",
+                        lambda self, *key: (computed.append(key), real(self, *key))[1])
+    return computed
+
+
+@pytest.mark.slow
+def test_a_resumed_run_and_the_run_after_the_lr_finder_compute_no_activation_again(tiny_config, tmp_path,
+                                                                                    cache_dir, monkeypatch):
+    from finetune_core.engine import train
+    from finetune_core.lr_find import find_lr
+
+    config = tiny_config.replace(epochs=3, train_stages="1", feature_views=2)
+    computed = count_computed(monkeypatch)
+    find_lr(config, cache_dir=cache_dir, steps=2)  # within the first epoch: the first view
+    assert computed == [("train", 0, False)]
+    computed.clear()
+    stop = threading.Event()
+    status = train(config, tmp_path / "run", cache_dir=cache_dir, stop_event=stop,
+                   on_event=lambda e: e["kind"] == "epoch" and stop.set())
+    assert status["state"] == "stopped"
+    assert ("train", 0, False) not in computed and ("train", 1, False) in computed  # the finder's view is reused
+    computed.clear()
+    status = train(config, tmp_path / "run", cache_dir=cache_dir, resume=True)
+    assert status["state"] == "completed" and computed == []
+
+
+def test_the_activation_budget_and_its_cost_are_stated_and_a_bad_one_named(monkeypatch):
+    monkeypatch.setenv(activations.MEMORY_VARIABLE, "512")
+    assert activations.memory_budget() == 512 * 1024**2
+    assert "up to 512 MB" in activations.memory_note() and "memory-mapped" in activations.memory_note()
+    monkeypatch.setenv(activations.MEMORY_VARIABLE, "-3")
+    assert "TUNEBOARD_ACTIVATION_MEMORY_MB='-3'" in activations.memory_note()
+
+
+def test_the_frozen_pass_on_a_cpu_runs_in_batches_that_bound_its_memory(tmp_path):
+    from torch import nn
+
+    from finetune_core.engine import Reporter, setup
+    from finetune_core.runs import RunDir
+
+    root = make_dataset(tmp_path / "d", per_class=40, test_per_class=1, size=(32, 32))
+    config = tiny_train_config(root, train_stages="1", eval_batch_size=256)
+    reporter = Reporter(RunDir(tmp_path), None, None)
+    ctx = setup(config, RunDir(tmp_path), reporter, cache_dir="")
+    sizes = []
+    bottom = nn.Conv2d(3, 4, 8, stride=8)
+    bottom.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    activations.FeatureCache(bottom, ctx, reporter, stages="1").get("train", 0)
+    assert sum(sizes) == len(ctx.train_idx) == 80 and max(sizes) == activations.CPU_PASS_BATCH

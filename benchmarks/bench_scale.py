@@ -1,0 +1,138 @@
+"""How the costs grow with the set: time to the first step, total time, peak memory, cache on disk.
+
+    python benchmarks/bench_scale.py [--sizes 1000 8000] [--presets fast book] [--epochs 1]
+                                     [--book-up-to 1000] [--out benchmarks/results/bench_scale.md]
+
+For each size it generates a 10-class folder of synthetic 500 x 375 JPEGs (smooth random pictures,
+about the size of a photo of that resolution; 1 test image per 8 training ones), then runs each preset
+as `python -m finetune_core train ... --json` in a fresh child process with an empty decode cache (a cold
+start, as after a click on Train), and reports: the time from the run's start to its first training
+step (metrics.csv), the child's whole wall time, its peak resident memory (wait4's ru_maxrss: that
+process only), the cache on disk afterwards against the photos, and the training images/s. `book` is
+the book's recipe on EfficientNet-Lite0 (ResNet-18's weights need a download here); it runs only up to
+--book-up-to images. Accuracy on random pictures means nothing and is not reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from finetune_core.cachestore import cache_size  # noqa: E402
+
+PRESETS = {"fast": ("fast", []), "book": ("book-finetune", ["--backbone", "efficientnet_lite0"])}
+CLASSES = 10
+
+
+def synthetic_photo(task: tuple[Path, str, int, int]) -> int:
+    """One 500 x 375 JPEG: a smooth random picture with a class tint and some grain; returns its bytes."""
+    root, split, i, seed = task
+    rng = np.random.default_rng((seed, split == "test", i))
+    k = i % CLASSES
+    coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    coarse[..., k % 3] = coarse[..., k % 3] // 2 + 100  # a class tint
+    picture = Image.fromarray(coarse).resize((500, 375), Image.BICUBIC)
+    noise = rng.integers(-12, 13, (375, 500, 3))
+    picture = Image.fromarray(np.clip(np.asarray(picture, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+    path = root / split / f"class_{k}" / f"{split}_{i}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, quality=85)
+    return path.stat().st_size
+
+
+def generate(root: Path, n_train: int, seed: int = 0) -> int:
+    """A 10-class folder of n_train training and n_train / 8 test JPEGs (every core generating);
+    returns its bytes."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    tasks = [(root, split, i, seed) for split, n in (("train", n_train), ("test", max(CLASSES * 2, n_train // 8)))
+             for i in range(n)]
+    with ProcessPoolExecutor() as pool:
+        return sum(pool.map(synthetic_photo, tasks, chunksize=64))
+
+
+def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: Path, code: Path = ROOT) -> dict:
+    cache = scratch / f"cache-{preset}"
+    runs = scratch / f"runs-{preset}"
+    env = dict(os.environ, TUNEBOARD_CACHE=str(cache))
+    command = [sys.executable, "-m", "finetune_core", "train", "--data", str(data), "--preset", preset, *flags,
+               "--epochs", str(epochs), "--runs-dir", str(runs), "--json", "--quiet"]
+    t0 = time.perf_counter()
+    with open(scratch / f"{preset}.out", "w") as out_file, open(scratch / f"{preset}.err", "w") as err_file:
+        child = subprocess.Popen(command, cwd=code, env=env, stdout=out_file, stderr=err_file)
+        _, code, usage = os.wait4(child.pid, 0)  # this child's own peak memory
+    child.returncode = os.waitstatus_to_exitcode(code)
+    wall = time.perf_counter() - t0
+    out, err = (scratch / f"{preset}.out").read_text(), (scratch / f"{preset}.err").read_text()
+    status = {}
+    for line in reversed(out.splitlines()):
+        if line.startswith("{"):
+            status = json.loads(line)
+            break
+    metrics = next(runs.glob("*/metrics.csv"), None)
+    first_step = None
+    if metrics is not None:
+        import pandas as pd
+
+        frame = pd.read_csv(metrics)
+        batches = frame[frame["kind"] == "batch"]
+        first_step = float(batches["elapsed_s"].iloc[0]) if len(batches) else None
+    return {"state": status.get("status") or f"exit {child.returncode}: {err.strip().splitlines()[-1:]}",
+            "first_step_s": first_step, "wall_s": wall, "images_per_s": status.get("images_per_s"),
+            "peak_rss_mb": peak_rss_mb(usage), "cache_mb": cache_size(cache) / 1024**2,
+            "activations_mb": cache_size(cache / "activations") / 1024**2}
+
+
+def peak_rss_mb(usage) -> float:
+    """ru_maxrss of the child just waited for (kilobytes on Linux)."""
+    return usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000])
+    parser.add_argument("--presets", nargs="+", default=["fast", "book"], choices=sorted(PRESETS))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--book-up-to", type=int, default=1000)
+    parser.add_argument("--device", default="", help="the runs' device (default: the presets' auto)")
+    parser.add_argument("--code", default=str(ROOT), help="the checkout whose finetune_core runs (e.g. an older "
+                        "commit's, for a before/after table)")
+    parser.add_argument("--out", default="benchmarks/results/bench_scale.md")
+    args = parser.parse_args()
+    lines = ["| training images | photos on disk | preset | first step (s from the run's start) | total (s, click "
+             "to done) | peak RSS | cache on disk (of which activations) | training images/s |", "|---|---|---|---|---|---|---|---|"]
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory(prefix="tb-scale-") as scratch:
+            scratch = Path(scratch)
+            photos = generate(scratch / "data", size)
+            for name in args.presets:
+                if name == "book" and size > args.book_up_to:
+                    continue
+                preset, flags = PRESETS[name]
+                flags = flags + (["--device", args.device] if args.device else [])
+                r = run_preset(scratch / "data", preset, flags, args.epochs, scratch, Path(args.code))
+                first = "-" if r["first_step_s"] is None else f"{r['first_step_s']:.0f}"
+                lines.append(f"| {size:,} | {photos / 1024**2:.0f} MB | {name} ({r['state']}) | {first} | "
+                             f"{r['wall_s']:.0f} | {r['peak_rss_mb']:,.0f} MB | {r['cache_mb']:.0f} MB "
+                             f"({r['activations_mb']:.0f} MB) | "
+                             f"{r['images_per_s'] or 0:.1f} |")
+                print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(f"`python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}`\n\n" + text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
