@@ -253,7 +253,7 @@ def test_the_dashboard_end_to_end(server, browser_page):
     # 2. Train: a small dataset, a learning rate and head multiplier, a tiny run; watch it grow.
     page.goto(f"{url}/Train")
     page.get_by_text("1 · Data").wait_for()
-    set_recipe(page, server, "e2e-groups", param_groups=True, epochs=5, browse=True)
+    set_recipe(page, server, "e2e-groups", param_groups=True, epochs=30, browse=True)  # seconds an epoch: longer than the curves refresh (6 s)
     train(page)
     page.get_by_text("e2e-groups running").filter(visible=True).first.wait_for()
     page.wait_for_function(f"() => ({points_js('e2e-groups')}) >= 2", timeout=120_000)  # the first batches
