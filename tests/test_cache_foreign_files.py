@@ -55,3 +55,15 @@ def test_a_cache_folder_overlapping_a_data_root_is_refused(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="data folder .*photos"):
         cachestore.clear_cache(tmp_path / "outer")  # holds an extra data root
     assert cachestore.clear_cache(tmp_path / "outer" / "photos-cache") == 0  # beside them: allowed
+
+
+def test_a_run_with_its_cache_in_the_data_folder_is_refused_before_decoding(tmp_path, monkeypatch):
+    from conftest import make_dataset
+    from finetune_core.data import scan_dataset
+    from finetune_core.prepare import prepare_data
+
+    monkeypatch.setenv("TUNEBOARD_DATA_ROOT", str(tmp_path / "data"))
+    report = scan_dataset(make_dataset(tmp_path / "data" / "pets", per_class=2, test_per_class=1))
+    with pytest.raises(ValueError, match="TUNEBOARD_CACHE"):
+        prepare_data(report, 32, cache_dir=tmp_path / "data" / "pets" / "cache")
+    assert not (tmp_path / "data" / "pets" / "cache").exists()
