@@ -39,7 +39,11 @@ def cache_section() -> None:
                  f"{cachestore.BUDGET_VARIABLE} sets the budget). Clearing it costs only time: "
                  "the next run decodes its photos again.")
     if c[1].button("Clear the cache", key="clear_cache", disabled=not used):
-        freed = cachestore.clear_cache()
+        try:
+            freed = cachestore.clear_cache()
+        except ValueError as exc:  # a cache folder that overlaps the data folder
+            st.error(f"Not cleared: {exc}")
+            return
         flash(f"Cleared the decode cache ({freed / 1024**2:.0f} MB).", "info")
         st.rerun()
 

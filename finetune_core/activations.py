@@ -73,8 +73,8 @@ class FeatureCache:
     FEATURE_DTYPE, float16. Training views: view 0 is the test transform's centre view; views 1,
     2, ... are the book's RandomResizedCrop + flip, seeded by (seed, view) so a resumed run sees the
     same ones. With a cache folder, each finished (split, view) is kept in a file under
-    `activations/`, keyed by the settings that shape it (shared_features_key) and the images'
-    contents, so a resumed run, or the run after the LR finder, reads it instead of computing it;
+    `activations/`, keyed by the settings that shape it (shared_features_key), the frozen part's
+    weights (weights_fingerprint) and the images' contents, so a resumed run, or the run after the LR finder, reads it instead of computing it;
     up to memory_budget() they are held in memory, beyond it memory-mapped from that file."""
 
     def __init__(self, bottom: nn.Module, ctx: Setup, reporter: Reporter, store: dict | None = None,
@@ -86,6 +86,9 @@ class FeatureCache:
         self._cache: dict[tuple, torch.Tensor] = store if store is not None else {}
         self.folder = activations_folder(ctx.cache_dir)
         self.settings_key = shared_features_key(ctx.config, stages)
+        # The frozen part's own weights: a kept file is reused only by a bottom with exactly these
+        # (a resumed run's come from its checkpoint; a starting-weights file may have changed).
+        self.weights_key = weights_fingerprint(bottom) if self.folder is not None else ""
         self.used_files: list[Path] = []  # this run's entries: evicted last
         self._partial: tuple[str, np.memmap] | None = None  # a file being written in place
 
@@ -106,7 +109,7 @@ class FeatureCache:
         else:
             rows = self.ctx.train_idx if split == "train" else self.ctx.val_idx
             keys = [data.train_images.keys[i] for i in rows]
-        h = hashlib.sha1(f"{self.settings_key}|{split}|{view}|{flip}|{FEATURE_DTYPE}".encode())
+        h = hashlib.sha1(f"{self.settings_key}|{self.weights_key}|{split}|{view}|{flip}|{FEATURE_DTYPE}".encode())
         for key in keys:
             h.update(key.encode())
         return self.folder / f"{h.hexdigest()}.npy"
@@ -247,8 +250,21 @@ class FeatureCache:
 
 
 # Settings that change what the trainable top does but not what the frozen bottom outputs: runs
-# that differ only in these (a sweep's cells) can share the bottom's cached outputs.
-TOP_ONLY_SETTINGS = ("lr", "head_lr_mult", "name", "group", "preset")
+# that differ only in these (a sweep's cells) can share the bottom's cached outputs. `processes`:
+# every process computes the whole split the same way, and a run stores it resolved (auto -> 1)
+# while the LR finder keeps auto, so keying on it made the run after the finder compute again.
+TOP_ONLY_SETTINGS = ("lr", "head_lr_mult", "name", "group", "preset", "processes")
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A sha1 of a module's weights and buffers (names, dtypes, shapes, values): two modules with
+    the same fingerprint compute the same outputs from the same inputs."""
+    h = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def shared_features_key(config: TrainConfig, stages: str) -> str:

@@ -7,11 +7,15 @@ use: a read touches it. Entries the caller still needs (the set in use) go last,
 set alone is over the budget; such an entry is then made again when it is read.
 
 The folder is `TUNEBOARD_CACHE`, or ~/.cache/tuneboard/decoded. Home shows its size and clears it.
+That folder is a user setting and may hold files of its own: eviction, the size and Clear touch only
+Tuneboard's entries (ENTRY_FOLDERS, entry-shaped names: see is_entry), and a cache folder inside a
+data root, or holding one, is refused before anything is deleted.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -19,6 +23,17 @@ from typing import Iterable
 BUDGET_VARIABLE = "TUNEBOARD_CACHE_BUDGET_MB"
 DEFAULT_BUDGET_MB = 4096
 TEMPORARY_PREFIX = "."  # files being written (and the mkstemp files of mapped activations)
+# Tuneboard's own subfolders of the cache folder and the names of its entries there: decoded images
+# (prepare.py, DiskStore: images/<first two characters>/<sha1>) and activations (activations.py:
+# activations/<sha1>.npy); their temporary files start with TEMPORARY_PREFIX.
+IMAGES, ACTIVATIONS = "images", "activations"
+ENTRY_FOLDERS = (IMAGES, ACTIVATIONS)
+_SHA1 = "[0-9a-f]{40}"
+_IMAGE_ENTRY = re.compile(rf"{_SHA1}")
+_IMAGE_TEMPORARY = re.compile(rf"\.{_SHA1}\.[^/]*\.tmp")
+_SHARD = re.compile("[0-9a-f]{2}")
+_ACTIVATION_ENTRY = re.compile(rf"{_SHA1}\.npy")
+_ACTIVATION_TEMPORARY = re.compile(r"\.tuneboard-activations-[^/]*\.npy")
 
 
 def default_cache_dir() -> Path:
@@ -45,19 +60,51 @@ def budget_bytes() -> int:
     return megabytes_from_env(BUDGET_VARIABLE, DEFAULT_BUDGET_MB)
 
 
-def _entries(folder: Path) -> Iterable[os.DirEntry]:
-    """Every finished entry under `folder` (files being written are left out)."""
+def is_entry(name: str, subfolder: str, temporary: bool = False) -> bool:
+    """Whether a file name in one of ENTRY_FOLDERS is a finished entry Tuneboard wrote (or, with
+    `temporary`, one of its temporary files)."""
+    if subfolder == IMAGES:
+        pattern = _IMAGE_TEMPORARY if temporary else _IMAGE_ENTRY
+    else:
+        pattern = _ACTIVATION_TEMPORARY if temporary else _ACTIVATION_ENTRY
+    return pattern.fullmatch(name) is not None
+
+
+def _files(folder: Path) -> list[os.DirEntry]:
     try:
-        listing = list(os.scandir(folder))
+        return [entry for entry in os.scandir(folder) if entry.is_file(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _entries(folder: Path, temporary: bool = False) -> Iterable[os.DirEntry]:
+    """Tuneboard's finished entries in the cache folder `folder` (its temporary files instead, with
+    `temporary`); any other file there is the user's and never listed."""
+    for entry in _files(folder / ACTIVATIONS):
+        if is_entry(entry.name, ACTIVATIONS, temporary):
+            yield entry
+    try:
+        shards = [entry for entry in os.scandir(folder / IMAGES)
+                  if _SHARD.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
         return
-    for entry in listing:
-        if entry.name.startswith(TEMPORARY_PREFIX):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            yield from _entries(Path(entry.path))
-        elif entry.is_file(follow_symlinks=False):
-            yield entry
+    for shard in shards:
+        for entry in _files(Path(shard.path)):
+            if is_entry(entry.name, IMAGES, temporary) and entry.name.lstrip(TEMPORARY_PREFIX)[:2] == shard.name:
+                yield entry
+
+
+def check_not_a_data_folder(folder: Path) -> None:
+    """Refuse a cache folder that is inside the data root, or holds it or an extra data root
+    (datastore.allowed_roots): deleting there could reach photos. A cache inside an extra root is
+    allowed: those can be broad folders (a home folder) that hold ~/.cache."""
+    from .datastore import allowed_roots, data_root  # the data roots (datastore does not import the cache)
+    cache, main = Path(folder).expanduser().resolve(), data_root()
+    for root in {main, *(allowed_roots() or [])}:
+        root = Path(root).expanduser().resolve()
+        if cache == root or cache in root.parents or (root == main and root in cache.parents):
+            raise ValueError(f"the cache folder {cache} (TUNEBOARD_CACHE) is inside or holds the data folder {root}: "
+                             "choose a cache folder of its own; nothing was deleted")
 
 
 def cache_size(folder: str | os.PathLike | None = None) -> int:
@@ -72,16 +119,18 @@ def cache_size(folder: str | os.PathLike | None = None) -> int:
 
 
 def clear_cache(folder: str | os.PathLike | None = None) -> int:
-    """Delete everything in the cache; returns the bytes freed. Runs in progress lose nothing
-    but time: what they read next is decoded again."""
+    """Delete Tuneboard's entries in the cache (and temporary files left by stopped runs); returns
+    the bytes freed. Other files in the folder stay. Runs in progress lose nothing but time: what
+    they read next is decoded again."""
     folder = Path(folder) if folder else default_cache_dir()
+    check_not_a_data_folder(folder)
     freed = cache_size(folder)
-    if folder.is_dir():
-        for child in folder.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
+    for entry in [*_entries(folder), *_entries(folder, temporary=True)]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+    for shard in sorted(p for p in (folder / IMAGES).glob("??") if _SHARD.fullmatch(p.name)):  # emptied shards
+        with contextlib.suppress(OSError):
+            shard.rmdir()
     return freed
 
 
@@ -89,6 +138,7 @@ def evict(folder: str | os.PathLike, budget: int | None = None, keep: Iterable[s
     """Delete the least recently used entries until the folder holds at most `budget` bytes (the
     configured budget by default); the entries in `keep` go last. Returns the bytes freed."""
     budget = budget_bytes() if budget is None else budget
+    check_not_a_data_folder(Path(folder))
     keep = {os.fspath(p) for p in keep}
     files = []
     for entry in _entries(Path(folder)):

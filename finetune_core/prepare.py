@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cachestore import DiskStore, MemoryStore, default_cache_dir, evict
+from .cachestore import DiskStore, MemoryStore, check_not_a_data_folder, default_cache_dir, evict
 from .data import WARNING, ImageRecord, Problem, ScanReport, load_rgb, resize_size_for, to_rgb
 
 CACHE_FORMAT = "tuneboard-decoded-4"  # 4: one compressed entry per image
@@ -262,6 +262,8 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
     then keep the cache within its budget. cache_dir: None for the default cache folder, "" to
     keep the entries in memory only."""
     folder = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir else None)
+    if folder:
+        check_not_a_data_folder(folder)  # refused before any work, not at the first eviction
     store = DiskStore(folder / "images") if folder else MemoryStore()
     train_records, test_records = report.samples["train"], report.samples["test"]
     resize = resize_size_for(image_size)

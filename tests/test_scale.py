@@ -2,6 +2,7 @@
 least-recently-used eviction within a budget, memory that does not grow with the set."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import threading
@@ -36,19 +37,27 @@ def test_adding_one_photo_to_a_cached_set_decodes_that_photo_only(tmp_path, monk
     assert len(data.train_images) == 9 and str(added) in data.train_paths
 
 
+def entry_name(text: str) -> str:
+    """A key shaped as the store's (a sha1: prepare.entry_key), so eviction and Clear treat it as an entry."""
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
 def test_the_least_recently_used_entries_go_first_and_the_set_in_use_last(tmp_path):
     folder = tmp_path / "cache"
-    store = cachestore.DiskStore(folder)
+    store = cachestore.DiskStore(folder / "images")  # where prepare.py keeps decoded images
     now = time.time()
     for k, key in enumerate(["aa-old", "bb-mid", "cc-new", "dd-kept"]):
+        key = entry_name(key)
         store.put(key, b"x" * 100)
         os.utime(store.path(key), (now - 1000 + 100 * k, now - 1000 + 100 * k))
-    os.utime(store.path("dd-kept"), (now - 5000, now - 5000))  # the oldest, but in use
-    assert store.get("aa-old") == b"x" * 100  # a read is a use: now the newest
-    freed = cachestore.evict(folder, budget=250, keep=[store.path("dd-kept")])
+    kept = store.path(entry_name("dd-kept"))
+    os.utime(kept, (now - 5000, now - 5000))  # the oldest, but in use
+    assert store.get(entry_name("aa-old")) == b"x" * 100  # a read is a use: now the newest
+    freed = cachestore.evict(folder, budget=250, keep=[kept])
     assert freed == 200 and cachestore.cache_size(folder) == 200
-    assert [store.get(k) is not None for k in ("aa-old", "bb-mid", "cc-new", "dd-kept")] == [True, False, False, True]
-    cachestore.evict(folder, budget=50, keep=[store.path("dd-kept")])  # the set alone is over: it goes too
+    assert [store.get(entry_name(k)) is not None for k in ("aa-old", "bb-mid", "cc-new", "dd-kept")] \
+        == [True, False, False, True]
+    cachestore.evict(folder, budget=50, keep=[kept])  # the set alone is over: it goes too
     assert cachestore.cache_size(folder) == 0
     assert cachestore.clear_cache(folder) == 0
 
@@ -90,7 +99,7 @@ def test_home_shows_the_cache_size_and_clears_it(dashboard_env):
     from conftest import page
 
     store = cachestore.DiskStore(dashboard_env / "cache" / "images")
-    store.put("abc", b"x" * 3 * 1024**2)
+    store.put(entry_name("abc"), b"x" * 3 * 1024**2)
     at = page("app.py").run()
     assert any("Decode cache: 3 MB" in c.value for c in at.caption), [c.value for c in at.caption]
     at.button(key="clear_cache").click().run()

@@ -38,3 +38,36 @@ def test_the_engines_messages_name_their_phases(tiny_dataset, tmp_path, cache_di
     phases = [phase_of(e) for e in events]
     seen = [p for k, p in enumerate(phases) if k == 0 or p != phases[k - 1]]
     assert seen[seen.index(DECODING):seen.index(TRAINING) + 1] == [DECODING, CACHING, TRAINING], seen
+
+
+def test_each_caching_pass_is_measured_from_its_own_start():
+    """Caching runs one pass per training view, then validation and test: each restarts at 0/n in
+    the same phase, and is measured from its own start, not the first pass's."""
+    meter = PhaseMeter(batch_size=8)
+    for t, done in ((10, 0), (35, 50), (60, 100)):  # the first pass: 100 images in 50 s
+        meter.update({"kind": "prepare", "message": f"computing the frozen layers' output for training view 1 "
+                                                    f"({done}/100)", "elapsed_s": t})
+    for t, done in ((60, 0), (85, 50)):  # the second pass: 50 images in 25 s, 2 images/s
+        now = meter.update({"kind": "prepare", "message": f"computing the frozen layers' output for training "
+                                                          f"view 2 ({done}/100)", "elapsed_s": t})
+    assert now == {"phase": CACHING, "images_per_s": 2.0, "eta_s": 25.0}
+    for t, done in ((100, 0), (110, 20)):  # the same subject, its count going down: a new pass too
+        now = meter.update({"kind": "prepare", "message": f"computing the frozen layers' output for training "
+                                                          f"view 2 ({done}/100)", "elapsed_s": t})
+    assert now == {"phase": CACHING, "images_per_s": 2.0, "eta_s": 40.0}
+
+
+def test_an_epochs_row_and_the_lr_finder_are_training():
+    """The row an epoch ends with ("epoch 1/5: loss ...") keeps the phase at training (it showed
+    "preparing" between epochs), and the next epoch's first batch has a rate."""
+    meter = PhaseMeter(batch_size=8)
+    assert meter.update({"kind": "lr_find", "step": 5, "progress": 0.5, "lr": 0.01, "loss": 2.0,
+                         "message": "learning-rate finder: step 5/10, lr 0.01", "elapsed_s": 1.0})["phase"] == TRAINING
+    meter.update({"kind": "batch", "step": 1, "progress": 0.01, "elapsed_s": 10.0})
+    meter.update({"kind": "prepare", "message": "evaluating on the validation split", "elapsed_s": 19.0})
+    row = meter.update({"kind": "epoch", "epoch": 1, "step": 10, "progress": 0.1, "loss": 1.0,
+                        "message": "epoch 1/10: loss 1.000, train acc 0.500, validation acc 0.500",
+                        "elapsed_s": 20.0})
+    assert row["phase"] == TRAINING
+    now = meter.update({"kind": "batch", "step": 11, "progress": 0.11, "elapsed_s": 20.5})
+    assert now == {"phase": TRAINING, "images_per_s": 16.0, "eta_s": 44.5}  # 2 steps a second, 89 steps left
