@@ -28,3 +28,33 @@ def test_review_page_draws_a_placeholder_for_images_gone_since_the_review(dashbo
     placeholders = " ".join(i.value for i in at.info)
     assert "cat_0.png" in placeholders and "dog_3.png" in placeholders and "moved or deleted" in placeholders
     assert len(at.get("image")) == 1  # dog_1.png, still there, is drawn
+
+
+def test_a_flat_dataset_scan_does_not_warn_about_its_own_fixes_file(tmp_path, monkeypatch):
+    from finetune_core.data import scan_dataset
+    from finetune_core.fixes import FIXES_FILE, Fix, add_fixes
+
+    monkeypatch.setenv("TUNEBOARD_RUNS_DIR", str(tmp_path / "runs"))
+    data = make_dataset(tmp_path / "flat", per_class=6, test_per_class=3, flat=True)  # class folders at the root
+    add_fixes(data, [Fix("exclude", "cat/cat_0.png")])
+    (data / "notes.txt").write_text("a stray file")
+    report = scan_dataset(data)
+    assert (data / FIXES_FILE).is_file() and report.fixes.excluded == 1
+    outside = [p.path for p in report.problems if "outside any class folder" in p.problem]
+    assert outside == [str(data / "notes.txt")]  # a stray file is still named
+
+
+def test_the_corrected_copy_is_refused_inside_the_dataset_or_around_it(tmp_path, monkeypatch):
+    import pytest
+
+    from finetune_core.data import scan_dataset
+    from finetune_core.fixes import FixesError, export_corrected
+
+    monkeypatch.setenv("TUNEBOARD_RUNS_DIR", str(tmp_path / "runs"))
+    data = make_dataset(tmp_path / "d", per_class=3, test_per_class=1)
+    report = scan_dataset(data)
+    for out in (data / "corrected", data, tmp_path):
+        with pytest.raises(FixesError, match="outside the dataset"):
+            export_corrected(report, out)
+    assert not (data / "corrected").exists()
+    assert (export_corrected(report, tmp_path / "beside") / "train" / "cat" / "cat_0.png").is_file()
