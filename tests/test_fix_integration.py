@@ -58,3 +58,23 @@ def test_the_corrected_copy_is_refused_inside_the_dataset_or_around_it(tmp_path,
             export_corrected(report, out)
     assert not (data / "corrected").exists()
     assert (export_corrected(report, tmp_path / "beside") / "train" / "cat" / "cat_0.png").is_file()
+
+
+def test_the_train_page_refuses_a_dataset_among_several_that_links_out_of_the_data_folder(dashboard_env,
+                                                                                           monkeypatch):
+    from test_scoring import data_root_of_two
+
+    monkeypatch.delenv("TUNEBOARD_EXTRA_DATA_ROOTS")  # only the data folder may be read
+    root = data_root_of_two(dashboard_env / "data" / "shelf")
+    outside = make_dataset(dashboard_env / "outside" / "wasps", per_class=4, test_per_class=2)
+    (root / "wasps").symlink_to(outside, target_is_directory=True)
+    at = page("pages/1_Train.py")
+    at.session_state["data_source"] = "A folder path"
+    at.run()
+    at.text_input(key="data_path_text").set_value(str(root)).run()
+    choice = at.radio(key=f"several-{root.resolve()}")
+    assert [o.rsplit("/", 1)[-1] for o in choice.options] == ["ants", "birds", "wasps"]
+    choice.set_value(str(root.resolve() / "wasps")).run()
+    assert not at.exception
+    assert any(str(outside.resolve()) in e.value for e in at.error), [e.value for e in at.error]
+    assert not at.metric  # nothing outside the data folder is scanned
