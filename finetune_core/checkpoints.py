@@ -157,7 +157,7 @@ def restore(ctx: "Setup", reporter: "Reporter") -> None:
         raise ResumeRefused(f"not resumed: the dataset's classes changed since the checkpoint ({change}); "
                             f"the checkpoint was trained on {len(saved)} classes {list(saved)}. Put the class "
                             "folders back as they were to resume, or start a new run")
-    data_change = data_changes(ctx)
+    data_change = ctx.dist.from_main(lambda: data_changes(ctx))  # rank 0 reads config.json, as the checkpoint
     if data_change:
         raise ResumeRefused(f"not resumed: {data_change}")
     ctx.model.load_state_dict(ckpt.get("training_weights", ckpt["model"]))
