@@ -60,6 +60,16 @@ def show_flash() -> None:
         st.toast(message)
 
 
+def picture(path: str, caption: str | None = None) -> None:
+    """An image file, or a placeholder naming it where it cannot be shown (moved, deleted or
+    damaged since a run or a review listed it): a missing file must not stop the page."""
+    shown, problem = analysis.gallery_picture(path)
+    if shown is None:
+        st.info(analysis.markdown_message(problem, paths=(path,)), icon=":material/hide_image:")
+    else:
+        st.image(shown, width="stretch", caption=caption)
+
+
 def state_label(state: str) -> str:
     """A run's state as shown in tables and progress lines (plain words: they read everywhere)."""
     return state.upper() if state in ("failed", "diverged", "interrupted") else state

@@ -50,6 +50,46 @@ def class_change(saved: list[str], now: list[str]) -> str:
     return "; ".join(parts)
 
 
+RESUME_ADVICE = "put the dataset back as it was to resume, or start a new run"
+
+
+def fixes_change(recorded: dict | None, now: dict | None) -> str:
+    """How the review fixes applied now differ from those a run trained with ('' when they are
+    the same fixes): config.json's dataset.fixes against the scan's, both AppliedFixes.to_dict()."""
+    from .fixes import summary_text
+
+    def what(fixes: dict | None) -> tuple:
+        fixes = fixes or {}
+        return (fixes.get("relabelled", 0), fixes.get("excluded", 0), fixes.get("leaks_dropped", 0),
+                fixes.get("fixes", []))
+
+    if what(recorded) == what(now):
+        return ""
+    return (f"the review fixes applied changed since the run trained (then: {summary_text(*what(recorded)[:3])}; "
+            f"now: {summary_text(*what(now)[:3])}); undo or redo them on the Review page to resume, "
+            "or start a new run")
+
+
+def validation_change(recorded: dict | None, now: dict | None) -> str:
+    """How the validation split computed now differs from the one config.json records ('' when
+    the same): a run that recorded none, or one made by path (before the split by content, no
+    `split_by`), or other held-out images."""
+    recorded, now = recorded or {}, now or {}
+    if recorded and "split_by" not in recorded:
+        return ("the run's validation split was made by file path, before the split by file content: resuming "
+                "would validate on other images; start a new run")
+    if not recorded and not now:
+        return ""
+    if not recorded or not now:
+        then_text = "no validation split" if not recorded else "a validation split"
+        now_text = "one" if now else "none"
+        return f"the run trained with {then_text}, and the dataset now gives {now_text}; {RESUME_ADVICE}"
+    compared = [k for k in now if k in recorded]  # `held_out` is not in the records of older runs
+    if any(recorded[k] != now[k] for k in compared):
+        return f"the validation split changed since the run trained (other images are held out); {RESUME_ADVICE}"
+    return ""
+
+
 def save_checkpoint(path: Path, model, optimizer, epoch: int, best_score: float, config: dict,
                     classes: list[str], epochs_without_gain: int = 0,
                     training_weights: dict[str, torch.Tensor] | None = None) -> None:
@@ -117,6 +157,9 @@ def restore(ctx: "Setup", reporter: "Reporter") -> None:
         raise ResumeRefused(f"not resumed: the dataset's classes changed since the checkpoint ({change}); "
                             f"the checkpoint was trained on {len(saved)} classes {list(saved)}. Put the class "
                             "folders back as they were to resume, or start a new run")
+    data_change = ctx.dist.from_main(lambda: data_changes(ctx))  # rank 0 reads config.json, as the checkpoint
+    if data_change:
+        raise ResumeRefused(f"not resumed: {data_change}")
     ctx.model.load_state_dict(ckpt.get("training_weights", ckpt["model"]))
     if "training_weights" in ckpt and ctx.config.ema_decay:
         ctx.average = {k: v.to(ctx.device) for k, v in ckpt["model"].items()}
@@ -132,3 +175,13 @@ def restore(ctx: "Setup", reporter: "Reporter") -> None:
     reporter.t_start -= behind  # the wall-time axis keeps running
     ctx.run.write_status(resumed_after_s=round(behind, 3))
     ctx.run.log(f"resumed from the end of epoch {ctx.start_epoch}")
+
+
+def data_changes(ctx: "Setup") -> str:
+    """What would make a resume train on other data than its checkpoint did, as one sentence
+    ('' when nothing): review fixes added or undone, or another validation split."""
+    recorded = ctx.run.read_config().get("dataset") or {}
+    fixes_now = ctx.report.fixes.to_dict() if ctx.report is not None and ctx.report.fixes is not None else None
+    changes = [fixes_change(recorded.get("fixes"), fixes_now),
+               validation_change(recorded.get("validation_split"), ctx.validation_copies)]
+    return "; and ".join(c for c in changes if c)

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from .fixes import FIXES_FILE
+
 
 def _readable_image_extensions() -> frozenset[str]:
     """Every file extension of a format Pillow can open and decode by itself (lower case, with the
@@ -417,6 +419,8 @@ def scan_dataset(
                 problems.append(Problem(str(p), "hidden file or folder, skipped", WARNING))
                 continue
             if not entry.is_dir():
+                if split_dir == root and entry.name == FIXES_FILE:
+                    continue  # Tuneboard's own review fixes, beside a flat dataset's class folders
                 problems.append(Problem(str(p), "file outside any class folder, skipped", WARNING))
                 continue
             records = []

@@ -291,8 +291,14 @@ def apply_fixes(report, fixes: list[Fix], file: str = "") -> AppliedFixes:
 def export_corrected(report, out_dir: str | os.PathLike) -> Path:
     """Copy the scanned (fixed) dataset into `out_dir` as out/train/<class>/* and
     out/test/<class>/*: relabelled images in their new class folder, excluded and dropped ones
-    left out. The original folder is not touched. Refuses a folder that is not empty."""
+    left out. The original folder is not touched. Refuses a folder that is not empty, and one
+    inside the dataset or holding it (the copy would land among the images it copies, or the next
+    scan would find it there)."""
     out = Path(out_dir)
+    source, target = Path(report.root).resolve(), out.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise FixesError(f"{out}: the corrected copy must go outside the dataset {report.root} "
+                         "(and must not hold it); choose a folder beside it")
     if out.exists() and any(out.iterdir()):
         raise FixesError(f"{out}: the folder for the corrected copy must be new or empty")
     for split, records in report.samples.items():

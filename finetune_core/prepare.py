@@ -415,12 +415,13 @@ class ValidationSplit:
     copy_images: int = 0                   # the images in those sets
     copy_sets_in_validation: int = 0       # the sets held out whole (the others train whole)
     moved_to_training: list[str] = field(default_factory=list)  # paths of cross-class copies
+    held_out: str = ""                     # sha1 of the held-out files' content hashes: which images validate
 
     def record(self) -> dict:
         """The field of config.json's "dataset" that says how copies were split."""
         return {"split_by": "file content", "copy_sets": self.copy_sets, "copy_images": self.copy_images,
                 "copy_sets_in_validation": self.copy_sets_in_validation,
-                "moved_to_training": self.moved_to_training}
+                "moved_to_training": self.moved_to_training, "held_out": self.held_out}
 
     def describe(self) -> str:
         """One log line; empty when the training images hold no copies."""
@@ -464,6 +465,7 @@ def validation_split(data: PreparedData, fraction: float) -> ValidationSplit:
     split.moved_to_training = sorted(data.train_paths[i] for i in moved)
     held = set(split.val) - set(moved)
     split.val = sorted(held)
+    split.held_out = hashlib.sha1("".join(sorted(data.train_sha1[i] for i in split.val)).encode()).hexdigest()
     split.train = [i for i in range(n) if i not in held]
     return split
 

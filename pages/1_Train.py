@@ -102,6 +102,17 @@ def remember_dataset(data_path: str, source: str) -> None:
         st.query_params["data"] = data_path
 
 
+def allowed_folder(path: str) -> str:
+    """The folder, resolved, if the dashboard may read it; else "" with the refusal shown. Every
+    way of naming a dataset goes through it: a link that leads out of the data folder is refused
+    whether it was typed, picked in the data folder or among several datasets."""
+    try:
+        return str(datastore.check_data_folder(path))
+    except datastore.FolderNotAllowed as exc:
+        st.error(str(exc))
+        return ""
+
+
 def one_of_several(folder: str) -> str:
     """When the folder holds several datasets (a data root), which one: asked, never guessed.
     Returns the chosen dataset's folder ("" until one is chosen), else the folder itself."""
@@ -111,7 +122,7 @@ def one_of_several(folder: str) -> str:
         st.warning(analysis.markdown_message(str(exc), paths=(folder,)))
         choice = st.radio("Which dataset?", [str(c) for c in exc.candidates], index=None,
                           format_func=lambda p: Path(p).name, key=f"several-{folder}")
-        return choice or ""
+        return allowed_folder(choice) if choice else ""  # a candidate may be a link leading out
     except (DatasetError, OSError, ValueError):
         pass  # the scan below says what is wrong with the folder
     return folder
@@ -132,11 +143,7 @@ def dataset_in_data_folder(root: Path) -> str:
     else:
         choice = st.selectbox("Dataset", [e.name for e in entries], key="data_choice")
         path = next(e.path for e in entries if e.name == choice)
-        try:  # a link in the data folder that leads out of it is refused, as when typed
-            path = str(datastore.check_data_folder(path))
-        except datastore.FolderNotAllowed as exc:
-            st.error(str(exc))
-            path = ""
+        path = allowed_folder(path)  # a link in the data folder that leads out of it is refused, as when typed
     if st.button("Fetch the book's hot-dog set (needs internet)"):
         try:
             with st.spinner("Downloading hotdog.zip and checking its checksum…"):
@@ -162,11 +169,7 @@ def folder_path(root: Path) -> str:
         # It reads the sub-folder picked at the moment of the click (not the one of the run that drew
         # the button: a click right after picking came before that run ended, and took the old pick).
         cols[1].button("Use this folder", on_click=use_folder, args=(str(folder),))
-    try:
-        return str(datastore.check_data_folder(path)) if path else path
-    except datastore.FolderNotAllowed as exc:
-        st.error(str(exc))
-        return ""
+    return allowed_folder(path) if path else path
 
 
 def use_folder(folder: str) -> None:

@@ -14,7 +14,7 @@ from finetune_core.data import DatasetError, scan_dataset
 from finetune_core.datastore import runs_root
 from finetune_core.fixes import FixesError, add_fixes, dataset_stamp, fixes_path, load_fixes, undo_fix
 from finetune_core.review import (KIND_LABELS, KINDS, ReviewJob, decided, fixes_for, load_result, result_path)
-from tuneboard_ui import LIVE_REFRESH_S, flash, page
+from tuneboard_ui import LIVE_REFRESH_S, flash, page, picture
 
 PER_PAGE = 12
 
@@ -92,10 +92,12 @@ def issue_card(issue, status: str, key: str) -> None:
     with st.container(border=True):
         if issue.other:
             cols = st.columns(2)
-            cols[0].image(issue.path, width="stretch", caption="this image")
-            cols[1].image(issue.other, width="stretch", caption="copies this one")
+            with cols[0]:
+                picture(issue.path, caption="this image")
+            with cols[1]:
+                picture(issue.other, caption="copies this one")
         else:
-            st.image(issue.path, width="stretch")
+            picture(issue.path)
         suggestion = f" → **{analysis.markdown_text(issue.suggested)}**" if issue.suggested else ""
         confidence = f" ({issue.confidence:.0%})" if issue.confidence is not None else ""
         st.markdown(f"**{KIND_LABELS[issue.kind]}** · {issue.split} · given **"

@@ -11,7 +11,7 @@ from finetune_core.datastore import runs_root
 from finetune_core.predict import (MAX_IMAGE_BYTES, PredictError, Predictor, bundle_warning, bundle_zip_bytes,
                                    export_bundle)
 from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, RunInfo, list_runs
-from tuneboard_ui import keep_run_choice, page, state_label
+from tuneboard_ui import keep_run_choice, page, picture, state_label
 
 
 def choose_run() -> RunInfo | None:
@@ -63,11 +63,7 @@ def gallery_tab(predictions, classes) -> None:
             grid = st.columns(6)
         ok = str(row["true"]) == str(row["predicted"])
         with grid[k % 6]:
-            picture, problem = analysis.gallery_picture(row["path"])
-            if picture is None:
-                st.info(analysis.markdown_message(problem, paths=(row["path"],)), icon=":material/hide_image:")
-            else:
-                st.image(picture, width="stretch")
+            picture(row["path"])
             st.caption(f"{'right' if ok else 'WRONG'}: true **{analysis.markdown_text(row['true'])}** · predicted "
                        f"**{analysis.markdown_text(row['predicted'])}** "
                        f"({row['confidence']:.0%})")
@@ -95,7 +91,7 @@ def confusion_cell_section(predictions, classes, info: RunInfo) -> None:
     grid = st.columns(6)
     for k, (_, row) in enumerate(cell.iterrows()):
         with grid[k % 6]:
-            st.image(row["path"], width="stretch")
+            picture(row["path"])
             st.checkbox(f"{row['confidence']:.0%}", key=f"cell-{row['path']}")
     chosen = [row["path"] for _, row in cell.iterrows() if st.session_state.get(f"cell-{row['path']}")]
     root = (RunDir(info.path).read_config().get("dataset") or {}).get("root", "")

@@ -512,5 +512,9 @@ def test_predict_draws_a_placeholder_for_a_test_image_that_moved_and_keeps_its_o
     at.selectbox(key="predict_run").set_value(fine.name).run()
     assert not at.exception
     assert any(f"{Path(gone).name}.moved" in i.value and "moved or deleted" in i.value for i in at.info)
-    assert len(at.get("image")) == len(preds) - 1  # the other test images are drawn
+    from finetune_core.analysis import confusion_cell
+
+    cell = confusion_cell(preds, at.selectbox(key="cell_true").value, at.selectbox(key="cell_predicted").value)
+    in_cell = sum(Path(p).is_file() for p in cell["path"])  # the matrix cell below the gallery draws its own
+    assert len(at.get("image")) == len(preds) - 1 + in_cell  # the other test images are drawn
     assert at.slider(key="top_k") and at.button(key="build_bundle")  # Classify and Export are drawn too
