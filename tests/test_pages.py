@@ -604,7 +604,9 @@ def test_a_run_stopped_in_the_live_view_offers_resume_next_to_its_message(dashbo
     from finetune_core.jobs import wait_until
     from tuneboard_ui import manager
 
-    config = tiny_train_config(make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4), epochs=3,
+    # epochs to spare: the tiny backbone trains an epoch in a moment, and a run that completed before
+    # the stop landed would offer no Resume
+    config = tiny_train_config(make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4), epochs=30,
                                group="g", name="stopped mid-run")
     at = page("pages/1_Train.py")
     at.session_state["group"] = "g"
