@@ -93,11 +93,11 @@ def summary_text(relabelled: int, excluded: int, leaks_dropped: int) -> str:
 
 
 def _fallback_path(root: Path) -> Path:
-    from .runs import default_runs_dir, slugify
+    from .runs import DATASET_FIXES_FOLDER, default_runs_dir, slugify
 
     resolved = str(Path(root).expanduser().resolve())
     key = hashlib.sha1(resolved.encode()).hexdigest()[:12]
-    return default_runs_dir() / "dataset-fixes" / f"{slugify(Path(resolved).name) or 'dataset'}-{key}.json"
+    return default_runs_dir() / DATASET_FIXES_FOLDER / f"{slugify(Path(resolved).name) or 'dataset'}-{key}.json"
 
 
 def fixes_path(root: str | os.PathLike) -> Path:

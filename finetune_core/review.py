@@ -628,9 +628,11 @@ def kept_issues(root: str | os.PathLike) -> set[tuple[str, str]]:
 
 def result_path(root: str | os.PathLike, runs_dir: str | os.PathLike) -> Path:
     """Where the review of a dataset is kept, so that a reload of the page finds it."""
+    from .runs import REVIEWS_FOLDER
+
     resolved = str(Path(root).expanduser().resolve())
     key = hashlib.sha1(resolved.encode()).hexdigest()[:12]
-    return Path(runs_dir) / "reviews" / f"{Path(resolved).name or 'dataset'}-{key}.json"
+    return Path(runs_dir) / REVIEWS_FOLDER / f"{Path(resolved).name or 'dataset'}-{key}.json"
 
 
 def save_result(result: ReviewResult, file: str | os.PathLike) -> None:

@@ -710,12 +710,24 @@ def _fill_info(info: RunInfo, run: RunDir, status: dict, config: dict) -> None:
             info.owner = describe_owner(owner)
 
 
+# Folders of the runs folder that are Tuneboard's own and not runs: the data reviews kept for the
+# Review page (review.py) and the fixes files of read-only datasets (fixes.py).
+REVIEWS_FOLDER = "reviews"
+DATASET_FIXES_FOLDER = "dataset-fixes"
+NOT_RUNS = (REVIEWS_FOLDER, DATASET_FIXES_FOLDER)
+
+
+def run_folders(runs_dir: Path) -> list[Path]:
+    """The folders of runs_dir that hold runs: not hidden ones, not Tuneboard's own (NOT_RUNS)."""
+    return [p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_RUNS]
+
+
 def list_runs(runs_dir: str | os.PathLike) -> list[RunInfo]:
     """Every run under runs_dir, newest first. Damaged folders are listed with their error."""
     runs_dir = Path(runs_dir).expanduser()
     if not runs_dir.is_dir():
         return []
-    infos = [run_info(p) for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    infos = [run_info(p) for p in run_folders(runs_dir)]
     return sorted(infos, key=lambda i: i.id, reverse=True)
 
 
@@ -758,7 +770,7 @@ def mark_interrupted(runs_dir: str | os.PathLike, alive: Callable[[RunDir], bool
     runs_dir = Path(runs_dir).expanduser()
     if not runs_dir.is_dir():
         return marked
-    for path in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for path in sorted(run_folders(runs_dir)):
         run = RunDir(path)
         try:
             if run.read_status(default={}).get("state") not in ACTIVE_STATES:
