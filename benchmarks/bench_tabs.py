@@ -35,9 +35,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import make_dataset  # noqa: E402
-from test_e2e_browser import CHROMIUM, FLAGS, IDLE, free_port  # noqa: E402
+import test_e2e_browser  # noqa: E402
+from test_e2e_browser import CHROMIUM, FLAGS, fill, free_port, wait_idle  # noqa: E402
 
 from finetune_core.runs import list_runs  # noqa: E402
+
+# The browser test's waits, with room for a loaded machine (the Train page's first visit writes the
+# example dataset).
+test_e2e_browser.IDLE_TIMEOUT_MS = 600_000
 
 
 def rss_mb(pid: int) -> float:
@@ -64,18 +69,6 @@ def start_server(tmp: Path, data: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server did not start: {(tmp / 'streamlit.log').read_text()[-2000:]}")
 
 
-def wait_idle(page) -> None:
-    """As the browser test waits, with room for a loaded machine (the Train page's first visit
-    writes the example dataset)."""
-    page.wait_for_timeout(100)
-    page.wait_for_selector(IDLE, timeout=600_000)
-
-
-def fill(page, label: str, value: str) -> None:
-    box = page.get_by_label(label, exact=True)
-    box.fill(value)
-    box.press("Enter")
-    wait_idle(page)
 
 
 def open_live(page, url: str) -> None:

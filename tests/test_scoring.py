@@ -2,13 +2,12 @@
 dataset discovery in a folder of several datasets, the Predict page with a missing test image."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import make_dataset, tiny_train_config, write_image
+from conftest import make_dataset, tiny_train_config
 
 
 def dataset_with_copies(root: Path) -> Path:
@@ -151,6 +150,17 @@ def test_compares_table_shows_the_state_and_duration_of_a_run_that_finished_sinc
     assert (row["state"], row["duration (s)"], row["test acc of the kept model"]) == ("completed", "90", "0.750")
 
 
+def train_page_on(folder):
+    """The Train page with a typed folder chosen (not the example: it writes and scans 1,797 images)."""
+    from conftest import page
+
+    at = page("pages/1_Train.py")
+    at.session_state["data_source"] = "A folder path"
+    at.run()
+    at.text_input(key="data_path_text").set_value(str(folder)).run()
+    return at
+
+
 # --- a reload keeps the dataset; the sweep's best cell names its dataset ---------------------------
 
 
@@ -159,10 +169,7 @@ def test_a_reload_keeps_the_setup_forms_dataset(dashboard_env):
     from conftest import page
 
     mine = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
-    at = page("pages/1_Train.py")
-    at.session_state["data_source"] = "A folder path"  # not the example: it writes and scans 1,797 images
-    at.run()
-    at.text_input(key="data_path_text").set_value(str(mine)).run()
+    at = train_page_on(mine)
     assert at.query_params.get("data") == str(mine.resolve())  # the page's address names the dataset
     reloaded = page("pages/1_Train.py")
     reloaded.query_params.update(data=str(mine.resolve()))
@@ -217,13 +224,8 @@ def test_the_twins_and_the_lr_finder_say_what_they_will_cost_from_a_recorded_spe
 
 
 def test_the_train_page_shows_the_cost_of_each_twin_and_of_the_finder_before_they_start(dashboard_env):
-    from conftest import page
-
     mine = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
-    at = page("pages/1_Train.py")
-    at.session_state["data_source"] = "A folder path"  # not the example: it writes and scans 1,797 images
-    at.run()
-    at.text_input(key="data_path_text").set_value(str(mine)).run()
+    at = train_page_on(mine)
     estimates = [c.value for c in at.caption if c.value.startswith(("Costs about", "No cost estimate yet"))]
     assert len(estimates) == 3 and not at.exception  # the scratch twin, the one-group twin, the finder
 
