@@ -93,6 +93,7 @@ def setting(default, label: str, **meta) -> Any:
 
 
 def _backbone_choices() -> list[str]:
+    """The registered backbones; any timm or torchvision classifier's name is accepted too."""
     from .models import BACKBONES
 
     return ["auto", *BACKBONES]
@@ -107,7 +108,8 @@ class TrainConfig:
                                    help="of each class, held out for testing when the folder has no test split")
     # --- model
     backbone: str = setting("resnet18", "Backbone", section="model", choices=_backbone_choices, metavar="NAME",
-                            help="auto: the best backbone whose ImageNet weights are on this machine")
+                            help="auto: the best backbone whose ImageNet weights are on this machine; or any "
+                                 "timm model (convnext_tiny.fb_in22k_ft_in1k) or torchvision classifier by name")
     weights: str = setting("auto", "Weights", section="model", metavar="auto|none|PATH",
                            help="auto (ImageNet), none (random init) or the path of a .pt/.pth/.safetensors "
                                 "state_dict, loaded without running code")
@@ -261,6 +263,12 @@ class TrainConfig:
                 problem = _device_problem(self.device)
                 if problem:
                     report("device", problem)
+            if not {"backbone", "weights"} & set(errors):
+                from .models import weights_problem
+
+                problem = weights_problem(self.backbone, self.weights)
+                if problem:
+                    report("weights", problem)
         return errors
 
     def check(self, check_paths: bool = False) -> "TrainConfig":
@@ -345,8 +353,11 @@ def check_value(s: Setting, value) -> str | None:
     if not isinstance(value, str):
         return f"must be text, got {value!r}"
     if s.name == "backbone":
-        choices = s.choice_list()
-        return None if value in choices else f"must be one of {', '.join(choices)}: unknown backbone {value!r}"
+        from .models import backbone_problem
+
+        problem = backbone_problem(value)
+        return None if problem is None else f"must be auto, {', '.join(s.choice_list()[1:])} or a timm or " \
+            f"torchvision model's name: {problem}"
     if s.name == "device":
         ok = value in DEVICES or (value.startswith("cuda:") and value[5:].isdigit())
         return None if ok else f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}"
