@@ -125,6 +125,9 @@ class TrainConfig:
                         help="of the pretrained layers (and of everything with one group)")
     head_lr_mult: float = setting(10.0, "Head learning-rate multiplier", section="learning", above=0,
                                   help="the new head trains at lr × this")
+    layer_decay: float = setting(1.0, "Layer-wise learning-rate decay", section="learning", above=0, maximum=1,
+                                 help="each stage below the last trains at lr × this^depth (BEiT/ViT fine-tuning, "
+                                      "timm's layer decay); 1: off, every pretrained layer at lr")
     param_groups: bool = setting(True, "Parameter groups (head at lr × multiplier)", section="learning",
                                  help="off: one group at lr for every layer (the book's param_group=False)")
     train_stages: str = setting("all", "Trainable part", section="learning", metavar="head|N|all",

@@ -282,6 +282,13 @@ def backbone_spec(name: str) -> Backbone:
     return _timm_spec(name, timm_name)
 
 
+def forget_backbones() -> None:
+    """Empty what is remembered of each backbone (its spec, structure, parameter counts): after the
+    registry changes (the tests register tiny variants of catalogue models)."""
+    for cached in (backbone_spec, _architecture, _top_body_parameters, parameter_count):
+        cached.cache_clear()
+
+
 def backbone_problem(name: str) -> str | None:
     """Why a name is not a backbone ("unknown backbone 'x'; did you mean ..."), or None."""
     if name == "auto" or name in BACKBONES:
@@ -497,7 +504,7 @@ def weights_problem(backbone: str, weights: str) -> str | None:
     """Why `auto` weights of a timm backbone cannot load, found without a network call and before
     a run folder is written: not cached while HF_HUB_OFFLINE is set, or a cached file that is
     truncated or not a weights file. None when they will load (or will be downloaded)."""
-    if weights != "auto" or backbone == "auto" or backbone in BACKBONES:
+    if weights != "auto" or backbone == "auto":
         return None
     spec = backbone_spec(backbone)
     if spec.source != "timm":
@@ -785,7 +792,7 @@ class _Until(nn.Module):
         super().__init__()
         self.parts, self.own = nn.ModuleList(parts), nn.ParameterList(own)
         object.__setattr__(self, "model", model)
-        self.stop_at = stop_at
+        self.stop_at, self.training = stop_at, model.training
 
     def forward(self, x):
         self.model.training = self.training  # the root's own flag only (timm reads it in forward)
@@ -807,6 +814,7 @@ class _Head(nn.Module):
         super().__init__()
         self.parts = nn.ModuleList(parts)
         object.__setattr__(self, "model", model)
+        self.training = model.training
 
     def forward(self, x):
         self.model.training = self.training
@@ -936,7 +944,10 @@ def _split_is_exact(model: nn.Module, arch: Architecture, size: int) -> bool:
     try:
         with torch.no_grad():
             bottom, top = _traced_split(model, arch, "", str(len(arch.stages)))
-            return bool(torch.allclose(top(bottom(x)), model(x), rtol=1e-4, atol=1e-4))
+            expected = model(x)
+            # The same operations: equal but for rounding. Relative to the output, which a random init
+            # can make tiny (a skipped rotary embedding then moves it by 1e-8).
+            return bool((top(bottom(x)) - expected).abs().max() <= 1e-6 * expected.abs().max())
     except Exception:  # noqa: BLE001 - a stage that takes more than one input: no stage split
         return False
 
@@ -1047,15 +1058,18 @@ def trainable_summary(backbone: str, train_stages: str | int, n_classes: int = 2
 
 def parameter_groups(model: nn.Module, backbone: str, lr: float, head_lr_mult: float = 10.0,
                      param_groups: bool = True, train_stages: str | int | bool = "all",
-                     freeze_backbone: bool | None = None) -> list[dict]:
+                     freeze_backbone: bool | None = None, layer_decay: float = 1.0) -> list[dict]:
     """The optimiser's parameter groups for the part that trains (split_model's top); the bottom's
     parameters get requires_grad False and are in no group, the top's get requires_grad True.
 
     With param_groups (the book's param_group=True): the top's pretrained layers at lr ("backbone")
     and the head at lr * head_lr_mult ("head"); without: one "all" group at lr. With
     train_stages="head", one "head" group, at lr * head_lr_mult with param_groups, else at lr.
-    `freeze_backbone=True` (or a bool in train_stages's place) is the deprecated spelling of
-    train_stages="head"."""
+    `layer_decay` below 1 generalises the two groups as BEiT/ViT fine-tuning and timm's
+    param_groups_layer_decay do: the pretrained layers `depth` stages below the last one train at
+    lr * layer_decay ** depth, one group per depth ("backbone-d{depth}"; depth 0, the last stage and
+    what follows it, stays "backbone" or "all"). `freeze_backbone=True` (or a bool in
+    train_stages's place) is the deprecated spelling of train_stages="head"."""
     if isinstance(train_stages, bool) or freeze_backbone is not None:
         warnings.warn("parameter_groups(freeze_backbone=...) is deprecated: use train_stages='head' or 'all'",
                       DeprecationWarning, stacklevel=2)
@@ -1063,19 +1077,44 @@ def parameter_groups(model: nn.Module, backbone: str, lr: float, head_lr_mult: f
         train_stages = "head" if frozen else (train_stages if not isinstance(train_stages, bool) else "all")
     trainable = {id(p) for p in trainable_parameters(model, backbone, train_stages)}
     head_ids = {id(p) for p in get_head(model, backbone).parameters()}
-    head, body = [], []
+    depths = parameter_depths(model, backbone) if layer_decay != 1.0 else {}
+    head, body = [], {}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
         if id(p) in head_ids:
             head.append(p)
         elif id(p) in trainable:
-            body.append(p)
+            body.setdefault(depths.get(id(p), 0), []).append(p)
     head_lr = lr * head_lr_mult if param_groups else lr
     if not body:
         return [{"params": head, "lr": head_lr, "name": "head"}]
+    top_body = body.pop(0, [])
+    lower = [{"params": body[d], "lr": lr * layer_decay ** d, "name": f"backbone-d{d}"} for d in sorted(body, reverse=True)]
     if not param_groups:
-        return [{"params": body + head, "lr": lr, "name": "all"}]
-    return [{"params": body, "lr": lr, "name": "backbone"}, {"params": head, "lr": head_lr, "name": "head"}]
+        return lower + [{"params": top_body + head, "lr": lr, "name": "all"}]
+    top = [{"params": top_body, "lr": lr, "name": "backbone"}] if top_body else []
+    return lower + top + [{"params": head, "lr": head_lr, "name": "head"}]
+
+
+def parameter_depths(model: nn.Module, backbone: str) -> dict[int, int]:
+    """id(parameter) -> how many stages lie above its own: 0 for the last stage and everything after
+    it (the head included), n for the stem of a backbone with n stages (and, in a traced model,
+    the tensors it holds itself: class token, position embedding)."""
+    names = stage_names(backbone)
+    n = len(names)
+    try:
+        steps = [(path, module) for path, module, _ in _forward_steps(model)]
+    except ValueError:  # a traced model: its forward_features's modules in order, then its head's
+        arch = _architecture(backbone)
+        steps = [(path, model.get_submodule(path)) for path, _ in arch.order] + \
+                [(path, model.get_submodule(path)) for path in arch.head_order]
+    depth, depths = n, {}
+    for path, module in steps:
+        if path in names:
+            depth = n - 1 - names.index(path)
+        for p in module.parameters():
+            depths.setdefault(id(p), depth)
+    return {id(p): depths.get(id(p), n) for p in model.parameters()}
 
 
 def classified_views(images: torch.Tensor, tta_flip: bool) -> list[torch.Tensor]:
