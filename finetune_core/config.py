@@ -359,8 +359,8 @@ def check_value(s: Setting, value) -> str | None:
         from .models import backbone_problem
 
         problem = backbone_problem(value)
-        return None if problem is None else f"must be auto, {', '.join(s.choice_list()[1:])} or a timm or " \
-            f"torchvision model's name: {problem}"
+        return None if problem is None else f"must be auto, a registered backbone or a timm or torchvision " \
+            f"model's name: {problem}"
     if s.name == "device":
         ok = value in DEVICES or (value.startswith("cuda:") and value[5:].isdigit())
         return None if ok else f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}"

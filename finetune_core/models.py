@@ -308,6 +308,13 @@ def parameter_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def backbone_choices(offline: list[str]) -> list[str]:
+    """Every backbone name, in the order a picker offers them: the registered ones, those whose
+    weights are on this machine, the common fine-tuning choices, then torchvision's and timm's."""
+    ordered = ["auto", *BACKBONES, *offline, *COMMON_BACKBONES, *all_backbone_names()]
+    return list(dict.fromkeys(ordered))
+
+
 def backbone_details(name: str) -> str:
     """One line for the picker: parameters, native resolution and where its weights come from.
     timm 1.x ships no ImageNet accuracies offline (its results tables are not in the package), so

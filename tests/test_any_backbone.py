@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def hub(tmp_path, monkeypatch):
     return tmp_path / "hf" / "hub"
 
 
-def put_in_hub(hub, name: str, state: dict) -> "Path":  # noqa: F821
+def put_in_hub(hub: Path, name: str, state: dict) -> Path:
     """A state_dict where huggingface_hub caches timm/NAME: refs/main names a revision whose
     snapshot holds model.safetensors."""
     from safetensors.torch import save_file
@@ -278,3 +279,30 @@ def test_a_cached_timm_model_trains_resumes_predicts_and_exports(catalogue, hub,
     assert meta["backbone"] == name and (tmp_path / "bundle" / "model.pt2").is_file()
     assert (tmp_path / "bundle" / "model.onnx").is_file() or meta["onnx_error"].startswith("model.onnx could not")
     assert main(["predict", "--run", str(tmp_path / "bundle"), str(image), "--json"]) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The Train page's picker
+
+
+def test_the_train_page_takes_any_model_by_name_and_names_an_unknown_one(dashboard_env, tmp_path, monkeypatch):
+    """A searchable list that holds every timm and torchvision name after the common ones, the
+    chosen model's size and resolution under it, and a box to type any name: a misspelt one is
+    refused next to the field with close matches."""
+    from conftest import page
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    at = page("pages/1_Train.py").run()
+    assert not at.exception
+    options = at.selectbox(key="f_backbone").options
+    assert options.index("resnet18 (weights need a download)") < options.index(
+        "convnext_tiny.fb_in22k_ft_in1k (weights need a download)") < options.index(
+        "vit_base_patch16_clip_224.openai_ft_in1k (weights need a download)")
+    assert "regnet_y_400mf (weights need a download)" in options
+    at.text_input(key="f_backbone_typed").set_value("test_vit.r160_in1k").run()
+    assert at.selectbox(key="f_backbone").value == "test_vit.r160_in1k"
+    assert any("160 px, bicubic; weights not on this machine" in c.value for c in at.caption)
+    at.text_input(key="f_backbone_typed").set_value("convnxt_tiny").run()
+    errors = [e.value.replace("\\", "") for e in at.error]  # markdown escapes the underscores
+    assert any("unknown backbone 'convnxt_tiny'; did you mean convnext_tiny" in e for e in errors), errors
+    assert at.button(key="train_button").disabled
