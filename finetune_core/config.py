@@ -460,6 +460,9 @@ def inactive_settings(config: TrainConfig) -> dict[str, str]:
     warmup, epochs, patience = whole(config.warmup_epochs), whole(config.epochs), whole(config.patience)
     if stages == "head":
         inactive["warmup_epochs"] = "only the head trains from the start: there is nothing to unfreeze later"
+    if stages in ("head", "1"):  # the last stage (and what follows it) is at depth 0: lr itself
+        inactive["layer_decay"] = ("only the head trains: no pretrained layer to decay" if stages == "head" else
+                                   "only the last stage trains, at the learning rate itself: nothing below it to decay")
     if stages == "all" and warmup == 0:
         inactive["feature_views"] = ("the whole network trains on fresh augmented crops every epoch: nothing is "
                                      "cached (views are used only when part of it is frozen, or in warm-up)")

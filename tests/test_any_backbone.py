@@ -328,3 +328,11 @@ def test_the_feature_module_is_the_last_feature_map_before_pooling(catalogue, na
     convnext = catalogue("convnext")
     path, feature_map, head_input = pooled_feature_map(models.build_model(convnext, 2, "none").eval(), convnext)
     assert path == "norm_pre" and feature_map.dim() == 4
+
+
+def test_layer_decay_is_shown_inactive_where_no_stage_below_the_last_trains():
+    from finetune_core.config import inactive_settings
+
+    assert "no pretrained layer to decay" in inactive_settings(TrainConfig(train_stages="head"))["layer_decay"]
+    assert "nothing below it to decay" in inactive_settings(TrainConfig(train_stages="1"))["layer_decay"]
+    assert "layer_decay" not in inactive_settings(TrainConfig(train_stages="2"))
