@@ -1,13 +1,17 @@
 """Backbones, where their pretrained weights come from, head replacement and parameter groups.
 
 Every backbone in `BACKBONES` knows its input normalisation and where its classification head
-is. `build_model` returns the backbone with a new `Linear(in_features, n_classes)` head,
-Xavier-uniform initialised as in the book, and its weights loaded from one of three sources:
+is; any other timm pretrained model or torchvision classifier is a backbone by its name too
+(`backbone_spec` builds its `Backbone` from the catalogue's metadata). `build_model` returns the
+backbone with a new `Linear(in_features, n_classes)` head, Xavier-uniform initialised as in the
+book, and its weights loaded from one of three sources:
 
 - ``auto``: weights bundled in a pip package (EfficientNet-Lite0, -Lite1, -Lite2), else
   torchvision's cached file in ``$TORCH_HOME/hub/checkpoints``, else a download with a short
   timeout whose SHA-256 is checked against the prefix in the file name; offline, a
   `WeightsUnavailable` error that names the file to place and the backbones that work offline;
+  a timm model's from the Hugging Face hub cache, else a download through huggingface_hub
+  (never with HF_HUB_OFFLINE=1);
 - ``none``: random initialisation (the book's scratch run);
 - a path to a local ``.pt``/``.pth``/``.safetensors`` state_dict, loaded with
   ``weights_only=True``, with missing or mismatched keys reported by name.
@@ -15,8 +19,9 @@ Xavier-uniform initialised as in the book, and its weights loaded from one of th
 Partial fine-tuning: `stage_names` lists a backbone's trainable stages from bottom to top, and
 `split_model` cuts a model into a frozen bottom and a trainable top (shared modules, so that
 ``top(bottom(x)) == model(x)``) for ``train_stages`` "head", "1".."n" (the last n stages + head)
-or "all". `parameter_groups` gives the optimiser the top's parameters: the book's recipe applied
-to the part that trains.
+or "all", from known layouts or, for any other model, from its traced structure.
+`parameter_groups` gives the optimiser the top's parameters: the book's recipe applied to the part
+that trains, with optional layer-wise learning-rate decay.
 """
 from __future__ import annotations
 
