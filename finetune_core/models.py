@@ -512,6 +512,15 @@ def hub_weights_file(spec: Backbone, timeout: float = DOWNLOAD_TIMEOUT_S) -> Pat
                                  f"{str(exc).splitlines()[0] if str(exc) else ''}): {hub_download_hint(spec)}") from exc
 
 
+def fetch_weights(backbone: str, weights: str) -> None:
+    """Put a timm backbone's `auto` weights in the hub cache now (a download only when they are not
+    there): the command line does it before it writes a run folder, so that a download that fails
+    is refused by name with nothing written. WeightsUnavailable otherwise; other backbones' weights
+    are left to the run."""
+    if weights == "auto" and backbone != "auto" and backbone_spec(backbone).source == "timm":
+        hub_weights_file(backbone_spec(backbone))
+
+
 def weights_problem(backbone: str, weights: str) -> str | None:
     """Why `auto` weights of a timm backbone cannot load, found without a network call and before
     a run folder is written: not cached while HF_HUB_OFFLINE is set, or a cached file that is

@@ -336,3 +336,37 @@ def test_layer_decay_is_shown_inactive_where_no_stage_below_the_last_trains():
     assert "no pretrained layer to decay" in inactive_settings(TrainConfig(train_stages="head"))["layer_decay"]
     assert "nothing below it to decay" in inactive_settings(TrainConfig(train_stages="1"))["layer_decay"]
     assert "layer_decay" not in inactive_settings(TrainConfig(train_stages="2"))
+
+
+def test_a_download_is_made_through_huggingface_hub_before_the_run_folder_and_a_failed_one_is_refused(
+        catalogue, hub, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """Online (HF_HUB_OFFLINE unset) the command line fetches a timm model's weights into the hub
+    cache before it writes anything; a download that fails is refused naming the model, the error
+    and how to fetch them, with no run folder. The hub itself is never reached: huggingface_hub's
+    download is replaced."""
+    import huggingface_hub
+
+    from finetune_core.__main__ import main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TUNEBOARD_RUNS_DIR", str(tmp_path / "runs"))
+    name = catalogue("convnext")
+    calls = []
+
+    def no_network(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    assert main(["train", "--data", str(tiny_dataset), "--backbone", name, "--image-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert f"The ImageNet weights of {name} (timm/{name})" in err and "OSError: Network is unreachable" in err
+    assert f"hf download timm/{name}" in err and not (tmp_path / "runs").exists()
+    assert calls == [(f"timm/{name}", "model.safetensors", {"cache_dir": str(hub), "etag_timeout": 10.0})]
+
+    state = pretrained_like(name)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **kw: str(
+        put_in_hub(hub, repo_id.split("/", 1)[1], state)))  # as a download would leave it
+    models.fetch_weights(name, "auto")
+    assert models.hub_cached_file(models.backbone_spec(name)) is not None  # no second download from here on
+    assert torch.equal(models.build_model(name, 2, "auto").stem[0].weight, state["stem.0.weight"])
