@@ -886,9 +886,8 @@ def _traced_split(model: nn.Module, arch: Architecture, head_path: str,
         top_modules = [top[0]]
     else:
         paths = [path for path, _ in arch.order]
-        first = paths.index(arch.stages[-int(train_stages)])
-        cut = paths[first]
-        steps = [(p, model.get_submodule(p), False) for p in paths[first:]]
+        cut = arch.stages[-int(train_stages)]
+        steps = [(p, model.get_submodule(p), False) for p in paths[paths.index(cut):]]
         head = _Head(model, [model.get_submodule(p) for p in arch.head_order])
         top = nn.Sequential(_sequence(steps), head) if steps else head
         top_modules = [m for _, m, _ in steps] + list(head.parts)
