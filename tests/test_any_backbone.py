@@ -299,6 +299,8 @@ def test_the_train_page_takes_any_model_by_name_and_names_an_unknown_one(dashboa
         "convnext_tiny.fb_in22k_ft_in1k (weights need a download)") < options.index(
         "vit_base_patch16_clip_224.openai_ft_in1k (weights need a download)")
     assert "regnet_y_400mf (weights need a download)" in options
+    labels = [w.label for w in at.text_input]  # layer decay drawn right after the multiplier
+    assert labels.index("Layer-wise learning-rate decay") == labels.index("Head learning-rate multiplier") + 1
     at.text_input(key="f_backbone_typed").set_value("test_vit.r160_in1k").run()
     assert at.selectbox(key="f_backbone").value == "test_vit.r160_in1k"
     assert any("160 px, bicubic; weights not on this machine" in c.value for c in at.caption)
