@@ -7,7 +7,7 @@ import streamlit as st
 from finetune_core import cachestore, datastore, memory
 from finetune_core.config import quick_start_config
 from finetune_core.jobs import DuplicateSubmission
-from finetune_core.models import BACKBONES, device_description, offline_backbones, resolve_device
+from finetune_core.models import device_description, offline_backbones, resolve_device
 from finetune_core.runs import KEPT_NAME, SCORE_NAME, list_runs
 from tuneboard_ui import LIVE_REFRESH_S, flash, format_seconds, job_controls, manager, page, state_label, submit
 
@@ -18,8 +18,8 @@ def machine_section(offline: list[str]) -> None:
     device = device_description()
     c[0].metric("Device", device.split(" (")[0])
     c[0].caption(f"{device}; {memory.describe()}")
-    c[1].metric("Backbones with weights offline", f"{len(offline)} of {len(BACKBONES)}")
-    c[1].caption(", ".join(offline) or "none: train from scratch or place weights in the torch cache")
+    c[1].metric("Backbones with weights offline", f"{len(offline)}")
+    c[1].caption(", ".join(offline) or "none: train from scratch or place weights in the torch or Hugging Face cache")
     c[2].metric("Data folder", datastore.data_root().name)
     c[2].caption(str(datastore.data_root()))
     if memory.wanted() and not memory.is_tuned() and resolve_device("auto").type == "cpu":

@@ -3,8 +3,9 @@
 #   1. every test marked `cuda` (they skip on CPU-only machines; here they must run),
 #   2. the speed benchmark on CUDA: the book's loop against Tuneboard's engine, ResNet-18 at 224 px with
 #      random weights (`--weights none`: no machine here has internet; throughput does not depend on them),
-#   3. a big folder: 50,000 generated JPEGs through the fast preset (bench_scale.py; its own limit, see below),
-#   4. with several GPUs, 1 process against one per GPU (DDP over NCCL).
+#   3. a mid-size timm backbone by name (ConvNeXt-Tiny, random weights) one epoch: images/s,
+#   4. a big folder: 50,000 generated JPEGs through the fast preset (bench_scale.py; its own limit, see below),
+#   5. with several GPUs, 1 process against one per GPU (DDP over NCCL).
 # Everything goes to one results file (default benchmarks/results/gpu_check.md), also when a step fails;
 # the exit code is that of the first step that failed.
 #
@@ -78,6 +79,14 @@ note ""; note "Benchmark data: $DATA"
 step "Speed: the book's loop and the engine, ResNet-18 224 px, random weights, bf16 on CUDA" \
   "$PYTHON" benchmarks/bench_train.py --data "$DATA" --backbone resnet18 --weights none --device "$DEVICE" \
   --epochs "$EPOCHS" --target 2 --runs book,engine --out "benchmarks/results/gpu_bench_train_$DEVICE.md"
+
+# Any backbone (issue 23): a mid-size timm model by name, ConvNeXt-Tiny, random weights (no internet: the
+# architecture is timm's, its weights would come from the hub cache), all layers, one epoch on the same data
+# through the command line; its final JSON line holds images_per_s.
+step "Any backbone: timm ConvNeXt-Tiny (convnext_tiny.fb_in22k_ft_in1k), random weights, all layers, 1 epoch" \
+  "$PYTHON" -m finetune_core train --data "$DATA" --backbone convnext_tiny.fb_in22k_ft_in1k --weights none \
+  --lr 0.01 --loss-reduction mean --batch-size 128 --epochs 1 --device "$DEVICE" --runs-dir "$(mktemp -d)" \
+  --quiet --json
 
 # Big folders (issue 22 item 5): 50,000 generated 500 x 375 JPEGs through the fast preset, one epoch, cold cache:
 # time to the first step, total, peak memory, cache on disk, images/s. Generating them takes every core

@@ -116,6 +116,12 @@ def checked_config_and_scan(args):
         raise BadInput(str(exc)) from None
     if not report.usable:
         raise BadInput(f"no usable dataset: {report.reason()}")
+    from .models import WeightsUnavailable, fetch_weights
+
+    try:
+        fetch_weights(config.backbone, config.weights)  # a timm model's download, before the run folder
+    except WeightsUnavailable as exc:
+        raise BadInput(str(exc)) from None
     return config, report
 
 

@@ -93,6 +93,7 @@ def setting(default, label: str, **meta) -> Any:
 
 
 def _backbone_choices() -> list[str]:
+    """The registered backbones; any timm or torchvision classifier's name is accepted too."""
     from .models import BACKBONES
 
     return ["auto", *BACKBONES]
@@ -107,7 +108,8 @@ class TrainConfig:
                                    help="of each class, held out for testing when the folder has no test split")
     # --- model
     backbone: str = setting("resnet18", "Backbone", section="model", choices=_backbone_choices, metavar="NAME",
-                            help="auto: the best backbone whose ImageNet weights are on this machine")
+                            help="auto: the best backbone whose ImageNet weights are on this machine; or any "
+                                 "timm model (convnext_tiny.fb_in22k_ft_in1k) or torchvision classifier by name")
     weights: str = setting("auto", "Weights", section="model", metavar="auto|none|PATH",
                            help="auto (ImageNet), none (random init) or the path of a .pt/.pth/.safetensors "
                                 "state_dict, loaded without running code")
@@ -123,6 +125,9 @@ class TrainConfig:
                         help="of the pretrained layers (and of everything with one group)")
     head_lr_mult: float = setting(10.0, "Head learning-rate multiplier", section="learning", above=0,
                                   help="the new head trains at lr × this")
+    layer_decay: float = setting(1.0, "Layer-wise learning-rate decay", section="learning", above=0, maximum=1,
+                                 help="each stage below the last trains at lr × this^depth (BEiT/ViT fine-tuning, "
+                                      "timm's layer decay); 1: off, every pretrained layer at lr")
     param_groups: bool = setting(True, "Parameter groups (head at lr × multiplier)", section="learning",
                                  help="off: one group at lr for every layer (the book's param_group=False)")
     train_stages: str = setting("all", "Trainable part", section="learning", metavar="head|N|all",
@@ -261,6 +266,12 @@ class TrainConfig:
                 problem = _device_problem(self.device)
                 if problem:
                     report("device", problem)
+            if not {"backbone", "weights"} & set(errors):
+                from .models import weights_problem
+
+                problem = weights_problem(self.backbone, self.weights)
+                if problem:
+                    report("weights", problem)
         return errors
 
     def check(self, check_paths: bool = False) -> "TrainConfig":
@@ -345,8 +356,11 @@ def check_value(s: Setting, value) -> str | None:
     if not isinstance(value, str):
         return f"must be text, got {value!r}"
     if s.name == "backbone":
-        choices = s.choice_list()
-        return None if value in choices else f"must be one of {', '.join(choices)}: unknown backbone {value!r}"
+        from .models import backbone_problem
+
+        problem = backbone_problem(value)
+        return None if problem is None else f"must be auto, a registered backbone or a timm or torchvision " \
+            f"model's name: {problem}"
     if s.name == "device":
         ok = value in DEVICES or (value.startswith("cuda:") and value[5:].isdigit())
         return None if ok else f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}"
@@ -446,6 +460,9 @@ def inactive_settings(config: TrainConfig) -> dict[str, str]:
     warmup, epochs, patience = whole(config.warmup_epochs), whole(config.epochs), whole(config.patience)
     if stages == "head":
         inactive["warmup_epochs"] = "only the head trains from the start: there is nothing to unfreeze later"
+    if stages in ("head", "1"):  # the last stage (and what follows it) is at depth 0: lr itself
+        inactive["layer_decay"] = ("only the head trains: no pretrained layer to decay" if stages == "head" else
+                                   "only the last stage trains, at the learning rate itself: nothing below it to decay")
     if stages == "all" and warmup == 0:
         inactive["feature_views"] = ("the whole network trains on fresh augmented crops every epoch: nothing is "
                                      "cached (views are used only when part of it is frozen, or in warm-up)")

@@ -63,8 +63,8 @@ from .memory import describe as describe_memory
 from .memory import release_memory
 from .checkpoints import (CheckpointError, ResumeRefused, class_change, keep_as_best, load_checkpoint,  # noqa: F401
                           restore, save_checkpoint)
-from .models import (BACKBONES, CPU_GENERATOR_LOCK, build_model, classified_views, mean_logits, parameter_groups,
-                     resolve_backbone, resolve_device, seeded_init, split_model)
+from .models import (CPU_GENERATOR_LOCK, backbone_problem, backbone_spec, build_model, classified_views, mean_logits,
+                     parameter_groups, resolve_backbone, resolve_device, seeded_init, split_model)
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
 from .runs import (CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, claim_run, now_iso,
@@ -111,7 +111,7 @@ def library_versions() -> dict:
 
 
 def normalisation(config: TrainConfig) -> tuple[tuple, tuple]:
-    spec = BACKBONES[config.backbone]
+    spec = backbone_spec(config.backbone)
     return tuple(config.mean or spec.mean), tuple(config.std or spec.std)
 
 
@@ -296,10 +296,12 @@ def config_record(config: TrainConfig, report: ScanReport | None = None, data: P
                                  fixes=report.fixes.to_dict() if report.fixes is not None else None)
     if validation_copies:
         record["dataset"]["validation_split"] = validation_copies
-    if config.backbone in BACKBONES:
-        spec = BACKBONES[config.backbone]
+    if backbone_problem(config.backbone) is None and config.backbone != "auto":
+        spec = backbone_spec(config.backbone)
         mean, std = normalisation(config)
-        record["backbone"] = {"name": config.backbone, "head": spec.head, "description": spec.description}
+        record["backbone"] = {"name": config.backbone, "head": spec.head, "description": spec.description,
+                              "source": spec.source or "registry", "model": spec.model_name or config.backbone,
+                              "native_size": spec.native_size, "interpolation": spec.interpolation}
         record["normalisation"] = {"mean": list(mean), "std": list(std)}
     record["weights"] = config.weights
     if data is not None:
@@ -556,7 +558,7 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     groups = parameter_groups(model, config.backbone, config.lr, config.head_lr_mult, config.param_groups,
-                              train_stages=config.train_stages)
+                              train_stages=config.train_stages, layer_decay=config.layer_decay)
     for g in groups:
         g["initial_lr"] = g["lr"]
     optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)

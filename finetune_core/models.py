@@ -1,13 +1,17 @@
 """Backbones, where their pretrained weights come from, head replacement and parameter groups.
 
 Every backbone in `BACKBONES` knows its input normalisation and where its classification head
-is. `build_model` returns the backbone with a new `Linear(in_features, n_classes)` head,
-Xavier-uniform initialised as in the book, and its weights loaded from one of three sources:
+is; any other timm pretrained model or torchvision classifier is a backbone by its name too
+(`backbone_spec` builds its `Backbone` from the catalogue's metadata). `build_model` returns the
+backbone with a new `Linear(in_features, n_classes)` head, Xavier-uniform initialised as in the
+book, and its weights loaded from one of three sources:
 
 - ``auto``: weights bundled in a pip package (EfficientNet-Lite0, -Lite1, -Lite2), else
   torchvision's cached file in ``$TORCH_HOME/hub/checkpoints``, else a download with a short
   timeout whose SHA-256 is checked against the prefix in the file name; offline, a
   `WeightsUnavailable` error that names the file to place and the backbones that work offline;
+  a timm model's from the Hugging Face hub cache, else a download through huggingface_hub
+  (never with HF_HUB_OFFLINE=1);
 - ``none``: random initialisation (the book's scratch run);
 - a path to a local ``.pt``/``.pth``/``.safetensors`` state_dict, loaded with
   ``weights_only=True``, with missing or mismatched keys reported by name.
@@ -15,12 +19,14 @@ Xavier-uniform initialised as in the book, and its weights loaded from one of th
 Partial fine-tuning: `stage_names` lists a backbone's trainable stages from bottom to top, and
 `split_model` cuts a model into a frozen bottom and a trainable top (shared modules, so that
 ``top(bottom(x)) == model(x)``) for ``train_stages`` "head", "1".."n" (the last n stages + head)
-or "all". `parameter_groups` gives the optimiser the top's parameters: the book's recipe applied
-to the part that trains.
+or "all", from known layouts or, for any other model, from its traced structure.
+`parameter_groups` gives the optimiser the top's parameters: the book's recipe applied to the part
+that trains, with optional layer-wise learning-rate decay.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import os
@@ -60,6 +66,10 @@ class Backbone:
     bundled: bool = False          # ImageNet weights ship inside a pip package: works offline
     description: str = ""
     native_size: int = 224         # the input size its ImageNet weights were trained and evaluated at
+    source: str = ""               # "timm" or "torchvision" for a backbone named from their catalogues
+    model_name: str = ""           # the catalogue's name: timm's with its pretrained tag
+    hf_hub_id: str = ""            # where timm's weights live on the Hugging Face hub ("timm/NAME.TAG")
+    interpolation: str = "bilinear"  # the resize its pretrained config evaluates with
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:
@@ -146,15 +156,189 @@ AUTO_BACKBONE_ORDER: tuple[str, ...] = ("resnet18", "efficientnet_lite0", "effic
 
 
 # --------------------------------------------------------------------------------------------
+# Any backbone by name: timm's pretrained models and torchvision's classifiers
+#
+# A name that is not in BACKBONES is looked up, in this order, among torchvision's classification
+# models (`torchvision.models.list_models`: a bare name torchvision has is torchvision's, as the
+# nine registered names resnet18, convnext_tiny... are) and timm's pretrained models
+# (`timm.list_models(pretrained=True)`, with or without the pretrained tag, or "timm/NAME" for a
+# timm model whose bare name torchvision also has). Its Backbone is built from the catalogue's
+# own metadata: timm's pretrained config gives the head, mean/std, input size and interpolation.
+
+TIMM_PREFIX = "timm/"
+
+# What the Train page offers first: strong, common fine-tuning choices across sizes.
+COMMON_BACKBONES: tuple[str, ...] = (
+    "convnext_tiny.fb_in22k_ft_in1k", "convnext_small.fb_in22k_ft_in1k", "convnext_nano.in12k_ft_in1k",
+    "efficientnetv2_rw_s.ra2_in1k", "tf_efficientnetv2_s.in21k_ft_in1k", "efficientnet_b3.ra2_in1k",
+    "regnety_040.ra3_in1k", "resnet50.a1_in1k", "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_base_patch16_224.augreg2_in21k_ft_in1k", "deit3_small_patch16_224.fb_in22k_ft_in1k",
+    "vit_small_patch14_dinov2.lvd142m", "eva02_small_patch14_336.mim_in22k_ft_in1k",
+    "mobilenetv4_conv_medium.e500_r256_in1k", "mobilenetv3_large_100.ra_in1k",
+)
+
+
+class UnknownBackbone(ValueError):
+    """A backbone name that neither the registry, torchvision nor timm knows (or one Tuneboard
+    cannot fine-tune); the message names it and suggests close matches."""
+
+
+@functools.lru_cache(maxsize=1)
+def timm_pretrained_names() -> tuple[str, ...]:
+    """Every timm model with pretrained weights, by its full name (architecture.tag)."""
+    import timm
+
+    return tuple(timm.list_models(pretrained=True))
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_names() -> tuple[str, ...]:
+    """torchvision's image classification models (not its detection or video ones)."""
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def all_backbone_names() -> list[str]:
+    """Every name `backbone_spec` accepts: the registry, torchvision's, then timm's."""
+    registered = list(BACKBONES)
+    return registered + [n for n in torchvision_names() if n not in BACKBONES] + list(timm_pretrained_names())
+
+
+def _timm_name(name: str) -> str | None:
+    """The timm model (with its pretrained tag) a name means, or None."""
+    import timm
+
+    bare = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+    if bare in timm_pretrained_names():
+        return bare
+    if "." not in bare and timm.is_model(bare):  # an architecture: its default pretrained tag
+        cfg = timm.models.get_pretrained_cfg(bare)
+        if cfg is not None and cfg.tag and f"{bare}.{cfg.tag}" in timm_pretrained_names():
+            return f"{bare}.{cfg.tag}"
+    return None
+
+
+def _unknown(name: str) -> UnknownBackbone:
+    import difflib
+
+    close = difflib.get_close_matches(name, all_backbone_names(), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else \
+        " (any of timm.list_models(pretrained=True) or torchvision.models.list_models())"
+    return UnknownBackbone(f"unknown backbone {name!r}{hint}")
+
+
+def _timm_spec(name: str, timm_name: str) -> Backbone:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if not isinstance(cfg.classifier, str) or not cfg.classifier:
+        raise UnknownBackbone(f"{name}: a model with {len(cfg.classifier or ())} classification heads "
+                              f"({cfg.classifier}); Tuneboard fine-tunes models with one")
+    n_classes = cfg.num_classes or 1000  # a features-only model (DINOv2...) still gets a Linear head to replace
+
+    def build():
+        return timm.create_model(timm_name, pretrained=False, num_classes=n_classes)  # never pretrained=True
+
+    return Backbone(name, build, cfg.classifier, mean=tuple(cfg.mean), std=tuple(cfg.std),
+                    description=f"{timm_name} (timm), {cfg.input_size[-1]} px, {cfg.license or 'licence unknown'}",
+                    native_size=int(cfg.input_size[-1]), source="timm", model_name=timm_name,
+                    hf_hub_id=cfg.hf_hub_id or "", interpolation=cfg.interpolation or "bicubic")
+
+
+def _torchvision_spec(name: str) -> Backbone:
+    import torchvision
+
+    try:
+        with torch.device("meta"):  # no memory, and fast
+            model = torchvision.models.get_model(name, weights=None)
+    except NotImplementedError:  # a builder that computes its widths from tensors (RegNet)
+        model = torchvision.models.get_model(name, weights=None)
+    head = _last_linear(model)
+    if head is None:
+        raise UnknownBackbone(f"{name}: its classifier is not a Linear layer; Tuneboard cannot replace its head")
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    transforms = weights.transforms()
+    return Backbone(name, functools.partial(torchvision.models.get_model, name, weights=None), head,
+                    mean=tuple(transforms.mean), std=tuple(transforms.std),
+                    torchvision_weights=f"{type(weights).__name__}.{weights.name}",
+                    description=f"{name} (torchvision), {_count(weights.meta.get('num_params', 0))} parameters",
+                    native_size=int(transforms.crop_size[0]), source="torchvision", model_name=name,
+                    interpolation=transforms.interpolation.value)
+
+
+def _last_linear(model: nn.Module) -> str | None:
+    """The attribute path of the model's last Linear layer (its classifier), or None."""
+    found = [path for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return found[-1] if found else None
+
+
+@functools.lru_cache(maxsize=None)
+def backbone_spec(name: str) -> Backbone:
+    """The Backbone a name means: registered (the nine, and the test suite's), torchvision's, or
+    timm's. UnknownBackbone, with close matches, for any other."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if not name.startswith(TIMM_PREFIX) and name in torchvision_names():
+        return _torchvision_spec(name)
+    timm_name = _timm_name(name)
+    if timm_name is None:
+        raise _unknown(name)
+    return _timm_spec(name, timm_name)
+
+
+def forget_backbones() -> None:
+    """Empty what is remembered of each backbone (its spec, structure, parameter counts): after the
+    registry changes (the tests register tiny variants of catalogue models)."""
+    for cached in (backbone_spec, _architecture, _top_body_parameters, parameter_count):
+        cached.cache_clear()
+
+
+def backbone_problem(name: str) -> str | None:
+    """Why a name is not a backbone ("unknown backbone 'x'; did you mean ..."), or None."""
+    if name == "auto" or name in BACKBONES:
+        return None
+    try:
+        backbone_spec(name)
+    except UnknownBackbone as exc:
+        return str(exc)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def parameter_count(name: str) -> int:
+    """The backbone's parameters with its ImageNet head, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = backbone_spec(name).build()
+    return sum(p.numel() for p in model.parameters())
+
+
+def backbone_choices(offline: list[str]) -> list[str]:
+    """Every backbone name, in the order a picker offers them: the registered ones, those whose
+    weights are on this machine, the common fine-tuning choices, then torchvision's and timm's."""
+    ordered = ["auto", *BACKBONES, *offline, *COMMON_BACKBONES, *all_backbone_names()]
+    return list(dict.fromkeys(ordered))
+
+
+def backbone_details(name: str) -> str:
+    """One line for the picker: parameters, native resolution and where its weights come from.
+    timm 1.x ships no ImageNet accuracies offline (its results tables are not in the package), so
+    no top-1 is shown."""
+    spec = backbone_spec(name)
+    where = "ready offline" if cached_weights_path(name) is not None else "weights not on this machine"
+    return f"{_count(parameter_count(name))} parameters, {spec.native_size} px, {spec.interpolation}; {where}"
+
+
+# --------------------------------------------------------------------------------------------
 # Heads
 
 
 def get_head(model: nn.Module, backbone: str) -> nn.Linear:
-    return model.get_submodule(BACKBONES[backbone].head)
+    return model.get_submodule(backbone_spec(backbone).head)
 
 
 def set_head(model: nn.Module, backbone: str, module: nn.Module) -> None:
-    path = BACKBONES[backbone].head
+    path = backbone_spec(backbone).head
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     if attr.isdigit():
@@ -164,7 +348,13 @@ def set_head(model: nn.Module, backbone: str, module: nn.Module) -> None:
 
 
 def replace_head(model: nn.Module, backbone: str, n_classes: int) -> nn.Linear:
-    """Put a new Linear(in_features, n_classes) head in place, Xavier-uniform init (the book)."""
+    """Put a new Linear(in_features, n_classes) head in place, Xavier-uniform init (the book); a
+    timm model named from its catalogue through its own API (reset_classifier)."""
+    if backbone_spec(backbone).source == "timm":
+        model.reset_classifier(n_classes)
+        head = get_head(model, backbone)
+        nn.init.xavier_uniform_(head.weight)
+        return head
     old = get_head(model, backbone)
     head = nn.Linear(old.in_features, n_classes)
     nn.init.xavier_uniform_(head.weight)
@@ -173,7 +363,7 @@ def replace_head(model: nn.Module, backbone: str, n_classes: int) -> nn.Linear:
 
 
 def head_parameter_names(backbone: str) -> set[str]:
-    path = BACKBONES[backbone].head
+    path = backbone_spec(backbone).head
     return {f"{path}.weight", f"{path}.bias"}
 
 
@@ -238,13 +428,15 @@ def torch_hub_checkpoints() -> Path:
 def torchvision_weights_url(backbone: str) -> str:
     import torchvision
 
-    enum_name, member = BACKBONES[backbone].torchvision_weights.split(".")
+    enum_name, member = backbone_spec(backbone).torchvision_weights.split(".")
     return getattr(torchvision.models, enum_name)[member].url
 
 
 def cached_weights_path(backbone: str) -> Path | None:
     """Where `auto` finds this backbone's ImageNet weights offline, or None."""
-    spec = BACKBONES[backbone]
+    spec = backbone_spec(backbone)
+    if spec.source == "timm":
+        return hub_cached_file(spec)
     if not spec.bundled and not spec.torchvision_weights:  # the test suite's tiny backbone
         return None
     if spec.bundled:
@@ -257,9 +449,151 @@ def cached_weights_path(backbone: str) -> Path | None:
     return path if path.is_file() else None
 
 
+# timm's weights on the Hugging Face hub: model.safetensors (or an older pytorch_model.bin) in the
+# repository timm/NAME.TAG, cached by huggingface_hub under $HF_HOME/hub (or $HUGGINGFACE_HUB_CACHE)
+# as models--timm--NAME.TAG/snapshots/REVISION/FILE.
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def hub_cached_file(spec: Backbone) -> Path | None:
+    """The timm backbone's weights file in the Hugging Face hub cache, or None: no network call."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not spec.hf_hub_id:
+        return None
+    for filename in HUB_WEIGHT_FILES:
+        found = try_to_load_from_cache(repo_id=spec.hf_hub_id, filename=filename, cache_dir=hub_cache_dir())
+        if isinstance(found, str) and os.path.isfile(found):
+            return Path(found)
+    return None
+
+
+def hub_download_hint(spec: Backbone) -> str:
+    """How to put a timm backbone's weights in the hub cache by hand, on a machine online."""
+    return (f"fetch them once where there is internet with `hf download {spec.hf_hub_id} model.safetensors` "
+            f"(huggingface_hub's command line; copy the cache folder models--{spec.hf_hub_id.replace('/', '--')} "
+            f"into this machine's hub cache, {hub_cache_dir()}), or give a local file as weights")
+
+
+def hub_cache_dir() -> str:
+    """The hub cache as huggingface_hub finds it ($HF_HUB_CACHE, $HUGGINGFACE_HUB_CACHE, $HF_HOME/hub,
+    ~/.cache/huggingface/hub), read now: huggingface_hub reads its variables once, at import."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return os.path.expanduser(os.environ[variable])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it ("1", "true", "yes", "on"), read now."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_weights_file(spec: Backbone, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """The timm backbone's weights file: from the hub cache when it is there (no network call),
+    else downloaded into it by huggingface_hub (its own timeout, resumption and integrity checks;
+    never with HF_HUB_OFFLINE=1). WeightsUnavailable, naming the model and what to do, otherwise."""
+    cached = hub_cached_file(spec)
+    if cached is not None:
+        return cached
+    if not spec.hf_hub_id:
+        raise WeightsUnavailable(f"{spec.name} has no weights on the Hugging Face hub: train it with weights "
+                                 "'none' or give a local weights file")
+    from huggingface_hub import hf_hub_download
+
+    refuse_offline_download(spec)
+    try:
+        return Path(hf_hub_download(spec.hf_hub_id, HUB_WEIGHT_FILES[0], cache_dir=hub_cache_dir(),
+                                    etag_timeout=timeout))
+    except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP, a repository without the file
+        raise WeightsUnavailable(f"The ImageNet weights of {spec.name} ({spec.hf_hub_id}) are not in the Hugging "
+                                 f"Face hub cache and could not be downloaded ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}): {hub_download_hint(spec)}") from exc
+
+
+def fetch_weights(backbone: str, weights: str) -> None:
+    """Put a timm backbone's `auto` weights in the hub cache now (a download only when they are not
+    there): the command line does it before it writes a run folder, so that a download that fails
+    is refused by name with nothing written. WeightsUnavailable otherwise; other backbones' weights
+    are left to the run."""
+    if weights == "auto" and backbone != "auto" and backbone_spec(backbone).source == "timm":
+        hub_weights_file(backbone_spec(backbone))
+
+
+def weights_problem(backbone: str, weights: str) -> str | None:
+    """Why `auto` weights of a timm backbone cannot load, found without a network call and before
+    a run folder is written: not cached while HF_HUB_OFFLINE is set, or a cached file that is
+    truncated or not a weights file. None when they will load (or will be downloaded)."""
+    if weights != "auto" or backbone == "auto":
+        return None
+    spec = backbone_spec(backbone)
+    if spec.source != "timm":
+        return None
+    cached = hub_cached_file(spec)
+    if cached is None:
+        try:
+            refuse_offline_download(spec)
+        except WeightsUnavailable as exc:
+            return str(exc)
+        return None
+    return weights_file_problem(cached)
+
+
+def refuse_offline_download(spec: Backbone) -> None:
+    """WeightsUnavailable when HF_HUB_OFFLINE forbids the download of weights that are not cached."""
+    if hub_offline():
+        raise WeightsUnavailable(f"The ImageNet weights of {spec.name} ({spec.hf_hub_id}) are not in the Hugging "
+                                 f"Face hub cache and HF_HUB_OFFLINE is set: {hub_download_hint(spec)}")
+
+
+def weights_file_problem(path: Path) -> str | None:
+    """What is wrong with a weights file, read cheaply: a safetensors file's header against its
+    size (a truncated download), a torch file through a weights_only load."""
+    if path.suffix != ".safetensors":
+        try:
+            load_weights_file(path)
+        except WeightsError as exc:
+            return str(exc)
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):  # checks the header's offsets against the file's size
+            pass
+    except Exception as exc:  # noqa: BLE001 - truncated, not safetensors at all
+        return f"{path}: a damaged weights file ({type(exc).__name__}: {exc}); delete it and fetch it again"
+    return None
+
+
 def offline_backbones() -> list[str]:
-    """Backbones whose ImageNet weights are available without a download."""
-    return [name for name in BACKBONES if cached_weights_path(name) is not None]
+    """Backbones whose ImageNet weights are available without a download: the registered ones,
+    then every timm model in the Hugging Face hub cache and torchvision model in torch hub's."""
+    registered = [name for name in BACKBONES if cached_weights_path(name) is not None]
+    return registered + [name for name in cached_catalogue_backbones() if name not in registered]
+
+
+def cached_catalogue_backbones() -> list[str]:
+    """The timm models whose weights are in the hub cache (models--timm--NAME folders holding a
+    weights file) and the torchvision models whose weights file is in torch hub's checkpoints,
+    found by listing those folders: no model is built."""
+    names = []
+    hub = Path(hub_cache_dir())
+    for folder in sorted(hub.glob("models--timm--*")) if hub.is_dir() else []:
+        name = folder.name[len("models--timm--"):]
+        if name in timm_pretrained_names() and backbone_problem(name) is None \
+                and hub_cached_file(backbone_spec(name)) is not None:
+            names.append(name)
+    checkpoints = torch_hub_checkpoints()
+    files = {f.name for f in checkpoints.iterdir()} if checkpoints.is_dir() else set()
+    if files:
+        import torchvision
+
+        for name in torchvision_names():
+            url = torchvision.models.get_model_weights(name).DEFAULT.url
+            if os.path.basename(url) in files and backbone_problem(name) is None:
+                names.append(name)
+    return names
 
 
 def resolve_backbone(name: str) -> tuple[str, str]:
@@ -304,7 +638,9 @@ def _download(url: str, dest: Path, timeout: float) -> None:
 
 def pretrained_state_dict(backbone: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> dict[str, torch.Tensor]:
     """The ImageNet state_dict of `backbone` (1000-class head), from the bundle, the cache or the net."""
-    spec = BACKBONES[backbone]
+    spec = backbone_spec(backbone)
+    if spec.source == "timm":
+        return load_weights_file(hub_weights_file(spec, timeout))
     if not spec.bundled and not spec.torchvision_weights:
         raise WeightsUnavailable(f"{backbone} has no ImageNet weights: train it with weights 'none'")
     if spec.bundled:
@@ -385,14 +721,12 @@ def _load_into(model: nn.Module, state: dict, backbone: str, source: str, allow_
 
 def build_model(backbone: str, n_classes: int, weights: str = "auto") -> nn.Module:
     """The backbone with a new n_classes head, weights from `auto`, `none` or a file path."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone '{backbone}'; choose one of {', '.join(BACKBONES)}")
-    model = BACKBONES[backbone].build()
+    model = backbone_spec(backbone).build()
     if weights == "auto":
         _load_into(model, pretrained_state_dict(backbone), backbone, f"the ImageNet weights of {backbone}", True)
     elif weights != "none":
         state = load_weights_file(weights)
-        head_key = BACKBONES[backbone].head + ".weight"
+        head_key = backbone_spec(backbone).head + ".weight"
         # A Tuneboard checkpoint already holds a head for n_classes: put that head in place and keep it.
         head_w = state.get(head_key)
         if head_w is not None and head_w.shape != model.state_dict()[head_key].shape \
@@ -444,6 +778,136 @@ def _forward_steps(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
     raise ValueError(f"no stage split is known for {type(model).__name__}")
 
 
+# Any other model (timm's by name, torchvision's beyond the known layouts) is split from its own
+# structure, read by running it once: the direct children its forward_features calls, in the order
+# it calls them, with a container of stages (`stages`, `blocks`, `layers`, `features`) opened into
+# its children and a top-level feature_info module (timm ResNet's layer1..layer4, RegNet's s1..s4)
+# counted as a stage; then what its forward_head calls. The bottom is the model's own forward,
+# stopped where the cut module's input arrives (so whatever it computes outside modules - a ViT's
+# class token and position embedding - is computed as the model computes it); the top applies the
+# stages from the cut on in order, then the model's own forward_head. A split is only offered
+# when it computes exactly the model's output (checked once per backbone, in _architecture):
+# models whose stages take extra inputs (EVA's rotary embeddings...) train "head" or "all".
+
+STAGE_CONTAINERS = ("stages", "blocks", "layers", "features")
+
+
+class _Reached(Exception):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+
+def _stop(module, args):
+    raise _Reached(args[0])
+
+
+class _Until(nn.Module):
+    """The model's own forward up to one of its modules: that module's input. `parts` are the
+    model's modules that this computes (registered here so that parameters(), train() and eval()
+    reach them); the model itself is held but not registered, so as not to count the top's."""
+
+    def __init__(self, model: nn.Module, stop_at: str, parts: list[nn.Module], own: list[nn.Parameter]):
+        super().__init__()
+        self.parts, self.own = nn.ModuleList(parts), nn.ParameterList(own)
+        object.__setattr__(self, "model", model)
+        self.stop_at, self.training = stop_at, model.training
+
+    def forward(self, x):
+        self.model.training = self.training  # the root's own flag only (timm reads it in forward)
+        handle = self.model.get_submodule(self.stop_at).register_forward_pre_hook(_stop)
+        try:
+            self.model(x)
+        except _Reached as reached:
+            return reached.value
+        finally:
+            handle.remove()
+        raise ValueError(f"{type(self.model).__name__}'s forward never calls {self.stop_at}")
+
+
+class _Head(nn.Module):
+    """A timm model's own forward_head (pooling, norm, dropout, classifier), with the modules it
+    uses registered here."""
+
+    def __init__(self, model: nn.Module, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        object.__setattr__(self, "model", model)
+        self.training = model.training
+
+    def forward(self, x):
+        self.model.training = self.training
+        return self.model.forward_head(x)
+
+
+def _call_order(model: nn.Module, run: Callable[[], object], candidates: dict[str, nn.Module]) -> list[str]:
+    """The paths of `candidates` in the order `run` first calls them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, path=path: order.append(path) if path not in order else None)
+               for path, m in candidates.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _traced_order(model: nn.Module, size: int) -> tuple[tuple[tuple[str, bool], ...], tuple[str, ...]]:
+    """((path, starts_a_stage) of what forward_features calls, in order), (what forward_head calls)."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        return (), ()
+    info_modules = {f["module"] for f in getattr(model, "feature_info", []) if isinstance(f, dict)}
+    candidates = {}
+    for name, child in model.named_children():
+        if name in STAGE_CONTAINERS and isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child):
+            candidates.update({f"{name}.{i}": m for i, m in enumerate(child)})
+        else:
+            candidates[name] = child
+    x = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        features_box = []
+        order = _call_order(model, lambda: features_box.append(model.forward_features(x)), candidates)
+        head_order = _call_order(model, lambda: model.forward_head(features_box[0]), dict(model.named_children()))
+
+    def starts(path):
+        container = path.split(".")[0] in STAGE_CONTAINERS and "." in path
+        return container or (path in info_modules and any(True for _ in candidates[path].parameters()))
+
+    return tuple((p, starts(p)) for p in order), tuple(head_order)
+
+
+def _traced_split(model: nn.Module, arch: Architecture, head_path: str,
+                  train_stages: str) -> tuple[nn.Module, nn.Module]:
+    """split_model for a traced model (see above)."""
+    if train_stages == "head":
+        cut = head_path
+        top = nn.Sequential(model.get_submodule(head_path))
+        top_modules = [top[0]]
+    else:
+        paths = [path for path, _ in arch.order]
+        cut = arch.stages[-int(train_stages)]
+        steps = [(p, model.get_submodule(p), False) for p in paths[paths.index(cut):]]
+        head = _Head(model, [model.get_submodule(p) for p in arch.head_order])
+        top = nn.Sequential(_sequence(steps), head) if steps else head
+        top_modules = [m for _, m, _ in steps] + list(head.parts)
+    inside = {id(m) for m in top_modules}
+    parts, own = [], []
+
+    def outside(module):
+        own.extend(module.parameters(recurse=False))
+        for child in module.children():
+            if id(child) in inside:
+                continue
+            if any(id(m) in inside for m in child.modules()):
+                outside(child)
+            else:
+                parts.append(child)
+
+    outside(model)
+    return _Until(model, cut, parts, own), top
+
+
 CPU_GENERATOR_LOCK = threading.RLock()  # held by whoever sets the process's CPU generator to its own state
 
 
@@ -458,25 +922,59 @@ def seeded_init(seed: int) -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class Architecture:
+    stages: tuple[str, ...]          # the trainable stages, bottom to top, by module path
+    body_parameters: int             # without the head
+    head_features: int               # the head's in_features
+    order: tuple = ()                # a traced model's forward_features steps: (path, starts_a_stage)
+    head_order: tuple = ()           # ...and what its forward_head calls
+
+
 @functools.lru_cache(maxsize=None)
-def _architecture(backbone: str) -> tuple[tuple[str, ...], int, int]:
-    """(stage names, total parameters without the head, the head's in_features) of a backbone,
-    read once from a randomly initialised build (on a private generator: the first run of a
-    backbone in a process must not draw from the process's)."""
+def _architecture(backbone: str) -> Architecture:
+    """A backbone's stages, parameters without the head and head width, read once from a randomly
+    initialised build (on a private generator: the first run of a backbone in a process must not
+    draw from the process's). A model of no known layout is traced, and its stages kept only if
+    the split they make computes the model's own output."""
+    spec = backbone_spec(backbone)
     with seeded_init(0):
-        model = BACKBONES[backbone].build()
-    names = tuple(name for name, _, starts in _forward_steps(model) if starts)
+        model = spec.build().eval()
     head = get_head(model, backbone)
     head_ids = {id(p) for p in head.parameters()}
     body = sum(p.numel() for p in model.parameters() if id(p) not in head_ids)
-    return names, body, head.in_features
+    try:
+        names = tuple(name for name, _, starts in _forward_steps(model) if starts)
+        return Architecture(names, body, head.in_features)
+    except ValueError:
+        pass
+    order, head_order = _traced_order(model, spec.native_size)
+    traced = Architecture(tuple(p for p, starts in order if starts), body, head.in_features, order, head_order)
+    if traced.stages and not _split_is_exact(model, traced, spec.native_size):
+        traced = dataclasses.replace(traced, stages=())
+    return traced
+
+
+def _split_is_exact(model: nn.Module, arch: Architecture, size: int) -> bool:
+    """Whether cutting a traced model before its first stage gives back its own output (then
+    every later cut does too: the stages and what follows them run in order)."""
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            bottom, top = _traced_split(model, arch, "", str(len(arch.stages)))
+            expected = model(x)
+            # The same operations: equal but for rounding. Relative to the output, which a random init
+            # can make tiny (a skipped rotary embedding then moves it by 1e-8).
+            return bool((top(bottom(x)) - expected).abs().max() <= 1e-6 * expected.abs().max())
+    except Exception:  # noqa: BLE001 - a stage that takes more than one input: no stage split
+        return False
 
 
 def stage_names(backbone: str) -> list[str]:
     """The backbone's trainable stages, bottom to top, by module path: resnet layer1..layer4;
     timm Lite blocks.0..blocks.6 and conv_head (with bn2); torchvision EfficientNet-B0 and
     ConvNeXt their `features` children after the stem; MobileNet-V3 those and classifier.0."""
-    return list(_architecture(backbone)[0])
+    return list(_architecture(backbone).stages)
 
 
 def train_stages_choices(backbone: str) -> list[str]:
@@ -515,15 +1013,32 @@ def split_model(model: nn.Module, backbone: str, train_stages: str | int) -> tup
     train_stages = check_train_stages(backbone, train_stages)
     if train_stages == "all":
         return nn.Identity(), model
-    steps = _forward_steps(model)
+    try:
+        steps = _forward_steps(model)
+    except ValueError:
+        return _traced_split(model, _architecture(backbone), backbone_spec(backbone).head, train_stages)
     names = [name for name, _, _ in steps]
     if train_stages == "head":
-        cut = names.index(BACKBONES[backbone].head)
+        cut = names.index(backbone_spec(backbone).head)
         while cut > 0 and isinstance(steps[cut - 1][1], nn.Dropout):
             cut -= 1
     else:
         cut = names.index(stage_names(backbone)[-int(train_stages)])
     return _sequence(steps[:cut]), _sequence(steps[cut:])
+
+
+def feature_module(model: nn.Module, backbone: str) -> tuple[str, nn.Module] | None:
+    """(path, module) whose output is the model's last feature map, just before global pooling: the
+    target layer a class-activation map (Grad-CAM) hooks. A ViT's is its final norm (tokens, not a
+    map: the caller reshapes them). None for a model of no known or traced layout."""
+    try:
+        steps = _forward_steps(model)
+    except ValueError:
+        order = _architecture(backbone).order
+        return (order[-1][0], model.get_submodule(order[-1][0])) if order else None
+    pooling = next(i for i, (path, _, _) in enumerate(steps) if path in ("avgpool", "global_pool"))
+    path, module, _ = steps[pooling - 1]
+    return path, module
 
 
 def trainable_parameters(model: nn.Module, backbone: str, train_stages: str | int) -> list[nn.Parameter]:
@@ -546,7 +1061,8 @@ def _top_body_parameters(backbone: str, train_stages: str) -> int:
     """Parameters of the top without the head, counted once on a randomly initialised build."""
     if train_stages == "head":
         return 0
-    model = BACKBONES[backbone].build()
+    with torch.device("meta"):
+        model = backbone_spec(backbone).build()
     head_ids = {id(p) for p in get_head(model, backbone).parameters()}
     return sum(p.numel() for p in trainable_parameters(model, backbone, train_stages) if id(p) not in head_ids)
 
@@ -555,7 +1071,8 @@ def trainable_summary(backbone: str, train_stages: str | int, n_classes: int = 2
     """What trains, in words: "last 2 stages + head: 1.3 M of 3.4 M parameters",
     "head only: 2.6 k of 3.4 M parameters", "all layers: 3.4 M parameters" (with an n_classes head)."""
     train_stages = check_train_stages(backbone, train_stages)
-    _, body, in_features = _architecture(backbone)
+    arch = _architecture(backbone)
+    body, in_features = arch.body_parameters, arch.head_features
     head = (in_features + 1) * n_classes
     total = body + head
     if train_stages == "all":
@@ -573,15 +1090,18 @@ def trainable_summary(backbone: str, train_stages: str | int, n_classes: int = 2
 
 def parameter_groups(model: nn.Module, backbone: str, lr: float, head_lr_mult: float = 10.0,
                      param_groups: bool = True, train_stages: str | int | bool = "all",
-                     freeze_backbone: bool | None = None) -> list[dict]:
+                     freeze_backbone: bool | None = None, layer_decay: float = 1.0) -> list[dict]:
     """The optimiser's parameter groups for the part that trains (split_model's top); the bottom's
     parameters get requires_grad False and are in no group, the top's get requires_grad True.
 
     With param_groups (the book's param_group=True): the top's pretrained layers at lr ("backbone")
     and the head at lr * head_lr_mult ("head"); without: one "all" group at lr. With
     train_stages="head", one "head" group, at lr * head_lr_mult with param_groups, else at lr.
-    `freeze_backbone=True` (or a bool in train_stages's place) is the deprecated spelling of
-    train_stages="head"."""
+    `layer_decay` below 1 generalises the two groups as BEiT/ViT fine-tuning and timm's
+    param_groups_layer_decay do: the pretrained layers `depth` stages below the last one train at
+    lr * layer_decay ** depth, one group per depth ("backbone-d{depth}"; depth 0, the last stage and
+    what follows it, stays "backbone" or "all"). `freeze_backbone=True` (or a bool in
+    train_stages's place) is the deprecated spelling of train_stages="head"."""
     if isinstance(train_stages, bool) or freeze_backbone is not None:
         warnings.warn("parameter_groups(freeze_backbone=...) is deprecated: use train_stages='head' or 'all'",
                       DeprecationWarning, stacklevel=2)
@@ -589,19 +1109,44 @@ def parameter_groups(model: nn.Module, backbone: str, lr: float, head_lr_mult: f
         train_stages = "head" if frozen else (train_stages if not isinstance(train_stages, bool) else "all")
     trainable = {id(p) for p in trainable_parameters(model, backbone, train_stages)}
     head_ids = {id(p) for p in get_head(model, backbone).parameters()}
-    head, body = [], []
+    depths = parameter_depths(model, backbone) if layer_decay != 1.0 else {}
+    head, body = [], {}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
         if id(p) in head_ids:
             head.append(p)
         elif id(p) in trainable:
-            body.append(p)
+            body.setdefault(depths.get(id(p), 0), []).append(p)
     head_lr = lr * head_lr_mult if param_groups else lr
     if not body:
         return [{"params": head, "lr": head_lr, "name": "head"}]
+    top_body = body.pop(0, [])
+    lower = [{"params": body[d], "lr": lr * layer_decay ** d, "name": f"backbone-d{d}"} for d in sorted(body, reverse=True)]
     if not param_groups:
-        return [{"params": body + head, "lr": lr, "name": "all"}]
-    return [{"params": body, "lr": lr, "name": "backbone"}, {"params": head, "lr": head_lr, "name": "head"}]
+        return lower + [{"params": top_body + head, "lr": lr, "name": "all"}]
+    top = [{"params": top_body, "lr": lr, "name": "backbone"}] if top_body else []
+    return lower + top + [{"params": head, "lr": head_lr, "name": "head"}]
+
+
+def parameter_depths(model: nn.Module, backbone: str) -> dict[int, int]:
+    """id(parameter) -> how many stages lie above its own: 0 for the last stage and everything after
+    it (the head included), n for the stem of a backbone with n stages (and, in a traced model,
+    the tensors it holds itself: class token, position embedding)."""
+    names = stage_names(backbone)
+    n = len(names)
+    try:
+        steps = [(path, module) for path, module, _ in _forward_steps(model)]
+    except ValueError:  # a traced model: its forward_features's modules in order, then its head's
+        arch = _architecture(backbone)
+        steps = [(path, model.get_submodule(path)) for path, _ in arch.order] + \
+                [(path, model.get_submodule(path)) for path in arch.head_order]
+    depth, depths = n, {}
+    for path, module in steps:
+        if path in names:
+            depth = n - 1 - names.index(path)
+        for p in module.parameters():
+            depths.setdefault(id(p), depth)
+    return {id(p): depths.get(id(p), n) for p in model.parameters()}
 
 
 def classified_views(images: torch.Tensor, tta_flip: bool) -> list[torch.Tensor]:

@@ -318,12 +318,20 @@ def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes
     elif name == "backbone":
         auto = resolved_backbone("auto")
 
+        ready = set(offline)
+
         def backbone_label(b: str) -> str:
             if b == "auto":
                 return f"auto ({auto} on this machine)"
-            return f"{b} ({'weights offline' if b in offline else 'weights need a download'})"
+            return f"{b} ({'weights offline' if b in ready else 'weights need a download'})"
 
-        setting_input(s, key(name), options=["auto", *models.BACKBONES], format_func=backbone_label)
+        st.text_input("Any timm or torchvision model by name", key="f_backbone_typed", on_change=take_typed_backbone,
+                      placeholder="e.g. convnext_tiny.fb_in22k_ft_in1k", help="or search the list below: it holds "
+                      "every timm model with pretrained weights and every torchvision classifier")
+        setting_input(s, key(name), options=backbone_choices(tuple(offline)), format_func=backbone_label)
+        details = backbone_details(resolved_backbone(draft.backbone))
+        if details:
+            st.caption(details)
     elif name == "train_stages":
         backbone = resolved_backbone(draft.backbone)
         setting_input(s, key(name), options=stage_choices(backbone), format_func=stage_label)
@@ -343,6 +351,28 @@ def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes
         st.caption(f"Not used: {inactive}.")
     elif note:
         st.caption(f"{note[:1].upper()}{note[1:]}.")
+
+
+def take_typed_backbone() -> None:
+    """The typed name becomes the backbone (validation names it if it is none)."""
+    typed = st.session_state.get("f_backbone_typed", "").strip()
+    if typed:
+        st.session_state[key("backbone")] = typed
+
+
+@st.cache_data(show_spinner=False)
+def backbone_choices(offline: tuple[str, ...]) -> list[str]:
+    return models.backbone_choices(list(offline))
+
+
+@st.cache_data(show_spinner=False)
+def backbone_details(backbone: str) -> str:
+    """Parameters, native resolution, interpolation and whether the weights are here ("" for a
+    name that is no backbone: validation says so)."""
+    try:
+        return models.backbone_details(backbone)
+    except Exception:  # noqa: BLE001 - an unknown name, or one that cannot be built: validation names it
+        return ""
 
 
 def resolved_backbone(name: str) -> str:
