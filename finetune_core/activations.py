@@ -8,6 +8,7 @@ holds those outputs: `FeatureCache` for one run (in memory, or memory-mapped bey
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ def pass_time_left(seconds: float, done: int, total: int) -> str:
 
 
 FEATURE_DTYPE = torch.float16  # how cached activations are stored (benchmarks/explore_fast.py --fp32-cache)
+PASS_FORMAT = "bn-folded"  # kept activations computed by fold_batchnorm's copy (earlier files: not reused)
 MEMORY_VARIABLE = "TUNEBOARD_ACTIVATION_MEMORY_MB"
 DEFAULT_MEMORY_MB = 1024  # cached activations beyond this are memory-mapped from their file
 CPU_PASS_BATCH = 64  # images per frozen-layer pass on a CPU: as fast per image as 256, a quarter of the memory
@@ -79,7 +81,8 @@ class FeatureCache:
 
     def __init__(self, bottom: nn.Module, ctx: Setup, reporter: Reporter, store: dict | None = None,
                  stages: str = ""):
-        self.bottom, self.ctx, self.reporter = bottom, ctx, reporter
+        self.ctx, self.reporter = ctx, reporter
+        self.bottom = fold_batchnorm(bottom)  # a copy: the model's own modules stay as they train
         # `store`: outputs shared with other runs whose frozen part sees the same images the same
         # way (a sweep's cells: see shared_features_key); they outlive this run.
         self._shared = store is not None
@@ -88,7 +91,7 @@ class FeatureCache:
         self.settings_key = shared_features_key(ctx.config, stages)
         # The frozen part's own weights: a kept file is reused only by a bottom with exactly these
         # (a resumed run's come from its checkpoint; a starting-weights file may have changed).
-        self.weights_key = weights_fingerprint(bottom) if self.folder is not None else ""
+        self.weights_key = weights_fingerprint(bottom) if self.folder is not None else ""  # the model's own
         self.used_files: list[Path] = []  # this run's entries: evicted last
         self._partial: tuple[str, np.memmap] | None = None  # a file being written in place
 
@@ -109,7 +112,7 @@ class FeatureCache:
         else:
             rows = self.ctx.train_idx if split == "train" else self.ctx.val_idx
             keys = [data.train_images.keys[i] for i in rows]
-        h = hashlib.sha1(f"{self.settings_key}|{self.weights_key}|{split}|{view}|{flip}|{FEATURE_DTYPE}".encode())
+        h = hashlib.sha1(f"{self.settings_key}|{self.weights_key}|{split}|{view}|{flip}|{FEATURE_DTYPE}|{PASS_FORMAT}".encode())
         for key in keys:
             h.update(key.encode())
         return self.folder / f"{h.hexdigest()}.npy"
@@ -247,6 +250,61 @@ class FeatureCache:
     def close(self) -> None:
         if not self._shared:
             self._cache.clear()
+
+
+def fold_batchnorm(bottom: nn.Module, check_size: int = 64) -> nn.Module:
+    """A copy of the frozen bottom for its pass, each BatchNorm folded into the convolution just
+    before it (an eval-mode BatchNorm is a per-channel scale and shift, which the convolution's
+    weights and bias can hold). Profiling the fast preset's first epoch on 1,000 images showed the
+    BatchNorm layers (with their activations) as a third of the frozen pass, and the pass as three
+    quarters of the time to the first step; folded, the pass takes about a third less CPU time.
+
+    Pairs are found as a module's consecutive children (a Conv2d, then a BatchNorm2d of as many
+    channels: how timm and torchvision declare them, in their forward order), and the folded copy is
+    checked against the original on a random batch in float32: a network whose children are not in
+    forward order, or one this does not fold exactly, keeps its original bottom."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(bottom).eval()
+    if not _fold_children(folded, fuse_conv_bn_eval):
+        return bottom
+    try:
+        parameter = next(bottom.parameters())
+    except StopIteration:
+        return bottom
+    x = torch.randn(2, 3, check_size, check_size, generator=torch.Generator().manual_seed(0)).to(parameter.device)
+    was_training = bottom.training
+    bottom.eval()
+    try:
+        with torch.inference_mode():
+            expected, got = bottom(x).float(), folded(x).float()
+    except RuntimeError:
+        return bottom
+    finally:
+        bottom.train(was_training)
+    if expected.shape != got.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()):
+        return bottom
+    return folded
+
+
+def _fold_children(module: nn.Module, fuse) -> int:
+    """Fold every (Conv2d, BatchNorm2d) pair of consecutive children in place, at every depth; a
+    BatchNorm followed by an activation (timm's BatchNormAct2d) keeps its activation. Returns the
+    number of pairs folded."""
+    folded = 0
+    names = list(module._modules)
+    for conv_name, norm_name in zip(names, names[1:]):
+        conv, norm = module._modules[conv_name], module._modules[norm_name]
+        if (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.running_mean is not None
+                and norm.num_features == conv.out_channels):
+            module._modules[conv_name] = fuse(conv, norm)
+            after = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
+            module._modules[norm_name] = nn.Sequential(*after) if after else nn.Identity()
+            folded += 1
+    for child in module._modules.values():
+        if child is not None:
+            folded += _fold_children(child, fuse)
+    return folded
 
 
 # Settings that change what the trainable top does but not what the frozen bottom outputs: runs
