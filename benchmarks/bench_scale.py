@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,7 +76,29 @@ def code_name(code: str) -> str:
         return Path(code).name
 
 
-def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: Path, code: Path = ROOT) -> dict:
+def batch_rows(runs: Path) -> int:
+    """Training steps the run in `runs` has logged so far."""
+    metrics = next(runs.glob("*/metrics.csv"), None)
+    try:
+        return sum(',batch,' in f",{line}" for line in metrics.read_text().splitlines()) if metrics else 0
+    except OSError:
+        return 0
+
+
+def wait_for(child: subprocess.Popen, runs: Path, stop_after_steps: int):
+    """wait4 on the child; with stop_after_steps, first send it Ctrl-C (a stop: the run is marked
+    stopped) once it has logged that many steps, for the cost of a start on a set too large to train
+    here in full."""
+    while stop_after_steps and child.poll() is None:
+        if batch_rows(runs) >= stop_after_steps:
+            child.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.5)
+    return os.wait4(child.pid, 0)
+
+
+def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: Path, code: Path = ROOT,
+               stop_after_steps: int = 0) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix=f"{preset}-", dir=scratch))  # each run its own empty cache
     cache = scratch / f"cache-{preset}"
     runs = scratch / f"runs-{preset}"
@@ -85,7 +108,7 @@ def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: 
     t0 = time.perf_counter()
     with open(scratch / f"{preset}.out", "w") as out_file, open(scratch / f"{preset}.err", "w") as err_file:
         child = subprocess.Popen(command, cwd=code, env=env, stdout=out_file, stderr=err_file)
-        _, code, usage = os.wait4(child.pid, 0)  # this child's own peak memory
+        _, code, usage = wait_for(child, runs, stop_after_steps)  # this child's own peak memory
     child.returncode = os.waitstatus_to_exitcode(code)
     wall = time.perf_counter() - t0
     out, err = (scratch / f"{preset}.out").read_text(), (scratch / f"{preset}.err").read_text()
@@ -105,7 +128,7 @@ def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: 
     return {"state": status.get("status") or f"exit {child.returncode}: {err.strip().splitlines()[-1:]}",
             "first_step_s": first_step, "wall_s": wall, "images_per_s": status.get("images_per_s"),
             "peak_rss_mb": peak_rss_mb(usage), "cpu_s": usage.ru_utime + usage.ru_stime, "cache_mb": cache_size(cache) / 1024**2,
-            "activations_mb": cache_size(cache / "activations") / 1024**2}
+            "activations_mb": sum(f.stat().st_size for f in (cache / "activations").glob("*.npy")) / 1024**2}
 
 
 def peak_rss_mb(usage) -> float:
@@ -122,11 +145,13 @@ def main() -> None:
     parser.add_argument("--device", default="", help="the runs' device (default: the presets' auto)")
     parser.add_argument("--code", nargs="+", default=[str(ROOT)], help="the checkouts whose finetune_core runs, "
                         "one after the other on the same generated set (e.g. an older commit's, for a before/after table)")
+    parser.add_argument("--stop-after-steps", type=int, default=0, help="stop each run (Ctrl-C) once it has made this "
+                        "many training steps: the time to the first step, memory and cache of a start on a large set")
     parser.add_argument("--out", default="benchmarks/results/bench_scale.md")
     args = parser.parse_args()
     lines = ["| training images | photos on disk | code | preset | first step (s from the run's start) | total (s, click "
              "to done) | CPU time (s) | peak RSS | cache on disk (of which activations) | training images/s | load average |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix="tb-scale-") as scratch:
             scratch = Path(scratch)
@@ -137,7 +162,7 @@ def main() -> None:
                 preset, flags = PRESETS[name]
                 flags = flags + (["--device", args.device] if args.device else [])
                 load = os.getloadavg()[0]
-                r = run_preset(scratch / "data", preset, flags, args.epochs, scratch, Path(code))
+                r = run_preset(scratch / "data", preset, flags, args.epochs, scratch, Path(code), args.stop_after_steps)
                 first = "-" if r["first_step_s"] is None else f"{r['first_step_s']:.0f}"
                 lines.append(f"| {size:,} | {photos / 1024**2:.0f} MB | {code_name(code)} | {name} ({r['state']}) | "
                              f"{first} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mb']:,.0f} MB | "

@@ -16,7 +16,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 
 from .cachestore import default_cache_dir, evict, megabytes_from_env
 from .config import TrainConfig
-from .prepare import augment_batch, center_view_batch, normalize_batch
+from .prepare import center_view_batch, cut_crops, draw_crops, normalize_batch
 
 if TYPE_CHECKING:
     from .engine import Reporter, Setup
@@ -94,6 +94,7 @@ class FeatureCache:
         self.weights_key = weights_fingerprint(bottom) if self.folder is not None else ""  # the model's own
         self.used_files: list[Path] = []  # this run's entries: evicted last
         self._partial: tuple[str, np.memmap] | None = None  # a file being written in place
+        self.streaming: torch.Tensor | None = None  # the view stream() is computing, its rows done so far
 
     def get(self, split: str, view: int = 0, flip: bool = False) -> torch.Tensor:
         key = (split, view, flip)
@@ -132,14 +133,19 @@ class FeatureCache:
         return torch.from_numpy(mapped)
 
     def _images(self, split: str, view: int, flip: bool) -> tuple[int, Callable[[list[int]], torch.Tensor]]:
+        """(images in the split, a function from positions in it to their uint8 batch)."""
         ctx, data, size = self.ctx, self.ctx.data, self.ctx.config.image_size
         if split == "train" and view > 0:
             from .engine import epoch_seed  # the engine's seeding rule (it imports this module)
 
-            rng = random.Random(epoch_seed(ctx.config.seed, view, 3))
             indices = ctx.train_idx
-            return len(indices), lambda idx: augment_batch(data, [indices[i] for i in idx], size, rng, ctx.device,
-                                                           ctx.config.crop_scale)
+            failed = data.decode_pending(indices)  # the crops need every image's size
+            if failed:
+                row, why = next(iter(failed.items()))
+                raise OSError(f"{data.train_paths[row]}: {why}")
+            crops = draw_crops(data, indices, random.Random(epoch_seed(ctx.config.seed, view, 3)), ctx.config.crop_scale)
+            return len(indices), lambda idx: cut_crops(data, [indices[i] for i in idx], [crops[i] for i in idx], size,
+                                                       ctx.device)
         if split in ("train", "val"):
             indices = ctx.train_idx if split == "train" else ctx.val_idx
             batch = lambda idx: center_view_batch(data, [indices[i] for i in idx], size, ctx.device)  # noqa: E731
@@ -149,6 +155,74 @@ class FeatureCache:
         if flip:
             return len(indices), lambda idx: batch(idx).flip(-1)
         return len(indices), batch
+
+    def holds(self, split: str, view: int = 0, flip: bool = False) -> bool:
+        """Whether (split, view) is computed and held (without looking for a kept file)."""
+        return (split, view, flip) in self._cache
+
+    def missing(self, split: str, view: int = 0, flip: bool = False) -> bool:
+        """Whether (split, view) has still to be computed: neither held nor kept in a file."""
+        key = (split, view, flip)
+        if key not in self._cache:
+            loaded = self._load(split, view, flip)
+            if loaded is None:
+                return True
+            self._cache[key] = loaded
+        return False
+
+    def stream(self, view: int, batches: list[list[int]], drop: Callable[[dict[int, str]], None]
+               ) -> Iterator[list[int]]:
+        """Compute the training view `view` while the first epoch that uses it trains: one batch of
+        positions (in ctx.train_idx) at a time, in the order given, decoding the images not decoded
+        yet (PreparedData.decode_pending) and running the frozen bottom on them; yields each batch's
+        positions that decoded, once their activations are in the view (self.get then has them).
+        The crops of view > 0 are drawn for the whole view first, in the images' order, so the view
+        holds what get() would compute. Files that fail to decode are left out of their batch and,
+        at the end, handed to `drop` ({position: why}), which takes them out of ctx.train_idx; the
+        view then holds the others only, and is kept as get() keeps it. A stop (or any error)
+        between batches leaves nothing half-written behind."""
+        ctx, cfg = self.ctx, self.ctx.config
+        n, images_of = self._images("train", view, False)
+        path = self.entry_path("train", view, False)
+        out: torch.Tensor | None = None
+        failed: dict[int, str] = {}
+        try:
+            for positions in batches:
+                t0 = time.perf_counter()
+                why = ctx.data.decode_pending([ctx.train_idx[p] for p in positions])
+                failed.update({p: why[ctx.train_idx[p]] for p in positions if ctx.train_idx[p] in why})
+                kept = [p for p in positions if p not in failed]
+                if kept:
+                    self.bottom.eval()
+                    with torch.inference_mode():
+                        x = normalize_batch(images_of(kept), ctx.mean, ctx.std, cfg.channels_last)
+                        with ctx.autocast():
+                            y = self.bottom(x).to(FEATURE_DTYPE).cpu()
+                        self._check_finite(y, f"training view {view + 1}")
+                        if out is None:
+                            out = self.streaming = self._allocate((n, *y.shape[1:]), path)
+                        out[torch.as_tensor(kept)] = y
+                ctx.pass_seconds += time.perf_counter() - t0
+                ctx.pass_images += len(positions)
+                yield kept
+            if out is None:
+                return
+            if failed:
+                out = out[torch.as_tensor([p for p in range(n) if p not in failed])]  # a copy without them
+                self._discard_partial()
+                drop(failed)  # ctx.train_idx without them: the view's key and rows agree again
+                path = self.entry_path("train", view, False)
+            self._cache[("train", view, False)] = out
+            if path is not None:
+                self._keep(out, path)
+        finally:
+            self.streaming = None
+            self._discard_partial()
+
+    def _check_finite(self, y: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(y).all():
+            raise RuntimeError(f"the frozen layers' output for {what} does not fit {FEATURE_DTYPE} (values "
+                               "beyond its range or not numbers); train all layers or another backbone")
 
     @torch.inference_mode()
     def _compute(self, split: str, view: int, flip: bool) -> torch.Tensor:
@@ -170,9 +244,7 @@ class FeatureCache:
                 x = normalize_batch(images_of(idx), ctx.mean, ctx.std, cfg.channels_last)
                 with ctx.autocast():
                     y = self.bottom(x).to(FEATURE_DTYPE).cpu()
-                if not torch.isfinite(y).all():
-                    raise RuntimeError(f"the frozen layers' output for {what} does not fit {FEATURE_DTYPE} (values "
-                                       "beyond its range or not numbers); train all layers or another backbone")
+                self._check_finite(y, what)
                 if out is None:
                     out = self._allocate((n, *y.shape[1:]), path)
                 out[start:start + len(idx)] = y
@@ -183,6 +255,8 @@ class FeatureCache:
             self._discard_partial()
         if split == "train":  # the frozen layers' work counts as training time in images/s
             ctx.train_seconds += time.perf_counter() - t0
+        ctx.pass_seconds += time.perf_counter() - t0  # the time-left estimate's rate of the pass
+        ctx.pass_images += n
         return out
 
     def pass_batch(self) -> int:
@@ -278,7 +352,7 @@ def fold_batchnorm(bottom: nn.Module, check_size: int = 64) -> nn.Module:
     try:
         with torch.inference_mode():
             expected, got = bottom(x).float(), folded(x).float()
-    except RuntimeError:
+    except Exception:  # noqa: BLE001 - whatever stops the check (a stop request included) keeps the original
         return bottom
     finally:
         bottom.train(was_training)
