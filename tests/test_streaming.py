@@ -100,3 +100,23 @@ def test_a_run_stopped_mid_stream_leaves_no_partial_file_and_resumes(tmp_path):
     assert len(list(cache.glob("activations/*.npy"))) == 2  # epoch 1's view and the test split
     status = train(config, tmp_path / "run", cache_dir=str(cache), resume=True)
     assert status["state"] == "completed" and status["epochs_done"] == 2
+
+
+def test_the_time_left_counts_the_passes_still_to_come_at_their_own_rate():
+    """Two steps into a streamed first epoch (80 images, 10 batches of 8, 4 epochs on 2 views, 16
+    test images): each image's pass took 1 s and each step 1 s more. Left: 38 steps (38 s), the
+    first view's other 64 images, the second view's 80 and the test split's 16 (160 s). The rate of
+    the first steps alone (9 s each, passes included) would have said 342 s."""
+    from types import SimpleNamespace
+
+    from finetune_core.engine import time_left
+
+    held = set()
+    cache = SimpleNamespace(holds=lambda split, view=0, flip=False: (split, view, flip) in held)
+    ctx = SimpleNamespace(config=tiny_train_config(".", train_stages="1", feature_views=2, epochs=4, batch_size=8),
+                          total_steps=40, step=2, batches_per_epoch=10, pass_seconds=16.0, pass_images=16,
+                          pass_seconds_at_start=0.0, caches={"1": cache}, train_idx=list(range(80)), val_idx=[],
+                          data=SimpleNamespace(test_labels=torch.zeros(16)), selection_split="test")
+    assert time_left(ctx, epoch=0, steps_here=2, seconds_here=18.0) == 38 + 160
+    held.update({("train", 1, False), ("test", 0, False)})  # the second view and the test split kept from before
+    assert time_left(ctx, epoch=0, steps_here=2, seconds_here=18.0) == 38 + 64
