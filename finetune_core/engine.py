@@ -16,7 +16,10 @@ over an iterator of (inputs, labels) batches. What the engine adds around them:
   augmented images, as in the book. Otherwise the frozen bottom runs once per augmented view
   of each image (eval mode, inference_mode) and its output activations are cached
   (activations.FeatureCache); the batches are then those activations, and only the top (the last stages
-  and the head) runs forward and backward each step. The same loop trains both.
+  and the head) runs forward and backward each step. The same loop trains both. A view is
+  computed by the first epoch that trains on it, a batch at a time just before its step (and a
+  run's training images are decoded then too): the first step comes after one batch, not after
+  the whole set (streamed_batches).
 - Speed: every image is decoded once (prepare.py), the book's augmentation runs on batches of
   uint8 tensors, channels_last, bf16 autocast where it is native, evaluation in large batches.
 - Model selection: `val_fraction` holds out a stratified validation split of the training
