@@ -127,7 +127,8 @@ def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: 
         first_step = float(batches["elapsed_s"].iloc[0]) if len(batches) else None
     return {"state": status.get("status") or f"exit {child.returncode}: {err.strip().splitlines()[-1:]}",
             "first_step_s": first_step, "wall_s": wall, "images_per_s": status.get("images_per_s"),
-            "peak_rss_mb": peak_rss_mb(usage), "cpu_s": usage.ru_utime + usage.ru_stime, "cache_mb": cache_size(cache) / 1024**2,
+            "peak_rss_mb": peak_rss_mb(usage), "cpu_s": usage.ru_utime + usage.ru_stime,
+            "cache_mb": cache_size(cache) / 1024**2,
             "activations_mb": sum(f.stat().st_size for f in (cache / "activations").glob("*.npy")) / 1024**2}
 
 

@@ -113,7 +113,8 @@ class FeatureCache:
         else:
             rows = self.ctx.train_idx if split == "train" else self.ctx.val_idx
             keys = [data.train_images.keys[i] for i in rows]
-        h = hashlib.sha1(f"{self.settings_key}|{self.weights_key}|{split}|{view}|{flip}|{FEATURE_DTYPE}|{PASS_FORMAT}".encode())
+        h = hashlib.sha1(f"{self.settings_key}|{self.weights_key}|{split}|{view}|{flip}|{FEATURE_DTYPE}|"
+                         f"{PASS_FORMAT}".encode())
         for key in keys:
             h.update(key.encode())
         return self.folder / f"{h.hexdigest()}.npy"
@@ -356,7 +357,8 @@ def fold_batchnorm(bottom: nn.Module, check_size: int = 64) -> nn.Module:
         return bottom
     finally:
         bottom.train(was_training)
-    if expected.shape != got.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()):
+    tolerance = 1e-3 * expected.abs().max().item()
+    if expected.shape != got.shape or not torch.allclose(got, expected, rtol=1e-3, atol=tolerance):
         return bottom
     return folded
 

@@ -503,7 +503,7 @@ class Setup:
     pass_seconds: float = 0.0  # the frozen layers' passes so far (decoding included): the time-left estimate's rate
     pass_images: int = 0
     pass_seconds_at_start: float = 0.0  # pass_seconds when this process's training began (fit)
-    stream: bool = False  # views not computed yet are computed by the epoch that trains on them (a run's, not the LR finder's)
+    stream: bool = False  # views are computed by the epoch that first trains on them (a run's; not the LR finder's)
     caches: dict[str, FeatureCache] = field(default_factory=dict)
     average: dict[str, torch.Tensor] | None = None  # ema_decay: the moving average of the weights
     shared_features: dict | None = None  # {shared_features_key: outputs} kept across runs (a sweep)

@@ -208,8 +208,9 @@ class DecodedImages:
             head = blob
         tag, width, height = HEADER.unpack(head[:HEADER.size])
         if tag != b"I":
-            blob = head if len(head) > HEADER.size else (self.store.get(self.keys[i]) or failed_entry("failed to decode, skipped"))
-            return None, blob[HEADER.size:].decode(errors="replace")
+            if len(head) <= HEADER.size:  # only the header was read: the reason follows it
+                head = self.store.get(self.keys[i]) or failed_entry("failed to decode, skipped")
+            return None, head[HEADER.size:].decode(errors="replace")
         return (width, height), ""
 
     def image(self, i: int) -> np.ndarray:
