@@ -95,6 +95,7 @@ class FeatureCache:
         self.used_files: list[Path] = []  # this run's entries: evicted last
         self._partial: tuple[str, np.memmap] | None = None  # a file being written in place
         self.streaming: torch.Tensor | None = None  # the view stream() is computing, its rows done so far
+        self.pass_seconds, self.pass_images = 0.0, 0  # this cache's passes so far (the engine's time-left rate)
 
     def get(self, split: str, view: int = 0, flip: bool = False) -> torch.Tensor:
         key = (split, view, flip)
@@ -203,8 +204,8 @@ class FeatureCache:
                         if out is None:
                             out = self.streaming = self._allocate((n, *y.shape[1:]), path)
                         out[torch.as_tensor(kept)] = y
-                ctx.pass_seconds += time.perf_counter() - t0
-                ctx.pass_images += len(positions)
+                self.pass_seconds += time.perf_counter() - t0
+                self.pass_images += len(positions)
                 yield kept
             if out is None:
                 return
@@ -256,8 +257,8 @@ class FeatureCache:
             self._discard_partial()
         if split == "train":  # the frozen layers' work counts as training time in images/s
             ctx.train_seconds += time.perf_counter() - t0
-        ctx.pass_seconds += time.perf_counter() - t0  # the time-left estimate's rate of the pass
-        ctx.pass_images += n
+        self.pass_seconds += time.perf_counter() - t0
+        self.pass_images += n
         return out
 
     def pass_batch(self) -> int:

@@ -500,9 +500,7 @@ class Setup:
     last_logits: torch.Tensor | None = None  # the latest test-split logits, for predictions.csv
     train_seconds: float = 0.0
     train_images: int = 0
-    pass_seconds: float = 0.0  # the frozen layers' passes so far (decoding included): the time-left estimate's rate
-    pass_images: int = 0
-    pass_seconds_at_start: float = 0.0  # pass_seconds when this process's training began (fit)
+    pass_seconds_at_start: float = 0.0  # the frozen layers' passes' seconds when this process's training began (fit)
     stream: bool = False  # views are computed by the epoch that first trains on them (a run's; not the LR finder's)
     caches: dict[str, FeatureCache] = field(default_factory=dict)
     average: dict[str, torch.Tensor] | None = None  # ema_decay: the moving average of the weights
@@ -620,6 +618,12 @@ def drop_training_images(ctx: Setup, failed: dict[int, str]) -> None:
     ctx.total_steps = ctx.step + ctx.batches_per_epoch * (ctx.config.epochs - epochs_begun)
 
 
+def pass_totals(ctx: Setup) -> tuple[float, int]:
+    """(seconds, images) of the frozen layers' passes so far in this process, decoding included."""
+    caches = ctx.caches.values()
+    return sum(c.pass_seconds for c in caches), sum(c.pass_images for c in caches)
+
+
 def time_left(ctx: Setup, epoch: int, steps_here: int, seconds_here: float) -> float:
     """Seconds left in the run: the training steps left at the rate of those done, plus the frozen
     layers' passes left (views not computed yet, the test split) at the pass's own rate. An epoch
@@ -627,10 +631,11 @@ def time_left(ctx: Setup, epoch: int, steps_here: int, seconds_here: float) -> f
     first steps alone would promise the first epoch's pace to the end."""
     cfg = ctx.config
     steps_left = ctx.total_steps - ctx.step
-    if not ctx.pass_images or cfg.train_stages == "all":
+    pass_seconds, pass_images = pass_totals(ctx)
+    if not pass_images or cfg.train_stages == "all":
         return steps_left * seconds_here / max(1, steps_here)
-    pass_rate = ctx.pass_seconds / ctx.pass_images
-    step_rate = max(0.0, seconds_here - (ctx.pass_seconds - ctx.pass_seconds_at_start)) / max(1, steps_here)
+    pass_rate = pass_seconds / pass_images
+    step_rate = max(0.0, seconds_here - (pass_seconds - ctx.pass_seconds_at_start)) / max(1, steps_here)
     cache = ctx.caches.get(stages_of_epoch(cfg, epoch))
     views = views_per_image(cfg, len(ctx.train_idx))
     images_left = 0
@@ -874,7 +879,7 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
     """Every epoch, early stopping, then the test split and predictions. Returns status fields."""
     cfg = ctx.config  # each view is computed as the first epoch that uses it trains (streamed_batches)
     ctx.elapsed_at_start = reporter.elapsed()
-    ctx.pass_seconds_at_start = ctx.pass_seconds
+    ctx.pass_seconds_at_start = pass_totals(ctx)[0]
     stopped_early = ""
     for epoch in range(ctx.start_epoch, cfg.epochs):
         run_epoch(ctx, epoch, reporter)
