@@ -8,7 +8,8 @@ about the size of a photo of that resolution; 1 test image per 8 training ones),
 as `python -m finetune_core train ... --json` in a fresh child process with an empty decode cache (a cold
 start, as after a click on Train), and reports: the time from the run's start to its first training
 step (metrics.csv), the child's whole wall time, its peak resident memory (wait4's ru_maxrss: that
-process only), the cache on disk afterwards against the photos, and the training images/s. `book` is
+process only), its CPU time (user + system, wait4's: on a shared machine the figure to compare, where
+wall time follows the other work), the cache on disk afterwards against the photos, and the training images/s. `book` is
 the book's recipe on EfficientNet-Lite0 (ResNet-18's weights need a download here); it runs only up to
 --book-up-to images. Accuracy on random pictures means nothing and is not reported.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,7 +64,42 @@ def generate(root: Path, n_train: int, seed: int = 0) -> int:
         return sum(pool.map(synthetic_photo, tasks, chunksize=64))
 
 
-def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: Path, code: Path = ROOT) -> dict:
+def code_name(code: str) -> str:
+    """A checkout by its commit (and `+` when it has uncommitted changes), or its folder's name."""
+    try:
+        commit = subprocess.run(["git", "-C", code, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", code, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("+" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return Path(code).name
+
+
+def batch_rows(runs: Path) -> int:
+    """Training steps the run in `runs` has logged so far."""
+    metrics = next(runs.glob("*/metrics.csv"), None)
+    try:
+        return sum(',batch,' in f",{line}" for line in metrics.read_text().splitlines()) if metrics else 0
+    except OSError:
+        return 0
+
+
+def wait_for(child: subprocess.Popen, runs: Path, stop_after_steps: int):
+    """wait4 on the child; with stop_after_steps, first send it Ctrl-C (a stop: the run is marked
+    stopped) once it has logged that many steps, for the cost of a start on a set too large to train
+    here in full."""
+    while stop_after_steps and child.poll() is None:
+        if batch_rows(runs) >= stop_after_steps:
+            child.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.5)
+    return os.wait4(child.pid, 0)
+
+
+def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: Path, code: Path = ROOT,
+               stop_after_steps: int = 0) -> dict:
+    scratch = Path(tempfile.mkdtemp(prefix=f"{preset}-", dir=scratch))  # each run its own empty cache
     cache = scratch / f"cache-{preset}"
     runs = scratch / f"runs-{preset}"
     env = dict(os.environ, TUNEBOARD_CACHE=str(cache))
@@ -71,7 +108,7 @@ def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: 
     t0 = time.perf_counter()
     with open(scratch / f"{preset}.out", "w") as out_file, open(scratch / f"{preset}.err", "w") as err_file:
         child = subprocess.Popen(command, cwd=code, env=env, stdout=out_file, stderr=err_file)
-        _, code, usage = os.wait4(child.pid, 0)  # this child's own peak memory
+        _, code, usage = wait_for(child, runs, stop_after_steps)  # this child's own peak memory
     child.returncode = os.waitstatus_to_exitcode(code)
     wall = time.perf_counter() - t0
     out, err = (scratch / f"{preset}.out").read_text(), (scratch / f"{preset}.err").read_text()
@@ -90,8 +127,9 @@ def run_preset(data: Path, preset: str, flags: list[str], epochs: int, scratch: 
         first_step = float(batches["elapsed_s"].iloc[0]) if len(batches) else None
     return {"state": status.get("status") or f"exit {child.returncode}: {err.strip().splitlines()[-1:]}",
             "first_step_s": first_step, "wall_s": wall, "images_per_s": status.get("images_per_s"),
-            "peak_rss_mb": peak_rss_mb(usage), "cache_mb": cache_size(cache) / 1024**2,
-            "activations_mb": cache_size(cache / "activations") / 1024**2}
+            "peak_rss_mb": peak_rss_mb(usage), "cpu_s": usage.ru_utime + usage.ru_stime,
+            "cache_mb": cache_size(cache) / 1024**2,
+            "activations_mb": sum(f.stat().st_size for f in (cache / "activations").glob("*.npy")) / 1024**2}
 
 
 def peak_rss_mb(usage) -> float:
@@ -106,27 +144,31 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--book-up-to", type=int, default=1000)
     parser.add_argument("--device", default="", help="the runs' device (default: the presets' auto)")
-    parser.add_argument("--code", default=str(ROOT), help="the checkout whose finetune_core runs (e.g. an older "
-                        "commit's, for a before/after table)")
+    parser.add_argument("--code", nargs="+", default=[str(ROOT)], help="the checkouts whose finetune_core runs, "
+                        "one after the other on the same generated set (e.g. an older commit's, for a before/after table)")
+    parser.add_argument("--stop-after-steps", type=int, default=0, help="stop each run (Ctrl-C) once it has made this "
+                        "many training steps: the time to the first step, memory and cache of a start on a large set")
     parser.add_argument("--out", default="benchmarks/results/bench_scale.md")
     args = parser.parse_args()
-    lines = ["| training images | photos on disk | preset | first step (s from the run's start) | total (s, click "
-             "to done) | peak RSS | cache on disk (of which activations) | training images/s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| training images | photos on disk | code | preset | first step (s from the run's start) | total (s, click "
+             "to done) | CPU time (s) | peak RSS | cache on disk (of which activations) | training images/s | load average |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix="tb-scale-") as scratch:
             scratch = Path(scratch)
             photos = generate(scratch / "data", size)
-            for name in args.presets:
+            for name, code in [(name, code) for name in args.presets for code in args.code]:
                 if name == "book" and size > args.book_up_to:
                     continue
                 preset, flags = PRESETS[name]
                 flags = flags + (["--device", args.device] if args.device else [])
-                r = run_preset(scratch / "data", preset, flags, args.epochs, scratch, Path(args.code))
+                load = os.getloadavg()[0]
+                r = run_preset(scratch / "data", preset, flags, args.epochs, scratch, Path(code), args.stop_after_steps)
                 first = "-" if r["first_step_s"] is None else f"{r['first_step_s']:.0f}"
-                lines.append(f"| {size:,} | {photos / 1024**2:.0f} MB | {name} ({r['state']}) | {first} | "
-                             f"{r['wall_s']:.0f} | {r['peak_rss_mb']:,.0f} MB | {r['cache_mb']:.0f} MB "
-                             f"({r['activations_mb']:.0f} MB) | "
-                             f"{r['images_per_s'] or 0:.1f} |")
+                lines.append(f"| {size:,} | {photos / 1024**2:.0f} MB | {code_name(code)} | {name} ({r['state']}) | "
+                             f"{first} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mb']:,.0f} MB | "
+                             f"{r['cache_mb']:.0f} MB ({r['activations_mb']:.0f} MB) | "
+                             f"{r['images_per_s'] or 0:.1f} | {load:.1f}-{os.getloadavg()[0]:.1f} |")
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,10 @@ over an iterator of (inputs, labels) batches. What the engine adds around them:
   augmented images, as in the book. Otherwise the frozen bottom runs once per augmented view
   of each image (eval mode, inference_mode) and its output activations are cached
   (activations.FeatureCache); the batches are then those activations, and only the top (the last stages
-  and the head) runs forward and backward each step. The same loop trains both.
+  and the head) runs forward and backward each step. The same loop trains both. A view is
+  computed by the first epoch that trains on it, a batch at a time just before its step (and a
+  run's training images are decoded then too): the first step comes after one batch, not after
+  the whole set (streamed_batches).
 - Speed: every image is decoded once (prepare.py), the book's augmentation runs on batches of
   uint8 tensors, channels_last, bf16 autocast where it is native, evaluation in large batches.
 - Model selection: `val_fraction` holds out a stratified validation split of the training
@@ -57,7 +60,7 @@ from torch import nn
 from . import __version__
 from .activations import FeatureCache, shared_features_key
 from .config import ConfigError, TrainConfig
-from .data import DatasetError, ScanReport, scan_dataset
+from .data import WARNING, DatasetError, Problem, ScanReport, scan_dataset
 from .distributed import STOP_FILE, Distributed
 from .memory import describe as describe_memory
 from .memory import release_memory
@@ -499,6 +502,8 @@ class Setup:
     last_logits: torch.Tensor | None = None  # the latest test-split logits, for predictions.csv
     train_seconds: float = 0.0
     train_images: int = 0
+    pass_seconds_at_start: float = 0.0  # the frozen layers' passes' seconds when this process's training began (fit)
+    stream: bool = False  # views are computed by the epoch that first trains on them (a run's; not the LR finder's)
     caches: dict[str, FeatureCache] = field(default_factory=dict)
     average: dict[str, torch.Tensor] | None = None  # ema_decay: the moving average of the weights
     shared_features: dict | None = None  # {shared_features_key: outputs} kept across runs (a sweep)
@@ -535,10 +540,11 @@ def report_fits(report: ScanReport | None, config: TrainConfig) -> bool:
 
 def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanReport | None = None,
           cache_dir: str | None = None, distributed: Distributed | None = None,
-          from_checkpoint: bool = False) -> Setup:
+          from_checkpoint: bool = False, stream: bool = False) -> Setup:
     """Scan (unless the caller already did), build the model and optimiser, decode the images.
     `from_checkpoint`: the weights will come from the run's checkpoint (a resume), so the model is
-    built without its starting weights (which may be gone, or need a download)."""
+    built without its starting weights (which may be gone, or need a download). `stream`: leave
+    the training images that are not in the decode cache to the first epoch (streams_first_epoch)."""
     distributed = distributed or Distributed()
     device = distributed.device_for(resolve_device(config.device))
     if not report_fits(report, config):
@@ -566,7 +572,11 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     def decoding(done, total):
         reporter.prepare(f"decoding images ({done}/{total})")
 
-    data = prepare_data(report, config.image_size, cache_dir=cache_dir, device=device, progress=decoding)
+    lazy = stream and streams_first_epoch(config, distributed)
+    data = prepare_data(report, config.image_size, cache_dir=cache_dir, device=device, progress=decoding,
+                        lazy_train=lazy)
+    if data.pending:
+        run.log(f"{len(data.pending)} training images are decoded as the first epoch streams them")
     for problem in data.skipped:
         run.log(f"skipped {problem.path}: {problem.problem}")
     split = validation_split(data, config.val_fraction)
@@ -582,11 +592,65 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
                  batches_per_epoch=batches_per_epoch,
                  total_steps=batches_per_epoch * config.epochs, cache_dir=cache_dir, dist=distributed,
                  generator=RunGenerator(epoch_seed(config.seed, 0, 2 + 1000 * distributed.rank))
-                 if device.type == "cpu" else None)  # the LR finder's steps too never draw the process's
+                 if device.type == "cpu" else None, stream=lazy)  # the LR finder's steps too never draw the process's
 
 
 # --------------------------------------------------------------------------------------------
 # One epoch of the run: pick the batches, train, evaluate, log, checkpoint
+
+
+def streams_first_epoch(config: TrainConfig, distributed: Distributed) -> bool:
+    """Whether the first epoch decodes the training images and computes their frozen-layer
+    outputs as it trains on them (issue 22: training starts in seconds at any size), instead of
+    decoding every image before the first step: with part of the network frozen, in one process,
+    and no validation split (whose images are read at the end of the first epoch)."""
+    return config.train_stages != "all" and not config.val_fraction and not distributed.enabled
+
+
+def drop_training_images(ctx: Setup, failed: dict[int, str]) -> None:
+    """Take training images that failed to decode while streaming (positions in ctx.train_idx ->
+    why) out of the run, naming each in the log, as the decoding before a run skips them."""
+    for position, why in sorted(failed.items()):
+        path = ctx.data.train_paths[ctx.train_idx[position]]
+        ctx.data.skipped.append(Problem(path, why, WARNING))
+        ctx.run.log(f"skipped {path}: {why}")
+    epochs_begun = math.ceil(ctx.step / ctx.batches_per_epoch)  # the streaming epoch's steps are all done
+    ctx.train_idx = [row for position, row in enumerate(ctx.train_idx) if position not in failed]
+    ctx.batches_per_epoch = len(batch_slices(len(ctx.train_idx), ctx.config.batch_size, ctx.dist.world_size))
+    ctx.total_steps = ctx.step + ctx.batches_per_epoch * (ctx.config.epochs - epochs_begun)
+
+
+def pass_totals(ctx: Setup) -> tuple[float, int]:
+    """(seconds, images) of the frozen layers' passes so far in this process, decoding included."""
+    caches = ctx.caches.values()
+    return sum(c.pass_seconds for c in caches), sum(c.pass_images for c in caches)
+
+
+def time_left(ctx: Setup, epoch: int, steps_here: int, seconds_here: float) -> float:
+    """Seconds left in the run: the training steps left at the rate of those done, plus the frozen
+    layers' passes left (views not computed yet, the test split) at the pass's own rate. An epoch
+    that computes its view as it trains takes several times one that reads it, so the rate of the
+    first steps alone would promise the first epoch's pace to the end."""
+    cfg = ctx.config
+    steps_left = ctx.total_steps - ctx.step
+    pass_seconds, pass_images = pass_totals(ctx)
+    if not pass_images or cfg.train_stages == "all":
+        return steps_left * seconds_here / max(1, steps_here)
+    pass_rate = pass_seconds / pass_images
+    step_rate = max(0.0, seconds_here - (pass_seconds - ctx.pass_seconds_at_start)) / max(1, steps_here)
+    cache = ctx.caches.get(stages_of_epoch(cfg, epoch))
+    views = views_per_image(cfg, len(ctx.train_idx))
+    images_left = 0
+    if cache is not None:
+        if not cache.holds("train", epoch % views):  # the view streaming now: its batches not done yet
+            images_left += (ctx.batches_per_epoch - (ctx.step - epoch * ctx.batches_per_epoch)) * cfg.batch_size
+        later = {e % views for e in range(epoch + 1, cfg.epochs)} - {epoch % views}
+        images_left += len(ctx.train_idx) * sum(not cache.holds("train", v) for v in later)
+        split = ctx.selection_split
+        n_split = len(ctx.val_idx) if split == "val" else len(ctx.data.test_labels)
+        for flip in ([False, True] if cfg.tta_flip else [False]):
+            images_left += n_split * (not cache.holds(split, 0, flip))
+    return steps_left * step_rate + images_left * pass_rate
 
 
 def split_for(ctx: Setup, stages: str, reporter: Reporter) -> tuple[nn.Module, FeatureCache | None]:
@@ -611,9 +675,24 @@ def training_batches(ctx: Setup, epoch: int, cache: FeatureCache | None) -> Iter
         indices = [ctx.train_idx[i] for i in order]
         crops = gen if ctx.dist.rank == 0 else random.Random(epoch_seed(cfg.seed, epoch, 1000 + ctx.dist.rank))
         return image_batches(ctx.data, indices, cfg, crops, ctx.device, ctx.mean, ctx.std, shard)
-    inputs = cache.get("train", view=epoch % views_per_image(cfg, len(ctx.train_idx)))
+    view = epoch % views_per_image(cfg, len(ctx.train_idx))
     labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)]
+    if ctx.stream and cache.missing("train", view):
+        return streamed_batches(ctx, cache, view, order, labels)
+    inputs = cache.get("train", view=view)
     return tensor_batches(inputs, labels, order, cfg.batch_size, ctx.device, cfg.channels_last, shard)
+
+
+def streamed_batches(ctx: Setup, cache: FeatureCache, view: int, order: list[int], labels: torch.Tensor) -> Iterator:
+    """The batches of an epoch whose view is not computed yet: each batch's activations are
+    computed (and its images decoded, the first time) just before the step that trains on them
+    (FeatureCache.stream), so the first step comes after one batch, not after the whole set. The
+    batches are tensor_batches' for the same order, less any image that fails to decode."""
+    cfg = ctx.config
+    parts = [order[part] for part in batch_slices(len(order), cfg.batch_size)]
+    for kept in cache.stream(view, parts, lambda failed: drop_training_images(ctx, failed)):
+        if kept:
+            yield next(tensor_batches(cache.streaming, labels, kept, len(kept), ctx.device, cfg.channels_last))
 
 
 def evaluation_batches(ctx: Setup, split: str, cache: FeatureCache | None) -> Iterator:
@@ -696,8 +775,7 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
                  "train_acc": correct / seen, **lr_columns(ctx, stages),
                  "images_per_s": round((ctx.train_images + seen) / seconds, 2) if seconds > 0 else 0.0,
                  "progress": round(ctx.progress(), 4),
-                 "eta_s": round((ctx.total_steps - ctx.step) * (time.perf_counter() - reporter.t_start
-                                                                 - ctx.elapsed_at_start) / max(1, steps_here), 1),
+                 "eta_s": round(time_left(ctx, epoch, steps_here, reporter.elapsed() - ctx.elapsed_at_start), 1),
                  "message": f"epoch {epoch + 1}/{cfg.epochs}, batch {b}/{ctx.batches_per_epoch}"}
         event["elapsed_s"] = round(reporter.elapsed(), 3)
         ctx.run.append_metrics(event)
@@ -706,8 +784,11 @@ def run_epoch(ctx: Setup, epoch: int, reporter: Reporter) -> dict:
             raise StopRequested()
 
     try:
-        result = train_one_epoch(ctx.dist.wrap(top, stages), loss_fn, ctx.optimizer, batches, before_step, after_step,
-                                 ctx.training_forward, max_loss=diverged_loss(len(ctx.classes)))
+        try:
+            result = train_one_epoch(ctx.dist.wrap(top, stages), loss_fn, ctx.optimizer, batches, before_step,
+                                     after_step, ctx.training_forward, max_loss=diverged_loss(len(ctx.classes)))
+        finally:
+            getattr(batches, "close", lambda: None)()  # a streamed view stopped mid-way leaves no file behind
         if ctx.dist.enabled:  # every rank's images
             result = EpochResult(totals[0] / totals[2], totals[1] / totals[2], totals[2], result.seconds)
     except Diverged as exc:
@@ -798,12 +879,9 @@ def write_predictions(ctx: Setup, logits: torch.Tensor) -> None:
 
 def fit(ctx: Setup, reporter: Reporter) -> dict:
     """Every epoch, early stopping, then the test split and predictions. Returns status fields."""
-    cfg = ctx.config
-    for epoch in range(ctx.start_epoch, cfg.epochs):  # every cached view first, so that the time left
-        _, cache = split_for(ctx, stages_of_epoch(cfg, epoch), reporter)  # counts training steps only
-        if cache is not None:
-            cache.get("train", view=epoch % views_per_image(cfg, len(ctx.train_idx)))
+    cfg = ctx.config  # each view is computed as the first epoch that uses it trains (streamed_batches)
     ctx.elapsed_at_start = reporter.elapsed()
+    ctx.pass_seconds_at_start = pass_totals(ctx)[0]
     stopped_early = ""
     for epoch in range(ctx.start_epoch, cfg.epochs):
         run_epoch(ctx, epoch, reporter)
@@ -908,7 +986,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
             ctx = setup_resumed(config, run, reporter, report, cache_dir, distributed, device_problem)
             run.replace_status({**without_before_resume(run.read_status(default={})), "started_at": started_at})
         else:
-            ctx = setup(config, run, reporter, report, cache_dir, distributed)
+            ctx = setup(config, run, reporter, report, cache_dir, distributed, stream=True)
         ctx.shared_features = shared_features
         run.write_status(**distributed.status_fields())  # the backend is known once the device is
         run.write_config({**config_record(ctx.config, ctx.report, ctx.data, ctx.device, ctx.bf16,

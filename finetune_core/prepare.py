@@ -61,6 +61,21 @@ class PreparedData:
     test_paths: list[str]
     skipped: list[Problem] = field(default_factory=list)
     device_train_images: torch.Tensor | None = None  # a copy on the GPU when it fits
+    pending: set[int] = field(default_factory=set)  # training rows not decoded yet (lazy: see prepare_data)
+
+    def decode_pending(self, rows: list[int]) -> dict[int, str]:
+        """Decode those of `rows` not decoded yet (a streamed first epoch: a batch at a time, on the
+        reading threads), reading each one's original size. Returns {row: why it failed} for the
+        files that cannot be decoded (their failed entries say so to later runs)."""
+        todo = [row for row in rows if row in self.pending]
+        failed = {}
+        for row, (original, error) in zip(todo, readers().map(self.train_images.entry_header, todo)):
+            self.pending.discard(row)
+            if error:
+                failed[row] = error
+            else:
+                self.train_sizes[row] = original
+        return failed
 
     def entry_paths(self) -> list:
         """Where this set's decode-cache entries are (kept over others' when the cache is evicted)."""
@@ -183,6 +198,21 @@ class DecodedImages:
     def nbytes(self) -> int:
         return int(np.prod(self.shape))
 
+    def entry_header(self, i: int) -> tuple[tuple[int, int] | None, str]:
+        """(original width and height, "") of image i, making its entry if missing, or (None, why
+        it failed)."""
+        head = self.store.get(self.keys[i], HEADER.size)
+        if head is None or len(head) < HEADER.size:
+            blob = make_entry(self.kind, self.paths[i], self.size)
+            self.store.put(self.keys[i], blob)
+            head = blob
+        tag, width, height = HEADER.unpack(head[:HEADER.size])
+        if tag != b"I":
+            if len(head) <= HEADER.size:  # only the header was read: the reason follows it
+                head = self.store.get(self.keys[i]) or failed_entry("failed to decode, skipped")
+            return None, head[HEADER.size:].decode(errors="replace")
+        return (width, height), ""
+
     def image(self, i: int) -> np.ndarray:
         blob = self.store.get(self.keys[i])
         if blob is None:
@@ -214,17 +244,20 @@ class DecodedImages:
 
 
 def index_entries(records: list[ImageRecord], kind: str, size: int, store,
-                  progress: Callable[[int, int], None] | None
+                  progress: Callable[[int, int], None] | None, decode_missing: bool = True
                   ) -> tuple[list[int], list[str], list[tuple | None], list[Problem]]:
     """Make sure every record has its entry (decoding only those missing) and read their
     headers. Returns (the positions in `records` of the images that decoded, their keys, their
-    original sizes, the files that failed, named by their paths in `records`)."""
+    original sizes, the files that failed, named by their paths in `records`). With
+    `decode_missing` False, a record without an entry is listed with the size None (decoded later)."""
     n = len(records)
     sizes = (size,) if kind == "train" else (size, resize_size_for(size))
     keys = [entry_key(r, kind, *sizes) for r in records]
 
     def work(i):
         head = store.get(keys[i], HEADER.size)
+        if (head is None or len(head) < HEADER.size) and not decode_missing:
+            return i, None, ""
         if head is None or len(head) < HEADER.size:
             blob = make_entry(kind, records[i].path, size)
             store.put(keys[i], blob)
@@ -257,10 +290,12 @@ def index_entries(records: list[ImageRecord], kind: str, size: int, store,
 
 def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLike | None = None,
                  device: torch.device | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> PreparedData:
+                 progress: Callable[[int, int], None] | None = None, lazy_train: bool = False) -> PreparedData:
     """Decode the scanned train and test images into the decode cache (those not there yet),
     then keep the cache within its budget. cache_dir: None for the default cache folder, "" to
-    keep the entries in memory only."""
+    keep the entries in memory only. `lazy_train`: training images not in the cache yet are left
+    for the first epoch to decode as it streams them (PreparedData.pending, decode_pending); the
+    files already known to fail are skipped now, as the others are when their turn comes."""
     folder = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir else None)
     if folder:
         check_not_a_data_folder(folder)  # refused before any work, not at the first eviction
@@ -279,7 +314,9 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
             progress(len(train_records) + done, total)
 
     train_rows, train_keys, train_sizes, skipped_train = index_entries(train_records, "train", side, store,
-                                                                       train_progress)
+                                                                       train_progress, decode_missing=not lazy_train)
+    pending = {row for row, original in enumerate(train_sizes) if original is None}
+    train_sizes = [(1, 1) if original is None else original for original in train_sizes]  # read when decoded
     test_rows, test_keys, _, skipped_test = index_entries(test_records, "test", image_size, store, test_progress)
     if folder is not None:
         evict(folder, keep=[store.path(k) for k in train_keys + test_keys])
@@ -299,8 +336,8 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
         test_images=DecodedImages(store, "test", image_size, test_keys, [r.path for r in test_ok],
                                   (3, image_size, image_size)),
         test_labels=torch.tensor([r.label for r in test_ok], dtype=torch.int64),
-        test_paths=[r.path for r in test_ok], skipped=skipped)
-    if device is not None and device.type == "cuda":
+        test_paths=[r.path for r in test_ok], skipped=skipped, pending=pending)
+    if device is not None and device.type == "cuda" and not pending:
         free, _ = torch.cuda.mem_get_info(device)
         if data.train_images.nbytes < free // 4:
             data.device_train_images = data.train_images.to_device(device)
@@ -337,14 +374,27 @@ def augment_batch(data: PreparedData, idx: list[int], image_size: int, rng: rand
                   device: torch.device, crop_scale: float = 0.08) -> torch.Tensor:
     """The book's RandomResizedCrop(S, scale=(crop_scale, 1)) + RandomHorizontalFlip on a batch:
     uint8 B x 3 x S x S."""
-    side = data.train_side
-    boxes, flips = [], []
+    return cut_crops(data, idx, draw_crops(data, idx, rng, crop_scale), image_size, device)
+
+
+def draw_crops(data: PreparedData, idx: list[int], rng: random.Random, crop_scale: float = 0.08
+               ) -> list[tuple[tuple, bool]]:
+    """Each image's random crop box (in its stored square's coordinates) and flip, drawn in the
+    order of `idx` as the book's transforms draw them: a view drawn for all its images at once
+    gets the same crops whatever order its batches are then cut in."""
+    side, crops = data.train_side, []
     for i in idx:
         w, h = (int(v) for v in data.train_sizes[i])
         top, left, ch, cw = sample_resized_crop(rng, w, h, scale=(crop_scale, 1.0))
         sx, sy = side / w, side / h
-        boxes.append((left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
-        flips.append(rng.random() < 0.5)
+        crops.append(((left * sx, top * sy, (left + cw) * sx, (top + ch) * sy), rng.random() < 0.5))
+    return crops
+
+
+def cut_crops(data: PreparedData, idx: list[int], crops: list[tuple[tuple, bool]], image_size: int,
+              device: torch.device) -> torch.Tensor:
+    """Cut, resize and flip each image's drawn crop (draw_crops): uint8 B x 3 x S x S."""
+    boxes, flips = [box for box, _ in crops], [flip for _, flip in crops]
     if device.type == "cuda":
         src = data.device_train_images
         if src is not None:

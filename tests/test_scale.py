@@ -166,17 +166,23 @@ def test_memory_stays_under_its_budget_on_a_set_larger_than_it(tmp_path, monkeyp
 
 
 def count_computed(monkeypatch) -> list[tuple]:
-    """Every (split, view, flip) whose activations the frozen layers compute."""
+    """Every (split, view, flip) whose activations the frozen layers compute, whole (get) or
+    streamed by the epoch that trains on them (stream)."""
     computed = []
-    real = activations.FeatureCache._compute
+    real, real_stream = activations.FeatureCache._compute, activations.FeatureCache.stream
     monkeypatch.setattr(activations.FeatureCache, "_compute",
                         lambda self, *key: (computed.append(key), real(self, *key))[1])
+    monkeypatch.setattr(activations.FeatureCache, "stream",
+                        lambda self, view, *args: (computed.append(("train", view, False)),
+                                                   real_stream(self, view, *args))[1])
     return computed
 
 
 @pytest.mark.slow
 def test_a_resumed_run_and_the_run_after_the_lr_finder_compute_no_activation_again(tiny_config, tmp_path,
                                                                                     cache_dir, monkeypatch):
+    """Each view is computed by the first epoch that trains on it: a run stopped once every view
+    was computed (after the second epoch) computes nothing when resumed."""
     from finetune_core.engine import train
     from finetune_core.lr_find import find_lr
 
@@ -187,7 +193,7 @@ def test_a_resumed_run_and_the_run_after_the_lr_finder_compute_no_activation_aga
     computed.clear()
     stop = threading.Event()
     status = train(config, tmp_path / "run", cache_dir=cache_dir, stop_event=stop,
-                   on_event=lambda e: e["kind"] == "epoch" and stop.set())
+                   on_event=lambda e: e["kind"] == "epoch" and e["epoch"] == 2 and stop.set())
     assert status["state"] == "stopped"
     assert ("train", 0, False) not in computed and ("train", 1, False) in computed  # the finder's view is reused
     computed.clear()
