@@ -221,11 +221,14 @@ def test_ctrl_c_ends_both_ranks_and_the_run_resumes(tiny_dataset, tmp_path, cach
 
 
 @pytest.mark.slow
-def test_the_train_page_runs_two_processes_live_a_restart_finds_them_stops_them_and_resumes(dashboard_env):
+def test_the_train_page_runs_two_processes_live_and_a_restart_finds_and_stops_them(dashboard_env):
     """Processes 2 on the Train page starts a torchrun child; a second session (a refresh) shows it
-    live from its run folder; a restarted server finds it still running, stops both processes and
-    resumes it as 2 processes from its last checkpoint. (One torchrun launch for what were a
-    page test and a job-manager test: the page's Stop calls the same JobManager.stop.)"""
+    live from its run folder; a restarted server finds it still running and stops both processes
+    (its stop file). (One torchrun launch for what were a page test and a job-manager test: the
+    page's Stop calls the same JobManager.stop.) What Resume then does is proven without a second
+    launch: the manager relaunches it as 2 processes with --resume
+    (test_the_dashboard_resumes_a_two_process_run_as_two_processes), and 2 ranks restore a
+    checkpoint and train on to the end (test_ctrl_c_ends_both_ranks_and_the_run_resumes)."""
     from conftest import make_dataset, page
     from test_pages import tiny_recipe, use_folder
     from tuneboard_ui import manager
@@ -239,11 +242,14 @@ def test_the_train_page_runs_two_processes_live_a_restart_finds_them_stops_them_
     assert not at.button(key="train_button").disabled, [e.value for e in at.error]
     at.button(key="train_button").click().run()
 
+    shown = [""]  # what the last look at the page showed
+
     def live_text() -> str:
         other = page("pages/1_Train.py").run()
-        return " ".join(str(p.proto.text) for p in other.get("progress")).replace("\\_", "_")  # markdown's escape
-    assert wait_until(lambda: "images/s" in live_text(), 120), live_text()  # batches, from status.json
-    assert TINY_BACKBONE in live_text() and "epoch" in live_text()
+        shown[0] = " ".join(str(p.proto.text) for p in other.get("progress")).replace("\\_", "_")  # markdown's escape
+        return shown[0]
+    assert wait_until(lambda: "images/s" in live_text(), 120), shown[0]  # batches, from status.json
+    assert TINY_BACKBONE in shown[0] and "epoch" in shown[0]
     run = only_run(dashboard_env / "runs")
     assert run.read_status()["world_size"] == 2 and run.file("launcher.json").exists()
 
@@ -257,10 +263,36 @@ def test_the_train_page_runs_two_processes_live_a_restart_finds_them_stops_them_
     assert manager().wait(run.id, 30)["state"] == "stopped"  # the page's server, which launched it, sees it too
     assert run.read_status()["state"] == "stopped"
     assert wait_until(lambda: subprocess.run(["pgrep", "-f", str(run.path)], capture_output=True).returncode == 1, 30)
+    assert run.has_checkpoint() and run.read_config()["config"]["processes"] == 2  # what Resume starts from
 
-    done = run.read_status()["epochs_done"]  # Resume: 2 processes again, from the last checkpoint
-    restarted.resume(run.id)
-    assert wait_until(lambda: run.read_status().get("epochs_done", 0) > done, 120), run.read_status()
-    assert run.read_status()["world_size"] == 2 and "resumed from the end of epoch" in run.file("log.txt").read_text()
-    restarted.stop(run.id)
-    assert restarted.wait(run.id, 60)["state"] == "stopped"
+
+def test_the_dashboard_resumes_a_two_process_run_as_two_processes(tiny_dataset, tmp_path, monkeypatch):
+    """Resume on a stopped 2-process run launches `torchrun --nproc_per_node=2 ... start RUN --resume`
+    (the launch itself recorded instead of made: the ranks' side of a resume is the Ctrl-C test's)."""
+    from finetune_core import distributed
+
+    run = RunDir(tmp_path / "runs" / "ddp-run")
+    run.path.mkdir(parents=True)
+    run.write_config({"config": tiny_train_config(tiny_dataset, processes=2).to_dict()})
+    run.write_status(state="stopped", message="stopped by the user")
+    launched = []
+
+    class Ended:  # the torchrun child, gone once it has written its end
+        def poll(self):
+            return 0
+
+        def wait(self, timeout=None):
+            return 0
+
+    def launch(run_dir, processes, resume=False, cache_dir=None):
+        launched.append(distributed.torchrun_command(run_dir, processes, resume))
+        run_dir.write_status(state="completed", message="resumed by the ranks")
+        return Ended()
+
+    monkeypatch.setattr(distributed, "launch", launch)
+    manager = JobManager(tmp_path / "runs")
+    manager.resume(run.id)
+    assert manager.wait(run.id, 30)["state"] == "completed"
+    assert len(launched) == 1 and "--nproc_per_node=2" in launched[0]
+    assert launched[0][-4:] == ["start", str(run.path), "--quiet", "--resume"]
+    manager.shutdown()

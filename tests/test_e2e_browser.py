@@ -23,6 +23,7 @@ import pytest
 
 from conftest import ROOT, TINY_BACKBONE, make_dataset, write_image
 from finetune_core import memory
+from finetune_core.runs import RunDir
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -181,12 +182,15 @@ def choose(page, label: str, option: str) -> None:
     wait_idle(page)
 
 
-def set_recipe(page, server, name: str, param_groups: bool, epochs: int, browse: bool = False) -> None:
-    """The tiny test backbone (random init, every layer): a run of 200 images at 64 px takes
-    seconds, not the minutes EfficientNet-Lite0 took on a busy 2-core machine; `epochs` keeps it
-    going long enough to be watched."""
+def open_setup(page) -> None:
     page.get_by_role("tab", name="Setup").click()  # after Train, the page shows the Live tab
     wait_idle(page)
+
+
+def set_recipe(page, server, name: str, param_groups: bool, epochs: int, browse: bool = False) -> None:
+    """The tiny test backbone (random init, every layer): a run of 200 images at 64 px takes
+    seconds, not the minutes EfficientNet-Lite0 took on a busy 2-core machine."""
+    open_setup(page)
     page.get_by_text("A folder path", exact=True).click()
     wait_idle(page)
     if browse:  # the folder browser: pick a sub-folder of the data folder, then "Use this folder"
@@ -208,27 +212,42 @@ def set_recipe(page, server, name: str, param_groups: bool, epochs: int, browse:
     fill(page, "Learning rate", "0.002")
     fill(page, "Head learning-rate multiplier", "5")
     choose(page, "Trainable part", "every layer (the book)")
+    fill(page, "Image size (px)", "64")
+    fill(page, "Batch size", "2")
+    set_run(page, name, param_groups, epochs)
+
+
+def set_run(page, name: str, param_groups: bool, epochs: int) -> None:
+    """What differs between the test's two runs."""
     groups = page.get_by_role("checkbox", name="Parameter groups (head at lr × multiplier)", exact=True)
     if groups.is_checked() != param_groups:
         groups.set_checked(param_groups, force=True)
         wait_idle(page)
-    fill(page, "Image size (px)", "64")
-    fill(page, "Batch size", "2")
     fill(page, "Epochs", str(epochs))
     fill(page, "Run name", name)
 
 
-def train(page) -> None:
-    """Press Train: the page turns to its Live tab and stays there while the live view refreshes
-    (it used to jump back to Setup a moment later: the "Queued" message drawn above the tabs
-    shifted them, and the browser drew them anew on their first tab)."""
+def train(page, name: str) -> None:
+    """Press Train: the page turns to its Live tab and stays there once the run shows in the live
+    view (it used to jump back to Setup a moment later: the "Queued" message drawn above the tabs
+    shifted them, and the browser drew them anew on their first tab). The waits that follow look
+    for the run's state among the visible elements, which a jump back to Setup would hide."""
+    import re
+
     page.get_by_role("button", name="Train", exact=True).click()
     live = page.locator("[role=tab][aria-selected=true]", has_text="Live")
     live.wait_for()
-    wait_idle(page)
-    page.wait_for_timeout(3_000)  # three refreshes of the live view
+    page.get_by_text(re.compile(f"^{name} (running|completed)")).filter(visible=True).first.wait_for()
     wait_idle(page)
     assert live.count() == 1, "the Train page went back from Live to Setup after Train"
+
+
+def only_run_named(runs_dir, name: str):
+    from finetune_core.runs import list_runs
+
+    runs = [i for i in list_runs(runs_dir) if i.name == name]
+    assert len(runs) == 1, [(i.name, i.id) for i in list_runs(runs_dir)]
+    return runs[0]
 
 
 def selected_run(page, runs_dir):
@@ -256,8 +275,10 @@ def test_the_dashboard_end_to_end(server, browser_page):
     # 2. Train: a small dataset, a learning rate and head multiplier, a tiny run; watch it grow.
     page.goto(f"{url}/Train")
     page.get_by_text("1 · Data").wait_for()
-    set_recipe(page, server, "e2e-groups", param_groups=True, epochs=30, browse=True)  # seconds an epoch: longer than the curves refresh (6 s)
-    train(page)
+    # More epochs than the test watches (about 1 s each on a quiet machine; the test stops the run):
+    # it must outlast two refreshes of the curves (6 s each) and a reload.
+    set_recipe(page, server, "e2e-groups", param_groups=True, epochs=60, browse=True)
+    train(page, "e2e-groups")
     page.get_by_text("e2e-groups running").filter(visible=True).first.wait_for()
     page.wait_for_function(f"() => ({points_js('e2e-groups')}) >= 2", timeout=120_000)  # the first batches
     first = plotted_points(page, "e2e-groups")
@@ -268,25 +289,33 @@ def test_the_dashboard_end_to_end(server, browser_page):
     assert second > first, f"the live curves did not grow ({first} -> {second} points)"
     assert page.get_by_text("e2e-groups running").first.is_visible()
 
-    # 6. Reload mid-run: a new session finds the same job, still running.
+    # 6. Reload mid-run: a new session finds the same job, still running, and stops it.
     page.reload()
     page.get_by_text("e2e-groups running").filter(visible=True).first.wait_for()
     shot(page, "03-train-after-reload", scroll_to="3 · Live")
-    page.get_by_text("e2e-groups completed").filter(visible=True).first.wait_for(timeout=180_000)
+    # 3. The job's own Stop (Streamlit's toolbar has a Stop button too, for the script run).
+    page.locator("[class*='st-key-live-stop-'] button").first.click()
+    page.get_by_text("e2e-groups stopped").filter(visible=True).first.wait_for(timeout=60_000)
+    shot(page, "05-train-stopped", scroll_to="3 · Live")
+
+    # 2b. A second run without parameter groups (the reload began a new session: the form is set
+    # again), short enough to be waited for to its end.
+    set_recipe(page, server, "e2e-single", param_groups=False, epochs=3)
+    train(page, "e2e-single")
+    page.get_by_text("e2e-single completed").filter(visible=True).first.wait_for(timeout=180_000)
+    # The curves (refreshed less often than the state above them) catch up with the whole run: a
+    # point a batch in the train loss and accuracy, one an epoch in the test accuracy.
+    batches = int((RunDir(only_run_named(server["runs"], "e2e-single").path).read_metrics()["kind"] == "batch").sum())
+    page.wait_for_function(f"() => ({points_js('e2e-single')}) >= {2 * batches + 3}", timeout=30_000)
     shot(page, "04-train-completed", scroll_to="3 · Live")
     page.set_viewport_size({"width": 400, "height": 900})  # a phone
     shot(page, "04b-train-phone", scroll_to="3 · Live")
     page.set_viewport_size({"width": 1400, "height": 1000})
-
-    # 2b/3. A second run without parameter groups; stop it once it has trained a few batches.
-    set_recipe(page, server, "e2e-single", param_groups=False, epochs=50)  # stopped after a few batches
-    train(page)
-    page.get_by_text("e2e-single running").filter(visible=True).first.wait_for()
-    page.wait_for_function(f"() => ({points_js('e2e-single')}) >= 2", timeout=120_000)
-    # The job's own Stop (Streamlit's toolbar has a Stop button too, for the script run).
-    page.locator("[class*='st-key-live-stop-'] button").first.click()
-    page.get_by_text("e2e-single stopped").filter(visible=True).first.wait_for(timeout=60_000)
-    shot(page, "05-train-stopped", scroll_to="3 · Live")
+    for name, groups, epochs in (("e2e-groups", True, 60), ("e2e-single", False, 3)):  # the form reached the runs
+        recipe = RunDir(only_run_named(server["runs"], name).path).read_config()["config"]
+        assert (recipe["backbone"], recipe["weights"], recipe["train_stages"], recipe["image_size"],
+                recipe["batch_size"], recipe["lr"], recipe["head_lr_mult"], recipe["param_groups"],
+                recipe["epochs"]) == (TINY_BACKBONE, "none", "all", 64, 2, 0.002, 5, groups, epochs), (name, recipe)
 
     # 4. Compare: both runs overlaid.
     page.goto(f"{url}/Compare")

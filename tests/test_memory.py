@@ -170,7 +170,9 @@ def free_port() -> int:
 def test_the_server_listens_on_tuneboard_address_and_ends_cleanly_on_sigterm(tmp_path):
     """A real start: the address comes from TUNEBOARD_ADDRESS, no GLIBC_TUNABLES in the server's
     environment, and SIGTERM ends it through the interpreter's exit, where JobManager.shutdown
-    stops the run in progress: it ends `stopped`, not `running`."""
+    stops the run in progress at its next batch and takes a queued one off the queue: both end
+    `stopped`, neither stays `running` or `queued`. (This test also stands for the server that
+    exits normally mid-run, which test_processes started a process of its own for.)"""
     import signal
     import time
     import urllib.request
@@ -190,8 +192,10 @@ def test_the_server_listens_on_tuneboard_address_and_ends_cleanly_on_sigterm(tmp
             return run.write_status(state="stopped", message="stopped by the user")
 
         atexit.register(lambda: print('EXITED CLEANLY', flush=True))
-        JobManager({str(tmp_path / "runs")!r}, train_fn=endless).submit(
-            TrainConfig(data={str(ROOT)!r}, backbone="resnet18", weights="none", device="cpu"))
+        manager = JobManager({str(tmp_path / "runs")!r}, train_fn=endless)
+        config = TrainConfig(data={str(ROOT)!r}, backbone="resnet18", weights="none", device="cpu")
+        manager.submit(config.replace(name="first"))
+        manager.submit(config.replace(name="second"))  # queued behind the first
         serve.main(['--server.port', '{port}'])
     """)
     env = clean_env(TUNEBOARD_ADDRESS="127.0.0.1", TUNEBOARD_RUNS_DIR=str(tmp_path / "runs"),
@@ -216,8 +220,9 @@ def test_the_server_listens_on_tuneboard_address_and_ends_cleanly_on_sigterm(tmp
             proc.kill()
             proc.wait()
     assert f"127.0.0.1:{port}" in out and "EXITED CLEANLY" in out, out
-    (run,) = (tmp_path / "runs").iterdir()
-    assert RunDir(run).read_status()["state"] == "stopped"
+    states = {RunDir(run).read_config()["config"]["name"]: RunDir(run).read_status()["state"]
+              for run in (tmp_path / "runs").iterdir()}
+    assert states == {"first": "stopped", "second": "stopped"}, states
 
 
 def test_a_run_gives_its_memory_back_when_it_ends(tiny_config, tmp_path, cache_dir, monkeypatch):

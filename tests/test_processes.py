@@ -164,37 +164,6 @@ def test_sigkill_mid_run_leaves_an_interrupted_run_that_resumes_to_the_same_end(
 
 
 @pytest.mark.slow
-def test_a_server_that_exits_mid_run_leaves_it_stopped_not_running(tiny_config, tmp_path, killed):
-    """JobManager.shutdown runs at interpreter exit: the run in progress is stopped at its next
-    batch and a queued one is taken off the queue; neither stays `running` or `queued`."""
-    runs = tmp_path / "runs"
-    server = child(f"""
-        import sys, time
-        from finetune_core.config import TrainConfig
-        from finetune_core.jobs import JobManager
-
-        def slow(config, run, on_event=None, stop_event=None, **options):
-            run.write_status(state="running")
-            print("running", flush=True)
-            while not stop_event.wait(0.05):
-                pass
-            return run.write_status(state="stopped", message="stopped by the user")
-
-        mgr = JobManager({str(runs)!r}, train_fn=slow)
-        config = TrainConfig.from_dict({tiny_config.to_dict()!r})
-        mgr.submit(config.replace(name="first"))
-        mgr.submit(config.replace(name="second"))
-        sys.stdin.readline()  # until the test says: then the interpreter exits normally
-    """)
-    killed.append(server)
-    wait_for_line(server, "running")
-    server.communicate("\n", timeout=60)
-    assert server.returncode == 0
-    states = sorted(RunDir(p).read_status()["state"] for p in runs.iterdir())
-    assert states == ["stopped", "stopped"]
-
-
-@pytest.mark.slow
 def test_runs_submitted_at_once_queue_in_order_and_keep_their_own_state(tiny_dataset, tmp_path, cache_dir):
     """Four tiny real runs from four threads (four browser sessions): one trains at a time on the
     device, they start in the order they were queued, all complete, and each run's folder holds

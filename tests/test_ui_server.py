@@ -14,39 +14,40 @@ import sys
 from conftest import ROOT
 
 # Streamlit's own `streamlit run` command line, stopped where it would start the server: what it
-# then holds for runner.postScriptGC is what the server would use.
+# then holds for runner.postScriptGC is what the server would use. One interpreter answers every
+# case (each importing Streamlit took a second or more): Streamlit parses its options again, from
+# the config.toml of the folder it is started in, on every `streamlit run`.
 STREAMLIT_RUN = """
-import json, sys
+import json, os, sys
 from click.testing import CliRunner
 from streamlit import config
 from streamlit.web import bootstrap, cli
 bootstrap.run = lambda *a, **k: print("postScriptGC", config.get_option("runner.postScriptGC"))
-result = CliRunner().invoke(cli.main, json.loads(sys.argv[1]), catch_exceptions=False)
-print(result.output)
+for cwd, args in json.loads(sys.argv[1]):
+    os.chdir(cwd)
+    result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
+    print(result.output)
 """
 
 
-def post_script_gc(args: list[str], cwd) -> str:
-    out = subprocess.run([sys.executable, "-c", STREAMLIT_RUN, json.dumps(args)], cwd=cwd,
+def post_script_gc(cases: list[tuple[list[str], str]]) -> list[str]:
+    """runner.postScriptGC for each (streamlit arguments, folder it is started in)."""
+    out = subprocess.run([sys.executable, "-c", STREAMLIT_RUN, json.dumps([[str(cwd), args] for args, cwd in cases])],
                          capture_output=True, text=True, check=True).stdout
-    return out.split("postScriptGC", 1)[1].split()[0]
+    return [part.split()[0] for part in out.split("postScriptGC")[1:]]
 
 
-def test_config_toml_turns_off_the_post_script_gc(tmp_path):
-    """`streamlit run app.py` in the repository reads .streamlit/config.toml."""
-    assert post_script_gc(["run", str(ROOT / "app.py")], cwd=ROOT) == "False"
-
-
-def test_serve_py_turns_it_off_from_anywhere(tmp_path):
-    """serve.py passes the option itself, so it holds wherever the server starts from and whatever
-    config.toml says (here: an app outside the repository, no config.toml); the user's own
-    --runner.postScriptGC wins."""
+def test_config_toml_turns_it_off_and_serve_py_turns_it_off_from_anywhere(tmp_path):
+    """`streamlit run app.py` in the repository reads .streamlit/config.toml. serve.py passes the
+    option itself, so it holds wherever the server starts from and whatever config.toml says (here:
+    an app outside the repository, no config.toml); the user's own --runner.postScriptGC wins."""
     import serve
 
     (tmp_path / "app.py").write_text("")
     args = serve.streamlit_args(["--server.port", "8600"])
     elsewhere = [args[0], str(tmp_path / "app.py"), *args[2:]]
-    assert post_script_gc(["run", str(tmp_path / "app.py")], cwd=tmp_path) == "True"  # Streamlit's default
-    assert post_script_gc(elsewhere, cwd=tmp_path) == "False"
     user = serve.streamlit_args(["--runner.postScriptGC", "true"])
-    assert post_script_gc([user[0], str(tmp_path / "app.py"), *user[2:]], cwd=tmp_path) == "True"
+    assert post_script_gc([(["run", str(ROOT / "app.py")], ROOT),
+                           (["run", str(tmp_path / "app.py")], tmp_path),  # Streamlit's default
+                           (elsewhere, tmp_path),
+                           ([user[0], str(tmp_path / "app.py"), *user[2:]], tmp_path)]) == ["False", "True", "False", "True"]
