@@ -20,7 +20,8 @@ and the backbone does not run at all.
   ("the model gives this label 3%"), and unlike "normalized_margin" it does not penalise a
   correct image whose second class is close (measured on trashnet6 with 5% random flips and the
   head at C=0.05: 88% of them in the top 10% and precision 0.71 at k = flips, against 81% and 0.59
-  for normalized_margin). The head's C is 0.01 (HEAD_C): the stronger L2 penalty gave 91% and 0.73
+  for normalized_margin). The head's C is 16 / the images it is fitted on (HEAD_C_IMAGES; 0.01 for
+  trashnet6's folds): the stronger L2 penalty gave 91% and 0.73
   (C=0.02: 89%, 0.71; 0.005: 90%, 0.74), and 0.8% of the unflipped labels flagged instead of 1.8%.
   Which images are *flagged* is `cleanlab.filter.find_label_issues(filter_by="prune_by_noise_rate")`
   (confident learning: as many per pair of classes as the estimated joint of given and true labels
@@ -81,7 +82,8 @@ NEAR_HASH_BITS = 6              # pHash Hamming distance (of 64 bits) of a near 
 LOOSE_HASH_BITS = 10            # or this distance together with
 NEAR_COSINE = 0.95              # this cosine of the backbone's features,
 SAME_COSINE = 0.99              # or this cosine alone
-HEAD_C = 0.01                   # inverse L2 strength of the logistic-regression head (bench_review.py)
+HEAD_C_IMAGES = 16.0            # the head's C is this / the images it is fitted on: 0.01 for trashnet6's folds
+                                # (bench_review.py); a fixed C would regularise 60 photos 30 times harder
 FLAG_GIVEN_BELOW = 0.02         # flag a label only when the out-of-fold model gives it under 2% (bench_review.py:
                                 # cleanlab alone flagged 5.6% of trashnet6's own labels, this 0.8%)
 IMBALANCE_RATIO = 5.0
@@ -431,12 +433,18 @@ def run_pass(run_dir: str | os.PathLike, report: ScanReport, cache_dir: str | No
 # Label issues
 
 
-def _head():
+def head_c(n_images: int) -> float:
+    """The head's C (sklearn's: the inverse of the L2 penalty against the SUM of the losses): the
+    same penalty per image whatever the dataset's size."""
+    return HEAD_C_IMAGES / max(n_images, 1)
+
+
+def _head(n_images: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=HEAD_C, max_iter=300))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=head_c(n_images), max_iter=300))
 
 
 def _probabilities(model, features: np.ndarray, n_classes: int) -> np.ndarray:
@@ -462,7 +470,7 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, n_classe
     for i, (fit_idx, held_idx) in enumerate(splitter.split(features, labels)):
         if progress:
             progress(i / k, f"fitting fold {i + 1} of {k}")
-        model = _head().fit(features[fit_idx], labels[fit_idx])
+        model = _head(len(fit_idx)).fit(features[fit_idx], labels[fit_idx])
         probs[held_idx] = _probabilities(model, features[held_idx], n_classes)
     return probs
 
@@ -731,7 +739,8 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
     test_probs = run_test_probabilities(run_dir, images.paths["test"], classes) if run_dir else None
     test_source = f"the run {run_dir}" if test_probs is not None else "a head fitted on all training images"
     if test_probs is None:
-        test_probs = _probabilities(_head().fit(train_features, train_labels), test_features, n_classes)
+        test_probs = _probabilities(_head(len(train_labels)).fit(train_features, train_labels), test_features,
+                                   n_classes)
 
     issues: list[Issue] = []
     for split, labels, probs in (("train", train_labels, train_probs), ("test", test_labels, test_probs)):
@@ -763,7 +772,7 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
         images={"train": len(images.paths["train"]), "test": len(images.paths["test"])},
         method={"backbone": images.backbone, "image_size": images.image_size, "folds": folds, "features": "pooled, centre view",
                 "features_from": images.features_from, "backbone_images": images.backbone_images,
-                "head": f"logistic regression (standardised features, C={HEAD_C})",
+                "head": f"logistic regression (standardised features, C={HEAD_C_IMAGES:g} / images)",
                 "ranking": "cleanlab.rank.get_label_quality_scores(method='self_confidence')",
                 "flagging": "cleanlab.filter.find_label_issues(filter_by='prune_by_noise_rate')",
                 "test_scored_by": test_source},
