@@ -97,7 +97,7 @@ def training_loss_scores(features: np.ndarray, labels: np.ndarray, n_classes: in
     """The baseline: the loss of each image under a head fitted on all images (in sample)."""
     from finetune_core.review import _head, _probabilities
 
-    probs = _probabilities(_head().fit(features, labels), features, n_classes)
+    probs = _probabilities(_head(len(labels)).fit(features, labels), features, n_classes)
     return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
 
 

@@ -471,7 +471,7 @@ def _print_review(args, report) -> int:
 
     try:
         result = review_dataset(args.data, folds=args.folds, backbone=args.backbone, image_size=args.image_size,
-                                run_dir=args.run, report=report, progress=progress)
+                                run_dir=args.run, runs_dir=args.runs_dir, report=report, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -641,7 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="efficientnet_lite0", help="[default: %(default)s]")
     p.add_argument("--image-size", type=int, default=224, help="[default: %(default)s]")
     p.add_argument("--run", default=None, metavar="RUN_DIR",
-                   help="a finished run on this dataset: its predictions score the test images")
+                   help="a finished run on this dataset: its cached activations give the features and its "
+                        "predictions score the test images [default: the newest finished run on this dataset in "
+                        "--runs-dir whose activations are still cached, else the review computes its own]")
+    add_runs_dir(p)
     p.add_argument("--json", action="store_true", help="print the review as one JSON object (README)")
     p.add_argument("--csv", metavar="FILE", help="also write the issues to a CSV file")
     p.add_argument("--top", type=int, default=30, help="issues listed in the text output [default: %(default)s]")

@@ -2,11 +2,14 @@
 
 `review_dataset(path)` looks at a dataset the way the scan leaves it (the fixes file applied) and
 returns a `ReviewResult`: one list of `Issue`s (kind, path, given, suggested, score, other) and
-the health of each class. It reads the images once and runs the frozen backbone once:
+the health of each class. It reads each image once (`image_pass`): decoded straight to its
+centre view (the test transform's), which gives the frozen backbone's pooled features (its
+BatchNorms folded into the convolutions), the quality measures and the perceptual hashes. After
+a finished run on the same data with a frozen bottom (`run_dir`, or the newest in `runs_dir`),
+`run_pass` reads that run's cached activations instead (the engine's FeatureCache, same keys)
+and the backbone does not run at all.
 
-- Label issues, out of fold. The backbone's pooled features of every image (centre view, the
-  test transform's) are computed with the engine's own FeatureCache, as a run that trains the
-  head only would. A logistic-regression head is fitted k times (k folds, stratified), each
+- Label issues, out of fold. A logistic-regression head is fitted k times (k folds, stratified), each
   fold predicted by the head that did not see it, so every training image gets an out-of-sample
   probability for each class. Test images get theirs from a finished run's predictions.csv when
   one is given (the model the user trained), else from the head fitted on all training images
@@ -15,13 +18,16 @@ the health of each class. It reads the images once and runs the frozen backbone 
   method "self_confidence" (the out-of-fold probability of the given label): on out-of-fold
   probabilities it ranks planted flips well, it is the simplest score to explain on the page
   ("the model gives this label 3%"), and unlike "normalized_margin" it does not penalise a
-  correct image whose second class is close (measured on trashnet6 with 5% random flips: 88% of
-  them in the top 10% and precision 0.71 at k = flips, against 81% and 0.59 for normalized_margin).
+  correct image whose second class is close (measured on trashnet6 with 5% random flips and the
+  head at C=0.05: 88% of them in the top 10% and precision 0.71 at k = flips, against 81% and 0.59
+  for normalized_margin). The head's C is 16 / the images it is fitted on (HEAD_C_IMAGES; 0.01 for
+  trashnet6's folds): the stronger L2 penalty gave 91% and 0.73
+  (C=0.02: 89%, 0.71; 0.005: 90%, 0.74), and 0.8% of the unflipped labels flagged instead of 1.8%.
   Which images are *flagged* is `cleanlab.filter.find_label_issues(filter_by="prune_by_noise_rate")`
   (confident learning: as many per pair of classes as the estimated joint of given and true labels
   says are wrong), kept only where the suggested class differs from the given one and the model
   gives the given label under FLAG_GIVEN_BELOW (cleanlab alone flagged 5.6% of trashnet6's own,
-  unflipped labels; with this, 1.8%).
+  unflipped labels; with this, 1.8% at C=0.05 and 0.8% at C=0.01).
 - Copies: exact (the same bytes, as the scan finds them) and near (resized, re-encoded, slightly
   cropped, mirrored): a pair whose perceptual hashes (pHash of the centre view, and of its
   mirror) are close AND whose backbone features agree, or whose features are nearly identical.
@@ -41,6 +47,7 @@ Nothing is changed here: fixes are recorded by fixes.py and applied by the scan.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -53,6 +60,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from .data import ScanReport, scan_dataset
 
@@ -61,6 +69,7 @@ ProgressCallback = Callable[[float, str], None]
 DEFAULT_BACKBONE = "efficientnet_lite0"  # works offline; the fastest ImageNet backbone here
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_FOLDS = 5
+SPLITS = ("train", "test")
 
 # Thresholds of the detectors (measured on seefood, hymenoptera and trashnet6: README).
 DARK_P99_BRIGHTNESS = 100.0     # the brightest 1% of pixels still darker than this (0-255)
@@ -73,8 +82,10 @@ NEAR_HASH_BITS = 6              # pHash Hamming distance (of 64 bits) of a near 
 LOOSE_HASH_BITS = 10            # or this distance together with
 NEAR_COSINE = 0.95              # this cosine of the backbone's features,
 SAME_COSINE = 0.99              # or this cosine alone
+HEAD_C_IMAGES = 16.0            # the head's C is this / the images it is fitted on: 0.01 for trashnet6's folds
+                                # (bench_review.py); a fixed C would regularise 60 photos 30 times harder
 FLAG_GIVEN_BELOW = 0.02         # flag a label only when the out-of-fold model gives it under 2% (bench_review.py:
-                                # cleanlab alone flagged 5.6% of trashnet6's own labels, this 1.8%)
+                                # cleanlab alone flagged 5.6% of trashnet6's own labels, this 0.8%)
 IMBALANCE_RATIO = 5.0
 FEW_IMAGES = 20                 # a class with fewer training images is named as too few to learn well
 
@@ -142,7 +153,7 @@ class ReviewResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Activations of the frozen backbone, through the engine's FeatureCache
+# One pass over the images: the backbone's features, the quality measures and the hashes
 
 
 class _Progress:
@@ -179,8 +190,141 @@ class _Progress:
 
 
 @dataclass
+class ImagePass:
+    """What the review reads of every image, per split ("train", "test"): its path and label, the
+    backbone's pooled features of its centre view, its quality measures and perceptual hashes."""
+    paths: dict[str, list[str]] = field(default_factory=dict)
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    measures: dict[str, dict] = field(default_factory=dict)
+    hashes: dict[str, tuple] = field(default_factory=dict)
+    skipped: list = field(default_factory=list)   # data.Problem of the files that failed to decode
+    backbone_images: int = 0                      # images this review ran through the backbone
+    features_from: str = ""                       # in words: computed here, or a run's cached activations
+    backbone: str = ""                            # whose features they are
+    image_size: int = 0
+
+
+PASS_BATCH = 64  # images per batch of the review's pass (Lite0 folded: 24 ms of CPU an image at 64, 34 at 32)
+
+
+def fold_batch_norms(module: nn.Module) -> nn.Module:
+    """A copy of an eval-mode `module` in which every BatchNorm that directly follows a convolution
+    (its next sibling) is folded into that convolution's weights and bias: the same outputs for
+    a third less CPU time (EfficientNet-Lite0 at 224 px: 44 -> 30 ms per image, its BatchNorm
+    layers were a third of the pass in py-spy). timm's BatchNormAct2d keeps its activation."""
+    from timm.layers import BatchNormAct2d
+
+    module = copy.deepcopy(module).eval()
+
+    def fold(parent: nn.Module) -> None:
+        children = list(parent.named_children())
+        for (_, before), (name, child) in zip(children, children[1:]):
+            if isinstance(child, nn.BatchNorm2d) and isinstance(before, nn.Conv2d) and child.track_running_stats \
+                    and before.out_channels == child.num_features:
+                with torch.no_grad():
+                    scale = child.weight / torch.sqrt(child.running_var + child.eps)
+                    bias = before.bias if before.bias is not None else torch.zeros_like(child.running_mean)
+                    before.weight = nn.Parameter(before.weight * scale.view(-1, 1, 1, 1))
+                    before.bias = nn.Parameter((bias - child.running_mean) * scale + child.bias)
+                setattr(parent, name, nn.Sequential(child.drop, child.act) if isinstance(child, BatchNormAct2d)
+                        else nn.Identity())
+        for _, child in parent.named_children():
+            fold(child)
+
+    fold(module)
+    return module
+
+
+def inference_bottom(bottom: nn.Module, image_size: int) -> nn.Module:
+    """The frozen bottom with its BatchNorms folded, when that gives the same outputs (checked on
+    two random images: a backbone whose forward does not run a convolution straight into the
+    BatchNorm after it keeps its own layers)."""
+    folded = fold_batch_norms(bottom)
+    x = torch.randn(2, 3, image_size, image_size)
+    with torch.inference_mode():
+        same = torch.allclose(bottom.eval()(x), folded(x), rtol=1e-3, atol=1e-3)
+    return folded if same else bottom.eval()
+
+
+def _decode_view(path: str, image_size: int) -> tuple[np.ndarray | None, str]:
+    """One image's centre view (the test transform's, uint8 3 x S x S), or why it failed."""
+    from .prepare import decode_test
+
+    try:
+        return decode_test(path, image_size), ""
+    except Exception as exc:  # noqa: BLE001 - a file that fails is skipped and reported, as in training
+        return None, f"failed to decode ({type(exc).__name__}: {exc}), skipped"
+
+
+def image_pass(report: ScanReport, backbone: str, image_size: int, weights: str, progress: _Progress) -> ImagePass:
+    """Decode every image once, straight to its centre view, and compute from that one view the
+    backbone's pooled features (BatchNorms folded, channels_last, bf16 where the CPU has it),
+    the quality measures and the perceptual hashes (a batch's images are decoded by the reader
+    threads, then the backbone runs on them). Nothing is written to the decode cache: a cold review is the one that must be quick."""
+    from .config import TrainConfig
+    from .data import WARNING, Problem
+    from .engine import normalisation, use_bf16
+    from .models import build_model, resolve_device, split_model
+    from .prepare import normalize_batch, readers
+
+    config = TrainConfig(data=report.root, backbone=backbone, weights=weights, image_size=image_size,
+                         train_stages="head", precision="bf16")
+    device = resolve_device("auto")
+
+    def load_bottom() -> nn.Module:  # once the first images are decoded: a stop before costs nothing
+        progress(done / total, f"loading {backbone}")
+        bottom, _ = split_model(build_model(backbone, len(report.classes), weights), backbone, "head")
+        return inference_bottom(bottom, image_size).to(device).to(memory_format=torch.channels_last)
+
+    bottom = None
+    mean, std = normalisation(config)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(config, device))
+    out = ImagePass(features_from=f"{backbone} at {image_size} px, computed by this review", backbone=backbone,
+                    image_size=image_size)
+    total, done = sum(len(report.samples[s]) for s in SPLITS), 0
+    pool = readers()
+    for split in SPLITS:
+        records = report.samples[split]
+        batches = [records[i:i + PASS_BATCH] for i in range(0, len(records), PASS_BATCH)]
+        parts: dict[str, list] = {"paths": [], "labels": [], "features": [], "measures": [], "hashes": []}
+        for batch in batches:
+            progress(done / total, f"decoding images and computing their features ({done}/{total})")
+            decoded = list(pool.map(lambda record: _decode_view(record.path, image_size), batch))
+            ok = [(r, view) for r, (view, error) in zip(batch, decoded) if view is not None]
+            out.skipped += [Problem(r.path, error, WARNING) for r, (view, error) in zip(batch, decoded) if error]
+            done += len(batch)
+            if not ok:
+                continue
+            views = torch.from_numpy(np.stack([view for _, view in ok]))
+            if bottom is None:
+                bottom = load_bottom()
+            with torch.inference_mode(), autocast:
+                x = normalize_batch(views.to(device), mean, std, channels_last=True)
+                parts["features"].append(bottom(x).float().flatten(1).cpu().numpy())
+            out.backbone_images += len(ok)
+            parts["paths"] += [r.path for r, _ in ok]
+            parts["labels"] += [r.label for r, _ in ok]
+            parts["measures"].append(quality_measures(views))
+            parts["hashes"].append(perceptual_hashes(views))
+        if not parts["paths"]:
+            from .data import DatasetError
+
+            raise DatasetError(f"no image of the {split} split could be decoded")
+        out.paths[split], out.labels[split] = parts["paths"], np.asarray(parts["labels"], dtype=np.int64)
+        out.features[split] = np.concatenate(parts["features"])
+        out.measures[split] = {k: np.concatenate([m[k] for m in parts["measures"]]) for k in parts["measures"][0]}
+        out.hashes[split] = tuple(np.concatenate([h[k] for h in parts["hashes"]]) for k in range(3))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The same pass from a finished run's cached activations
+
+
+@dataclass
 class _FeatureContext:
-    """What FeatureCache reads of a run's Setup, for a review that trains no model."""
+    """What FeatureCache reads of a run's Setup, rebuilt from the run's config.json."""
     config: object
     data: object
     device: torch.device
@@ -199,50 +343,108 @@ class _FeatureContext:
         return 0.0
 
 
-def backbone_features(report: ScanReport, backbone: str, image_size: int, weights: str, cache_dir: str | None,
-                      progress: _Progress) -> tuple[object, np.ndarray, np.ndarray]:
-    """(decoded data, training features, test features): the pooled output of the backbone without
-    its head, for the centre view of every image, from the engine's FeatureCache."""
-    from .config import TrainConfig
-    from .engine import FeatureCache, normalisation, use_bf16
-    from .models import build_model, resolve_device, split_model
-    from .prepare import prepare_data
+def reusable_run(report: ScanReport, runs_dir: str | os.PathLike) -> str | None:
+    """The newest completed run in `runs_dir` on this dataset whose bottom was frozen (it cached
+    the frozen layers' activations), or None."""
+    from .runs import list_runs
 
-    config = TrainConfig(data=report.root, backbone=backbone, weights=weights, image_size=image_size,
-                         train_stages="head", precision="bf16", eval_batch_size=64)
+    for info in list_runs(runs_dir):
+        if info.state == "completed" and not info.error and info.dataset and \
+                os.path.realpath(info.dataset) == os.path.realpath(report.root):
+            try:
+                stages = json.loads((Path(info.path) / "config.json").read_text())["config"]["train_stages"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if stages != "all":
+                return info.path
+    return None
+
+
+def run_pass(run_dir: str | os.PathLike, report: ScanReport, cache_dir: str | None,
+             progress: _Progress) -> ImagePass | None:
+    """The ImagePass from a finished run's cached activations of its frozen bottom (the centre
+    view of every training and test image, as the engine's FeatureCache kept them: keyed by the
+    run's settings, its frozen weights and the images, so a changed dataset or fixes file finds
+    none): the layers between the run's split point and the pooled features (for the fast preset,
+    Lite's 1x1 conv_head on the 9 x 9 map) turn them into features; the bottom never runs. The
+    quality measures and hashes come from the run's decoded images. None when any is missing."""
+    from .activations import FeatureCache
+    from .config import ConfigError, TrainConfig
+    from .engine import normalisation, use_bf16
+    from .models import build_model, resolve_device, seeded_init, split_model
+    from .prepare import prepare_data, validation_split
+
+    try:
+        config = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return None
+    if config.train_stages == "all" or os.path.realpath(config.data) != os.path.realpath(report.root):
+        return None
     device = resolve_device("auto")
-    progress.part(0.0, 0.35)
-    data = prepare_data(report, image_size, cache_dir=cache_dir, device=device,
+    progress(0.0, f"reading the cached activations of the run {Path(run_dir).name}")
+    data = prepare_data(report, config.image_size, cache_dir=cache_dir, device=device,
                         progress=lambda done, total: progress(done / max(total, 1),
-                                                              f"decoding images ({done}/{total})"))
-    progress.part(0.35, 0.4)
-    progress(0.0, f"loading {backbone}")
-    model = build_model(backbone, len(report.classes), weights).to(device)
-    bottom, _ = split_model(model, backbone, "head")
+                                                              f"reading the decoded images ({done}/{total})"))
+    split = validation_split(data, config.val_fraction)
+    with seeded_init(config.seed):
+        model = build_model(config.backbone, len(report.classes), config.weights).to(device)
     if config.channels_last:
-        bottom.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
+    bottom, top = split_model(model, config.backbone, config.train_stages)
+    _, head_top = split_model(model, config.backbone, "head")
+    middle = nn.Sequential(*list(top.children())[:len(top) - len(head_top)]).eval()
     mean, std = normalisation(config)
-    ctx = _FeatureContext(config=config, data=data, device=device, bf16=use_bf16(config, device), mean=mean,
-                          std=std, train_idx=list(range(len(data.train_labels))), cache_dir=cache_dir)
-    cache = FeatureCache(bottom, ctx, progress)
-    progress.part(0.4, 0.7)
-    train = cache.get("train").float().reshape(len(data.train_labels), -1).numpy()
-    progress.part(0.7, 0.8)
-    test = cache.get("test").float().reshape(len(data.test_labels), -1).numpy()
+    ctx = _FeatureContext(config=config, data=data, device=device, bf16=use_bf16(config, device), mean=mean, std=std,
+                          train_idx=split.train, val_idx=split.val, cache_dir=cache_dir)
+    cache = FeatureCache(bottom, ctx, progress, stages=config.train_stages)
+    parts = [("train", split.train)] + ([("val", split.val)] if split.val else []) + [("test", None)]
+    if any(cache.entry_path(name, 0, False) is None or not cache.entry_path(name, 0, False).exists()
+           for name, _ in parts):
+        return None
+    out = ImagePass(features_from=f"{config.backbone} at {config.image_size} px, the cached activations of the run "
+                                  f"{Path(run_dir).name}", skipped=list(data.skipped), backbone=config.backbone,
+                    image_size=config.image_size)
+    features: dict[str, np.ndarray] = {}
+    for name, rows in parts:
+        with torch.inference_mode(), ctx.autocast():
+            pooled = np.concatenate([middle(chunk.to(device).float()).float().flatten(1).cpu().numpy()
+                                     for chunk in cache.get(name, 0, False).split(256)])
+        if name == "test":
+            features["test"] = pooled
+        else:
+            features.setdefault("train", np.zeros((len(data.train_labels), pooled.shape[1]), dtype=np.float32))
+            features["train"][rows] = pooled
     cache.close()
-    return data, train, test
+    out.features = features
+    for name, labels, paths in (("train", data.train_labels, data.train_paths),
+                                ("test", data.test_labels, data.test_paths)):
+        measures, hashes = [], []
+        for _, views in centre_views(data, name):
+            progress.check_stop()
+            measures.append(quality_measures(views))
+            hashes.append(perceptual_hashes(views))
+        out.paths[name], out.labels[name] = list(paths), labels.numpy()
+        out.measures[name] = {k: np.concatenate([m[k] for m in measures]) for k in measures[0]}
+        out.hashes[name] = tuple(np.concatenate([h[k] for h in hashes]) for k in range(3))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # Label issues
 
 
-def _head():
+def head_c(n_images: int) -> float:
+    """The head's C (sklearn's: the inverse of the L2 penalty against the SUM of the losses): the
+    same penalty per image whatever the dataset's size."""
+    return HEAD_C_IMAGES / max(n_images, 1)
+
+
+def _head(n_images: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=300))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=head_c(n_images), max_iter=300))
 
 
 def _probabilities(model, features: np.ndarray, n_classes: int) -> np.ndarray:
@@ -268,7 +470,7 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, n_classe
     for i, (fit_idx, held_idx) in enumerate(splitter.split(features, labels)):
         if progress:
             progress(i / k, f"fitting fold {i + 1} of {k}")
-        model = _head().fit(features[fit_idx], labels[fit_idx])
+        model = _head(len(fit_idx)).fit(features[fit_idx], labels[fit_idx])
         probs[held_idx] = _probabilities(model, features[held_idx], n_classes)
     return probs
 
@@ -340,35 +542,48 @@ def centre_views(data, split: str, batch: int = 64):
 
 
 def quality_measures(views: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per image of a uint8 batch: 99th and 1st percentile of perceived brightness, variance of the
-    Laplacian of grey, grey standard deviation."""
+    """Per image of a uint8 batch: 99th and 1st percentile of perceived brightness (of every fourth
+    pixel), variance of the Laplacian of grey, grey standard deviation."""
     x = views.float()
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    brightness = torch.sqrt(0.241 * r ** 2 + 0.691 * g ** 2 + 0.068 * b ** 2).flatten(1)
-    grey = (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-    laplacian = torch.nn.functional.conv2d(grey, kernel)
-    q = torch.quantile(brightness[:, ::4], torch.tensor([0.01, 0.99]), dim=1)
+    grey = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    laplacian = (grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] + grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1]
+                 - 4 * grey[:, 1:-1, 1:-1])  # the 3 x 3 kernel [[0, 1, 0], [1, -4, 1], [0, 1, 0]], no padding
+    every_fourth = x.flatten(2)[:, :, ::4]
+    brightness = torch.sqrt(0.241 * every_fourth[:, 0] ** 2 + 0.691 * every_fourth[:, 1] ** 2
+                            + 0.068 * every_fourth[:, 2] ** 2)
+    q = torch.quantile(brightness, torch.tensor([0.01, 0.99]), dim=1)
     return {"p1_brightness": q[0].numpy(), "p99_brightness": q[1].numpy(),
             "laplacian_var": laplacian.flatten(1).var(1).numpy(), "grey_std": grey.flatten(1).std(1).numpy()}
+
+
+def _low_frequencies(greys: list) -> np.ndarray:
+    """pHash's 8 x 8 lowest DCT frequencies (imagehash.phash's: grey, 32 x 32 Lanczos, DCT-II of
+    rows and columns) of PIL grey images, N x 8 x 8."""
+    import scipy.fftpack
+    from PIL import Image
+
+    pixels = np.stack([np.asarray(g.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64) for g in greys])
+    return scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=1), axis=2)[:, :8, :8]
+
+
+def _above_median(low: np.ndarray) -> np.ndarray:
+    return low > np.median(low.reshape(len(low), -1), axis=1)[:, None, None]
 
 
 def perceptual_hashes(views: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """pHash bits (N x 64) of a uint8 batch of centre views: of each view, of its mirror image, and
     of its central 90% (a copy cropped by about 5% a side hashes like that: measured on trashnet6,
-    such copies are within 2 bits of it and at 10-26 bits of the plain hash)."""
-    import imagehash
+    such copies are within 2 bits of it and at 10-26 bits of the plain hash). The mirror's needs
+    no second DCT: mirroring a row negates its odd horizontal frequencies."""
     from PIL import Image
 
-    plain, mirrored, zoomed = [], [], []
-    for view in views.permute(0, 2, 3, 1).numpy():
-        img = Image.fromarray(view)
-        side = img.width
-        margin = round(side * 0.05)
-        plain.append(imagehash.phash(img).hash.ravel())
-        mirrored.append(imagehash.phash(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).hash.ravel())
-        zoomed.append(imagehash.phash(img.crop((margin, margin, side - margin, side - margin))).hash.ravel())
-    return tuple(np.asarray(h, dtype=bool) for h in (plain, mirrored, zoomed))
+    greys = [Image.fromarray(view).convert("L") for view in views.permute(0, 2, 3, 1).numpy()]
+    side = views.shape[-1]
+    margin = round(side * 0.05)
+    low = _low_frequencies(greys)
+    odd_negated = np.where(np.arange(8) % 2, -1.0, 1.0)
+    zoomed = _low_frequencies([g.crop((margin, margin, side - margin, side - margin)) for g in greys])
+    return tuple(_above_median(f).reshape(len(views), 64) for f in (low, low * odd_negated, zoomed))
 
 
 def quality_issues(measures: dict[str, np.ndarray], sizes: np.ndarray) -> list[tuple[int, str, float, str]]:
@@ -482,15 +697,17 @@ def class_health(report: ScanReport, issues: list[Issue]) -> tuple[list[dict], l
 
 def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone: str = DEFAULT_BACKBONE,
                    image_size: int = DEFAULT_IMAGE_SIZE, weights: str = "auto",
-                   run_dir: str | os.PathLike | None = None,
+                   run_dir: str | os.PathLike | None = None, runs_dir: str | os.PathLike | None = None,
                    cache_dir: str | None = None, progress: ProgressCallback | None = None,
                    stop_event: threading.Event | None = None, report: ScanReport | None = None,
                    kept: set[tuple[str, str]] | None = None, features_out: dict | None = None) -> ReviewResult:
     """Review a dataset folder (see the module's docstring). `run_dir`: a finished run on the same
-    data whose predictions score the test images. `kept`: (path, kind) pairs a person marked as
-    not an issue (the fixes file's "keep" entries are read when None). `features_out`: a dict that
-    receives the features, labels and paths (benchmarks reuse them). Raises ReviewStopped when
-    `stop_event` is set; DatasetError when the dataset is unusable."""
+    data, whose cached activations give the features (its backbone then, not `backbone`) and
+    whose predictions score the test images; `runs_dir`: where to look for the newest such run
+    when `run_dir` is not given. `kept`: (path, kind) pairs a person marked as not an issue (the
+    fixes file's "keep" entries are read when None). `features_out`: a dict that receives the
+    features, labels and paths (benchmarks reuse them). Raises ReviewStopped when `stop_event` is
+    set; DatasetError when the dataset is unusable."""
     from .data import DatasetError
 
     if folds < 2:
@@ -502,25 +719,32 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
     report = report or scan_dataset(path)
     if not report.usable:
         raise DatasetError(f"dataset not usable: {report.reason()}")
-    data, train_features, test_features = backbone_features(report, backbone, image_size, weights, cache_dir, steps)
+    if run_dir is None and runs_dir is not None:
+        run_dir = reusable_run(report, runs_dir)
+    steps.part(0.0, 0.85)
+    images = run_pass(run_dir, report, cache_dir, steps) if run_dir else None
+    if images is None:
+        images = image_pass(report, backbone, image_size, weights, steps)
     classes = report.classes
     n_classes = len(classes)
-    train_labels = data.train_labels.numpy()
-    test_labels = data.test_labels.numpy()
+    train_labels, test_labels = images.labels["train"], images.labels["test"]
+    train_features, test_features = images.features["train"], images.features["test"]
     if features_out is not None:
         features_out.update(train=train_features, test=test_features, train_labels=train_labels,
-                            test_labels=test_labels, train_paths=data.train_paths, test_paths=data.test_paths)
+                            test_labels=test_labels, train_paths=images.paths["train"],
+                            test_paths=images.paths["test"])
 
-    steps.part(0.8, 0.9)
+    steps.part(0.85, 1.0)
     train_probs = out_of_fold_probabilities(train_features, train_labels, n_classes, folds, progress=steps)
-    test_probs = run_test_probabilities(run_dir, data.test_paths, classes) if run_dir else None
+    test_probs = run_test_probabilities(run_dir, images.paths["test"], classes) if run_dir else None
     test_source = f"the run {run_dir}" if test_probs is not None else "a head fitted on all training images"
     if test_probs is None:
-        test_probs = _probabilities(_head().fit(train_features, train_labels), test_features, n_classes)
+        test_probs = _probabilities(_head(len(train_labels)).fit(train_features, train_labels), test_features,
+                                   n_classes)
 
     issues: list[Issue] = []
-    for split, labels, probs, paths in (("train", train_labels, train_probs, data.train_paths),
-                                        ("test", test_labels, test_probs, data.test_paths)):
+    for split, labels, probs in (("train", train_labels, train_probs), ("test", test_labels, test_probs)):
+        paths = images.paths[split]
         scores, flagged = label_issues(labels, probs)
         for i in np.flatnonzero(flagged):
             suggested = int(probs[i].argmax())
@@ -529,26 +753,15 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
                                 detail=f"the model gives '{classes[labels[i]]}' {probs[i, labels[i]]:.0%} and "
                                        f"'{classes[suggested]}' {probs[i, suggested]:.0%}"))
 
-    steps.part(0.9, 1.0)
-    steps(0.0, "looking for copies and images that teach little")
-    measures: dict[str, dict] = {}
-    hashes: dict[str, tuple] = {}
-    for split in ("train", "test"):
-        parts, batches = [], []
-        for idx, views in centre_views(data, split):
-            steps.check_stop()
-            parts.append(quality_measures(views))
-            batches.append(perceptual_hashes(views))
-        measures[split] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        hashes[split] = tuple(np.concatenate([b[k] for b in batches]) for k in range(3))
-    sizes = {split: np.asarray([(r.width, r.height) for r in _records_of(report, paths)])
-             for split, paths in (("train", data.train_paths), ("test", data.test_paths))}
-    for split, labels, paths in (("train", train_labels, data.train_paths), ("test", test_labels, data.test_paths)):
-        for i, kind, score, detail in quality_issues(measures[split], sizes[split]):
+    steps(1.0, "looking for copies and images that teach little")
+    for split in SPLITS:
+        labels, paths = images.labels[split], images.paths[split]
+        sizes = np.asarray([(r.width, r.height) for r in _records_of(report, paths)])
+        for i, kind, score, detail in quality_issues(images.measures[split], sizes):
             issues.append(Issue(kind, paths[i], split, classes[labels[i]], score=round(float(score), 4),
                                 detail=detail))
 
-    issues.extend(copy_issues(report, data, hashes, train_features, test_features))
+    issues.extend(copy_issues(report, images))
     if kept is None:
         kept = kept_issues(report.root)
     issues = [i for i in issues if (i.path, i.kind) not in kept]
@@ -556,9 +769,10 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
     health, notes = class_health(report, issues)
     return ReviewResult(
         root=report.root, classes=classes, issues=issues, class_health=health, health_notes=notes,
-        images={"train": len(data.train_paths), "test": len(data.test_paths)},
-        method={"backbone": backbone, "image_size": image_size, "folds": folds, "features": "pooled, centre view",
-                "head": "logistic regression (standardised features, C=0.05)",
+        images={"train": len(images.paths["train"]), "test": len(images.paths["test"])},
+        method={"backbone": images.backbone, "image_size": images.image_size, "folds": folds, "features": "pooled, centre view",
+                "features_from": images.features_from, "backbone_images": images.backbone_images,
+                "head": f"logistic regression (standardised features, C={HEAD_C_IMAGES:g} / images)",
                 "ranking": "cleanlab.rank.get_label_quality_scores(method='self_confidence')",
                 "flagging": "cleanlab.filter.find_label_issues(filter_by='prune_by_noise_rate')",
                 "test_scored_by": test_source},
@@ -571,14 +785,13 @@ def _records_of(report: ScanReport, paths: list[str]):
     return [by_path[p] for p in paths]
 
 
-def copy_issues(report: ScanReport, data, hashes: dict, train_features: np.ndarray,
-                test_features: np.ndarray) -> list[Issue]:
+def copy_issues(report: ScanReport, images: ImagePass) -> list[Issue]:
     """Exact and near copies within the splits, and copies of training images in the test split
     (leaks: the exact ones the scan already left out, and near ones)."""
     classes = report.classes
-    paths = data.train_paths + data.test_paths
-    labels = np.concatenate([data.train_labels.numpy(), data.test_labels.numpy()])
-    n_train = len(data.train_paths)
+    paths = images.paths["train"] + images.paths["test"]
+    labels = np.concatenate([images.labels["train"], images.labels["test"]])
+    n_train = len(images.paths["train"])
     split = lambda k: "train" if k < n_train else "test"  # noqa: E731
     issues = []
     for test_path, train_path in report.exact_leaks:
@@ -599,8 +812,8 @@ def copy_issues(report: ScanReport, data, hashes: dict, train_features: np.ndarr
                                                               else "another image")))
         else:
             first_of[sha[p]] = k
-    both = tuple(np.concatenate([hashes["train"][k], hashes["test"][k]]) for k in range(3))
-    features = np.concatenate([train_features, test_features])
+    both = tuple(np.concatenate([images.hashes["train"][k], images.hashes["test"][k]]) for k in range(3))
+    features = np.concatenate([images.features["train"], images.features["test"]])
     for k, j, similarity in near_copies(both, features):
         if k in exact:
             continue

@@ -61,7 +61,8 @@ def job_section(root: str, data: str) -> None:
     folds = st.number_input("Folds", 2, 10, 5, key="review_folds",
                             help="each image is predicted by a head fitted on the other folds")
     if st.button("Review this dataset", type="primary", key="review_start"):
-        jobs[root] = ReviewJob(data, result_path(root, runs_root()), folds=int(folds)).start()
+        jobs[root] = ReviewJob(data, result_path(root, runs_root()), folds=int(folds),
+                               runs_dir=runs_root()).start()
         st.rerun()
 
 
