@@ -47,7 +47,6 @@ Nothing is changed here: fixes are recorded by fixes.py and applied by the scan.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import os
@@ -208,45 +207,6 @@ class ImagePass:
 PASS_BATCH = 64  # images per batch of the review's pass (Lite0 folded: 24 ms of CPU an image at 64, 34 at 32)
 
 
-def fold_batch_norms(module: nn.Module) -> nn.Module:
-    """A copy of an eval-mode `module` in which every BatchNorm that directly follows a convolution
-    (its next sibling) is folded into that convolution's weights and bias: the same outputs for
-    a third less CPU time (EfficientNet-Lite0 at 224 px: 44 -> 30 ms per image, its BatchNorm
-    layers were a third of the pass in py-spy). timm's BatchNormAct2d keeps its activation."""
-    from timm.layers import BatchNormAct2d
-
-    module = copy.deepcopy(module).eval()
-
-    def fold(parent: nn.Module) -> None:
-        children = list(parent.named_children())
-        for (_, before), (name, child) in zip(children, children[1:]):
-            if isinstance(child, nn.BatchNorm2d) and isinstance(before, nn.Conv2d) and child.track_running_stats \
-                    and before.out_channels == child.num_features:
-                with torch.no_grad():
-                    scale = child.weight / torch.sqrt(child.running_var + child.eps)
-                    bias = before.bias if before.bias is not None else torch.zeros_like(child.running_mean)
-                    before.weight = nn.Parameter(before.weight * scale.view(-1, 1, 1, 1))
-                    before.bias = nn.Parameter((bias - child.running_mean) * scale + child.bias)
-                setattr(parent, name, nn.Sequential(child.drop, child.act) if isinstance(child, BatchNormAct2d)
-                        else nn.Identity())
-        for _, child in parent.named_children():
-            fold(child)
-
-    fold(module)
-    return module
-
-
-def inference_bottom(bottom: nn.Module, image_size: int) -> nn.Module:
-    """The frozen bottom with its BatchNorms folded, when that gives the same outputs (checked on
-    two random images: a backbone whose forward does not run a convolution straight into the
-    BatchNorm after it keeps its own layers)."""
-    folded = fold_batch_norms(bottom)
-    x = torch.randn(2, 3, image_size, image_size)
-    with torch.inference_mode():
-        same = torch.allclose(bottom.eval()(x), folded(x), rtol=1e-3, atol=1e-3)
-    return folded if same else bottom.eval()
-
-
 def _decode_view(path: str, image_size: int) -> tuple[np.ndarray | None, str]:
     """One image's centre view (the test transform's, uint8 3 x S x S), or why it failed."""
     from .prepare import decode_test
@@ -265,6 +225,7 @@ def image_pass(report: ScanReport, backbone: str, image_size: int, weights: str,
     from .config import TrainConfig
     from .data import WARNING, Problem
     from .engine import normalisation, use_bf16
+    from .activations import fold_batchnorm
     from .models import build_model, resolve_device, split_model
     from .prepare import normalize_batch, readers
 
@@ -275,7 +236,7 @@ def image_pass(report: ScanReport, backbone: str, image_size: int, weights: str,
     def load_bottom() -> nn.Module:  # once the first images are decoded: a stop before costs nothing
         progress(done / total, f"loading {backbone}")
         bottom, _ = split_model(build_model(backbone, len(report.classes), weights), backbone, "head")
-        return inference_bottom(bottom, image_size).to(device).to(memory_format=torch.channels_last)
+        return fold_batchnorm(bottom.eval(), check_size=image_size).to(device).to(memory_format=torch.channels_last)
 
     bottom = None
     mean, std = normalisation(config)

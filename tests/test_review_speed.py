@@ -9,24 +9,6 @@ import torch
 from conftest import make_dataset, tiny_train_config
 
 
-def test_folding_batch_norms_keeps_the_backbones_outputs():
-    from finetune_core.models import build_model, split_model
-    from finetune_core.review import fold_batch_norms
-
-    torch.manual_seed(0)
-    model = build_model("tiny_lite", 3, "none")
-    bottom, _ = split_model(model, "tiny_lite", "head")
-    for m in bottom.modules():  # running statistics that are not the identity
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-    folded = fold_batch_norms(bottom)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    x = torch.randn(4, 3, 32, 32)
-    with torch.inference_mode():
-        assert torch.allclose(bottom.eval()(x), folded(x), atol=1e-5)
-
-
 def test_the_mirrored_hash_equals_the_hash_of_the_mirror_image():
     from finetune_core.review import perceptual_hashes
 
