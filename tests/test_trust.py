@@ -1,0 +1,111 @@
+"""Trust the answers (issue 24): calibrated confidences, "not sure", whole folders, heatmaps."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_tiny_dataset, tiny_train_config
+from finetune_core import calibration
+from finetune_core.engine import train
+from finetune_core.predict import Predictor, export_bundle
+
+
+def overconfident_logits(n=400, classes=3, seed=0):
+    """Logits of a model right 70% of the time that claims ~99%: what fine-tuning often gives."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    predicted = torch.where(torch.rand(n, generator=g) < 0.7, labels, torch.randint(0, classes, (n,), generator=g))
+    logits = torch.randn(n, classes, generator=g)
+    logits[torch.arange(n), predicted] += 6.0
+    return logits, labels
+
+
+def test_temperature_fitting_lowers_the_nll_and_keeps_every_answer():
+    logits, labels = overconfident_logits()
+    t = calibration.fit_temperature(logits, labels)
+    assert t > 1.5  # over-confident: the logits are divided down
+    assert calibration.nll(logits, labels, t) < calibration.nll(logits, labels) - 0.1
+    assert torch.equal((logits / t).argmax(1), logits.argmax(1))
+    before = calibration.expected_calibration_error(torch.softmax(logits, 1), labels)
+    after = calibration.expected_calibration_error(torch.softmax(logits / t, 1), labels)
+    assert after < before / 2
+
+
+def test_the_threshold_answers_the_most_images_at_the_stated_error_rate():
+    # confidences 0.9..0.5; wrong: the 3rd and the 6th most confident
+    probs = torch.tensor([[p, 1 - p] for p in (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)])
+    labels = torch.tensor([0, 0, 1, 0, 0, 1, 0, 0])
+    assert calibration.choose_threshold(probs, labels, max_error=0.2) == pytest.approx(0.75)  # 1 of 5 wrong
+    assert calibration.choose_threshold(probs, labels, max_error=0.0) == pytest.approx(0.9)
+    assert calibration.choose_threshold(probs[2:3], labels[2:3], max_error=0.05) == 1.0  # answers none
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory):
+    """A tiny run with a validation split, trained once for the module."""
+    tmp = tmp_path_factory.mktemp("trust")
+    config = tiny_train_config(make_tiny_dataset(tmp / "tiny"), epochs=3, val_fraction=0.25)
+    train(config, tmp / "runs" / "run", cache_dir="")
+    return tmp / "runs" / "run"
+
+
+def test_a_finished_run_records_its_temperature_and_predict_uses_it(calibrated_run):
+    status = json.loads((calibrated_run / "status.json").read_text())
+    t, record = status["temperature"], status["calibration"]
+    assert record["fitted_on"] == "val" and record["temperature"] == t and 0 < record["threshold"] <= 1
+    assert record["nll_after"] <= record["nll_before"] + 1e-6
+    assert {"ece_before", "ece_after", "bins_before", "bins_after"} <= set(record)
+    predictor = Predictor.from_run(calibrated_run)
+    assert predictor.temperature == t and predictor.threshold == record["threshold"]
+    frame = pd.read_csv(calibrated_run / "predictions.csv")
+    live = predictor.predict_files(list(frame["path"]), top_k=1)
+    # predictions.csv's confidence is the calibrated one the Predict page and the CLI give
+    assert np.allclose(frame["confidence"], [p.top[0][1] for p in live], atol=1e-4)
+
+
+def test_a_run_without_a_validation_split_cross_validates_its_temperature(tmp_path):
+    config = tiny_train_config(make_tiny_dataset(tmp_path / "tiny"), epochs=1)
+    status = train(config, tmp_path / "run", cache_dir="")
+    assert status["calibration"]["fitted_on"] == "test" and "cross-validation" in status["calibration"]["method"]
+
+
+def test_a_run_from_before_calibration_predicts_with_temperature_1(calibrated_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(calibrated_run, tmp_path / "old")
+    status = json.loads((run / "status.json").read_text())
+    del status["temperature"], status["calibration"]
+    (run / "status.json").write_text(json.dumps(status))
+    old = Predictor.from_run(run)
+    assert old.temperature == 1.0 and old.threshold == 0.0
+
+
+@pytest.mark.slow
+def test_the_temperature_and_threshold_reach_the_bundle_and_its_onnx_example(calibrated_run, tmp_path, capsys):
+    """The README's onnxruntime lines (run as written) divide by the bundle's temperature and answer
+    "not sure" below its threshold, as the Predict page does."""
+    from conftest import ROOT
+
+    bundle = export_bundle(calibrated_run, tmp_path / "bundle")
+    predictor = Predictor.from_run(calibrated_run)
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["temperature"] == predictor.temperature and meta["not_sure_threshold"] == predictor.threshold
+    reloaded = Predictor.from_bundle(bundle)
+    assert (reloaded.temperature, reloaded.threshold) == (predictor.temperature, predictor.threshold)
+    image = pd.read_csv(calibrated_run / "predictions.csv")["path"][0]
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("<!-- onnxruntime example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace('"bundle/', f'"{bundle}/').replace('"photo.jpg"', f'"{image}"')
+    for threshold in (0.0, 1.0):  # answers always, never
+        meta["not_sure_threshold"] = threshold
+        (bundle / "model.json").write_text(json.dumps(meta))
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own lines
+        expected = predictor.predict_files([image], top_k=1, threshold=threshold)[0]
+        assert np.abs(namespace["probs"].max() - expected.top[0][1]) < 1e-4  # calibrated, as Predict's
+        assert capsys.readouterr().out.strip() == expected.answer
+    assert expected.answer == "not sure"
