@@ -195,9 +195,11 @@ class Predictor:
             img = image_from_bytes(data, name)
         except PredictError as exc:
             return Prediction(name, [], str(exc))
-        return Prediction(name, self.top_k(self.probabilities([img])[0], top_k), threshold=self._threshold(threshold))
+        return Prediction(name, self.top_k(self.probabilities([img])[0], top_k),
+                          threshold=self.threshold_for(threshold))
 
-    def _threshold(self, threshold: float | None) -> float:
+    def threshold_for(self, threshold: float | None) -> float:
+        """The threshold given, else the run's."""
         return self.threshold if threshold is None else float(threshold)
 
     def predict_many(self, sources: Iterable[tuple[str, Callable[[], bytes]]], top_k: int = 3,
@@ -214,7 +216,8 @@ class Predictor:
             if pending:
                 probs = self.probabilities([img for _, img in pending])
                 for (slot, _), p in zip(pending, probs):
-                    out[slot] = Prediction(out[slot].name, self.top_k(p, top_k), threshold=self._threshold(threshold))
+                    out[slot] = Prediction(out[slot].name, self.top_k(p, top_k),
+                                           threshold=self.threshold_for(threshold))
                 pending.clear()
             if progress is not None:
                 progress(len(out), total or len(out))
@@ -259,6 +262,15 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
         raise PredictError(f"{folder}: not a folder")
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                   and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts))
+
+
+def image_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The images named on a command line: files as given (one that cannot be read is named in its
+    Prediction, and the others go on), folders expanded to their image files (image_files)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        out.extend(image_files(p) if p.is_dir() else [p])
+    return out
 
 
 def predictions_frame(predictions: list[Prediction], top_k: int = 3):

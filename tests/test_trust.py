@@ -10,6 +10,7 @@ import torch
 
 from conftest import make_tiny_dataset, tiny_train_config
 from finetune_core import calibration
+from finetune_core.__main__ import main as cli_main
 from finetune_core.engine import train
 from finetune_core.predict import Predictor, export_bundle
 
@@ -109,3 +110,39 @@ def test_the_temperature_and_threshold_reach_the_bundle_and_its_onnx_example(cal
         assert np.abs(namespace["probs"].max() - expected.top[0][1]) < 1e-4  # calibrated, as Predict's
         assert capsys.readouterr().out.strip() == expected.answer
     assert expected.answer == "not sure"
+
+
+def test_the_folder_csv_equals_the_single_image_predictions_and_names_unreadable_files(calibrated_run, tmp_path,
+                                                                                        capsys):
+    """`predict --run R DIR --csv out.csv --threshold P`: batched (a batch of 4 over 10 images), the
+    same answers and confidences as one image at a time, `not sure` below the threshold, an
+    unreadable file skipped and named."""
+    import shutil
+
+    from finetune_core import predict
+
+    folder = tmp_path / "photos"
+    frame = pd.read_csv(calibrated_run / "predictions.csv")
+    (folder / "sub").mkdir(parents=True)
+    for k, path in enumerate(frame["path"]):  # sub-folders included
+        shutil.copy(path, folder / ("sub" if k % 2 else "") / f"{k}.png")
+    (folder / "broken.jpg").write_bytes(b"not a photo")
+    (folder / "notes.txt").write_text("not an image file: left out")
+    predictor = Predictor.from_run(calibrated_run)
+    confidences = sorted(p.top[0][1] for p in predictor.predict_files(predict.image_files(folder)) if p.top)
+    threshold = (confidences[len(confidences) // 2 - 1] + confidences[len(confidences) // 2]) / 2  # half unsure
+    code = cli_main(["predict", "--run", str(calibrated_run), str(folder), "--csv", str(tmp_path / "out.csv"),
+                     "--threshold", str(threshold), "--batch-size", "4"])
+    out = capsys.readouterr()
+    assert code == 2 and "broken.jpg" in out.err and "not an image" in out.err  # named; the rest classified
+    table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert len(table) == len(frame) + 1 and "notes.txt" not in " ".join(table["file"])
+    for row in table.itertuples():
+        single = predictor.predict_files([row.file], top_k=3, threshold=threshold)[0]
+        if single.error:
+            assert row.file.endswith("broken.jpg") and row.error and row.answer == ""
+            continue
+        assert row.answer == single.answer and float(row.confidence) == pytest.approx(single.top[0][1], abs=1e-5)
+        assert row.top1 == f"{single.top[0][0]} ({single.top[0][1]:.3f})"
+    assert (table["answer"] == "not sure").sum() == len(frame) // 2
+    assert f"{len(frame) // 2} not sure" in out.out
