@@ -388,6 +388,9 @@ def cmd_predict(args) -> int:
         files = image_inputs(args.images)
     except (PredictError, FileNotFoundError, KeyError) as exc:
         return fail(str(exc))
+    if args.heatmap_class is not None and args.heatmap_class not in predictor.classes:
+        return fail(f"--heatmap-class {args.heatmap_class!r} is not one of the run's classes: "
+                    + ", ".join(predictor.classes))
     with tqdm(total=len(files), file=sys.stderr, leave=False, unit="img", disable=len(files) < 2) as bar:
         results = predictor.predict_many(((str(f), f.read_bytes) for f in files), top_k=args.top_k,
                                          threshold=args.threshold, total=len(files), batch_size=args.batch_size,
@@ -402,6 +405,18 @@ def cmd_predict(args) -> int:
         elif not (args.csv or args.json):
             guesses = ", ".join(f"{c} {p:.3f}" for c, p in r.top)
             print(f"{r.name}: not sure (top guesses: {guesses})" if r.not_sure else f"{r.name}: {guesses}")
+    if args.heatmaps:
+        from .heatmaps import HeatmapError, write_overlays
+
+        try:
+            with tqdm(total=len(files), file=sys.stderr, leave=False, unit="img", desc="heatmaps",
+                      disable=len(files) < 2) as bar:
+                written, _ = write_overlays(predictor, files, args.heatmaps, args.heatmap_class,
+                                            progress=lambda done, total: bar.update(done - bar.n))
+        except (HeatmapError, PredictError) as exc:
+            return fail(str(exc))
+        print(f"{len(written)} heatmaps ({'why ' + args.heatmap_class if args.heatmap_class else 'the answer'}"
+              f", Grad-CAM++) -> {args.heatmaps}", file=sys.stderr if args.json else sys.stdout)
     if args.csv:
         unsure = sum(r.not_sure for r in results)
         errors = sum(bool(r.error) for r in results)
@@ -624,6 +639,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, metavar="FILE",
                    help="write file, answer, confidence, not_sure, top-k and error columns to FILE")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images a forward pass [default: 32]")
+    p.add_argument("--heatmaps", default=None, metavar="OUT_DIR",
+                   help="write each image's heatmap (Grad-CAM++: where the model looks) over its centre crop to "
+                        "OUT_DIR")
+    p.add_argument("--heatmap-class", default=None, metavar="CLASS",
+                   help="explain this class instead of the answer (\"why not hot dog?\")")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 

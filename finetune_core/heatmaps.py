@@ -127,3 +127,40 @@ class Heatmapper:
 def peak(heatmap: np.ndarray) -> tuple[int, int]:
     """(row, column) of a heatmap's largest value."""
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
+
+
+def write_overlays(predictor, files: list, out_dir, class_name: str | None = None, batch_size: int = 16,
+                   progress=None) -> tuple[list, list[str]]:
+    """The overlay of every readable image in `files` as OUT_DIR/NNNNN_<name>_<class>.png (the class
+    it explains: the predicted one, or `class_name`). Returns (the files written, the problems: one
+    line naming each image that could not be read). `progress(done, total)` after every batch."""
+    from pathlib import Path
+
+    from .predict import PredictError, image_from_bytes
+
+    if class_name is not None and class_name not in predictor.classes:
+        raise PredictError(f"--heatmap-class {class_name!r} is not one of the run's classes: "
+                           + ", ".join(predictor.classes))
+    class_index = None if class_name is None else predictor.classes.index(class_name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mapper = Heatmapper(predictor)
+    written, problems = [], []
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for k, f in enumerate(files[start:start + batch_size], start):
+            try:
+                batch.append((k, Path(f), image_from_bytes(Path(f).read_bytes(), str(f))))
+            except PredictError as exc:
+                problems.append(str(exc))
+            except OSError as exc:
+                problems.append(f"{f}: cannot be read ({exc.strerror or exc})")
+        if batch:
+            overlays, explained = mapper.overlays([img for _, _, img in batch], class_index)
+            for (k, path, _), overlay, c in zip(batch, overlays, explained):
+                target = out_dir / f"{k:05d}_{path.stem}_{predictor.classes[c]}.png"
+                overlay.save(target)
+                written.append(target)
+        if progress is not None:
+            progress(min(len(files), start + batch_size), len(files))
+    return written, problems

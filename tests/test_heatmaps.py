@@ -107,3 +107,23 @@ def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_predict_writes_a_heatmap_per_image_for_the_answer_or_a_chosen_class(tmp_path, capsys):
+    """`predict --run R DIR --heatmaps OUT [--heatmap-class C]` on a tiny run's test folder."""
+    from conftest import make_tiny_dataset, tiny_train_config
+    from finetune_core.__main__ import main as cli_main
+    from finetune_core.engine import train
+
+    data = make_tiny_dataset(tmp_path / "tiny")
+    train(tiny_train_config(data, epochs=1), tmp_path / "run", cache_dir="")
+    code = cli_main(["predict", "--run", str(tmp_path / "run"), str(data / "test"), "--heatmaps", str(tmp_path / "h"),
+                     "--heatmap-class", "dog"])
+    assert code == 0, capsys.readouterr().err
+    written = sorted((tmp_path / "h").iterdir())
+    assert len(written) == 8 and all(p.name.endswith("_dog.png") for p in written)
+    assert Image.open(written[0]).size == (32, 32)  # the centre crop the model sees
+    assert cli_main(["predict", "--run", str(tmp_path / "run"), str(data / "test"), "--heatmaps", str(tmp_path / "x"),
+                     "--heatmap-class", "hot dog"]) == 2
+    assert "not one of the run's classes: cat, dog" in capsys.readouterr().err
