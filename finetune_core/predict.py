@@ -264,6 +264,31 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
                   and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts))
 
 
+def predict_zip(predictor: "Predictor", source, name: str, top_k: int = 3, threshold: float | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
+    """Every image in an uploaded zip, unpacked safely (datastore.extract_zip's limits: no paths
+    outside it, no links, size, count and compression ratio) into a temporary folder that is gone
+    afterwards; names relative to the zip. Raises datastore.UploadError for a refused archive."""
+    import tempfile
+
+    from .datastore import extract_zip
+
+    with tempfile.TemporaryDirectory(prefix="tuneboard-predict-") as tmp:
+        folder = extract_zip(source, tmp, "upload")
+        results = predictor.predict_folder(folder, top_k, threshold, progress=progress)
+        for r in results:
+            r.name = relative_name(r.name, folder)
+            r.error = r.error.replace(f"{folder}/", "")
+    return results
+
+
+def relative_name(name: str, folder: Path) -> str:
+    try:
+        return str(Path(name).relative_to(folder))
+    except ValueError:
+        return name
+
+
 def image_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """The images named on a command line: files as given (one that cannot be read is named in its
     Prediction, and the others go on), folders expanded to their image files (image_files)."""

@@ -146,3 +146,43 @@ def test_the_folder_csv_equals_the_single_image_predictions_and_names_unreadable
         assert row.top1 == f"{single.top[0][0]} ({single.top[0][1]:.3f})"
     assert (table["answer"] == "not sure").sum() == len(frame) // 2
     assert f"{len(frame) // 2} not sure" in out.out
+
+
+@pytest.mark.slow
+def test_the_predict_page_shows_calibration_not_sure_heatmaps_and_classifies_a_zipped_folder(calibrated_run,
+                                                                                             dashboard_env):
+    """The Confidence tab (reliability diagram, ECE before and after, the threshold), Classify with
+    "not sure" and a heatmap, A folder from a zip: a table and its CSV."""
+    import io
+    import shutil
+    import zipfile
+
+    from conftest import charts, page
+
+    run = shutil.copytree(calibrated_run, dashboard_env / "runs" / calibrated_run.name)
+    record = json.loads((run / "status.json").read_text())["calibration"]
+    at = page("pages/3_Predict.py").run()
+    assert not at.exception
+    reliability = [c for c in charts(at) if len(c["data"]) == 3 and c["data"][0].get("name") == "calibrated"]
+    assert len(reliability) == 1  # the diagonal, before, after
+    assert any(f"{record['ece_before']:.3f}** before, **{record['ece_after']:.3f}** after" in m.value
+               for m in at.markdown)
+    assert at.slider(key=f"threshold_{run.name}").value == pytest.approx(record["threshold"], abs=0.01)
+    at.slider(key=f"threshold_{run.name}").set_value(1.0).run()  # nothing is sure enough
+    paths = list(pd.read_csv(run / "predictions.csv")["path"])
+    at.file_uploader(key="classify_upload").set_value([("one.png", open(paths[0], "rb").read(), "image/png")])
+    at.toggle(key="heatmaps_classify").set_value(True).run()
+    assert not at.exception
+    assert any("one.png" in m.value and "**not sure** (top guess" in m.value for m in at.markdown)
+    assert any((i.proto.imgs[0].caption or "").startswith("why ") for i in at.get("image"))  # the heatmap
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k, p in enumerate(paths):
+            zf.write(p, f"photos/{k}.png")
+        zf.writestr("photos/broken.jpg", b"not a photo")
+    at.file_uploader(key="predict_zip").set_value([("photos.zip", buf.getvalue(), "application/zip")]).run()
+    assert not at.exception
+    table = [d.value for d in at.dataframe if "answer" in d.value.columns][0]
+    assert len(table) == len(paths) + 1 and set(table["answer"]) == {"not sure", ""}
+    assert "broken.jpg" in set(table["file"])  # named, relative to the zip (its one folder unwrapped)
+    assert at.get("download_button")
