@@ -165,13 +165,15 @@ class Predictor:
         return torch.from_numpy(test_view(img, self.image_size).copy())
 
     @torch.inference_mode()
-    def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
-        """Calibrated: softmax(logits / temperature), the logits in fp32, as the bundle's model files
-        compute them (see the module docstring)."""
+    def logits(self, images: list[Image.Image]) -> torch.Tensor:
+        """In fp32, as the bundle's model files compute them (see the module docstring)."""
         batch = torch.stack([self.preprocess(img) for img in images])
         x = normalize_batch(batch, self.mean, self.std, channels_last=False)
-        logits = mean_logits(self.model, classified_views(x, self.tta_flip))
-        return torch.softmax(logits / self.temperature, dim=1)
+        return mean_logits(self.model, classified_views(x, self.tta_flip))
+
+    def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
+        """Calibrated: softmax(logits / temperature)."""
+        return torch.softmax(self.logits(images) / self.temperature, dim=1)
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
         values, indices = probs.topk(min(k, len(self.classes)))
