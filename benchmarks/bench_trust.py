@@ -43,11 +43,12 @@ def load_avg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def folder_logits(predictor: Predictor, folder: Path, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, the head's input features averaged over the classified views) of every image."""
+def folder_logits(predictor: Predictor, folder: Path, batch: int = 32, every: int = 1
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the head's input features averaged over the classified views) of every `every`-th image."""
     from finetune_core.models import get_head
 
-    files = image_files(folder)
+    files = image_files(folder)[::every]
     captured: list[torch.Tensor] = []
     handle = get_head(predictor.model, predictor.backbone).register_forward_hook(
         lambda _m, inputs, _out: captured.append(inputs[0].detach().flatten(1)))
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--folder", help="a folder to classify whole, timed")
     ap.add_argument("--heatmaps", help="write heatmaps of the in-class test photos here")
     ap.add_argument("--heatmap-images", type=int, default=20)
+    ap.add_argument("--every", type=int, default=1, help="only every N-th image of the in-class, out-of-class "
+                                                          "and training folders (a quicker estimate)")
     args = ap.parse_args()
     print(f"load average before: {load_avg()}\n")
     predictor = Predictor.from_run(args.run)
@@ -98,8 +101,8 @@ def main() -> None:
     print(f"- default threshold {predictor.threshold:.3f}: {record.get('test_not_sure'):.1%} of test photos "
           f"'not sure', {record.get('test_error_answered') or 0:.1%} errors among those answered\n")
 
-    inside, inside_features = folder_logits(predictor, Path(args.in_class))
-    outside, outside_features = folder_logits(predictor, Path(args.out_of_class))
+    inside, inside_features = folder_logits(predictor, Path(args.in_class), every=args.every)
+    outside, outside_features = folder_logits(predictor, Path(args.out_of_class), every=args.every)
     at_default = (torch.softmax(outside / predictor.temperature, 1).max(1).values < predictor.threshold).float().mean()
     print(f"Out-of-class photos ({len(outside)} from {args.out_of_class}) answered 'not sure' at the default "
           f"threshold: **{float(at_default):.1%}**\n")
@@ -107,7 +110,7 @@ def main() -> None:
     print("|---|---|---|")
     ins, outs = scores(inside, predictor.temperature), scores(outside, predictor.temperature)
     if args.train:
-        train_features = folder_logits(predictor, Path(args.train))[1]
+        train_features = folder_logits(predictor, Path(args.train), every=args.every)[1]
         name = f"kNN distance in feature space (k=10, {len(train_features)} training images)"
         ins[name], outs[name] = knn_score(train_features, inside_features), knn_score(train_features, outside_features)
     for name in ins:
