@@ -381,21 +381,54 @@ def cmd_lr_find(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import PredictError, Predictor
+    from tqdm import tqdm
 
+    from .predict import PredictError, Predictor, image_inputs, predictions_frame
+
+    if args.batch_size < 1:
+        return fail(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        return fail(f"--threshold must be a probability from 0 to 1, not {args.threshold:g}")
     try:
         predictor = Predictor.load(args.run, checkpoint=args.checkpoint)
+        files = image_inputs(args.images)
     except (PredictError, FileNotFoundError, KeyError) as exc:
         return fail(str(exc))
-    results = predictor.predict_files(args.images, top_k=args.top_k)
+    if args.heatmap_class is not None and args.heatmap_class not in predictor.classes:
+        return fail(f"--heatmap-class {args.heatmap_class!r} is not one of the run's classes: "
+                    + ", ".join(predictor.classes))
+    with tqdm(total=len(files), file=sys.stderr, leave=False, unit="img", disable=len(files) < 2) as bar:
+        results = predictor.predict_many(((str(f), f.read_bytes) for f in files), top_k=args.top_k,
+                                         threshold=args.threshold, total=len(files), batch_size=args.batch_size,
+                                         progress=lambda done, total: bar.update(done - bar.n))
+    if args.csv:
+        predictions_frame(results, args.top_k).to_csv(args.csv, index=False)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
-    else:
-        for r in results:
-            if r.error:
-                print(f"{r.name}: ERROR {r.error}")
-            else:
-                print(f"{r.name}: " + ", ".join(f"{c} {p:.3f}" for c, p in r.top))
+    for r in results:
+        if r.error:
+            print(f"{r.name}: ERROR {r.error}", file=sys.stderr if args.csv or args.json else sys.stdout)
+        elif not (args.csv or args.json):
+            guesses = ", ".join(f"{c} {p:.3f}" for c, p in r.top)
+            print(f"{r.name}: not sure (top guesses: {guesses})" if r.not_sure else f"{r.name}: {guesses}")
+    if args.heatmaps:
+        from .heatmaps import HeatmapError, write_overlays
+
+        try:
+            with tqdm(total=len(files), file=sys.stderr, leave=False, unit="img", desc="heatmaps",
+                      disable=len(files) < 2) as bar:
+                written, _ = write_overlays(predictor, files, args.heatmaps, args.heatmap_class,
+                                            progress=lambda done, total: bar.update(done - bar.n))
+        except (HeatmapError, PredictError) as exc:
+            return fail(str(exc))
+        print(f"{len(written)} heatmaps ({'why ' + args.heatmap_class if args.heatmap_class else 'the answer'}"
+              f", Grad-CAM++) -> {args.heatmaps}", file=sys.stderr if args.json else sys.stdout)
+    if args.csv:
+        unsure = sum(r.not_sure for r in results)
+        errors = sum(bool(r.error) for r in results)
+        print(f"{len(results)} images: {len(results) - unsure - errors} answered, {unsure} not sure (below "
+              f"{predictor.threshold_for(args.threshold):.3f}), {errors} unreadable -> {args.csv}",
+              file=sys.stderr if args.json else sys.stdout)
     return 2 if any(r.error for r in results) else 0
 
 
@@ -603,8 +636,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["last", "best"], default=None,
                    help="default: the one the run selected (best on the validation split when it held one out, "
                         "else the last)")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, or folders: every image in them (sub-folders included), in batches")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="answer 'not sure' below this calibrated top probability [default: the run's, chosen "
+                        "on held-out images for at most 5%% errors among the answers; 0 for runs from before it]")
+    p.add_argument("--csv", default=None, metavar="FILE",
+                   help="write file, answer, confidence, not_sure, top-k and error columns to FILE")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images a forward pass [default: 32]")
+    p.add_argument("--heatmaps", default=None, metavar="OUT_DIR",
+                   help="write each image's heatmap (Grad-CAM++: where the model looks) over its centre crop to "
+                        "OUT_DIR")
+    p.add_argument("--heatmap-class", default=None, metavar="CLASS",
+                   help="explain this class instead of the answer (\"why not hot dog?\")")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 

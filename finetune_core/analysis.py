@@ -319,3 +319,13 @@ def metrics_of(infos: list[RunInfo]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     return pd.concat(frames, ignore_index=True)
+
+
+def not_sure_summary(predictions: pd.DataFrame, threshold: float) -> tuple[float, float | None]:
+    """(share of the test images answered "not sure", error rate among those answered) at a
+    threshold, from predictions.csv (its confidence is the calibrated top probability)."""
+    if predictions.empty:
+        return 0.0, None
+    answered = predictions["confidence"] >= threshold
+    wrong = predictions["true"].astype(str) != predictions["predicted"].astype(str)
+    return float(1 - answered.mean()), (float(wrong[answered].mean()) if answered.any() else None)

@@ -59,6 +59,7 @@ from torch import nn
 
 from . import __version__
 from .activations import FeatureCache, shared_features_key
+from .calibration import Calibration, calibrate
 from .config import ConfigError, TrainConfig
 from .data import WARNING, DatasetError, Problem, ScanReport, scan_dataset
 from .distributed import STOP_FILE, Distributed
@@ -858,10 +859,30 @@ def final_test(ctx: Setup, reporter: Reporter) -> tuple[float, float, torch.Tens
         swap_back(ctx, training_weights)
 
 
-def write_predictions(ctx: Setup, logits: torch.Tensor) -> None:
-    """predictions.csv: the selected model on the test split."""
+def calibration_of(ctx: Setup, test_logits: torch.Tensor, reporter: Reporter) -> Calibration:
+    """Temperature and "not sure" threshold of the selected model (calibration.py): on the validation
+    split when one is held out (final_test has put the selected model in place), else cross-validated
+    on the test split."""
+    val_logits = val_labels = None
+    if ctx.val_idx:
+        reporter.prepare("calibrating on the validation split", ctx.progress(), force_status=True)
+        stages = stages_of_epoch(ctx.config, ctx.config.epochs - 1)
+        selected = ctx.dist.from_main(ctx.run.file(CHECKPOINT_BEST).exists)  # final_test loaded it
+        training_weights = None if selected else swap_in_average(ctx)
+        try:
+            _, _, val_logits = evaluate_split(ctx, "val", stages, reporter)
+        finally:
+            swap_back(ctx, training_weights)
+        val_labels = ctx.data.train_labels[torch.as_tensor(ctx.val_idx)]
+    return calibrate(test_logits, ctx.data.test_labels, val_logits, val_labels)
+
+
+def write_predictions(ctx: Setup, logits: torch.Tensor, temperature: float = 1.0) -> None:
+    """predictions.csv: the selected model on the test split, its probabilities (confidence, loss and
+    prob_ columns) calibrated by the run's temperature."""
     import pandas as pd
 
+    logits = logits.float() / temperature
     probs = torch.softmax(logits, dim=1)
     labels = ctx.data.test_labels
     conf, pred = probs.max(1)
@@ -891,9 +912,14 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
             ctx.run.log(stopped_early[2:])
             break
     test_loss, test_acc, logits = final_test(ctx, reporter)
+    calibration = calibration_of(ctx, logits, reporter)
     if ctx.dist.is_main:
-        write_predictions(ctx, logits)
-    fields = {"test_acc": test_acc, "test_loss": test_loss,
+        write_predictions(ctx, logits, calibration.temperature)
+    ctx.run.log(f"calibration: temperature {calibration.temperature:.3f} ({calibration.method}); test ECE "
+                f"{calibration.ece_before:.3f} before, {calibration.ece_after:.3f} after; \"not sure\" below "
+                f"{calibration.threshold:.3f} (at most {calibration.max_error:.0%} errors among answers)")
+    fields = {"test_acc": test_acc, "test_loss": test_loss, "temperature": calibration.temperature,
+              "calibration": calibration.to_dict(),
               "selected_checkpoint": "best" if ctx.val_idx and ctx.run.file(CHECKPOINT_BEST).exists() else "last"}
     if ctx.val_idx:
         row = {"kind": "test", "epoch": ctx.run.read_status().get("epochs_done", cfg.epochs), "step": ctx.step,

@@ -386,3 +386,23 @@ def sweep_figure(grid) -> go.Figure:
                       margin=dict(l=60, r=10, t=30, b=50),
                       title=f"{grid.label}: {grid.finished} of {grid.total} runs finished")
     return fig
+
+
+def reliability_figure(bins_before: list[dict], bins_after: list[dict]) -> go.Figure:
+    """The reliability diagram (calibration.reliability's bins): each bin's accuracy against its mean
+    confidence, before and after temperature scaling, with the diagonal a calibrated model lies on;
+    marker size by the bin's number of images."""
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="calibrated",
+                               line=dict(color="#808495", dash="dot")))
+    for bins, name, color in ((bins_before, "before (softmax)", COLORS[1]), (bins_after, "after (temperature)",
+                                                                            COLORS[0])):
+        counts = [b["count"] for b in bins]
+        biggest = max(counts, default=1)
+        fig.add_trace(go.Scatter(
+            x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers", name=name,
+            marker=dict(color=color, size=[6 + 14 * (c / biggest) ** 0.5 for c in counts]), line=dict(color=color),
+            customdata=counts, hovertemplate="confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata} images"))
+    fig.update_layout(xaxis=dict(title="confidence (top probability)", range=[0, 1.02]),
+                      yaxis=dict(title="accuracy", range=[0, 1.02]), height=360,
+                      margin=dict(l=10, r=10, t=10, b=40), legend=dict(orientation="h", y=-0.25))
+    return fig

@@ -23,17 +23,20 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .data import load_rgb, resize_size_for
+from .calibration import NOT_SURE
+from .data import IMAGE_EXTENSIONS, load_rgb, resize_size_for
 from .models import build_model, classified_views, mean_logits
 from .prepare import normalize_batch, test_view
 from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, RunDir
 
 MAX_IMAGE_BYTES = 25 * 1024 * 1024
+BATCH_SIZE = 32  # images a forward pass of a folder's prediction
 BUNDLE_FORMAT = "tuneboard-bundle-1"
 
 
@@ -44,12 +47,24 @@ class PredictError(ValueError):
 @dataclass
 class Prediction:
     name: str
-    top: list[tuple[str, float]]  # (class, probability), most likely first
+    top: list[tuple[str, float]]  # (class, calibrated probability), most likely first
     error: str = ""
+    threshold: float = 0.0        # below this top probability the answer is "not sure"
+
+    @property
+    def not_sure(self) -> bool:
+        return bool(self.top) and self.top[0][1] < self.threshold
+
+    @property
+    def answer(self) -> str:
+        """The top class, "not sure" below the threshold, "" for an image that could not be read."""
+        if not self.top:
+            return ""
+        return NOT_SURE if self.not_sure else self.top[0][0]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "top": [{"class": c, "probability": p} for c, p in self.top],
-                "error": self.error}
+        return {"name": self.name, "answer": self.answer, "not_sure": self.not_sure,
+                "top": [{"class": c, "probability": p} for c, p in self.top], "error": self.error}
 
 
 def image_from_bytes(data: bytes, name: str = "image") -> Image.Image:
@@ -69,7 +84,8 @@ def image_from_bytes(data: bytes, name: str = "image") -> Image.Image:
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, classes: list[str], image_size: int, mean, std,
-                 backbone: str = "", source: str = "", tta_flip: bool = False):
+                 backbone: str = "", source: str = "", tta_flip: bool = False, temperature: float = 1.0,
+                 threshold: float = 0.0):
         self.model = model.eval()
         self.classes = list(classes)
         self.image_size = int(image_size)
@@ -78,6 +94,8 @@ class Predictor:
         self.backbone = backbone
         self.source = source
         self.tta_flip = bool(tta_flip)  # average the logits of each image and its mirror, as the run evaluated
+        self.temperature = float(temperature)  # the run's calibration (calibration.py); 1.0 for older runs
+        self.threshold = float(threshold)      # "not sure" below this calibrated top probability; 0: never
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -104,8 +122,9 @@ class Predictor:
         model = build_model(cfg["backbone"], len(config["classes"]), weights="none")
         model.load_state_dict(state)
         norm = config["normalisation"]
+        temperature, threshold = run_calibration(run.read_status(default={}))
         return cls(model, config["classes"], cfg["image_size"], norm["mean"], norm["std"], cfg["backbone"], str(path),
-                   tta_flip=cfg.get("tta_flip", False))
+                   tta_flip=cfg.get("tta_flip", False), temperature=temperature, threshold=threshold)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike) -> "Predictor":
@@ -128,7 +147,8 @@ class Predictor:
         model = build_model(backbone, len(classes), weights="none")
         model.load_state_dict(state)
         return cls(model, classes, pre["image_size"], pre["mean"], pre["std"], backbone, str(path),
-                   tta_flip=pre.get("tta_flip", False))
+                   tta_flip=pre.get("tta_flip", False), temperature=float(meta.get("temperature", 1.0)),
+                   threshold=float(meta.get("not_sure_threshold", 0.0)))
 
     @classmethod
     def load(cls, path: str | os.PathLike, checkpoint: str | None = None) -> "Predictor":
@@ -145,18 +165,23 @@ class Predictor:
         return torch.from_numpy(test_view(img, self.image_size).copy())
 
     @torch.inference_mode()
-    def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
-        """In fp32, as the bundle's model files compute (see the module docstring)."""
+    def logits(self, images: list[Image.Image]) -> torch.Tensor:
+        """In fp32, as the bundle's model files compute them (see the module docstring)."""
         batch = torch.stack([self.preprocess(img) for img in images])
         x = normalize_batch(batch, self.mean, self.std, channels_last=False)
-        logits = mean_logits(self.model, classified_views(x, self.tta_flip))
-        return torch.softmax(logits, dim=1)
+        return mean_logits(self.model, classified_views(x, self.tta_flip))
+
+    def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
+        """Calibrated: softmax(logits / temperature)."""
+        return torch.softmax(self.logits(images) / self.temperature, dim=1)
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
         values, indices = probs.topk(min(k, len(self.classes)))
         return [(self.classes[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
-    def predict_files(self, paths: list[str | os.PathLike], top_k: int = 3) -> list[Prediction]:
+    def predict_files(self, paths: list[str | os.PathLike], top_k: int = 3,
+                      threshold: float | None = None) -> list[Prediction]:
+        """One image at a time (predict_many batches them)."""
         out = []
         for p in paths:
             try:
@@ -164,15 +189,132 @@ class Predictor:
             except OSError as exc:
                 out.append(Prediction(str(p), [], f"{p}: cannot be read ({exc.strerror or exc})"))
                 continue
-            out.append(self.predict_bytes(data, str(p), top_k))
+            out.append(self.predict_bytes(data, str(p), top_k, threshold))
         return out
 
-    def predict_bytes(self, data: bytes, name: str, top_k: int = 3) -> Prediction:
+    def predict_bytes(self, data: bytes, name: str, top_k: int = 3, threshold: float | None = None) -> Prediction:
         try:
             img = image_from_bytes(data, name)
         except PredictError as exc:
             return Prediction(name, [], str(exc))
-        return Prediction(name, self.top_k(self.probabilities([img])[0], top_k))
+        return Prediction(name, self.top_k(self.probabilities([img])[0], top_k),
+                          threshold=self.threshold_for(threshold))
+
+    def threshold_for(self, threshold: float | None) -> float:
+        """The threshold given, else the run's."""
+        return self.threshold if threshold is None else float(threshold)
+
+    def predict_many(self, sources: Iterable[tuple[str, Callable[[], bytes]]], top_k: int = 3,
+                     threshold: float | None = None, batch_size: int = BATCH_SIZE,
+                     progress: Callable[[int, int], None] | None = None, total: int = 0) -> list[Prediction]:
+        """Classify many images in batches (the single-image path's numbers: the same preprocessing,
+        batch or not). `sources`: (name, a function returning its bytes) each; an image that cannot
+        be read or decoded gets a Prediction naming why and the rest go on. `progress(done, total)`
+        after every batch."""
+        out: list[Prediction] = []
+        pending: list[tuple[int, Image.Image]] = []
+
+        def flush() -> None:
+            if pending:
+                probs = self.probabilities([img for _, img in pending])
+                for (slot, _), p in zip(pending, probs):
+                    out[slot] = Prediction(out[slot].name, self.top_k(p, top_k),
+                                           threshold=self.threshold_for(threshold))
+                pending.clear()
+            if progress is not None:
+                progress(len(out), total or len(out))
+
+        for name, read in sources:
+            try:
+                img = image_from_bytes(read(), name)
+            except PredictError as exc:
+                out.append(Prediction(name, [], str(exc)))
+                continue
+            except OSError as exc:
+                out.append(Prediction(name, [], f"{name}: cannot be read ({exc.strerror or exc})"))
+                continue
+            out.append(Prediction(name, []))
+            pending.append((len(out) - 1, img))
+            if len(pending) == batch_size:
+                flush()
+        flush()
+        return out
+
+    def predict_folder(self, folder: str | os.PathLike, top_k: int = 3, threshold: float | None = None,
+                       batch_size: int = BATCH_SIZE, progress: Callable[[int, int], None] | None = None
+                       ) -> list[Prediction]:
+        """Every image file under `folder` (sorted, sub-folders included), in batches."""
+        files = image_files(folder)
+        return self.predict_many(((str(f), f.read_bytes) for f in files), top_k, threshold, batch_size,
+                                 progress, total=len(files))
+
+
+def run_calibration(status: dict) -> tuple[float, float]:
+    """(temperature, "not sure" threshold) a run recorded (engine.calibration_of); (1.0, 0.0), the
+    plain softmax answering every photo, for a run from before calibration."""
+    calibration = status.get("calibration") or {}
+    return float(status.get("temperature") or 1.0), float(calibration.get("threshold") or 0.0)
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The files under `folder` to classify: every file with an image extension, sub-folders
+    included, hidden ones left out, sorted by path. Raises PredictError for a missing folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PredictError(f"{folder}: not a folder")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts))
+
+
+def predict_zip(predictor: "Predictor", source, name: str, top_k: int = 3, threshold: float | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
+    """Every image in an uploaded zip, unpacked safely (datastore.extract_zip's limits: no paths
+    outside it, no links, size, count and compression ratio) into a temporary folder that is gone
+    afterwards; names relative to the zip. Raises datastore.UploadError for a refused archive."""
+    import tempfile
+
+    from .datastore import extract_zip
+
+    with tempfile.TemporaryDirectory(prefix="tuneboard-predict-") as tmp:
+        folder = extract_zip(source, tmp, "upload")
+        results = predictor.predict_folder(folder, top_k, threshold, progress=progress)
+        for r in results:
+            r.name = relative_name(r.name, folder)
+            r.error = r.error.replace(f"{folder}/", "")
+    return results
+
+
+def relative_name(name: str, folder: Path) -> str:
+    try:
+        return str(Path(name).relative_to(folder))
+    except ValueError:
+        return name
+
+
+def image_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The images named on a command line: files as given (one that cannot be read is named in its
+    Prediction, and the others go on), folders expanded to their image files (image_files)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        out.extend(image_files(p) if p.is_dir() else [p])
+    return out
+
+
+def predictions_frame(predictions: list[Prediction], top_k: int = 3):
+    """The table of a folder's predictions: file, answer (`not sure` below the threshold), confidence
+    (the top calibrated probability), not_sure, top-1..k as "class (p)", error."""
+    import pandas as pd
+
+    rows = []
+    for p in predictions:
+        row = {"file": p.name, "answer": p.answer, "confidence": p.top[0][1] if p.top else None,
+               "not_sure": p.not_sure if p.top else None}
+        for k in range(top_k):
+            row[f"top{k + 1}"] = f"{p.top[k][0]} ({p.top[k][1]:.3f})" if k < len(p.top) else ""
+        row["error"] = p.error
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["file", "answer", "confidence", "not_sure",
+                                       *[f"top{k + 1}" for k in range(top_k)], "error"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +367,10 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
                           "tta_flip": predictor.tta_flip,
                           "precision": "fp32"},
         "source_run": str(Path(run_dir).resolve()),
+        # calibrated probabilities are softmax(logits / temperature); below not_sure_threshold (a
+        # calibrated top probability) the answer is "not sure" (calibration.py)
+        "temperature": predictor.temperature,
+        "not_sure_threshold": predictor.threshold,
     }
     deployed = Deployed(predictor.model, predictor.tta_flip).eval()
     example = torch.zeros(2, 3, predictor.image_size, predictor.image_size)

@@ -1,4 +1,5 @@
-"""Predict: what the model gets right and wrong, classify dropped images, export the model."""
+"""Predict: what the model gets right and wrong, how sure it is, where it looks, classify dropped
+images or a whole folder, export the model."""
 from __future__ import annotations
 
 import tempfile
@@ -6,10 +7,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import analysis, plots
+from finetune_core import analysis, datastore, plots
 from finetune_core.datastore import runs_root
+from finetune_core.heatmaps import METHOD, HeatmapError, Heatmapper
 from finetune_core.predict import (MAX_IMAGE_BYTES, PredictError, Predictor, bundle_warning, bundle_zip_bytes,
-                                   export_bundle)
+                                   export_bundle, image_from_bytes, predict_zip, predictions_frame, relative_name)
 from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, RunInfo, list_runs
 from tuneboard_ui import keep_run_choice, page, picture, state_label
 
@@ -41,7 +43,44 @@ def predictor(path: str, stamp: float) -> Predictor:
     return Predictor.from_run(path)
 
 
-def gallery_tab(predictions, classes) -> None:
+@st.cache_resource(show_spinner="Preparing heatmaps…", max_entries=2)
+def heatmapper(path: str, stamp: float) -> Heatmapper:
+    return Heatmapper(predictor(path, stamp))
+
+
+@st.cache_data(show_spinner=False, max_entries=600)
+def overlay(path: str, stamp: float, data: bytes, class_index: int | None):
+    """The heatmap over one image (bytes: a dropped image, or a test image's file), kept for the session."""
+    images, explained = heatmapper(path, stamp).overlays([image_from_bytes(data)], class_index)
+    return images[0], explained[0]
+
+
+def heatmap_controls(model: Predictor, key: str) -> tuple[bool, int | None]:
+    """(show heatmaps, the class to explain or None for the answer)."""
+    c = st.columns([1, 2])
+    show = c[0].toggle("Show where the model looks", key=f"heatmaps_{key}",
+                       help=f"{METHOD} heatmaps over the centre crop the model sees: red is where the evidence for "
+                            "the class is")
+    choice = c[1].selectbox("Explain", ["the answer"] + [str(x) for x in model.classes], key=f"explain_{key}",
+                            disabled=not show, format_func=lambda x: x if x == "the answer" else f"why {x}?")
+    return show, None if choice == "the answer" else [str(x) for x in model.classes].index(choice)
+
+
+def show_heatmap(info: RunInfo, model: Predictor, data: bytes, class_index: int | None) -> None:
+    try:
+        image, explained = overlay(info.path, model_stamp(info), data, class_index)
+    except (HeatmapError, PredictError) as exc:
+        st.caption(f"No heatmap: {exc}")
+        return
+    st.image(image, width="stretch", caption=f"why {model.classes[explained]}")
+
+
+def model_stamp(info: RunInfo) -> float:
+    return (Path(info.path) / CHECKPOINT_LAST).stat().st_mtime
+
+
+def gallery_tab(predictions, classes, info: RunInfo, model: Predictor) -> None:
+    show_maps, class_index = heatmap_controls(model, "gallery")
     c = st.columns(3)
     mistakes = c[0].checkbox("Mistakes only", key="mistakes_only")
     cls = c[1].selectbox("True class", ["all"] + [str(x) for x in classes], key="gallery_class")
@@ -64,6 +103,8 @@ def gallery_tab(predictions, classes) -> None:
         ok = str(row["true"]) == str(row["predicted"])
         with grid[k % 6]:
             picture(row["path"])
+            if show_maps and Path(row["path"]).is_file():
+                show_heatmap(info, model, Path(row["path"]).read_bytes(), class_index)
             st.caption(f"{'right' if ok else 'WRONG'}: true **{analysis.markdown_text(row['true'])}** · predicted "
                        f"**{analysis.markdown_text(row['predicted'])}** "
                        f"({row['confidence']:.0%})")
@@ -110,7 +151,41 @@ def confusion_cell_section(predictions, classes, info: RunInfo) -> None:
         st.rerun()
 
 
-def classify_tab(model: Predictor) -> None:
+def confidence_tab(info: RunInfo, model: Predictor, predictions) -> float:
+    """The run's calibration (reliability diagram, ECE before and after) and the "not sure" threshold
+    (the run's, adjustable here for every tab): returns the threshold in force."""
+    status = RunDir(info.path).read_status(default={})
+    record = status.get("calibration")
+    threshold = st.slider("Answer \"not sure\" below this confidence", 0.0, 1.0, float(model.threshold), 0.01,
+                          key=f"threshold_{info.id}",
+                          help="the calibrated top probability under which the answer is \"not sure\" with the top "
+                               "guesses (Classify and A folder use it)")
+    unsure, error = analysis.not_sure_summary(predictions, threshold)
+    st.caption(f"On the {len(predictions)} test images at {threshold:.2f}: {unsure:.0%} \"not sure\", "
+               + (f"{error:.1%} wrong among those answered" if error is not None else "none answered"))
+    if not record:
+        st.info("This run is from before calibration: its confidences are the plain softmax (temperature 1) and "
+                "it answers every photo unless the threshold above is raised.")
+        return threshold
+    st.markdown(f"**Temperature {record['temperature']:.2f}** ({record['method']}). Expected calibration error on "
+                f"the test split: **{record['ece_before']:.3f}** before, **{record['ece_after']:.3f}** after. The "
+                f"run's threshold, {record['threshold']:.2f}, was chosen for at most {record['max_error']:.0%} "
+                "errors among the answered images.")
+    st.plotly_chart(plots.reliability_figure(record["bins_before"], record["bins_after"]), width="stretch",
+                    key="reliability")
+    return threshold
+
+
+def show_answer(column, result, name: str) -> None:
+    best, p = result.top[0]
+    if result.not_sure:
+        column.markdown(f"**{analysis.markdown_text(name)}**: **not sure** (top guess "
+                        f"{analysis.markdown_text(best)}, {p:.1%})")
+    else:
+        column.markdown(f"**{analysis.markdown_text(name)}**: **{analysis.markdown_text(best)}** ({p:.1%})")
+
+
+def classify_tab(info: RunInfo, model: Predictor, threshold: float) -> None:
     classes = model.classes
     files = st.file_uploader("Drop one or more images", accept_multiple_files=True, key="classify_upload",
                              max_upload_size=MAX_IMAGE_BYTES // 2**20)  # the widget states the limit that applies
@@ -119,16 +194,66 @@ def classify_tab(model: Predictor) -> None:
         if shot is not None:
             files = list(files or []) + [shot]
     top_k = st.slider("Classes to show", 1, max(1, min(10, len(classes))), min(3, len(classes)), key="top_k")
+    show_maps, class_index = heatmap_controls(model, "classify")
     for f in files or []:
-        result = model.predict_bytes(f.getvalue(), f.name, top_k=top_k)
-        cols = st.columns([1, 3])
+        result = model.predict_bytes(f.getvalue(), f.name, top_k=top_k, threshold=threshold)
+        cols = st.columns([1, 1, 3] if show_maps else [1, 3])
         if result.error:
-            cols[1].error(result.error)
+            cols[-1].error(result.error)
             continue
         cols[0].image(f.getvalue(), width="stretch")
-        best, p = result.top[0]
-        cols[1].markdown(f"**{analysis.markdown_text(f.name)}**: **{analysis.markdown_text(best)}** ({p:.1%})")
-        cols[1].plotly_chart(plots.top_k_figure(result.top), width="stretch", key=f"topk-{f.name}-{f.file_id}")
+        if show_maps:
+            with cols[1]:
+                show_heatmap(info, model, f.getvalue(), class_index)
+        show_answer(cols[-1], result, f.name)
+        cols[-1].plotly_chart(plots.top_k_figure(result.top), width="stretch", key=f"topk-{f.name}-{f.file_id}")
+
+
+MAX_FOLDER_ZIP_BYTES = 200 * 1024**2  # a zip of photos to classify (the dataset upload allows more)
+
+
+def folder_tab(model: Predictor, threshold: float) -> None:
+    """A folder inside the data roots, or a zip of photos: a table and its CSV."""
+    st.write("Classify every image in a folder (sub-folders included) in batches: a folder inside the data "
+             f"folder, or a zip of photos (at most {MAX_FOLDER_ZIP_BYTES // 2**20} MB, unpacked safely and "
+             "deleted afterwards). From a terminal: `python -m finetune_core predict --run RUN DIR --csv out.csv`.")
+    c = st.columns([3, 1])
+    folder = c[0].text_input("A folder", key="predict_folder", placeholder="e.g. hotdog/test/hotdog")
+    go = c[1].button("Classify the folder", key="predict_folder_go", disabled=not folder.strip())
+    upload = st.file_uploader("or a zip of photos", type=["zip"], key="predict_zip",
+                              max_upload_size=MAX_FOLDER_ZIP_BYTES // 2**20)
+    bar = st.empty()
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / max(1, total), text=f"{done}/{total} images")
+
+    try:
+        if go:
+            path = datastore.check_data_folder(folder.strip())
+            results = model.predict_folder(path, threshold=threshold, progress=progress)
+            for r in results:
+                r.name = relative_name(r.name, path)
+            st.session_state["folder_results"] = (f"{path}", results)
+        elif upload is not None and st.session_state.get("folder_results", ("",))[0] != f"zip:{upload.file_id}":
+            results = predict_zip(model, upload, upload.name, threshold=threshold, progress=progress)
+            st.session_state["folder_results"] = (f"zip:{upload.file_id}", results)
+    except (datastore.FolderNotAllowed, datastore.UploadError, PredictError) as exc:
+        st.error(analysis.markdown_message(str(exc), paths=(folder,)))
+        return
+    finally:
+        bar.empty()
+    if "folder_results" not in st.session_state:
+        return
+    results = st.session_state["folder_results"][1]
+    for r in results:  # the threshold may have moved since
+        r.threshold = threshold
+    frame = predictions_frame(results)
+    unsure, errors = int(frame["not_sure"].eq(True).sum()), int((frame["error"] != "").sum())
+    st.caption(f"{len(frame)} images: {len(frame) - unsure - errors} answered, {unsure} not sure, "
+               f"{errors} unreadable")
+    st.dataframe(frame, width="stretch", hide_index=True, key="folder_table")
+    st.download_button("Download the CSV", frame.to_csv(index=False), file_name="predictions.csv", mime="text/csv",
+                       key="download_folder_csv")
 
 
 def export_tab(info: RunInfo) -> None:
@@ -156,7 +281,7 @@ def main() -> None:
     if info is None:
         return
     try:  # a damaged or crafted checkpoint, a damaged predictions.csv: say so, keep the page
-        model = predictor(info.path, (Path(info.path) / CHECKPOINT_LAST).stat().st_mtime)
+        model = predictor(info.path, model_stamp(info))
         predictions = RunDir(info.path).read_predictions()
     except (PredictError, OSError, ValueError) as exc:
         st.error(f"This run cannot be used for prediction: {exc}")
@@ -164,15 +289,20 @@ def main() -> None:
     classes = model.classes
     st.caption(f"{model.backbone}, {len(classes)} classes, {model.image_size} px · {info.score.text()} "
                f"on {len(predictions)} test images")
-    tab_images, tab_metrics, tab_classify, tab_export = st.tabs(
-        ["Test images", "Confusion and per-class metrics", "Classify your images", "Export"])
+    tab_images, tab_metrics, tab_confidence, tab_classify, tab_folder, tab_export = st.tabs(
+        ["Test images", "Confusion and per-class metrics", "Confidence", "Classify your images", "A folder",
+         "Export"])
+    with tab_confidence:  # first: its threshold is the one Classify and A folder use
+        threshold = confidence_tab(info, model, predictions)
     with tab_images:
-        gallery_tab(predictions, classes)
+        gallery_tab(predictions, classes, info, model)
     with tab_metrics:
         metrics_tab(predictions, classes)
         confusion_cell_section(predictions, classes, info)
     with tab_classify:
-        classify_tab(model)
+        classify_tab(info, model, threshold)
+    with tab_folder:
+        folder_tab(model, threshold)
     with tab_export:
         export_tab(info)
 

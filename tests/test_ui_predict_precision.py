@@ -3,6 +3,7 @@ autocast gave 52.5% in the app and 48.2% in ONNX for one photo. On real photos, 
 path (Predictor.from_run) and the bundle's model.onnx agree within 1e-4 in probability."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -49,6 +50,7 @@ def test_the_app_and_the_bundles_onnx_model_give_the_same_probabilities_for_a_bf
     batch = torch.stack([app.preprocess(load_rgb(p)) for p in photos])
     x = normalize_batch(batch, app.mean, app.std, channels_last=False).numpy()
     logits = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"images": x})[0]
-    in_onnx = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    temperature = json.loads((bundle / "model.json").read_text())["temperature"]  # calibrated, as the app's
+    in_onnx = torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()
     assert len(photos) == 8 and 0.05 < in_app.max(axis=1).min() < 0.95  # not saturated: a difference would show
     assert np.abs(in_app - in_onnx).max() < 1e-4
