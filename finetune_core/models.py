@@ -1027,20 +1027,6 @@ def split_model(model: nn.Module, backbone: str, train_stages: str | int) -> tup
     return _sequence(steps[:cut]), _sequence(steps[cut:])
 
 
-def feature_module(model: nn.Module, backbone: str) -> tuple[str, nn.Module] | None:
-    """(path, module) whose output is the model's last feature map, just before global pooling: the
-    target layer a class-activation map (Grad-CAM) hooks. A ViT's is its final norm (tokens, not a
-    map: the caller reshapes them). None for a model of no known or traced layout."""
-    try:
-        steps = _forward_steps(model)
-    except ValueError:
-        order = _architecture(backbone).order
-        return (order[-1][0], model.get_submodule(order[-1][0])) if order else None
-    pooling = next(i for i, (path, _, _) in enumerate(steps) if path in ("avgpool", "global_pool"))
-    path, module, _ = steps[pooling - 1]
-    return path, module
-
-
 def trainable_parameters(model: nn.Module, backbone: str, train_stages: str | int) -> list[nn.Parameter]:
     """The parameters that train for `train_stages` (those of split_model's top), in model order."""
     _, top = split_model(model, backbone, train_stages)

@@ -310,28 +310,6 @@ def test_the_train_page_takes_any_model_by_name_and_names_an_unknown_one(dashboa
     assert at.button(key="train_button").disabled
 
 
-@pytest.mark.parametrize("name,expected", [("resnet18", "layer4"), ("tiny_lite", "bn2"), ("mobilenet_v3_large",
-                                                                                          "features.16")])
-def test_the_feature_module_is_the_last_feature_map_before_pooling(catalogue, name, expected):
-    """What Grad-CAM hooks: its output, pooled, is what the head sees."""
-    def pooled_feature_map(model, backbone):
-        path, module = models.feature_module(model, backbone)
-        seen = []
-        handle = module.register_forward_hook(lambda _m, _a, out: seen.append(out))
-        with torch.no_grad():
-            head_input = models.split_model(model, backbone, "head")[0].eval()(torch.randn(1, 3, 32, 32))
-        handle.remove()
-        return path, seen[0], head_input
-
-    path, feature_map, head_input = pooled_feature_map(models.build_model(name, 2, "none").eval(), name)
-    assert path == expected and feature_map.dim() == 4
-    if name != "mobilenet_v3_large":  # its head sees the pooled map through one more pretrained Linear
-        assert torch.allclose(feature_map.mean((2, 3)), head_input, atol=1e-5)
-    convnext = catalogue("convnext")
-    path, feature_map, head_input = pooled_feature_map(models.build_model(convnext, 2, "none").eval(), convnext)
-    assert path == "norm_pre" and feature_map.dim() == 4
-
-
 def test_layer_decay_is_shown_inactive_where_no_stage_below_the_last_trains():
     from finetune_core.config import inactive_settings
 
