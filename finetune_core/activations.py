@@ -24,6 +24,7 @@ from torch import nn
 
 from .cachestore import default_cache_dir, evict, megabytes_from_env
 from .config import TrainConfig
+from .data import DatasetError
 from .prepare import center_view_batch, cut_crops, draw_crops, normalize_batch
 
 if TYPE_CHECKING:
@@ -207,13 +208,14 @@ class FeatureCache:
                 self.pass_seconds += time.perf_counter() - t0
                 self.pass_images += len(positions)
                 yield kept
-            if out is None:
-                return
             if failed:
-                out = out[torch.as_tensor([p for p in range(n) if p not in failed])]  # a copy without them
+                if out is not None:
+                    out = out[torch.as_tensor([p for p in range(n) if p not in failed])]  # a copy without them
                 self._discard_partial()
                 drop(failed)  # ctx.train_idx without them: the view's key and rows agree again
                 path = self.entry_path("train", view, False)
+            if out is None:  # every image failed: as prepare_data says when it decodes them first
+                raise DatasetError("no image of the train split could be decoded")
             self._cache[("train", view, False)] = out
             if path is not None:
                 self._keep(out, path)
