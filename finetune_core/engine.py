@@ -687,12 +687,17 @@ def streamed_batches(ctx: Setup, cache: FeatureCache, view: int, order: list[int
     """The batches of an epoch whose view is not computed yet: each batch's activations are
     computed (and its images decoded, the first time) just before the step that trains on them
     (FeatureCache.stream), so the first step comes after one batch, not after the whole set. The
-    batches are tensor_batches' for the same order, less any image that fails to decode."""
+    batches are tensor_batches' for the same order, less any image that fails to decode. A batch
+    left with one image (BatchNorm in train mode cannot take one) waits to join the next; a lone
+    image left at the end is not trained on in this epoch (it is in the view for the later ones)."""
     cfg = ctx.config
     parts = [order[part] for part in batch_slices(len(order), cfg.batch_size)]
+    waiting: list[int] = []
     for kept in cache.stream(view, parts, lambda failed: drop_training_images(ctx, failed)):
-        if kept:
-            yield next(tensor_batches(cache.streaming, labels, kept, len(kept), ctx.device, cfg.channels_last))
+        waiting += kept
+        if len(waiting) > 1:
+            yield next(tensor_batches(cache.streaming, labels, waiting, len(waiting), ctx.device, cfg.channels_last))
+            waiting = []
 
 
 def evaluation_batches(ctx: Setup, split: str, cache: FeatureCache | None) -> Iterator:
