@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -83,7 +84,7 @@ class FeatureCache:
     def __init__(self, bottom: nn.Module, ctx: Setup, reporter: Reporter, store: dict | None = None,
                  stages: str = ""):
         self.ctx, self.reporter = ctx, reporter
-        self.bottom = fold_batchnorm(bottom)  # a copy: the model's own modules stay as they train
+        self._bottom, self._folded = bottom, None  # folded on the first pass (a cache that only reads files never is)
         # `store`: outputs shared with other runs whose frozen part sees the same images the same
         # way (a sweep's cells: see shared_features_key); they outlive this run.
         self._shared = store is not None
@@ -97,6 +98,14 @@ class FeatureCache:
         self._partial: tuple[str, np.memmap] | None = None  # a file being written in place
         self.streaming: torch.Tensor | None = None  # the view stream() is computing, its rows done so far
         self.pass_seconds, self.pass_images = 0.0, 0  # this cache's passes so far (the engine's time-left rate)
+
+    @property
+    def bottom(self) -> nn.Module:
+        """The frozen bottom that the passes run: fold_batchnorm's copy, made when first needed
+        (the model's own modules stay as they train)."""
+        if self._folded is None:
+            self._folded = fold_batchnorm(self._bottom)
+        return self._folded
 
     def get(self, split: str, view: int = 0, flip: bool = False) -> torch.Tensor:
         key = (split, view, flip)
@@ -343,7 +352,7 @@ def fold_batchnorm(bottom: nn.Module, check_size: int = 64) -> nn.Module:
     forward order, or one this does not fold exactly, keeps its original bottom."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    folded = copy.deepcopy(bottom).eval()
+    folded = _copy_of_what_runs(bottom).eval()
     if not _fold_children(folded, fuse_conv_bn_eval):
         return bottom
     try:
@@ -364,6 +373,18 @@ def fold_batchnorm(bottom: nn.Module, check_size: int = 64) -> nn.Module:
     if expected.shape != got.shape or not torch.allclose(got, expected, rtol=1e-3, atol=tolerance):
         return bottom
     return folded
+
+
+def _copy_of_what_runs(bottom: nn.Module) -> nn.Module:
+    """A deep copy of `bottom` to fold. split_model's traced bottom holds the whole model,
+    unregistered, to call its forward: the parameters and buffers of that model outside the
+    bottom (the top's, which the bottom's forward never reaches) are shared, not copied, so the
+    copy costs the bottom's weights only, not a second model (on the GPU too)."""
+    runs = {id(t) for t in itertools.chain(bottom.parameters(), bottom.buffers())}
+    held = [value for value in vars(bottom).values() if isinstance(value, nn.Module)]  # unregistered modules
+    memo = {id(t): t for module in held for t in itertools.chain(module.parameters(), module.buffers())
+            if id(t) not in runs}
+    return copy.deepcopy(bottom, memo)
 
 
 def _fold_children(module: nn.Module, fuse) -> int:

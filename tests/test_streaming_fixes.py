@@ -1,7 +1,12 @@
 """Review fixes to the streamed first epoch and the BatchNorm-folded frozen pass."""
 from __future__ import annotations
 
+import pytest
+import torch
 from conftest import make_dataset, tiny_train_config
+from torch import nn
+
+from finetune_core import activations
 
 from finetune_core.data import scan_dataset
 
@@ -46,3 +51,46 @@ def test_a_streamed_batch_left_with_one_image_never_trains_alone(tmp_path):
     sizes = [len(y) for _, y in training_batches(ctx, 0, cache)]
     assert min(sizes) > 1 and sum(sizes) >= 4, sizes
     assert len(ctx.train_idx) == 5
+
+
+class StemAndWideTop(nn.Module):
+    """A stem (convolution + BatchNorm) under a wide classifier, to split as a traced model is."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten())
+        self.stem[1].running_var.fill_(3.0)
+        self.fc = nn.Linear(4, 5000)
+
+    def forward(self, x):
+        return self.fc(self.stem(x))
+
+
+def test_folding_a_traced_bottom_copies_the_bottom_only_not_the_whole_model():
+    from finetune_core.models import _Until
+
+    model = StemAndWideTop().eval()
+    bottom = _Until(model, "fc", [model.stem], [])
+    folded = activations.fold_batchnorm(bottom)
+    assert folded is not bottom and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    originals = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    copied = sum(t.numel() for t in folded.model.state_dict(keep_vars=True).values() if id(t) not in originals)
+    assert copied <= sum(t.numel() for t in bottom.state_dict().values()), f"{copied} values copied"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.allclose(folded(x), bottom(x), atol=1e-5)
+
+
+def test_a_cache_that_only_reads_kept_activations_never_folds(tmp_path, monkeypatch):
+    from finetune_core.engine import Reporter, setup
+    from finetune_core.models import split_model
+    from finetune_core.runs import RunDir
+
+    root = make_dataset(tmp_path / "d", per_class=2, test_per_class=1)
+    reporter = Reporter(RunDir(tmp_path), None, None)
+    ctx = setup(tiny_train_config(root, train_stages="1"), RunDir(tmp_path), reporter, cache_dir=str(tmp_path / "c"))
+    bottom, _ = split_model(ctx.model, ctx.config.backbone, "1")
+    expected = activations.FeatureCache(bottom, ctx, reporter, stages="1").get("train", 0)
+    monkeypatch.setattr(activations, "fold_batchnorm", lambda module: pytest.fail("folded only to read a file"))
+    assert torch.equal(activations.FeatureCache(bottom, ctx, reporter, stages="1").get("train", 0), expected)
