@@ -193,7 +193,7 @@ class FeatureCache:
         at the end, handed to `drop` ({position: why}), which takes them out of ctx.train_idx; the
         view then holds the others only, and is kept as get() keeps it. A stop (or any error)
         between batches leaves nothing half-written behind."""
-        ctx, cfg = self.ctx, self.ctx.config
+        ctx = self.ctx
         n, images_of = self._images("train", view, False)
         path = self.entry_path("train", view, False)
         out: torch.Tensor | None = None
@@ -205,15 +205,8 @@ class FeatureCache:
                 failed.update({p: why[ctx.train_idx[p]] for p in positions if ctx.train_idx[p] in why})
                 kept = [p for p in positions if p not in failed]
                 if kept:
-                    self.bottom.eval()
-                    with torch.inference_mode():
-                        x = normalize_batch(images_of(kept), ctx.mean, ctx.std, cfg.channels_last)
-                        with ctx.autocast():
-                            y = self.bottom(x).to(FEATURE_DTYPE).cpu()
-                        self._check_finite(y, f"training view {view + 1}")
-                        if out is None:
-                            out = self.streaming = self._allocate((n, *y.shape[1:]), path)
-                        out[torch.as_tensor(kept)] = y
+                    out = self.streaming = self._pass(images_of(kept), torch.as_tensor(kept), out, n, path,
+                                                      f"training view {view + 1}")
                 self.pass_seconds += time.perf_counter() - t0
                 self.pass_images += len(positions)
                 yield kept
@@ -232,6 +225,23 @@ class FeatureCache:
             self.streaming = None
             self._discard_partial()
 
+    @torch.inference_mode()
+    def _pass(self, images: torch.Tensor, rows, out: torch.Tensor | None, n: int, path: Path | None,
+              what: str) -> torch.Tensor:
+        """Run the frozen bottom on one batch of uint8 images and put its activations in `out` at
+        `rows`; `out` (None before the first batch) is allocated for the split's `n` images then.
+        Returns `out`."""
+        ctx = self.ctx
+        self.bottom.eval()
+        x = normalize_batch(images, ctx.mean, ctx.std, ctx.config.channels_last)
+        with ctx.autocast():
+            y = self.bottom(x).to(FEATURE_DTYPE).cpu()
+        self._check_finite(y, what)
+        if out is None:
+            out = self._allocate((n, *y.shape[1:]), path)
+        out[rows] = y
+        return out
+
     def _check_finite(self, y: torch.Tensor, what: str) -> None:
         if not torch.isfinite(y).all():
             raise RuntimeError(f"the frozen layers' output for {what} does not fit {FEATURE_DTYPE} (values "
@@ -239,11 +249,10 @@ class FeatureCache:
 
     @torch.inference_mode()
     def _compute(self, split: str, view: int, flip: bool) -> torch.Tensor:
-        ctx, cfg = self.ctx, self.ctx.config
+        ctx = self.ctx
         n, images_of = self._images(split, view, flip)
         what = {"train": f"training view {view + 1}", "val": "validation images", "test": "test images"}[split]
         what += " (mirrored)" if flip else ""
-        self.bottom.eval()
         out: torch.Tensor | None = None
         path = self.entry_path(split, view, flip)
         t0 = time.perf_counter()
@@ -254,13 +263,7 @@ class FeatureCache:
                 self.reporter.prepare(f"computing the frozen layers' output for {what} ({start}/{n}{left})",
                                       ctx.progress())
                 idx = list(range(start, min(n, start + batch)))
-                x = normalize_batch(images_of(idx), ctx.mean, ctx.std, cfg.channels_last)
-                with ctx.autocast():
-                    y = self.bottom(x).to(FEATURE_DTYPE).cpu()
-                self._check_finite(y, what)
-                if out is None:
-                    out = self._allocate((n, *y.shape[1:]), path)
-                out[start:start + len(idx)] = y
+                out = self._pass(images_of(idx), slice(start, start + len(idx)), out, n, path, what)
             assert out is not None
             if path is not None:
                 self._keep(out, path)
