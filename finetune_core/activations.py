@@ -414,7 +414,8 @@ def _fold_children(module: nn.Module, fuse) -> int:
 # that differ only in these (a sweep's cells) can share the bottom's cached outputs. `processes`:
 # every process computes the whole split the same way, and a run stores it resolved (auto -> 1)
 # while the LR finder keeps auto, so keying on it made the run after the finder compute again.
-TOP_ONLY_SETTINGS = ("lr", "head_lr_mult", "name", "group", "preset", "processes")
+# `layer_decay` scales the learning rates of the layers that train (the optimiser's groups) only.
+TOP_ONLY_SETTINGS = ("lr", "head_lr_mult", "layer_decay", "name", "group", "preset", "processes")
 
 
 def weights_fingerprint(module: nn.Module) -> str:

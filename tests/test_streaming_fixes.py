@@ -94,3 +94,10 @@ def test_a_cache_that_only_reads_kept_activations_never_folds(tmp_path, monkeypa
     expected = activations.FeatureCache(bottom, ctx, reporter, stages="1").get("train", 0)
     monkeypatch.setattr(activations, "fold_batchnorm", lambda module: pytest.fail("folded only to read a file"))
     assert torch.equal(activations.FeatureCache(bottom, ctx, reporter, stages="1").get("train", 0), expected)
+
+
+def test_sweep_cells_differing_only_in_layer_decay_share_the_frozen_activations(tmp_path):
+    config = tiny_train_config(tmp_path, train_stages="1")
+    key = activations.shared_features_key(config, "1")
+    assert activations.shared_features_key(config.replace(layer_decay=0.7), "1") == key
+    assert activations.shared_features_key(config.replace(image_size=48), "1") != key  # one that shapes them
