@@ -363,7 +363,7 @@ def fold_batchnorm(bottom: nn.Module, check_size: int = 64) -> nn.Module:
     except StopIteration:
         return bottom
     x = torch.randn(2, 3, check_size, check_size, generator=torch.Generator().manual_seed(0)).to(parameter.device)
-    was_training = bottom.training
+    modes = [(module, module.training) for module in bottom.modules()]  # each its own: they are the model's
     bottom.eval()
     try:
         with torch.inference_mode():
@@ -371,7 +371,8 @@ def fold_batchnorm(bottom: nn.Module, check_size: int = 64) -> nn.Module:
     except Exception:  # noqa: BLE001 - whatever stops the check (a stop request included) keeps the original
         return bottom
     finally:
-        bottom.train(was_training)
+        for module, training in modes:
+            module.training = training
     tolerance = 1e-3 * expected.abs().max().item()
     if expected.shape != got.shape or not torch.allclose(got, expected, rtol=1e-3, atol=tolerance):
         return bottom
