@@ -209,6 +209,15 @@ def views_per_image(config: TrainConfig, n_train: int) -> int:
     return max(MIN_AUTO_VIEWS, min(MAX_AUTO_VIEWS, AUTO_VIEW_PASSES // max(1, n_train)))
 
 
+def run_views(config: TrainConfig) -> int:
+    """The cached views of each training image during a run: feature_views as setup resolved it
+    (resolve_auto, from the scan), never worked out again from the training images left, which
+    drop_training_images shrinks mid-run: the epochs' views would shift under a run."""
+    if not config.feature_views:
+        raise ValueError("feature_views is still 0 (auto): resolve_auto makes it a number before a run")
+    return config.feature_views
+
+
 AUTO_TRAIN_IMAGES = 15_000  # epochs 0 with part of the network frozen: about this many images seen...
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 6, 30  # ...in at least 6 and at most 30 epochs
 AUTO_EPOCHS_ALL_LAYERS = 5  # epochs 0 with every layer training: the book's 5
@@ -639,7 +648,7 @@ def time_left(ctx: Setup, epoch: int, steps_here: int, seconds_here: float) -> f
     pass_rate = pass_seconds / pass_images
     step_rate = max(0.0, seconds_here - (pass_seconds - ctx.pass_seconds_at_start)) / max(1, steps_here)
     cache = ctx.caches.get(stages_of_epoch(cfg, epoch))
-    views = views_per_image(cfg, len(ctx.train_idx))
+    views = run_views(cfg)
     images_left = 0
     if cache is not None:
         if not cache.holds("train", epoch % views):  # the view streaming now: its batches not done yet
@@ -675,7 +684,7 @@ def training_batches(ctx: Setup, epoch: int, cache: FeatureCache | None) -> Iter
         indices = [ctx.train_idx[i] for i in order]
         crops = gen if ctx.dist.rank == 0 else random.Random(epoch_seed(cfg.seed, epoch, 1000 + ctx.dist.rank))
         return image_batches(ctx.data, indices, cfg, crops, ctx.device, ctx.mean, ctx.std, shard)
-    view = epoch % views_per_image(cfg, len(ctx.train_idx))
+    view = epoch % run_views(cfg)
     labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)]
     if ctx.stream and cache.missing("train", view):
         return streamed_batches(ctx, cache, view, order, labels)

@@ -101,3 +101,15 @@ def test_sweep_cells_differing_only_in_layer_decay_share_the_frozen_activations(
     key = activations.shared_features_key(config, "1")
     assert activations.shared_features_key(config.replace(layer_decay=0.7), "1") == key
     assert activations.shared_features_key(config.replace(image_size=48), "1") != key  # one that shapes them
+
+
+def test_the_view_count_during_a_run_is_the_one_resolved_at_its_start(tmp_path):
+    """Images dropped mid-run (a streamed epoch's decode failures) must not change the epochs' views:
+    the count is the resolved setting, and a count left to auto is refused rather than worked out
+    again from the images left."""
+    from finetune_core.engine import run_views
+
+    config = tiny_train_config(tmp_path, train_stages="1", feature_views=3)
+    assert run_views(config) == 3
+    with pytest.raises(ValueError, match="feature_views"):
+        run_views(config.replace(feature_views=0))
