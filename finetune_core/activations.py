@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -24,6 +25,7 @@ from torch import nn
 
 from .cachestore import default_cache_dir, evict, megabytes_from_env
 from .config import TrainConfig
+from .data import DatasetError
 from .prepare import center_view_batch, cut_crops, draw_crops, normalize_batch
 
 if TYPE_CHECKING:
@@ -82,7 +84,7 @@ class FeatureCache:
     def __init__(self, bottom: nn.Module, ctx: Setup, reporter: Reporter, store: dict | None = None,
                  stages: str = ""):
         self.ctx, self.reporter = ctx, reporter
-        self.bottom = fold_batchnorm(bottom)  # a copy: the model's own modules stay as they train
+        self._bottom, self._folded = bottom, None  # folded on the first pass (a cache that only reads files never is)
         # `store`: outputs shared with other runs whose frozen part sees the same images the same
         # way (a sweep's cells: see shared_features_key); they outlive this run.
         self._shared = store is not None
@@ -96,6 +98,14 @@ class FeatureCache:
         self._partial: tuple[str, np.memmap] | None = None  # a file being written in place
         self.streaming: torch.Tensor | None = None  # the view stream() is computing, its rows done so far
         self.pass_seconds, self.pass_images = 0.0, 0  # this cache's passes so far (the engine's time-left rate)
+
+    @property
+    def bottom(self) -> nn.Module:
+        """The frozen bottom that the passes run: fold_batchnorm's copy, made when first needed
+        (the model's own modules stay as they train)."""
+        if self._folded is None:
+            self._folded = fold_batchnorm(self._bottom)
+        return self._folded
 
     def get(self, split: str, view: int = 0, flip: bool = False) -> torch.Tensor:
         key = (split, view, flip)
@@ -183,7 +193,7 @@ class FeatureCache:
         at the end, handed to `drop` ({position: why}), which takes them out of ctx.train_idx; the
         view then holds the others only, and is kept as get() keeps it. A stop (or any error)
         between batches leaves nothing half-written behind."""
-        ctx, cfg = self.ctx, self.ctx.config
+        ctx = self.ctx
         n, images_of = self._images("train", view, False)
         path = self.entry_path("train", view, False)
         out: torch.Tensor | None = None
@@ -195,31 +205,42 @@ class FeatureCache:
                 failed.update({p: why[ctx.train_idx[p]] for p in positions if ctx.train_idx[p] in why})
                 kept = [p for p in positions if p not in failed]
                 if kept:
-                    self.bottom.eval()
-                    with torch.inference_mode():
-                        x = normalize_batch(images_of(kept), ctx.mean, ctx.std, cfg.channels_last)
-                        with ctx.autocast():
-                            y = self.bottom(x).to(FEATURE_DTYPE).cpu()
-                        self._check_finite(y, f"training view {view + 1}")
-                        if out is None:
-                            out = self.streaming = self._allocate((n, *y.shape[1:]), path)
-                        out[torch.as_tensor(kept)] = y
+                    out = self.streaming = self._pass(images_of(kept), torch.as_tensor(kept), out, n, path,
+                                                      f"training view {view + 1}")
                 self.pass_seconds += time.perf_counter() - t0
                 self.pass_images += len(positions)
                 yield kept
-            if out is None:
-                return
             if failed:
-                out = out[torch.as_tensor([p for p in range(n) if p not in failed])]  # a copy without them
+                if out is not None:
+                    out = out[torch.as_tensor([p for p in range(n) if p not in failed])]  # a copy without them
                 self._discard_partial()
                 drop(failed)  # ctx.train_idx without them: the view's key and rows agree again
                 path = self.entry_path("train", view, False)
+            if out is None:  # every image failed: as prepare_data says when it decodes them first
+                raise DatasetError("no image of the train split could be decoded")
             self._cache[("train", view, False)] = out
             if path is not None:
                 self._keep(out, path)
         finally:
             self.streaming = None
             self._discard_partial()
+
+    @torch.inference_mode()
+    def _pass(self, images: torch.Tensor, rows, out: torch.Tensor | None, n: int, path: Path | None,
+              what: str) -> torch.Tensor:
+        """Run the frozen bottom on one batch of uint8 images and put its activations in `out` at
+        `rows`; `out` (None before the first batch) is allocated for the split's `n` images then.
+        Returns `out`."""
+        ctx = self.ctx
+        self.bottom.eval()
+        x = normalize_batch(images, ctx.mean, ctx.std, ctx.config.channels_last)
+        with ctx.autocast():
+            y = self.bottom(x).to(FEATURE_DTYPE).cpu()
+        self._check_finite(y, what)
+        if out is None:
+            out = self._allocate((n, *y.shape[1:]), path)
+        out[rows] = y
+        return out
 
     def _check_finite(self, y: torch.Tensor, what: str) -> None:
         if not torch.isfinite(y).all():
@@ -228,11 +249,10 @@ class FeatureCache:
 
     @torch.inference_mode()
     def _compute(self, split: str, view: int, flip: bool) -> torch.Tensor:
-        ctx, cfg = self.ctx, self.ctx.config
+        ctx = self.ctx
         n, images_of = self._images(split, view, flip)
         what = {"train": f"training view {view + 1}", "val": "validation images", "test": "test images"}[split]
         what += " (mirrored)" if flip else ""
-        self.bottom.eval()
         out: torch.Tensor | None = None
         path = self.entry_path(split, view, flip)
         t0 = time.perf_counter()
@@ -243,13 +263,7 @@ class FeatureCache:
                 self.reporter.prepare(f"computing the frozen layers' output for {what} ({start}/{n}{left})",
                                       ctx.progress())
                 idx = list(range(start, min(n, start + batch)))
-                x = normalize_batch(images_of(idx), ctx.mean, ctx.std, cfg.channels_last)
-                with ctx.autocast():
-                    y = self.bottom(x).to(FEATURE_DTYPE).cpu()
-                self._check_finite(y, what)
-                if out is None:
-                    out = self._allocate((n, *y.shape[1:]), path)
-                out[start:start + len(idx)] = y
+                out = self._pass(images_of(idx), slice(start, start + len(idx)), out, n, path, what)
             assert out is not None
             if path is not None:
                 self._keep(out, path)
@@ -341,7 +355,7 @@ def fold_batchnorm(bottom: nn.Module, check_size: int = 64) -> nn.Module:
     forward order, or one this does not fold exactly, keeps its original bottom."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    folded = copy.deepcopy(bottom).eval()
+    folded = _copy_of_what_runs(bottom).eval()
     if not _fold_children(folded, fuse_conv_bn_eval):
         return bottom
     try:
@@ -349,7 +363,7 @@ def fold_batchnorm(bottom: nn.Module, check_size: int = 64) -> nn.Module:
     except StopIteration:
         return bottom
     x = torch.randn(2, 3, check_size, check_size, generator=torch.Generator().manual_seed(0)).to(parameter.device)
-    was_training = bottom.training
+    modes = [(module, module.training) for module in bottom.modules()]  # each its own: they are the model's
     bottom.eval()
     try:
         with torch.inference_mode():
@@ -357,11 +371,24 @@ def fold_batchnorm(bottom: nn.Module, check_size: int = 64) -> nn.Module:
     except Exception:  # noqa: BLE001 - whatever stops the check (a stop request included) keeps the original
         return bottom
     finally:
-        bottom.train(was_training)
+        for module, training in modes:
+            module.training = training
     tolerance = 1e-3 * expected.abs().max().item()
     if expected.shape != got.shape or not torch.allclose(got, expected, rtol=1e-3, atol=tolerance):
         return bottom
     return folded
+
+
+def _copy_of_what_runs(bottom: nn.Module) -> nn.Module:
+    """A deep copy of `bottom` to fold. split_model's traced bottom holds the whole model,
+    unregistered, to call its forward: the parameters and buffers of that model outside the
+    bottom (the top's, which the bottom's forward never reaches) are shared, not copied, so the
+    copy costs the bottom's weights only, not a second model (on the GPU too)."""
+    runs = {id(t) for t in itertools.chain(bottom.parameters(), bottom.buffers())}
+    held = [value for value in vars(bottom).values() if isinstance(value, nn.Module)]  # unregistered modules
+    memo = {id(t): t for module in held for t in itertools.chain(module.parameters(), module.buffers())
+            if id(t) not in runs}
+    return copy.deepcopy(bottom, memo)
 
 
 def _fold_children(module: nn.Module, fuse) -> int:
@@ -388,7 +415,8 @@ def _fold_children(module: nn.Module, fuse) -> int:
 # that differ only in these (a sweep's cells) can share the bottom's cached outputs. `processes`:
 # every process computes the whole split the same way, and a run stores it resolved (auto -> 1)
 # while the LR finder keeps auto, so keying on it made the run after the finder compute again.
-TOP_ONLY_SETTINGS = ("lr", "head_lr_mult", "name", "group", "preset", "processes")
+# `layer_decay` scales the learning rates of the layers that train (the optimiser's groups) only.
+TOP_ONLY_SETTINGS = ("lr", "head_lr_mult", "layer_decay", "name", "group", "preset", "processes")
 
 
 def weights_fingerprint(module: nn.Module) -> str:

@@ -210,6 +210,15 @@ def views_per_image(config: TrainConfig, n_train: int) -> int:
     return max(MIN_AUTO_VIEWS, min(MAX_AUTO_VIEWS, AUTO_VIEW_PASSES // max(1, n_train)))
 
 
+def run_views(config: TrainConfig) -> int:
+    """The cached views of each training image during a run: feature_views as setup resolved it
+    (resolve_auto, from the scan), never worked out again from the training images left, which
+    drop_training_images shrinks mid-run: the epochs' views would shift under a run."""
+    if not config.feature_views:
+        raise ValueError("feature_views is still 0 (auto): resolve_auto makes it a number before a run")
+    return config.feature_views
+
+
 AUTO_TRAIN_IMAGES = 15_000  # epochs 0 with part of the network frozen: about this many images seen...
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 6, 30  # ...in at least 6 and at most 30 epochs
 AUTO_EPOCHS_ALL_LAYERS = 5  # epochs 0 with every layer training: the book's 5
@@ -640,7 +649,7 @@ def time_left(ctx: Setup, epoch: int, steps_here: int, seconds_here: float) -> f
     pass_rate = pass_seconds / pass_images
     step_rate = max(0.0, seconds_here - (pass_seconds - ctx.pass_seconds_at_start)) / max(1, steps_here)
     cache = ctx.caches.get(stages_of_epoch(cfg, epoch))
-    views = views_per_image(cfg, len(ctx.train_idx))
+    views = run_views(cfg)
     images_left = 0
     if cache is not None:
         if not cache.holds("train", epoch % views):  # the view streaming now: its batches not done yet
@@ -676,7 +685,7 @@ def training_batches(ctx: Setup, epoch: int, cache: FeatureCache | None) -> Iter
         indices = [ctx.train_idx[i] for i in order]
         crops = gen if ctx.dist.rank == 0 else random.Random(epoch_seed(cfg.seed, epoch, 1000 + ctx.dist.rank))
         return image_batches(ctx.data, indices, cfg, crops, ctx.device, ctx.mean, ctx.std, shard)
-    view = epoch % views_per_image(cfg, len(ctx.train_idx))
+    view = epoch % run_views(cfg)
     labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)]
     if ctx.stream and cache.missing("train", view):
         return streamed_batches(ctx, cache, view, order, labels)
@@ -688,12 +697,17 @@ def streamed_batches(ctx: Setup, cache: FeatureCache, view: int, order: list[int
     """The batches of an epoch whose view is not computed yet: each batch's activations are
     computed (and its images decoded, the first time) just before the step that trains on them
     (FeatureCache.stream), so the first step comes after one batch, not after the whole set. The
-    batches are tensor_batches' for the same order, less any image that fails to decode."""
+    batches are tensor_batches' for the same order, less any image that fails to decode. A batch
+    left with one image (BatchNorm in train mode cannot take one) waits to join the next; a lone
+    image left at the end is not trained on in this epoch (it is in the view for the later ones)."""
     cfg = ctx.config
     parts = [order[part] for part in batch_slices(len(order), cfg.batch_size)]
+    waiting: list[int] = []
     for kept in cache.stream(view, parts, lambda failed: drop_training_images(ctx, failed)):
-        if kept:
-            yield next(tensor_batches(cache.streaming, labels, kept, len(kept), ctx.device, cfg.channels_last))
+        waiting += kept
+        if len(waiting) > 1:
+            yield next(tensor_batches(cache.streaming, labels, waiting, len(waiting), ctx.device, cfg.channels_last))
+            waiting = []
 
 
 def evaluation_batches(ctx: Setup, split: str, cache: FeatureCache | None) -> Iterator:

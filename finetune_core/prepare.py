@@ -167,6 +167,25 @@ def make_entry(kind: str, path: str, size: int) -> bytes:
     return encode_entry(image, original, lossless=kind == "test")
 
 
+def read_entry_header(store, key: str, kind: str, path: str, size: int, decode_missing: bool = True
+                      ) -> tuple[tuple[int, int] | None, str]:
+    """(original width and height, "") of one photo's entry, making the entry from the photo if
+    it is missing; (None, why) for a file that failed to decode; (None, "") for an entry that
+    holds no original size (the test view's) or, with `decode_missing` False, one not made yet."""
+    head = store.get(key, HEADER.size)
+    if head is None or len(head) < HEADER.size:
+        if not decode_missing:
+            return None, ""
+        head = make_entry(kind, path, size)
+        store.put(key, head)
+    tag, width, height = HEADER.unpack(head[:HEADER.size])
+    if tag != b"I":
+        if len(head) <= HEADER.size:  # only the header was read: the reason follows it
+            head = store.get(key) or failed_entry("failed to decode, skipped")
+        return None, head[HEADER.size:].decode(errors="replace")
+    return ((width, height) if width else None), ""
+
+
 _readers: ThreadPoolExecutor | None = None
 
 
@@ -201,17 +220,7 @@ class DecodedImages:
     def entry_header(self, i: int) -> tuple[tuple[int, int] | None, str]:
         """(original width and height, "") of image i, making its entry if missing, or (None, why
         it failed)."""
-        head = self.store.get(self.keys[i], HEADER.size)
-        if head is None or len(head) < HEADER.size:
-            blob = make_entry(self.kind, self.paths[i], self.size)
-            self.store.put(self.keys[i], blob)
-            head = blob
-        tag, width, height = HEADER.unpack(head[:HEADER.size])
-        if tag != b"I":
-            if len(head) <= HEADER.size:  # only the header was read: the reason follows it
-                head = self.store.get(self.keys[i]) or failed_entry("failed to decode, skipped")
-            return None, head[HEADER.size:].decode(errors="replace")
-        return (width, height), ""
+        return read_entry_header(self.store, self.keys[i], self.kind, self.paths[i], self.size)
 
     def image(self, i: int) -> np.ndarray:
         blob = self.store.get(self.keys[i])
@@ -255,18 +264,7 @@ def index_entries(records: list[ImageRecord], kind: str, size: int, store,
     keys = [entry_key(r, kind, *sizes) for r in records]
 
     def work(i):
-        head = store.get(keys[i], HEADER.size)
-        if (head is None or len(head) < HEADER.size) and not decode_missing:
-            return i, None, ""
-        if head is None or len(head) < HEADER.size:
-            blob = make_entry(kind, records[i].path, size)
-            store.put(keys[i], blob)
-            head = blob[:HEADER.size]
-        tag, width, height = HEADER.unpack(head)
-        if tag != b"I":
-            blob = store.get(keys[i]) or failed_entry("failed to decode, skipped")
-            return i, None, blob[HEADER.size:].decode(errors="replace")
-        return i, (width, height) if width else None, ""
+        return i, *read_entry_header(store, keys[i], kind, records[i].path, size, decode_missing)
 
     rows, row_sizes, skipped = [], [], []
     done = 0

@@ -22,6 +22,7 @@ def test_the_frozen_pass_runs_no_batchnorm_and_computes_what_the_bottom_does(tin
     before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
     norms = [m for m in bottom.modules() if isinstance(m, nn.BatchNorm2d)]
     cache = activations.FeatureCache(bottom, ctx, reporter, stages="1")
+    assert cache.bottom is not bottom  # folded now (lazily, on first use): the fold's own check runs the original
     calls = []
     for norm in norms:
         norm.register_forward_hook(lambda *args: calls.append(1))
