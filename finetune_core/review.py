@@ -356,6 +356,23 @@ def _indexed_data(report: ScanReport, image_size: int, cache_dir: str | None) ->
                            train_sha1=[records[i].sha1 for i in rows])
 
 
+def _head_input(top: nn.Module, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> what `head` (a module inside `top`) receives when `top` runs on x: the pooled features
+    of the layers above a split point, whatever the model does between them and its head (a
+    traced timm model's forward_head pools and normalises there, which no list of `top`'s
+    children holds)."""
+    def features(x: torch.Tensor) -> torch.Tensor:
+        seen = []
+        hook = head.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].float()))
+        try:
+            top(x)
+        finally:
+            hook.remove()
+        return seen[0]
+
+    return features
+
+
 def run_pass(run_dir: str | os.PathLike, report: ScanReport, cache_dir: str | None,
              progress: _Progress) -> ImagePass | None:
     """The ImagePass from a finished run's cached activations of its frozen bottom (the centre
@@ -366,7 +383,7 @@ def run_pass(run_dir: str | os.PathLike, report: ScanReport, cache_dir: str | No
     quality measures and hashes come from the run's decoded images. None when any is missing."""
     from .activations import FeatureCache
     from .engine import normalisation, use_bf16
-    from .models import build_model, resolve_device, seeded_init, split_model
+    from .models import backbone_spec, build_model, resolve_device, seeded_init, split_model
     from .prepare import prepare_data, validation_split
 
     config = _run_config(run_dir)
@@ -379,8 +396,7 @@ def run_pass(run_dir: str | os.PathLike, report: ScanReport, cache_dir: str | No
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     bottom, top = split_model(model, config.backbone, config.train_stages)
-    _, head_top = split_model(model, config.backbone, "head")
-    middle = nn.Sequential(*list(top.children())[:len(top) - len(head_top)]).eval()
+    middle = _head_input(top.eval(), model.get_submodule(backbone_spec(config.backbone).head))
     mean, std = normalisation(config)
     indexed = _indexed_data(report, config.image_size, cache_dir)
     split = validation_split(indexed, config.val_fraction)
@@ -402,7 +418,7 @@ def run_pass(run_dir: str | os.PathLike, report: ScanReport, cache_dir: str | No
     features: dict[str, np.ndarray] = {}
     for name, rows in parts:
         with torch.inference_mode(), ctx.autocast():
-            pooled = np.concatenate([middle(chunk.to(device).float()).float().flatten(1).cpu().numpy()
+            pooled = np.concatenate([middle(chunk.to(device).float()).flatten(1).cpu().numpy()
                                      for chunk in cache.get(name, 0, False).split(256)])
         if name == "test":
             features["test"] = pooled

@@ -1,0 +1,29 @@
+"""The reviewer's findings on the any-backbone work and the review's reuse of a run (round 2's
+"fixa"): each test fails without its fix."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conftest import make_dataset, tiny_train_config
+from test_any_backbone import catalogue, hub, pretrained_like, put_in_hub  # noqa: F401 - fixtures
+
+
+def test_a_review_after_a_traced_backbones_run_takes_the_features_its_head_sees(tmp_path, catalogue, hub, cache_dir):
+    """A timm model split by tracing pools and normalises in forward_head, which no list of the
+    top's children holds: the reused run's features are the head's input (a ViT's pooled token),
+    not the flattened tokens."""
+    from finetune_core import models, review
+    from finetune_core.engine import train
+
+    name = catalogue("vit")
+    put_in_hub(hub, name, pretrained_like(name))
+    data = make_dataset(tmp_path / "d", per_class=4, test_per_class=2)
+    config = tiny_train_config(data, backbone=name, weights="auto", epochs=1, train_stages="1")
+    train(config, tmp_path / "runs" / "run-1", cache_dir=cache_dir)
+    pooled: dict = {}
+    result = review.review_dataset(data, runs_dir=tmp_path / "runs", backbone=name, image_size=32, weights="auto",
+                                   cache_dir=cache_dir, kept=set(), features_out=pooled, folds=2)
+    assert result.method["backbone_images"] == 0 and "run-1" in result.method["features_from"]
+    model = models.build_model(name, 2, "auto").eval()
+    assert pooled["test"].shape == (4, model.get_submodule(models.backbone_spec(name).head).in_features)
