@@ -2,11 +2,11 @@
 "fixa"): each test fails without its fix."""
 from __future__ import annotations
 
-import numpy as np
-import torch
-
+import test_any_backbone
 from conftest import make_dataset, tiny_train_config
-from test_any_backbone import catalogue, hub, pretrained_like, put_in_hub  # noqa: F401 - fixtures
+from test_any_backbone import pretrained_like, put_in_hub
+
+catalogue, hub = test_any_backbone.catalogue, test_any_backbone.hub  # its fixtures: tiny timm models, an offline hub
 
 
 def test_a_review_after_a_traced_backbones_run_takes_the_features_its_head_sees(tmp_path, catalogue, hub, cache_dir):
