@@ -390,6 +390,8 @@ def _train_stages_problem(backbone: str, train_stages: str) -> str | None:
         return None
     if int(train_stages) > n:
         shown = f"auto ({resolved} on this machine)" if backbone == "auto" else backbone
+        if not n:
+            return f"{shown} trains only its head or all its layers: must be head or all, got {train_stages!r}"
         return f"must be head, all or a number of stages from 1 to {n} for {shown}, got {train_stages!r}"
     return None
 

@@ -196,7 +196,7 @@ def torchvision_names() -> tuple[str, ...]:
     """torchvision's image classification models (not its detection or video ones)."""
     import torchvision
 
-    return tuple(torchvision.models.list_models(module=torchvision.models))
+    return tuple(n for n in torchvision.models.list_models(module=torchvision.models) if n not in REFUSED_TORCHVISION)
 
 
 def all_backbone_names() -> list[str]:
@@ -246,6 +246,18 @@ def _timm_spec(name: str, timm_name: str) -> Backbone:
                     hf_hub_id=cfg.hf_hub_id or "", interpolation=cfg.interpolation or "bicubic")
 
 
+# torchvision models Tuneboard refuses by name: in train mode they return their auxiliary
+# classifiers' outputs beside the logits (GoogLeNetOutputs, InceptionOutputs), their ImageNet
+# weights hold those classifiers and expect the input re-normalised (transform_input=True).
+# Fitting them means special cases in the build, the loader and the loss for two old models that
+# many newer ones of the same size outdo. The name inception_v3 means timm's (inception_v3.tv_in1k,
+# the same weights without those quirks); googlenet has no timm counterpart and is refused.
+REFUSED_TORCHVISION = {
+    "googlenet": "it returns its auxiliary classifiers' outputs in training and expects re-normalised input",
+    "inception_v3": "it returns its auxiliary classifier's output in training and expects re-normalised input",
+}
+
+
 def _torchvision_spec(name: str) -> Backbone:
     import torchvision
 
@@ -282,6 +294,9 @@ def backbone_spec(name: str) -> Backbone:
     if not name.startswith(TIMM_PREFIX) and name in torchvision_names():
         return _torchvision_spec(name)
     timm_name = _timm_name(name)
+    if timm_name is None and name in REFUSED_TORCHVISION:
+        raise UnknownBackbone(f"{name} cannot be fine-tuned by Tuneboard: {REFUSED_TORCHVISION[name]}; "
+                              f"choose another backbone (e.g. efficientnet_b0 or resnet50)")
     if timm_name is None:
         raise _unknown(name)
     return _timm_spec(name, timm_name)
@@ -986,6 +1001,9 @@ def check_train_stages(backbone: str, train_stages: str | int) -> str:
     """`train_stages` as its canonical string ("head", "1".."n" or "all"); ValueError otherwise."""
     value = str(train_stages).strip().lower()
     if value not in train_stages_choices(backbone):
+        if not stage_names(backbone):
+            raise ValueError(f"{backbone} trains only its head or all its layers: train_stages must be 'head' or "
+                             f"'all', not {train_stages!r}")
         raise ValueError(f"train_stages must be 'head', 'all' or a number of stages from 1 to "
                          f"{len(stage_names(backbone))} for {backbone}, not {train_stages!r}")
     return value

@@ -27,3 +27,21 @@ def test_a_review_after_a_traced_backbones_run_takes_the_features_its_head_sees(
     assert result.method["backbone_images"] == 0 and "run-1" in result.method["features_from"]
     model = models.build_model(name, 2, "auto").eval()
     assert pooled["test"].shape == (4, model.get_submodule(models.backbone_spec(name).head).in_features)
+
+
+def test_googlenet_is_refused_by_name_inception_v3_is_timms_and_a_model_without_stages_says_so():
+    import pytest
+
+    from finetune_core import models
+    from finetune_core.config import TrainConfig
+
+    with pytest.raises(models.UnknownBackbone, match="googlenet cannot be fine-tuned by Tuneboard: it returns"):
+        models.backbone_spec("googlenet")
+    assert "googlenet" not in models.torchvision_names()
+    assert models.backbone_spec("inception_v3").source == "timm"  # no auxiliary outputs, its own normalisation
+    # a torchvision model outside the four known layouts: head or all only, said so
+    assert models.stage_names("mnasnet0_5") == []
+    with pytest.raises(ValueError, match="mnasnet0_5 trains only its head or all its layers"):
+        models.check_train_stages("mnasnet0_5", "1")
+    errors = TrainConfig(data=".", backbone="mnasnet0_5", weights="none", train_stages="1").validate()
+    assert "mnasnet0_5 trains only its head or all its layers" in str(errors)
