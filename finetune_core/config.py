@@ -391,7 +391,7 @@ def _train_stages_problem(backbone: str, train_stages: str) -> str | None:
     if int(train_stages) > n:
         shown = f"auto ({resolved} on this machine)" if backbone == "auto" else backbone
         if not n:
-            return f"{shown} trains only its head or all its layers: must be head or all, got {train_stages!r}"
+            return f"must be head or all: {shown} trains only its head or all its layers, got {train_stages!r}"
         return f"must be head, all or a number of stages from 1 to {n} for {shown}, got {train_stages!r}"
     return None
 
