@@ -261,11 +261,7 @@ REFUSED_TORCHVISION = {
 def _torchvision_spec(name: str) -> Backbone:
     import torchvision
 
-    try:
-        with torch.device("meta"):  # no memory, and fast
-            model = torchvision.models.get_model(name, weights=None)
-    except NotImplementedError:  # a builder that computes its widths from tensors (RegNet)
-        model = torchvision.models.get_model(name, weights=None)
+    model = structure_build(functools.partial(torchvision.models.get_model, name, weights=None))
     head = _last_linear(model)
     if head is None:
         raise UnknownBackbone(f"{name}: its classifier is not a Linear layer; Tuneboard cannot replace its head")
@@ -323,9 +319,7 @@ def backbone_problem(name: str) -> str | None:
 @functools.lru_cache(maxsize=None)
 def parameter_count(name: str) -> int:
     """The backbone's parameters with its ImageNet head, counted on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = backbone_spec(name).build()
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in structure_build(backbone_spec(name).build).parameters())
 
 
 def backbone_choices(offline: list[str]) -> list[str]:
@@ -937,6 +931,19 @@ def seeded_init(seed: int) -> Iterator[None]:
         yield
 
 
+def structure_build(build: Callable[[], nn.Module]) -> nn.Module:
+    """A build read only for its structure (layers, head, parameter counts): on the meta device (no
+    memory, no random draws, fast); a builder that computes its widths from tensors (torchvision's
+    RegNet) cannot build there and is built under seeded_init(0), so checking a name never moves
+    the process's random stream (a page validating a name while a run draws its batches)."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except NotImplementedError:
+        with seeded_init(0):
+            return build()
+
+
 @dataclass(frozen=True)
 class Architecture:
     stages: tuple[str, ...]          # the trainable stages, bottom to top, by module path
@@ -1079,8 +1086,7 @@ def _top_body_parameters(backbone: str, train_stages: str) -> int:
     """Parameters of the top without the head, counted once on a randomly initialised build."""
     if train_stages == "head":
         return 0
-    with torch.device("meta"):
-        model = backbone_spec(backbone).build()
+    model = structure_build(backbone_spec(backbone).build)
     head_ids = {id(p) for p in get_head(model, backbone).parameters()}
     return sum(p.numel() for p in trainable_parameters(model, backbone, train_stages) if id(p) not in head_ids)
 

@@ -45,3 +45,20 @@ def test_googlenet_is_refused_by_name_inception_v3_is_timms_and_a_model_without_
         models.check_train_stages("mnasnet0_5", "1")
     errors = TrainConfig(data=".", backbone="mnasnet0_5", weights="none", train_stages="1").validate()
     assert "mnasnet0_5 trains only its head or all its layers" in str(errors)
+
+
+def test_checking_a_regnet_name_leaves_the_processs_random_stream_alone_and_counts_its_parameters():
+    """torchvision's RegNet cannot be built on the meta device: its structure build runs under
+    seeded_init, so a page checking the name does not shift a running run's draws."""
+    import torch
+
+    from finetune_core import models
+
+    models.forget_backbones()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    models.backbone_spec("regnet_y_400mf")
+    assert torch.equal(torch.rand(3), expected)
+    assert 4_000_000 < models.parameter_count("regnet_y_400mf") < 4_600_000  # 4.3 M with its ImageNet head
+    models.forget_backbones()
