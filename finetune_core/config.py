@@ -246,6 +246,12 @@ class TrainConfig:
             problem = _train_stages_problem(self.backbone, self.train_stages)
             if problem:
                 report("train_stages", problem)
+        if not {"image_size", "backbone"} & set(errors):
+            from .models import image_size_problem
+
+            problem = image_size_problem(self.backbone, self.image_size)
+            if problem:
+                report("image_size", problem)
         if not {"processes", "batch_size"} & set(errors) and self.processes > 1 \
                 and self.batch_size < 2 * self.processes:
             report("processes", f"need a batch size of at least {2 * self.processes} (2 images per process), "

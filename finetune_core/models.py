@@ -70,6 +70,7 @@ class Backbone:
     model_name: str = ""           # the catalogue's name: timm's with its pretrained tag
     hf_hub_id: str = ""            # where timm's weights live on the Hugging Face hub ("timm/NAME.TAG")
     interpolation: str = "bilinear"  # the resize its pretrained config evaluates with
+    fixed_size: bool = False       # takes only native_size inputs (timm's fixed_input_size: a ViT's position embeddings)
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:
@@ -243,7 +244,8 @@ def _timm_spec(name: str, timm_name: str) -> Backbone:
     return Backbone(name, build, cfg.classifier, mean=tuple(cfg.mean), std=tuple(cfg.std),
                     description=f"{timm_name} (timm), {cfg.input_size[-1]} px, {cfg.license or 'licence unknown'}",
                     native_size=int(cfg.input_size[-1]), source="timm", model_name=timm_name,
-                    hf_hub_id=cfg.hf_hub_id or "", interpolation=cfg.interpolation or "bicubic")
+                    hf_hub_id=cfg.hf_hub_id or "", interpolation=cfg.interpolation or "bicubic",
+                    fixed_size=bool(cfg.fixed_input_size))
 
 
 # torchvision models Tuneboard refuses by name: in train mode they return their auxiliary
@@ -320,6 +322,20 @@ def backbone_problem(name: str) -> str | None:
 def parameter_count(name: str) -> int:
     """The backbone's parameters with its ImageNet head, counted on the meta device (no memory)."""
     return sum(p.numel() for p in structure_build(backbone_spec(name).build).parameters())
+
+
+def image_size_problem(backbone: str, image_size: int) -> str | None:
+    """Why a backbone that takes only its native size (a timm ViT or Swin: position embeddings and
+    windows of a fixed size) cannot run at `image_size`, or None (an unknown name is the backbone
+    setting's problem)."""
+    try:
+        spec = backbone_spec(backbone)
+    except ValueError:
+        return None
+    if spec.fixed_size and image_size != spec.native_size:
+        return (f"must be {spec.native_size} for {backbone}, which takes only {spec.native_size} px images, "
+                f"got {image_size}")
+    return None
 
 
 def backbone_choices(offline: list[str]) -> list[str]:

@@ -62,3 +62,14 @@ def test_checking_a_regnet_name_leaves_the_processs_random_stream_alone_and_coun
     assert torch.equal(torch.rand(3), expected)
     assert 4_000_000 < models.parameter_count("regnet_y_400mf") < 4_600_000  # 4.3 M with its ImageNet head
     models.forget_backbones()
+
+
+def test_a_fixed_size_timm_model_at_another_image_size_is_refused_naming_the_size_it_needs():
+    from finetune_core.config import TrainConfig
+
+    errors = TrainConfig(data="d", backbone="vit_small_patch16_224", weights="none", image_size=160).validate()
+    assert errors["image_size"] == ("Image size must be 224 for vit_small_patch16_224, which takes only 224 px "
+                                    "images, got 160")
+    assert "image_size" not in TrainConfig(data="d", backbone="vit_small_patch16_224", weights="none").validate()
+    assert "image_size" not in TrainConfig(data="d", backbone="convnext_atto", weights="none",
+                                           image_size=160).validate()  # any size
