@@ -93,10 +93,11 @@ def setting(default, label: str, **meta) -> Any:
 
 
 def _backbone_choices() -> list[str]:
-    """The registered backbones; any timm or torchvision classifier's name is accepted too."""
-    from .models import BACKBONES
+    """Every backbone name, as the Train page's picker offers them (models.backbone_choices: the
+    one list of what a backbone may be)."""
+    from .models import backbone_choices, offline_backbones
 
-    return ["auto", *BACKBONES]
+    return backbone_choices(offline_backbones())
 
 
 @dataclass

@@ -73,3 +73,11 @@ def test_a_fixed_size_timm_model_at_another_image_size_is_refused_naming_the_siz
     assert "image_size" not in TrainConfig(data="d", backbone="vit_small_patch16_224", weights="none").validate()
     assert "image_size" not in TrainConfig(data="d", backbone="convnext_atto", weights="none",
                                            image_size=160).validate()  # any size
+
+
+def test_the_backbone_settings_choices_are_the_pickers():
+    """One source: models.backbone_choices (the registry, then torchvision's and timm's names)."""
+    from finetune_core import config
+
+    choices = config.settings()["backbone"].choice_list()
+    assert choices[:2] == ["auto", "resnet18"] and {"regnet_y_400mf", "convnext_tiny.fb_in22k_ft_in1k"} <= set(choices)
