@@ -93,10 +93,11 @@ def setting(default, label: str, **meta) -> Any:
 
 
 def _backbone_choices() -> list[str]:
-    """The registered backbones; any timm or torchvision classifier's name is accepted too."""
-    from .models import BACKBONES
+    """Every backbone name, as the Train page's picker offers them (models.backbone_choices: the
+    one list of what a backbone may be)."""
+    from .models import backbone_choices, offline_backbones
 
-    return ["auto", *BACKBONES]
+    return backbone_choices(offline_backbones())
 
 
 @dataclass
@@ -246,6 +247,12 @@ class TrainConfig:
             problem = _train_stages_problem(self.backbone, self.train_stages)
             if problem:
                 report("train_stages", problem)
+        if not {"image_size", "backbone"} & set(errors):
+            from .models import image_size_problem
+
+            problem = image_size_problem(self.backbone, self.image_size)
+            if problem:
+                report("image_size", problem)
         if not {"processes", "batch_size"} & set(errors) and self.processes > 1 \
                 and self.batch_size < 2 * self.processes:
             report("processes", f"need a batch size of at least {2 * self.processes} (2 images per process), "
@@ -390,6 +397,8 @@ def _train_stages_problem(backbone: str, train_stages: str) -> str | None:
         return None
     if int(train_stages) > n:
         shown = f"auto ({resolved} on this machine)" if backbone == "auto" else backbone
+        if not n:
+            return f"must be head or all: {shown} trains only its head or all its layers, got {train_stages!r}"
         return f"must be head, all or a number of stages from 1 to {n} for {shown}, got {train_stages!r}"
     return None
 

@@ -70,6 +70,7 @@ class Backbone:
     model_name: str = ""           # the catalogue's name: timm's with its pretrained tag
     hf_hub_id: str = ""            # where timm's weights live on the Hugging Face hub ("timm/NAME.TAG")
     interpolation: str = "bilinear"  # the resize its pretrained config evaluates with
+    fixed_size: bool = False       # takes only native_size inputs (timm's fixed_input_size: a ViT's position embeddings)
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:
@@ -196,7 +197,7 @@ def torchvision_names() -> tuple[str, ...]:
     """torchvision's image classification models (not its detection or video ones)."""
     import torchvision
 
-    return tuple(torchvision.models.list_models(module=torchvision.models))
+    return tuple(n for n in torchvision.models.list_models(module=torchvision.models) if n not in REFUSED_TORCHVISION)
 
 
 def all_backbone_names() -> list[str]:
@@ -243,17 +244,26 @@ def _timm_spec(name: str, timm_name: str) -> Backbone:
     return Backbone(name, build, cfg.classifier, mean=tuple(cfg.mean), std=tuple(cfg.std),
                     description=f"{timm_name} (timm), {cfg.input_size[-1]} px, {cfg.license or 'licence unknown'}",
                     native_size=int(cfg.input_size[-1]), source="timm", model_name=timm_name,
-                    hf_hub_id=cfg.hf_hub_id or "", interpolation=cfg.interpolation or "bicubic")
+                    hf_hub_id=cfg.hf_hub_id or "", interpolation=cfg.interpolation or "bicubic",
+                    fixed_size=bool(cfg.fixed_input_size))
+
+
+# torchvision models Tuneboard refuses by name: in train mode they return their auxiliary
+# classifiers' outputs beside the logits (GoogLeNetOutputs, InceptionOutputs), their ImageNet
+# weights hold those classifiers and expect the input re-normalised (transform_input=True).
+# Fitting them means special cases in the build, the loader and the loss for two old models that
+# many newer ones of the same size outdo. The name inception_v3 means timm's (inception_v3.tv_in1k,
+# the same weights without those quirks); googlenet has no timm counterpart and is refused.
+REFUSED_TORCHVISION = {
+    "googlenet": "it returns its auxiliary classifiers' outputs in training and expects re-normalised input",
+    "inception_v3": "it returns its auxiliary classifier's output in training and expects re-normalised input",
+}
 
 
 def _torchvision_spec(name: str) -> Backbone:
     import torchvision
 
-    try:
-        with torch.device("meta"):  # no memory, and fast
-            model = torchvision.models.get_model(name, weights=None)
-    except NotImplementedError:  # a builder that computes its widths from tensors (RegNet)
-        model = torchvision.models.get_model(name, weights=None)
+    model = structure_build(functools.partial(torchvision.models.get_model, name, weights=None))
     head = _last_linear(model)
     if head is None:
         raise UnknownBackbone(f"{name}: its classifier is not a Linear layer; Tuneboard cannot replace its head")
@@ -282,6 +292,9 @@ def backbone_spec(name: str) -> Backbone:
     if not name.startswith(TIMM_PREFIX) and name in torchvision_names():
         return _torchvision_spec(name)
     timm_name = _timm_name(name)
+    if timm_name is None and name in REFUSED_TORCHVISION:
+        raise UnknownBackbone(f"{name} cannot be fine-tuned by Tuneboard: {REFUSED_TORCHVISION[name]}; "
+                              f"choose another backbone (e.g. efficientnet_b0 or resnet50)")
     if timm_name is None:
         raise _unknown(name)
     return _timm_spec(name, timm_name)
@@ -308,9 +321,21 @@ def backbone_problem(name: str) -> str | None:
 @functools.lru_cache(maxsize=None)
 def parameter_count(name: str) -> int:
     """The backbone's parameters with its ImageNet head, counted on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = backbone_spec(name).build()
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in structure_build(backbone_spec(name).build).parameters())
+
+
+def image_size_problem(backbone: str, image_size: int) -> str | None:
+    """Why a backbone that takes only its native size (a timm ViT or Swin: position embeddings and
+    windows of a fixed size) cannot run at `image_size`, or None (an unknown name is the backbone
+    setting's problem)."""
+    try:
+        spec = backbone_spec(backbone)
+    except ValueError:
+        return None
+    if spec.fixed_size and image_size != spec.native_size:
+        return (f"must be {spec.native_size} for {backbone}, which takes only {spec.native_size} px images, "
+                f"got {image_size}")
+    return None
 
 
 def backbone_choices(offline: list[str]) -> list[str]:
@@ -922,6 +947,19 @@ def seeded_init(seed: int) -> Iterator[None]:
         yield
 
 
+def structure_build(build: Callable[[], nn.Module]) -> nn.Module:
+    """A build read only for its structure (layers, head, parameter counts): on the meta device (no
+    memory, no random draws, fast); a builder that computes its widths from tensors (torchvision's
+    RegNet) cannot build there and is built under seeded_init(0), so checking a name never moves
+    the process's random stream (a page validating a name while a run draws its batches)."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except NotImplementedError:
+        with seeded_init(0):
+            return build()
+
+
 @dataclass(frozen=True)
 class Architecture:
     stages: tuple[str, ...]          # the trainable stages, bottom to top, by module path
@@ -986,6 +1024,9 @@ def check_train_stages(backbone: str, train_stages: str | int) -> str:
     """`train_stages` as its canonical string ("head", "1".."n" or "all"); ValueError otherwise."""
     value = str(train_stages).strip().lower()
     if value not in train_stages_choices(backbone):
+        if not stage_names(backbone):
+            raise ValueError(f"{backbone} trains only its head or all its layers: train_stages must be 'head' or "
+                             f"'all', not {train_stages!r}")
         raise ValueError(f"train_stages must be 'head', 'all' or a number of stages from 1 to "
                          f"{len(stage_names(backbone))} for {backbone}, not {train_stages!r}")
     return value
@@ -1047,8 +1088,7 @@ def _top_body_parameters(backbone: str, train_stages: str) -> int:
     """Parameters of the top without the head, counted once on a randomly initialised build."""
     if train_stages == "head":
         return 0
-    with torch.device("meta"):
-        model = backbone_spec(backbone).build()
+    model = structure_build(backbone_spec(backbone).build)
     head_ids = {id(p) for p in get_head(model, backbone).parameters()}
     return sum(p.numel() for p in trainable_parameters(model, backbone, train_stages) if id(p) not in head_ids)
 

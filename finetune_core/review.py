@@ -55,6 +55,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -304,21 +305,72 @@ class _FeatureContext:
         return 0.0
 
 
-def reusable_run(report: ScanReport, runs_dir: str | os.PathLike) -> str | None:
-    """The newest completed run in `runs_dir` on this dataset whose bottom was frozen (it cached
-    the frozen layers' activations), or None."""
+def _run_config(run_dir: str | os.PathLike):
+    """The TrainConfig a run was started with, or None when its config.json is unreadable."""
+    from .config import ConfigError, TrainConfig
+
+    try:
+        return TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return None
+
+
+def _reusable_config(config, report: ScanReport) -> bool:
+    """Whether a run's cached activations can stand for the review's backbone pass: its bottom
+    was frozen (it cached their activations), pretrained (random features find no label issues)
+    and it saw this dataset."""
+    return config is not None and config.train_stages != "all" and config.weights != "none" and \
+        os.path.realpath(config.data) == os.path.realpath(report.root)
+
+
+def reusable_run(report: ScanReport, runs_dir: str | os.PathLike, backbone: str = DEFAULT_BACKBONE,
+                 image_size: int = DEFAULT_IMAGE_SIZE) -> str | None:
+    """The newest completed run in `runs_dir` on this dataset whose activations can stand for the
+    review's pass (_reusable_config) with the backbone and image size the review was asked for,
+    or None."""
     from .runs import list_runs
 
     for info in list_runs(runs_dir):
         if info.state == "completed" and not info.error and info.dataset and \
                 os.path.realpath(info.dataset) == os.path.realpath(report.root):
-            try:
-                stages = json.loads((Path(info.path) / "config.json").read_text())["config"]["train_stages"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if stages != "all":
+            config = _run_config(info.path)
+            if _reusable_config(config, report) and config.backbone == backbone and config.image_size == image_size:
                 return info.path
     return None
+
+
+def _indexed_data(report: ScanReport, image_size: int, cache_dir: str | None) -> SimpleNamespace:
+    """What FeatureCache.entry_path and validation_split read of a PreparedData (the images' keys,
+    labels and contents' hashes), from the decode cache's index alone: nothing is decoded, so a
+    run whose activations were evicted costs no decoding before the review's own pass."""
+    from .prepare import DiskStore, MemoryStore, choose_train_side, default_cache_dir, index_entries
+
+    folder = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir else None)
+    store = DiskStore(folder / "images") if folder else MemoryStore()
+    records = report.samples["train"]
+    side = choose_train_side(records, image_size)
+    rows, train_keys, _, _ = index_entries(records, "train", side, store, None, decode_missing=False)
+    _, test_keys, _, _ = index_entries(report.samples["test"], "test", image_size, store, None, decode_missing=False)
+    return SimpleNamespace(train_images=SimpleNamespace(keys=train_keys), test_images=SimpleNamespace(keys=test_keys),
+                           train_labels=torch.tensor([records[i].label for i in rows], dtype=torch.int64),
+                           train_sha1=[records[i].sha1 for i in rows])
+
+
+def _head_input(top: nn.Module, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> what `head` (a module inside `top`) receives when `top` runs on x: the pooled features
+    of the layers above a split point, whatever the model does between them and its head (a
+    traced timm model's forward_head pools and normalises there, which no list of `top`'s
+    children holds)."""
+    def features(x: torch.Tensor) -> torch.Tensor:
+        seen = []
+        hook = head.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].float()))
+        try:
+            top(x)
+        finally:
+            hook.remove()
+        return seen[0]
+
+    return features
 
 
 def run_pass(run_dir: str | os.PathLike, report: ScanReport, cache_dir: str | None,
@@ -330,45 +382,43 @@ def run_pass(run_dir: str | os.PathLike, report: ScanReport, cache_dir: str | No
     Lite's 1x1 conv_head on the 9 x 9 map) turn them into features; the bottom never runs. The
     quality measures and hashes come from the run's decoded images. None when any is missing."""
     from .activations import FeatureCache
-    from .config import ConfigError, TrainConfig
     from .engine import normalisation, use_bf16
-    from .models import build_model, resolve_device, seeded_init, split_model
+    from .models import backbone_spec, build_model, resolve_device, seeded_init, split_model
     from .prepare import prepare_data, validation_split
 
-    try:
-        config = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["config"])
-    except (OSError, ValueError, KeyError, TypeError, ConfigError):
-        return None
-    if config.train_stages == "all" or os.path.realpath(config.data) != os.path.realpath(report.root):
+    config = _run_config(run_dir)
+    if not _reusable_config(config, report):
         return None
     device = resolve_device("auto")
     progress(0.0, f"reading the cached activations of the run {Path(run_dir).name}")
-    data = prepare_data(report, config.image_size, cache_dir=cache_dir, device=device,
-                        progress=lambda done, total: progress(done / max(total, 1),
-                                                              f"reading the decoded images ({done}/{total})"))
-    split = validation_split(data, config.val_fraction)
     with seeded_init(config.seed):
         model = build_model(config.backbone, len(report.classes), config.weights).to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     bottom, top = split_model(model, config.backbone, config.train_stages)
-    _, head_top = split_model(model, config.backbone, "head")
-    middle = nn.Sequential(*list(top.children())[:len(top) - len(head_top)]).eval()
+    middle = _head_input(top.eval(), model.get_submodule(backbone_spec(config.backbone).head))
     mean, std = normalisation(config)
-    ctx = _FeatureContext(config=config, data=data, device=device, bf16=use_bf16(config, device), mean=mean, std=std,
-                          train_idx=split.train, val_idx=split.val, cache_dir=cache_dir)
+    indexed = _indexed_data(report, config.image_size, cache_dir)
+    split = validation_split(indexed, config.val_fraction)
+    ctx = _FeatureContext(config=config, data=indexed, device=device, bf16=use_bf16(config, device), mean=mean,
+                          std=std, train_idx=split.train, val_idx=split.val, cache_dir=cache_dir)
     cache = FeatureCache(bottom, ctx, progress, stages=config.train_stages)
     parts = [("train", split.train)] + ([("val", split.val)] if split.val else []) + [("test", None)]
     if any(cache.entry_path(name, 0, False) is None or not cache.entry_path(name, 0, False).exists()
            for name, _ in parts):
-        return None
+        return None  # evicted (or never kept): checked before any image is decoded
+    ctx.data = data = prepare_data(report, config.image_size, cache_dir=cache_dir, device=device,
+                                   progress=lambda done, total: progress(done / max(total, 1),
+                                                                         f"reading the decoded images ({done}/{total})"))
+    if [data.train_images.keys, data.test_images.keys] != [indexed.train_images.keys, indexed.test_images.keys]:
+        return None  # an image failed to decode since: the run's activations are of other images
     out = ImagePass(features_from=f"{config.backbone} at {config.image_size} px, the cached activations of the run "
                                   f"{Path(run_dir).name}", skipped=list(data.skipped), backbone=config.backbone,
                     image_size=config.image_size)
     features: dict[str, np.ndarray] = {}
     for name, rows in parts:
         with torch.inference_mode(), ctx.autocast():
-            pooled = np.concatenate([middle(chunk.to(device).float()).float().flatten(1).cpu().numpy()
+            pooled = np.concatenate([middle(chunk.to(device).float()).flatten(1).cpu().numpy()
                                      for chunk in cache.get(name, 0, False).split(256)])
         if name == "test":
             features["test"] = pooled
@@ -681,7 +731,7 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
     if not report.usable:
         raise DatasetError(f"dataset not usable: {report.reason()}")
     if run_dir is None and runs_dir is not None:
-        run_dir = reusable_run(report, runs_dir)
+        run_dir = reusable_run(report, runs_dir, backbone, image_size)
     steps.part(0.0, 0.85)
     images = run_pass(run_dir, report, cache_dir, steps) if run_dir else None
     if images is None:

@@ -3,6 +3,9 @@ pHash without a second DCT, and a review after a run that reads the run's cached
 instead of running the backbone."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -21,36 +24,43 @@ def test_the_mirrored_hash_equals_the_hash_of_the_mirror_image():
 
 
 def test_a_review_after_a_run_reads_its_cached_activations_and_runs_no_backbone(tmp_path, monkeypatch, cache_dir):
-    from finetune_core import review
-    from finetune_core.activations import FeatureCache
+    from finetune_core import prepare, review
     from finetune_core.engine import train
     from finetune_core.models import build_model, seeded_init, split_model
-    from finetune_core.prepare import normalize_batch
+    from finetune_core.prepare import decode_test, normalize_batch
 
     runs = tmp_path / "runs"
     data = make_dataset(tmp_path / "d", per_class=8, test_per_class=3)
-    config = tiny_train_config(data, epochs=1, train_stages="1")
+    with seeded_init(7):  # stands in for ImageNet weights: a run from "none" is never reused
+        pretrained = build_model("tiny_lite", 2, "none")
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pt")
+    config = tiny_train_config(data, epochs=1, train_stages="1", weights=str(tmp_path / "pretrained.pt"))
     train(config, runs / "run-1", cache_dir=cache_dir)
+    train(config.replace(weights="none"), runs / "run-2", cache_dir=cache_dir)  # newer, random features
 
-    passes = []  # every batch the frozen bottom computes, the run's cache or the review's own pass
-    compute = FeatureCache._compute
-    monkeypatch.setattr(FeatureCache, "_compute", lambda self, *a: passes.append(a) or compute(self, *a))
+    ask = dict(runs_dir=runs, backbone="tiny_lite", image_size=32, weights=config.weights, cache_dir=cache_dir,
+               kept=set())
     pooled: dict = {}
-    result = review.review_dataset(data, runs_dir=runs, cache_dir=cache_dir, features_out=pooled, kept=set())
-    assert passes == [] and result.method["backbone_images"] == 0
+    result = review.review_dataset(data, features_out=pooled, **ask)
+    assert result.method["backbone_images"] == 0
     assert "run-1" in result.method["features_from"] and result.method["backbone"] == "tiny_lite"
     assert result.images == {"train": 16, "test": 6}
 
     # the features are the pretrained bottom's pooled output of each test image's centre view
-    with seeded_init(config.seed):
-        bottom, _ = split_model(build_model("tiny_lite", 2, "none"), "tiny_lite", "head")
-    from finetune_core.prepare import decode_test
-
+    bottom, _ = split_model(pretrained, "tiny_lite", "head")
     views = torch.from_numpy(np.stack([decode_test(p, 32) for p in pooled["test_paths"]]))
     with torch.inference_mode():
         expected = bottom.eval()(normalize_batch(views, (0.5,) * 3, (0.5,) * 3, False)).flatten(1).numpy()
     assert np.allclose(pooled["test"], expected, rtol=2e-2, atol=2e-2)
 
-    cold = review.review_dataset(data, backbone="tiny_lite", weights="none", image_size=32, cache_dir=cache_dir,
-                                 kept=set())
-    assert cold.method["backbone_images"] == 22  # without a run: every image through the backbone once
+    # another image size than the run's: the review's own pass
+    assert review.reusable_run(review.scan_dataset(data), runs, "tiny_lite", 48) is None
+    # the run's activations evicted: nothing decoded before the review's own pass (once per image)
+    for entry in (Path(cache_dir) / "activations").iterdir():
+        entry.unlink()
+    shutil.rmtree(Path(cache_dir) / "images")
+    decoded = []
+    make_entry = prepare.make_entry
+    monkeypatch.setattr(prepare, "make_entry", lambda *a: decoded.append(a) or make_entry(*a))
+    cold = review.review_dataset(data, **ask)
+    assert cold.method["backbone_images"] == 22 and decoded == []  # every image through the backbone once
