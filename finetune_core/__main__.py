@@ -683,8 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "record or export fixes")
     p.add_argument("data")
     p.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold predictions [default: %(default)s]")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="[default: %(default)s]")
-    p.add_argument("--image-size", type=int, default=224, help="[default: %(default)s]")
+    p.add_argument("--backbone", default=None, help="[default: the newest reusable run's, else efficientnet_lite0]")
+    p.add_argument("--image-size", type=int, default=None, help="[default: the newest reusable run's, else 224]")
     p.add_argument("--run", default=None, metavar="RUN_DIR",
                    help="a finished run on this dataset: its cached activations give the features and its "
                         "predictions score the test images [default: the newest finished run on this dataset in "

@@ -323,18 +323,19 @@ def _reusable_config(config, report: ScanReport) -> bool:
         os.path.realpath(config.data) == os.path.realpath(report.root)
 
 
-def reusable_run(report: ScanReport, runs_dir: str | os.PathLike, backbone: str = DEFAULT_BACKBONE,
-                 image_size: int = DEFAULT_IMAGE_SIZE) -> str | None:
+def reusable_run(report: ScanReport, runs_dir: str | os.PathLike, backbone: str | None = None,
+                 image_size: int | None = None) -> str | None:
     """The newest completed run in `runs_dir` on this dataset whose activations can stand for the
-    review's pass (_reusable_config) with the backbone and image size the review was asked for,
-    or None."""
+    review's pass (_reusable_config) with the backbone and image size the review was asked for
+    (None: any, so that a review after a fast-preset run reads its Lite2 activations), or None."""
     from .runs import list_runs
 
     for info in list_runs(runs_dir):
         if info.state == "completed" and not info.error and info.dataset and \
                 os.path.realpath(info.dataset) == os.path.realpath(report.root):
             config = _run_config(info.path)
-            if _reusable_config(config, report) and config.backbone == backbone and config.image_size == image_size:
+            if _reusable_config(config, report) and backbone in (None, config.backbone) \
+                    and image_size in (None, config.image_size):
                 return info.path
     return None
 
@@ -706,8 +707,8 @@ def class_health(report: ScanReport, issues: list[Issue]) -> tuple[list[dict], l
 # The review
 
 
-def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone: str = DEFAULT_BACKBONE,
-                   image_size: int = DEFAULT_IMAGE_SIZE, weights: str = "auto",
+def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone: str | None = None,
+                   image_size: int | None = None, weights: str = "auto",
                    run_dir: str | os.PathLike | None = None, runs_dir: str | os.PathLike | None = None,
                    cache_dir: str | None = None, progress: ProgressCallback | None = None,
                    stop_event: threading.Event | None = None, report: ScanReport | None = None,
@@ -715,7 +716,8 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
     """Review a dataset folder (see the module's docstring). `run_dir`: a finished run on the same
     data, whose cached activations give the features (its backbone then, not `backbone`) and
     whose predictions score the test images; `runs_dir`: where to look for the newest such run
-    when `run_dir` is not given. `kept`: (path, kind) pairs a person marked as not an issue (the
+    when `run_dir` is not given, with `backbone` and `image_size` when given (None: any run; without
+    one, DEFAULT_BACKBONE at DEFAULT_IMAGE_SIZE). `kept`: (path, kind) pairs a person marked as not an issue (the
     fixes file's "keep" entries are read when None). `features_out`: a dict that receives the
     features, labels and paths (benchmarks reuse them). Raises ReviewStopped when `stop_event` is
     set; DatasetError when the dataset is unusable."""
@@ -735,7 +737,7 @@ def review_dataset(path: str | os.PathLike, folds: int = DEFAULT_FOLDS, backbone
     steps.part(0.0, 0.85)
     images = run_pass(run_dir, report, cache_dir, steps) if run_dir else None
     if images is None:
-        images = image_pass(report, backbone, image_size, weights, steps)
+        images = image_pass(report, backbone or DEFAULT_BACKBONE, image_size or DEFAULT_IMAGE_SIZE, weights, steps)
     classes = report.classes
     n_classes = len(classes)
     train_labels, test_labels = images.labels["train"], images.labels["test"]

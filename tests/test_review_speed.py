@@ -55,6 +55,8 @@ def test_a_review_after_a_run_reads_its_cached_activations_and_runs_no_backbone(
 
     # another image size than the run's: the review's own pass
     assert review.reusable_run(review.scan_dataset(data), runs, "tiny_lite", 48) is None
+    # none asked for (the Review page, the command line's default): the newest reusable run, whatever its backbone
+    assert Path(review.reusable_run(review.scan_dataset(data), runs)).name == "run-1"
     # the run's activations evicted: nothing decoded before the review's own pass (once per image)
     for entry in (Path(cache_dir) / "activations").iterdir():
         entry.unlink()
