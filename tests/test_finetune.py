@@ -314,7 +314,7 @@ def test_prediction_averages_the_mirror_image_when_the_run_did(dataset, weights_
     with torch.no_grad():
         plain, mirrored = predictor.model(x), predictor.model(x.flip(-1))
     assert not torch.allclose(plain, mirrored, atol=1e-4)
-    expected = torch.softmax((plain + mirrored) / 2, dim=1)
+    expected = torch.softmax((plain + mirrored) / 2 / predictor.temperature, dim=1)  # calibrated (calibration.py)
     assert torch.allclose(predictor.probabilities([image]), expected, atol=1e-5)
 
 
@@ -374,7 +374,8 @@ def test_with_a_validation_split_prediction_uses_the_selected_checkpoint(dataset
     from finetune_core import predict
     from finetune_core.predict import Predictor, export_bundle
 
-    scores = iter([0.9, 0.5, 0.6, 0.0])  # epoch 1 is the best on the validation split (the last: the final test)
+    # epoch 1 is the best on the validation split; then the final test, then the calibration's validation pass
+    scores = iter([0.9, 0.5, 0.6, 0.0, 0.9])
     real = engine.evaluate_split
     monkeypatch.setattr(engine, "evaluate_split", lambda *a: (lambda r: (r[0], next(scores), r[2]))(real(*a)))
     status = train(config_for(dataset, weights_file, epochs=3, val_fraction=0.25, train_stages="all",
