@@ -604,8 +604,8 @@ PRESET_DESCRIPTIONS = {
     "fast": "Partial fine-tuning: EfficientNet-Lite2 at 260 px (weights offline); its last stage trains at lr "
             "3e-3 and a new head at 10x, on cached outputs of the frozen layers for several views per image "
             "(random crops of at least a quarter of the photo), epochs and views set for the dataset's size (30 "
-            "epochs and 4 views for a few hundred photos, fewer for large sets), with momentum, a cosine schedule, label "
-            "smoothing, a moving average of the weights and flip test-time augmentation (bf16 where the hardware "
+            "epochs and 4 views up to 2,500 photos, fewer for larger sets but at least 15 and 2), with momentum, a "
+            "cosine schedule, label smoothing, a moving average of the weights and flip test-time augmentation (bf16 where the hardware "
             "has it). About a minute for 500 photos on a 2-core CPU.",
 }
 
