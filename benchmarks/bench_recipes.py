@@ -33,6 +33,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                           "--feature-views", "1", "--lr", "0.02", "--label-smoothing", "0", "--no-tta-flip"]),
     # The knobs matter: the same preset with the head at the pretrained layers' rate.
     "fast-head-x1": ("fast", ["--head-lr-mult", "1"]),
+    # The preset's own backbone as a linear probe (head only, centre views): what the preset must not fall below.
+    "fast-probe": ("fast", ["--train-stages", "head", "--feature-views", "1"]),
     # The book's recipe (ResNet-18's weights need a download here, so the offline Lite0).
     "book": ("book-finetune", ["--backbone", "efficientnet_lite0"]),
 }

@@ -16,12 +16,19 @@ of the trained weights at a constant decay, scored instead of the last weights; 
 ramps its decay up to the setting: min(decay, (1 + t) / (10 + t))), size (image size), ens (an
 ensemble of that many tops, each with a new head and other batches, their probabilities averaged), lp
 (epochs of the head alone before the schedule starts: LP-FT).
+
+--fraction F keeps a stratified share F of the training split (each class's rows shuffled with the
+preset's seed, the first round(F * n) kept), to see how a schedule holds as the set grows. Each row
+reports the frozen layers' pass over the views that variant was the first to need (decode included;
+0 when earlier variants had computed them) and the training of the top on the cached outputs, in
+wall and CPU seconds (the process's CPU time, workers included), summed over the folds.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -62,6 +69,24 @@ def folds_of(labels: list[int], k: int, seed: int) -> list[list[int]]:
     return folds
 
 
+def stratified_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
+    """Positions of a stratified share of the rows: each class's rows shuffled with `seed`, the first
+    round(fraction * n) of them kept (at least one), in their original order."""
+    rng = random.Random(seed)
+    kept: list[int] = []
+    for c in sorted(set(labels)):
+        rows = [i for i, y in enumerate(labels) if y == c]
+        rng.shuffle(rows)
+        kept += rows[:max(1, round(fraction * len(rows)))]
+    return sorted(kept)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (decode workers), user + system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def center_features(ctx, bottom, size: int, crop: float, flip: bool):
     """The frozen bottom's output on every training image's centre view at another test size:
     Resize([size / crop] * 2) + CenterCrop(size) (+ mirror)."""
@@ -91,6 +116,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=["base"])
     parser.add_argument("--out", default="")
+    parser.add_argument("--fraction", type=float, default=1.0,
+                        help="keep this stratified share of the training split (0 < F <= 1)")
     parser.add_argument("--eval-views", nargs="+", default=[],
                         help="also score each fold's model on held-out centre views of other sizes: SIZE or "
                              "SIZE/CROP (CROP: the centre crop's share of the resized side, the book's 224/256)")
@@ -107,10 +134,12 @@ def main() -> None:
     from bench_recipes import four_class_set
 
     variants = [parse_variant(v) for v in args.variants]
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction {args.fraction}: give a share of the training split in (0, 1]")
     if args.eval_views and any(v.get("ensemble", 1) > 1 for _, v in variants):
         parser.error("--eval-views scores one model per fold; run the ens variants without it")
-    header = ("| dataset | variant | settings | mean held-out acc | per fold | train s |\n"
-              "|---|---|---|---|---|---|")
+    header = ("| dataset | train images | variant | settings | mean held-out acc | per fold | frozen pass s (new views, mirror included) "
+              "| frozen pass CPU s | train s | train CPU s |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [header]
     print(header, flush=True)
     scratch_root = Path(tempfile.mkdtemp(prefix="tb-kfold-"))
@@ -129,6 +158,9 @@ def main() -> None:
                 reporter = Reporter(run, None, None)
                 ctx = setup(config, run, reporter)
                 cfg = ctx.config
+                if args.fraction < 1:
+                    all_labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)].tolist()
+                    ctx.train_idx = [ctx.train_idx[p] for p in stratified_subset(all_labels, args.fraction, cfg.seed)]
                 top, cache = split_for(ctx, cfg.train_stages, reporter)
                 labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)]
                 folds = folds_of(labels.tolist(), args.folds, cfg.seed)
@@ -148,9 +180,13 @@ def main() -> None:
                     vcfg = resolve_auto(cfg.replace(**changes), ctx.report)
                     # resolve_auto sizes epochs/views for the full training split; keep that
                     views = vcfg.feature_views
+                    new_views = (sum(not cache.holds("train", v) for v in range(views))
+                                 + (not cache.holds("train", 0, flip=True)))  # the mirror view scored
+                    f0, fc0 = time.perf_counter(), cpu_seconds()
                     feats = [cache.get("train", v) for v in range(views)]
                     mirror = cache.get("train", 0, flip=True)
-                    accs, t0 = [], time.perf_counter()
+                    frozen_s, frozen_cpu = time.perf_counter() - f0, cpu_seconds() - fc0
+                    accs, t0, c0 = [], time.perf_counter(), cpu_seconds()
                     extra_accs = {spec: [] for spec in extra}
                     for f, held in enumerate(folds):
                         held_set = set(held)
@@ -230,17 +266,18 @@ def main() -> None:
                             logits, y = evaluate(scorer, ((views_of(held_t[s:s + 256]), labels[held_t[s:s + 256]])
                                                           for s in range(0, len(held), 256)), ctx.autocast)
                             extra_accs[spec].append(accuracy_and_loss(logits, y)[1])
-                    seconds = time.perf_counter() - t0
+                    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
                     mean = sum(accs) / len(accs)
                     shown = {k: v for k, v in values.items()}
                     shown.update(train_stages=vcfg.train_stages, views=views, epochs=vcfg.epochs)
-                    line = (f"| {dataset} | {name} | {' '.join(f'{k}={v}' for k, v in shown.items())} | "
-                            f"{mean:.4f} | {' '.join(f'{a:.3f}' for a in accs)} | {seconds:.0f} |")
+                    line = (f"| {dataset} | {len(labels)} | {name} | {' '.join(f'{k}={v}' for k, v in shown.items())} | "
+                            f"{mean:.4f} | {' '.join(f'{a:.3f}' for a in accs)} | {frozen_s:.0f} ({new_views}) | "
+                            f"{frozen_cpu:.0f} | {seconds:.0f} | {cpu:.0f} |")
                     print(line, flush=True)
                     lines.append(line)
                     for spec, got in extra_accs.items():
-                        line = (f"| {dataset} | {name} @ {spec} | (scored on centre views {spec}) | "
-                                f"{sum(got) / len(got):.4f} | {' '.join(f'{a:.3f}' for a in got)} | |")
+                        line = (f"| {dataset} | {len(labels)} | {name} @ {spec} | (scored on centre views {spec}) | "
+                                f"{sum(got) / len(got):.4f} | {' '.join(f'{a:.3f}' for a in got)} | | | | |")
                         print(line, flush=True)
                         lines.append(line)
                 for c in ctx.caches.values():

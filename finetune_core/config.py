@@ -140,8 +140,9 @@ class TrainConfig:
     feature_views: int = setting(1, "Cached augmented views per image", section="learning", minimum=0, step=1,
                                  help="when part of the network is frozen: its output is computed once for each of "
                                       "this many views of every training image (the first is the centre crop, the "
-                                      "others the book's random crops), cycled over the epochs; 0: auto, up to 4 "
-                                      "views, fewer for large sets (about 4,000 image passes in all)")
+                                      "others the book's random crops), cycled over the epochs; 0: auto, 4 "
+                                      "views up to 2,500 training images, fewer beyond (about 10,000 image passes "
+                                      "in all, at least 2 views)")
     crop_scale: float = setting(0.08, "Smallest random crop", section="learning", above=0, maximum=1,
                                 help="RandomResizedCrop's smallest area, as a fraction of the image (the book: "
                                      "0.08); larger keeps more of each photo in every augmented view")
@@ -152,8 +153,8 @@ class TrainConfig:
     # --- optimiser and schedule
     batch_size: int = setting(128, "Batch size", section="optimiser", minimum=1, maximum=4096, step=8)
     epochs: int = setting(5, "Epochs", section="optimiser", minimum=0, maximum=1000, step=1,
-                          help="0: auto, when part of the network is frozen: 30 for small sets, fewer for large "
-                               "ones (about 15,000 training images seen in all, at least 6 epochs); with every "
+                          help="0: auto, when part of the network is frozen: 30 up to 2,500 training images, fewer "
+                               "beyond (about 75,000 training images seen in all, at least 15 epochs); with every "
                                "layer training, 5")
     weight_decay: float = setting(1e-3, "Weight decay", section="optimiser", minimum=0)
     momentum: float = setting(0.0, "Momentum", section="optimiser", minimum=0, below=1,
@@ -612,8 +613,8 @@ PRESET_DESCRIPTIONS = {
     "fast": "Partial fine-tuning: EfficientNet-Lite2 at 260 px (weights offline); its last stage trains at lr "
             "3e-3 and a new head at 10x, on cached outputs of the frozen layers for several views per image "
             "(random crops of at least a quarter of the photo), epochs and views set for the dataset's size (30 "
-            "epochs and 4 views for a few hundred photos, fewer for large sets), with momentum, a cosine schedule, label "
-            "smoothing, a moving average of the weights and flip test-time augmentation (bf16 where the hardware "
+            "epochs and 4 views up to 2,500 photos, fewer for larger sets but at least 15 and 2), with momentum, a "
+            "cosine schedule, label smoothing, a moving average of the weights and flip test-time augmentation (bf16 where the hardware "
             "has it). About a minute for 500 photos on a 2-core CPU.",
 }
 

@@ -320,7 +320,7 @@ def test_prediction_averages_the_mirror_image_when_the_run_did(dataset, weights_
 
 def test_auto_views_are_four_for_small_sets_and_fewer_for_large_ones():
     auto = TrainConfig(data="x", feature_views=0)
-    assert [engine.views_per_image(auto, n) for n in (24, 498, 1000, 1500, 2900, 50_000)] == [4, 4, 4, 2, 2, 2]
+    assert [engine.views_per_image(auto, n) for n in (24, 498, 1000, 2500, 2900, 50_000)] == [4, 4, 4, 4, 3, 2]
     assert engine.views_per_image(auto.replace(feature_views=3), 50_000) == 3  # a number is taken as it is
 
 
@@ -451,7 +451,7 @@ def test_auto_epochs_and_views_follow_the_sets_size_and_are_recorded(dataset, we
         return engine.resolve_auto(auto, fake)
 
     assert [(c.epochs, c.feature_views) for c in map(with_train_images, (24, 498, 743, 2972))] == \
-        [(30, 4), (30, 4), (20, 4), (6, 2)]
+        [(30, 4), (30, 4), (30, 4), (25, 3)]
     assert engine.resolve_auto(auto.replace(train_stages="all"), report).epochs == 5
     assert engine.resolve_auto(auto.replace(epochs=3, feature_views=2), report).epochs == 3  # numbers stay
     status = train(auto, tmp_path / "run", cache_dir=cache)
