@@ -31,6 +31,8 @@ CV_FOLDS = 5            # folds of the cross-validated temperature, without a va
 MAX_ERROR = 0.05        # the default "not sure" threshold keeps errors among answered images at most this
 NOT_SURE = "not sure"   # the answer below the threshold
 MIN_T, MAX_T = 0.05, 20.0
+MIN_CALIBRATION_IMAGES = 50  # fewer held-out images fit a temperature and a threshold to noise (T = 20 on 2)
+MAX_NOT_SURE = 0.2      # the default threshold never answers "not sure" to more than this share of held-out images
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -155,12 +157,38 @@ class Calibration:
         return dict(self.__dict__)
 
 
+def capped_threshold(probs: torch.Tensor, labels: torch.Tensor, max_error: float = MAX_ERROR,
+                     max_not_sure: float = MAX_NOT_SURE) -> float:
+    """choose_threshold's, lowered where it would answer "not sure" to more than `max_not_sure` of
+    these images: a weak model (84% accurate) needs 0.92 for 5% errors and refused 65% of its test
+    photos and a 91% answer, which a first user read as broken; the page's slider goes stricter."""
+    threshold = choose_threshold(probs, labels, max_error)
+    if not len(labels):
+        return threshold
+    conf = probs.max(1).values.sort().values
+    most_refusing = float(conf[min(len(conf) - 1, int(max_not_sure * len(conf)))])
+    return min(threshold, most_refusing)
+
+
 def calibrate(test_logits: torch.Tensor, test_labels: torch.Tensor, val_logits: torch.Tensor | None = None,
               val_labels: torch.Tensor | None = None, max_error: float = MAX_ERROR) -> Calibration:
     """Fit T (on the validation split when given, else cross-validated on the test split), choose
-    the "not sure" threshold on the same images, and measure both on the test split."""
+    the "not sure" threshold on the same images (capped_threshold), and measure both on the test
+    split. With fewer than MIN_CALIBRATION_IMAGES held-out images, or a T that does not lower the
+    held-out calibration error, the run keeps T = 1 and says why (`method`); with too few, no
+    threshold either."""
     test_logits = test_logits.float()
     before = torch.softmax(test_logits, dim=1)
+    held_out_images = len(val_labels) if val_logits is not None and len(val_labels) else len(test_labels)
+    if held_out_images < MIN_CALIBRATION_IMAGES:
+        return Calibration(
+            temperature=1.0, method=f"not calibrated: {held_out_images} held-out images, too few to fit a "
+                                    f"temperature or a \"not sure\" threshold (at least {MIN_CALIBRATION_IMAGES})",
+            fitted_on="", images=held_out_images, nll_before=nll(test_logits, test_labels),
+            nll_after=nll(test_logits, test_labels), ece_before=expected_calibration_error(before, test_labels),
+            ece_after=expected_calibration_error(before, test_labels), threshold=0.0, max_error=max_error,
+            test_not_sure=0.0, test_error_answered=error_among_answered(before, test_labels, 0.0),
+            bins_before=reliability(before, test_labels), bins_after=reliability(before, test_labels))
     if val_logits is not None and len(val_labels):
         t = fit_temperature(val_logits, val_labels)
         fit_logits, fit_labels = val_logits.float(), val_labels
@@ -174,7 +202,11 @@ def calibrate(test_logits: torch.Tensor, test_labels: torch.Tensor, val_logits: 
         method = (f"{len(folds_of(len(test_labels)))}-fold cross-validation on the test split "
                   f"({len(test_labels)} images; no validation split): the ECE after is out-of-fold")
         fitted_on = "test"
-    threshold = choose_threshold(held_out, fit_labels, max_error)
+    fit_before = torch.softmax(fit_logits, dim=1)
+    if expected_calibration_error(held_out, fit_labels) >= expected_calibration_error(fit_before, fit_labels):
+        t, method = 1.0, method + "; the temperature did not lower the held-out calibration error: kept 1"
+        held_out, after = fit_before, before
+    threshold = capped_threshold(held_out, fit_labels, max_error)
     return Calibration(
         temperature=t, method=method, fitted_on=fitted_on, images=len(fit_labels),
         nll_before=nll(fit_logits, fit_labels), nll_after=nll(fit_logits, fit_labels, t),
