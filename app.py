@@ -111,8 +111,8 @@ def home() -> None:
 
 # Titled pages: the sidebar says Home, Train, Compare, Predict (not the file names); the URLs stay.
 st.navigation([st.Page(home, title="Home", icon=":material/home:", default=True),
-               st.Page("views/1_Train.py", title="Train", icon=":material/model_training:", url_path="Train"),
-               st.Page("views/2_Review.py", title="Review", icon=":material/rule:", url_path="Review"),
-               st.Page("views/2_Compare.py", title="Compare", icon=":material/monitoring:", url_path="Compare"),
-               st.Page("views/3_Predict.py", title="Predict", icon=":material/image_search:",
+               st.Page("pages/1_Train.py", title="Train", icon=":material/model_training:", url_path="Train"),
+               st.Page("pages/2_Review.py", title="Review", icon=":material/rule:", url_path="Review"),
+               st.Page("pages/2_Compare.py", title="Compare", icon=":material/monitoring:", url_path="Compare"),
+               st.Page("pages/3_Predict.py", title="Predict", icon=":material/image_search:",
                        url_path="Predict")]).run()

@@ -53,7 +53,7 @@ def main() -> None:
     from tuneboard_ui import _job_manager
 
     data = make_dataset(tmp / "data" / "shapes", per_class=200, test_per_class=20, size=(64, 64))
-    at = AppTest.from_file(str(ROOT / "views" / "1_Train.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "pages" / "1_Train.py"), default_timeout=120)
     at.run()  # creates the page's job manager (cached for the process)
     manager = _job_manager(os.environ["TUNEBOARD_RUNS_DIR"])
     run_id = manager.submit(TrainConfig(data=str(data), backbone="resnet18", weights="none", image_size=64,

@@ -310,7 +310,7 @@ def test_the_train_page_takes_any_model_by_name_and_names_an_unknown_one(dashboa
     from conftest import page
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     assert not at.exception
     options = at.selectbox(key="f_backbone").options
     assert options.index("resnet18 (weights need a download)") < options.index(

@@ -403,7 +403,7 @@ def dashboard_runs(dashboard_env, finished_runs):
 
 @pytest.mark.slow
 def test_compare_page_overlays_runs_and_highlights_differences(dashboard_runs):
-    at = page("views/2_Compare.py").run()
+    at = page("pages/2_Compare.py").run()
     assert not at.exception
     assert sorted(at.multiselect(key="compare_runs").value) == sorted(p.name for p in dashboard_runs.iterdir())
     spec = charts(at)[0]
@@ -425,7 +425,7 @@ def test_compare_page_confirms_a_save_and_asks_before_deleting(dashboard_env):
     write_run(runs, "20260101-000000-keep")
     target = "20260101-000001-gone"
     write_run(runs, target, state="stopped", metrics=False)
-    at = page("views/2_Compare.py").run()
+    at = page("pages/2_Compare.py").run()
     assert at.multiselect(key="compare_runs").value == ["20260101-000000-keep"]  # it opens on runs with curves
     at.multiselect(key="compare_runs").set_value(["20260101-000000-keep", target]).run()
     assert any("No curves for **gone** (stopped)" in c.value for c in at.caption)  # why it is not in the legend
@@ -456,7 +456,7 @@ def test_predict_opens_on_the_groups_best_run_and_pages_through_the_gallery(dash
     RunDir(single).write_status(test_acc=0.53, best_test_acc=0.99)
     preds = pd.read_csv(fine / "predictions.csv")
     pd.concat([preds] * 9, ignore_index=True).head(65).to_csv(fine / "predictions.csv", index=False)
-    at = page("views/3_Predict.py").run()
+    at = page("pages/3_Predict.py").run()
     assert at.selectbox(key="predict_run").value == fine.name
     picker = at.selectbox(key="predict_run")
     score = "test acc 0.940 of the kept model (final epoch)"
@@ -470,7 +470,7 @@ def test_predict_opens_on_the_groups_best_run_and_pages_through_the_gallery(dash
 
 @pytest.mark.slow
 def test_predict_page_gallery_confusion_and_uploads(dashboard_runs):
-    at = page("views/3_Predict.py").run()
+    at = page("pages/3_Predict.py").run()
     assert not at.exception
     heatmap = [c for c in charts(at) if c["data"][0]["type"] == "heatmap"][0]
     run = dashboard_runs / at.selectbox(key="predict_run").value
@@ -508,7 +508,7 @@ def test_predict_draws_a_placeholder_for_a_test_image_that_moved_and_keeps_its_o
     gone = preds["path"].iloc[0]
     preds.loc[0, "path"] = gone + ".moved"  # the file the run saw is no longer there
     preds.to_csv(fine / "predictions.csv", index=False)
-    at = page("views/3_Predict.py").run()
+    at = page("pages/3_Predict.py").run()
     at.selectbox(key="predict_run").set_value(fine.name).run()
     assert not at.exception
     assert any(f"{Path(gone).name}.moved" in i.value and "moved or deleted" in i.value for i in at.info)

@@ -234,7 +234,7 @@ def test_the_train_page_runs_two_processes_live_and_a_restart_finds_and_stops_th
     from tuneboard_ui import manager
 
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at)
     at.number_input(key="f_epochs").set_value(200)
     at.number_input(key="f_processes").set_value(2)
@@ -245,7 +245,7 @@ def test_the_train_page_runs_two_processes_live_and_a_restart_finds_and_stops_th
     shown = [""]  # what the last look at the page showed
 
     def live_text() -> str:
-        other = page("views/1_Train.py").run()
+        other = page("pages/1_Train.py").run()
         shown[0] = " ".join(str(p.proto.text) for p in other.get("progress")).replace("\\_", "_")  # markdown's escape
         return shown[0]
     assert wait_until(lambda: "images/s" in live_text(), 120), shown[0]  # batches, from status.json

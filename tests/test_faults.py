@@ -170,7 +170,7 @@ def test_a_crafted_run_checkpoint_runs_nothing_on_resume_or_predict(dashboard_en
     crafted_checkpoint(run.file("checkpoint_last.pt"), marker)
     with pytest.raises(PredictError, match="checkpoint_last.pt cannot be loaded as a checkpoint"):
         Predictor.from_run(run.path, "last")
-    predict = page("views/3_Predict.py").run()  # the Predict page says so instead of a traceback
+    predict = page("pages/3_Predict.py").run()  # the Predict page says so instead of a traceback
     assert not predict.exception, predict.exception
     assert any("cannot be loaded as a checkpoint" in e.value for e in predict.error), [e.value for e in predict.error]
     status = train(tiny_config.replace(epochs=2), run.path, cache_dir=cache_dir, resume=True)
@@ -269,14 +269,14 @@ def test_damaged_run_folders_are_flagged_by_the_runs_command_and_every_page(dash
     table = home.dataframe[0].value
     flagged = table[table["message"].str.startswith("damaged run folder")]
     assert len(flagged) == len(damage)
-    train_page = page("views/1_Train.py").run()
+    train_page = page("pages/1_Train.py").run()
     assert not train_page.exception, train_page.exception
-    compare = page("views/2_Compare.py").run()
+    compare = page("pages/2_Compare.py").run()
     assert not compare.exception, compare.exception
     notice = " ".join(w.value for w in compare.warning)
     assert all(run_id in notice for run_id in damage), notice
     assert compare.get("plotly_chart")  # the readable runs, the torn metrics' one among them, are drawn
-    predict = page("views/3_Predict.py").run()
+    predict = page("pages/3_Predict.py").run()
     assert not predict.exception, predict.exception
     offered = predict.selectbox(key="predict_run").options
     assert any("good" in o for o in offered) and any("metrics-torn" in o for o in offered)

@@ -21,7 +21,7 @@ def test_review_page_draws_a_placeholder_for_images_gone_since_the_review(dashbo
                 result_path(report.root, dashboard_env / "runs"))
     gone.unlink()  # deleted since the review
     other.rename(other.with_name("renamed.png"))
-    at = page("views/2_Review.py")
+    at = page("pages/2_Review.py")
     at.session_state["current_dataset"] = str(data)
     at.run()
     assert not at.exception
@@ -68,7 +68,7 @@ def test_the_train_page_refuses_a_dataset_among_several_that_links_out_of_the_da
     root = data_root_of_two(dashboard_env / "data" / "shelf")
     outside = make_dataset(dashboard_env / "outside" / "wasps", per_class=4, test_per_class=2)
     (root / "wasps").symlink_to(outside, target_is_directory=True)
-    at = page("views/1_Train.py")
+    at = page("pages/1_Train.py")
     at.session_state["data_source"] = "A folder path"
     at.run()
     at.text_input(key="data_path_text").set_value(str(root)).run()

@@ -62,13 +62,7 @@ def test_the_sidebar_names_every_page(dashboard_env):
     pages = at._registered_pages.values()  # what st.navigation registered: the sidebar's entries
     assert [p["page_name"] for p in pages] == ["Home", "Train", "Review", "Compare", "Predict"]  # never "app"
     assert [p["url_pathname"] for p in pages] == ["", "Train", "Review", "Compare", "Predict"]  # links keep working
-    # Before app.py's st.navigation first runs, Streamlit lists a `pages/` folder beside the main script
-    # itself ("app", then the files in name order, no icons): a first user saw that after every restart.
-    from streamlit.runtime.pages_manager import PagesManager
-
-    root = Path(__file__).resolve().parents[1]
-    assert not PagesManager(str(root / "app.py")).uses_pages_directory and (root / "views").is_dir()
-    at.switch_page("views/2_Compare.py").run()
+    at.switch_page("pages/2_Compare.py").run()
     assert [t.value for t in at.title] == ["Compare runs"] and not at.exception
 
 
@@ -108,7 +102,7 @@ def test_train_page_defaults_to_a_working_offline_example(dashboard_env):
     import shutil
 
     shutil.rmtree(dashboard_env / "data" / "digits")  # a first visit: the page writes the example
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     assert not at.exception
     assert (dashboard_env / "data" / "digits").is_dir()
     assert {m.label: m.value for m in at.metric}["Classes"] == "10"
@@ -126,7 +120,7 @@ def test_train_page_defaults_to_a_working_offline_example(dashboard_env):
     ("f_val_fraction", "0.95", "Validation fraction must be below 0.9"),
 ])
 def test_train_form_refuses_bad_values_next_to_the_field(dashboard_env, field, value, text):
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     set_text(at, field, value)
     at.run()
     assert any(text in e.value for e in at.error), [e.value for e in at.error]
@@ -139,7 +133,7 @@ def test_train_form_refuses_bad_values_next_to_the_field(dashboard_env, field, v
 def test_the_form_is_drawn_from_the_settings_and_greys_out_what_has_no_effect(dashboard_env):
     from finetune_core.config import form_settings, settings
 
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     kinds = ("text_input", "number_input", "checkbox", "selectbox", "radio")
     labels = {w.label for kind in kinds for w in at.get(kind)}
     assert {settings()[n].display_label for n in form_settings()} <= labels
@@ -161,7 +155,7 @@ def test_the_form_is_drawn_from_the_settings_and_greys_out_what_has_no_effect(da
 @pytest.mark.slow
 def test_the_lr_finder_draws_its_curve_and_its_suggestion_fills_the_form(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at)
     at.run()
     at.button(key="lr_find_button").click().run()
@@ -205,7 +199,7 @@ def finder_curve(at: AppTest):
 
 
 def test_the_lr_finders_suggestion_fills_the_form_and_it_gets_the_pages_scan(dashboard_env, fake_finder):
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     at.button(key="lr_find_button").click().run()
     assert finder_curve(at) is not None and not at.exception
     config, report = fake_finder.calls[0]
@@ -216,7 +210,7 @@ def test_the_lr_finders_suggestion_fills_the_form_and_it_gets_the_pages_scan(das
 
 
 def test_the_lr_finders_result_is_cleared_when_the_recipe_or_the_dataset_changes(dashboard_env, fake_finder):
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     at.button(key="lr_find_button").click().run()
     assert finder_curve(at) is not None
     at.number_input(key="f_batch_size").set_value(at.number_input(key="f_batch_size").value // 2).run()
@@ -237,7 +231,7 @@ def test_the_lr_finders_failures_are_messages_not_tracebacks(dashboard_env, fake
     from finetune_core.data import DatasetError
     from finetune_core.models import WeightsUnavailable
 
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     cases = [(WeightsUnavailable("no ImageNet weights for resnet18: place resnet18-f37072fd.pth in /hub"),
               "place resnet18-f37072fd.pth in `/hub`"),  # paths as code
              (DatasetError("no usable images in /d"), "no usable images in `/d`"),
@@ -264,7 +258,7 @@ def test_the_train_page_shows_what_the_library_says_trains(dashboard_env):
     decides: test_finetune's test_a_scan_the_caller_made_is_used_instead_of_scanning_again.)"""
     from finetune_core import models
 
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     backbone = models.resolve_backbone(at.selectbox(key="f_backbone").value)[0]
     for stages in ("head", models.train_stages_choices(backbone)[1]):
         at.selectbox(key="f_train_stages").set_value(stages).run()
@@ -274,7 +268,7 @@ def test_the_train_page_shows_what_the_library_says_trains(dashboard_env):
 
 def test_an_unusable_dataset_disables_train(dashboard_env):
     (dashboard_env / "empty" / "only_class").mkdir(parents=True)
-    at = use_folder(page("views/1_Train.py").run(), dashboard_env / "empty")
+    at = use_folder(page("pages/1_Train.py").run(), dashboard_env / "empty")
     assert any("cannot be used" in e.value for e in at.error)
     assert any("(`root/<class>/*`)" in e.value for e in at.error)  # a pattern as code, not Markdown italics
     assert at.button(key="train_button").disabled
@@ -283,7 +277,7 @@ def test_an_unusable_dataset_disables_train(dashboard_env):
 
 def test_the_train_page_warns_before_launch_when_the_learning_rate_is_far_outside_the_usual_range(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at, lr="0.01")
     at.run()
     assert not [w.value for w in at.warning if "far above" in w.value]
@@ -297,7 +291,7 @@ def test_the_train_page_warns_before_launch_when_the_learning_rate_is_far_outsid
 @pytest.mark.slow
 def test_a_tiny_run_launches_shows_progress_and_its_curves(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at)
     at.number_input(key="f_epochs").set_value(2)
     at.checkbox(key="also_single").set_value(True)  # the comparison run without parameter groups
@@ -325,7 +319,7 @@ def test_a_tiny_run_launches_shows_progress_and_its_curves(dashboard_env):
 @pytest.mark.slow
 def test_train_turns_to_the_live_tab_and_a_double_click_queues_once(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at)
     at.number_input(key="f_epochs").set_value(200)
     at.run()
@@ -337,7 +331,7 @@ def test_train_turns_to_the_live_tab_and_a_double_click_queues_once(dashboard_en
     at.button(key="train_button").click().run()  # the second click of a double click
     assert any("Already queued a moment ago" in t.value for t in at.toast)
     assert len(list((dashboard_env / "runs").iterdir())) == 1
-    again = page("views/1_Train.py").run()  # a new session opens on Live while a run is active
+    again = page("pages/1_Train.py").run()  # a new session opens on Live while a run is active
     assert again.session_state["train_tab"] == "Live"
     next(b for b in again.button if b.label == "Stop").click().run()
     assert any("stopping" in c.value for c in again.caption)  # at once, before the run has ended
@@ -350,7 +344,7 @@ def test_train_queues_the_values_typed_just_before_the_click(dashboard_env):
     """A name typed and Train clicked at once (the browser sends both with the click): the run has
     that name and rate, not the settings of the page as it was drawn before."""
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at)
     at.run()
     set_text(at, "f_name", "typed-then-clicked")
@@ -367,7 +361,7 @@ def test_a_train_click_left_by_a_page_change_is_not_acted_on_later(dashboard_env
     """Train clicked, then another page opened before the Train page ran: coming back much later
     does not queue a run from whatever the form holds by then."""
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at)
     at.session_state["launch_requested"] = time.monotonic() - 120  # the click, two minutes ago
     at.run()
@@ -383,7 +377,7 @@ def test_a_run_without_metrics_says_so_instead_of_drawing_empty_charts(dashboard
 
     config = tiny_train_config(make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4), epochs=500,
                                group="g")
-    at = page("views/1_Train.py")
+    at = page("pages/1_Train.py")
     at.session_state["group"] = "g"  # the group this tab launched
     long = manager().submit(config.replace(name="long"))
     manager().stop(manager().submit(config.replace(name="never")))  # stopped while queued: no metrics
@@ -396,12 +390,12 @@ def test_a_run_without_metrics_says_so_instead_of_drawing_empty_charts(dashboard
 @pytest.mark.slow
 def test_a_second_session_sees_the_running_job(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at)
     at.number_input(key="f_epochs").set_value(200)
     at.run()
     at.button(key="train_button").click().run()
-    other = page("views/1_Train.py").run()  # a refresh: new session, same server
+    other = page("pages/1_Train.py").run()  # a refresh: new session, same server
     texts = " ".join(str(p.proto.text) for p in other.get("progress")).replace("\\_", "_")  # markdown's escape
     assert TINY_BACKBONE in texts and ("running" in texts or "queued" in texts)
     stop = [b for b in other.button if b.label == "Stop"]
@@ -420,7 +414,7 @@ def test_an_interrupted_run_is_offered_for_resume_and_finishes(dashboard_env, ti
     train(tiny_config.replace(epochs=3), runs / "20260101-000000-cut", cache_dir="", stop_event=stop_after_first_epoch,
           on_event=lambda e: e["kind"] == "epoch" and stop_after_first_epoch.set())
     RunDir(runs / "20260101-000000-cut").write_status(state="running")  # as a server that died leaves it
-    at = page("views/1_Train.py").run()  # a new server process marks it interrupted
+    at = page("pages/1_Train.py").run()  # a new server process marks it interrupted
     assert RunDir(runs / "20260101-000000-cut").read_status()["state"] == "interrupted"
     at.button(key="resume-20260101-000000-cut").click().run()
     infos = wait_for_runs(at, runs, 1)
@@ -430,7 +424,7 @@ def test_an_interrupted_run_is_offered_for_resume_and_finishes(dashboard_env, ti
 
 
 def test_use_this_folder_fills_the_folder_box_without_an_error(dashboard_env):
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
     at.radio(key="data_source").set_value("A folder path").run()
     at.selectbox(key="browse_pick").set_value("mine").run()
@@ -444,7 +438,7 @@ def test_use_this_folder_fills_the_folder_box_without_an_error(dashboard_env):
 def test_use_this_folder_takes_the_sub_folder_picked_just_before_the_click(dashboard_env):
     """A pick and the click in one go, before the page is drawn again (a quick user; the browser
     test on a busy machine): the folder used is the one picked, not the one the button was drawn with."""
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
     at.radio(key="data_source").set_value("A folder path").run()
     at.selectbox(key="browse_pick").set_value("mine")  # no run between the pick and the click
@@ -455,7 +449,7 @@ def test_use_this_folder_takes_the_sub_folder_picked_just_before_the_click(dashb
 def test_a_typed_folder_outside_the_data_root_is_refused_by_name(dashboard_env, monkeypatch):
     monkeypatch.delenv("TUNEBOARD_EXTRA_DATA_ROOTS")
     outside = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
-    at = use_folder(page("views/1_Train.py").run(), outside)
+    at = use_folder(page("pages/1_Train.py").run(), outside)
     errors = " ".join(e.value for e in at.error)
     assert f"{outside.resolve()} is outside the data folder {(dashboard_env / 'data').resolve()}" in errors
     assert at.button(key="train_button").disabled
@@ -472,7 +466,7 @@ def test_a_weights_file_outside_the_data_root_is_refused_by_name(dashboard_env, 
     outside = dashboard_env / "elsewhere" / "weights.pt"
     outside.parent.mkdir()
     outside.write_bytes(b"not read")
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     at.radio(key="f_weights_kind").set_value("a local file").run()
     set_text(at, "f_weights_path", str(outside))
     at.run()
@@ -491,7 +485,7 @@ def test_a_number_out_of_range_is_refused_by_name_not_replaced(dashboard_env):
     """A batch size of 0 typed in the form: the page names the setting and the range and keeps Train
     disabled (the browser's own range check used to keep 64 under the 0 shown, and train at 64)."""
     data = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     at.number_input(key="f_batch_size").set_value(0).run()
     assert at.number_input(key="f_batch_size").value == 0  # what the user typed is what is checked
     errors = " ".join(e.value for e in at.error)
@@ -501,7 +495,7 @@ def test_a_number_out_of_range_is_refused_by_name_not_replaced(dashboard_env):
 
 def test_the_folder_browser_offers_no_way_up_from_the_data_folder(dashboard_env):
     make_dataset(dashboard_env / "data" / "mine" / "inner", per_class=4, test_per_class=2)
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     at.radio(key="data_source").set_value("A folder path").run()
     assert ".." not in at.selectbox(key="browse_pick").options  # the top: nothing above to open
     at.selectbox(key="browse_pick").set_value("mine").run()
@@ -511,7 +505,7 @@ def test_the_folder_browser_offers_no_way_up_from_the_data_folder(dashboard_env)
 
 def test_a_local_weights_file_without_a_path_asks_for_one(dashboard_env):
     data = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     at.radio(key="f_weights_kind").set_value("a local file").run()
     errors = " ".join(e.value for e in at.error)
     assert "type the path of a weights file" in errors.lower() and "'auto', 'none'" not in errors, errors
@@ -528,7 +522,7 @@ def test_a_stopped_run_is_offered_for_resume_and_finishes(dashboard_env, tiny_co
     status = train(tiny_config.replace(epochs=2), runs / "20260101-000000-stop", cache_dir="", stop_event=stop,
                    on_event=lambda e: e["kind"] == "epoch" and stop.set())
     assert status["state"] == "stopped" and "can be resumed" in status["message"]
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     at.button(key="resume-20260101-000000-stop").click().run()
     assert wait_for_runs(at, runs, 1)[0]["state"] == "completed"
     metrics = RunDir(runs / "20260101-000000-stop").read_metrics()
@@ -541,7 +535,7 @@ def test_a_sweep_queues_its_grid_as_one_group_and_fills_a_heatmap_whose_best_cel
     from finetune_core.runs import RunDir
 
     data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at)
     at.checkbox(key="sweep_on").set_value(True).run()
     set_text(at, "sweep_lrs", "0.01, -1")
@@ -575,7 +569,7 @@ def test_a_sweep_queues_its_grid_as_one_group_and_fills_a_heatmap_whose_best_cel
 
 def test_the_sweep_takes_its_learning_rates_around_the_finders_suggestion(dashboard_env, fake_finder):
     data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at)
     at.run()
     at.button(key="lr_find_button").click().run()
@@ -589,7 +583,7 @@ def test_the_sweep_takes_its_learning_rates_around_the_finders_suggestion(dashbo
 @pytest.mark.slow
 def test_stop_the_sweep_stops_every_run_of_it(dashboard_env):
     data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     tiny_recipe(at)
     at.number_input(key="f_epochs").set_value(200)
     at.checkbox(key="sweep_on").set_value(True).run()
@@ -614,7 +608,7 @@ def test_a_run_stopped_in_the_live_view_offers_resume_next_to_its_message(dashbo
     # the stop landed would offer no Resume
     config = tiny_train_config(make_dataset(dashboard_env / "tiny", per_class=12, test_per_class=4), epochs=30,
                                group="g", name="stopped mid-run")
-    at = page("views/1_Train.py")
+    at = page("pages/1_Train.py")
     at.session_state["group"] = "g"
     run_id = manager().submit(config)
     assert wait_until(lambda: any(j["run_id"] == run_id and j["last_event"].get("kind") == "batch"
@@ -636,7 +630,7 @@ def test_a_link_in_the_data_folder_that_leads_out_of_it_is_refused_like_a_typed_
     (dashboard_env / "data").mkdir(exist_ok=True)
     (dashboard_env / "data" / "pets-link").symlink_to(outside, target_is_directory=True)
     monkeypatch.delenv("TUNEBOARD_EXTRA_DATA_ROOTS")
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     at.radio(key="data_source").set_value("A dataset in the data folder").run()
     at.selectbox(key="data_choice").set_value("pets-link").run()
     assert not at.exception
@@ -647,7 +641,7 @@ def test_a_link_in_the_data_folder_that_leads_out_of_it_is_refused_like_a_typed_
 def test_a_missing_folder_or_a_file_is_named_once_in_plain_words(dashboard_env):
     (dashboard_env / "data").mkdir(exist_ok=True)
     (dashboard_env / "data" / "notes.txt").write_text("not a dataset")
-    at = use_folder(page("views/1_Train.py").run(), dashboard_env / "data" / "nope")
+    at = use_folder(page("pages/1_Train.py").run(), dashboard_env / "data" / "nope")
     assert any("no such folder" in e.value for e in at.error) and not any("Errno" in e.value for e in at.error)
     at = use_folder(at, dashboard_env / "data" / "notes.txt")
     errors = [e.value for e in at.error]
@@ -662,7 +656,7 @@ def test_settings_left_at_auto_say_what_they_come_to_for_the_dataset(dashboard_e
     from finetune_core.engine import resolve_auto
 
     data = make_dataset(dashboard_env / "data" / "mine", per_class=12, test_per_class=4)
-    at = use_folder(page("views/1_Train.py").run(), data)
+    at = use_folder(page("pages/1_Train.py").run(), data)
     at.selectbox(key="preset").set_value("fast").run()
     assert PRESETS["fast"]["epochs"] == 0 and PRESETS["fast"]["feature_views"] == 0
     assert at.number_input(key="f_epochs").value == 0

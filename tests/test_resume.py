@@ -229,7 +229,7 @@ def test_a_stale_resume_click_on_the_train_page_is_a_message(dashboard_env):
 
     data = make_tiny_dataset(dashboard_env / "tiny")
     run = stopped_after_one_epoch(tiny_train_config(data, epochs=2), dashboard_env / "runs" / "run")
-    at = page("views/1_Train.py").run()
+    at = page("pages/1_Train.py").run()
     assert not at.exception, at.exception
     run.write_status(state="completed", message="finished from the command line")
     at.button(key=f"resume-{run.id}").click().run()

@@ -262,7 +262,7 @@ def write_review_result(root: Path, runs: Path) -> None:
 def test_review_page_relabels_excludes_and_undoes_and_the_train_page_counts(dashboard_env):
     data = make_dataset(dashboard_env / "data" / "pets", per_class=4, test_per_class=2)
     write_review_result(data.resolve(), dashboard_env / "runs")
-    at = page("views/2_Review.py")
+    at = page("pages/2_Review.py")
     at.session_state["current_dataset"] = str(data)
     at.run()
     assert not at.exception
@@ -276,7 +276,7 @@ def test_review_page_relabels_excludes_and_undoes_and_the_train_page_counts(dash
                                                          ("exclude", "train/dog/dog_1.png", "")]
     assert "1 relabelled, 1 excluded" in " ".join(i.value for i in at.info)
 
-    train = page("views/1_Train.py")
+    train = page("pages/1_Train.py")
     train.run()
     train.radio(key="data_source").set_value("A folder path").run()
     train.text_input(key="data_path_text").set_value(str(data)).run()
@@ -344,7 +344,7 @@ def test_predict_confusion_cell_excludes_the_chosen_images(dashboard_env, cache_
     train(tiny_train_config(data, epochs=1), dashboard_env / "runs" / "20260101-000000-pets", cache_dir=cache_dir)
     preds = pd.read_csv(dashboard_env / "runs" / "20260101-000000-pets" / "predictions.csv")
     predicted = preds.loc[preds["true"] == "cat", "predicted"].iloc[0]  # the tiny random-init model may say dog
-    at = page("views/3_Predict.py").run()
+    at = page("pages/3_Predict.py").run()
     at.selectbox(key="cell_true").set_value("cat")
     at.selectbox(key="cell_predicted").set_value(predicted).run()
     boxes = [c for c in at.checkbox if c.key and c.key.startswith("cell-")]

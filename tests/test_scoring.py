@@ -115,7 +115,7 @@ def test_the_train_page_asks_which_dataset_of_a_folder_holding_several(dashboard
     from conftest import page
 
     root = data_root_of_two(dashboard_env / "data" / "shelf")
-    at = page("views/1_Train.py")
+    at = page("pages/1_Train.py")
     at.session_state["data_source"] = "A folder path"  # not the example: it writes and scans 1,797 images
     at.run()
     at.text_input(key="data_path_text").set_value(str(root)).run()
@@ -154,7 +154,7 @@ def train_page_on(folder):
     """The Train page with a typed folder chosen (not the example: it writes and scans 1,797 images)."""
     from conftest import page
 
-    at = page("views/1_Train.py")
+    at = page("pages/1_Train.py")
     at.session_state["data_source"] = "A folder path"
     at.run()
     at.text_input(key="data_path_text").set_value(str(folder)).run()
@@ -171,7 +171,7 @@ def test_a_reload_keeps_the_setup_forms_dataset(dashboard_env):
     mine = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
     at = train_page_on(mine)
     assert at.query_params.get("data") == str(mine.resolve())  # the page's address names the dataset
-    reloaded = page("views/1_Train.py")
+    reloaded = page("pages/1_Train.py")
     reloaded.query_params.update(data=str(mine.resolve()))
     reloaded.run()
     assert reloaded.radio(key="data_source").value == "A folder path" and not reloaded.exception

@@ -170,7 +170,7 @@ def test_the_predict_page_shows_calibration_not_sure_heatmaps_and_classifies_a_z
 
     run = shutil.copytree(calibrated_run, dashboard_env / "runs" / calibrated_run.name)
     record = json.loads((run / "status.json").read_text())["calibration"]
-    at = page("views/3_Predict.py").run()
+    at = page("pages/3_Predict.py").run()
     assert not at.exception
     reliability = [c for c in charts(at) if len(c["data"]) == 3 and c["data"][0].get("name") == "calibrated"]
     assert len(reliability) == 1  # the diagonal, before, after

@@ -23,7 +23,7 @@ def test_after_a_rename_delete_cancel_and_the_chart_keep_to_the_renamed_run(dash
     for k, name in enumerate(["first", "second", "third"]):
         write_run(runs, f"20260101-00000{k}-{name}")
     target = "20260101-000001-second"  # list_runs is newest first: third, second, first
-    at = page("views/2_Compare.py").run()
+    at = page("pages/2_Compare.py").run()
     at.multiselect(key="compare_runs").set_value([target, "20260101-000000-first"]).run()
     at.selectbox(key="manage_run").set_value(target).run()
     shown = at.selectbox(key="manage_run").options[at.selectbox(key="manage_run").index]
@@ -47,7 +47,7 @@ def test_the_name_and_tags_are_sent_with_the_save_click_and_the_message_says_wha
     runs = dashboard_env / "runs"
     target = "20260101-000000-only"
     write_run(runs, target)
-    at = page("views/2_Compare.py").run()
+    at = page("pages/2_Compare.py").run()
     assert {at.text_input(key=f"name-{target}").form_id, at.text_input(key=f"tags-{target}").form_id,
             at.button(key="save_meta").form_id} == {f"meta-{target}"}
     at.text_input(key=f"name-{target}").set_value("  new name ")
