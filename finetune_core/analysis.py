@@ -251,8 +251,11 @@ def markdown_message(text: str, paths: tuple[str, ...] = ()) -> str:
     *, backslash, < or >) as inline code; Markdown's special characters elsewhere escaped. So
     `root/<class>/*` stays as written instead of turning italic."""
     pieces: list[str] = []
-    pattern = "|".join(re.escape(p) for p in sorted(filter(None, paths), key=len, reverse=True))
-    parts = re.split(f"({pattern})", text) if pattern else [text]
+    # a given path only where it stands alone: a relative one typed ("photos") inside the full path the
+    # message names ("/data/photos") would cut that path in two pieces of code, "`/data/``photos`"
+    pattern = "|".join(rf"(?<![\w/\\.~-]){re.escape(p)}(?![\w/\\-])"
+                       for p in sorted(filter(None, paths), key=len, reverse=True))
+    parts = re.split(f"((?:{pattern}))", text) if pattern else [text]
     for k, part in enumerate(parts):
         if pattern and k % 2 == 1:
             pieces.append(_code(part))

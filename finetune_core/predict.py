@@ -261,7 +261,7 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     included, hidden ones left out, sorted by path. Raises PredictError for a missing folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise PredictError(f"{folder}: not a folder")
+        raise PredictError(f"{folder}: {'not a folder' if folder.exists() else 'does not exist'}")
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                   and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts))
 

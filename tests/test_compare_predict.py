@@ -208,6 +208,9 @@ def test_messages_show_paths_and_patterns_as_code_not_markdown():
     assert shown.startswith("`/data/my photos`: no dataset found")
     assert "(`root/<class>/*`)" in shown and "(`root/train/<class>/*`, `root/test/<class>/*`)" in shown
     assert "file\\_name\\_here" in shown  # no italics from underscores either
+    # a relative path as typed, inside the full path the message names: one piece of code, not two
+    assert analysis.markdown_message("/srv/data/nosuchdir: does not exist", paths=("nosuchdir",)) == \
+        "`/srv/data/nosuchdir`: does not exist"
 
 
 @pytest.mark.slow

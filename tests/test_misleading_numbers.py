@@ -60,3 +60,16 @@ def test_a_review_detector_that_flags_much_of_the_dataset_is_named_in_a_note_not
     assert unless_widespread(blurred(few + 1), 100, "Blurred", notes) == []
     assert notes == [f"Blurred: {few + 1} of 100 images ({few + 1}%) would be flagged, which describes this "
                      "dataset's images as a whole rather than a few bad ones; not listed"]
+
+
+def test_a_folder_to_classify_that_is_missing_says_so_and_a_file_is_not_a_folder(tmp_path):
+    """A first user typed a folder that was not there and read "not a folder"."""
+    import pytest
+
+    from finetune_core.predict import PredictError, image_files
+
+    with pytest.raises(PredictError, match="nosuchdir: does not exist"):
+        image_files(tmp_path / "nosuchdir")
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(PredictError, match="a.jpg: not a folder"):
+        image_files(tmp_path / "a.jpg")
