@@ -181,16 +181,8 @@ class Predictor:
 
     def predict_files(self, paths: list[str | os.PathLike], top_k: int = 3,
                       threshold: float | None = None) -> list[Prediction]:
-        """One image at a time (predict_many batches them)."""
-        out = []
-        for p in paths:
-            try:
-                data = Path(p).read_bytes()
-            except OSError as exc:
-                out.append(Prediction(str(p), [], f"{p}: cannot be read ({exc.strerror or exc})"))
-                continue
-            out.append(self.predict_bytes(data, str(p), top_k, threshold))
-        return out
+        """One image at a time: predict_many with batches of one."""
+        return self.predict_many(((str(p), Path(p).read_bytes) for p in paths), top_k, threshold, batch_size=1)
 
     def predict_bytes(self, data: bytes, name: str, top_k: int = 3, threshold: float | None = None) -> Prediction:
         try:
