@@ -108,7 +108,8 @@ def cross_validated_probabilities(logits: torch.Tensor, labels: torch.Tensor, fo
 
 def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, max_error: float = MAX_ERROR) -> float:
     """The lowest confidence threshold at which at most `max_error` of the answered images (top
-    probability >= threshold) are wrong: the most answers for that error rate. 1.0 (answer none)
+    probability >= threshold) are wrong: the most answers for that error rate, never cutting between
+    images of equal confidence (the threshold answers all of them). 1.0 (answer only what it gives 1.0)
     when even the most confident images miss it; 0.0 with no images."""
     if not len(labels):
         return 0.0
@@ -116,7 +117,11 @@ def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, max_error: float
     order = conf.argsort(descending=True)
     wrong = (pred[order] != labels[order]).float().cumsum(0)
     answered = torch.arange(1, len(labels) + 1, dtype=torch.float32)
-    ok = (wrong / answered <= max_error + 1e-12).nonzero()
+    sorted_conf = conf[order]
+    # a threshold answers every image at its confidence: a cut only where the next image is less sure
+    at_end_of_tie = torch.ones(len(labels), dtype=torch.bool)
+    at_end_of_tie[:-1] = sorted_conf[:-1] > sorted_conf[1:]
+    ok = ((wrong / answered <= max_error + 1e-12) & at_end_of_tie).nonzero()
     if not len(ok):
         return 1.0
     k = int(ok.max())  # answer the k + 1 most confident images

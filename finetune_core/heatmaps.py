@@ -104,9 +104,8 @@ class Heatmapper:
 
         x, _ = self.inputs(images)
         with self._lock, torch.inference_mode(False), torch.enable_grad():
-            if class_index is None:
-                with torch.no_grad():
-                    explained = self.model(x).argmax(1).tolist()
+            if class_index is None:  # the answer as the Predictor gives it (its mirror averaged when the run did)
+                explained = self.predictor.logits(images).argmax(1).tolist()
             else:
                 explained = [int(class_index)] * len(images)
             with GradCAMPlusPlus(self.model, target_layers=[self.layer]) as cam:

@@ -107,8 +107,9 @@ class Predictor:
             config = run.read_config()
         except FileNotFoundError as exc:
             raise PredictError(f"{run_dir}: not a run folder (no config.json)") from exc
-        if checkpoint is None:
-            checkpoint = run.read_status(default={}).get("selected_checkpoint", "last")
+        status = run.read_status(default={})
+        selected = status.get("selected_checkpoint", "last")
+        checkpoint = checkpoint or selected
         path = run.file(CHECKPOINT_BEST if checkpoint == "best" else CHECKPOINT_LAST)
         if not path.exists():
             raise PredictError(f"{run_dir}: has no checkpoint yet (the run has not finished an epoch)")
@@ -122,7 +123,8 @@ class Predictor:
         model = build_model(cfg["backbone"], len(config["classes"]), weights="none")
         model.load_state_dict(state)
         norm = config["normalisation"]
-        temperature, threshold = run_calibration(run.read_status(default={}))
+        # the run fitted its temperature and threshold for the checkpoint it selected; another one: plain softmax
+        temperature, threshold = run_calibration(status) if checkpoint == selected else (1.0, 0.0)
         return cls(model, config["classes"], cfg["image_size"], norm["mean"], norm["std"], cfg["backbone"], str(path),
                    tta_flip=cfg.get("tta_flip", False), temperature=temperature, threshold=threshold)
 

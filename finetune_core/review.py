@@ -813,8 +813,9 @@ def unless_widespread(found: list[Issue], n_images: int, what: str, notes: list[
     scans are all "blurred", and many are near copies of each other, 2,155 issues for 1,797 images
     that hid its 7 label issues); a planted or real problem of a few photos stays far under it
     (trashnet6: 1.6% near copies, 0.1% blurred)."""
-    if n_images and len(found) > WIDESPREAD_SHARE * n_images:
-        notes.append(f"{what}: {len(found):,} of {n_images:,} images ({len(found) / n_images:.0%}) would be "
+    flagged = len({i.path for i in found})
+    if n_images and flagged > WIDESPREAD_SHARE * n_images:
+        notes.append(f"{what}: {flagged:,} of {n_images:,} images ({flagged / n_images:.0%}) would be "
                      f"flagged, which describes this dataset's images as a whole rather than a few bad ones; "
                      f"not listed")
         return []
@@ -824,7 +825,7 @@ def unless_widespread(found: list[Issue], n_images: int, what: str, notes: list[
 def copy_issues(report: ScanReport, images: ImagePass, notes: list[str] | None = None) -> list[Issue]:
     """Exact and near copies within the splits, and copies of training images in the test split
     (leaks: the exact ones the scan already left out, and near ones). Near copies are dropped, with a
-    note in `notes`, when they are widespread (unless_widespread); exact copies are always listed."""
+    note in `notes`, when they are widespread (unless_widespread); exact copies and leaks are always listed."""
     classes = report.classes
     paths = images.paths["train"] + images.paths["test"]
     labels = np.concatenate([images.labels["train"], images.labels["test"]])
@@ -859,8 +860,9 @@ def copy_issues(report: ScanReport, images: ImagePass, notes: list[str] | None =
         near.append(Issue(kind, paths[k], split(k), classes[labels[k]], score=round(similarity, 4), other=paths[j],
                             detail=("a near copy of a training image" if kind == "leak" else "a near copy of another "
                                     "image") + " (resized, re-encoded, cropped or mirrored)"))
-    return issues + unless_widespread(near, len(paths), "Near copies (within the splits and across them)",
-                                      [] if notes is None else notes)
+    leaks = [i for i in near if i.kind == "leak"]  # a test image copying a training one is always listed
+    return issues + leaks + unless_widespread([i for i in near if i.kind != "leak"], len(paths),
+                                              "Near copies within a split", [] if notes is None else notes)
 
 
 def kept_issues(root: str | os.PathLike) -> set[tuple[str, str]]:

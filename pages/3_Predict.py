@@ -227,24 +227,26 @@ def folder_tab(model: Predictor, threshold: float) -> None:
     def progress(done: int, total: int) -> None:
         bar.progress(done / max(1, total), text=f"{done}/{total} images")
 
+    zip_key = (model.source, upload.file_id) if upload is not None else None
     try:
         if go:
             path = datastore.check_data_folder(folder.strip())
             results = model.predict_folder(path, threshold=threshold, progress=progress)
             for r in results:
                 r.name = relative_name(r.name, path)
-            st.session_state["folder_results"] = (f"{path}", results)
-        elif upload is not None and st.session_state.get("folder_results", ("",))[0] != f"zip:{upload.file_id}":
+            st.session_state["folder_results"] = (model.source, results)
+        elif zip_key is not None and st.session_state.get("folder_zip_done") != zip_key:  # a new zip, or run
             results = predict_zip(model, upload, upload.name, threshold=threshold, progress=progress)
-            st.session_state["folder_results"] = (f"zip:{upload.file_id}", results)
+            st.session_state["folder_results"] = (model.source, results)
+            st.session_state["folder_zip_done"] = zip_key
     except (datastore.FolderNotAllowed, datastore.UploadError, PredictError) as exc:
         st.error(analysis.markdown_message(str(exc), paths=(folder,)))
         return
     finally:
         bar.empty()
-    if "folder_results" not in st.session_state:
+    made_by, results = st.session_state.get("folder_results", (None, None))
+    if made_by != model.source:  # none yet, or another run's model made them
         return
-    results = st.session_state["folder_results"][1]
     for r in results:  # the threshold may have moved since
         r.threshold = threshold
     frame = predictions_frame(results)

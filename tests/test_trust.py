@@ -75,6 +75,11 @@ def test_a_finished_run_records_its_temperature_and_predict_uses_it(calibrated_r
     live = predictor.predict_files(list(frame["path"]), top_k=1)
     # predictions.csv's confidence is the calibrated one the Predict page and the CLI give
     assert np.allclose(frame["confidence"], [p.top[0][1] for p in live], atol=1e-4)
+    # the other checkpoint was not calibrated: its probabilities are the plain softmax, with no threshold
+    other = "last" if status["selected_checkpoint"] == "best" else "best"
+    if (calibrated_run / f"checkpoint_{other}.pt").exists():
+        unfitted = Predictor.from_run(calibrated_run, other)
+        assert (unfitted.temperature, unfitted.threshold) == (1.0, 0.0)
 
 
 def test_a_run_without_a_validation_split_cross_validates_its_temperature(tmp_path):
