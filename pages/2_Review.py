@@ -5,6 +5,8 @@ disk beside the runs, so a reload or another browser finds it. Fixes go to the d
 file (finetune_core.fixes): no photo is moved or deleted, and every training applies them."""
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import streamlit as st
@@ -36,6 +38,10 @@ def choose_dataset() -> str:
         path = str(datastore.check_data_folder(path))
     except datastore.FolderNotAllowed as exc:
         st.error(analysis.markdown_message(str(exc), paths=(path,)))
+        return ""
+    if not os.path.isdir(path):  # said plainly, not as the scan's "[Errno 2] No such file or directory"
+        st.error(analysis.markdown_message(f"{path}: {'not a folder' if os.path.exists(path) else 'does not exist'}",
+                                           paths=(path,)))
         return ""
     st.session_state["review_data"] = path
     return path

@@ -354,3 +354,12 @@ def test_predict_confusion_cell_excludes_the_chosen_images(dashboard_env, cache_
     assert not at.exception
     fixes = load_fixes(data / FIXES_FILE)
     assert [(f.action, f.path) for f in fixes] == [("exclude", "test/cat/" + Path(boxes[0].key[5:]).name)]
+
+
+def test_the_review_page_says_a_typed_folder_does_not_exist(dashboard_env):
+    """A first user typed a folder that was not there and read Python's "[Errno 2] No such file"."""
+    at = page("pages/2_Review.py")
+    at.session_state["current_dataset"] = str(dashboard_env / "data" / "nonsense_zz")
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [f"`{(dashboard_env / 'data' / 'nonsense_zz').resolve()}`: does not exist"]
