@@ -8,6 +8,7 @@ import streamlit as st
 from finetune_core import analysis, plots
 from finetune_core.config import Setting, TrainConfig
 from finetune_core.datastore import runs_root
+from finetune_core.downloads import WeightsDownloads
 from finetune_core.jobs import JobManager
 from finetune_core.runs import RESUMABLE_STATES, list_runs
 
@@ -28,6 +29,12 @@ def _job_manager(runs_dir: str) -> JobManager:
 def manager() -> JobManager:
     """The one job manager of this server process (shared by every page, tab and browser)."""
     return _job_manager(str(runs_root()))
+
+
+@st.cache_resource(show_spinner=False)
+def weights_downloads() -> WeightsDownloads:
+    """The one set of weight downloads of this server process (the Train page's Download)."""
+    return WeightsDownloads()
 
 
 def submit(config: TrainConfig, report=None) -> str:

@@ -515,10 +515,11 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def hub_weights_file(spec: Backbone, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+def hub_weights_file(spec: Backbone, timeout: float = DOWNLOAD_TIMEOUT_S, tqdm_class=None) -> Path:
     """The timm backbone's weights file: from the hub cache when it is there (no network call),
     else downloaded into it by huggingface_hub (its own timeout, resumption and integrity checks;
-    never with HF_HUB_OFFLINE=1). WeightsUnavailable, naming the model and what to do, otherwise."""
+    never with HF_HUB_OFFLINE=1; `tqdm_class` sees the bytes arrive). WeightsUnavailable, naming
+    the model and what to do, otherwise."""
     cached = hub_cached_file(spec)
     if cached is not None:
         return cached
@@ -530,7 +531,7 @@ def hub_weights_file(spec: Backbone, timeout: float = DOWNLOAD_TIMEOUT_S) -> Pat
     refuse_offline_download(spec)
     try:
         return Path(hf_hub_download(spec.hf_hub_id, HUB_WEIGHT_FILES[0], cache_dir=hub_cache_dir(),
-                                    etag_timeout=timeout))
+                                    etag_timeout=timeout, tqdm_class=tqdm_class))
     except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP, a repository without the file
         raise WeightsUnavailable(f"The ImageNet weights of {spec.name} ({spec.hf_hub_id}) are not in the Hugging "
                                  f"Face hub cache and could not be downloaded ({type(exc).__name__}: "
@@ -544,6 +545,79 @@ def fetch_weights(backbone: str, weights: str) -> None:
     are left to the run."""
     if weights == "auto" and backbone != "auto" and backbone_spec(backbone).source == "timm":
         hub_weights_file(backbone_spec(backbone))
+
+
+def weights_to_download(backbone: str, weights: str) -> bool:
+    """Whether a run with these settings would download ImageNet weights first: `auto` weights of
+    a timm or torchvision model that are in no cache here (the Train page offers the download)."""
+    if weights != "auto":
+        return False
+    backbone = resolve_backbone(backbone)[0]
+    try:
+        spec = backbone_spec(backbone)
+    except ValueError:  # an unknown name: the backbone setting says so
+        return False
+    downloadable = bool(spec.hf_hub_id) if spec.source == "timm" else bool(spec.torchvision_weights)
+    return downloadable and not spec.bundled and cached_weights_path(backbone) is None
+
+
+def weights_download_bytes(backbone: str) -> int:
+    """About how many bytes the weights download takes: 4 bytes (float32) per parameter, which is
+    how timm and torchvision store ImageNet weights; read from the model, with no network call."""
+    return 4 * parameter_count(backbone)
+
+
+def _reporting_tqdm(report: Callable[[int, int | None], None]):
+    """A tqdm class for hf_hub_download's `tqdm_class` that passes (bytes so far, total) to `report`
+    at each update, and draws nothing (enabled all the same: a disabled tqdm does not count)."""
+    from tqdm.auto import tqdm
+
+    class Reporting(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.update(disable=False, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with the bar
+            super().__init__(*args, **kwargs)
+            report(int(self.n), self.total)
+
+        def update(self, n=1):
+            shown = super().update(n)
+            report(int(self.n), self.total)
+            return shown
+
+        def close(self):
+            super().close()
+            if not self.fp.closed:
+                self.fp.close()
+
+    return Reporting
+
+
+def download_weights(backbone: str, report: Callable[[int, int | None], None] | None = None) -> Path:
+    """Put a backbone's ImageNet weights in their cache now, calling report(bytes so far, total or
+    None) as they arrive: a timm model's through huggingface_hub (its timeout and integrity checks,
+    into an `.incomplete` file linked into the snapshot only when whole), a torchvision model's
+    through `_download` (SHA-256 checked, renamed into place only when whole). The Train page's
+    Download runs it in a child process (downloads.WeightsDownloads). WeightsUnavailable, naming
+    the model, when it cannot."""
+    spec = backbone_spec(backbone)
+    if spec.source == "timm":
+        return hub_weights_file(spec, tqdm_class=_reporting_tqdm(report) if report else None)
+    if spec.bundled or not spec.torchvision_weights:
+        raise WeightsUnavailable(f"{backbone} has no ImageNet weights to download")
+    return torchvision_weights_file(backbone, DOWNLOAD_TIMEOUT_S, report)
+
+
+def partial_download_files(backbone: str) -> list[Path]:
+    """The files a download of this backbone's weights stopped half-way leaves: huggingface_hub's
+    `.incomplete` blobs (which it would resume), `_download`'s `.part` files. None of them passes
+    as cached weights; a stopped download deletes them all the same."""
+    spec = backbone_spec(backbone)
+    if spec.source == "timm" and spec.hf_hub_id:
+        blobs = Path(hub_cache_dir()) / f"models--{spec.hf_hub_id.replace('/', '--')}" / "blobs"
+        return sorted(blobs.glob("*.incomplete")) if blobs.is_dir() else []
+    if spec.torchvision_weights and not spec.bundled:
+        name = os.path.basename(torchvision_weights_url(backbone))
+        return sorted(torch_hub_checkpoints().glob(f"{name}.*.part")) if torch_hub_checkpoints().is_dir() else []
+    return []
 
 
 def weights_problem(backbone: str, weights: str) -> str | None:
@@ -633,14 +707,16 @@ def resolve_backbone(name: str) -> tuple[str, str]:
     return first, f"{first}: no backbone's weights are on this machine, so {first}'s will be downloaded"
 
 
-def _download(url: str, dest: Path, timeout: float) -> None:
+def _download(url: str, dest: Path, timeout: float,
+              report: Callable[[int, int | None], None] | None = None) -> None:
     """Fetch `url` into `dest` and check its SHA-256 against the prefix torchvision puts in the file
     name (resnet18-f37072fd.pth: "f37072fd", found by torch.hub.HASH_REGEX), as
     torch.hub.download_url_to_file does. Our own fetch rather than that function because it has no
     timeout, and the only way to give it one, socket.setdefaulttimeout, is process-wide: it would
     change the sockets that the dashboard's other threads open meanwhile. The bytes go to a
     temporary file next to `dest`, renamed into place only when complete and verified, and removed
-    whatever goes wrong: a failed download leaves nothing behind."""
+    whatever goes wrong: a failed download leaves nothing behind. `report(bytes so far, total or
+    None)` sees the bytes arrive."""
     match = torch.hub.HASH_REGEX.search(os.path.basename(url))
     hash_prefix = match.group(1) if match else ""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -649,9 +725,13 @@ def _download(url: str, dest: Path, timeout: float) -> None:
         sha256 = hashlib.sha256()
         request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
         with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as out:  # noqa: S310
+            total, done = getattr(response, "length", None), 0  # http.client's Content-Length, None if not sent
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 sha256.update(chunk)
+                done += len(chunk)
+                if report is not None:
+                    report(done, total)
         digest = sha256.hexdigest()
         if not digest.startswith(hash_prefix):
             raise WeightsError(f"the download of {url} is corrupt: its SHA-256 is {digest}, "
@@ -671,11 +751,18 @@ def pretrained_state_dict(backbone: str, timeout: float = DOWNLOAD_TIMEOUT_S) ->
     if spec.bundled:
         state = torch.load(bundled_weights_file(backbone), map_location="cpu", weights_only=True)
         return convert_lite_state_dict(state, lite_stage_repeats(backbone))
+    return torch.load(torchvision_weights_file(backbone, timeout), map_location="cpu", weights_only=True)
+
+
+def torchvision_weights_file(backbone: str, timeout: float = DOWNLOAD_TIMEOUT_S,
+                             report: Callable[[int, int | None], None] | None = None) -> Path:
+    """A torchvision backbone's weights file in torch hub's checkpoints, downloaded there first when
+    it is not (WeightsUnavailable, naming the file to place and the backbones that work offline)."""
     url = torchvision_weights_url(backbone)
     path = torch_hub_checkpoints() / os.path.basename(url)
     if not path.is_file():
         try:
-            _download(url, path, timeout)
+            _download(url, path, timeout, report)
         except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP, hash errors: all mean "not available"
             offline = ", ".join(offline_backbones()) or "none"
             raise WeightsUnavailable(
@@ -683,7 +770,7 @@ def pretrained_state_dict(backbone: str, timeout: float = DOWNLOAD_TIMEOUT_S) ->
                 f"({type(exc).__name__}: {exc}). Place the file {path.name} (from {url}) in {path.parent}, "
                 f"or choose a backbone whose weights work offline ({offline}), or weights 'none'."
             ) from exc
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return path
 
 
 def load_refusal(exc: BaseException) -> str:

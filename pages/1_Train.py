@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import activations, analysis, datastore, lr_find, models, plots, sweep
+from finetune_core import activations, analysis, datastore, downloads, lr_find, models, plots, sweep
 from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, launch_warnings, parse_form, preset_for_machine,
@@ -28,7 +28,7 @@ from finetune_core.jobs import DuplicateSubmission, NotResumable
 from finetune_core.runs import ACTIVE_STATES, RESUMABLE_STATES, RunDir, RunOwned, list_runs
 from tuneboard_ui import (CURVES_REFRESH_S, LIVE_REFRESH_S, chart_controls, curve_panels, flash, format_seconds,
                           job_controls, manager, page, resumable_runs, setting_input, state_label, submit,
-                          widget_value)
+                          weights_downloads, widget_value)
 
 DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
 WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
@@ -298,10 +298,39 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
                         setting_control(name, draft, offline, n_classes, inactive.get(name), notes.get(name))
                         if name in errors:
                             st.error(analysis.markdown_message(errors[name]), icon=":material/block:")  # an emoji drew as a box with Debian's fonts
-    if config is not None and config.weights == "auto" and config.backbone not in (*offline, "auto"):
-        st.warning(f"The ImageNet weights of {config.backbone} are not on this machine; the run will try to download "
-                   f"them. Offline, choose one of: {', '.join(offline)}.")
+    if config is not None and models.weights_to_download(config.backbone, config.weights):
+        weights_download_section(resolved_backbone(config.backbone), offline)
     return config, errors
+
+
+def weights_download_section(backbone: str, offline: list[str]) -> None:
+    """Weights in no cache: say so before launch, with their size, and offer Download (a job with
+    progress and Stop, downloads.WeightsDownloads)."""
+    current = weights_downloads().download(backbone)
+    if current is not None and current["state"] == downloads.ACTIVE:
+        download_progress(backbone)
+        return
+    size = downloads.size_text(models.weights_download_bytes(backbone))
+    st.warning(f"The ImageNet weights of {backbone} are not downloaded (about {size}). Download them now, with "
+               "progress and a Stop; otherwise the run downloads them as its first step. Without internet, "
+               f"choose a backbone whose weights are here: {', '.join(offline) or 'none'}.", icon="⚠️")
+    if current is not None and current["state"] == "failed":
+        st.error(current["message"], icon=":material/block:")
+    elif current is not None and current["state"] == "stopped":
+        st.caption(f"The last download was {current['message']}.")
+    st.button("Download", key="download_weights", on_click=weights_downloads().start, args=(backbone,))
+
+
+@st.fragment(run_every=LIVE_REFRESH_S)
+def download_progress(backbone: str) -> None:
+    """A running download's bytes so far against its size, and Stop; the whole page again once it
+    ends (the backbone is then offline, or the failure is shown)."""
+    current = weights_downloads().download(backbone)
+    if current is None or current["state"] != downloads.ACTIVE:
+        st.rerun(scope="app")
+    st.progress(current["fraction"] or 0.0, text=f"Downloading the weights of {backbone}: "
+                                                f"{downloads.progress_text(current)}")
+    st.button("Stop the download", key="stop_download", on_click=weights_downloads().stop, args=(backbone,))
 
 
 def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes: int, inactive: str | None,
@@ -329,7 +358,7 @@ def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes
                       placeholder="e.g. convnext_tiny.fb_in22k_ft_in1k", help="or search the list below: it holds "
                       "every timm model with pretrained weights and every torchvision classifier")
         setting_input(s, key(name), options=backbone_choices(tuple(offline)), format_func=backbone_label)
-        details = backbone_details(resolved_backbone(draft.backbone))
+        details = backbone_details(resolved_backbone(draft.backbone), resolved_backbone(draft.backbone) in ready)
         if details:
             st.caption(details)
     elif name == "train_stages":
@@ -366,9 +395,10 @@ def backbone_choices(offline: tuple[str, ...]) -> list[str]:
 
 
 @st.cache_data(show_spinner=False)
-def backbone_details(backbone: str) -> str:
+def backbone_details(backbone: str, weights_here: bool) -> str:
     """Parameters, native resolution, interpolation and whether the weights are here ("" for a
-    name that is no backbone: validation says so)."""
+    name that is no backbone: validation says so). `weights_here` is part of the cache's key: the
+    line changes once a download completes."""
     try:
         return models.backbone_details(backbone)
     except Exception:  # noqa: BLE001 - an unknown name, or one that cannot be built: validation names it
@@ -514,7 +544,8 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
                "the dataset could not be read" if report is None else
                f"the dataset cannot be used: {report.reason()}" if not report.usable else
                "fix the settings marked above" if errors or config is None else
-               "fix the sweep's values" if sweep_error else "")
+               "fix the sweep's values" if sweep_error else
+               "its weights are downloading (or stop the download)" if downloading(config) else "")
     if blocked:
         st.caption(f"Train is disabled: {blocked}.")
     for warning in launch_warnings(config) if config is not None else []:  # the rule is config.launch_warnings
@@ -528,6 +559,12 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
             st.toast(f"Not queued: {blocked} (on the Setup tab).", icon="🚫", duration="long")
         else:
             launch(config, report, grid, also_scratch, also_single)
+
+
+def downloading(config: TrainConfig) -> bool:
+    """Whether the backbone's weights are being downloaded now (a run would fetch them too)."""
+    current = weights_downloads().download(resolved_backbone(config.backbone))
+    return current is not None and current["state"] == downloads.ACTIVE
 
 
 def request_launch() -> None:
