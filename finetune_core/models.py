@@ -303,7 +303,7 @@ def backbone_spec(name: str) -> Backbone:
 def forget_backbones() -> None:
     """Empty what is remembered of each backbone (its spec, structure, parameter counts): after the
     registry changes (the tests register tiny variants of catalogue models)."""
-    for cached in (backbone_spec, _architecture, _top_body_parameters, parameter_count):
+    for cached in (backbone_spec, _architecture, _top_body_parameters, _body_and_head_features):
         cached.cache_clear()
 
 
@@ -318,10 +318,22 @@ def backbone_problem(name: str) -> str | None:
     return None
 
 
+def parameter_count(name: str, n_classes: int = 1000) -> int:
+    """The parameters of the backbone with an `n_classes` head: 1000, its ImageNet head (what its
+    weights file holds), by default; the model a run fine-tunes with the dataset's classes. The one
+    count the Train page shows, in the backbone's line and in what trains."""
+    body, head_features = _body_and_head_features(name)
+    return body + (head_features + 1) * n_classes
+
+
 @functools.lru_cache(maxsize=None)
-def parameter_count(name: str) -> int:
-    """The backbone's parameters with its ImageNet head, counted on the meta device (no memory)."""
-    return sum(p.numel() for p in structure_build(backbone_spec(name).build).parameters())
+def _body_and_head_features(name: str) -> tuple[int, int]:
+    """(parameters without the classification head, the head's input features), counted on the
+    meta device (no memory)."""
+    model = structure_build(backbone_spec(name).build)
+    head = get_head(model, name)
+    head_parameters = sum(p.numel() for p in head.parameters())
+    return sum(p.numel() for p in model.parameters()) - head_parameters, head.in_features
 
 
 def image_size_problem(backbone: str, image_size: int) -> str | None:
@@ -345,13 +357,14 @@ def backbone_choices(offline: list[str]) -> list[str]:
     return list(dict.fromkeys(ordered))
 
 
-def backbone_details(name: str) -> str:
-    """One line for the picker: parameters, native resolution and where its weights come from.
-    timm 1.x ships no ImageNet accuracies offline (its results tables are not in the package), so
-    no top-1 is shown."""
+def backbone_details(name: str, n_classes: int = 2) -> str:
+    """One line for the picker: parameters (with an `n_classes` head, as `trainable_summary` counts
+    them), native resolution and where its weights come from. timm 1.x ships no ImageNet accuracies
+    offline (its results tables are not in the package), so no top-1 is shown."""
     spec = backbone_spec(name)
     where = "ready offline" if cached_weights_path(name) is not None else "weights not on this machine"
-    return f"{_count(parameter_count(name))} parameters, {spec.native_size} px, {spec.interpolation}; {where}"
+    return (f"{_count(parameter_count(name, n_classes))} parameters with a {n_classes}-class head, "
+            f"{spec.native_size} px, {spec.interpolation}; {where}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1184,10 +1197,8 @@ def trainable_summary(backbone: str, train_stages: str | int, n_classes: int = 2
     """What trains, in words: "last 2 stages + head: 1.3 M of 3.4 M parameters",
     "head only: 2.6 k of 3.4 M parameters", "all layers: 3.4 M parameters" (with an n_classes head)."""
     train_stages = check_train_stages(backbone, train_stages)
-    arch = _architecture(backbone)
-    body, in_features = arch.body_parameters, arch.head_features
-    head = (in_features + 1) * n_classes
-    total = body + head
+    total = parameter_count(backbone, n_classes)
+    head = (_body_and_head_features(backbone)[1] + 1) * n_classes
     if train_stages == "all":
         return f"all layers: {_count(total)} parameters"
     if train_stages == "head":

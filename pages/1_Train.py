@@ -358,7 +358,8 @@ def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes
                       placeholder="e.g. convnext_tiny.fb_in22k_ft_in1k", help="or search the list below: it holds "
                       "every timm model with pretrained weights and every torchvision classifier")
         setting_input(s, key(name), options=backbone_choices(tuple(offline)), format_func=backbone_label)
-        details = backbone_details(resolved_backbone(draft.backbone), resolved_backbone(draft.backbone) in ready)
+        chosen = resolved_backbone(draft.backbone)
+        details = backbone_details(chosen, n_classes, chosen in ready)
         if details:
             st.caption(details)
     elif name == "train_stages":
@@ -395,12 +396,12 @@ def backbone_choices(offline: tuple[str, ...]) -> list[str]:
 
 
 @st.cache_data(show_spinner=False)
-def backbone_details(backbone: str, weights_here: bool) -> str:
+def backbone_details(backbone: str, n_classes: int, weights_here: bool) -> str:
     """Parameters, native resolution, interpolation and whether the weights are here ("" for a
     name that is no backbone: validation says so). `weights_here` is part of the cache's key: the
     line changes once a download completes."""
     try:
-        return models.backbone_details(backbone)
+        return models.backbone_details(backbone, n_classes)
     except Exception:  # noqa: BLE001 - an unknown name, or one that cannot be built: validation names it
         return ""
 
