@@ -606,17 +606,28 @@ PRESETS: dict[str, dict] = {
 
 PRESET_LABELS = {"book-finetune": "The book: fine-tune", "book-scratch": "The book: from scratch", "fast": "Fast"}
 
+# What each preset does, in words; {backbone} and {size} are the form's, which may differ from the
+# preset's own (preset_description).
 PRESET_DESCRIPTIONS = {
-    "book-finetune": "The book's fine-tuning run: ResNet-18 with ImageNet weights, head at 10x lr 5e-5, summed "
-                     "loss, 5 epochs.",
-    "book-scratch": "The book's scratch run: random init, one group at lr 5e-4, summed loss, 5 epochs.",
-    "fast": "Partial fine-tuning: EfficientNet-Lite2 at 260 px (weights offline); its last stage trains at lr "
+    "book-finetune": "The book's fine-tuning run: {backbone} with ImageNet weights at {size} px, head at 10x lr "
+                     "5e-5, summed loss, 5 epochs.",
+    "book-scratch": "The book's scratch run: {backbone} from random init at {size} px, one group at lr 5e-4, "
+                    "summed loss, 5 epochs.",
+    "fast": "Partial fine-tuning: {backbone} at {size} px; its last stage trains at lr "
             "3e-3 and a new head at 10x, on cached outputs of the frozen layers for several views per image "
             "(random crops of at least a quarter of the photo), epochs and views set for the dataset's size (30 "
             "epochs and 4 views up to 2,500 photos, fewer for larger sets but at least 15 and 2), with momentum, a "
             "cosine schedule, label smoothing, a moving average of the weights and flip test-time augmentation (bf16 where the hardware "
-            "has it). About a minute for 500 photos on a 2-core CPU.",
+            "has it). About a minute for 500 photos on a 2-core CPU with EfficientNet-Lite2.",
 }
+BACKBONE_TITLES = {"resnet18": "ResNet-18", "efficientnet_lite0": "EfficientNet-Lite0",
+                   "efficientnet_lite1": "EfficientNet-Lite1", "efficientnet_lite2": "EfficientNet-Lite2"}
+
+
+def preset_description(preset: str, backbone: str, image_size: int) -> str:
+    """The preset in words, naming the backbone and image size the form holds (a backbone changed
+    after the preset was chosen is the one named, not the preset's)."""
+    return PRESET_DESCRIPTIONS[preset].format(backbone=BACKBONE_TITLES.get(backbone, backbone), size=image_size)
 
 
 def preset_config(preset: str, **overrides) -> TrainConfig:
@@ -649,8 +660,23 @@ def preset_for_machine(preset: str, offline: Sequence[str], **overrides) -> tupl
     backbone = offline_backbone(config.backbone, offline)
     if backbone == config.backbone:
         return config, ""
-    return (config.replace(backbone=backbone),
-            f"{config.backbone}'s ImageNet weights are not on this machine: using {backbone}, whose weights are.")
+    replaced = config.replace(backbone=backbone)
+    if "image_size" not in overrides:  # the preset's size is its backbone's native size: follow the new one
+        replaced = replaced.replace(image_size=native_image_size(backbone) or config.image_size)
+    return (replaced, f"{config.backbone}'s ImageNet weights are not on this machine: using {backbone}, whose "
+                      f"weights are, at its native {replaced.image_size} px.")
+
+
+def native_image_size(backbone: str) -> int | None:
+    """The image size a backbone's ImageNet weights were trained at ("auto": the backbone this
+    machine would use), the size the form takes when the backbone changes; None for a name that
+    is no backbone (its setting says so)."""
+    from .models import backbone_spec, resolve_backbone
+
+    try:
+        return backbone_spec(resolve_backbone(backbone)[0]).native_size
+    except ValueError:
+        return None
 
 
 def quick_start_config(data: str, offline: Sequence[str]) -> TrainConfig:

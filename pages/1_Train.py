@@ -16,10 +16,10 @@ from pathlib import Path
 import streamlit as st
 
 from finetune_core import activations, analysis, datastore, downloads, lr_find, models, plots, sweep
-from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
+from finetune_core.config import (PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, launch_warnings, parse_form, preset_for_machine,
-                                  auto_notes, setting_notes, settings)
+                                  auto_notes, native_image_size, preset_description, setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, SeveralDatasets, find_dataset_root, scan_dataset
 from finetune_core.fixes import dataset_stamp
 from finetune_core.engine import resolve_auto
@@ -266,11 +266,12 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
         apply_preset(offline)
     st.selectbox("Preset", list(PRESETS), key="preset", on_change=apply_preset, args=(offline,),
                  format_func=lambda p: PRESET_LABELS.get(p, p))
-    st.caption(PRESET_DESCRIPTIONS[st.session_state["preset"]])
+    values = form_values(data_path)
+    st.caption(preset_description(st.session_state["preset"], resolved_backbone(values["backbone"]),
+                                  values["image_size"]))
     if st.session_state.get("preset_note"):
         st.caption(st.session_state["preset_note"])
 
-    values = form_values(data_path)
     refused = ""
     if values["weights"] not in ("auto", "none", ""):  # a typed weights file: only from the data roots
         try:
@@ -357,7 +358,8 @@ def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes
         st.text_input("Any timm or torchvision model by name", key="f_backbone_typed", on_change=take_typed_backbone,
                       placeholder="e.g. convnext_tiny.fb_in22k_ft_in1k", help="or search the list below: it holds "
                       "every timm model with pretrained weights and every torchvision classifier")
-        setting_input(s, key(name), options=backbone_choices(tuple(offline)), format_func=backbone_label)
+        setting_input(s, key(name), options=backbone_choices(tuple(offline)), format_func=backbone_label,
+                      on_change=follow_backbone_size)
         chosen = resolved_backbone(draft.backbone)
         details = backbone_details(chosen, n_classes, chosen in ready)
         if details:
@@ -388,6 +390,14 @@ def take_typed_backbone() -> None:
     typed = st.session_state.get("f_backbone_typed", "").strip()
     if typed:
         st.session_state[key("backbone")] = typed
+        follow_backbone_size()
+
+
+def follow_backbone_size() -> None:
+    """A new backbone brings its native image size (the preset's was its own backbone's)."""
+    size = native_image_size(st.session_state[key("backbone")])
+    if size is not None:
+        st.session_state[key("image_size")] = size
 
 
 @st.cache_data(show_spinner=False)
