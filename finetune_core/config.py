@@ -539,6 +539,12 @@ def launch_warnings(config: TrainConfig) -> list[str]:
     """Sentences the Train page shows before a launch when a learning rate (the pretrained layers'
     lr, the head's lr x multiplier) is far outside the usual range for the loss reduction, batch
     size and momentum in force. Valid settings only; an empty list when nothing is unusual."""
+    return [sentence for sentences in setting_warnings(config).values() for sentence in sentences]
+
+
+def setting_warnings(config: TrainConfig) -> dict[str, list[str]]:
+    """launch_warnings by the setting each is about ("lr", "head_lr_mult"): the Train page shows
+    each under its field."""
     low, high = USUAL_STEP_RANGE[0] / FAR_OUTSIDE, USUAL_STEP_RANGE[1] * FAR_OUTSIDE
     scale = (config.batch_size if config.loss_reduction == "sum" else 1) / (1.0 - config.momentum)
     how = ([f"summed over batches of {config.batch_size}"] if config.loss_reduction == "sum" else []) + \
@@ -553,7 +559,7 @@ def launch_warnings(config: TrainConfig) -> list[str]:
     elif config.train_stages == "head":
         rates.append(("Learning rate (of the head, the only part that trains)", config.lr, PRESET_STEP,
                       "Learning rate"))
-    warnings = []
+    warnings: dict[str, list[str]] = {}
     usual = f"{USUAL_STEP_RANGE[0]:g} to {USUAL_STEP_RANGE[1]:g} is usual"
     lr = config.lr  # the learning rate a head multiplier is suggested for: the suggested one if lr is off too
     for label, rate, preset_step, setting in rates:
@@ -564,12 +570,13 @@ def launch_warnings(config: TrainConfig) -> list[str]:
             lr = rate * preset_step / step
         where = (f"{' and '.join(how)}, it steps like {step:.3g} would on a mean loss without momentum, where {usual}"
                  if how else f"on a mean loss without momentum {usual}")
+        field = warnings.setdefault("lr" if setting == "Learning rate" else "head_lr_mult", [])
         if step > high:
-            warnings.append(f"{label} {rate:.3g} is far above the usual range: {where}. Training will likely blow up "
+            field.append(f"{label} {rate:.3g} is far above the usual range: {where}. Training will likely blow up "
                             f"(the run then ends diverged); try the learning-rate finder, or "
                             f"{_suggestion(rate * preset_step / step, setting, lr)}.")
         else:
-            warnings.append(f"{label} {rate:.3g} is far below the usual range: {where}. The weights will barely "
+            field.append(f"{label} {rate:.3g} is far below the usual range: {where}. The weights will barely "
                             f"move; try the learning-rate finder, or "
                             f"{_suggestion(rate * preset_step / step, setting, lr)}.")
     return warnings

@@ -18,7 +18,7 @@ import streamlit as st
 from finetune_core import activations, analysis, datastore, downloads, lr_find, models, plots, sweep
 from finetune_core.config import (PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
                                   comparison_configs, config_from_form, default_preset, form_settings,
-                                  inactive_settings, launch_warnings, parse_form, preset_for_machine,
+                                  inactive_settings, parse_form, preset_for_machine, setting_warnings,
                                   auto_notes, native_image_size, preset_description, setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, SeveralDatasets, find_dataset_root, scan_dataset
 from finetune_core.fixes import dataset_stamp
@@ -290,6 +290,7 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
     if config is not None and report is not None and report.usable:  # what the controls left at 0 (auto) come to
         notes.update(auto_notes(config, resolve_auto(config, report)))
     n_classes = len(report.classes) if report is not None and report.classes else 2
+    field_warnings = setting_warnings(config) if config is not None else {}  # a rate far out: under its field
     for column, sections in zip(st.columns(len(COLUMNS)), COLUMNS):
         with column:
             for section in sections:
@@ -299,6 +300,8 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
                         setting_control(name, draft, offline, n_classes, inactive.get(name), notes.get(name))
                         if name in errors:
                             st.error(analysis.markdown_message(errors[name]), icon=":material/block:")  # an emoji drew as a box with Debian's fonts
+                        for warning in field_warnings.get(name, []):
+                            st.warning(warning, icon="⚠️")
     if config is not None and models.weights_to_download(config.backbone, config.weights):
         weights_download_section(resolved_backbone(config.backbone), offline)
     return config, errors
@@ -375,6 +378,8 @@ def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes
                       help=f"auto = {models.device_description()}")
     else:
         setting_input(s, key(name), disabled=disabled, help=help)
+    if name == "image_size":  # what follow_backbone_size compares with
+        st.session_state["image_size_drawn"] = st.session_state.get(key(name))
     if name == "loss_reduction":
         reduction = draft.loss_reduction
         st.caption(f"In force: **{reduction}** of the per-image losses" +
@@ -394,9 +399,11 @@ def take_typed_backbone() -> None:
 
 
 def follow_backbone_size() -> None:
-    """A new backbone brings its native image size (the preset's was its own backbone's)."""
+    """A new backbone brings its native image size (the preset's was its own backbone's), unless the
+    size was changed along with it (sent in the same rerun: it differs from the one last drawn)."""
     size = native_image_size(st.session_state[key("backbone")])
-    if size is not None:
+    drawn = st.session_state.get("image_size_drawn")
+    if size is not None and st.session_state.get(key("image_size")) == drawn:
         st.session_state[key("image_size")] = size
 
 
@@ -453,6 +460,17 @@ def cost_caption(config: TrainConfig, report, steps: int | None = None) -> None:
     seconds, basis = analysis.cost_estimate(config, report, list_runs(runs_root()), steps)
     st.caption(f"Costs about {format_seconds(seconds)}: {basis}." if seconds is not None
                else f"No cost estimate yet: {basis}.")
+
+
+def run_cost(config: TrainConfig, report) -> None:
+    """The run's own cost before Train, at the speed a recorded run's last epoch measured, and a
+    warning when it is hours (analysis.long_run_warning)."""
+    seconds, basis = analysis.cost_estimate(config, report, list_runs(runs_root()))
+    st.caption(f"This run: about {format_seconds(seconds)} ({basis})." if seconds is not None
+               else f"This run: no cost estimate yet ({basis}).")
+    long_run = analysis.long_run_warning(seconds, config.epochs)
+    if long_run:
+        st.warning(long_run, icon="⚠️")
 
 
 def lr_finder_key(config: TrainConfig, report) -> str:
@@ -559,8 +577,8 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
                "its weights are downloading (or stop the download)" if downloading(config) else "")
     if blocked:
         st.caption(f"Train is disabled: {blocked}.")
-    for warning in launch_warnings(config) if config is not None else []:  # the rule is config.launch_warnings
-        st.warning(warning, icon="⚠️")
+    elif grid is None:
+        run_cost(resolve_auto(config, report), report)
     st.button("Train", type="primary", disabled=bool(blocked), key="train_button", on_click=request_launch)
     if config is not None and config.train_stages != "all":
         st.caption(activations.memory_note())

@@ -34,3 +34,52 @@ def test_changing_the_backbone_on_train_brings_its_native_size_and_the_preset_te
     assert at.number_input(key="f_image_size").value == 224
     assert any("EfficientNet-Lite0 at 224 px" in c.value for c in at.caption)
     assert not any("Lite2 at 260" in c.value for c in at.caption)
+
+
+def _epoch_rows(run, speeds):
+    for epoch, images_per_s in enumerate(speeds, start=1):
+        run.append_metrics({"kind": "epoch", "epoch": epoch, "step": epoch, "loss": 0.5, "images_per_s": images_per_s})
+
+
+def test_a_cost_estimate_uses_the_last_epochs_speed_not_the_runs_average():
+    import pandas as pd
+
+    from finetune_core import analysis
+
+    # 100 images an epoch: the first in 50 s (decoding), then 10 s each; the rows hold the running average
+    rows = pd.DataFrame({"kind": "epoch", "epoch": [1, 2, 3], "images_per_s": [100 / 50, 200 / 60, 300 / 70]})
+    assert analysis.last_epoch_speed(rows) == __import__("pytest").approx(10.0)
+    assert analysis.last_epoch_speed(rows.iloc[:1]) is None  # one epoch: the status's average stands
+    assert analysis.long_run_warning(3000.0, 50) == ""
+    assert "about 2.2 hours (1,000 epochs)" in analysis.long_run_warning(8000.0, 1000)
+
+
+def test_the_train_page_puts_a_rates_warning_under_its_field_and_warns_when_a_run_is_hours(dashboard_env):
+    from conftest import TINY_BACKBONE, make_dataset, page
+    from test_compare_predict import write_run
+
+    data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)  # 8 training images
+    at = page("pages/1_Train.py")
+    at.session_state["data_source"] = "A folder path"
+    at.run()
+    at.text_input(key="data_path_text").set_value(str(data)).run()
+    at.selectbox(key="f_backbone").set_value(TINY_BACKBONE)
+    at.radio(key="f_weights_kind").set_value("none (random init)")
+    at.selectbox(key="f_train_stages").set_value("all")
+    at.selectbox(key="f_loss_reduction").set_value("mean")
+    at.number_input(key="f_image_size").set_value(32)
+    at.number_input(key="f_batch_size").set_value(8)
+    at.number_input(key="f_epochs").set_value(1000)
+    at.text_input(key="f_lr").set_value("100")
+    at.run()
+    # a run like this one measured 8 images/s in its first epoch, 1 image/s in its second (average 1.8)
+    run = write_run(dashboard_env / "runs", "20260101-000000-measured", metrics=False, backbone=TINY_BACKBONE,
+                    image_size=32, batch_size=8, train_stages="all", device=at.session_state["f_device"],
+                    images_per_s=16 / 9)
+    _epoch_rows(run, [8.0, 16 / 9])
+    at.run()
+    lr_column = next(c for c in at.columns if any(t.key == "f_lr" for t in c.get("text_input")))
+    assert any(w.value.startswith("Learning rate 100 is far above") for w in lr_column.warning)
+    assert any(c.value.startswith("This run: about") and "1.0 images/s" in c.value for c in at.caption), [c.value for c in at.caption if "This run" in c.value or "disabled" in c.value]
+    assert any("about 2.2 hours (1,000 epochs)" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert not at.exception
