@@ -164,13 +164,16 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
 
 
 def review_fixes_label(record: dict) -> str:
-    """What the data review had changed when a run trained: "before review" (no fixes file) or
-    the fixes in force ("3 relabelled, 5 excluded"), so Compare shows before and after review."""
-    from .fixes import summary_text
+    """What the data review had changed when a run trained: the fixes in force ("3 relabelled, 5
+    excluded"); with none, "before review" when the dataset has a fixes file now (the run came
+    before it), else "not reviewed" (a set never reviewed was not "before" anything)."""
+    from .fixes import fixes_path, summary_text
 
-    fixes = (record.get("dataset") or {}).get("fixes")
+    dataset = record.get("dataset") or {}
+    fixes = dataset.get("fixes")
     if not isinstance(fixes, dict):
-        return "before review"
+        root = dataset.get("root")
+        return "before review" if root and fixes_path(root).is_file() else "not reviewed"
     return summary_text(fixes.get("relabelled", 0), fixes.get("excluded", 0), fixes.get("leaks_dropped", 0))
 
 

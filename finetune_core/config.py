@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import typing
 import uuid
 from collections.abc import Callable, Sequence
@@ -740,6 +741,13 @@ def config_from_form(values: dict) -> tuple[TrainConfig | None, dict[str, str]]:
     return (None, errors) if errors else (config, {})
 
 
+def default_run_name(config: TrainConfig, when: time.struct_time | None = None) -> str:
+    """A name for a run the user did not name that tells it from the others: backbone, preset and
+    the time it was queued ("efficientnet_lite2 · fast · 14:05"); the backbone alone named every
+    run of a day alike."""
+    return f"{config.backbone} · {config.preset or 'custom'} · {time.strftime('%H:%M', when or time.localtime())}"
+
+
 def comparison_configs(config: TrainConfig, also_scratch: bool = False, also_single_group: bool = False,
                        group: str = "") -> list[TrainConfig]:
     """The run and the book's comparisons on the same data: the scratch run and the same recipe
@@ -750,7 +758,7 @@ def comparison_configs(config: TrainConfig, also_scratch: bool = False, also_sin
     reduction and batch size, so only what makes it the same experiment comes from this run: the
     data and its splits (test and validation fractions), the backbone, image size, epochs, device,
     seed and precision."""
-    base_name = config.name or config.backbone
+    base_name = config.name or default_run_name(config)
     runs = [config.replace(group=group, name=base_name)]
     keep = dict(data=config.data, backbone=config.backbone, image_size=config.image_size, epochs=config.epochs,
                 device=config.device, seed=config.seed, precision=config.precision,

@@ -83,3 +83,30 @@ def test_the_train_page_puts_a_rates_warning_under_its_field_and_warns_when_a_ru
     assert any(c.value.startswith("This run: about") and "1.0 images/s" in c.value for c in at.caption), [c.value for c in at.caption if "This run" in c.value or "disabled" in c.value]
     assert any("about 2.2 hours (1,000 epochs)" in w.value for w in at.warning), [w.value for w in at.warning]
     assert not at.exception
+
+
+def test_a_run_left_unnamed_is_named_by_backbone_preset_and_time_its_twins_and_cells_too(tmp_path):
+    import time
+
+    from finetune_core import sweep
+    from finetune_core.config import comparison_configs, default_run_name, preset_config
+
+    config = preset_config("fast", data=str(tmp_path))
+    at_1405 = time.strptime("2026-12-07 14:05", "%Y-%m-%d %H:%M")
+    assert default_run_name(config, at_1405) == "efficientnet_lite2 · fast · 14:05"
+    names = [c.name for c in comparison_configs(config, True, True)]
+    assert names[0].startswith("efficientnet_lite2 · fast · ") and names[1] == f"{names[0]} (scratch)"
+    cells = sweep.sweep_configs(config, [1e-3], [10.0], group="g")
+    assert cells[0].name.startswith("efficientnet_lite2 · fast · ") and cells[0].name.endswith("lr=0.001 x10")
+    assert comparison_configs(config.replace(name="mine"))[0].name == "mine"  # a given name is kept
+
+
+def test_a_one_epoch_runs_axes_end_at_epoch_1_not_2():
+    import pandas as pd
+
+    from finetune_core import plots
+
+    frame = pd.DataFrame({"kind": ["batch", "batch", "epoch"], "epoch": [0.5, 1.0, 1.0], "step": [1, 2, 2],
+                          "loss": [0.9, 0.7, 0.7], "train_acc": [0.5, 0.6, 0.6], "test_acc": [None, None, 0.8]})
+    figure = plots.overlay_figure({"run": frame}, x="epoch")
+    assert all(tuple(axis.range) == (0, 1.03) for axis in figure.select_xaxes())
