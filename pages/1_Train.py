@@ -190,7 +190,8 @@ def uploaded_zip(root: Path) -> str:
         except datastore.UploadError as exc:
             st.error(analysis.markdown_message(str(exc), paths=(upload.name,)))
             return ""
-    st.success(f"Unpacked into {done[upload_key]}")
+    summary = datastore.unpacked_summary(done[upload_key])
+    (st.warning if "skips" in summary else st.success)(summary)
     return done[upload_key]
 
 

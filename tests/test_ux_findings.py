@@ -110,3 +110,34 @@ def test_a_one_epoch_runs_axes_end_at_epoch_1_not_2():
                           "loss": [0.9, 0.7, 0.7], "train_acc": [0.5, 0.6, 0.6], "test_acc": [None, None, 0.8]})
     figure = plots.overlay_figure({"run": frame}, x="epoch")
     assert all(tuple(axis.range) == (0, 1.03) for axis in figure.select_xaxes())
+
+
+def _zip(entries: dict) -> "io.BytesIO":
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    buf.seek(0)
+    return buf
+
+
+def test_an_upload_says_which_files_the_scan_skips_and_a_flat_zip_is_refused_leaving_nothing(tmp_path):
+    import pytest
+
+    from conftest import write_image
+    from finetune_core import datastore
+
+    png = write_image(tmp_path / "a.png").read_bytes()
+    target = datastore.extract_zip(_zip({"pets/cat/a.png": png, "pets/dog/b.png": png, "pets/cat/notes.txt": b"x",
+                                         "pets/dog/.DS_Store": b"x"}), tmp_path / "data", "pets.zip")
+    summary = datastore.unpacked_summary(target)
+    assert summary.startswith(f"Unpacked 4 files into {target}; the scan skips 2 of them")
+    assert "1 not image files (notes.txt)" in summary and "1 hidden files (.DS_Store)" in summary
+    clean = datastore.extract_zip(_zip({"birds/owl/a.png": png, "birds/tit/b.png": png}), tmp_path / "data", "b.zip")
+    assert datastore.unpacked_summary(clean) == f"Unpacked 2 files into {clean}."
+    with pytest.raises(datastore.UploadError, match="flat.zip: its 2 images are at the top of the archive"):
+        datastore.extract_zip(_zip({"flat/a.png": png, "flat/b.png": png}), tmp_path / "data", "flat.zip")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["b", "pets"]  # no leftover folder
