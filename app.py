@@ -28,14 +28,15 @@ def machine_section(offline: list[str]) -> None:
 
 
 def cache_section() -> None:
-    """The decode cache's size against its budget, and a button that empties it."""
+    """The decode cache's size against its budget, and a button that empties it. Sizes in MiB and
+    GiB (powers of 1024), as the _MB variables are read (cachestore.megabytes_from_env)."""
     used, folder = cachestore.cache_size(), cachestore.default_cache_dir()
     try:
-        budget = f"{cachestore.budget_bytes() / 1024**3:.1f} GB"
+        budget = f"{cachestore.budget_bytes() / 1024**3:.1f} GiB"
     except ValueError as exc:
-        budget = f"the default {cachestore.DEFAULT_BUDGET_MB / 1024:.1f} GB ({exc})"
+        budget = f"the default {cachestore.DEFAULT_BUDGET_MB / 1024:.1f} GiB ({exc})"
     c = st.columns([3, 1])
-    c[0].caption(f"Decode cache: {used / 1024**2:.0f} MB of {budget} ({folder}; "
+    c[0].caption(f"Decode cache: {used / 1024**2:.0f} MiB of {budget} ({folder}; "
                  f"{cachestore.BUDGET_VARIABLE} sets the budget). Clearing it costs only time: "
                  "the next run decodes its photos again.")
     if c[1].button("Clear the cache", key="clear_cache", disabled=not used):
@@ -44,7 +45,7 @@ def cache_section() -> None:
         except ValueError as exc:  # a cache folder that overlaps the data folder
             st.error(f"Not cleared: {exc}")
             return
-        flash(f"Cleared the decode cache ({freed / 1024**2:.0f} MB).", "info")
+        flash(f"Cleared the decode cache ({freed / 1024**2:.0f} MiB).", "info")
         st.rerun()
 
 
