@@ -5,44 +5,38 @@ and no way to stop only the download. The Train page offers Download instead: a 
 in `WeightsDownloads`, a sibling of jobs.JobManager (a download has no run folder, no device and
 no queue, so it is not a training job).
 
-Each download runs `models.download_weights` in a child process, so that Stop ends it at once,
-even in the middle of a read (a thread cannot be stopped there); the child reports the bytes so
-far and the total through two shared integers, and its outcome through a pipe. huggingface_hub
-writes into an `.incomplete` blob that it links into the cache's snapshot only once whole and
-checked (torchvision's weights go to a `.part` file renamed once their hash is checked), so a
-stopped download never leaves a file that passes as cached; Stop deletes those partial files too
+Each download runs `models.download_weights` in a child process (`python -m
+finetune_core.downloads FETCH BACKBONE`), so that Stop ends it at once, even in the middle of a
+read (a thread cannot be stopped there). The child prints the bytes so far and the total, then
+its outcome, one JSON line each; a thread of the server reads them. huggingface_hub writes into an
+`.incomplete` blob that it links into the cache's snapshot only once whole and checked
+(torchvision's weights go to a `.part` file renamed once their hash is checked), so a stopped
+download never leaves a file that passes as cached; Stop deletes those partial files too
 (huggingface_hub would resume one, but a stopped download was not wanted).
 
-The child is started with "spawn": the server has threads, which a fork would copy in whatever
-state their locks are. `fetch` is injectable (a module-level function, so the child can import
-it): the tests download nothing.
+A new interpreter rather than multiprocessing: its "spawn" start re-imports the parent's
+`__main__`, which in a Streamlit server is the page that was running (the Train page, with torch
+and the whole dashboard: seconds, and its code run again). `fetch` names the function
+("module:function"): the tests give a fake one, and download nothing.
 """
 from __future__ import annotations
 
-import multiprocessing
+import importlib
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 STOP_WAIT_S = 5.0  # how long Stop waits for the child to end after SIGTERM before it kills it
 ACTIVE = "running"
-
-
-def _fetch_in_child(fetch: Callable, backbone: str, done, total, results) -> None:
-    """The child process: run `fetch(backbone, report)` and send ("completed", path) or ("failed",
-    a message naming the model) through `results`."""
-    def report(so_far: int, size: int | None) -> None:
-        done.value, total.value = int(so_far), int(size or 0)
-
-    try:
-        path = fetch(backbone, report)
-    except BaseException as exc:  # noqa: BLE001 - anything: the parent shows it, naming the model
-        results.send(("failed", failure_message(backbone, exc)))
-    else:
-        results.send(("completed", str(path)))
-    finally:
-        results.close()
+FETCH = "finetune_core.models:download_weights"
+LINE_PREFIX = "tuneboard-download "  # the child's lines that are for the parent (a library may print too)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def failure_message(backbone: str, exc: BaseException) -> str:
@@ -53,33 +47,49 @@ def failure_message(backbone: str, exc: BaseException) -> str:
     return f"The download of {backbone}'s weights failed ({type(exc).__name__}: {text.splitlines()[0]})"
 
 
+def _say(message: dict) -> None:
+    print(LINE_PREFIX + json.dumps(message), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    """The child: `python -m finetune_core.downloads FETCH BACKBONE` runs fetch(backbone, report)."""
+    fetch_name, backbone = argv
+    module, _, function = fetch_name.partition(":")
+    try:
+        path = getattr(importlib.import_module(module), function)(
+            backbone, lambda done, total: _say({"bytes": int(done), "total": int(total or 0)}))
+    except BaseException as exc:  # noqa: BLE001 - anything: the parent shows it, naming the model
+        _say({"failed": failure_message(backbone, exc)})
+        return 1
+    _say({"completed": str(path)})
+    return 0
+
+
 @dataclass
 class Download:
     backbone: str
-    process: multiprocessing.process.BaseProcess
-    done: object   # multiprocessing.Value("q"): bytes so far
-    total: object  # multiprocessing.Value("q"): the file's size, 0 while unknown
+    process: subprocess.Popen
+    bytes: int = 0
+    total: int = 0       # the file's size, 0 while unknown
     state: str = ACTIVE  # running, completed, failed, stopped
     message: str = "starting"
     started: float = field(default_factory=time.monotonic)
     ended: threading.Event = field(default_factory=threading.Event)  # the child is gone, its outcome recorded
 
     def snapshot(self) -> dict:
-        done, total = int(self.done.value), int(self.total.value)
-        return {"backbone": self.backbone, "state": self.state, "message": self.message, "bytes": done,
-                "total": total or None, "fraction": min(done / total, 1.0) if total else None,
+        return {"backbone": self.backbone, "state": self.state, "message": self.message, "bytes": self.bytes,
+                "total": self.total or None, "fraction": min(self.bytes / self.total, 1.0) if self.total else None,
                 "seconds": time.monotonic() - self.started}
 
 
 class WeightsDownloads:
     """One download at a time per backbone: start, follow (`download`), stop."""
 
-    def __init__(self, fetch: Callable | None = None, partial_files: Callable | None = None):
+    def __init__(self, fetch: str | None = None, partial_files: Callable | None = None):
         from . import models
 
-        self.fetch = fetch or models.download_weights
+        self.fetch = fetch or FETCH
         self.partial_files = partial_files or models.partial_download_files
-        self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._downloads: dict[str, Download] = {}
 
@@ -89,34 +99,40 @@ class WeightsDownloads:
             current = self._downloads.get(backbone)
             if current is not None and current.state == ACTIVE:
                 return current.snapshot()
-            done, total = self._context.Value("q", 0), self._context.Value("q", 0)
-            receive, send = self._context.Pipe(duplex=False)
-            process = self._context.Process(target=_fetch_in_child, args=(self.fetch, backbone, done, total, send),
-                                            name=f"download {backbone}", daemon=True)
-            process.start()
-            send.close()  # the child holds the sending end: its exit closes the pipe
-            download = Download(backbone, process, done, total, message="downloading")
+            path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]))
+            process = subprocess.Popen([sys.executable, "-m", "finetune_core.downloads", self.fetch, backbone],
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                       env={**os.environ, "PYTHONPATH": path})
+            download = Download(backbone, process, message="downloading")
             self._downloads[backbone] = download
-        threading.Thread(target=self._follow, args=(download, receive), daemon=True,
+        threading.Thread(target=self._follow, args=(download,), daemon=True,
                          name=f"follow download {backbone}").start()
         return download.snapshot()
 
-    def _follow(self, download: Download, receive) -> None:
-        """Wait for the child's outcome and record it (a stopped download keeps its own state)."""
-        try:
-            outcome = receive.recv()
-        except (EOFError, OSError):  # ended without a word: stopped, or killed
-            outcome = ("failed", f"The download of {download.backbone}'s weights ended unexpectedly "
-                                 f"(exit code {download.process.exitcode})")
-        finally:
-            receive.close()
-        download.process.join()  # only here: two threads joining one child race to reap it
+    def _follow(self, download: Download) -> None:
+        """Read the child's lines until it ends; record its outcome (a stopped download keeps its own)."""
+        outcome = None
+        for line in download.process.stdout:
+            if not line.startswith(LINE_PREFIX):
+                continue
+            message = json.loads(line[len(LINE_PREFIX):])
+            with self._lock:
+                if "bytes" in message:
+                    download.bytes, download.total = message["bytes"], message["total"]
+                else:
+                    outcome = message
+        download.process.wait()
+        download.process.stdout.close()
         with self._lock:
             if download.state == ACTIVE:
-                download.state, download.message = outcome
-                if download.state == "completed":
-                    download.done.value = max(download.done.value, download.total.value)
-                    download.message = f"saved to {outcome[1]}"
+                if outcome is not None and "completed" in outcome:
+                    download.state, download.message = "completed", f"saved to {outcome['completed']}"
+                    download.bytes = max(download.bytes, download.total)
+                else:
+                    download.state = "failed"
+                    download.message = outcome["failed"] if outcome else (
+                        f"The download of {download.backbone}'s weights ended unexpectedly "
+                        f"(exit code {download.process.returncode})")
         download.ended.set()
 
     def stop(self, backbone: str) -> dict | None:
@@ -163,3 +179,7 @@ def progress_text(snapshot: dict) -> str:
     if snapshot["total"]:
         return f"{snapshot['bytes'] / MIB:,.1f} of {size_text(snapshot['total'])} ({snapshot['fraction']:.0%})"
     return f"{size_text(snapshot['bytes'])} so far"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,7 @@
 """Fake weight downloads for tests/test_weights_download.py. They run in the child process that
-downloads.WeightsDownloads starts, which imports this module by name: stdlib only, so that the
-child starts in a moment (the test module itself imports torch)."""
+downloads.WeightsDownloads starts (`python -m finetune_core.downloads fake_downloads:NAME ...`, with
+tests/ on PYTHONPATH), which imports this module by name: stdlib only, so that the child starts in a
+moment."""
 from __future__ import annotations
 
 import hashlib

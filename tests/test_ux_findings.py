@@ -25,17 +25,6 @@ def test_the_preset_names_the_backbone_and_size_in_force_and_a_replaced_backbone
     assert (config.backbone, config.image_size) == ("efficientnet_lite0", 224) and "224 px" in note
 
 
-def test_changing_the_backbone_on_train_brings_its_native_size_and_the_preset_text_follows(dashboard_env):
-    from conftest import page
-
-    at = page("pages/1_Train.py").run()
-    assert at.session_state["preset"] == "fast" and at.number_input(key="f_image_size").value == 260
-    at.selectbox(key="f_backbone").set_value("efficientnet_lite0").run()
-    assert at.number_input(key="f_image_size").value == 224
-    assert any("EfficientNet-Lite0 at 224 px" in c.value for c in at.caption)
-    assert not any("Lite2 at 260" in c.value for c in at.caption)
-
-
 def _epoch_rows(run, speeds):
     for epoch, images_per_s in enumerate(speeds, start=1):
         run.append_metrics({"kind": "epoch", "epoch": epoch, "step": epoch, "loss": 0.5, "images_per_s": images_per_s})
@@ -54,14 +43,23 @@ def test_a_cost_estimate_uses_the_last_epochs_speed_not_the_runs_average():
     assert "about 2.2 hours (1,000 epochs)" in analysis.long_run_warning(8000.0, 1000)
 
 
-def test_the_train_page_puts_a_rates_warning_under_its_field_and_warns_when_a_run_is_hours(dashboard_env):
+def test_the_train_page_follows_the_backbones_size_warns_under_a_rates_field_and_when_a_run_is_hours(
+        dashboard_env):
+    """One page session for three findings: a changed backbone brings its native size and the
+    preset's text names it; a rate far out is warned under its field; a run of hours is warned
+    about, at the speed of a recorded run's last epoch."""
     from conftest import TINY_BACKBONE, make_dataset, page
     from test_compare_predict import write_run
 
+    at = page("pages/1_Train.py").run()
+    assert at.session_state["preset"] == "fast" and at.number_input(key="f_image_size").value == 260
+    at.selectbox(key="f_backbone").set_value("efficientnet_lite0").run()
+    assert at.number_input(key="f_image_size").value == 224
+    assert any("EfficientNet-Lite0 at 224 px" in c.value for c in at.caption)
+    assert not any("Lite2 at 260" in c.value for c in at.caption)
+
     data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)  # 8 training images
-    at = page("pages/1_Train.py")
-    at.session_state["data_source"] = "A folder path"
-    at.run()
+    at.radio(key="data_source").set_value("A folder path").run()
     at.text_input(key="data_path_text").set_value(str(data)).run()
     at.selectbox(key="f_backbone").set_value(TINY_BACKBONE)
     at.radio(key="f_weights_kind").set_value("none (random init)")

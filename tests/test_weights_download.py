@@ -11,7 +11,10 @@ import pytest
 from finetune_core import downloads, models
 from finetune_core.jobs import wait_until
 
-from fake_downloads import CHUNK, CHUNKS, NAME, slow_fake_download, unreachable_download
+from fake_downloads import CHUNK, CHUNKS, NAME
+
+TESTS = Path(__file__).resolve().parent
+SLOW_FAKE, UNREACHABLE = "fake_downloads:slow_fake_download", "fake_downloads:unreachable_download"
 
 
 @pytest.fixture
@@ -20,13 +23,14 @@ def hub_home(tmp_path, monkeypatch) -> Path:
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # where the download's child process finds the fakes
     return tmp_path / "hf" / "hub"
 
 
 def test_a_download_reports_progress_and_home_lists_the_backbone_once_it_is_cached(hub_home, monkeypatch):
     monkeypatch.setenv("FAKE_DOWNLOAD_PAUSE", "0.15")
     assert models.weights_to_download(NAME, "auto") and NAME not in models.offline_backbones()
-    jobs = downloads.WeightsDownloads(fetch=slow_fake_download)
+    jobs = downloads.WeightsDownloads(fetch=SLOW_FAKE)
     jobs.start(NAME)
     assert jobs.start(NAME)["state"] == "running"  # a second click is the same download
     seen = []
@@ -40,7 +44,7 @@ def test_a_download_reports_progress_and_home_lists_the_backbone_once_it_is_cach
 
 def test_stop_ends_the_download_and_leaves_nothing_that_passes_as_cached(hub_home, monkeypatch):
     monkeypatch.setenv("FAKE_DOWNLOAD_PAUSE", "5")  # it would take 30 s
-    jobs = downloads.WeightsDownloads(fetch=slow_fake_download)
+    jobs = downloads.WeightsDownloads(fetch=SLOW_FAKE)
     jobs.start(NAME)
     blobs = hub_home / f"models--timm--{NAME}" / "blobs"
     assert wait_until(lambda: jobs.download(NAME)["bytes"] > 0, timeout=60)
@@ -48,14 +52,14 @@ def test_stop_ends_the_download_and_leaves_nothing_that_passes_as_cached(hub_hom
     process = jobs._downloads[NAME].process
     started = time.monotonic()
     assert jobs.stop(NAME)["state"] == "stopped"
-    assert time.monotonic() - started < downloads.STOP_WAIT_S and process.exitcode is not None
+    assert time.monotonic() - started < downloads.STOP_WAIT_S and process.poll() is not None
     assert not list(blobs.glob("*")), "the partial blob is deleted"
     assert models.hub_cached_file(models.backbone_spec(NAME)) is None and models.weights_to_download(NAME, "auto")
     assert jobs.download(NAME)["state"] == "stopped"
 
 
 def test_a_failed_download_names_the_model(hub_home):
-    jobs = downloads.WeightsDownloads(fetch=unreachable_download)
+    jobs = downloads.WeightsDownloads(fetch=UNREACHABLE)
     jobs.start(NAME)
     assert wait_until(lambda: jobs.download(NAME)["state"] != "running", timeout=60)
     ended = jobs.download(NAME)
@@ -88,12 +92,11 @@ def test_the_train_page_says_the_weights_are_not_downloaded_and_downloads_them_w
         dashboard_env, hub_home, monkeypatch):
     """Before launch: "not downloaded (about N MiB)" and Download; during it a progress bar, Stop and
     Train disabled; after it the backbone is ready offline and the warning is gone."""
-    import fake_downloads
     import tuneboard_ui
     from conftest import make_dataset, page
 
     monkeypatch.setenv("FAKE_DOWNLOAD_PAUSE", "0.4")
-    monkeypatch.setattr(models, "download_weights", fake_downloads.slow_fake_download)
+    monkeypatch.setattr(downloads, "FETCH", SLOW_FAKE)
     tuneboard_ui.weights_downloads.clear()  # a manager made now, with the fake
     data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
     at = page("pages/1_Train.py").run()
