@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from finetune_core import cachestore, datastore, memory
+from finetune_core import cachestore, datastore, downloads, memory
 from finetune_core.config import quick_start_config
 from finetune_core.jobs import DuplicateSubmission
 from finetune_core.models import device_description, offline_backbones, resolve_device
 from finetune_core.runs import KEPT_NAME, SCORE_NAME, list_runs
-from tuneboard_ui import LIVE_REFRESH_S, flash, format_seconds, job_controls, manager, page, state_label, submit
+from tuneboard_ui import (LIVE_REFRESH_S, flash, format_seconds, job_controls, manager, page, state_label, submit,
+                          weights_downloads)
 
 
 def machine_section(offline: list[str]) -> None:
@@ -81,6 +82,9 @@ def running_section() -> None:
         st.caption("Nothing is training right now.")
     for job in active:
         job_controls(job, "home")
+    for download in weights_downloads().active():  # started on the Train page, which has its Stop
+        st.progress(download["fraction"] or 0.0, text=f"Downloading the weights of {download['backbone']}: "
+                                                      f"{downloads.progress_text(download)}")
 
 
 def recent_runs_section() -> None:

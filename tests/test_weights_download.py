@@ -88,14 +88,14 @@ def test_the_real_download_passes_huggingface_hubs_progress_on_and_offline_names
 
 
 @pytest.mark.slow
-def test_the_train_page_says_the_weights_are_not_downloaded_and_downloads_them_with_progress(
+def test_the_train_page_says_the_weights_are_not_downloaded_and_offers_a_download_with_progress_and_stop(
         dashboard_env, hub_home, monkeypatch):
-    """Before launch: "not downloaded (about N MiB)" and Download; during it a progress bar, Stop and
-    Train disabled; after it the backbone is ready offline and the warning is gone."""
+    """Before launch: "not downloaded (about N MiB)" and Download; during it a progress bar, Stop,
+    Train disabled, and Home lists it; Stop ends it and the page says so."""
     import tuneboard_ui
     from conftest import make_dataset, page
 
-    monkeypatch.setenv("FAKE_DOWNLOAD_PAUSE", "0.4")
+    monkeypatch.setenv("FAKE_DOWNLOAD_PAUSE", "5")  # 30 s: it is still running when Stop is clicked
     monkeypatch.setattr(downloads, "FETCH", SLOW_FAKE)
     tuneboard_ui.weights_downloads.clear()  # a manager made now, with the fake
     data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
@@ -107,7 +107,12 @@ def test_the_train_page_says_the_weights_are_not_downloaded_and_downloads_them_w
     assert warned and f"{NAME} are not downloaded (about 6.1 MiB)" in warned[0], [w.value for w in at.warning]
     at.button(key="download_weights").click().run()
     assert at.button(key="train_button").disabled and at.button(key="stop_download")
-    assert wait_until(lambda: tuneboard_ui.weights_downloads().download(NAME)["state"] != "running", timeout=60)
+    assert wait_until(lambda: tuneboard_ui.weights_downloads().download(NAME)["bytes"] > 0, timeout=60)
+    home = page("app.py").run()  # Home shows the download among what is running
+    assert any(f"Downloading the weights of {NAME}: 0.0 of 0.0 MiB" in bar.proto.text for bar in home.get("progress"))
     at.run()
-    assert not [w.value for w in at.warning if "not downloaded" in w.value]
-    assert NAME in models.offline_backbones() and not at.exception
+    at.button(key="stop_download").click().run()
+    assert tuneboard_ui.weights_downloads().download(NAME)["state"] == "stopped"
+    assert [w.value for w in at.warning if "not downloaded" in w.value]  # still not here
+    assert any("The last download was stopped: nothing was kept." in c.value for c in at.caption)
+    assert not at.button(key="train_button").disabled and not at.exception
