@@ -1,6 +1,9 @@
 """A first user's findings on the Home, Train and Compare pages, fixed in the library."""
 from __future__ import annotations
 
+import io
+import zipfile
+
 from finetune_core import models
 
 
@@ -110,10 +113,7 @@ def test_a_one_epoch_runs_axes_end_at_epoch_1_not_2():
     assert all(tuple(axis.range) == (0, 1.03) for axis in figure.select_xaxes())
 
 
-def _zip(entries: dict) -> "io.BytesIO":
-    import io
-    import zipfile
-
+def _zip(entries: dict) -> io.BytesIO:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in entries.items():
