@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import zipfile
 
+import pytest
+
 from finetune_core import models
 
 
@@ -40,7 +42,7 @@ def test_a_cost_estimate_uses_the_last_epochs_speed_not_the_runs_average():
 
     # 100 images an epoch: the first in 50 s (decoding), then 10 s each; the rows hold the running average
     rows = pd.DataFrame({"kind": "epoch", "epoch": [1, 2, 3], "images_per_s": [100 / 50, 200 / 60, 300 / 70]})
-    assert analysis.last_epoch_speed(rows) == __import__("pytest").approx(10.0)
+    assert analysis.last_epoch_speed(rows) == pytest.approx(10.0)
     assert analysis.last_epoch_speed(rows.iloc[:1]) is None  # one epoch: the status's average stands
     assert analysis.long_run_warning(3000.0, 50) == ""
     assert "about 2.2 hours (1,000 epochs)" in analysis.long_run_warning(8000.0, 1000)
@@ -123,8 +125,6 @@ def _zip(entries: dict) -> io.BytesIO:
 
 
 def test_an_upload_says_which_files_the_scan_skips_and_a_flat_zip_is_refused_leaving_nothing(tmp_path):
-    import pytest
-
     from conftest import write_image
     from finetune_core import datastore
 
