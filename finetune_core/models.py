@@ -542,9 +542,10 @@ def hub_weights_file(spec: Backbone, timeout: float = DOWNLOAD_TIMEOUT_S, tqdm_c
     from huggingface_hub import hf_hub_download
 
     refuse_offline_download(spec)
+    progress = {"tqdm_class": tqdm_class} if tqdm_class else {}  # else huggingface_hub's own bar
     try:
         return Path(hf_hub_download(spec.hf_hub_id, HUB_WEIGHT_FILES[0], cache_dir=hub_cache_dir(),
-                                    etag_timeout=timeout, tqdm_class=tqdm_class))
+                                    etag_timeout=timeout, **progress))
     except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP, a repository without the file
         raise WeightsUnavailable(f"The ImageNet weights of {spec.name} ({spec.hf_hub_id}) are not in the Hugging "
                                  f"Face hub cache and could not be downloaded ({type(exc).__name__}: "
@@ -1063,31 +1064,26 @@ def structure_build(build: Callable[[], nn.Module]) -> nn.Module:
 @dataclass(frozen=True)
 class Architecture:
     stages: tuple[str, ...]          # the trainable stages, bottom to top, by module path
-    body_parameters: int             # without the head
-    head_features: int               # the head's in_features
     order: tuple = ()                # a traced model's forward_features steps: (path, starts_a_stage)
     head_order: tuple = ()           # ...and what its forward_head calls
 
 
 @functools.lru_cache(maxsize=None)
 def _architecture(backbone: str) -> Architecture:
-    """A backbone's stages, parameters without the head and head width, read once from a randomly
-    initialised build (on a private generator: the first run of a backbone in a process must not
-    draw from the process's). A model of no known layout is traced, and its stages kept only if
-    the split they make computes the model's own output."""
+    """A backbone's stages, read once from a randomly initialised build (on a private generator:
+    the first run of a backbone in a process must not draw from the process's). A model of no
+    known layout is traced, and its stages kept only if the split they make computes the model's
+    own output. Its parameters are counted by `_body_and_head_features`."""
     spec = backbone_spec(backbone)
     with seeded_init(0):
         model = spec.build().eval()
-    head = get_head(model, backbone)
-    head_ids = {id(p) for p in head.parameters()}
-    body = sum(p.numel() for p in model.parameters() if id(p) not in head_ids)
     try:
         names = tuple(name for name, _, starts in _forward_steps(model) if starts)
-        return Architecture(names, body, head.in_features)
+        return Architecture(names)
     except ValueError:
         pass
     order, head_order = _traced_order(model, spec.native_size)
-    traced = Architecture(tuple(p for p, starts in order if starts), body, head.in_features, order, head_order)
+    traced = Architecture(tuple(p for p, starts in order if starts), order, head_order)
     if traced.stages and not _split_is_exact(model, traced, spec.native_size):
         traced = dataclasses.replace(traced, stages=())
     return traced
