@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from finetune_core import cachestore, datastore, memory
+from finetune_core import cachestore, datastore, downloads, memory
 from finetune_core.config import quick_start_config
 from finetune_core.jobs import DuplicateSubmission
 from finetune_core.models import device_description, offline_backbones, resolve_device
 from finetune_core.runs import KEPT_NAME, SCORE_NAME, list_runs
-from tuneboard_ui import LIVE_REFRESH_S, flash, format_seconds, job_controls, manager, page, state_label, submit
+from tuneboard_ui import (LIVE_REFRESH_S, flash, format_seconds, job_controls, manager, page, state_label, submit,
+                          weights_downloads)
 
 
 def machine_section(offline: list[str]) -> None:
@@ -28,14 +29,15 @@ def machine_section(offline: list[str]) -> None:
 
 
 def cache_section() -> None:
-    """The decode cache's size against its budget, and a button that empties it."""
+    """The decode cache's size against its budget, and a button that empties it. Sizes in MiB and
+    GiB (powers of 1024), as the _MB variables are read (cachestore.megabytes_from_env)."""
     used, folder = cachestore.cache_size(), cachestore.default_cache_dir()
     try:
-        budget = f"{cachestore.budget_bytes() / 1024**3:.1f} GB"
+        budget = f"{cachestore.budget_bytes() / 1024**3:.1f} GiB"
     except ValueError as exc:
-        budget = f"the default {cachestore.DEFAULT_BUDGET_MB / 1024:.1f} GB ({exc})"
+        budget = f"the default {cachestore.DEFAULT_BUDGET_MB / 1024:.1f} GiB ({exc})"
     c = st.columns([3, 1])
-    c[0].caption(f"Decode cache: {used / 1024**2:.0f} MB of {budget} ({folder}; "
+    c[0].caption(f"Decode cache: {used / 1024**2:.0f} MiB of {budget} ({folder}; "
                  f"{cachestore.BUDGET_VARIABLE} sets the budget). Clearing it costs only time: "
                  "the next run decodes its photos again.")
     if c[1].button("Clear the cache", key="clear_cache", disabled=not used):
@@ -44,7 +46,7 @@ def cache_section() -> None:
         except ValueError as exc:  # a cache folder that overlaps the data folder
             st.error(f"Not cleared: {exc}")
             return
-        flash(f"Cleared the decode cache ({freed / 1024**2:.0f} MB).", "info")
+        flash(f"Cleared the decode cache ({freed / 1024**2:.0f} MiB).", "info")
         st.rerun()
 
 
@@ -80,6 +82,9 @@ def running_section() -> None:
         st.caption("Nothing is training right now.")
     for job in active:
         job_controls(job, "home")
+    for download in weights_downloads().active():  # started on the Train page, which has its Stop
+        st.progress(download["fraction"] or 0.0, text=f"Downloading the weights of {download['backbone']}: "
+                                                      f"{downloads.progress_text(download)}")
 
 
 def recent_runs_section() -> None:

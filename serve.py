@@ -14,6 +14,8 @@ process: nothing is re-executed), with:
   wherever serve.py is started from. --runner.postScriptGC wins.
 - runs that end with the server: on Ctrl-C or SIGTERM, Streamlit stops and the interpreter exits,
   and jobs.JobManager.shutdown (registered at exit) stops a run in progress at its next batch.
+- a sidebar that lists Home, Train, Review, Compare and Predict from the first load
+  (list_only_app_pys_pages), not the pages/ folder's file names.
 Other settings come from .streamlit/config.toml as usual.
 """
 from __future__ import annotations
@@ -54,7 +56,24 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(ROOT)  # Streamlit reads .streamlit/config.toml from the working folder
     from streamlit.web import cli
 
+    list_only_app_pys_pages()
     cli.main(args=streamlit_args(argv), prog_name="streamlit")
+
+
+def list_only_app_pys_pages() -> None:
+    """The sidebar lists app.py's st.navigation (Home, Train, Review, Compare, Predict, with icons)
+    from the first load. Streamlit decides once per process, from the existence of a pages/ folder
+    beside app.py (PagesManager.uses_pages_directory), to run the first session through its old
+    pages/ listing ("app", Train, Compare, Review, Predict: file names, no icons), which that
+    session kept. Deciding "no" before the server starts leaves app.py's navigation alone; the
+    pages stay in pages/, where links straight to a page (/Train, /Review?...) work (moving them
+    to views/ broke those). A Streamlit without that attribute is left as it is."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:
+        return
+    if hasattr(PagesManager, "uses_pages_directory"):
+        PagesManager.uses_pages_directory = False
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import streamlit as st
 from finetune_core import analysis, plots
 from finetune_core.config import Setting, TrainConfig
 from finetune_core.datastore import runs_root
+from finetune_core.downloads import WeightsDownloads
 from finetune_core.jobs import JobManager
 from finetune_core.runs import RESUMABLE_STATES, list_runs
 
@@ -28,6 +29,12 @@ def _job_manager(runs_dir: str) -> JobManager:
 def manager() -> JobManager:
     """The one job manager of this server process (shared by every page, tab and browser)."""
     return _job_manager(str(runs_root()))
+
+
+@st.cache_resource(show_spinner=False)
+def weights_downloads() -> WeightsDownloads:
+    """The one set of weight downloads of this server process (the Train page's Download)."""
+    return WeightsDownloads()
 
 
 def submit(config: TrainConfig, report=None) -> str:
@@ -175,7 +182,7 @@ def widget_value(s: Setting, value):
 
 
 def setting_input(s: Setting, key: str, disabled: bool = False, help: str | None = None,
-                  options: list | None = None, format_func=str) -> None:
+                  options: list | None = None, format_func=str, on_change=None) -> None:
     """The control for one setting, by its type: a checkbox for on/off, a number box for whole
     numbers (their bounds checked by validation, by name), a selectbox for choices, a text box otherwise (fractions
     included). Its value lives in st.session_state[key]."""
@@ -187,7 +194,8 @@ def setting_input(s: Setting, key: str, disabled: bool = False, help: str | None
         current = st.session_state.get(key)
         if current is not None and current not in options:
             options = [*options, current]  # keep a value the choices no longer hold: validation names it
-        st.selectbox(label, options, key=key, disabled=disabled, help=help, format_func=format_func)
+        st.selectbox(label, options, key=key, disabled=disabled, help=help, format_func=format_func,
+                     on_change=on_change)
     elif s.kind is int:
         # No min_value/max_value: the browser would refuse an out-of-range number by itself, keep the
         # previous value under the digits shown (a typed batch size 0 trained at 64), and say so only

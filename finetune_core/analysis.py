@@ -164,13 +164,16 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
 
 
 def review_fixes_label(record: dict) -> str:
-    """What the data review had changed when a run trained: "before review" (no fixes file) or
-    the fixes in force ("3 relabelled, 5 excluded"), so Compare shows before and after review."""
-    from .fixes import summary_text
+    """What the data review had changed when a run trained: the fixes in force ("3 relabelled, 5
+    excluded"); with none, "before review" when the dataset has a fixes file now (the run came
+    before it), else "not reviewed" (a set never reviewed was not "before" anything)."""
+    from .fixes import fixes_path, summary_text
 
-    fixes = (record.get("dataset") or {}).get("fixes")
+    dataset = record.get("dataset") or {}
+    fixes = dataset.get("fixes")
     if not isinstance(fixes, dict):
-        return "before review"
+        root = dataset.get("root")
+        return "before review" if root and fixes_path(root).is_file() else "not reviewed"
     return summary_text(fixes.get("relabelled", 0), fixes.get("excluded", 0), fixes.get("leaks_dropped", 0))
 
 
@@ -199,10 +202,29 @@ def best_of_newest_group(infos: list[RunInfo]) -> str | None:
 def count_text(n: int, noun: str) -> str:
     """ "1 error", "2 errors", "1,438 images": a count with its noun in the right number."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
+def last_epoch_speed(metrics: pd.DataFrame) -> float | None:
+    """Training images/s of a run's last epoch, from metrics.csv's epoch rows, or None with fewer
+    than two. Each row's images_per_s is the run's running average (images / training seconds so
+    far), which keeps the slow first epoch (decoding, a streamed view) in every later figure; with
+    the same n images each epoch, epoch k took k·n/s_k - (k-1)·n/s_(k-1) seconds, so its speed is
+    1 / (k/s_k - (k-1)/s_(k-1)), whatever n is."""
+    if metrics is None or "kind" not in metrics or "images_per_s" not in metrics:
+        return None
+    rows = metrics[metrics["kind"] == "epoch"].dropna(subset=["epoch", "images_per_s"])
+    if len(rows) < 2:
+        return None
+    (k0, s0), (k1, s1) = rows[["epoch", "images_per_s"]].iloc[-2:].itertuples(index=False)
+    if k1 != k0 + 1 or s0 <= 0 or s1 <= 0 or k1 / s1 - k0 / s0 <= 0:
+        return None
+    return 1.0 / (k1 / s1 - k0 / s0)
+
+
 def recorded_speed(infos: list[RunInfo], config: TrainConfig) -> tuple[float, RunInfo] | None:
     """(training images per second, the run that measured it): the newest completed run that trained
-    as `config` would (same backbone, image size, trainable part, batch size and device), from its
-    status.json; None without one. Its speed counts training steps only, not decoding or caching."""
+    as `config` would (same backbone, image size, trainable part, batch size and device): the speed
+    of its last epoch (last_epoch_speed: the device as it is now, past the first epoch's decoding),
+    else the average in its status.json; None without one. Training steps only, not decoding or
+    caching."""
     same = ("backbone", "image_size", "train_stages", "batch_size", "device")
     for info in infos:  # newest first
         if info.state != "completed" or info.error:
@@ -214,7 +236,7 @@ def recorded_speed(infos: list[RunInfo], config: TrainConfig) -> tuple[float, Ru
         except (OSError, ValueError, AttributeError):
             continue
         if speed and all(str(cfg.get(k)) == str(getattr(config, k)) for k in same):
-            return float(speed), info
+            return last_epoch_speed(run.read_metrics()) or float(speed), info
     return None
 
 
@@ -232,6 +254,18 @@ def cost_estimate(config: TrainConfig, report, infos: list[RunInfo], steps: int 
     speed, info = found
     return images / speed, (f"{images:,} training images at {speed:.1f} images/s, the speed of "
                             f"'{info.name}'; decoding and caching come on top the first time")
+
+
+LONG_RUN_S = 3600.0  # a run estimated to take longer is warned about before launch
+
+
+def long_run_warning(seconds: float | None, epochs: int) -> str:
+    """A sentence for a run estimated to take over LONG_RUN_S ("" otherwise): so that 1000 epochs
+    typed for 10 are seen before they start."""
+    if seconds is None or seconds <= LONG_RUN_S:
+        return ""
+    return (f"This run would take about {seconds / 3600:,.1f} hours ({epochs:,} epochs): check the epochs, "
+            "or start it knowing it can be stopped and resumed.")
 
 
 def page_of(frame: pd.DataFrame, page: int, per_page: int) -> tuple[pd.DataFrame, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import typing
 import uuid
 from collections.abc import Callable, Sequence
@@ -539,6 +540,12 @@ def launch_warnings(config: TrainConfig) -> list[str]:
     """Sentences the Train page shows before a launch when a learning rate (the pretrained layers'
     lr, the head's lr x multiplier) is far outside the usual range for the loss reduction, batch
     size and momentum in force. Valid settings only; an empty list when nothing is unusual."""
+    return [sentence for sentences in setting_warnings(config).values() for sentence in sentences]
+
+
+def setting_warnings(config: TrainConfig) -> dict[str, list[str]]:
+    """launch_warnings by the setting each is about ("lr", "head_lr_mult"): the Train page shows
+    each under its field."""
     low, high = USUAL_STEP_RANGE[0] / FAR_OUTSIDE, USUAL_STEP_RANGE[1] * FAR_OUTSIDE
     scale = (config.batch_size if config.loss_reduction == "sum" else 1) / (1.0 - config.momentum)
     how = ([f"summed over batches of {config.batch_size}"] if config.loss_reduction == "sum" else []) + \
@@ -553,7 +560,7 @@ def launch_warnings(config: TrainConfig) -> list[str]:
     elif config.train_stages == "head":
         rates.append(("Learning rate (of the head, the only part that trains)", config.lr, PRESET_STEP,
                       "Learning rate"))
-    warnings = []
+    warnings: dict[str, list[str]] = {}
     usual = f"{USUAL_STEP_RANGE[0]:g} to {USUAL_STEP_RANGE[1]:g} is usual"
     lr = config.lr  # the learning rate a head multiplier is suggested for: the suggested one if lr is off too
     for label, rate, preset_step, setting in rates:
@@ -564,12 +571,13 @@ def launch_warnings(config: TrainConfig) -> list[str]:
             lr = rate * preset_step / step
         where = (f"{' and '.join(how)}, it steps like {step:.3g} would on a mean loss without momentum, where {usual}"
                  if how else f"on a mean loss without momentum {usual}")
+        field = warnings.setdefault("lr" if setting == "Learning rate" else "head_lr_mult", [])
         if step > high:
-            warnings.append(f"{label} {rate:.3g} is far above the usual range: {where}. Training will likely blow up "
+            field.append(f"{label} {rate:.3g} is far above the usual range: {where}. Training will likely blow up "
                             f"(the run then ends diverged); try the learning-rate finder, or "
                             f"{_suggestion(rate * preset_step / step, setting, lr)}.")
         else:
-            warnings.append(f"{label} {rate:.3g} is far below the usual range: {where}. The weights will barely "
+            field.append(f"{label} {rate:.3g} is far below the usual range: {where}. The weights will barely "
                             f"move; try the learning-rate finder, or "
                             f"{_suggestion(rate * preset_step / step, setting, lr)}.")
     return warnings
@@ -606,17 +614,28 @@ PRESETS: dict[str, dict] = {
 
 PRESET_LABELS = {"book-finetune": "The book: fine-tune", "book-scratch": "The book: from scratch", "fast": "Fast"}
 
+# What each preset does, in words; {backbone} and {size} are the form's, which may differ from the
+# preset's own (preset_description).
 PRESET_DESCRIPTIONS = {
-    "book-finetune": "The book's fine-tuning run: ResNet-18 with ImageNet weights, head at 10x lr 5e-5, summed "
-                     "loss, 5 epochs.",
-    "book-scratch": "The book's scratch run: random init, one group at lr 5e-4, summed loss, 5 epochs.",
-    "fast": "Partial fine-tuning: EfficientNet-Lite2 at 260 px (weights offline); its last stage trains at lr "
+    "book-finetune": "The book's fine-tuning run: {backbone} with ImageNet weights at {size} px, head at 10x lr "
+                     "5e-5, summed loss, 5 epochs.",
+    "book-scratch": "The book's scratch run: {backbone} from random init at {size} px, one group at lr 5e-4, "
+                    "summed loss, 5 epochs.",
+    "fast": "Partial fine-tuning: {backbone} at {size} px; its last stage trains at lr "
             "3e-3 and a new head at 10x, on cached outputs of the frozen layers for several views per image "
             "(random crops of at least a quarter of the photo), epochs and views set for the dataset's size (30 "
             "epochs and 4 views up to 2,500 photos, fewer for larger sets but at least 15 and 2), with momentum, a "
             "cosine schedule, label smoothing, a moving average of the weights and flip test-time augmentation (bf16 where the hardware "
-            "has it). About a minute for 500 photos on a 2-core CPU.",
+            "has it). About a minute for 500 photos on a 2-core CPU with EfficientNet-Lite2.",
 }
+BACKBONE_TITLES = {"resnet18": "ResNet-18", "efficientnet_lite0": "EfficientNet-Lite0",
+                   "efficientnet_lite1": "EfficientNet-Lite1", "efficientnet_lite2": "EfficientNet-Lite2"}
+
+
+def preset_description(preset: str, backbone: str, image_size: int) -> str:
+    """The preset in words, naming the backbone and image size the form holds (a backbone changed
+    after the preset was chosen is the one named, not the preset's)."""
+    return PRESET_DESCRIPTIONS[preset].format(backbone=BACKBONE_TITLES.get(backbone, backbone), size=image_size)
 
 
 def preset_config(preset: str, **overrides) -> TrainConfig:
@@ -649,8 +668,23 @@ def preset_for_machine(preset: str, offline: Sequence[str], **overrides) -> tupl
     backbone = offline_backbone(config.backbone, offline)
     if backbone == config.backbone:
         return config, ""
-    return (config.replace(backbone=backbone),
-            f"{config.backbone}'s ImageNet weights are not on this machine: using {backbone}, whose weights are.")
+    replaced = config.replace(backbone=backbone)
+    if "image_size" not in overrides:  # the preset's size is its backbone's native size: follow the new one
+        replaced = replaced.replace(image_size=native_image_size(backbone) or config.image_size)
+    return (replaced, f"{config.backbone}'s ImageNet weights are not on this machine: using {backbone}, whose "
+                      f"weights are, at its native {replaced.image_size} px.")
+
+
+def native_image_size(backbone: str) -> int | None:
+    """The image size a backbone's ImageNet weights were trained at ("auto": the backbone this
+    machine would use), the size the form takes when the backbone changes; None for a name that
+    is no backbone (its setting says so)."""
+    from .models import backbone_spec, resolve_backbone
+
+    try:
+        return backbone_spec(resolve_backbone(backbone)[0]).native_size
+    except ValueError:
+        return None
 
 
 def quick_start_config(data: str, offline: Sequence[str]) -> TrainConfig:
@@ -707,6 +741,13 @@ def config_from_form(values: dict) -> tuple[TrainConfig | None, dict[str, str]]:
     return (None, errors) if errors else (config, {})
 
 
+def default_run_name(config: TrainConfig, when: time.struct_time | None = None) -> str:
+    """A name for a run the user did not name that tells it from the others: backbone, preset and
+    the time it was queued ("efficientnet_lite2 · fast · 14:05"); the backbone alone named every
+    run of a day alike."""
+    return f"{config.backbone} · {config.preset or 'custom'} · {time.strftime('%H:%M', when or time.localtime())}"
+
+
 def comparison_configs(config: TrainConfig, also_scratch: bool = False, also_single_group: bool = False,
                        group: str = "") -> list[TrainConfig]:
     """The run and the book's comparisons on the same data: the scratch run and the same recipe
@@ -717,7 +758,7 @@ def comparison_configs(config: TrainConfig, also_scratch: bool = False, also_sin
     reduction and batch size, so only what makes it the same experiment comes from this run: the
     data and its splits (test and validation fractions), the backbone, image size, epochs, device,
     seed and precision."""
-    base_name = config.name or config.backbone
+    base_name = config.name or default_run_name(config)
     runs = [config.replace(group=group, name=base_name)]
     keep = dict(data=config.data, backbone=config.backbone, image_size=config.image_size, epochs=config.epochs,
                 device=config.device, seed=config.seed, precision=config.precision,

@@ -23,7 +23,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from .data import DatasetError, find_dataset_root
+from .data import IMAGE_EXTENSIONS, DatasetError, find_dataset_root
+from .fixes import FIXES_FILE
 from .runs import APP_DIR, default_runs_dir
 
 EXAMPLE_NAME = "digits"
@@ -216,12 +217,40 @@ def extract_zip(source, dest_root: str | os.PathLike, name: str, max_unpacked: i
                 except OSError as exc:  # a full disk, a name the file system refuses
                     raise UploadError(f"{name}: entry '{info.filename}' could not be written under {dest_root} "
                                       f"({exc.strerror or exc}); nothing was kept") from None
+            refuse_loose_images(_dataset_folder(tmp), name)
             os.replace(_dataset_folder(tmp), target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # what is left of it once its only folder moved out
     return target
+
+
+def refuse_loose_images(folder: Path, name: str) -> None:
+    """UploadError for a zip of photos with no class folders (images at its top): the scan would
+    refuse it anyway, and the unpacked folder was left behind in the data folder."""
+    entries = [p for p in folder.iterdir() if p.name != "__MACOSX"]
+    loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose and not any(p.is_dir() for p in entries):
+        raise UploadError(f"{name}: its {len(loose)} images are at the top of the archive, with no class folders; "
+                          "put each class's photos in a folder named after the class (cat/, dog/) and zip those "
+                          "folders; nothing was kept")
+
+
+def unpacked_summary(folder: str | os.PathLike) -> str:
+    """What an unpacked zip holds, and which files the scan will skip and why (files that are not
+    images by their extension, and hidden ones), so that an upload never drops files silently."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file() and "__MACOSX" not in p.parts]
+    hidden = [p for p in files if any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    not_images = [p for p in files if p not in hidden and p.suffix.lower() not in IMAGE_EXTENSIONS
+                  and p.name != FIXES_FILE]  # the review's fixes file is read, not skipped
+    text = f"Unpacked {len(files):,} file{'s' if len(files) != 1 else ''} into {folder}"
+    skipped = [(not_images, "not image files"), (hidden, "hidden files")]
+    reasons = [f"{len(group)} {why} ({', '.join(p.name for p in group[:3])}{', ...' if len(group) > 3 else ''})"
+               for group, why in skipped if group]
+    if reasons:
+        text += f"; the scan skips {len(not_images) + len(hidden)} of them: " + "; ".join(reasons)
+    return text + "."
 
 
 def _dataset_folder(unpacked: Path) -> Path:

@@ -303,7 +303,7 @@ def backbone_spec(name: str) -> Backbone:
 def forget_backbones() -> None:
     """Empty what is remembered of each backbone (its spec, structure, parameter counts): after the
     registry changes (the tests register tiny variants of catalogue models)."""
-    for cached in (backbone_spec, _architecture, _top_body_parameters, parameter_count):
+    for cached in (backbone_spec, _architecture, _top_body_parameters, _body_and_head_features):
         cached.cache_clear()
 
 
@@ -318,10 +318,22 @@ def backbone_problem(name: str) -> str | None:
     return None
 
 
+def parameter_count(name: str, n_classes: int = 1000) -> int:
+    """The parameters of the backbone with an `n_classes` head: 1000, its ImageNet head (what its
+    weights file holds), by default; the model a run fine-tunes with the dataset's classes. The one
+    count the Train page shows, in the backbone's line and in what trains."""
+    body, head_features = _body_and_head_features(name)
+    return body + (head_features + 1) * n_classes
+
+
 @functools.lru_cache(maxsize=None)
-def parameter_count(name: str) -> int:
-    """The backbone's parameters with its ImageNet head, counted on the meta device (no memory)."""
-    return sum(p.numel() for p in structure_build(backbone_spec(name).build).parameters())
+def _body_and_head_features(name: str) -> tuple[int, int]:
+    """(parameters without the classification head, the head's input features), counted on the
+    meta device (no memory)."""
+    model = structure_build(backbone_spec(name).build)
+    head = get_head(model, name)
+    head_parameters = sum(p.numel() for p in head.parameters())
+    return sum(p.numel() for p in model.parameters()) - head_parameters, head.in_features
 
 
 def image_size_problem(backbone: str, image_size: int) -> str | None:
@@ -345,13 +357,14 @@ def backbone_choices(offline: list[str]) -> list[str]:
     return list(dict.fromkeys(ordered))
 
 
-def backbone_details(name: str) -> str:
-    """One line for the picker: parameters, native resolution and where its weights come from.
-    timm 1.x ships no ImageNet accuracies offline (its results tables are not in the package), so
-    no top-1 is shown."""
+def backbone_details(name: str, n_classes: int = 2) -> str:
+    """One line for the picker: parameters (with an `n_classes` head, as `trainable_summary` counts
+    them), native resolution and where its weights come from. timm 1.x ships no ImageNet accuracies
+    offline (its results tables are not in the package), so no top-1 is shown."""
     spec = backbone_spec(name)
     where = "ready offline" if cached_weights_path(name) is not None else "weights not on this machine"
-    return f"{_count(parameter_count(name))} parameters, {spec.native_size} px, {spec.interpolation}; {where}"
+    return (f"{_count(parameter_count(name, n_classes))} parameters with a {n_classes}-class head, "
+            f"{spec.native_size} px, {spec.interpolation}; {where}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,10 +528,11 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def hub_weights_file(spec: Backbone, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+def hub_weights_file(spec: Backbone, timeout: float = DOWNLOAD_TIMEOUT_S, tqdm_class=None) -> Path:
     """The timm backbone's weights file: from the hub cache when it is there (no network call),
     else downloaded into it by huggingface_hub (its own timeout, resumption and integrity checks;
-    never with HF_HUB_OFFLINE=1). WeightsUnavailable, naming the model and what to do, otherwise."""
+    never with HF_HUB_OFFLINE=1; `tqdm_class` sees the bytes arrive). WeightsUnavailable, naming
+    the model and what to do, otherwise."""
     cached = hub_cached_file(spec)
     if cached is not None:
         return cached
@@ -528,9 +542,10 @@ def hub_weights_file(spec: Backbone, timeout: float = DOWNLOAD_TIMEOUT_S) -> Pat
     from huggingface_hub import hf_hub_download
 
     refuse_offline_download(spec)
+    progress = {"tqdm_class": tqdm_class} if tqdm_class else {}  # else huggingface_hub's own bar
     try:
         return Path(hf_hub_download(spec.hf_hub_id, HUB_WEIGHT_FILES[0], cache_dir=hub_cache_dir(),
-                                    etag_timeout=timeout))
+                                    etag_timeout=timeout, **progress))
     except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP, a repository without the file
         raise WeightsUnavailable(f"The ImageNet weights of {spec.name} ({spec.hf_hub_id}) are not in the Hugging "
                                  f"Face hub cache and could not be downloaded ({type(exc).__name__}: "
@@ -544,6 +559,79 @@ def fetch_weights(backbone: str, weights: str) -> None:
     are left to the run."""
     if weights == "auto" and backbone != "auto" and backbone_spec(backbone).source == "timm":
         hub_weights_file(backbone_spec(backbone))
+
+
+def weights_to_download(backbone: str, weights: str) -> bool:
+    """Whether a run with these settings would download ImageNet weights first: `auto` weights of
+    a timm or torchvision model that are in no cache here (the Train page offers the download)."""
+    if weights != "auto":
+        return False
+    backbone = resolve_backbone(backbone)[0]
+    try:
+        spec = backbone_spec(backbone)
+    except ValueError:  # an unknown name: the backbone setting says so
+        return False
+    downloadable = bool(spec.hf_hub_id) if spec.source == "timm" else bool(spec.torchvision_weights)
+    return downloadable and not spec.bundled and cached_weights_path(backbone) is None
+
+
+def weights_download_bytes(backbone: str) -> int:
+    """About how many bytes the weights download takes: 4 bytes (float32) per parameter, which is
+    how timm and torchvision store ImageNet weights; read from the model, with no network call."""
+    return 4 * parameter_count(backbone)
+
+
+def _reporting_tqdm(report: Callable[[int, int | None], None]):
+    """A tqdm class for hf_hub_download's `tqdm_class` that passes (bytes so far, total) to `report`
+    at each update, and draws nothing (enabled all the same: a disabled tqdm does not count)."""
+    from tqdm.auto import tqdm
+
+    class Reporting(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.update(disable=False, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with the bar
+            super().__init__(*args, **kwargs)
+            report(int(self.n), self.total)
+
+        def update(self, n=1):
+            shown = super().update(n)
+            report(int(self.n), self.total)
+            return shown
+
+        def close(self):
+            super().close()
+            if not self.fp.closed:
+                self.fp.close()
+
+    return Reporting
+
+
+def download_weights(backbone: str, report: Callable[[int, int | None], None] | None = None) -> Path:
+    """Put a backbone's ImageNet weights in their cache now, calling report(bytes so far, total or
+    None) as they arrive: a timm model's through huggingface_hub (its timeout and integrity checks,
+    into an `.incomplete` file linked into the snapshot only when whole), a torchvision model's
+    through `_download` (SHA-256 checked, renamed into place only when whole). The Train page's
+    Download runs it in a child process (downloads.WeightsDownloads). WeightsUnavailable, naming
+    the model, when it cannot."""
+    spec = backbone_spec(backbone)
+    if spec.source == "timm":
+        return hub_weights_file(spec, tqdm_class=_reporting_tqdm(report) if report else None)
+    if spec.bundled or not spec.torchvision_weights:
+        raise WeightsUnavailable(f"{backbone} has no ImageNet weights to download")
+    return torchvision_weights_file(backbone, DOWNLOAD_TIMEOUT_S, report)
+
+
+def partial_download_files(backbone: str) -> list[Path]:
+    """The files a download of this backbone's weights stopped half-way leaves: huggingface_hub's
+    `.incomplete` blobs (which it would resume), `_download`'s `.part` files. None of them passes
+    as cached weights; a stopped download deletes them all the same."""
+    spec = backbone_spec(backbone)
+    if spec.source == "timm" and spec.hf_hub_id:
+        blobs = Path(hub_cache_dir()) / f"models--{spec.hf_hub_id.replace('/', '--')}" / "blobs"
+        return sorted(blobs.glob("*.incomplete")) if blobs.is_dir() else []
+    if spec.torchvision_weights and not spec.bundled:
+        name = os.path.basename(torchvision_weights_url(backbone))
+        return sorted(torch_hub_checkpoints().glob(f"{name}.*.part")) if torch_hub_checkpoints().is_dir() else []
+    return []
 
 
 def weights_problem(backbone: str, weights: str) -> str | None:
@@ -633,14 +721,16 @@ def resolve_backbone(name: str) -> tuple[str, str]:
     return first, f"{first}: no backbone's weights are on this machine, so {first}'s will be downloaded"
 
 
-def _download(url: str, dest: Path, timeout: float) -> None:
+def _download(url: str, dest: Path, timeout: float,
+              report: Callable[[int, int | None], None] | None = None) -> None:
     """Fetch `url` into `dest` and check its SHA-256 against the prefix torchvision puts in the file
     name (resnet18-f37072fd.pth: "f37072fd", found by torch.hub.HASH_REGEX), as
     torch.hub.download_url_to_file does. Our own fetch rather than that function because it has no
     timeout, and the only way to give it one, socket.setdefaulttimeout, is process-wide: it would
     change the sockets that the dashboard's other threads open meanwhile. The bytes go to a
     temporary file next to `dest`, renamed into place only when complete and verified, and removed
-    whatever goes wrong: a failed download leaves nothing behind."""
+    whatever goes wrong: a failed download leaves nothing behind. `report(bytes so far, total or
+    None)` sees the bytes arrive."""
     match = torch.hub.HASH_REGEX.search(os.path.basename(url))
     hash_prefix = match.group(1) if match else ""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -649,9 +739,13 @@ def _download(url: str, dest: Path, timeout: float) -> None:
         sha256 = hashlib.sha256()
         request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
         with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as out:  # noqa: S310
+            total, done = getattr(response, "length", None), 0  # http.client's Content-Length, None if not sent
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 sha256.update(chunk)
+                done += len(chunk)
+                if report is not None:
+                    report(done, total)
         digest = sha256.hexdigest()
         if not digest.startswith(hash_prefix):
             raise WeightsError(f"the download of {url} is corrupt: its SHA-256 is {digest}, "
@@ -671,11 +765,18 @@ def pretrained_state_dict(backbone: str, timeout: float = DOWNLOAD_TIMEOUT_S) ->
     if spec.bundled:
         state = torch.load(bundled_weights_file(backbone), map_location="cpu", weights_only=True)
         return convert_lite_state_dict(state, lite_stage_repeats(backbone))
+    return torch.load(torchvision_weights_file(backbone, timeout), map_location="cpu", weights_only=True)
+
+
+def torchvision_weights_file(backbone: str, timeout: float = DOWNLOAD_TIMEOUT_S,
+                             report: Callable[[int, int | None], None] | None = None) -> Path:
+    """A torchvision backbone's weights file in torch hub's checkpoints, downloaded there first when
+    it is not (WeightsUnavailable, naming the file to place and the backbones that work offline)."""
     url = torchvision_weights_url(backbone)
     path = torch_hub_checkpoints() / os.path.basename(url)
     if not path.is_file():
         try:
-            _download(url, path, timeout)
+            _download(url, path, timeout, report)
         except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP, hash errors: all mean "not available"
             offline = ", ".join(offline_backbones()) or "none"
             raise WeightsUnavailable(
@@ -683,7 +784,7 @@ def pretrained_state_dict(backbone: str, timeout: float = DOWNLOAD_TIMEOUT_S) ->
                 f"({type(exc).__name__}: {exc}). Place the file {path.name} (from {url}) in {path.parent}, "
                 f"or choose a backbone whose weights work offline ({offline}), or weights 'none'."
             ) from exc
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return path
 
 
 def load_refusal(exc: BaseException) -> str:
@@ -963,31 +1064,26 @@ def structure_build(build: Callable[[], nn.Module]) -> nn.Module:
 @dataclass(frozen=True)
 class Architecture:
     stages: tuple[str, ...]          # the trainable stages, bottom to top, by module path
-    body_parameters: int             # without the head
-    head_features: int               # the head's in_features
     order: tuple = ()                # a traced model's forward_features steps: (path, starts_a_stage)
     head_order: tuple = ()           # ...and what its forward_head calls
 
 
 @functools.lru_cache(maxsize=None)
 def _architecture(backbone: str) -> Architecture:
-    """A backbone's stages, parameters without the head and head width, read once from a randomly
-    initialised build (on a private generator: the first run of a backbone in a process must not
-    draw from the process's). A model of no known layout is traced, and its stages kept only if
-    the split they make computes the model's own output."""
+    """A backbone's stages, read once from a randomly initialised build (on a private generator:
+    the first run of a backbone in a process must not draw from the process's). A model of no
+    known layout is traced, and its stages kept only if the split they make computes the model's
+    own output. Its parameters are counted by `_body_and_head_features`."""
     spec = backbone_spec(backbone)
     with seeded_init(0):
         model = spec.build().eval()
-    head = get_head(model, backbone)
-    head_ids = {id(p) for p in head.parameters()}
-    body = sum(p.numel() for p in model.parameters() if id(p) not in head_ids)
     try:
         names = tuple(name for name, _, starts in _forward_steps(model) if starts)
-        return Architecture(names, body, head.in_features)
+        return Architecture(names)
     except ValueError:
         pass
     order, head_order = _traced_order(model, spec.native_size)
-    traced = Architecture(tuple(p for p, starts in order if starts), body, head.in_features, order, head_order)
+    traced = Architecture(tuple(p for p, starts in order if starts), order, head_order)
     if traced.stages and not _split_is_exact(model, traced, spec.native_size):
         traced = dataclasses.replace(traced, stages=())
     return traced
@@ -1097,10 +1193,8 @@ def trainable_summary(backbone: str, train_stages: str | int, n_classes: int = 2
     """What trains, in words: "last 2 stages + head: 1.3 M of 3.4 M parameters",
     "head only: 2.6 k of 3.4 M parameters", "all layers: 3.4 M parameters" (with an n_classes head)."""
     train_stages = check_train_stages(backbone, train_stages)
-    arch = _architecture(backbone)
-    body, in_features = arch.body_parameters, arch.head_features
-    head = (in_features + 1) * n_classes
-    total = body + head
+    total = parameter_count(backbone, n_classes)
+    head = (_body_and_head_features(backbone)[1] + 1) * n_classes
     if train_stages == "all":
         return f"all layers: {_count(total)} parameters"
     if train_stages == "head":

@@ -315,7 +315,8 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
     fig.update_xaxes(title_text=X_TITLES.get(x, x.replace("_", " ")), hoverformat=X_HOVER.get(x, ".3g"))
     if epochs and x == "epoch":
         fig.update_xaxes(range=[0, epochs * 1.03])
-    elif x != "epoch":  # every panel to the last step or second any run logged (a panel's own ended earlier)
+    else:  # every panel to the last epoch, step or second any run logged (a panel's own ended earlier; plotly
+        # centres its own range on a lone point: a 1-epoch run's test accuracy ran to epoch 2)
         last = max((float(f[x].max()) for f in runs.values() if x in f and f[x].notna().any()), default=0.0)
         if last > 0:
             fig.update_xaxes(range=[0, last * 1.03])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError, TrainConfig, check_value, settings
+from .config import ConfigError, TrainConfig, check_value, default_run_name, settings
 
 MAX_SWEEP_RUNS = 25   # one CPU trains one run at a time: a 5 x 5 grid is already an afternoon
 GROUP_PREFIX = "sweep-"
@@ -81,7 +81,7 @@ def sweep_configs(config: TrainConfig, lrs, head_lr_mults, group: str,
     if n > max_runs:
         raise ConfigError({"sweep": f"{len(lrs)} learning rates x {len(head_lr_mults)} multipliers = {n} runs, more "
                                     f"than the limit of {max_runs}: remove some values"})
-    base = config.name or config.backbone
+    base = config.name or default_run_name(config)
     configs = []
     for lr in lrs:
         for mult in head_lr_mults:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import activations, analysis, datastore, lr_find, models, plots, sweep
-from finetune_core.config import (PRESET_DESCRIPTIONS, PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
+from finetune_core import activations, analysis, datastore, downloads, lr_find, models, plots, sweep
+from finetune_core.config import (PRESET_LABELS, PRESETS, SECTIONS, ConfigError, TrainConfig,
                                   comparison_configs, config_from_form, default_preset, form_settings,
-                                  inactive_settings, launch_warnings, parse_form, preset_for_machine,
-                                  auto_notes, setting_notes, settings)
+                                  inactive_settings, parse_form, preset_for_machine, setting_warnings,
+                                  auto_notes, native_image_size, preset_description, setting_notes, settings)
 from finetune_core.data import INFO, DatasetError, SeveralDatasets, find_dataset_root, scan_dataset
 from finetune_core.fixes import dataset_stamp
 from finetune_core.engine import resolve_auto
@@ -28,7 +28,7 @@ from finetune_core.jobs import DuplicateSubmission, NotResumable
 from finetune_core.runs import ACTIVE_STATES, RESUMABLE_STATES, RunDir, RunOwned, list_runs
 from tuneboard_ui import (CURVES_REFRESH_S, LIVE_REFRESH_S, chart_controls, curve_panels, flash, format_seconds,
                           job_controls, manager, page, resumable_runs, setting_input, state_label, submit,
-                          widget_value)
+                          weights_downloads, widget_value)
 
 DATA_SOURCES = ["Example: handwritten digits", "A dataset in the data folder", "A folder path", "Upload a zip"]
 WEIGHTS_KINDS = {"ImageNet (pretrained)": "auto", "none (random init)": "none", "a local file": ""}
@@ -190,7 +190,8 @@ def uploaded_zip(root: Path) -> str:
         except datastore.UploadError as exc:
             st.error(analysis.markdown_message(str(exc), paths=(upload.name,)))
             return ""
-    st.success(f"Unpacked into {done[upload_key]}")
+    summary = datastore.unpacked_summary(done[upload_key])
+    (st.warning if "skips" in summary else st.success)(summary)
     return done[upload_key]
 
 
@@ -266,11 +267,12 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
         apply_preset(offline)
     st.selectbox("Preset", list(PRESETS), key="preset", on_change=apply_preset, args=(offline,),
                  format_func=lambda p: PRESET_LABELS.get(p, p))
-    st.caption(PRESET_DESCRIPTIONS[st.session_state["preset"]])
+    values = form_values(data_path)
+    st.caption(preset_description(st.session_state["preset"], resolved_backbone(values["backbone"]),
+                                  values["image_size"]))
     if st.session_state.get("preset_note"):
         st.caption(st.session_state["preset_note"])
 
-    values = form_values(data_path)
     refused = ""
     if values["weights"] not in ("auto", "none", ""):  # a typed weights file: only from the data roots
         try:
@@ -289,6 +291,7 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
     if config is not None and report is not None and report.usable:  # what the controls left at 0 (auto) come to
         notes.update(auto_notes(config, resolve_auto(config, report)))
     n_classes = len(report.classes) if report is not None and report.classes else 2
+    field_warnings = setting_warnings(config) if config is not None else {}  # a rate far out: under its field
     for column, sections in zip(st.columns(len(COLUMNS)), COLUMNS):
         with column:
             for section in sections:
@@ -298,10 +301,41 @@ def recipe_section(data_path: str, report) -> tuple[TrainConfig | None, dict[str
                         setting_control(name, draft, offline, n_classes, inactive.get(name), notes.get(name))
                         if name in errors:
                             st.error(analysis.markdown_message(errors[name]), icon=":material/block:")  # an emoji drew as a box with Debian's fonts
-    if config is not None and config.weights == "auto" and config.backbone not in (*offline, "auto"):
-        st.warning(f"The ImageNet weights of {config.backbone} are not on this machine; the run will try to download "
-                   f"them. Offline, choose one of: {', '.join(offline)}.")
+                        for warning in field_warnings.get(name, []):
+                            st.warning(warning, icon="⚠️")
+    if config is not None and models.weights_to_download(config.backbone, config.weights):
+        weights_download_section(resolved_backbone(config.backbone), offline)
     return config, errors
+
+
+def weights_download_section(backbone: str, offline: list[str]) -> None:
+    """Weights in no cache: say so before launch, with their size, and offer Download (a job with
+    progress and Stop, downloads.WeightsDownloads)."""
+    current = weights_downloads().download(backbone)
+    if current is not None and current["state"] == downloads.ACTIVE:
+        download_progress(backbone)
+        return
+    size = downloads.size_text(models.weights_download_bytes(backbone))
+    st.warning(f"The ImageNet weights of {backbone} are not downloaded (about {size}). Download them now, with "
+               "progress and a Stop; otherwise the run downloads them as its first step. Without internet, "
+               f"choose a backbone whose weights are here: {', '.join(offline) or 'none'}.", icon="⚠️")
+    if current is not None and current["state"] == "failed":
+        st.error(current["message"], icon=":material/block:")
+    elif current is not None and current["state"] == "stopped":
+        st.caption(f"The last download was {current['message']}.")
+    st.button("Download", key="download_weights", on_click=weights_downloads().start, args=(backbone,))
+
+
+@st.fragment(run_every=LIVE_REFRESH_S)
+def download_progress(backbone: str) -> None:
+    """A running download's bytes so far against its size, and Stop; the whole page again once it
+    ends (the backbone is then offline, or the failure is shown)."""
+    current = weights_downloads().download(backbone)
+    if current is None or current["state"] != downloads.ACTIVE:
+        st.rerun(scope="app")
+    st.progress(current["fraction"] or 0.0, text=f"Downloading the weights of {backbone}: "
+                                                f"{downloads.progress_text(current)}")
+    st.button("Stop the download", key="stop_download", on_click=weights_downloads().stop, args=(backbone,))
 
 
 def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes: int, inactive: str | None,
@@ -328,8 +362,10 @@ def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes
         st.text_input("Any timm or torchvision model by name", key="f_backbone_typed", on_change=take_typed_backbone,
                       placeholder="e.g. convnext_tiny.fb_in22k_ft_in1k", help="or search the list below: it holds "
                       "every timm model with pretrained weights and every torchvision classifier")
-        setting_input(s, key(name), options=backbone_choices(tuple(offline)), format_func=backbone_label)
-        details = backbone_details(resolved_backbone(draft.backbone))
+        setting_input(s, key(name), options=backbone_choices(tuple(offline)), format_func=backbone_label,
+                      on_change=follow_backbone_size)
+        chosen = resolved_backbone(draft.backbone)
+        details = backbone_details(chosen, n_classes, chosen in ready)
         if details:
             st.caption(details)
     elif name == "train_stages":
@@ -343,6 +379,8 @@ def setting_control(name: str, draft: TrainConfig, offline: list[str], n_classes
                       help=f"auto = {models.device_description()}")
     else:
         setting_input(s, key(name), disabled=disabled, help=help)
+    if name == "image_size":  # what follow_backbone_size compares with
+        st.session_state["image_size_drawn"] = st.session_state.get(key(name))
     if name == "loss_reduction":
         reduction = draft.loss_reduction
         st.caption(f"In force: **{reduction}** of the per-image losses" +
@@ -358,6 +396,16 @@ def take_typed_backbone() -> None:
     typed = st.session_state.get("f_backbone_typed", "").strip()
     if typed:
         st.session_state[key("backbone")] = typed
+        follow_backbone_size()
+
+
+def follow_backbone_size() -> None:
+    """A new backbone brings its native image size (the preset's was its own backbone's), unless the
+    size was changed along with it (sent in the same rerun: it differs from the one last drawn)."""
+    size = native_image_size(st.session_state[key("backbone")])
+    drawn = st.session_state.get("image_size_drawn")
+    if size is not None and st.session_state.get(key("image_size")) == drawn:
+        st.session_state[key("image_size")] = size
 
 
 @st.cache_data(show_spinner=False)
@@ -366,11 +414,12 @@ def backbone_choices(offline: tuple[str, ...]) -> list[str]:
 
 
 @st.cache_data(show_spinner=False)
-def backbone_details(backbone: str) -> str:
+def backbone_details(backbone: str, n_classes: int, weights_here: bool) -> str:
     """Parameters, native resolution, interpolation and whether the weights are here ("" for a
-    name that is no backbone: validation says so)."""
+    name that is no backbone: validation says so). `weights_here` is part of the cache's key: the
+    line changes once a download completes."""
     try:
-        return models.backbone_details(backbone)
+        return models.backbone_details(backbone, n_classes)
     except Exception:  # noqa: BLE001 - an unknown name, or one that cannot be built: validation names it
         return ""
 
@@ -412,6 +461,17 @@ def cost_caption(config: TrainConfig, report, steps: int | None = None) -> None:
     seconds, basis = analysis.cost_estimate(config, report, list_runs(runs_root()), steps)
     st.caption(f"Costs about {format_seconds(seconds)}: {basis}." if seconds is not None
                else f"No cost estimate yet: {basis}.")
+
+
+def run_cost(config: TrainConfig, report) -> None:
+    """The run's own cost before Train, at the speed a recorded run's last epoch measured, and a
+    warning when it is hours (analysis.long_run_warning)."""
+    seconds, basis = analysis.cost_estimate(config, report, list_runs(runs_root()))
+    st.caption(f"This run: about {format_seconds(seconds)} ({basis})." if seconds is not None
+               else f"This run: no cost estimate yet ({basis}).")
+    long_run = analysis.long_run_warning(seconds, config.epochs)
+    if long_run:
+        st.warning(long_run, icon="⚠️")
 
 
 def lr_finder_key(config: TrainConfig, report) -> str:
@@ -514,11 +574,12 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
                "the dataset could not be read" if report is None else
                f"the dataset cannot be used: {report.reason()}" if not report.usable else
                "fix the settings marked above" if errors or config is None else
-               "fix the sweep's values" if sweep_error else "")
+               "fix the sweep's values" if sweep_error else
+               "its weights are downloading (or stop the download)" if downloading(config) else "")
     if blocked:
         st.caption(f"Train is disabled: {blocked}.")
-    for warning in launch_warnings(config) if config is not None else []:  # the rule is config.launch_warnings
-        st.warning(warning, icon="⚠️")
+    elif grid is None:
+        run_cost(resolve_auto(config, report), report)
     st.button("Train", type="primary", disabled=bool(blocked), key="train_button", on_click=request_launch)
     if config is not None and config.train_stages != "all":
         st.caption(activations.memory_note())
@@ -528,6 +589,12 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
             st.toast(f"Not queued: {blocked} (on the Setup tab).", icon="🚫", duration="long")
         else:
             launch(config, report, grid, also_scratch, also_single)
+
+
+def downloading(config: TrainConfig) -> bool:
+    """Whether the backbone's weights are being downloaded now (a run would fetch them too)."""
+    current = weights_downloads().download(resolved_backbone(config.backbone))
+    return current is not None and current["state"] == downloads.ACTIVE
 
 
 def request_launch() -> None:

@@ -267,6 +267,8 @@ def test_the_dashboard_end_to_end(server, browser_page):
     page.goto(url)
     page.get_by_text("Quick start").wait_for()
     page.get_by_text("Backbones with weights offline").wait_for()
+    # the first session after a start lists app.py's pages (serve.py), not the pages/ folder's "app"
+    assert page.locator('[data-testid="stSidebarNav"]').inner_text().split()[:2] == ["home", "Home"]
     if memory.supported():  # serve.py started the server with glibc's fast malloc settings
         page.get_by_text("glibc keeps freed memory").wait_for()
         assert page.get_by_text("started without Tuneboard's memory settings").count() == 0

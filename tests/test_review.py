@@ -295,14 +295,20 @@ def test_compare_shows_each_run_before_or_after_review(tmp_path):
     from finetune_core.analysis import compare_table
     from finetune_core.runs import run_info
 
-    for name, fixes in (("before", None), ("after", {"relabelled": 3, "excluded": 5, "leaks_dropped": 2})):
+    reviewed, never = tmp_path / "reviewed", tmp_path / "never"  # a dataset with a fixes file now, one without
+    reviewed.mkdir()
+    (reviewed / FIXES_FILE).write_text("{}")
+    for name, root, fixes in (("before", reviewed, None), ("after", reviewed, {"relabelled": 3, "excluded": 5,
+                                                                               "leaks_dropped": 2}),
+                              ("unreviewed", never, None)):
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"config": {"data": "/d", "name": name},
-                                                        "dataset": {"root": "/d", "fixes": fixes}}))
+        (folder / "config.json").write_text(json.dumps({"config": {"data": str(root), "name": name},
+                                                        "dataset": {"root": str(root), "fixes": fixes}}))
         (folder / "status.json").write_text(json.dumps({"state": "completed", "test_acc": 0.9}))
-    frame, _ = compare_table([run_info(tmp_path / "before"), run_info(tmp_path / "after")])
-    assert list(frame["review fixes"]) == ["before review", "3 relabelled, 5 excluded, 2 leaks dropped"]
+    frame, _ = compare_table([run_info(tmp_path / n) for n in ("before", "after", "unreviewed")])
+    assert list(frame["review fixes"]) == ["before review", "3 relabelled, 5 excluded, 2 leaks dropped",
+                                           "not reviewed"]
 
 
 def test_a_review_reports_progress_and_stops_when_asked(tmp_path, runs_dir):

@@ -101,10 +101,10 @@ def test_home_shows_the_cache_size_and_clears_it(dashboard_env):
     store = cachestore.DiskStore(dashboard_env / "cache" / "images")
     store.put(entry_name("abc"), b"x" * 3 * 1024**2)
     at = page("app.py").run()
-    assert any("Decode cache: 3 MB" in c.value for c in at.caption), [c.value for c in at.caption]
+    assert any("Decode cache: 3 MiB" in c.value for c in at.caption), [c.value for c in at.caption]  # 3 x 1024**2 bytes
     at.button(key="clear_cache").click().run()
     assert cachestore.cache_size(dashboard_env / "cache") == 0
-    assert any("Decode cache: 0 MB" in c.value for c in at.caption)
+    assert any("Decode cache: 0 MiB" in c.value for c in at.caption)
 
 
 def anonymous_memory() -> int:
