@@ -1,6 +1,7 @@
 """Shared fixtures: generated image folders, the real datasets beside the project, tiny configs."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -193,9 +194,21 @@ def dashboard_env(tmp_path, monkeypatch, example_digits):
     return tmp_path
 
 
+@functools.cache
+def scan_streamlit_components_once() -> None:
+    """Every new AppTest scans the metadata of every installed package for Streamlit components
+    (streamlit.components.v2: about 330 packages, half a second of CPU, more than the rest of most
+    page runs); the dashboard's server scans once, when it starts. The packages do not change while
+    the tests run: the first scan's answer serves every AppTest of the process."""
+    from streamlit.components.v2 import manifest_scanner
+
+    manifest_scanner.scan_component_manifests = functools.cache(manifest_scanner.scan_component_manifests)
+
+
 def page(name: str):
     from streamlit.testing.v1 import AppTest
 
+    scan_streamlit_components_once()
     return AppTest.from_file(str(ROOT / name), default_timeout=PAGE_TIMEOUT)
 
 
