@@ -195,20 +195,37 @@ def dashboard_env(tmp_path, monkeypatch, example_digits):
 
 
 @functools.cache
-def scan_streamlit_components_once() -> None:
-    """Every new AppTest scans the metadata of every installed package for Streamlit components
-    (streamlit.components.v2: about 330 packages, half a second of CPU, more than the rest of most
-    page runs); the dashboard's server scans once, when it starts. The packages do not change while
-    the tests run: the first scan's answer serves every AppTest of the process."""
+def streamlit_startup_work_once() -> None:
+    """What Streamlit's server does once when it starts, AppTest does for every page run: it scans
+    the metadata of every installed package for Streamlit components (about 330 packages) and
+    compiles the page anew (its AST rewritten for "magic"): together about a second of CPU per run
+    of the Train page, more than the page itself. Neither changes while the tests run: the first
+    scan's answer, and each page's compiled code (recompiled when the file changes), serve every
+    AppTest of the process, as they serve every session of a server."""
     from streamlit.components.v2 import manifest_scanner
+    from streamlit.runtime.scriptrunner.script_cache import ScriptCache
+    from streamlit.testing.v1 import app_test, local_script_runner
 
     manifest_scanner.scan_component_manifests = functools.cache(manifest_scanner.scan_component_manifests)
+
+    compiled: dict[tuple, object] = {}
+
+    class SharedScriptCache(ScriptCache):
+        def get_bytecode(self, script_path: str):
+            path = os.path.abspath(script_path)
+            stat = os.stat(path)
+            key = (path, stat.st_mtime_ns, stat.st_size)
+            if key not in compiled:
+                compiled[key] = super().get_bytecode(path)
+            return compiled[key]
+
+    app_test.ScriptCache = local_script_runner.ScriptCache = SharedScriptCache
 
 
 def page(name: str):
     from streamlit.testing.v1 import AppTest
 
-    scan_streamlit_components_once()
+    streamlit_startup_work_once()
     return AppTest.from_file(str(ROOT / name), default_timeout=PAGE_TIMEOUT)
 
 
