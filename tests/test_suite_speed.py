@@ -9,7 +9,7 @@ from finetune_core import engine
 
 def test_a_run_records_timms_version_without_importing_timm(monkeypatch):
     """A ResNet-18 run (torchvision) never uses timm: recording timm's version must not import it
-    (1.5-2 s of every command-line run, torchrun rank and first dashboard run). With timm made
+    (about a second of every command-line run, torchrun rank and first dashboard run). With timm made
     unimportable the version is still recorded, from the installed package's metadata."""
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError from here on
     versions = engine.library_versions()
