@@ -1,6 +1,7 @@
 """Shared fixtures: generated image folders, the real datasets beside the project, tiny configs."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -35,6 +36,12 @@ DATASETS = Path(os.environ.get("TUNEBOARD_DATASETS", ROOT.parent / "shared" / "d
 LONGEST_FILES = ("test_distributed.py", "test_e2e_browser.py", "test_pages.py", "test_memory.py",
                  "test_compare_predict.py", "test_models.py", "test_processes.py", "test_engine.py")
 
+# The Chromium tests (files named *_browser.py) share one dashboard server and one browser
+# (dashboard_server, chromium_page below, built once per worker process): xdist hands them to the
+# same worker as one unit (pytest_xdist_make_scheduler), so a second browser file costs its own
+# clicks, not a second server and browser start (about 10 s of CPU each on the build machine).
+BROWSER_FILE_SUFFIX = "_browser.py"
+
 
 def pytest_collection_modifyitems(items):
     """LONGEST_FILES first, in that order; every file's tests keep their order."""
@@ -43,6 +50,22 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
 
     items.sort(key=rank)  # stable: the other files keep pytest's order
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it (-p no:xdist)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with every *_browser.py file in one unit: they run on one worker, one after
+    the other, on the session's one server and browser. Other --dist modes are xdist's own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class BrowserFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "the browser tests" if path.endswith(BROWSER_FILE_SUFFIX) else path
+
+    return BrowserFilesTogether(config, log)
 
 
 def pytest_runtest_setup(item):
@@ -171,9 +194,38 @@ def dashboard_env(tmp_path, monkeypatch, example_digits):
     return tmp_path
 
 
+@functools.cache
+def streamlit_startup_work_once() -> None:
+    """What Streamlit's server does once when it starts, AppTest does for every page run: it scans
+    the metadata of every installed package for Streamlit components (about 330 packages) and
+    compiles the page anew (its AST rewritten for "magic"): together about a second of CPU per run
+    of the Train page, more than the page itself. Neither changes while the tests run: the first
+    scan's answer, and each page's compiled code (recompiled when the file changes), serve every
+    AppTest of the process, as they serve every session of a server."""
+    from streamlit.components.v2 import manifest_scanner
+    from streamlit.runtime.scriptrunner.script_cache import ScriptCache
+    from streamlit.testing.v1 import app_test, local_script_runner
+
+    manifest_scanner.scan_component_manifests = functools.cache(manifest_scanner.scan_component_manifests)
+
+    compiled: dict[tuple, object] = {}
+
+    class SharedScriptCache(ScriptCache):
+        def get_bytecode(self, script_path: str):
+            path = os.path.abspath(script_path)
+            stat = os.stat(path)
+            key = (path, stat.st_mtime_ns, stat.st_size)
+            if key not in compiled:
+                compiled[key] = super().get_bytecode(path)
+            return compiled[key]
+
+    app_test.ScriptCache = local_script_runner.ScriptCache = SharedScriptCache
+
+
 def page(name: str):
     from streamlit.testing.v1 import AppTest
 
+    streamlit_startup_work_once()
     return AppTest.from_file(str(ROOT / name), default_timeout=PAGE_TIMEOUT)
 
 
@@ -194,6 +246,92 @@ def plotly_array(value):
             arr = arr.reshape([int(n) for n in str(value["shape"]).split(",")])
         return arr
     return np.asarray(value)
+
+
+# --- the dashboard in Chromium (the *_browser.py files) ------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_or_skip() -> str:
+    path = shutil.which("chromium") or (CHROMIUM if os.path.exists(CHROMIUM) else None)
+    if path:
+        return path
+    if os.environ.get("TUNEBOARD_REQUIRE_BROWSER"):
+        pytest.fail("Chromium is required here (TUNEBOARD_REQUIRE_BROWSER is set) but /usr/bin/chromium is missing")
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium); the browser test needs it")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def dashboard_server(tmp_path_factory):
+    """The dashboard started as the README starts it (`python serve.py`), once per worker process
+    for every browser test file, on a free port: {"url", "data" (its data root, empty: each file
+    writes its own dataset folder there), "runs" (its runs folder), "tmp"}. An empty torch hub and
+    no GPU: the form's defaults must not depend on weights cached on this machine, and the tests
+    watch runs grow and stop them mid-way, which a GPU would finish before the page could show it."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from finetune_core import memory
+
+    chromium_or_skip()
+    tmp = tmp_path_factory.mktemp("dashboard")
+    data = tmp / "data"
+    data.mkdir()
+    port = free_port()
+    env = {**os.environ, "TUNEBOARD_DATA_ROOT": str(data), "TUNEBOARD_RUNS_DIR": str(tmp / "runs"),
+           "TUNEBOARD_CACHE": str(tmp / "cache"), "TORCH_HOME": str(tmp / "torch_home"), "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONUNBUFFERED": "1"}
+    log = open(tmp / "streamlit.log", "w")
+    env = memory.untuned_environ(env)  # serve.py must add the settings itself
+    proc = subprocess.Popen([sys.executable, "serve.py", "--server.port", str(port),
+                             "--server.address", "127.0.0.1", "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.terminate()
+        pytest.fail(f"streamlit did not start: {(tmp / 'streamlit.log').read_text()[-2000:]}")
+    yield {"url": url, "data": data, "tmp": tmp, "runs": tmp / "runs"}
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def chromium_page(dashboard_server):
+    """One Chromium page (Playwright) for every browser test of the worker process; each test
+    starts with its own page.goto. New pages come from chromium_page.context.browser."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_or_skip(), args=CHROMIUM_FLAGS,
+                                    ignore_default_args=["--headless=old"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        yield page
+        browser.close()
 
 
 @pytest.hookimpl(hookwrapper=True)

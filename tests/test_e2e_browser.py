@@ -1,102 +1,45 @@
 """The whole product in a real browser: Debian's Chromium driven by Playwright against
 the dashboard started as the README starts it (`python serve.py`), on a free port, with its own
-data root and runs folder.
+data root and runs folder (conftest.dashboard_server, one for every browser test file).
 
 Screenshots of every step go to $TUNEBOARD_SCREENSHOTS (default: artifacts/e2e). The README's
 pictures are made with:  TUNEBOARD_SCREENSHOTS=docs/screenshots python -m pytest tests/test_e2e_browser.py
 
-One server and one browser for the module; every wait is on something the page shows, never a
+One server and one browser for the browser files; every wait is on something the page shows, never a
 fixed sleep (bar the 0.1 s Streamlit's own browser tests allow a widget change to reach the server).
 """
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+import conftest
 from conftest import ROOT, TINY_BACKBONE, make_dataset, write_image
 from finetune_core import memory
 from finetune_core.runs import RunDir
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM, FLAGS = conftest.CHROMIUM, conftest.CHROMIUM_FLAGS  # benchmarks/bench_tabs.py imports them from here
+chromium_or_skip, free_port = conftest.chromium_or_skip, conftest.free_port
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def chromium_or_skip() -> str:
-    path = shutil.which("chromium") or (CHROMIUM if os.path.exists(CHROMIUM) else None)
-    if path:
-        return path
-    if os.environ.get("TUNEBOARD_REQUIRE_BROWSER"):
-        pytest.fail("Chromium is required here (TUNEBOARD_REQUIRE_BROWSER is set) but /usr/bin/chromium is missing")
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium); the browser test needs it")
+@pytest.fixture
+def server(dashboard_server):
+    """The session's dashboard (conftest.dashboard_server, shared with the other browser files) with
+    this test's dataset: 100 training images per class at batch 2, long enough to watch the curves
+    grow."""
+    shapes = dashboard_server["data"] / "shapes"
+    if not shapes.exists():
+        make_dataset(shapes, classes=("red", "blue"), per_class=100, test_per_class=10, size=(48, 48))
+    return dashboard_server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    chromium_or_skip()
-    tmp = tmp_path_factory.mktemp("e2e")
-    data = tmp / "data"
-    # 100 training images per class at batch 2: long enough to watch the curves grow.
-    make_dataset(data / "shapes", classes=("red", "blue"), per_class=100, test_per_class=10, size=(48, 48))
-    port = free_port()
-    # An empty torch hub, and no GPU: the form's defaults must not depend on weights cached on
-    # this machine, and the test watches a run grow and stops one mid-way, which a GPU would finish
-    # before the page could show it.
-    env = {**os.environ, "TUNEBOARD_DATA_ROOT": str(data), "TUNEBOARD_RUNS_DIR": str(tmp / "runs"),
-           "TUNEBOARD_CACHE": str(tmp / "cache"), "TORCH_HOME": str(tmp / "torch_home"), "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONUNBUFFERED": "1"}
-    log = open(tmp / "streamlit.log", "w")
-    env = memory.untuned_environ(env)  # serve.py must add the settings itself
-    proc = subprocess.Popen([sys.executable, "serve.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true",
-                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.terminate()
-        pytest.fail(f"streamlit did not start: {(tmp / 'streamlit.log').read_text()[-2000:]}")
-    yield {"url": url, "data": data, "tmp": tmp, "runs": tmp / "runs"}
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def browser_page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_or_skip(), args=FLAGS,
-                                    ignore_default_args=["--headless=old"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        yield page
-        browser.close()
+@pytest.fixture
+def browser_page(chromium_page):
+    """The session's Chromium page (conftest.chromium_page)."""
+    return chromium_page
 
 
 @pytest.fixture(autouse=True)
