@@ -111,6 +111,8 @@ def test_the_temperature_and_threshold_reach_the_bundle_and_its_onnx_example(cal
     assert meta["temperature"] == predictor.temperature and meta["not_sure_threshold"] == predictor.threshold
     reloaded = Predictor.from_bundle(bundle)
     assert (reloaded.temperature, reloaded.threshold) == (predictor.temperature, predictor.threshold)
+    # the distance rule (novelty.py) stays with the run: the bundle says so, and answers by confidence alone
+    assert meta["not_sure_rule"].startswith("confidence only") and reloaded.reference is None
     image = pd.read_csv(calibrated_run / "predictions.csv")["path"][0]
     readme = (ROOT / "README.md").read_text()
     code = readme.split("<!-- onnxruntime example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
@@ -120,7 +122,7 @@ def test_the_temperature_and_threshold_reach_the_bundle_and_its_onnx_example(cal
         (bundle / "model.json").write_text(json.dumps(meta))
         namespace: dict = {}
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own lines
-        expected = predictor.predict_files([image], top_k=1, threshold=threshold)[0]
+        expected = reloaded.predict_files([image], top_k=1, threshold=threshold)[0]
         assert np.abs(namespace["probs"].max() - expected.top[0][1]) < 1e-4  # calibrated, as Predict's
         assert capsys.readouterr().out.strip() == expected.answer
     assert expected.answer == "not sure"
