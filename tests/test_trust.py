@@ -183,13 +183,16 @@ def test_the_predict_page_shows_calibration_not_sure_heatmaps_and_classifies_a_z
     assert len(reliability) == 1  # the diagonal, before, after
     assert any(f"{record['ece_before']:.3f}** before, **{record['ece_after']:.3f}** after" in m.value
                for m in at.markdown)
+    assert any("unlike the training photos" in m.value and f"{record['test_not_sure_combined']:.1%}" in m.value
+               for m in at.markdown)  # the second rule, "not sure" for photos of no class
     assert at.slider(key=f"threshold_{run.name}").value == pytest.approx(record["threshold"], abs=0.01)
     at.slider(key=f"threshold_{run.name}").set_value(1.0).run()  # nothing is sure enough
     paths = list(pd.read_csv(run / "predictions.csv")["path"])
     at.file_uploader(key="classify_upload").set_value([("one.png", open(paths[0], "rb").read(), "image/png")])
     at.toggle(key="heatmaps_classify").set_value(True).run()
     assert not at.exception
-    assert any("one.png" in m.value and "**not sure** (top guess" in m.value for m in at.markdown)
+    assert any("one.png" in m.value and "**not sure**, " in m.value and "low confidence" in m.value and "(top guess" in m.value
+               for m in at.markdown)
     assert any((i.proto.imgs[0].caption or "").startswith("why ") for i in at.get("image"))  # the heatmap
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
