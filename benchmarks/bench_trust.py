@@ -6,8 +6,9 @@ folder's speed, heatmaps' speed.
         [--heatmaps OUT_DIR --heatmap-images 20]
 
 - Calibration: the run's status.json (ECE on the test split before and after its temperature).
-- "Not sure": the share of out-of-class photos answered "not sure" at the run's threshold (the
-  calibrated top probability, chosen for <= 5% errors among answers), and, for comparison, three
+- "Not sure": the shares of in-class test photos and out-of-class photos answered "not sure" by the
+  Predictor at the run's defaults (low confidence OR unlike the training photos: novelty.py), and
+  the share the confidence threshold alone gives; for comparison, three
   out-of-distribution scores at the threshold that flags 5% of the in-class test photos: the top
   calibrated probability, the largest logit, and the energy (logsumexp of the logits, Liu et al. 2020).
 - Folder: `Predictor.predict_folder` over every image of --folder (the CLI's path), wall and CPU time.
@@ -101,6 +102,16 @@ def main() -> None:
     print(f"- default threshold {predictor.threshold:.3f}: {record.get('test_not_sure'):.1%} of test photos "
           f"'not sure', {record.get('test_error_answered') or 0:.1%} errors among those answered\n")
 
+    print(f"Rule in force: {predictor.not_sure_rule}\n")
+    print("| photos | images | \"not sure\" at the run's default (both rules) | of which unlike the training photos | "
+          "low confidence alone would give |")
+    print("|---|---|---|---|---|")
+    for label, folder in (("in-class test", args.in_class), ("out-of-class", args.out_of_class)):
+        results = [r for r in predictor.predict_files(image_files(folder)[::args.every]) if not r.error]
+        print(f"| {label} ({folder}) | {len(results)} | **{sum(r.not_sure for r in results) / len(results):.1%}** | "
+              f"{sum(r.unlike for r in results) / len(results):.1%} | "
+              f"{sum(r.low_confidence for r in results) / len(results):.1%} |")
+    print()
     inside, inside_features = folder_logits(predictor, Path(args.in_class), every=args.every)
     outside, outside_features = folder_logits(predictor, Path(args.out_of_class), every=args.every)
     at_default = (torch.softmax(outside / predictor.temperature, 1).max(1).values < predictor.threshold).float().mean()

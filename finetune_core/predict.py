@@ -20,10 +20,11 @@ import contextlib
 import io
 import json
 import os
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -113,6 +114,7 @@ class Predictor:
         self.reference = reference if distance_threshold is not None else None
         self.distance_threshold = None if reference is None else distance_threshold
         self.neighbours = int(neighbours)  # the distance is to the K-th nearest training photo
+        self._hooked = threading.Lock()  # one hooked pass at a time (the page shares a Predictor between sessions)
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -186,26 +188,47 @@ class Predictor:
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         return torch.from_numpy(test_view(img, self.image_size).copy())
 
-    @torch.inference_mode()
+    @property
+    def inference_model(self) -> nn.Module:
+        """What classifies: a copy of the model with each BatchNorm folded into its convolution
+        (activations.fold_batchnorm, checked against the model) in channels_last, made once: a
+        ResNet-18 forward pass took 0.6x the CPU time (benchmarks/bench_trust.py --folder). The
+        model itself stays as it is (heatmaps need its gradients; the bundle exports it)."""
+        if getattr(self, "_inference", (None, None))[0] is not self.model:
+            from .activations import fold_batchnorm
+
+            self._inference = (self.model, fold_batchnorm(self.model.eval()).to(memory_format=torch.channels_last))
+        return self._inference[1]
+
     def logits(self, images: list[Image.Image]) -> torch.Tensor:
         """In fp32, as the bundle's model files compute them (see the module docstring)."""
-        batch = torch.stack([self.preprocess(img) for img in images])
-        x = normalize_batch(batch, self.mean, self.std, channels_last=False)
-        return mean_logits(self.model, classified_views(x, self.tta_flip))
+        return self.batch_logits(torch.stack([self.preprocess(img) for img in images]))
+
+    @torch.inference_mode()
+    def batch_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The logits of a uint8 batch of test views (preprocess's), in fp32."""
+        x = normalize_batch(batch, self.mean, self.std, channels_last=True)
+        return mean_logits(self.inference_model, classified_views(x, self.tta_flip))
+
+    def features_and_logits(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the head's input averaged over the classified views, the logits) of a uint8 batch, one pass."""
+        with self._hooked, head_inputs(get_head(self.inference_model, self.backbone)) as seen:
+            logits = self.batch_logits(batch)  # the lock: another page session's pass must not reach `seen`
+        return torch.stack(seen).mean(0), logits
 
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
         """Calibrated: softmax(logits / temperature)."""
         return torch.softmax(self.logits(images) / self.temperature, dim=1)
 
-    def judged(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(calibrated probabilities, whether each photo is unlike the training photos): one forward
-        pass; the features are what the head receives (novelty.head_inputs). All False without a reference."""
+    def judged(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibrated probabilities, whether each photo is unlike the training photos) of a uint8
+        batch of test views: one forward pass; the features are what the head receives
+        (novelty.head_inputs). All False without a reference."""
         if self.reference is None:
-            probs = self.probabilities(images)
-            return probs, torch.zeros(len(probs), dtype=torch.bool)
-        with head_inputs(get_head(self.model, self.backbone)) as seen:
-            logits = self.logits(images)
-        unlike = distances(self.reference, torch.stack(seen).mean(0), self.neighbours) > self.distance_threshold
+            logits = self.batch_logits(batch)
+            return torch.softmax(logits / self.temperature, dim=1), torch.zeros(len(logits), dtype=torch.bool)
+        features, logits = self.features_and_logits(batch)
+        unlike = distances(self.reference, features, self.neighbours) > self.distance_threshold
         return torch.softmax(logits / self.temperature, dim=1), unlike
 
     @property
@@ -233,7 +256,7 @@ class Predictor:
             img = image_from_bytes(data, name)
         except PredictError as exc:
             return Prediction(name, [], str(exc))
-        probs, unlike = self.judged([img])
+        probs, unlike = self.judged(self.preprocess(img)[None])
         return Prediction(name, self.top_k(probs[0], top_k), threshold=self.threshold_for(threshold),
                           unlike=bool(unlike[0]))
 
@@ -249,11 +272,11 @@ class Predictor:
         be read or decoded gets a Prediction naming why and the rest go on. `progress(done, total)`
         after every batch."""
         out: list[Prediction] = []
-        pending: list[tuple[int, Image.Image]] = []
+        pending: list[tuple[int, torch.Tensor]] = []
 
         def flush() -> None:
             if pending:
-                probs, unlike = self.judged([img for _, img in pending])
+                probs, unlike = self.judged(torch.stack([view for _, view in pending]))
                 for (slot, _), p, far in zip(pending, probs, unlike.tolist()):
                     out[slot] = Prediction(out[slot].name, self.top_k(p, top_k),
                                            threshold=self.threshold_for(threshold), unlike=far)
@@ -261,21 +284,26 @@ class Predictor:
             if progress is not None:
                 progress(len(out), total or len(out))
 
-        for name, read in sources:
-            try:
-                img = image_from_bytes(read(), name)
-            except PredictError as exc:
-                out.append(Prediction(name, [], str(exc)))
+        for name, view, error in in_threads(self._test_view, sources, window=2 * batch_size):
+            out.append(Prediction(name, [], error))
+            if view is None:
                 continue
-            except OSError as exc:
-                out.append(Prediction(name, [], f"{name}: cannot be read ({exc.strerror or exc})"))
-                continue
-            out.append(Prediction(name, []))
-            pending.append((len(out) - 1, img))
+            pending.append((len(out) - 1, view))
             if len(pending) == batch_size:
                 flush()
         flush()
         return out
+
+    def _test_view(self, source: tuple[str, Callable[[], bytes]]) -> tuple[str, torch.Tensor | None, str]:
+        """(name, the uint8 test view, "") or (name, None, why it cannot be read): read, decoded and
+        preprocessed on a reading thread (PIL releases the GIL), while the model classifies a batch."""
+        name, read = source
+        try:
+            return name, self.preprocess(image_from_bytes(read(), name)), ""
+        except PredictError as exc:
+            return name, None, str(exc)
+        except OSError as exc:
+            return name, None, f"{name}: cannot be read ({exc.strerror or exc})"
 
     def predict_folder(self, folder: str | os.PathLike, top_k: int = 3, threshold: float | None = None,
                        batch_size: int = BATCH_SIZE, progress: Callable[[int, int], None] | None = None
@@ -291,6 +319,22 @@ def run_calibration(status: dict) -> tuple[float, float]:
     plain softmax answering every photo, for a run from before calibration."""
     calibration = status.get("calibration") or {}
     return float(status.get("temperature") or 1.0), float(calibration.get("threshold") or 0.0)
+
+
+def in_threads(fn: Callable, items: Iterable, window: int) -> Iterator:
+    """fn(item) for each item, in order, computed on the reading threads (prepare.readers) at most
+    `window` ahead of the caller (a folder of 10,000 photos is not held decoded at once)."""
+    from collections import deque
+
+    from .prepare import readers
+
+    ahead: deque = deque()
+    for item in items:
+        ahead.append(readers().submit(fn, item))
+        if len(ahead) >= window:
+            yield ahead.popleft().result()
+    while ahead:
+        yield ahead.popleft().result()
 
 
 def run_reference(run: RunDir, status: dict) -> tuple[torch.Tensor | None, float | None]:
