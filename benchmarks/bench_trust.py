@@ -47,20 +47,13 @@ def load_avg() -> str:
 def folder_logits(predictor: Predictor, folder: Path, batch: int = 32, every: int = 1
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the head's input features averaged over the classified views) of every `every`-th image."""
-    from finetune_core.models import get_head
-
     files = image_files(folder)[::every]
-    captured: list[torch.Tensor] = []
-    handle = get_head(predictor.model, predictor.backbone).register_forward_hook(
-        lambda _m, inputs, _out: captured.append(inputs[0].detach().flatten(1)))
     logits, features = [], []
-    try:
-        for start in range(0, len(files), batch):
-            captured.clear()
-            logits.append(predictor.logits([load_rgb(f) for f in files[start:start + batch]]))
-            features.append(torch.stack(captured).mean(0))
-    finally:
-        handle.remove()
+    for start in range(0, len(files), batch):
+        views = torch.stack([predictor.preprocess(load_rgb(f)) for f in files[start:start + batch]])
+        f, x = predictor.features_and_logits(views)
+        logits.append(x)
+        features.append(f)
     return torch.cat(logits), torch.cat(features)
 
 
@@ -84,7 +77,9 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--in-class", required=True, help="the run's test folder")
     ap.add_argument("--out-of-class", required=True, help="photos of none of the run's classes")
-    ap.add_argument("--train", help="the run's training folder: adds a kNN feature-distance score")
+    ap.add_argument("--compare-scores", action="store_true",
+                    help="also compare out-of-distribution scores, each at the threshold flagging 5%% of in-class photos")
+    ap.add_argument("--train", help="with --compare-scores: the run's training folder, for a kNN distance score")
     ap.add_argument("--folder", help="a folder to classify whole, timed")
     ap.add_argument("--heatmaps", help="write heatmaps of the in-class test photos here")
     ap.add_argument("--heatmap-images", type=int, default=20)
@@ -107,11 +102,19 @@ def main() -> None:
           "low confidence alone would give |")
     print("|---|---|---|---|---|")
     for label, folder in (("in-class test", args.in_class), ("out-of-class", args.out_of_class)):
-        results = [r for r in predictor.predict_files(image_files(folder)[::args.every]) if not r.error]
+        files = image_files(folder)[::args.every]
+        results = [r for r in predictor.predict_many((str(f), f.read_bytes) for f in files) if not r.error]
         print(f"| {label} ({folder}) | {len(results)} | **{sum(r.not_sure for r in results) / len(results):.1%}** | "
               f"{sum(r.unlike for r in results) / len(results):.1%} | "
               f"{sum(r.low_confidence for r in results) / len(results):.1%} |")
     print()
+    if args.compare_scores:
+        compare_scores(predictor, args)
+    folder_and_heatmaps(predictor, args)
+    print(f"load average after: {load_avg()}")
+
+
+def compare_scores(predictor: Predictor, args) -> None:
     inside, inside_features = folder_logits(predictor, Path(args.in_class), every=args.every)
     outside, outside_features = folder_logits(predictor, Path(args.out_of_class), every=args.every)
     at_default = (torch.softmax(outside / predictor.temperature, 1).max(1).values < predictor.threshold).float().mean()
@@ -130,6 +133,8 @@ def main() -> None:
         print(f"| {name} | {threshold:.3f} | {flagged:.1%} |")
     print()
 
+
+def folder_and_heatmaps(predictor: Predictor, args) -> None:
     if args.folder:
         files = image_files(args.folder)
         cpu0, t0 = cpu_seconds(), time.perf_counter()
@@ -156,7 +161,6 @@ def main() -> None:
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         print(f"Heatmaps (layer `{mapper.layer_name}`): {len(chosen)} images one at a time, "
               f"**{wall / len(chosen):.2f} s** wall and {cpu / len(chosen):.2f} s CPU per image -> {out}\n")
-    print(f"load average after: {load_avg()}")
 
 
 if __name__ == "__main__":
