@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import analysis, datastore, plots
+from finetune_core import analysis, calibration, datastore, plots
 from finetune_core.datastore import runs_root
 from finetune_core.heatmaps import METHOD, HeatmapError, Heatmapper
 from finetune_core.predict import (MAX_IMAGE_BYTES, PredictError, Predictor, bundle_warning, bundle_zip_bytes,
@@ -171,6 +171,12 @@ def confidence_tab(info: RunInfo, model: Predictor, predictions) -> float:
                 f"the test split: **{record['ece_before']:.3f}** before, **{record['ece_after']:.3f}** after. The "
                 f"run's threshold, {record['threshold']:.2f}, was chosen for at most {record['max_error']:.0%} "
                 "errors among the answered images.")
+    if record.get("threshold_capped"):
+        st.warning(f"The cap acted: at most {record['max_error']:.0%} errors among the answers needed a threshold that "
+                   f"answers \"not sure\" to more than {calibration.MAX_NOT_SURE:.0%} of the held-out photos, so the "
+                   f"run's threshold was lowered to refuse at most {calibration.MAX_NOT_SURE:.0%}: "
+                   f"{record['test_error_answered'] or 0:.1%} of the test photos it answers are wrong. Raise the "
+                   "slider for fewer errors and more \"not sure\".")
     st.plotly_chart(plots.reliability_figure(record["bins_before"], record["bins_after"]), width="stretch",
                     key="reliability")
     if model.reference is not None:

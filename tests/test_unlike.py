@@ -99,3 +99,18 @@ def test_the_reference_is_capped_and_keeps_every_class_in_proportion():
     kept = [labels[i] for i in chosen]
     assert len(chosen) <= 1000 and len(set(chosen)) == len(chosen)
     assert kept.count(0) == 749 and kept.count(1) == 249 and kept.count(2) == 1  # 1,000 x each class's share
+
+
+def test_the_run_records_when_the_20_percent_cap_lowered_its_confidence_threshold():
+    """The Confidence tab warns when the threshold for 5% errors would refuse over 20% of the photos
+    and was lowered (calibration.capped_threshold): the run records it."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 2, (500,), generator=g)
+    right = torch.rand(500, generator=g) < 0.8  # 80% accurate, each answer about as sure as the others
+    predicted = torch.where(right, labels, 1 - labels)
+    logits = torch.zeros(500, 2)
+    logits[torch.arange(500), predicted] = 1.0 + torch.rand(500, generator=g)
+    weak = calibration.calibrate(logits, labels)
+    assert weak.threshold_capped and weak.to_dict()["threshold_capped"] and weak.test_not_sure <= 0.25
+    logits[torch.arange(500), labels] += 3.0 * right  # the right answers surer than the wrong ones
+    assert not calibration.calibrate(logits, labels).threshold_capped
