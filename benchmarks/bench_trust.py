@@ -6,8 +6,9 @@ folder's speed, heatmaps' speed.
         [--heatmaps OUT_DIR --heatmap-images 20]
 
 - Calibration: the run's status.json (ECE on the test split before and after its temperature).
-- "Not sure": the share of out-of-class photos answered "not sure" at the run's threshold (the
-  calibrated top probability, chosen for <= 5% errors among answers), and, for comparison, three
+- "Not sure": the shares of in-class test photos and out-of-class photos answered "not sure" by the
+  Predictor at the run's defaults (low confidence OR unlike the training photos: novelty.py), and
+  the share the confidence threshold alone gives; for comparison, three
   out-of-distribution scores at the threshold that flags 5% of the in-class test photos: the top
   calibrated probability, the largest logit, and the energy (logsumexp of the logits, Liu et al. 2020).
 - Folder: `Predictor.predict_folder` over every image of --folder (the CLI's path), wall and CPU time.
@@ -46,20 +47,13 @@ def load_avg() -> str:
 def folder_logits(predictor: Predictor, folder: Path, batch: int = 32, every: int = 1
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the head's input features averaged over the classified views) of every `every`-th image."""
-    from finetune_core.models import get_head
-
     files = image_files(folder)[::every]
-    captured: list[torch.Tensor] = []
-    handle = get_head(predictor.model, predictor.backbone).register_forward_hook(
-        lambda _m, inputs, _out: captured.append(inputs[0].detach().flatten(1)))
     logits, features = [], []
-    try:
-        for start in range(0, len(files), batch):
-            captured.clear()
-            logits.append(predictor.logits([load_rgb(f) for f in files[start:start + batch]]))
-            features.append(torch.stack(captured).mean(0))
-    finally:
-        handle.remove()
+    for start in range(0, len(files), batch):
+        views = torch.stack([predictor.preprocess(load_rgb(f)) for f in files[start:start + batch]])
+        f, x = predictor.features_and_logits(views)
+        logits.append(x)
+        features.append(f)
     return torch.cat(logits), torch.cat(features)
 
 
@@ -83,7 +77,9 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--in-class", required=True, help="the run's test folder")
     ap.add_argument("--out-of-class", required=True, help="photos of none of the run's classes")
-    ap.add_argument("--train", help="the run's training folder: adds a kNN feature-distance score")
+    ap.add_argument("--compare-scores", action="store_true",
+                    help="also compare out-of-distribution scores, each at the threshold flagging 5%% of in-class photos")
+    ap.add_argument("--train", help="with --compare-scores: the run's training folder, for a kNN distance score")
     ap.add_argument("--folder", help="a folder to classify whole, timed")
     ap.add_argument("--heatmaps", help="write heatmaps of the in-class test photos here")
     ap.add_argument("--heatmap-images", type=int, default=20)
@@ -101,6 +97,24 @@ def main() -> None:
     print(f"- default threshold {predictor.threshold:.3f}: {record.get('test_not_sure'):.1%} of test photos "
           f"'not sure', {record.get('test_error_answered') or 0:.1%} errors among those answered\n")
 
+    print(f"Rule in force: {predictor.not_sure_rule}\n")
+    print("| photos | images | \"not sure\" at the run's default (both rules) | of which unlike the training photos | "
+          "low confidence alone would give |")
+    print("|---|---|---|---|---|")
+    for label, folder in (("in-class test", args.in_class), ("out-of-class", args.out_of_class)):
+        files = image_files(folder)[::args.every]
+        results = [r for r in predictor.predict_many((str(f), f.read_bytes) for f in files) if not r.error]
+        print(f"| {label} ({folder}) | {len(results)} | **{sum(r.not_sure for r in results) / len(results):.1%}** | "
+              f"{sum(r.unlike for r in results) / len(results):.1%} | "
+              f"{sum(r.low_confidence for r in results) / len(results):.1%} |")
+    print()
+    if args.compare_scores:
+        compare_scores(predictor, args)
+    folder_and_heatmaps(predictor, args)
+    print(f"load average after: {load_avg()}")
+
+
+def compare_scores(predictor: Predictor, args) -> None:
     inside, inside_features = folder_logits(predictor, Path(args.in_class), every=args.every)
     outside, outside_features = folder_logits(predictor, Path(args.out_of_class), every=args.every)
     at_default = (torch.softmax(outside / predictor.temperature, 1).max(1).values < predictor.threshold).float().mean()
@@ -119,6 +133,8 @@ def main() -> None:
         print(f"| {name} | {threshold:.3f} | {flagged:.1%} |")
     print()
 
+
+def folder_and_heatmaps(predictor: Predictor, args) -> None:
     if args.folder:
         files = image_files(args.folder)
         cpu0, t0 = cpu_seconds(), time.perf_counter()
@@ -145,7 +161,6 @@ def main() -> None:
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         print(f"Heatmaps (layer `{mapper.layer_name}`): {len(chosen)} images one at a time, "
               f"**{wall / len(chosen):.2f} s** wall and {cpu / len(chosen):.2f} s CPU per image -> {out}\n")
-    print(f"load average after: {load_avg()}")
 
 
 if __name__ == "__main__":

@@ -410,7 +410,7 @@ def cmd_predict(args) -> int:
             print(f"{r.name}: ERROR {r.error}", file=sys.stderr if args.csv or args.json else sys.stdout)
         elif not (args.csv or args.json):
             guesses = ", ".join(f"{c} {p:.3f}" for c, p in r.top)
-            print(f"{r.name}: not sure (top guesses: {guesses})" if r.not_sure else f"{r.name}: {guesses}")
+            print(f"{r.name}: not sure, {r.why} (top guesses: {guesses})" if r.not_sure else f"{r.name}: {guesses}")
     if args.heatmaps:
         from .heatmaps import HeatmapError, write_overlays
 
@@ -425,10 +425,13 @@ def cmd_predict(args) -> int:
               f", Grad-CAM++) -> {args.heatmaps}", file=sys.stderr if args.json else sys.stdout)
     if args.csv:
         unsure = sum(r.not_sure for r in results)
+        unlike = sum(r.not_sure and r.unlike for r in results)
         errors = sum(bool(r.error) for r in results)
         print(f"{len(results)} images: {len(results) - unsure - errors} answered, {unsure} not sure (below "
-              f"{predictor.threshold_for(args.threshold):.3f}), {errors} unreadable -> {args.csv}",
-              file=sys.stderr if args.json else sys.stdout)
+              f"{predictor.threshold_for(args.threshold):.3f}; {unlike} of them unlike the training photos), "
+              f"{errors} unreadable -> {args.csv}", file=sys.stderr if args.json else sys.stdout)
+    if predictor.reference is None and results:
+        print(f"note: {predictor.not_sure_rule}", file=sys.stderr)
     return 2 if any(r.error for r in results) else 0
 
 
@@ -641,9 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="answer 'not sure' below this calibrated top probability [default: the run's, chosen "
-                        "on held-out images for at most 5%% errors among the answers; 0 for runs from before it]")
+                        "on held-out images for at most 5%% errors among the answers; 0 for runs from before it]; "
+                        "a run's second rule, 'not sure' for a photo unlike its training photos, stays in force")
     p.add_argument("--csv", default=None, metavar="FILE",
-                   help="write file, answer, confidence, not_sure, top-k and error columns to FILE")
+                   help="write file, answer, confidence, not_sure, why, top-k and error columns to FILE")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images a forward pass [default: 32]")
     p.add_argument("--heatmaps", default=None, metavar="OUT_DIR",
                    help="write each image's heatmap (Grad-CAM++: where the model looks) over its centre crop to "

@@ -157,6 +157,7 @@ class Calibration:
     test_error_answered: float | None  # the error rate among the test images answered
     bins_before: list[dict]
     bins_after: list[dict]
+    threshold_capped: bool = False  # the threshold for max_error would refuse over MAX_NOT_SURE: lowered (capped_threshold)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -212,6 +213,7 @@ def calibrate(test_logits: torch.Tensor, test_labels: torch.Tensor, val_logits: 
         t, method = 1.0, method + "; the temperature did not lower the held-out calibration error: kept 1"
         held_out, after = fit_before, before
     threshold = capped_threshold(held_out, fit_labels, max_error)
+    capped = threshold < choose_threshold(held_out, fit_labels, max_error)
     return Calibration(
         temperature=t, method=method, fitted_on=fitted_on, images=len(fit_labels),
         nll_before=nll(fit_logits, fit_labels), nll_after=nll(fit_logits, fit_labels, t),
@@ -220,4 +222,5 @@ def calibrate(test_logits: torch.Tensor, test_labels: torch.Tensor, val_logits: 
         threshold=threshold, max_error=max_error,
         test_not_sure=1.0 - answered_share(after, threshold),
         test_error_answered=error_among_answered(after, test_labels, threshold),
-        bins_before=reliability(before, test_labels), bins_after=reliability(after, test_labels))
+        bins_before=reliability(before, test_labels), bins_after=reliability(after, test_labels),
+        threshold_capped=capped)

@@ -59,7 +59,7 @@ from torch import nn
 
 from . import __version__
 from .activations import FeatureCache, shared_features_key
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, calibrate, folds_of
 from .config import ConfigError, TrainConfig
 from .data import WARNING, DatasetError, Problem, ScanReport, scan_dataset
 from .distributed import STOP_FILE, Distributed
@@ -67,8 +67,10 @@ from .memory import describe as describe_memory
 from .memory import release_memory
 from .checkpoints import (CheckpointError, ResumeRefused, class_change, keep_as_best, load_checkpoint,  # noqa: F401
                           restore, save_checkpoint)
-from .models import (CPU_GENERATOR_LOCK, backbone_problem, backbone_spec, build_model, classified_views, mean_logits,
-                     parameter_groups, resolve_backbone, resolve_device, seeded_init, split_model)
+from .models import (CPU_GENERATOR_LOCK, backbone_problem, backbone_spec, build_model, classified_views, get_head,
+                     mean_logits, parameter_groups, resolve_backbone, resolve_device, seeded_init, split_model)
+from .novelty import (REFERENCE_FILE, choose_distance_threshold, cross_validated_share, distances, head_inputs,
+                      neighbours_for, normalised, save_reference, spread_over_classes)
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
 from .runs import (CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, claim_run, now_iso,
@@ -912,6 +914,91 @@ def calibration_of(ctx: Setup, test_logits: torch.Tensor, reporter: Reporter) ->
     return calibrate(test_logits, ctx.data.test_labels, val_logits, val_labels)
 
 
+def features_and_logits(model: nn.Module, head: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, features) of every batch of views, in fp32 as the Predictor computes them: the
+    features are the head's input averaged over the views (novelty.head_inputs)."""
+    model.eval()
+    logits, features = [], []
+    with torch.inference_mode(), head_inputs(head) as seen:
+        for views, _ in batches:
+            seen.clear()
+            logits.append(mean_logits(model, views).cpu())
+            features.append(torch.stack(seen).mean(0).cpu())
+    return torch.cat(logits), torch.cat(features)
+
+
+def reference_batches(ctx: Setup, rows: list[int], cache: FeatureCache | None, top: nn.Module
+                      ) -> tuple[nn.Module, Iterator]:
+    """(the model to run, batches of [the centre view]) of these training images (positions in
+    ctx.train_idx): a frozen-bottom run's cached activations of the centre view (training view 0)
+    when it has them, so only the top runs; the decoded images through the whole model otherwise."""
+    cfg = ctx.config
+    cached = cache.get("train", 0, False) if cache is not None and not cache.missing("train", 0, False) else None
+
+    def batches() -> Iterator:
+        for start in range(0, len(rows), cfg.eval_batch_size):
+            part = rows[start:start + cfg.eval_batch_size]
+            if cached is not None:
+                x = cached[torch.as_tensor(part)].to(ctx.device).float()
+                if cfg.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            else:
+                u8 = center_view_batch(ctx.data, [ctx.train_idx[p] for p in part], cfg.image_size, ctx.device)
+                x = normalize_batch(u8, ctx.mean, ctx.std, cfg.channels_last)
+            yield [x], None
+
+    return (top if cached is not None else ctx.model), batches()
+
+
+def reference_of(ctx: Setup, calibration: Calibration, reporter: Reporter) -> dict:
+    """"Not sure" for photos unlike the training photos (novelty.py): keeps the selected model's
+    features of at most MAX_REFERENCE_IMAGES training photos in the run folder and chooses the
+    distance threshold on the held-out images the temperature was fitted on, so that the combined
+    rule (low confidence or unlike) leaves at most 5% of them "not sure". Returns the fields it adds
+    to status.json's `calibration`; {} (the confidence rule alone) for an uncalibrated run and under
+    DDP (not built there yet)."""
+    if ctx.dist.enabled or calibration.fitted_on not in ("val", "test"):
+        return {}
+    cfg = ctx.config
+    reporter.prepare("keeping the training photos' features (\"not sure\" for photos unlike them)", ctx.progress(),
+                     force_status=True)
+    top, cache = split_for(ctx, stages_of_epoch(cfg, cfg.epochs - 1), reporter)
+    head = get_head(ctx.model, cfg.backbone)
+    selected = bool(ctx.val_idx) and ctx.run.file(CHECKPOINT_BEST).exists()  # final_test loaded it
+    training_weights = None if selected else swap_in_average(ctx)
+    try:
+        labels = ctx.data.train_labels[torch.as_tensor(ctx.train_idx)].tolist()
+        rows = spread_over_classes(labels)
+        failed = ctx.data.decode_pending([ctx.train_idx[p] for p in rows])
+        rows = [p for p in rows if ctx.train_idx[p] not in failed]
+        k = neighbours_for([labels[p] for p in rows])
+        model, batches = reference_batches(ctx, rows, cache, top)
+        train_features = features_and_logits(model, head, batches)[1]
+        held_logits, held_features = features_and_logits(top, head, evaluation_batches(ctx, calibration.fitted_on, cache))
+        test_logits, test_features = (held_logits, held_features) if calibration.fitted_on == "test" else \
+            features_and_logits(top, head, evaluation_batches(ctx, "test", cache))
+    finally:
+        swap_back(ctx, training_weights)
+    reference = normalised(train_features)
+
+    def low_confidence(logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits / calibration.temperature, 1).max(1).values < calibration.threshold
+
+    held_distances, held_low = distances(reference, held_features, k), low_confidence(held_logits)
+    threshold = choose_distance_threshold(held_distances, held_low)
+    if calibration.fitted_on == "test":
+        test_not_sure = cross_validated_share(held_distances, held_low, folds_of(len(held_distances)))
+        how = (f"chosen on the test split ({len(held_distances)} images; no validation split): the test share is "
+               f"{len(folds_of(len(held_distances)))}-fold cross-validated")
+    else:
+        test_not_sure = float((low_confidence(test_logits) | (distances(reference, test_features, k) > threshold))
+                              .float().mean())
+        how = f"chosen on the validation split ({len(held_distances)} images)"
+    save_reference(ctx.run.file(REFERENCE_FILE), reference)
+    return {"distance_threshold": threshold, "distance_neighbours": k, "reference_images": len(rows),
+            "distance_method": how, "test_not_sure_combined": test_not_sure}
+
+
 def write_predictions(ctx: Setup, logits: torch.Tensor, temperature: float = 1.0) -> None:
     """predictions.csv: the selected model on the test split, its probabilities (confidence, loss and
     prob_ columns) calibrated by the run's temperature."""
@@ -950,11 +1037,16 @@ def fit(ctx: Setup, reporter: Reporter) -> dict:
     calibration = calibration_of(ctx, logits, reporter)
     if ctx.dist.is_main:
         write_predictions(ctx, logits, calibration.temperature)
+    unlike = reference_of(ctx, calibration, reporter)
     ctx.run.log(f"calibration: temperature {calibration.temperature:.3f} ({calibration.method}); test ECE "
                 f"{calibration.ece_before:.3f} before, {calibration.ece_after:.3f} after; \"not sure\" below "
-                f"{calibration.threshold:.3f} (at most {calibration.max_error:.0%} errors among answers)")
+                f"{calibration.threshold:.3f} (at most {calibration.max_error:.0%} errors among answers)"
+                + (f" or {unlike['distance_threshold']:.3f} away from the {unlike['distance_neighbours']}th nearest of "
+                   f"{unlike['reference_images']} training photos ({unlike['distance_method']}): "
+                   f"{unlike['test_not_sure_combined']:.1%} of the test photos" if unlike else
+                   "; no reference of the training photos (confidence alone)"))
     fields = {"test_acc": test_acc, "test_loss": test_loss, "temperature": calibration.temperature,
-              "calibration": calibration.to_dict(),
+              "calibration": {**calibration.to_dict(), **unlike},
               "selected_checkpoint": "best" if ctx.val_idx and ctx.run.file(CHECKPOINT_BEST).exists() else "last"}
     if ctx.val_idx:
         row = {"kind": "test", "epoch": ctx.run.read_status().get("epochs_done", cfg.epochs), "step": ctx.step,

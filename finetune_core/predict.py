@@ -20,10 +20,11 @@ import contextlib
 import io
 import json
 import os
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -31,7 +32,8 @@ from torch import nn
 
 from .calibration import NOT_SURE
 from .data import IMAGE_EXTENSIONS, load_rgb, resize_size_for
-from .models import build_model, classified_views, mean_logits
+from .models import build_model, classified_views, get_head, mean_logits
+from .novelty import LOW_CONFIDENCE, NEIGHBOURS, REFERENCE_FILE, UNLIKE, distances, head_inputs, load_reference
 from .prepare import normalize_batch, test_view
 from .runs import CHECKPOINT_BEST, CHECKPOINT_LAST, RunDir
 
@@ -50,10 +52,21 @@ class Prediction:
     top: list[tuple[str, float]]  # (class, calibrated probability), most likely first
     error: str = ""
     threshold: float = 0.0        # below this top probability the answer is "not sure"
+    unlike: bool = False          # far from every training photo's features (novelty.py): "not sure" however confident
+
+    @property
+    def low_confidence(self) -> bool:
+        return bool(self.top) and self.top[0][1] < self.threshold
 
     @property
     def not_sure(self) -> bool:
-        return bool(self.top) and self.top[0][1] < self.threshold
+        return self.low_confidence or (bool(self.top) and self.unlike)
+
+    @property
+    def why(self) -> str:
+        """Why the answer is "not sure" ("unlike the training photos", "low confidence", both), else ""."""
+        reasons = ([UNLIKE] if self.unlike and self.top else []) + ([LOW_CONFIDENCE] if self.low_confidence else [])
+        return " and ".join(reasons)
 
     @property
     def answer(self) -> str:
@@ -63,7 +76,7 @@ class Prediction:
         return NOT_SURE if self.not_sure else self.top[0][0]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "answer": self.answer, "not_sure": self.not_sure,
+        return {"name": self.name, "answer": self.answer, "not_sure": self.not_sure, "why": self.why,
                 "top": [{"class": c, "probability": p} for c, p in self.top], "error": self.error}
 
 
@@ -85,7 +98,8 @@ def image_from_bytes(data: bytes, name: str = "image") -> Image.Image:
 class Predictor:
     def __init__(self, model: torch.nn.Module, classes: list[str], image_size: int, mean, std,
                  backbone: str = "", source: str = "", tta_flip: bool = False, temperature: float = 1.0,
-                 threshold: float = 0.0):
+                 threshold: float = 0.0, reference: torch.Tensor | None = None,
+                 distance_threshold: float | None = None, neighbours: int = NEIGHBOURS):
         self.model = model.eval()
         self.classes = list(classes)
         self.image_size = int(image_size)
@@ -96,6 +110,11 @@ class Predictor:
         self.tta_flip = bool(tta_flip)  # average the logits of each image and its mirror, as the run evaluated
         self.temperature = float(temperature)  # the run's calibration (calibration.py); 1.0 for older runs
         self.threshold = float(threshold)      # "not sure" below this calibrated top probability; 0: never
+        # "not sure" beyond this distance from the training photos' features (novelty.py); None: no reference
+        self.reference = reference if distance_threshold is not None else None
+        self.distance_threshold = None if reference is None else distance_threshold
+        self.neighbours = int(neighbours)  # the distance is to the K-th nearest training photo
+        self._hooked = threading.Lock()  # one hooked pass at a time (the page shares a Predictor between sessions)
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -125,8 +144,11 @@ class Predictor:
         norm = config["normalisation"]
         # the run fitted its temperature and threshold for the checkpoint it selected; another one: plain softmax
         temperature, threshold = run_calibration(status) if checkpoint == selected else (1.0, 0.0)
+        reference, distance_threshold = run_reference(run, status) if checkpoint == selected else (None, None)
+        neighbours = int((status.get("calibration") or {}).get("distance_neighbours") or NEIGHBOURS)
         return cls(model, config["classes"], cfg["image_size"], norm["mean"], norm["std"], cfg["backbone"], str(path),
-                   tta_flip=cfg.get("tta_flip", False), temperature=temperature, threshold=threshold)
+                   tta_flip=cfg.get("tta_flip", False), temperature=temperature, threshold=threshold,
+                   reference=reference, distance_threshold=distance_threshold, neighbours=neighbours)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike) -> "Predictor":
@@ -166,16 +188,59 @@ class Predictor:
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         return torch.from_numpy(test_view(img, self.image_size).copy())
 
-    @torch.inference_mode()
+    @property
+    def inference_model(self) -> nn.Module:
+        """What classifies: a copy of the model with each BatchNorm folded into its convolution
+        (activations.fold_batchnorm, checked against the model) in channels_last, made once: a
+        ResNet-18 forward pass took 0.6x the CPU time (benchmarks/bench_trust.py --folder). The
+        model itself stays as it is (heatmaps need its gradients; the bundle exports it)."""
+        if getattr(self, "_inference", (None, None))[0] is not self.model:
+            from .activations import fold_batchnorm
+
+            self._inference = (self.model, fold_batchnorm(self.model.eval()).to(memory_format=torch.channels_last))
+        return self._inference[1]
+
     def logits(self, images: list[Image.Image]) -> torch.Tensor:
         """In fp32, as the bundle's model files compute them (see the module docstring)."""
-        batch = torch.stack([self.preprocess(img) for img in images])
-        x = normalize_batch(batch, self.mean, self.std, channels_last=False)
-        return mean_logits(self.model, classified_views(x, self.tta_flip))
+        return self.batch_logits(torch.stack([self.preprocess(img) for img in images]))
+
+    @torch.inference_mode()
+    def batch_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The logits of a uint8 batch of test views (preprocess's), in fp32."""
+        x = normalize_batch(batch, self.mean, self.std, channels_last=True)
+        return mean_logits(self.inference_model, classified_views(x, self.tta_flip))
+
+    def features_and_logits(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the head's input averaged over the classified views, the logits) of a uint8 batch, one pass."""
+        with self._hooked, head_inputs(get_head(self.inference_model, self.backbone)) as seen:
+            logits = self.batch_logits(batch)  # the lock: another page session's pass must not reach `seen`
+        return torch.stack(seen).mean(0), logits
 
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
         """Calibrated: softmax(logits / temperature)."""
         return torch.softmax(self.logits(images) / self.temperature, dim=1)
+
+    def judged(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibrated probabilities, whether each photo is unlike the training photos) of a uint8
+        batch of test views: one forward pass; the features are what the head receives
+        (novelty.head_inputs). All False without a reference."""
+        if self.reference is None:
+            logits = self.batch_logits(batch)
+            return torch.softmax(logits / self.temperature, dim=1), torch.zeros(len(logits), dtype=torch.bool)
+        features, logits = self.features_and_logits(batch)
+        unlike = distances(self.reference, features, self.neighbours) > self.distance_threshold
+        return torch.softmax(logits / self.temperature, dim=1), unlike
+
+    @property
+    def not_sure_rule(self) -> str:
+        """When the answer is "not sure", in words (the Predict page, the CLI)."""
+        confidence = f"below {self.threshold:.0%} confidence" if self.threshold > 0 else ""
+        if self.reference is not None:
+            return (f"\"not sure\" {confidence + ' or ' if confidence else ''}for a photo {UNLIKE} (its features "
+                    f"compared with {len(self.reference)} kept from the run)")
+        return (f"\"not sure\" {confidence or 'never (no threshold)'}, by confidence alone: this model keeps no "
+                f"reference of its training photos (a run from before it, an exported bundle, or another checkpoint "
+                f"than the calibrated one), so a photo of none of its classes can get a confident answer")
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
         values, indices = probs.topk(min(k, len(self.classes)))
@@ -191,8 +256,9 @@ class Predictor:
             img = image_from_bytes(data, name)
         except PredictError as exc:
             return Prediction(name, [], str(exc))
-        return Prediction(name, self.top_k(self.probabilities([img])[0], top_k),
-                          threshold=self.threshold_for(threshold))
+        probs, unlike = self.judged(self.preprocess(img)[None])
+        return Prediction(name, self.top_k(probs[0], top_k), threshold=self.threshold_for(threshold),
+                          unlike=bool(unlike[0]))
 
     def threshold_for(self, threshold: float | None) -> float:
         """The threshold given, else the run's."""
@@ -206,33 +272,38 @@ class Predictor:
         be read or decoded gets a Prediction naming why and the rest go on. `progress(done, total)`
         after every batch."""
         out: list[Prediction] = []
-        pending: list[tuple[int, Image.Image]] = []
+        pending: list[tuple[int, torch.Tensor]] = []
 
         def flush() -> None:
             if pending:
-                probs = self.probabilities([img for _, img in pending])
-                for (slot, _), p in zip(pending, probs):
+                probs, unlike = self.judged(torch.stack([view for _, view in pending]))
+                for (slot, _), p, far in zip(pending, probs, unlike.tolist()):
                     out[slot] = Prediction(out[slot].name, self.top_k(p, top_k),
-                                           threshold=self.threshold_for(threshold))
+                                           threshold=self.threshold_for(threshold), unlike=far)
                 pending.clear()
             if progress is not None:
                 progress(len(out), total or len(out))
 
-        for name, read in sources:
-            try:
-                img = image_from_bytes(read(), name)
-            except PredictError as exc:
-                out.append(Prediction(name, [], str(exc)))
+        for name, view, error in in_threads(self._test_view, sources, window=2 * batch_size):
+            out.append(Prediction(name, [], error))
+            if view is None:
                 continue
-            except OSError as exc:
-                out.append(Prediction(name, [], f"{name}: cannot be read ({exc.strerror or exc})"))
-                continue
-            out.append(Prediction(name, []))
-            pending.append((len(out) - 1, img))
+            pending.append((len(out) - 1, view))
             if len(pending) == batch_size:
                 flush()
         flush()
         return out
+
+    def _test_view(self, source: tuple[str, Callable[[], bytes]]) -> tuple[str, torch.Tensor | None, str]:
+        """(name, the uint8 test view, "") or (name, None, why it cannot be read): read, decoded and
+        preprocessed on a reading thread (PIL releases the GIL), while the model classifies a batch."""
+        name, read = source
+        try:
+            return name, self.preprocess(image_from_bytes(read(), name)), ""
+        except PredictError as exc:
+            return name, None, str(exc)
+        except OSError as exc:
+            return name, None, f"{name}: cannot be read ({exc.strerror or exc})"
 
     def predict_folder(self, folder: str | os.PathLike, top_k: int = 3, threshold: float | None = None,
                        batch_size: int = BATCH_SIZE, progress: Callable[[int, int], None] | None = None
@@ -248,6 +319,32 @@ def run_calibration(status: dict) -> tuple[float, float]:
     plain softmax answering every photo, for a run from before calibration."""
     calibration = status.get("calibration") or {}
     return float(status.get("temperature") or 1.0), float(calibration.get("threshold") or 0.0)
+
+
+def in_threads(fn: Callable, items: Iterable, window: int) -> Iterator:
+    """fn(item) for each item, in order, computed on the reading threads (prepare.readers) at most
+    `window` ahead of the caller (a folder of 10,000 photos is not held decoded at once)."""
+    from collections import deque
+
+    from .prepare import readers
+
+    ahead: deque = deque()
+    for item in items:
+        ahead.append(readers().submit(fn, item))
+        if len(ahead) >= window:
+            yield ahead.popleft().result()
+    while ahead:
+        yield ahead.popleft().result()
+
+
+def run_reference(run: RunDir, status: dict) -> tuple[torch.Tensor | None, float | None]:
+    """(the training photos' features, the distance threshold) a run kept (engine.reference_of);
+    (None, None), the confidence rule alone, for a run from before it or one whose file is missing."""
+    distance_threshold = (status.get("calibration") or {}).get("distance_threshold")
+    if distance_threshold is None:
+        return None, None
+    reference = load_reference(run.file(REFERENCE_FILE))
+    return (None, None) if reference is None else (reference, float(distance_threshold))
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
@@ -295,19 +392,20 @@ def image_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def predictions_frame(predictions: list[Prediction], top_k: int = 3):
-    """The table of a folder's predictions: file, answer (`not sure` below the threshold), confidence
-    (the top calibrated probability), not_sure, top-1..k as "class (p)", error."""
+    """The table of a folder's predictions: file, answer (`not sure` below the threshold or unlike
+    the training photos), confidence (the top calibrated probability), not_sure, why (not sure),
+    top-1..k as "class (p)", error."""
     import pandas as pd
 
     rows = []
     for p in predictions:
         row = {"file": p.name, "answer": p.answer, "confidence": p.top[0][1] if p.top else None,
-               "not_sure": p.not_sure if p.top else None}
+               "not_sure": p.not_sure if p.top else None, "why": p.why}
         for k in range(top_k):
             row[f"top{k + 1}"] = f"{p.top[k][0]} ({p.top[k][1]:.3f})" if k < len(p.top) else ""
         row["error"] = p.error
         rows.append(row)
-    return pd.DataFrame(rows, columns=["file", "answer", "confidence", "not_sure",
+    return pd.DataFrame(rows, columns=["file", "answer", "confidence", "not_sure", "why",
                                        *[f"top{k + 1}" for k in range(top_k)], "error"])
 
 
@@ -315,7 +413,12 @@ def predictions_frame(predictions: list[Prediction], top_k: int = 3):
 # Export
 
 
-MAX_BUNDLE_BYTES = 4 * 1024**3  # model.json and weights.safetensors together, unpacked
+MAX_BUNDLE_BYTES = 4 * 1024**3
+# Only the confidence rule travels: the distance rule needs the training photos' features, and a bundle is
+# made to be shared, where features of the user's own photos do not belong; the ONNX model keeps one output.
+BUNDLE_NOT_SURE_RULE = ("confidence only: \"not sure\" below not_sure_threshold. The run's second rule (\"not sure\" "
+                        "for a photo unlike the training photos, by its distance to their features) does not travel: "
+                        "it needs features of the training photos, which a bundle made for sharing leaves out")  # model.json and weights.safetensors together, unpacked
 
 
 def _bundle_files(path: Path) -> tuple[bytes, bytes]:
@@ -365,6 +468,7 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkp
         # calibrated top probability) the answer is "not sure" (calibration.py)
         "temperature": predictor.temperature,
         "not_sure_threshold": predictor.threshold,
+        "not_sure_rule": BUNDLE_NOT_SURE_RULE,
     }
     deployed = Deployed(predictor.model, predictor.tta_flip).eval()
     example = torch.zeros(2, 3, predictor.image_size, predictor.image_size)

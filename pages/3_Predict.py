@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import analysis, datastore, plots
+from finetune_core import analysis, calibration, datastore, plots
 from finetune_core.datastore import runs_root
 from finetune_core.heatmaps import METHOD, HeatmapError, Heatmapper
 from finetune_core.predict import (MAX_IMAGE_BYTES, PredictError, Predictor, bundle_warning, bundle_zip_bytes,
@@ -171,15 +171,30 @@ def confidence_tab(info: RunInfo, model: Predictor, predictions) -> float:
                 f"the test split: **{record['ece_before']:.3f}** before, **{record['ece_after']:.3f}** after. The "
                 f"run's threshold, {record['threshold']:.2f}, was chosen for at most {record['max_error']:.0%} "
                 "errors among the answered images.")
+    if record.get("threshold_capped"):
+        st.warning(f"The cap acted: at most {record['max_error']:.0%} errors among the answers needed a threshold that "
+                   f"answers \"not sure\" to more than {calibration.MAX_NOT_SURE:.0%} of the held-out photos, so the "
+                   f"run's threshold was lowered to refuse at most {calibration.MAX_NOT_SURE:.0%}: "
+                   f"{record['test_error_answered'] or 0:.1%} of the test photos it answers are wrong. Raise the "
+                   "slider for fewer errors and more \"not sure\".")
     st.plotly_chart(plots.reliability_figure(record["bins_before"], record["bins_after"]), width="stretch",
                     key="reliability")
+    if model.reference is not None:
+        st.markdown(f"**Photos of none of the classes**: a photo is also \"not sure\" when it is *unlike the training "
+                    f"photos*: its features (the head's input) lie further than {model.distance_threshold:.3f} from "
+                    f"the {model.neighbours}th nearest of {len(model.reference):,} training photos the run kept. "
+                    f"That distance was {record['distance_method']}, so that both rules together leave at most 5% "
+                    f"of in-class photos \"not sure\": {record['test_not_sure_combined']:.1%} of the test photos at "
+                    f"the run's thresholds (the slider moves the confidence rule only).")
+    else:
+        st.caption(model.not_sure_rule[0].upper() + model.not_sure_rule[1:] + ".")
     return threshold
 
 
 def show_answer(column, result, name: str) -> None:
     best, p = result.top[0]
     if result.not_sure:
-        column.markdown(f"**{analysis.markdown_text(name)}**: **not sure** (top guess "
+        column.markdown(f"**{analysis.markdown_text(name)}**: **not sure**, {result.why} (top guess "
                         f"{analysis.markdown_text(best)}, {p:.1%})")
     else:
         column.markdown(f"**{analysis.markdown_text(name)}**: **{analysis.markdown_text(best)}** ({p:.1%})")
@@ -251,8 +266,9 @@ def folder_tab(model: Predictor, threshold: float) -> None:
         r.threshold = threshold
     frame = predictions_frame(results)
     unsure, errors = int(frame["not_sure"].eq(True).sum()), int((frame["error"] != "").sum())
-    st.caption(f"{len(frame)} images: {len(frame) - unsure - errors} answered, {unsure} not sure, "
-               f"{errors} unreadable")
+    unlike = sum(r.not_sure and r.unlike for r in results)
+    st.caption(f"{len(frame)} images: {len(frame) - unsure - errors} answered, {unsure} not sure ({unlike} of them "
+               f"unlike the training photos), {errors} unreadable")
     st.dataframe(frame, width="stretch", hide_index=True, key="folder_table")
     st.download_button("Download the CSV", frame.to_csv(index=False), file_name="predictions.csv", mime="text/csv",
                        key="download_folder_csv")

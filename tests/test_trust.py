@@ -111,6 +111,8 @@ def test_the_temperature_and_threshold_reach_the_bundle_and_its_onnx_example(cal
     assert meta["temperature"] == predictor.temperature and meta["not_sure_threshold"] == predictor.threshold
     reloaded = Predictor.from_bundle(bundle)
     assert (reloaded.temperature, reloaded.threshold) == (predictor.temperature, predictor.threshold)
+    # the distance rule (novelty.py) stays with the run: the bundle says so, and answers by confidence alone
+    assert meta["not_sure_rule"].startswith("confidence only") and reloaded.reference is None
     image = pd.read_csv(calibrated_run / "predictions.csv")["path"][0]
     readme = (ROOT / "README.md").read_text()
     code = readme.split("<!-- onnxruntime example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
@@ -120,7 +122,7 @@ def test_the_temperature_and_threshold_reach_the_bundle_and_its_onnx_example(cal
         (bundle / "model.json").write_text(json.dumps(meta))
         namespace: dict = {}
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own lines
-        expected = predictor.predict_files([image], top_k=1, threshold=threshold)[0]
+        expected = reloaded.predict_files([image], top_k=1, threshold=threshold)[0]
         assert np.abs(namespace["probs"].max() - expected.top[0][1]) < 1e-4  # calibrated, as Predict's
         assert capsys.readouterr().out.strip() == expected.answer
     assert expected.answer == "not sure"
@@ -181,13 +183,16 @@ def test_the_predict_page_shows_calibration_not_sure_heatmaps_and_classifies_a_z
     assert len(reliability) == 1  # the diagonal, before, after
     assert any(f"{record['ece_before']:.3f}** before, **{record['ece_after']:.3f}** after" in m.value
                for m in at.markdown)
+    assert any("unlike the training photos" in m.value and f"{record['test_not_sure_combined']:.1%}" in m.value
+               for m in at.markdown)  # the second rule, "not sure" for photos of no class
     assert at.slider(key=f"threshold_{run.name}").value == pytest.approx(record["threshold"], abs=0.01)
     at.slider(key=f"threshold_{run.name}").set_value(1.0).run()  # nothing is sure enough
     paths = list(pd.read_csv(run / "predictions.csv")["path"])
     at.file_uploader(key="classify_upload").set_value([("one.png", open(paths[0], "rb").read(), "image/png")])
     at.toggle(key="heatmaps_classify").set_value(True).run()
     assert not at.exception
-    assert any("one.png" in m.value and "**not sure** (top guess" in m.value for m in at.markdown)
+    assert any("one.png" in m.value and "**not sure**, " in m.value and "low confidence" in m.value and "(top guess" in m.value
+               for m in at.markdown)
     assert any((i.proto.imgs[0].caption or "").startswith("why ") for i in at.get("image"))  # the heatmap
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
