@@ -161,11 +161,13 @@ def _bomb(name: str, filename: str, unpacked: int, packed: int) -> UploadError:
 
 
 def extract_zip(source, dest_root: str | os.PathLike, name: str, max_unpacked: int = MAX_UNPACKED_BYTES,
-                max_files: int = MAX_ZIP_FILES) -> Path:
+                max_files: int = MAX_ZIP_FILES, class_folders: bool = True) -> Path:
     """Unpack an uploaded zip into dest_root/<name> safely: no absolute paths, no '..', no links,
     limits on total size, file count and compression ratio (checked before writing, and the sizes
     again while writing: a header may lie); a damaged, encrypted or unsupported entry is refused.
-    The folder appears only when everything unpacked; a refused archive leaves nothing behind."""
+    The folder appears only when everything unpacked; a refused archive leaves nothing behind.
+    class_folders: a dataset's zip must hold a folder per class (photos at its top are refused);
+    a zip of photos to classify (Predict's) need not."""
     dest_root = Path(dest_root)
     dest_root.mkdir(parents=True, exist_ok=True)
     target = dest_root / safe_dataset_name(name)
@@ -217,7 +219,8 @@ def extract_zip(source, dest_root: str | os.PathLike, name: str, max_unpacked: i
                 except OSError as exc:  # a full disk, a name the file system refuses
                     raise UploadError(f"{name}: entry '{info.filename}' could not be written under {dest_root} "
                                       f"({exc.strerror or exc}); nothing was kept") from None
-            refuse_loose_images(_dataset_folder(tmp), name)
+            if class_folders:
+                refuse_loose_images(_dataset_folder(tmp), name)
             os.replace(_dataset_folder(tmp), target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -367,7 +367,7 @@ def predict_zip(predictor: "Predictor", source, name: str, top_k: int = 3, thres
     from .datastore import extract_zip
 
     with tempfile.TemporaryDirectory(prefix="tuneboard-predict-") as tmp:
-        folder = extract_zip(source, tmp, "upload")
+        folder = extract_zip(source, tmp, "upload", class_folders=False)  # photos, not a dataset
         results = predictor.predict_folder(folder, top_k, threshold, progress=progress)
         for r in results:
             r.name = relative_name(r.name, folder)

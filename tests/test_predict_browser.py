@@ -13,16 +13,15 @@ import pytest
 from conftest import make_tiny_dataset, tiny_train_config
 from finetune_core import calibration
 from finetune_core.engine import train
-import test_e2e_browser as e2e
 from test_e2e_browser import wait_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-server, browser_page = e2e.server, e2e.browser_page  # the browser test's server and Chromium (fixtures)
 
 
 @pytest.fixture(scope="module")
-def tiny_run(server):
-    """A calibrated tiny run (with its "not sure" reference) in the server's runs folder."""
+def tiny_run(dashboard_server):
+    """A calibrated tiny run (with its "not sure" reference) in the session dashboard's runs folder."""
+    server = dashboard_server
     minimum, calibration.MIN_CALIBRATION_IMAGES = calibration.MIN_CALIBRATION_IMAGES, 4
     try:
         config = tiny_train_config(make_tiny_dataset(server["data"] / "tiny"), epochs=2)
@@ -32,9 +31,10 @@ def tiny_run(server):
     return server["runs"] / "tiny-run"
 
 
-def test_predict_page_classifies_a_zipped_folder_downloads_the_csv_and_shows_heatmaps(server, browser_page,
-                                                                                      tiny_run):
-    page, url = browser_page, server["url"]
+def test_predict_page_classifies_a_zipped_folder_downloads_the_csv_and_shows_heatmaps(dashboard_server,
+                                                                                      chromium_page, tiny_run):
+    """The session's dashboard and Chromium (conftest), shared with the other browser files."""
+    page, url = chromium_page, dashboard_server["url"]
     photos = list(pd.read_csv(tiny_run / "predictions.csv")["path"])
     assert json.loads((tiny_run / "status.json").read_text())["state"] == "completed"
     page.goto(f"{url}/Predict")
