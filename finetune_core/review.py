@@ -95,9 +95,14 @@ KINDS = ("label", *COPY_KINDS, *QUALITY_KINDS)
 KIND_LABELS = {"label": "Label issue", "exact_duplicate": "Exact copy", "near_duplicate": "Near copy",
                "leak": "Test leak", "dark": "Dark", "light": "Too light", "blurry": "Blurred",
                "low_information": "Almost uniform", "odd_aspect_ratio": "Extreme aspect ratio", "tiny": "Tiny"}
-# What the page offers to do about an issue when the user accepts its suggestion.
+# What the page offers to do about an issue when the user accepts its suggestion (a label issue:
+# relabel only when the model is confident in another class, RELABEL_CONFIDENCE; else exclude).
 SUGGESTED_ACTION = {"label": "relabel", "leak": "drop_leak", "exact_duplicate": "exclude",
                     "near_duplicate": "exclude", **{k: "exclude" for k in QUALITY_KINDS}}
+RELABEL_CONFIDENCE = 0.5        # a flagged label is relabelled when the out-of-fold model gives the suggested class
+                                # at least this (more likely than all other classes together: a relabel is then
+                                # right more often than wrong), else the image is excluded: a wrong relabel is one
+                                # more wrong label, an exclusion costs one photo
 
 
 class ReviewStopped(Exception):
@@ -954,15 +959,24 @@ class ReviewJob:
 # From issues to fixes (what the page's buttons do)
 
 
+def suggested_action(issue: Issue) -> str:
+    """What accepting an issue's suggestion does: its kind's SUGGESTED_ACTION, except that a label
+    issue whose suggested class the model is unsure of (under RELABEL_CONFIDENCE) is excluded
+    rather than relabelled to a guess."""
+    if issue.kind == "label" and (issue.confidence or 0.0) < RELABEL_CONFIDENCE:
+        return "exclude"
+    return SUGGESTED_ACTION[issue.kind]
+
+
 def fixes_for(result: ReviewResult, issues: list[Issue], action: str, to: str = ""):
-    """The fixes that answer `issues` with `action`: "suggested" (each kind's SUGGESTED_ACTION:
-    relabel to the suggested class, drop a leak, exclude the rest), "relabel" (to `to`), "exclude",
-    or "keep" (not an issue)."""
+    """The fixes that answer `issues` with `action`: "suggested" (suggested_action: relabel to the
+    suggested class when the model is confident in it, drop a leak, exclude the rest), "relabel"
+    (to `to`), "exclude", or "keep" (not an issue)."""
     from .fixes import Fix, relative_path
 
     out = []
     for issue in issues:
-        chosen = SUGGESTED_ACTION[issue.kind] if action == "suggested" else action
+        chosen = suggested_action(issue) if action == "suggested" else action
         if chosen == "relabel" and not (to or issue.suggested):
             continue  # nothing to relabel to (a copy or a dark photo has no suggested class)
         if chosen == "drop_leak" and issue.split != "test":
@@ -983,3 +997,20 @@ def decided(result: ReviewResult, fixes) -> dict[str, str]:
                  "drop_leak": "dropped from the test split", "keep": "kept"}[fix.action]
         out[path if fix.action != "keep" else f"{path}|{fix.kind}"] = words
     return out
+
+
+def suggested_fixes(result: ReviewResult, fixes) -> list:
+    """What "Accept all suggested" records: the suggested fix (suggested_action) of every issue of
+    the training split that `fixes` (the fixes file's entries) does not answer yet, one per image
+    (its first issue's, label issues first). Test-split issues are left to a person: the test split
+    is the yardstick, and relabelling a test image to the model's answer or dropping it raises the
+    test accuracy without making the model any better."""
+    done = decided(result, fixes)
+    chosen, seen = [], set()
+    for issue in result.issues:
+        if issue.split != "train" or issue.path in seen or done.get(issue.path) \
+                or done.get(f"{issue.path}|{issue.kind}"):
+            continue
+        seen.add(issue.path)
+        chosen.append(issue)
+    return fixes_for(result, chosen, "suggested")
