@@ -102,7 +102,7 @@ def plant_flips(src: Path, dst: Path, seed: int, share: float = 0.05) -> dict:
 # The loop: train, review, accept the suggestions, train again
 
 
-def train_fast(data: Path, runs_dir: Path, name: str, seed: int) -> dict:
+def train_fast(data: Path, runs_dir: Path, name: str, seed: int, overrides: tuple[str, ...] = ()) -> dict:
     """One fast-preset run through the command line, as a fresh process: its test accuracy, run
     folder, wall and CPU time (of the process and its children) and the load average around it."""
     import resource
@@ -112,7 +112,7 @@ def train_fast(data: Path, runs_dir: Path, name: str, seed: int) -> dict:
     load = Path("/proc/loadavg").read_text().split()[0]
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "finetune_core", "train", "--preset", "fast", "--data", str(data),
-                          "--runs-dir", str(runs_dir), "--seed", str(seed), "--name", name, "--json", "--quiet"],
+                          "--runs-dir", str(runs_dir), "--seed", str(seed), "--name", name, "--json", "--quiet", *overrides],
                          cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -179,12 +179,14 @@ def loop(args) -> None:
         json_out.write_text(json.dumps(results, indent=1))
         print(key, json.dumps(value), flush=True)
 
-    step("clean before", train_fast(clean, runs_dir, "clean-before", args.seed))
-    step("flipped before", train_fast(flipped, runs_dir, "flipped-before", args.seed))
+    overrides = tuple(args.train_args.split())
+    results["overrides"] = " ".join(overrides)
+    step("clean before", train_fast(clean, runs_dir, "clean-before", args.seed, overrides))
+    step("flipped before", train_fast(flipped, runs_dir, "flipped-before", args.seed, overrides))
     step("flipped review", review_and_accept(flipped, runs_dir, flips))
-    step("flipped after", train_fast(flipped, runs_dir, "flipped-after", args.seed))
+    step("flipped after", train_fast(flipped, runs_dir, "flipped-after", args.seed, overrides))
     step("clean review", review_and_accept(clean, runs_dir, None))
-    step("clean after", train_fast(clean, runs_dir, "clean-after", args.seed))
+    step("clean after", train_fast(clean, runs_dir, "clean-after", args.seed, overrides))
     text = "\n".join(loop_report(results))
     print(text)
     if args.out:
@@ -193,7 +195,7 @@ def loop(args) -> None:
 
 def loop_report(r: dict) -> list[str]:
     acc = {k: r[k]["test_acc"] for k in ("clean before", "flipped before", "flipped after", "clean after") if k in r}
-    lines = [f"# bench_review --loop: {r['dataset']}, the fast preset, seed {r['seed']}", "",
+    lines = [f"# bench_review --loop: {r['dataset']}, the fast preset {r.get('overrides', '')}, seed {r['seed']}", "",
              "| training labels | run | test acc | test images | fixes accepted | wall s | CPU s | load |",
              "|---|---|---|---|---|---|---|---|"]
     for key, labels, review in (("clean before", "as shipped", None), ("clean after", "as shipped", "clean review"),
@@ -311,6 +313,8 @@ def main() -> None:
     parser.add_argument("--features", default="", help="a --dump file: only the label table, from its features")
     parser.add_argument("--loop", action="store_true", help="train, review, accept the suggestions, train again "
                         "(the fast preset), on the dataset and on a copy with 5%% of its labels flipped")
+    parser.add_argument("--train-args", default="", help="--loop: settings added to each fast-preset run, e.g. "
+                        "'--epochs 7 --feature-views 2' on a loaded machine")
     args = parser.parse_args()
     if args.loop:
         loop(args)

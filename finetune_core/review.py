@@ -82,6 +82,9 @@ NEAR_HASH_BITS = 6              # pHash Hamming distance (of 64 bits) of a near 
 LOOSE_HASH_BITS = 10            # or this distance together with
 NEAR_COSINE = 0.95              # this cosine of the backbone's features,
 SAME_COSINE = 0.99              # or this cosine alone
+HASH_CONFIRMED_ABOVE = 0.999    # a pHash match counts when the two images' features are also closer than this share
+                                # of the dataset's pairs of images are (photos of a small object on a plain background
+                                # share a pHash: trashnet6's bottle cap and battery at 6 bits, cosine 0.3)
 HEAD_C_IMAGES = 16.0            # the head's C is this / the images it is fitted on: 0.01 for trashnet6's folds
                                 # (bench_review.py); a fixed C would regularise 60 photos 30 times harder
 FLAG_GIVEN_BELOW = 0.02         # flag a label only when the out-of-fold model gives it under 2% (bench_review.py:
@@ -648,14 +651,17 @@ def near_copies(hashes: tuple[np.ndarray, np.ndarray, np.ndarray], features: np.
     """(i, j, similarity) for i > j: image i nearly copies the earlier image j (its best such
     match). `hashes`: perceptual_hashes' (plain, mirrored, zoomed). The distance of two images is
     the least of plain-plain, mirror-plain and zoomed-plain (both ways). Near: a distance of at most
-    NEAR_HASH_BITS alone, or at most LOOSE_HASH_BITS with a feature cosine of at least NEAR_COSINE,
-    or a cosine of at least SAME_COSINE."""
+    NEAR_HASH_BITS with features that agree (a cosine above all but 1 - HASH_CONFIRMED_ABOVE of the
+    dataset's pairs: pHash sees where light and dark lie, which photos of different small objects
+    on one plain background share), or at most LOOSE_HASH_BITS with a cosine of at least
+    NEAR_COSINE, or a cosine of at least SAME_COSINE. Without features, the distance alone."""
     plain, mirrored, zoomed = hashes
     n = len(plain)
-    normed = None
+    normed, confirming = None, -1.0
     if features is not None:
         normed = features / np.clip(np.linalg.norm(features, axis=1, keepdims=True), 1e-12, None)
         normed = normed.astype(np.float32)
+        confirming = pair_cosine_quantile(normed, HASH_CONFIRMED_ABOVE)
     pairs = []
     for start in range(0, n, chunk):
         rows = slice(start, min(n, start + chunk))
@@ -664,7 +670,8 @@ def near_copies(hashes: tuple[np.ndarray, np.ndarray, np.ndarray], features: np.
         near = dist <= NEAR_HASH_BITS
         if normed is not None:
             cos = normed[rows] @ normed.T
-            near |= ((dist <= LOOSE_HASH_BITS) & (cos >= NEAR_COSINE)) | (cos >= SAME_COSINE)
+            near = (near & (cos >= confirming)) | ((dist <= LOOSE_HASH_BITS) & (cos >= NEAR_COSINE)) | \
+                (cos >= SAME_COSINE)
         for r in range(near.shape[0]):
             i = start + r
             candidates = np.flatnonzero(near[r, :i])
@@ -673,6 +680,21 @@ def near_copies(hashes: tuple[np.ndarray, np.ndarray, np.ndarray], features: np.
                 best = int(np.argmax(similarity))
                 pairs.append((i, int(candidates[best]), float(similarity[best])))
     return pairs
+
+
+def pair_cosine_quantile(normed: np.ndarray, quantile: float, pairs: int = 200_000) -> float:
+    """The `quantile` of the cosine between two different images of the dataset (unit-norm
+    `normed` features): every pair of a small dataset, a fixed random sample of a large one."""
+    n = len(normed)
+    if n < 2:
+        return -1.0
+    if n * (n - 1) // 2 <= pairs:
+        i, j = np.triu_indices(n, 1)
+    else:
+        rng = np.random.default_rng(0)
+        i, j = rng.integers(0, n, pairs), rng.integers(0, n, pairs)
+        i, j = i[i != j], j[i != j]
+    return float(np.quantile(np.einsum("ij,ij->i", normed[i], normed[j]), quantile))
 
 
 # --------------------------------------------------------------------------------------------
