@@ -298,6 +298,56 @@ def label_table(rows: list) -> list[str]:
     return lines
 
 
+def judged_lines(others: list[str], root: str, dataset: str, n_others: int) -> list[str]:
+    """The other images flagged as copies, split by a person's judgement of each pair
+    (benchmarks/<dataset>_copies_judged.txt: the same object photographed twice, or two different ones)."""
+    file = Path(__file__).with_name(f"{dataset}_copies_judged.txt")
+    if not file.is_file():
+        return []
+    verdict = {}
+    for line in file.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            word, pair = line.split(maxsplit=1)
+            verdict[pair.split(" ~ ")[0].strip()] = word
+    found = [verdict.get(p.replace(root, ""), "not judged") for p in others]
+    return [f"  - judged by eye ({file.name}): {found.count('copy')} the same object photographed twice, "
+            f"{found.count('different')} different objects ({found.count('different') / n_others:.2%} of the "
+            f"other images), {found.count('not judged')} not judged"]
+
+
+def copies_from_dump(dump: str, dataset: str, seed: int) -> list[str]:
+    """The near-copy detector again on a --dump file's features, without the backbone: the dataset is
+    planted again (the same seed plants the same copies), the centre views hashed, and near_copies run
+    on both; what it finds of the planted near copies and how many other images it flags."""
+    import torch
+
+    from finetune_core.prepare import decode_test
+    from finetune_core.review import near_copies, perceptual_hashes
+
+    z = np.load(dump)
+    old_root = str(Path(str(z["train_paths"][0])).parents[2])
+    with tempfile.TemporaryDirectory(prefix="bench-review-") as tmp:
+        data = Path(tmp) / dataset
+        planted = plant(DATASETS / dataset, data, seed)
+        paths = [str(p).replace(old_root, str(data)) for p in list(z["train_paths"]) + list(z["test_paths"])]
+        hashes = []
+        for start in range(0, len(paths), 64):
+            views = np.stack([decode_test(p, int(z["image_size"]) if "image_size" in z else 224)
+                              for p in paths[start:start + 64]])
+            hashes.append(perceptual_hashes(torch.from_numpy(views)))
+        pairs = near_copies(tuple(np.concatenate([h[k] for h in hashes]) for k in range(3)),
+                            np.concatenate([z["train"], z["test"]]))
+        flagged = {paths[i]: paths[j] for i, j, _ in pairs}
+        found = sum(flagged.get(p) == src for p, src in planted["near"].items())
+        others = [p for p in flagged if p not in planted["near"] and p not in planted["exact"]]
+        n_others = len(paths) - len(planted["near"])
+        return ([f"Near copies from {dump} (features of the dump, pHashes computed again):", "",
+                 f"- near copies (60%, JPEG 70, 5% crop) in test found: {found}/{len(planted['near'])}",
+                 f"- other images flagged as copies: {len(others)} of {n_others} ({len(others) / n_others:.2%})"]
+                + judged_lines(others, str(data) + "/", dataset, n_others)
+                + [f"  - {p.replace(str(data) + '/', '')} ~ {flagged[p].replace(str(data) + '/', '')}" for p in others])
+
+
 def true_labels(paths: list[str], planted: dict, classes: list[str]) -> np.ndarray:
     return np.array([classes.index(planted["flips"].get(p, Path(p).parent.name)) for p in paths])
 
@@ -315,11 +365,19 @@ def main() -> None:
                         "(the fast preset), on the dataset and on a copy with 5%% of its labels flipped")
     parser.add_argument("--train-args", default="", help="--loop: settings added to each fast-preset run, e.g. "
                         "'--epochs 7 --feature-views 2' on a loaded machine")
+    parser.add_argument("--copies-from", default="", help="a --dump file: only the near-copy detector, from its "
+                        "features and the pHashes of the planted dataset made again")
     args = parser.parse_args()
     if args.loop:
         loop(args)
         return
 
+    if args.copies_from:
+        text = "\n".join(copies_from_dump(args.copies_from, args.dataset, args.seed))
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
     if args.features:
         z = np.load(args.features)
         classes, planted = list(z["classes"]), json.loads(str(z["planted"]))
@@ -380,7 +438,8 @@ def main() -> None:
               f"- exact copies in test found as leaks: {exact_found}/20",
               f"- near copies (60%, JPEG 70, 5% crop) in test found as leaks: {near_found}/20",
               f"- other images flagged as copies: {len(others)} of {n_images - 40} "
-              f"({len(others) / (n_images - 40):.2%})", "",
+              f"({len(others) / (n_images - 40):.2%})"] + judged_lines(others, root, args.dataset, n_images - 40) + [
+              "",
               "## Images that teach nothing", ""]
     for kind, (recall, fp) in quality.items():
         lines.append(f"- {kind}: {recall:.0%} of 10 planted found; {fp} other images flagged {kind}")
