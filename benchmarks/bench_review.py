@@ -367,7 +367,15 @@ def main() -> None:
                         "'--epochs 7 --feature-views 2' on a loaded machine")
     parser.add_argument("--copies-from", default="", help="a --dump file: only the near-copy detector, from its "
                         "features and the pHashes of the planted dataset made again")
+    parser.add_argument("--loop-report", default="", help="the --loop table again from its .json (also a loop "
+                        "that has not finished)")
     args = parser.parse_args()
+    if args.loop_report:
+        text = "\n".join(loop_report(json.loads(Path(args.loop_report).read_text())))
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
     if args.loop:
         loop(args)
         return
