@@ -19,7 +19,8 @@ the training loss of a head fitted on all images (what fastai's cleaner does).
 suggested" records (review.suggested_fixes), train again with the same seed; on the dataset as it
 is and on a copy with 5% of its training labels flipped at random (their test split untouched):
 
-    nice -n 10 python benchmarks/bench_review.py --dataset trashnet6 --loop --out benchmarks/results/bench_review_loop.md
+    nice -n 10 python benchmarks/bench_review.py --dataset trashnet6 --loop \
+        --out benchmarks/results/bench_review_loop.md
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def train_fast(data: Path, runs_dir: Path, name: str, seed: int, overrides: tupl
     load = Path("/proc/loadavg").read_text().split()[0]
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "finetune_core", "train", "--preset", "fast", "--data", str(data),
-                          "--runs-dir", str(runs_dir), "--seed", str(seed), "--name", name, "--json", "--quiet", *overrides],
+                          "--runs-dir", str(runs_dir), "--seed", str(seed), "--name", name, "--json", "--quiet",
+                          *overrides],
                          cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -96,7 +96,7 @@ def record(root: str, fixes: list, what: str) -> None:
     st.rerun()
 
 
-def issue_card(issue, status: str, key: str) -> None:
+def issue_card(issue, status: str, key: str, relabel_above: dict | None) -> None:
     with st.container(border=True):
         if issue.other:
             cols = st.columns(2)
@@ -111,22 +111,24 @@ def issue_card(issue, status: str, key: str) -> None:
         st.markdown(f"**{KIND_LABELS[issue.kind]}** · {issue.split} · given **"
                     f"{analysis.markdown_text(issue.given)}**{suggestion}{confidence} · score {issue.score:.2f}")
         st.caption(analysis.markdown_text(f"{issue.detail} · {Path(issue.path).name}"))
-        st.caption(f"Accept: {suggestion_words(issue)}")
+        st.caption(f"Accept: {suggestion_words(issue, relabel_above)}")
         if status:
             st.caption(f"Decided: {status}")
         else:
             st.checkbox("select", key=key)
 
 
-def suggestion_words(issue) -> str:
+def suggestion_words(issue, relabel_above: dict | None) -> str:
     """What the Accept button does to this issue, in words."""
-    action = suggested_action(issue)
+    action = suggested_action(issue, relabel_above)
     if action == "relabel":
         return f"relabel to '{analysis.markdown_text(issue.suggested)}'"
     if action == "drop_leak":
         return "drop it from the test split"
     if issue.kind == "label":
-        return f"exclude (the model is unsure which class it is: under {RELABEL_CONFIDENCE:.0%} for any)"
+        needed = (relabel_above or {}).get(issue.suggested, RELABEL_CONFIDENCE)
+        return (f"exclude (the model is not sure enough of '{analysis.markdown_text(issue.suggested)}': it relabels "
+                f"from {needed:.0%})")
     return "exclude"
 
 
@@ -138,8 +140,9 @@ def accept_all_section(root: str, result, fixes: list) -> None:
     relabel = sum(f.action == "relabel" for f in pending)
     label = f"Accept all suggested ({relabel} relabel, {len(pending) - relabel} exclude)"
     if st.button(label, key="act_accept_all",
-                 help=f"Every undecided issue of the training split: a label issue is relabelled when the model "
-                      f"gives the suggested class at least {RELABEL_CONFIDENCE:.0%}, else excluded; copies and poor "
+                 help="Every undecided issue of the training split: a label issue is relabelled when the model "
+                      "is as sure of the suggested class as it is, on average, of the photos labelled with it, else "
+                      "excluded; copies and poor "
                       "photos are excluded. Issues of the test split are left to you: it is what accuracy is "
                       "measured on, and changing it to the model's answer would only flatter the model. Each fix "
                       "can be undone below."):
@@ -179,7 +182,7 @@ def issues_section(root: str, result, fixes: list) -> None:
     grid = st.columns(3)
     for k, (name, issue) in enumerate(keys.items()):
         with grid[k % 3]:
-            issue_card(issue, status[id(issue)], name)
+            issue_card(issue, status[id(issue)], name, result.method.get("relabel_above"))
     selected = [i for name, i in keys.items() if st.session_state.get(name)]
     actions_bar(root, result, selected)
 
