@@ -13,10 +13,19 @@ the unflipped labels (how many images are flagged on a clean set); and compared 
 the training loss of a head fitted on all images (what fastai's cleaner does).
 
     nice -n 10 python benchmarks/bench_review.py --dataset trashnet6 --out benchmarks/results/bench_review.md
+
+`--loop` measures whether the review pays, as a user would go: train with the fast preset, review
+(which reads that run's cached activations), accept every suggestion the Review page's "Accept all
+suggested" records (review.suggested_fixes), train again with the same seed; on the dataset as it
+is and on a copy with 5% of its training labels flipped at random (their test split untouched):
+
+    nice -n 10 python benchmarks/bench_review.py --dataset trashnet6 --loop \
+        --out benchmarks/results/bench_review_loop.md
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import sys
@@ -36,7 +45,6 @@ def plant(src: Path, dst: Path, seed: int) -> dict:
     """Copy `src` to `dst` and plant the problems; returns what was planted (paths in dst)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("MANIFEST*"))
     rng = random.Random(seed)
-    classes = sorted(p.name for p in (dst / "train").iterdir())
     train = sorted(p for p in (dst / "train").glob("*/*") if p.is_file())
     rng.shuffle(train)
     n_flip = round(0.05 * len(train))
@@ -64,12 +72,156 @@ def plant(src: Path, dst: Path, seed: int) -> dict:
         img = Image.open(p).convert("RGB")
         img.filter(ImageFilter.GaussianBlur(max(img.size) / 100)).save(p, quality=95)
         planted["blurry"].append(str(p))
-    for p in flips:
+    planted["flips"] = flip(dst, flips, rng)
+    return planted
+
+
+def flip(dst: Path, images: list[Path], rng: random.Random) -> dict:
+    """Move each of `images` (in dst/train/<class>/) to another class folder chosen at random:
+    {new path: the true class}."""
+    classes = sorted(p.name for p in (dst / "train").iterdir())
+    flips = {}
+    for p in images:
         to = rng.choice([c for c in classes if c != p.parent.name])
         dest = dst / "train" / to / p.name
         p.rename(dest)
-        planted["flips"][str(dest)] = p.parent.name
-    return planted
+        flips[str(dest)] = p.parent.name
+    return flips
+
+
+def plant_flips(src: Path, dst: Path, seed: int, share: float = 0.05) -> dict:
+    """Copy `src` to `dst` and flip `share` of its training labels at random (nothing else):
+    {new path: the true class}."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("MANIFEST*"))
+    rng = random.Random(seed)
+    train = sorted(p for p in (dst / "train").glob("*/*") if p.is_file())
+    rng.shuffle(train)
+    return flip(dst, train[:round(share * len(train))], rng)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop: train, review, accept the suggestions, train again
+
+
+def train_fast(data: Path, runs_dir: Path, name: str, seed: int, overrides: tuple[str, ...] = ()) -> dict:
+    """One fast-preset run through the command line, as a fresh process: its test accuracy, run
+    folder, wall and CPU time (of the process and its children) and the load average around it."""
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = Path("/proc/loadavg").read_text().split()[0]
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "finetune_core", "train", "--preset", "fast", "--data", str(data),
+                          "--runs-dir", str(runs_dir), "--seed", str(seed), "--name", name, "--json", "--quiet",
+                          *overrides],
+                         cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode:
+        raise RuntimeError(f"training {name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    run = sorted((p for p in runs_dir.iterdir() if (p / "status.json").is_file() and name in p.name),
+                 key=lambda p: p.stat().st_mtime)[-1]
+    status = json.loads((run / "status.json").read_text())
+    predictions = __import__("pandas").read_csv(run / "predictions.csv")
+    return {"run": run.name, "test_acc": status["test_acc"], "test_images": len(predictions), "wall_s": round(wall),
+            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime),
+            "load": f"{load}-{Path('/proc/loadavg').read_text().split()[0]}"}
+
+
+def review_and_accept(data: Path, runs_dir: Path, flips: dict | None) -> dict:
+    """Review `data` after its run (the run's cached activations give the features), record what
+    "Accept all suggested" records, and say what it did; with planted `flips`, how many of them
+    the fixes corrected, excluded or left, and how many right labels they changed."""
+    import resource
+
+    from finetune_core.fixes import add_fixes, fixes_path, load_fixes
+    from finetune_core.review import review_dataset, suggested_fixes
+
+    t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    result = review_dataset(data, runs_dir=runs_dir)
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    fixes = suggested_fixes(result, load_fixes(fixes_path(data)))
+    add_fixes(data, fixes)
+    out = {"review_wall_s": round(time.perf_counter() - t0), "review_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime
+                                                                                   - cpu0.ru_utime - cpu0.ru_stime),
+           "features_from": result.method.get("features_from"), "issues": result.counts(),
+           "accepted": {a: sum(f.action == a for f in fixes) for a in ("relabel", "exclude", "drop_leak")},
+           "accepted_by_kind": {k: sum(f.kind == k for f in fixes) for k in sorted({f.kind for f in fixes})}}
+    if flips is not None:
+        true = {str(Path(p).relative_to(data)): c for p, c in flips.items()}
+        by_path = {f.path: f for f in fixes}
+        out["flips"] = {
+            "planted": len(true),
+            "relabelled to the true class": sum(by_path[p].action == "relabel" and by_path[p].to == c
+                                                for p, c in true.items() if p in by_path),
+            "relabelled to a wrong class": sum(by_path[p].action == "relabel" and by_path[p].to != c
+                                               for p, c in true.items() if p in by_path),
+            "excluded": sum(by_path[p].action == "exclude" for p in true if p in by_path),
+            "left as flipped": sum(p not in by_path for p in true),
+            "right labels relabelled": sum(f.action == "relabel" for p, f in by_path.items() if p not in true),
+            "right labels excluded": sum(f.action == "exclude" for p, f in by_path.items() if p not in true)}
+    return out
+
+
+def loop(args) -> None:
+    import os
+
+    work = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    os.environ["TUNEBOARD_CACHE"] = str(work / "cache")  # cold, and shared by the runs and the reviews
+    runs_dir = work / "runs"
+    clean, flipped = work / args.dataset, work / f"{args.dataset}-flipped"
+    shutil.copytree(DATASETS / args.dataset, clean, ignore=shutil.ignore_patterns("MANIFEST*"))
+    flips = plant_flips(DATASETS / args.dataset, flipped, args.seed)
+    results: dict = {"dataset": args.dataset, "seed": args.seed, "flipped": len(flips), "work": str(work)}
+    json_out = Path(args.out).with_suffix(".json") if args.out else work / "loop.json"
+
+    def step(key: str, value: dict) -> None:
+        results[key] = value
+        json_out.write_text(json.dumps(results, indent=1))
+        print(key, json.dumps(value), flush=True)
+
+    overrides = tuple(args.train_args.split())
+    results["overrides"] = " ".join(overrides)
+    step("clean before", train_fast(clean, runs_dir, "clean-before", args.seed, overrides))
+    step("flipped before", train_fast(flipped, runs_dir, "flipped-before", args.seed, overrides))
+    step("flipped review", review_and_accept(flipped, runs_dir, flips))
+    step("flipped after", train_fast(flipped, runs_dir, "flipped-after", args.seed, overrides))
+    step("clean review", review_and_accept(clean, runs_dir, None))
+    step("clean after", train_fast(clean, runs_dir, "clean-after", args.seed, overrides))
+    text = "\n".join(loop_report(results))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+def loop_report(r: dict) -> list[str]:
+    acc = {k: r[k]["test_acc"] for k in ("clean before", "flipped before", "flipped after", "clean after") if k in r}
+    lines = [f"# bench_review --loop: {r['dataset']}, the fast preset {r.get('overrides', '')}, seed {r['seed']}", "",
+             "| training labels | run | test acc | test images | fixes accepted | wall s | CPU s | load |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, labels, review in (("clean before", "as shipped", None), ("clean after", "as shipped", "clean review"),
+                                ("flipped before", f"{r['flipped']} flipped (5%)", None),
+                                ("flipped after", f"{r['flipped']} flipped (5%)", "flipped review")):
+        if key in r:
+            fixes = r[review]["accepted"] if review else {}
+            lines.append(f"| {labels} | {key.split()[1]} review | {r[key]['test_acc']:.4f} | {r[key]['test_images']} | "
+                         + (", ".join(f"{n} {a}" for a, n in fixes.items() if n) or "-")
+                         + f" | {r[key]['wall_s']} | {r[key]['cpu_s']} | {r[key]['load']} |")
+    if {"clean before", "flipped before", "flipped after"} <= acc.keys():
+        cost = acc["clean before"] - acc["flipped before"]
+        regained = acc["flipped after"] - acc["flipped before"]
+        lines += ["", f"The flips cost {cost:+.4f} of test accuracy; after review {regained:+.4f} of it came back"
+                      + (f" ({regained / cost:.0%})." if cost > 0 else ".")]
+    for review in ("flipped review", "clean review"):
+        if review in r:
+            v = r[review]
+            lines += ["", f"{review}: {v['review_wall_s']} s wall, {v['review_cpu_s']} s CPU, features: "
+                          f"{v['features_from']}; issues {json.dumps({k: n for k, n in v['issues'].items() if n})}; "
+                          f"accepted by kind {json.dumps(v['accepted_by_kind'])}"]
+            if "flips" in v:
+                lines.append("planted flips: " + ", ".join(f"{k} {n}" for k, n in v["flips"].items()))
+    return lines
 
 
 def ranking_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -148,6 +300,56 @@ def label_table(rows: list) -> list[str]:
     return lines
 
 
+def judged_lines(others: list[str], root: str, dataset: str, n_others: int) -> list[str]:
+    """The other images flagged as copies, split by a person's judgement of each pair
+    (benchmarks/<dataset>_copies_judged.txt: the same object photographed twice, or two different ones)."""
+    file = Path(__file__).with_name(f"{dataset}_copies_judged.txt")
+    if not file.is_file():
+        return []
+    verdict = {}
+    for line in file.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            word, pair = line.split(maxsplit=1)
+            verdict[pair.split(" ~ ")[0].strip()] = word
+    found = [verdict.get(p.replace(root, ""), "not judged") for p in others]
+    return [f"  - judged by eye ({file.name}): {found.count('copy')} the same object photographed twice, "
+            f"{found.count('different')} different objects ({found.count('different') / n_others:.2%} of the "
+            f"other images), {found.count('not judged')} not judged"]
+
+
+def copies_from_dump(dump: str, dataset: str, seed: int) -> list[str]:
+    """The near-copy detector again on a --dump file's features, without the backbone: the dataset is
+    planted again (the same seed plants the same copies), the centre views hashed, and near_copies run
+    on both; what it finds of the planted near copies and how many other images it flags."""
+    import torch
+
+    from finetune_core.prepare import decode_test
+    from finetune_core.review import near_copies, perceptual_hashes
+
+    z = np.load(dump)
+    old_root = str(Path(str(z["train_paths"][0])).parents[2])
+    with tempfile.TemporaryDirectory(prefix="bench-review-") as tmp:
+        data = Path(tmp) / dataset
+        planted = plant(DATASETS / dataset, data, seed)
+        paths = [str(p).replace(old_root, str(data)) for p in list(z["train_paths"]) + list(z["test_paths"])]
+        hashes = []
+        for start in range(0, len(paths), 64):
+            views = np.stack([decode_test(p, int(z["image_size"]) if "image_size" in z else 224)
+                              for p in paths[start:start + 64]])
+            hashes.append(perceptual_hashes(torch.from_numpy(views)))
+        pairs = near_copies(tuple(np.concatenate([h[k] for h in hashes]) for k in range(3)),
+                            np.concatenate([z["train"], z["test"]]))
+        flagged = {paths[i]: paths[j] for i, j, _ in pairs}
+        found = sum(flagged.get(p) == src for p, src in planted["near"].items())
+        others = [p for p in flagged if p not in planted["near"] and p not in planted["exact"]]
+        n_others = len(paths) - len(planted["near"])
+        return ([f"Near copies from {dump} (features of the dump, pHashes computed again):", "",
+                 f"- near copies (60%, JPEG 70, 5% crop) in test found: {found}/{len(planted['near'])}",
+                 f"- other images flagged as copies: {len(others)} of {n_others} ({len(others) / n_others:.2%})"]
+                + judged_lines(others, str(data) + "/", dataset, n_others)
+                + [f"  - {p.replace(str(data) + '/', '')} ~ {flagged[p].replace(str(data) + '/', '')}" for p in others])
+
+
 def true_labels(paths: list[str], planted: dict, classes: list[str]) -> np.ndarray:
     return np.array([classes.index(planted["flips"].get(p, Path(p).parent.name)) for p in paths])
 
@@ -161,11 +363,32 @@ def main() -> None:
     parser.add_argument("--dump", default="", help="also save the features, labels and planted problems (.npz), "
                         "to tune thresholds without running the backbone again")
     parser.add_argument("--features", default="", help="a --dump file: only the label table, from its features")
+    parser.add_argument("--loop", action="store_true", help="train, review, accept the suggestions, train again "
+                        "(the fast preset), on the dataset and on a copy with 5%% of its labels flipped")
+    parser.add_argument("--train-args", default="", help="--loop: settings added to each fast-preset run, e.g. "
+                        "'--epochs 7 --feature-views 2' on a loaded machine")
+    parser.add_argument("--copies-from", default="", help="a --dump file: only the near-copy detector, from its "
+                        "features and the pHashes of the planted dataset made again")
+    parser.add_argument("--loop-report", default="", help="the --loop table again from its .json (also a loop "
+                        "that has not finished)")
     args = parser.parse_args()
+    if args.loop_report:
+        text = "\n".join(loop_report(json.loads(Path(args.loop_report).read_text())))
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
+    if args.loop:
+        loop(args)
+        return
 
+    if args.copies_from:
+        text = "\n".join(copies_from_dump(args.copies_from, args.dataset, args.seed))
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
     if args.features:
-        import json
-
         z = np.load(args.features)
         classes, planted = list(z["classes"]), json.loads(str(z["planted"]))
         true = true_labels(list(z["train_paths"]), planted, classes)
@@ -189,8 +412,6 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         classes = result.classes
         if args.dump:
-            import json
-
             np.savez(args.dump, train=features["train"], test=features["test"], train_labels=features["train_labels"],
                      test_labels=features["test_labels"], train_paths=np.array(features["train_paths"]),
                      test_paths=np.array(features["test_paths"]), planted=json.dumps(planted),
@@ -227,7 +448,8 @@ def main() -> None:
               f"- exact copies in test found as leaks: {exact_found}/20",
               f"- near copies (60%, JPEG 70, 5% crop) in test found as leaks: {near_found}/20",
               f"- other images flagged as copies: {len(others)} of {n_images - 40} "
-              f"({len(others) / (n_images - 40):.2%})", "",
+              f"({len(others) / (n_images - 40):.2%})"] + judged_lines(others, root, args.dataset, n_images - 40) + [
+              "",
               "## Images that teach nothing", ""]
     for kind, (recall, fp) in quality.items():
         lines.append(f"- {kind}: {recall:.0%} of 10 planted found; {fp} other images flagged {kind}")

@@ -15,7 +15,8 @@ from finetune_core import analysis, datastore
 from finetune_core.data import DatasetError, scan_dataset
 from finetune_core.datastore import runs_root
 from finetune_core.fixes import FixesError, add_fixes, dataset_stamp, fixes_path, load_fixes, undo_fix
-from finetune_core.review import (KIND_LABELS, KINDS, ReviewJob, decided, fixes_for, load_result, result_path)
+from finetune_core.review import (KIND_LABELS, KINDS, RELABEL_CONFIDENCE, ReviewJob, decided, fixes_for, load_result,
+                                  result_path, suggested_action, suggested_fixes)
 from tuneboard_ui import LIVE_REFRESH_S, flash, page, picture
 
 PER_PAGE = 12
@@ -95,7 +96,7 @@ def record(root: str, fixes: list, what: str) -> None:
     st.rerun()
 
 
-def issue_card(issue, status: str, key: str) -> None:
+def issue_card(issue, status: str, key: str, relabel_above: dict | None) -> None:
     with st.container(border=True):
         if issue.other:
             cols = st.columns(2)
@@ -110,10 +111,42 @@ def issue_card(issue, status: str, key: str) -> None:
         st.markdown(f"**{KIND_LABELS[issue.kind]}** · {issue.split} · given **"
                     f"{analysis.markdown_text(issue.given)}**{suggestion}{confidence} · score {issue.score:.2f}")
         st.caption(analysis.markdown_text(f"{issue.detail} · {Path(issue.path).name}"))
+        st.caption(f"Accept: {suggestion_words(issue, relabel_above)}")
         if status:
             st.caption(f"Decided: {status}")
         else:
             st.checkbox("select", key=key)
+
+
+def suggestion_words(issue, relabel_above: dict | None) -> str:
+    """What the Accept button does to this issue, in words."""
+    action = suggested_action(issue, relabel_above)
+    if action == "relabel":
+        return f"relabel to '{analysis.markdown_text(issue.suggested)}'"
+    if action == "drop_leak":
+        return "drop it from the test split"
+    if issue.kind == "label":
+        needed = (relabel_above or {}).get(issue.suggested, RELABEL_CONFIDENCE)
+        return (f"exclude (the model is not sure enough of '{analysis.markdown_text(issue.suggested)}': it relabels "
+                f"from {needed:.0%})")
+    return "exclude"
+
+
+def accept_all_section(root: str, result, fixes: list) -> None:
+    """One click for every suggestion on the training split (review.suggested_fixes)."""
+    pending = suggested_fixes(result, fixes)
+    if not pending:
+        return
+    relabel = sum(f.action == "relabel" for f in pending)
+    label = f"Accept all suggested ({relabel} relabel, {len(pending) - relabel} exclude)"
+    if st.button(label, key="act_accept_all",
+                 help="Every undecided issue of the training split: a label issue is relabelled when the model "
+                      "is as sure of the suggested class as it is, on average, of the photos labelled with it, else "
+                      "excluded; copies and poor "
+                      "photos are excluded. Issues of the test split are left to you: it is what accuracy is "
+                      "measured on, and changing it to the model's answer would only flatter the model. Each fix "
+                      "can be undone below."):
+        record(root, pending, "suggestions accepted")
 
 
 def issues_section(root: str, result, fixes: list) -> None:
@@ -129,6 +162,7 @@ def issues_section(root: str, result, fixes: list) -> None:
         st.dataframe(result.class_health, hide_index=True, width="stretch")
         for note in result.health_notes:
             st.warning(note)
+    accept_all_section(root, result, fixes)
     c = st.columns(3)
     kinds = c[0].multiselect("Kinds", [k for k in KINDS if counts.get(k)], key="review_kinds",
                              format_func=lambda k: KIND_LABELS[k], placeholder="all kinds")
@@ -148,21 +182,22 @@ def issues_section(root: str, result, fixes: list) -> None:
     grid = st.columns(3)
     for k, (name, issue) in enumerate(keys.items()):
         with grid[k % 3]:
-            issue_card(issue, status[id(issue)], name)
+            issue_card(issue, status[id(issue)], name, result.method.get("relabel_above"))
     selected = [i for name, i in keys.items() if st.session_state.get(name)]
     actions_bar(root, result, selected)
 
 
 def actions_bar(root: str, result, selected: list) -> None:
     st.markdown(f"**{len(selected)} selected**")
-    c = st.columns([1, 1, 2, 1, 1])
+    c = st.columns([1, 1, 2, 1, 1], vertical_alignment="bottom")
     if c[0].button("Accept", key="act_suggested", disabled=not selected,
                    help="label issue: relabel to the suggested class; test leak: drop it from the test split; "
                         "others: exclude"):
         record(root, fixes_for(result, selected, "suggested"), "suggestions accepted")
     if c[1].button("Exclude", key="act_exclude", disabled=not selected):
         record(root, fixes_for(result, selected, "exclude"), "images excluded")
-    to = c[2].selectbox("Relabel to", result.classes, key="act_relabel_to", label_visibility="collapsed")
+    to = c[2].selectbox("Relabel the selected images to", result.classes, key="act_relabel_to",
+                        help="the class the Relabel button gives the selected images")
     if c[3].button("Relabel", key="act_relabel", disabled=not selected):
         record(root, fixes_for(result, selected, "relabel", to), f"images relabelled to '{to}'")
     if c[4].button("Keep", key="act_keep", disabled=not selected, help="not an issue: hide it from the review"):
