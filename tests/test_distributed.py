@@ -248,7 +248,12 @@ def test_the_train_page_runs_two_processes_live_and_a_restart_finds_and_stops_th
         other = page("pages/1_Train.py").run()
         shown[0] = " ".join(str(p.proto.text) for p in other.get("progress")).replace("\\_", "_")  # markdown's escape
         return shown[0]
-    assert wait_until(lambda: "images/s" in live_text(), 120), shown[0]  # batches, from status.json
+    def batches_in_status() -> bool:  # the ranks have trained a batch: cheap to read, unlike the page
+        runs = list_runs(dashboard_env / "runs")
+        return len(runs) == 1 and RunDir(runs[0].path).read_status(default={}).get("images_per_s") is not None
+    assert wait_until(batches_in_status, 120, interval=0.2)
+    # then the page, once a second (each look runs the whole page: polled back to back, it cost ~15 s of CPU)
+    assert wait_until(lambda: "images/s" in live_text(), 60, interval=1.0), shown[0]  # batches, from status.json
     assert TINY_BACKBONE in shown[0] and "epoch" in shown[0]
     run = only_run(dashboard_env / "runs")
     assert run.read_status()["world_size"] == 2 and run.file("launcher.json").exists()
