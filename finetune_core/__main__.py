@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import threading
 from typing import TYPE_CHECKING
@@ -724,4 +725,14 @@ if __name__ == "__main__":
     from .memory import tune_in_process
 
     tune_in_process()  # before torch is imported or any thread starts (glibc's arenas are per thread)
-    sys.exit(main())
+    code = main()
+    from .distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        # A torchrun rank has written and settled everything by now (its files are fsynced), and the
+        # interpreter's teardown can abort in gloo's worker threads (SIGABRT, "terminate called without
+        # an active exception": pytorch#179291), turning a completed run into a failed launch: leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
