@@ -46,6 +46,9 @@ def synthetic_photo(task: tuple[Path, str, int, int, tuple[int, int]]) -> int:
     """One JPEG (500 x 375 by default): a smooth random picture with a class tint and some grain;
     returns its bytes."""
     root, split, i, seed, (width, height) = task
+    path = root / split / f"class_{i % CLASSES}" / f"{split}_{i}.jpg"
+    if path.exists():  # made by a generation that was stopped: kept
+        return path.stat().st_size
     rng = np.random.default_rng((seed, split == "test", i))
     k = i % CLASSES
     coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
@@ -55,7 +58,9 @@ def synthetic_photo(task: tuple[Path, str, int, int, tuple[int, int]]) -> int:
     picture = Image.fromarray(np.clip(np.asarray(picture, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
     path = root / split / f"class_{k}" / f"{split}_{i}.jpg"
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, quality=85)
+    tmp = path.with_name(f".{path.name}.tmp")  # a generation stopped halfway leaves no torn photo
+    picture.save(tmp, format="JPEG", quality=85)
+    tmp.replace(path)
     return path.stat().st_size
 
 
