@@ -106,15 +106,17 @@ def wait_for(child: subprocess.Popen, runs: Path, stop_after_steps: int, t0: flo
     first send it Ctrl-C (a stop: the run is marked stopped) once it has logged that many steps, for
     the cost of a start on a set too large to train here in full."""
     first_step = None
-    while child.poll() is None:
+    while True:
+        ended = os.wait4(child.pid, os.WNOHANG)  # not child.poll(): it would reap the child, and its usage with it
+        if ended[0]:
+            return ended, first_step
         steps = batch_rows(runs)
         if steps and first_step is None:
             first_step = time.perf_counter() - t0
         if stop_after_steps and steps >= stop_after_steps:
             child.send_signal(signal.SIGINT)
-            break
+            return os.wait4(child.pid, 0), first_step
         time.sleep(0.5)
-    return os.wait4(child.pid, 0), first_step
 
 
 def default_sigint() -> None:
