@@ -116,7 +116,7 @@ def main() -> None:
                     else:
                         finals.append(r["test_acc"])
                         walls.append(r["wall_s"])
-                        line = (f"| {name} | {shown} | {r['test_acc']:.3f} | {r['best_test_acc']:.3f} | "
+                        line = (f"| {name} | {shown} | {r['test_acc']:.3f} | {r.get('best_test_acc', r['test_acc']):.3f} | "
                                 f"{r['wall_s']:.0f} | {r['images_per_s']:.1f} | {r['cpu_s']:.0f} | {r['load']} |")
                     print(line, flush=True)
                     lines.append(line)
