@@ -44,10 +44,11 @@ def fail(message: str, code: int = 2) -> int:
 
 
 def cmd_scan(args) -> int:
+    from .cachestore import default_cache_dir
     from .data import DatasetError, format_report, scan_dataset
 
     try:
-        report = scan_dataset(args.data, test_fraction=args.test_fraction)
+        report = scan_dataset(args.data, test_fraction=args.test_fraction, scan_cache=default_cache_dir())
     except (DatasetError, ValueError) as exc:
         return fail(str(exc))
     if args.json:
@@ -104,6 +105,7 @@ class BadInput(Exception):
 def checked_config_and_scan(args):
     """The settings from the flags, validated, and the dataset's scan (passed on to the engine so
     that it does not scan again). Raises BadInput before anything is written."""
+    from .cachestore import default_cache_dir
     from .config import ConfigError
     from .data import DatasetError, scan_dataset
 
@@ -112,7 +114,7 @@ def checked_config_and_scan(args):
     except ConfigError as exc:
         raise BadInput("invalid settings: " + "; ".join(exc.errors.values())) from None
     try:
-        report = scan_dataset(config.data, test_fraction=config.test_fraction)
+        report = scan_dataset(config.data, test_fraction=config.test_fraction, scan_cache=default_cache_dir())
     except DatasetError as exc:
         raise BadInput(str(exc)) from None
     if not report.usable:

@@ -25,15 +25,18 @@ DEFAULT_BUDGET_MB = 4096
 TEMPORARY_PREFIX = "."  # files being written (and the mkstemp files of mapped activations)
 # Tuneboard's own subfolders of the cache folder and the names of its entries there: decoded images
 # (prepare.py, DiskStore: images/<first two characters>/<sha1>) and activations (activations.py:
-# activations/<sha1>.npy); their temporary files start with TEMPORARY_PREFIX.
-IMAGES, ACTIVATIONS = "images", "activations"
-ENTRY_FOLDERS = (IMAGES, ACTIVATIONS)
+# activations/<sha1>.npy) and the scan's per-file results (data.ScanMemo: scans/<sha1>.json); their
+# temporary files start with TEMPORARY_PREFIX.
+IMAGES, ACTIVATIONS, SCANS = "images", "activations", "scans"
+ENTRY_FOLDERS = (IMAGES, ACTIVATIONS, SCANS)
 _SHA1 = "[0-9a-f]{40}"
 _IMAGE_ENTRY = re.compile(rf"{_SHA1}")
 _IMAGE_TEMPORARY = re.compile(rf"\.{_SHA1}\.[^/]*\.tmp")
 _SHARD = re.compile("[0-9a-f]{2}")
 _ACTIVATION_ENTRY = re.compile(rf"{_SHA1}\.npy")
 _ACTIVATION_TEMPORARY = re.compile(r"\.tuneboard-activations-[^/]*\.npy")
+_SCAN_ENTRY = re.compile(rf"{_SHA1}\.json")
+_SCAN_TEMPORARY = re.compile(r"\.tuneboard-scan-[^/]*\.json")
 
 
 def default_cache_dir() -> Path:
@@ -65,6 +68,8 @@ def is_entry(name: str, subfolder: str, temporary: bool = False) -> bool:
     `temporary`, one of its temporary files)."""
     if subfolder == IMAGES:
         pattern = _IMAGE_TEMPORARY if temporary else _IMAGE_ENTRY
+    elif subfolder == SCANS:
+        pattern = _SCAN_TEMPORARY if temporary else _SCAN_ENTRY
     else:
         pattern = _ACTIVATION_TEMPORARY if temporary else _ACTIVATION_ENTRY
     return pattern.fullmatch(name) is not None
@@ -80,9 +85,10 @@ def _files(folder: Path) -> list[os.DirEntry]:
 def _entries(folder: Path, temporary: bool = False) -> Iterable[os.DirEntry]:
     """Tuneboard's finished entries in the cache folder `folder` (its temporary files instead, with
     `temporary`); any other file there is the user's and never listed."""
-    for entry in _files(folder / ACTIVATIONS):
-        if is_entry(entry.name, ACTIVATIONS, temporary):
-            yield entry
+    for subfolder in (ACTIVATIONS, SCANS):
+        for entry in _files(folder / subfolder):
+            if is_entry(entry.name, subfolder, temporary):
+                yield entry
     try:
         shards = [entry for entry in os.scandir(folder / IMAGES)
                   if _SHARD.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)]

@@ -8,7 +8,9 @@ A dataset is a folder of class folders, with or without train/test splits:
 either of them possibly one folder down (what unzipping an archive usually leaves).
 
 `scan_dataset` reads every file once and returns a `ScanReport`: the classes, the usable files
-of each split, and every problem with its path and severity. Errors make the dataset unusable;
+of each split, and every problem with its path and severity. With a cache folder (`scan_cache`),
+each file's result is remembered by its path, size, times and inode (ScanMemo), so scanning a
+folder again (the Train page, then the run; the next run) reads only the changed files. Errors make the dataset unusable;
 warnings name files that will be skipped or things the user should know. Training only ever
 uses the files the scan accepted, and an image that still fails to load later is skipped and
 reported (prepare.py), never silently.
@@ -17,10 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
+import tempfile
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -348,6 +353,86 @@ def _check_image(path: Path, min_side: int, max_pixels: int | None) -> tuple[Ima
     return ImageRecord(str(path), -1, width, height, sha1), "", ""
 
 
+SCAN_FORMAT = "tuneboard-scan-1"
+SCAN_WORKERS = min(4, os.cpu_count() or 1)  # threads checking files (reading, hashing and decoding release the GIL)
+
+
+class ScanMemo:
+    """Each file's scan result (_check_image) remembered between scans of one folder, in one entry
+    of the cache folder (cachestore.SCANS) per dataset root and scan settings. A file is read again
+    only when its size, modification or change time, or inode differ from when it was checked (a
+    file rewritten in place, replaced or touched); the decode cache keys images by the content hash
+    remembered here. Checking a 500 x 375 JPEG (read, hash, decode) costs milliseconds, its stat
+    microseconds: a 50,000-photo folder scans again in seconds instead of minutes."""
+
+    def __init__(self, cache_folder: str | os.PathLike | None, root: Path, min_side: int, limit: int | None):
+        self.path = None
+        if cache_folder:
+            from .cachestore import SCANS
+
+            key = hashlib.sha1(f"{SCAN_FORMAT}|{root.resolve()}|{min_side}|{limit}".encode()).hexdigest()
+            self.path = Path(cache_folder) / SCANS / f"{key}.json"
+        self.min_side, self.limit = min_side, limit
+        self.known = self._load()
+        self.seen: dict[str, list] = {}
+        self.checked = 0  # files read this scan (not remembered, or changed)
+
+    def _load(self) -> dict[str, list]:
+        if self.path is None:
+            return {}
+        try:
+            known = json.loads(self.path.read_text())
+            os.utime(self.path)  # least recently used: a read is a use
+        except (OSError, ValueError):
+            return {}
+        return known if isinstance(known, dict) else {}
+
+    def check(self, path: Path) -> tuple[ImageRecord | None, str, str]:
+        """_check_image's result for `path`, read from the memo when the file is unchanged."""
+        try:
+            st = os.stat(path)
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        except OSError:
+            return _check_image(path, self.min_side, self.limit)
+        name = str(path)
+        hit = self.known.get(name)
+        if isinstance(hit, list) and len(hit) == 5 and hit[0] == stamp:
+            width, height, sha1, problem = hit[1:]
+            self.seen[name] = hit
+            if problem:
+                return None, problem, WARNING
+            return ImageRecord(name, -1, width, height, sha1), "", ""
+        self.checked += 1
+        record, problem, severity = _check_image(path, self.min_side, self.limit)
+        if record is not None:
+            self.seen[name] = [stamp, record.width, record.height, record.sha1, ""]
+        elif severity == WARNING and not problem.startswith("unreadable"):  # a read that failed may work next time
+            self.seen[name] = [stamp, 0, 0, "", problem]
+        return record, problem, severity
+
+    def save(self) -> None:
+        """Keep this scan's files (those gone from the folder drop out), then keep the cache folder
+        within its budget. A cache that cannot be written only costs time on the next scan."""
+        if self.path is None or (not self.checked and len(self.seen) == len(self.known)):
+            return
+        from .cachestore import TEMPORARY_PREFIX, evict
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{TEMPORARY_PREFIX}tuneboard-scan-",
+                                       suffix=".json")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.seen, f, separators=(",", ":"))
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            evict(self.path.parent.parent, keep=[self.path])
+        except (OSError, ValueError):
+            pass
+
+
 def _split_key(record: ImageRecord, root: Path) -> str:
     rel = os.path.relpath(record.path, root)
     return hashlib.sha1(rel.replace(os.sep, "/").encode()).hexdigest()
@@ -378,11 +463,13 @@ def scan_dataset(
     few_images: int = FEW_IMAGES_PER_CLASS,
     imbalance_ratio: float = IMBALANCE_RATIO,
     use_fixes: bool = True,
+    scan_cache: str | os.PathLike | None = None,
 ) -> ScanReport:
     """Scan a dataset folder. Raises DatasetError only when `path` is missing or not a folder, and
     SeveralDatasets when it holds several datasets; every other problem is in the report. The
     dataset's fixes file (fixes.py: relabelled, excluded, dropped leaks), if it has one, is applied
-    unless `use_fixes` is off."""
+    unless `use_fixes` is off. `scan_cache`: a cache folder (cachestore.default_cache_dir()) where
+    each file's result is remembered for the next scan (ScanMemo); None: every file is read."""
     import time
 
     if not 0.0 < test_fraction < 1.0:
@@ -410,33 +497,10 @@ def scan_dataset(
     else:
         split_dirs = {"all": root}
 
-    class_records: dict[str, dict[str, list[ImageRecord]]] = {}
-    for split, split_dir in split_dirs.items():
-        class_records[split] = {}
-        for entry in _list_dir(split_dir):
-            p = Path(entry.path)
-            if _is_hidden(entry.name):
-                problems.append(Problem(str(p), "hidden file or folder, skipped", WARNING))
-                continue
-            if not entry.is_dir():
-                if split_dir == root and entry.name == FIXES_FILE:
-                    continue  # Tuneboard's own review fixes, beside a flat dataset's class folders
-                problems.append(Problem(str(p), "file outside any class folder, skipped", WARNING))
-                continue
-            records = []
-            for f in _walk_files(p, problems):
-                if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                    problems.append(Problem(str(f), f"not an image file (extension '{f.suffix}'), skipped", WARNING))
-                    continue
-                record, problem, severity = _check_image(f, min_side, max_pixels)
-                if record is None:
-                    problems.append(Problem(str(f), problem, severity))
-                else:
-                    records.append(record)
-            class_records[split][entry.name] = records
-            if not records:
-                problems.append(Problem(str(p), "class folder has no usable images, class ignored"
-                                        + (" in this split" if layout == "splits" else ""), WARNING))
+    memo = ScanMemo(scan_cache, root, min_side, Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
+    with ThreadPoolExecutor(max_workers=SCAN_WORKERS, thread_name_prefix="tuneboard-scan") as pool:
+        class_records = _check_class_folders(split_dirs, root, layout, memo, pool, problems)
+    memo.save()
 
     if layout == "splits":
         present = {s: {c for c, r in cr.items() if r} for s, cr in class_records.items()}
@@ -475,6 +539,43 @@ def scan_dataset(
     _dataset_checks(report, split_dirs, few_images, imbalance_ratio)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_class_folders(split_dirs: dict, root: Path, layout: str, memo: ScanMemo, pool: ThreadPoolExecutor,
+                         problems: list[Problem]) -> dict[str, dict[str, list[ImageRecord]]]:
+    """split -> class -> the usable images of its folder, each file checked on the pool's threads
+    (through `memo`); every file skipped is added to `problems`, in the folders' order."""
+    class_records: dict[str, dict[str, list[ImageRecord]]] = {}
+    for split, split_dir in split_dirs.items():
+        class_records[split] = {}
+        for entry in _list_dir(split_dir):
+            p = Path(entry.path)
+            if _is_hidden(entry.name):
+                problems.append(Problem(str(p), "hidden file or folder, skipped", WARNING))
+                continue
+            if not entry.is_dir():
+                if split_dir == root and entry.name == FIXES_FILE:
+                    continue  # Tuneboard's own review fixes, beside a flat dataset's class folders
+                problems.append(Problem(str(p), "file outside any class folder, skipped", WARNING))
+                continue
+            files = _walk_files(p, problems)
+            images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+            checked = dict(zip(images, pool.map(memo.check, images)))
+            records = []
+            for f in files:
+                if f not in checked:
+                    problems.append(Problem(str(f), f"not an image file (extension '{f.suffix}'), skipped", WARNING))
+                    continue
+                record, problem, severity = checked[f]
+                if record is None:
+                    problems.append(Problem(str(f), problem, severity))
+                else:
+                    records.append(record)
+            class_records[split][entry.name] = records
+            if not records:
+                problems.append(Problem(str(p), "class folder has no usable images, class ignored"
+                                        + (" in this split" if layout == "splits" else ""), WARNING))
+    return class_records
 
 
 def _apply_fixes_file(report: ScanReport) -> None:

@@ -59,6 +59,7 @@ from torch import nn
 
 from . import __version__
 from .activations import FeatureCache, shared_features_key
+from .cachestore import default_cache_dir
 from .calibration import Calibration, calibrate, folds_of
 from .config import ConfigError, TrainConfig
 from .data import WARNING, DatasetError, Problem, ScanReport, scan_dataset
@@ -536,6 +537,7 @@ class Setup:
     train_seconds: float = 0.0
     train_images: int = 0
     pass_seconds_at_start: float = 0.0  # the frozen layers' passes' seconds when this process's training began (fit)
+    test_decode_seconds: float = 0.0  # decoding the test split at its first evaluation (decode_test_split)
     stream: bool = False  # views are computed by the epoch that first trains on them (a run's; not the LR finder's)
     caches: dict[str, FeatureCache] = field(default_factory=dict)
     average: dict[str, torch.Tensor] | None = None  # ema_decay: the moving average of the weights
@@ -582,7 +584,8 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
     device = distributed.device_for(resolve_device(config.device))
     if not report_fits(report, config):
         reporter.prepare("scanning the dataset", force_status=True)
-        report = scan_dataset(config.data, test_fraction=config.test_fraction)
+        report = scan_dataset(config.data, test_fraction=config.test_fraction,
+                              scan_cache=default_cache_dir() if cache_dir is None else cache_dir or None)
     if not report.usable:
         raise DatasetError(f"dataset not usable: {report.reason()}")
     config = resolve_auto(config, report)
@@ -607,7 +610,7 @@ def setup(config: TrainConfig, run: RunDir, reporter: Reporter, report: ScanRepo
 
     lazy = stream and streams_first_epoch(config, distributed)
     data = prepare_data(report, config.image_size, cache_dir=cache_dir, device=device, progress=decoding,
-                        lazy_train=lazy)
+                        lazy_train=lazy, lazy_test=stream and not distributed.enabled)
     if data.pending:
         run.log(f"{len(data.pending)} training images are decoded as the first epoch streams them")
     for problem in data.skipped:
@@ -670,7 +673,8 @@ def time_left(ctx: Setup, epoch: int, steps_here: int, seconds_here: float) -> f
     if not pass_images or cfg.train_stages == "all":
         return steps_left * seconds_here / max(1, steps_here)
     pass_rate = pass_seconds / pass_images
-    step_rate = max(0.0, seconds_here - (pass_seconds - ctx.pass_seconds_at_start)) / max(1, steps_here)
+    passes_here = pass_seconds - ctx.pass_seconds_at_start + ctx.test_decode_seconds
+    step_rate = max(0.0, seconds_here - passes_here) / max(1, steps_here)
     cache = ctx.caches.get(stages_of_epoch(cfg, epoch))
     views = run_views(cfg)
     images_left = 0
@@ -761,8 +765,23 @@ def evaluation_batches(ctx: Setup, split: str, cache: FeatureCache | None) -> It
         yield xs, ctx_labels
 
 
+def decode_test_split(ctx: Setup, reporter: Reporter) -> None:
+    """A run's test images are decoded when first evaluated (prepare_data's lazy_test: at the first
+    epoch's end, not before the first step); the files that fail then are named in the log and
+    left out of the test split, as the decoding before a run leaves them out."""
+    if not ctx.data.test_pending:
+        return
+    t0 = time.perf_counter()
+    for problem in ctx.data.decode_test_split(
+            lambda done, total: reporter.prepare(f"decoding the test images ({done}/{total})", ctx.progress())):
+        ctx.run.log(f"skipped {problem.path}: {problem.problem}")
+    ctx.test_decode_seconds += time.perf_counter() - t0  # not a training step's time (time_left)
+
+
 def evaluate_split(ctx: Setup, split: str, stages: str, reporter: Reporter) -> tuple[float, float, torch.Tensor]:
     """(loss, accuracy, logits) of the current model on `val` or `test`."""
+    if split == "test":
+        decode_test_split(ctx, reporter)
     top, cache = split_for(ctx, stages, reporter)
     if ctx.dist.enabled:  # each rank its block of the split, gathered: the whole split, once
         n = len(ctx.val_idx) if split == "val" else len(ctx.data.test_labels)

@@ -62,6 +62,7 @@ class PreparedData:
     skipped: list[Problem] = field(default_factory=list)
     device_train_images: torch.Tensor | None = None  # a copy on the GPU when it fits
     pending: set[int] = field(default_factory=set)  # training rows not decoded yet (lazy: see prepare_data)
+    test_pending: bool = False  # the test split is decoded when first evaluated (decode_test_split)
 
     def decode_pending(self, rows: list[int]) -> dict[int, str]:
         """Decode those of `rows` not decoded yet (a streamed first epoch: a batch at a time, on the
@@ -76,6 +77,37 @@ class PreparedData:
             else:
                 self.train_sizes[row] = original
         return failed
+
+    def decode_test_split(self, progress: Callable[[int, int], None] | None = None,
+                          batch: int = 64) -> list[Problem]:
+        """Decode the test images not decoded yet (a lazy test split: at its first evaluation, the
+        first epoch's end), a batch at a time on the reading threads; `progress(done, total)` after
+        each batch (it may raise: a stop). The files that fail are taken out of the test split
+        (images, labels and paths agree again) and returned, also added to `skipped`."""
+        if not self.test_pending:
+            return []
+        n, failed = len(self.test_images), {}
+        for start in range(0, n, batch):
+            rows = range(start, min(n, start + batch))
+            for row, (_, error) in zip(rows, readers().map(self.test_images.entry_header, rows)):
+                if error:
+                    failed[row] = Problem(self.test_paths[row], error, WARNING)
+            if progress:
+                progress(rows[-1] + 1, n)
+        self.test_pending = False
+        if failed:
+            kept = [row for row in range(n) if row not in failed]
+            if not kept:
+                from .data import DatasetError
+
+                raise DatasetError("no image of the test split could be decoded")
+            images = self.test_images
+            self.test_images = DecodedImages(images.store, images.kind, images.size, [images.keys[i] for i in kept],
+                                             [images.paths[i] for i in kept], images.image_shape)
+            self.test_labels = self.test_labels[torch.as_tensor(kept)]
+            self.test_paths = [self.test_paths[i] for i in kept]
+            self.skipped.extend(failed.values())
+        return list(failed.values())
 
     def entry_paths(self) -> list:
         """Where this set's decode-cache entries are (kept over others' when the cache is evicted)."""
@@ -288,12 +320,15 @@ def index_entries(records: list[ImageRecord], kind: str, size: int, store,
 
 def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLike | None = None,
                  device: torch.device | None = None,
-                 progress: Callable[[int, int], None] | None = None, lazy_train: bool = False) -> PreparedData:
+                 progress: Callable[[int, int], None] | None = None, lazy_train: bool = False,
+                 lazy_test: bool = False) -> PreparedData:
     """Decode the scanned train and test images into the decode cache (those not there yet),
     then keep the cache within its budget. cache_dir: None for the default cache folder, "" to
     keep the entries in memory only. `lazy_train`: training images not in the cache yet are left
-    for the first epoch to decode as it streams them (PreparedData.pending, decode_pending); the
-    files already known to fail are skipped now, as the others are when their turn comes."""
+    for the first epoch to decode as it streams them (PreparedData.pending, decode_pending);
+    `lazy_test`: the test images are left for their first evaluation (decode_test_split), so
+    that a large test split does not delay the first step. In both, the files already known to
+    fail (their entries say so) are skipped now, as the others are when their turn comes."""
     folder = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir else None)
     if folder:
         check_not_a_data_folder(folder)  # refused before any work, not at the first eviction
@@ -315,7 +350,8 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
                                                                        train_progress, decode_missing=not lazy_train)
     pending = {row for row, original in enumerate(train_sizes) if original is None}
     train_sizes = [(1, 1) if original is None else original for original in train_sizes]  # read when decoded
-    test_rows, test_keys, _, skipped_test = index_entries(test_records, "test", image_size, store, test_progress)
+    test_rows, test_keys, _, skipped_test = index_entries(test_records, "test", image_size, store, test_progress,
+                                                          decode_missing=not lazy_test)
     if folder is not None:
         evict(folder, keep=[store.path(k) for k in train_keys + test_keys])
     skipped = skipped_train + skipped_test
@@ -334,7 +370,7 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
         test_images=DecodedImages(store, "test", image_size, test_keys, [r.path for r in test_ok],
                                   (3, image_size, image_size)),
         test_labels=torch.tensor([r.label for r in test_ok], dtype=torch.int64),
-        test_paths=[r.path for r in test_ok], skipped=skipped, pending=pending)
+        test_paths=[r.path for r in test_ok], skipped=skipped, pending=pending, test_pending=lazy_test)
     if device is not None and device.type == "cuda" and not pending:
         free, _ = torch.cuda.mem_get_info(device)
         if data.train_images.nbytes < free // 4:

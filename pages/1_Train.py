@@ -20,6 +20,7 @@ from finetune_core.config import (PRESET_LABELS, PRESETS, SECTIONS, ConfigError,
                                   comparison_configs, config_from_form, default_preset, form_settings,
                                   inactive_settings, parse_form, preset_for_machine, setting_warnings,
                                   auto_notes, native_image_size, preset_description, setting_notes, settings)
+from finetune_core.cachestore import default_cache_dir
 from finetune_core.data import INFO, DatasetError, SeveralDatasets, find_dataset_root, scan_dataset
 from finetune_core.fixes import dataset_stamp
 from finetune_core.engine import resolve_auto
@@ -197,7 +198,7 @@ def uploaded_zip(root: Path) -> str:
 
 @st.cache_data(ttl=60, show_spinner="Scanning the dataset…")
 def scan(path: str, test_fraction: float, stamp: tuple):
-    return scan_dataset(path, test_fraction=test_fraction)
+    return scan_dataset(path, test_fraction=test_fraction, scan_cache=default_cache_dir())  # unchanged files: a stat each
 
 
 def show_scan(report) -> None:

@@ -115,7 +115,7 @@ def test_the_time_left_counts_the_passes_still_to_come_at_their_own_rate():
     cache = SimpleNamespace(holds=lambda split, view=0, flip=False: (split, view, flip) in held,
                             pass_seconds=16.0, pass_images=16)
     ctx = SimpleNamespace(config=tiny_train_config(".", train_stages="1", feature_views=2, epochs=4, batch_size=8),
-                          total_steps=40, step=2, batches_per_epoch=10, pass_seconds_at_start=0.0,
+                          total_steps=40, step=2, batches_per_epoch=10, pass_seconds_at_start=0.0, test_decode_seconds=0.0,
                           caches={"1": cache}, train_idx=list(range(80)), val_idx=[],
                           data=SimpleNamespace(test_labels=torch.zeros(16)), selection_split="test")
     assert time_left(ctx, epoch=0, steps_here=2, seconds_here=18.0) == 38 + 160
