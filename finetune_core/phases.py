@@ -17,7 +17,7 @@ PREPARING, DECODING, CACHING, TRAINING, EVALUATING = (
     "preparing", "decoding", "caching activations", "training", "evaluating")
 # The engine's setup messages (engine.py: reporter.prepare) that start a phase, and the "(done/total"
 # count in them.
-_PREFIXES = {"decoding images": DECODING, "computing the frozen layers' output": CACHING, "evaluating": EVALUATING}
+_PREFIXES = {"decoding images": DECODING, "decoding the test images": DECODING, "computing the frozen layers' output": CACHING, "evaluating": EVALUATING}
 _COUNT = re.compile(r"\((\d+)/(\d+)")
 _TRAINING_KINDS = {"batch", "epoch", "lr_find"}  # a training step, an epoch's row, a finder's step
 

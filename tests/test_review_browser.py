@@ -38,7 +38,7 @@ def test_review_page_relabel_exclude_undo_in_chromium(server, browser_page):
     page.get_by_text("2 issues, worst first within each kind", exact=False).wait_for()
     page.get_by_role("checkbox", name="select").first.check(force=True)  # the label issue: cat_0.png
     wait_idle(page)
-    choose(page, "Relabel to", "dog")
+    choose(page, "Relabel the selected images to", "dog")
     page.get_by_role("button", name="Relabel", exact=True).click()
     wait_idle(page)
     page.get_by_text("1 issues, worst first within each kind", exact=False).wait_for()

@@ -30,16 +30,17 @@ def test_each_phase_has_its_own_rate_and_time_left():
 
 @pytest.mark.slow
 def test_the_engines_messages_name_their_phases(tiny_dataset, tmp_path, cache_dir):
-    """The phases read from what the engine says: decoding (the test split: the training images are
+    """The phases read from what the engine says: decoding, then training (the training images are
     decoded, and a frozen backbone's output on them computed, as the first epoch streams them), then
-    training, then caching the test split's activations; with a validation split the training
-    view is cached before training, as before streaming."""
+    decoding the test split at its first evaluation (issue 22: not before the first step), then
+    caching its activations; with a validation split the training view is cached before training,
+    as before streaming."""
     events = []
     train(tiny_train_config(tiny_dataset, epochs=1, train_stages="head", param_groups=False), tmp_path / "run",
           on_event=events.append, cache_dir=cache_dir)
     phases = [phase_of(e) for e in events]
     seen = [p for k, p in enumerate(phases) if k == 0 or p != phases[k - 1]]
-    assert seen[seen.index(DECODING):seen.index(TRAINING) + 2] == [DECODING, TRAINING, CACHING], seen
+    assert seen[seen.index(DECODING):seen.index(TRAINING) + 3] == [DECODING, TRAINING, DECODING, CACHING], seen
     events.clear()
     train(tiny_train_config(tiny_dataset, epochs=1, train_stages="head", param_groups=False, val_fraction=0.25),
           tmp_path / "run2", on_event=events.append, cache_dir=cache_dir)
