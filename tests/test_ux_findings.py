@@ -55,6 +55,7 @@ def test_the_train_page_follows_the_backbones_size_warns_under_a_rates_field_and
     about, at the speed of a recorded run's last epoch."""
     from conftest import TINY_BACKBONE, make_dataset, page
     from test_compare_predict import write_run
+    from test_pages import tiny_recipe, use_folder
 
     at = page("pages/1_Train.py").run()
     assert at.session_state["preset"] == "fast" and at.number_input(key="f_image_size").value == 260
@@ -64,16 +65,9 @@ def test_the_train_page_follows_the_backbones_size_warns_under_a_rates_field_and
     assert not any("Lite2 at 260" in c.value for c in at.caption)
 
     data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)  # 8 training images
-    at.radio(key="data_source").set_value("A folder path").run()
-    at.text_input(key="data_path_text").set_value(str(data)).run()
-    at.selectbox(key="f_backbone").set_value(TINY_BACKBONE)
-    at.radio(key="f_weights_kind").set_value("none (random init)")
-    at.selectbox(key="f_train_stages").set_value("all")
-    at.selectbox(key="f_loss_reduction").set_value("mean")
-    at.number_input(key="f_image_size").set_value(32)
-    at.number_input(key="f_batch_size").set_value(8)
+    use_folder(at, data)
+    tiny_recipe(at, lr="100")  # the page tests' tiny recipe, but 1000 epochs at a rate far out
     at.number_input(key="f_epochs").set_value(1000)
-    at.text_input(key="f_lr").set_value("100")
     at.run()
     # a run like this one measured 8 images/s in its first epoch, 1 image/s in its second (average 1.8)
     run = write_run(dashboard_env / "runs", "20260101-000000-measured", metrics=False, backbone=TINY_BACKBONE,
