@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -40,9 +41,17 @@ LOW_CONFIDENCE = "low confidence"
 def head_inputs(head: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collects what `head` receives (flattened, fp32) on every forward pass inside the block: one
     tensor per classified view (the image, and its mirror with flip TTA), whose mean is the photo's
-    features, as the mean of the views' logits is its logits."""
+    features, as the mean of the views' logits is its logits. Only this thread's passes count: a
+    model shared between page sessions may run another session's pass (a heatmap, a plain answer)
+    while the hook is on."""
     seen: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach().float().flatten(1)))
+    mine = threading.get_ident()
+
+    def collect(_module, inputs):
+        if threading.get_ident() == mine:
+            seen.append(inputs[0].detach().float().flatten(1))
+
+    handle = head.register_forward_pre_hook(collect)
     try:
         yield seen
     finally:

@@ -54,6 +54,7 @@ def test_review_page_relabel_exclude_undo_in_chromium(server, browser_page):
     wait_idle(page)
     fill(page, "Dataset folder", str(data))
     page.get_by_role("button", name="Undo").first.click()  # the relabel
+    page.get_by_text("Undone: relabel to 'dog'", exact=False).first.wait_for()  # the click reached the server
     wait_idle(page)
     assert scan_dataset(data).splits["train"] == {"cat": 4, "dog": 3}
     shown = train_page_fixes(page, url, data)

@@ -114,3 +114,36 @@ def test_the_run_records_when_the_20_percent_cap_lowered_its_confidence_threshol
     assert weak.threshold_capped and weak.to_dict()["threshold_capped"] and weak.test_not_sure <= 0.25
     logits[torch.arange(500), labels] += 3.0 * right  # the right answers surer than the wrong ones
     assert not calibration.calibrate(logits, labels).threshold_capped
+
+
+def test_another_sessions_pass_on_the_shared_model_never_reaches_the_features_of_this_one():
+    """The page shares one Predictor between sessions: a heatmap's or a plain answer's pass (logits,
+    no hook) in another thread while this thread's features are collected must not add to them (it
+    made 233 of 300 judged() calls raise, and the others could average in a stranger's photo)."""
+    import threading
+
+    import torchvision
+    from PIL import Image
+
+    from finetune_core.predict import Predictor
+
+    torch.manual_seed(0)
+    reference = torch.nn.functional.normalize(torch.randn(20, 512), dim=1)
+    predictor = Predictor(torchvision.models.resnet18(num_classes=2), ["a", "b"], 32, [0.5] * 3, [0.25] * 3,
+                          backbone="resnet18", reference=reference, distance_threshold=0.5, neighbours=3)
+    mine = torch.stack([predictor.preprocess(Image.new("RGB", (32, 32), (120, 30, 200)))] * 2)
+    expected = predictor.features_and_logits(mine)[0]
+    stranger, stop = Image.new("RGB", (32, 32), (0, 200, 0)), threading.Event()
+
+    def other_session():
+        while not stop.is_set():
+            predictor.logits([stranger] * 3)
+
+    thread = threading.Thread(target=other_session)
+    thread.start()
+    try:
+        for _ in range(60):
+            assert torch.equal(predictor.features_and_logits(mine)[0], expected)
+    finally:
+        stop.set()
+        thread.join()
