@@ -21,6 +21,7 @@ and the whole dashboard: seconds, and its code run again). `fetch` names the fun
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -75,6 +77,7 @@ class Download:
     message: str = "starting"
     started: float = field(default_factory=time.monotonic)
     ended: threading.Event = field(default_factory=threading.Event)  # the child is gone, its outcome recorded
+    partial_before: set = field(default_factory=set)  # partial files there before it started: not its own
 
     def snapshot(self) -> dict:
         return {"backbone": self.backbone, "state": self.state, "message": self.message, "bytes": self.bytes,
@@ -92,6 +95,7 @@ class WeightsDownloads:
         self.partial_files = partial_files or models.partial_download_files
         self._lock = threading.Lock()
         self._downloads: dict[str, Download] = {}
+        atexit.register(_shutdown_at_exit, weakref.ref(self))  # no download child outlives the server
 
     def start(self, backbone: str) -> dict:
         """Start downloading `backbone`'s weights (a second Start while one runs is the same one)."""
@@ -100,29 +104,40 @@ class WeightsDownloads:
             if current is not None and current.state == ACTIVE:
                 return current.snapshot()
             path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]))
+            before = set(self.partial_files(backbone))  # another's partial file (a run fetching) is not ours
             process = subprocess.Popen([sys.executable, "-m", "finetune_core.downloads", self.fetch, backbone],
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                       env={**os.environ, "PYTHONPATH": path})
-            download = Download(backbone, process, message="downloading")
+                                       errors="replace", env={**os.environ, "PYTHONPATH": path})
+            download = Download(backbone, process, message="downloading", partial_before=before)
             self._downloads[backbone] = download
         threading.Thread(target=self._follow, args=(download,), daemon=True,
                          name=f"follow download {backbone}").start()
         return download.snapshot()
 
     def _follow(self, download: Download) -> None:
-        """Read the child's lines until it ends; record its outcome (a stopped download keeps its own)."""
+        """Read the child's lines until it ends; record its outcome (a stopped download keeps its own).
+        Whatever the child prints, the download ends here (`ended` is set), so Stop never waits forever."""
         outcome = None
-        for line in download.process.stdout:
-            if not line.startswith(LINE_PREFIX):
-                continue
-            message = json.loads(line[len(LINE_PREFIX):])
-            with self._lock:
-                if "bytes" in message:
-                    download.bytes, download.total = message["bytes"], message["total"]
-                else:
-                    outcome = message
-        download.process.wait()
-        download.process.stdout.close()
+        try:
+            for line in download.process.stdout:
+                try:
+                    message = json.loads(line[len(LINE_PREFIX):]) if line.startswith(LINE_PREFIX) else None
+                except ValueError:
+                    message = None  # a garbled line is not progress
+                if not isinstance(message, dict):
+                    continue
+                with self._lock:
+                    if "bytes" in message:
+                        download.bytes, download.total = message.get("bytes", 0), message.get("total", 0)
+                    else:
+                        outcome = message
+            download.process.wait()
+            download.process.stdout.close()
+        finally:
+            self._record_end(download, outcome)
+            download.ended.set()
+
+    def _record_end(self, download: Download, outcome: dict | None) -> None:
         with self._lock:
             if download.state == ACTIVE:
                 if outcome is not None and "completed" in outcome:
@@ -130,10 +145,9 @@ class WeightsDownloads:
                     download.bytes = max(download.bytes, download.total)
                 else:
                     download.state = "failed"
-                    download.message = outcome["failed"] if outcome else (
+                    download.message = (outcome or {}).get("failed") or (
                         f"The download of {download.backbone}'s weights ended unexpectedly "
                         f"(exit code {download.process.returncode})")
-        download.ended.set()
 
     def stop(self, backbone: str) -> dict | None:
         """End a running download now and delete what it had written: nothing it leaves passes as
@@ -146,8 +160,8 @@ class WeightsDownloads:
         download.process.terminate()
         if not download.ended.wait(STOP_WAIT_S):
             download.process.kill()
-            download.ended.wait()
-        for path in self.partial_files(backbone):
+            download.ended.wait(STOP_WAIT_S)
+        for path in set(self.partial_files(backbone)) - download.partial_before:  # only what it wrote
             path.unlink(missing_ok=True)
         return download.snapshot()
 
@@ -165,6 +179,12 @@ class WeightsDownloads:
         """Stop every running download (the server is exiting)."""
         for snapshot in self.active():
             self.stop(snapshot["backbone"])
+
+
+def _shutdown_at_exit(ref: "weakref.ref[WeightsDownloads]") -> None:
+    downloads = ref()
+    if downloads is not None:
+        downloads.shutdown()
 
 
 MIB = 1024**2  # sizes are shown in MiB, as the _MB environment variables are read (cachestore.megabytes_from_env)

@@ -48,3 +48,14 @@ def slow_fake_download(backbone: str, report) -> Path:
 
 def unreachable_download(backbone: str, report) -> Path:
     raise ConnectionError("[Errno 101] Network is unreachable")
+
+
+def garbled_download(backbone: str, report) -> Path:
+    """A child that prints bytes that are not text, and a line that looks like progress but is not,
+    before a download that completes."""
+    import sys
+
+    sys.stdout.buffer.write(b"\xff\xfe not text\n")
+    sys.stdout.write("tuneboard-download {not json\n")
+    sys.stdout.flush()
+    return _fake_hub_download(backbone, report, pause=0)

@@ -15,6 +15,7 @@ from fake_downloads import CHUNK, CHUNKS, NAME
 
 TESTS = Path(__file__).resolve().parent
 SLOW_FAKE, UNREACHABLE = "fake_downloads:slow_fake_download", "fake_downloads:unreachable_download"
+GARBLED = "fake_downloads:garbled_download"
 
 
 @pytest.fixture
@@ -45,17 +46,29 @@ def test_a_download_reports_progress_and_home_lists_the_backbone_once_it_is_cach
 def test_stop_ends_the_download_and_leaves_nothing_that_passes_as_cached(hub_home, monkeypatch):
     monkeypatch.setenv("FAKE_DOWNLOAD_PAUSE", "5")  # it would take 30 s
     jobs = downloads.WeightsDownloads(fetch=SLOW_FAKE)
-    jobs.start(NAME)
     blobs = hub_home / f"models--timm--{NAME}" / "blobs"
+    blobs.mkdir(parents=True)
+    anothers = blobs / ("a" * 64 + ".incomplete")  # a run fetching the same weights: not this download's
+    anothers.write_bytes(b"partial")
+    jobs.start(NAME)
     assert wait_until(lambda: jobs.download(NAME)["bytes"] > 0, timeout=60)
     assert list(blobs.glob("*.incomplete"))
     process = jobs._downloads[NAME].process
     started = time.monotonic()
     assert jobs.stop(NAME)["state"] == "stopped"
     assert time.monotonic() - started < downloads.STOP_WAIT_S and process.poll() is not None
-    assert not list(blobs.glob("*")), "the partial blob is deleted"
+    assert list(blobs.glob("*")) == [anothers], "its partial blob is deleted, another's kept"
     assert models.hub_cached_file(models.backbone_spec(NAME)) is None and models.weights_to_download(NAME, "auto")
     assert jobs.download(NAME)["state"] == "stopped"
+
+
+def test_a_child_that_prints_what_is_not_text_or_not_json_still_ends_its_download(hub_home):
+    """The page's Train button waits on the download's end: a line it cannot read is skipped, not the
+    end of following the child (the follower died, the download stayed 'running' and Stop hung)."""
+    jobs = downloads.WeightsDownloads(fetch=GARBLED)
+    jobs.start(NAME)
+    assert wait_until(lambda: jobs.download(NAME)["state"] != "running", timeout=60)
+    assert jobs.download(NAME)["state"] == "completed"
 
 
 def test_a_failed_download_names_the_model(hub_home):
