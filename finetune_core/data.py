@@ -367,7 +367,7 @@ class ScanMemo:
 
     def __init__(self, cache_folder: str | os.PathLike | None, root: Path, min_side: int, limit: int | None):
         self.path = None
-        if cache_folder:
+        if cache_folder and self._may_write_in(Path(cache_folder), root):
             from .cachestore import SCANS
 
             key = hashlib.sha1(f"{SCAN_FORMAT}|{root.resolve()}|{min_side}|{limit}".encode()).hexdigest()
@@ -376,6 +376,23 @@ class ScanMemo:
         self.known = self._load()
         self.seen: dict[str, list] = {}
         self.checked = 0  # files read this scan (not remembered, or changed)
+
+    @staticmethod
+    def _may_write_in(cache_folder: Path, root: Path) -> bool:
+        """Not in a cache folder that is, holds or lies in the data folder or the folder scanned: the
+        memo's file would be scanned as a file of the dataset (and a class folder named after it).
+        Such a cache is refused by the run itself (cachestore.check_not_a_data_folder); the scan
+        just goes without its memo."""
+        from .cachestore import check_not_a_data_folder
+
+        cache, scanned = cache_folder.expanduser().resolve(), root.resolve()
+        if cache == scanned or scanned in cache.parents or cache in scanned.parents:
+            return False
+        try:
+            check_not_a_data_folder(cache)
+        except ValueError:
+            return False
+        return True
 
     def _load(self) -> dict[str, list]:
         if self.path is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import make_dataset, write_image
+from conftest import make_dataset
 
 from finetune_core import cachestore, data
 
@@ -28,10 +28,25 @@ def test_a_second_scan_reads_only_the_files_that_changed(tmp_path, monkeypatch):
         assert report.samples == plain.samples and report.problems == plain.problems  # the same report
     changed = root / "train" / "dog" / "dog_0.png"
     before = os.stat(changed)
-    write_image(changed, (10, 10, 10), (40, 32))  # rewritten in place...
+    content = bytearray(changed.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    with open(changed, "r+b") as f:  # rewritten in place, the same size...
+        f.write(content)
     os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))  # ...its modification time set back
+    assert os.stat(changed).st_size == before.st_size and os.stat(changed).st_mtime_ns == before.st_mtime_ns
     third = data.scan_dataset(root, scan_cache=cache)
-    assert checked == ["dog_0.png"]
-    assert next(r.sha1 for r in third.samples["train"] if r.path == str(changed)) != \
-        next(r.sha1 for r in plain.samples["train"] if r.path == str(changed))
+    assert checked == ["dog_0.png"]  # its change time (or inode) tells
+    now = [r.sha1 for r in third.samples["train"] if r.path == str(changed)]
+    assert now != [next(r.sha1 for r in plain.samples["train"] if r.path == str(changed))]  # re-hashed, or now a problem
     assert cachestore.cache_size(cache) > 0 and cachestore.clear_cache(cache) and not list(cache.rglob("*.json"))
+
+
+def test_a_cache_folder_in_the_folder_scanned_gets_no_memo(tmp_path):
+    """A cache folder set to the dataset (or inside it) would have the memo's file scanned as a file of
+    the dataset, and its folder as a class: the scan goes without its memo there."""
+    root = make_dataset(tmp_path / "d", per_class=3, test_per_class=1)
+    plain = data.scan_dataset(root)
+    for cache in (root, root / "train"):
+        for _ in range(2):
+            report = data.scan_dataset(root, scan_cache=cache)
+        assert not list(root.rglob("*.json")) and report.problems == plain.problems and report.samples == plain.samples
