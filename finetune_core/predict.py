@@ -17,6 +17,7 @@ between the app and the exported model).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -197,7 +198,10 @@ class Predictor:
         if getattr(self, "_inference", (None, None))[0] is not self.model:
             from .activations import fold_batchnorm
 
-            self._inference = (self.model, fold_batchnorm(self.model.eval()).to(memory_format=torch.channels_last))
+            folded = fold_batchnorm(self.model.eval())
+            if folded is self.model:  # nothing to fold (LayerNorm models): channels_last on a copy, not the model
+                folded = copy.deepcopy(self.model)
+            self._inference = (self.model, folded.to(memory_format=torch.channels_last))
         return self._inference[1]
 
     def logits(self, images: list[Image.Image]) -> torch.Tensor:

@@ -191,8 +191,8 @@ def actions_bar(root: str, result, selected: list) -> None:
     st.markdown(f"**{len(selected)} selected**")
     c = st.columns([1, 1, 2, 1, 1], vertical_alignment="bottom")
     if c[0].button("Accept", key="act_suggested", disabled=not selected,
-                   help="label issue: relabel to the suggested class; test leak: drop it from the test split; "
-                        "others: exclude"):
+                   help="label issue: relabel to the suggested class where the model is sure enough of it, "
+                        "else exclude; test leak: drop it from the test split; others: exclude"):
         record(root, fixes_for(result, selected, "suggested"), "suggestions accepted")
     if c[1].button("Exclude", key="act_exclude", disabled=not selected):
         record(root, fixes_for(result, selected, "exclude"), "images excluded")

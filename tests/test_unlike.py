@@ -147,3 +147,18 @@ def test_another_sessions_pass_on_the_shared_model_never_reaches_the_features_of
     finally:
         stop.set()
         thread.join()
+
+
+def test_a_model_with_nothing_to_fold_is_left_as_it_is_by_the_fast_inference_copy():
+    """The folded channels_last copy that classifies: where nothing folds (no BatchNorm, as ConvNeXt
+    or ViT), channels_last went onto the run's own model (heatmaps and the bundle use it)."""
+    from torch import nn
+
+    from finetune_core.predict import Predictor
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    predictor = Predictor(model, ["a", "b"], 32, [0.5] * 3, [0.25] * 3)
+    assert predictor.inference_model is not model
+    assert model[0].weight.is_contiguous()  # as it was
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(predictor.inference_model(x.contiguous(memory_format=torch.channels_last)), model(x))
