@@ -240,20 +240,23 @@ def refuse_loose_images(folder: Path, name: str) -> None:
                           "folders; nothing was kept")
 
 
-def unpacked_summary(folder: str | os.PathLike) -> str:
+def unpacked_summary(folder: str | os.PathLike) -> tuple[str, int]:
     """What an unpacked zip holds, and which files the scan will skip and why (files that are not
-    images by their extension, and hidden ones), so that an upload never drops files silently."""
+    images by their extension, and hidden ones), so that an upload never drops files silently:
+    (the sentence, how many files the scan skips)."""
     files = [p for p in Path(folder).rglob("*") if p.is_file() and "__MACOSX" not in p.parts]
-    hidden = [p for p in files if any(part.startswith(".") for part in p.relative_to(folder).parts)]
-    not_images = [p for p in files if p not in hidden and p.suffix.lower() not in IMAGE_EXTENSIONS
+    hidden_set = {p for p in files if any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    hidden = [p for p in files if p in hidden_set]
+    not_images = [p for p in files if p not in hidden_set and p.suffix.lower() not in IMAGE_EXTENSIONS
                   and p.name != FIXES_FILE]  # the review's fixes file is read, not skipped
     text = f"Unpacked {len(files):,} file{'s' if len(files) != 1 else ''} into {folder}"
     skipped = [(not_images, "not image files"), (hidden, "hidden files")]
     reasons = [f"{len(group)} {why} ({', '.join(p.name for p in group[:3])}{', ...' if len(group) > 3 else ''})"
                for group, why in skipped if group]
+    skips = len(not_images) + len(hidden)
     if reasons:
-        text += f"; the scan skips {len(not_images) + len(hidden)} of them: " + "; ".join(reasons)
-    return text + "."
+        text += f"; the scan skips {skips} of them: " + "; ".join(reasons)
+    return text + ".", skips
 
 
 def _dataset_folder(unpacked: Path) -> Path:

@@ -183,17 +183,18 @@ def uploaded_zip(root: Path) -> str:
                               key="zip_upload", max_upload_size=datastore.MAX_ZIP_BYTES // 2**20)
     if upload is None:
         return ""
-    done = st.session_state.setdefault("unzipped", {})
+    done = st.session_state.setdefault("unzipped", {})  # upload -> (its folder, what it holds, files skipped)
     upload_key = f"{upload.name}:{upload.size}"
     if upload_key not in done:
         try:
-            done[upload_key] = str(datastore.extract_zip(upload, root, upload.name))
+            folder = str(datastore.extract_zip(upload, root, upload.name))
         except datastore.UploadError as exc:
             st.error(analysis.markdown_message(str(exc), paths=(upload.name,)))
             return ""
-    summary = datastore.unpacked_summary(done[upload_key])
-    (st.warning if "skips" in summary else st.success)(summary)
-    return done[upload_key]
+        done[upload_key] = (folder, *datastore.unpacked_summary(folder))  # once, not on every rerun
+    folder, summary, skipped = done[upload_key]
+    (st.warning if skipped else st.success)(summary)
+    return folder
 
 
 @st.cache_data(ttl=60, show_spinner="Scanning the dataset…")
