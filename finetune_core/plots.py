@@ -282,7 +282,9 @@ def overlay_figure(runs: dict[str, pd.DataFrame], metrics=("loss", "train_acc", 
                 shown, name = _validation_metric(metric), name.replace("test", "validation")
             pts = _curve_points(frame, shown, x, smoothing=smoothing)
             fmt = _number_format(metric)
-            mode = "lines+markers" if metric.startswith("test") else "lines"
+            # markers where a line alone would hide points: the test split's few, and any curve of one or
+            # two (a run that diverged at its second step drew nothing: a single point has no line)
+            mode = "lines+markers" if metric.startswith("test") or len(pts) <= 2 else "lines"
             if smoothing:
                 fig.add_trace(go.Scatter(x=pts[x], y=pts[shown], name=label, legendgroup=label, showlegend=False,
                                          mode=mode, line=dict(color=faint(color), width=1, dash=dash),

@@ -323,3 +323,12 @@ def test_class_names_that_look_like_numbers_stay_names_on_every_class_axis():
     assert top.layout.yaxis.type == "category" and list(top.data[0].y) == ["8", "3", "5"]
     counts = plots.class_counts_figure({"train": {c: 10 for c in classes}})
     assert counts.layout.xaxis.type == "category" and counts.layout.xaxis.dtick == 1
+
+
+def test_a_curve_of_one_or_two_points_is_drawn_with_markers():
+    """A run that diverged at its second step logged one or two batches: a line alone draws nothing for
+    a single point (a first user saw empty loss charts for the run that diverged)."""
+    short = logged([{"kind": "batch", "epoch": 0.5, "step": 1, "loss": 681.3, "train_acc": 0.5, "elapsed_s": 1.0}])
+    loss = traces_of(plots.overlay_figure({"short": short}), "short", "x")[0]
+    assert len(loss.x) == 1 and "markers" in loss.mode
+    assert traces_of(plots.overlay_figure({"fine": book_run()}), "fine", "x")[0].mode == "lines"  # 8: a line
