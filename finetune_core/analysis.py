@@ -268,6 +268,25 @@ def long_run_warning(seconds: float | None, epochs: int) -> str:
             "or start it knowing it can be stopped and resumed.")
 
 
+MIN_STEPS = 20  # fewer optimiser steps in all than this, and a run learns next to nothing
+
+
+def too_few_steps_warning(config, report) -> str:
+    """A sentence for a run of so few optimiser steps that it cannot learn ("" otherwise): 58 photos
+    at batch 64 for 2 epochs is 2 steps, and a first user got a model at chance with no word why.
+    `config` with its epochs resolved (engine.resolve_auto); `report` the dataset's scan."""
+    images = sum(report.splits.get("train", {}).values())
+    if not images or config.epochs <= 0:
+        return ""
+    per_epoch = math.ceil(images / config.batch_size)
+    steps = per_epoch * config.epochs
+    if steps >= MIN_STEPS:
+        return ""
+    return (f"Only {steps:,} training step{'s' if steps != 1 else ''} in all ({images:,} training images at batch "
+            f"{config.batch_size} is {per_epoch:,} step{'s' if per_epoch != 1 else ''} per epoch, for {config.epochs:,} "
+            f"epochs): too few to learn from. Lower the batch size or raise the epochs to at least {MIN_STEPS} steps.")
+
+
 def page_of(frame: pd.DataFrame, page: int, per_page: int) -> tuple[pd.DataFrame, int]:
     """(the rows of page `page`, counting from 1 and kept within range, and the number of pages)."""
     pages = max(1, math.ceil(len(frame) / per_page))

@@ -471,9 +471,9 @@ def run_cost(config: TrainConfig, report) -> None:
     seconds, basis = analysis.cost_estimate(config, report, list_runs(runs_root()))
     st.caption(f"This run: about {format_seconds(seconds)} ({basis})." if seconds is not None
                else f"This run: no cost estimate yet ({basis}).")
-    long_run = analysis.long_run_warning(seconds, config.epochs)
-    if long_run:
-        st.warning(long_run, icon="⚠️")
+    for warning in (analysis.long_run_warning(seconds, config.epochs), analysis.too_few_steps_warning(config, report)):
+        if warning:
+            st.warning(warning, icon="⚠️")
 
 
 def lr_finder_key(config: TrainConfig, report) -> str:

@@ -150,3 +150,16 @@ def test_the_train_page_unpacks_an_uploaded_zip_once_and_warns_about_the_files_i
     at.run()  # a rerun keeps the folder and its summary (the zip is not unpacked twice: 'already exists')
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("notes.txt" in w.value for w in at.warning)
+
+
+def test_a_run_of_too_few_steps_to_learn_is_warned_about_before_launch(tmp_path):
+    """58 photos at batch 64 for 2 epochs is 2 steps: a first user got a model at chance, no word why."""
+    from conftest import make_dataset
+    from finetune_core import analysis
+    from finetune_core.config import TrainConfig
+    from finetune_core.data import scan_dataset
+
+    report = scan_dataset(make_dataset(tmp_path / "d", per_class=29, test_per_class=2, size=(16, 16)))
+    few = analysis.too_few_steps_warning(TrainConfig(data=str(report.root), batch_size=64, epochs=2), report)
+    assert few.startswith("Only 2 training steps in all (58 training images at batch 64 is 1 step per epoch")
+    assert analysis.too_few_steps_warning(TrainConfig(data=str(report.root), batch_size=8, epochs=30), report) == ""
