@@ -250,9 +250,10 @@ def unpacked_summary(folder: str | os.PathLike) -> tuple[str, int]:
     not_images = [p for p in files if p not in hidden_set and p.suffix.lower() not in IMAGE_EXTENSIONS
                   and p.name != FIXES_FILE]  # the review's fixes file is read, not skipped
     text = f"Unpacked {len(files):,} file{'s' if len(files) != 1 else ''} into {folder}"
-    skipped = [(not_images, "not image files"), (hidden, "hidden files")]
-    reasons = [f"{len(group)} {why} ({', '.join(p.name for p in group[:3])}{', ...' if len(group) > 3 else ''})"
-               for group, why in skipped if group]
+    skipped = [(not_images, ("file that is not an image", "files that are not images")),
+               (hidden, ("hidden file", "hidden files"))]
+    reasons = [f"{len(group)} {why[len(group) != 1]} ({', '.join(p.name for p in group[:3])}"
+               f"{', ...' if len(group) > 3 else ''})" for group, why in skipped if group]
     skips = len(not_images) + len(hidden)
     if reasons:
         text += f"; the scan skips {skips} of them: " + "; ".join(reasons)

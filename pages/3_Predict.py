@@ -172,11 +172,11 @@ def confidence_tab(info: RunInfo, model: Predictor, predictions) -> float:
                 f"run's threshold, {record['threshold']:.2f}, was chosen for at most {record['max_error']:.0%} "
                 "errors among the answered images.")
     if record.get("threshold_capped"):
-        st.warning(f"The cap acted: at most {record['max_error']:.0%} errors among the answers needed a threshold that "
-                   f"answers \"not sure\" to more than {calibration.MAX_NOT_SURE:.0%} of the held-out photos, so the "
-                   f"run's threshold was lowered to refuse at most {calibration.MAX_NOT_SURE:.0%}: "
-                   f"{record['test_error_answered'] or 0:.1%} of the test photos it answers are wrong. Raise the "
-                   "slider for fewer errors and more \"not sure\".")
+        st.warning(f"This model is often wrong even where it answers: {record['test_error_answered'] or 0:.1%} of the "
+                   f"test photos it answers are wrong. Keeping that to {record['max_error']:.0%} would have meant "
+                   f"\"not sure\" for more than {calibration.MAX_NOT_SURE:.0%} of the photos, so the threshold stops "
+                   f"at {calibration.MAX_NOT_SURE:.0%} \"not sure\". Train longer or on more photos; or raise the "
+                   "slider for fewer wrong answers and more \"not sure\".")
     st.plotly_chart(plots.reliability_figure(record["bins_before"], record["bins_after"]), width="stretch",
                     key="reliability")
     if model.reference is not None:

@@ -127,7 +127,7 @@ def test_an_upload_says_which_files_the_scan_skips_and_a_flat_zip_is_refused_lea
                                          "pets/dog/.DS_Store": b"x"}), tmp_path / "data", "pets.zip")
     summary, skipped = datastore.unpacked_summary(target)
     assert skipped == 2 and summary.startswith(f"Unpacked 4 files into {target}; the scan skips 2 of them")
-    assert "1 not image files (notes.txt)" in summary and "1 hidden files (.DS_Store)" in summary
+    assert "1 file that is not an image (notes.txt)" in summary and "1 hidden file (.DS_Store)" in summary
     clean = datastore.extract_zip(_zip({"birds/owl/a.png": png, "birds/tit/b.png": png}), tmp_path / "data", "b.zip")
     assert datastore.unpacked_summary(clean) == (f"Unpacked 2 files into {clean}.", 0)
     with pytest.raises(datastore.UploadError, match="flat.zip: its 2 images are at the top of the archive"):
@@ -146,7 +146,7 @@ def test_the_train_page_unpacks_an_uploaded_zip_once_and_warns_about_the_files_i
     at.radio(key="data_source").set_value("Upload a zip").run()
     at.file_uploader(key="zip_upload").set_value([("pets.zip", upload.getvalue(), "application/zip")]).run()
     assert not at.exception
-    assert any("the scan skips 1 of them: 1 not image files (notes.txt)" in w.value for w in at.warning)
+    assert any("the scan skips 1 of them: 1 file that is not an image (notes.txt)" in w.value for w in at.warning)
     at.run()  # a rerun keeps the folder and its summary (the zip is not unpacked twice: 'already exists')
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("notes.txt" in w.value for w in at.warning)
