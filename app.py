@@ -55,7 +55,8 @@ def quick_start_section(offline: list[str]) -> None:
     st.subheader("Quick start")
     recipe = quick_start_config(str(datastore.data_root() / datastore.EXAMPLE_NAME), offline)
     st.write("Train the fast preset on the built-in example (handwritten digits, no internet needed), "
-             f"with {recipe.backbone}.")
+             f"with {recipe.backbone} at {recipe.image_size} px for {recipe.epochs} epochs"
+             f"{' from scratch' if recipe.weights == 'none' else ''}: small, to see it all work in minutes.")
     if st.button("Start the example", type="primary", key="quick_start"):
         recipe = recipe.replace(data=str(datastore.ensure_example_dataset()))
         try:

@@ -55,6 +55,10 @@ def test_home_page_shows_device_backbones_and_runs(dashboard_env):
     assert metrics["Backbones with weights offline"] == str(len(offline_backbones()))
     assert any("efficientnet_lite0" in c.value for c in at.caption)
     assert at.button(key="quick_start")
+    from finetune_core.config import quick_start_config
+    recipe = quick_start_config("digits", offline_backbones())  # the text says what the button will run
+    assert any(f"with {recipe.backbone} at {recipe.image_size} px for {recipe.epochs} epochs" in m.value
+               for m in at.markdown)
 
 
 def test_the_sidebar_names_every_page(dashboard_env):
