@@ -80,7 +80,12 @@ def _check_readable(path: str | os.PathLike, what: str, what_to_copy: str) -> Pa
         folder = Path(path).expanduser()
         relative = not folder.is_absolute()
         if relative:
-            folder = data_root() / folder
+            root = data_root()
+            # "data/pets" typed for the data folder's "pets" (Home names the data folder by its name):
+            # read as the data folder's pets when data/data/pets does not exist
+            if folder.parts[:1] == (root.name,) and not (root / folder).exists() and len(folder.parts) > 1:
+                folder = Path(*folder.parts[1:])
+            folder = root / folder
         folder = folder.resolve()
     except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, an unknown ~user, a link loop
         raise FolderNotAllowed(f"{path!r} is not a path the dashboard can read ({exc})") from exc

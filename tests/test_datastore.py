@@ -252,5 +252,8 @@ def test_a_relative_folder_is_read_inside_the_data_folder(tmp_path, monkeypatch)
     monkeypatch.delenv(datastore.EXTRA_ROOTS_VARIABLE, raising=False)
     monkeypatch.chdir(tmp_path)
     assert datastore.check_data_folder("pets") == pets.resolve()
+    assert datastore.check_data_folder("data/pets") == pets.resolve()  # the data folder named (a first user)
+    (root / "data" / "pets").mkdir(parents=True)
+    assert datastore.check_data_folder("data/pets") == (root / "data" / "pets").resolve()  # one that exists wins
     with pytest.raises(datastore.FolderNotAllowed):
         datastore.check_data_folder("../elsewhere")
