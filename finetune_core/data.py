@@ -370,7 +370,10 @@ class ScanMemo:
         if cache_folder and self._may_write_in(Path(cache_folder), root):
             from .cachestore import SCANS
 
-            key = hashlib.sha1(f"{SCAN_FORMAT}|{root.resolve()}|{min_side}|{limit}".encode()).hexdigest()
+            import PIL  # a Pillow upgrade may read what it could not (a result is Pillow's answer)
+
+            settings = f"{SCAN_FORMAT}|{PIL.__version__}|{root.resolve()}|{min_side}|{limit}"
+            key = hashlib.sha1(settings.encode()).hexdigest()
             self.path = Path(cache_folder) / SCANS / f"{key}.json"
         self.min_side, self.limit = min_side, limit
         self.known = self._load()
