@@ -50,3 +50,17 @@ def test_a_cache_folder_in_the_folder_scanned_gets_no_memo(tmp_path):
         for _ in range(2):
             report = data.scan_dataset(root, scan_cache=cache)
         assert not list(root.rglob("*.json")) and report.problems == plain.problems and report.samples == plain.samples
+
+
+def test_another_pillow_reads_every_file_again(tmp_path, monkeypatch):
+    """What the memo remembers is Pillow's answer: an upgrade may read a file the old one could not."""
+    import PIL
+
+    root = make_dataset(tmp_path / "d", per_class=2, test_per_class=1)
+    data.scan_dataset(root, scan_cache=tmp_path / "cache")
+    checked = []
+    real = data._check_image
+    monkeypatch.setattr(data, "_check_image", lambda path, *a: (checked.append(path.name), real(path, *a))[1])
+    monkeypatch.setattr(PIL, "__version__", PIL.__version__ + ".next")
+    data.scan_dataset(root, scan_cache=tmp_path / "cache")
+    assert len(checked) == 6
