@@ -367,14 +367,12 @@ def _head_input(top: nn.Module, head: nn.Module) -> Callable[[torch.Tensor], tor
     """x -> what `head` (a module inside `top`) receives when `top` runs on x: the pooled features
     of the layers above a split point, whatever the model does between them and its head (a
     traced timm model's forward_head pools and normalises there, which no list of `top`'s
-    children holds)."""
+    children holds). The same features as a run's "not sure" reference (novelty.head_inputs)."""
+    from .novelty import head_inputs
+
     def features(x: torch.Tensor) -> torch.Tensor:
-        seen = []
-        hook = head.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].float()))
-        try:
+        with head_inputs(head) as seen:
             top(x)
-        finally:
-            hook.remove()
         return seen[0]
 
     return features
