@@ -21,7 +21,6 @@ import copy
 import io
 import json
 import os
-import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +114,6 @@ class Predictor:
         self.reference = reference if distance_threshold is not None else None
         self.distance_threshold = None if reference is None else distance_threshold
         self.neighbours = int(neighbours)  # the distance is to the K-th nearest training photo
-        self._hooked = threading.Lock()  # one hooked pass at a time (the page shares a Predictor between sessions)
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -216,8 +214,8 @@ class Predictor:
 
     def features_and_logits(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the head's input averaged over the classified views, the logits) of a uint8 batch, one pass."""
-        with self._hooked, head_inputs(get_head(self.inference_model, self.backbone)) as seen:
-            logits = self.batch_logits(batch)  # the lock: another page session's pass must not reach `seen`
+        with head_inputs(get_head(self.inference_model, self.backbone)) as seen:  # this thread's passes only
+            logits = self.batch_logits(batch)
         return torch.stack(seen).mean(0), logits
 
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
