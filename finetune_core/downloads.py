@@ -139,6 +139,8 @@ class WeightsDownloads:
 
     def _record_end(self, download: Download, outcome: dict | None) -> None:
         with self._lock:
+            if download.state == "stopped" and outcome is not None and "completed" in outcome:
+                download.state = ACTIVE  # it finished before Stop reached it: the weights are there, say so
             if download.state == ACTIVE:
                 if outcome is not None and "completed" in outcome:
                     download.state, download.message = "completed", f"saved to {outcome['completed']}"

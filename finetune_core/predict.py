@@ -21,6 +21,7 @@ import copy
 import io
 import json
 import os
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,7 @@ class Predictor:
         self.reference = reference if distance_threshold is not None else None
         self.distance_threshold = None if reference is None else distance_threshold
         self.neighbours = int(neighbours)  # the distance is to the K-th nearest training photo
+        self._building = threading.Lock()  # the inference copy (inference_model)
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod
@@ -193,29 +195,32 @@ class Predictor:
         (activations.fold_batchnorm, checked against the model) in channels_last, made once: a
         ResNet-18 forward pass took 0.6x the CPU time (benchmarks/bench_trust.py --folder). The
         model itself stays as it is (heatmaps need its gradients; the bundle exports it)."""
-        if getattr(self, "_inference", (None, None))[0] is not self.model:
-            from .activations import fold_batchnorm
+        with self._building:  # two sessions' first calls build one copy
+            if getattr(self, "_inference", (None, None))[0] is not self.model:  # made again for a new model
+                from .activations import fold_batchnorm
 
-            folded = fold_batchnorm(self.model.eval())
-            if folded is self.model:  # nothing to fold (LayerNorm models): channels_last on a copy, not the model
-                folded = copy.deepcopy(self.model)
-            self._inference = (self.model, folded.to(memory_format=torch.channels_last))
-        return self._inference[1]
+                folded = fold_batchnorm(self.model.eval())
+                if folded is self.model:  # nothing to fold (LayerNorm models): channels_last on a copy, not the model
+                    folded = copy.deepcopy(self.model)
+                self._inference = (self.model, folded.to(memory_format=torch.channels_last))
+            return self._inference[1]
 
     def logits(self, images: list[Image.Image]) -> torch.Tensor:
         """In fp32, as the bundle's model files compute them (see the module docstring)."""
         return self.batch_logits(torch.stack([self.preprocess(img) for img in images]))
 
     @torch.inference_mode()
-    def batch_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """The logits of a uint8 batch of test views (preprocess's), in fp32."""
+    def batch_logits(self, batch: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """The logits of a uint8 batch of test views (preprocess's), in fp32, by `model` (the
+        inference model unless given)."""
         x = normalize_batch(batch, self.mean, self.std, channels_last=True)
-        return mean_logits(self.inference_model, classified_views(x, self.tta_flip))
+        return mean_logits(model or self.inference_model, classified_views(x, self.tta_flip))
 
     def features_and_logits(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the head's input averaged over the classified views, the logits) of a uint8 batch, one pass."""
-        with head_inputs(get_head(self.inference_model, self.backbone)) as seen:  # this thread's passes only
-            logits = self.batch_logits(batch)
+        model = self.inference_model  # read once: the hooked head and the pass are of one model
+        with head_inputs(get_head(model, self.backbone)) as seen:  # this thread's passes only
+            logits = self.batch_logits(batch, model)
         return torch.stack(seen).mean(0), logits
 
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:

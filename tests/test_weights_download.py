@@ -129,3 +129,15 @@ def test_the_train_page_says_the_weights_are_not_downloaded_and_offers_a_downloa
     assert [w.value for w in at.warning if "not downloaded" in w.value]  # still not here
     assert any("The last download was stopped: nothing was kept." in c.value for c in at.caption)
     assert not at.button(key="train_button").disabled and not at.exception
+
+
+def test_stop_after_the_child_completed_says_the_weights_were_kept(hub_home, monkeypatch):
+    """Stop pressed at 100%: the child had finished, its outcome not yet read: the page said "stopped:
+    nothing was kept" while the weights sat in the cache."""
+    jobs = downloads.WeightsDownloads(fetch=GARBLED)  # completes at once
+    record_end = jobs._record_end
+    monkeypatch.setattr(jobs, "_record_end", lambda *a: (time.sleep(0.5), record_end(*a)))
+    jobs.start(NAME)
+    assert wait_until(lambda: jobs._downloads[NAME].process.poll() is not None, timeout=60)
+    assert jobs.stop(NAME)["state"] == "completed"
+    assert models.hub_cached_file(models.backbone_spec(NAME)) is not None
