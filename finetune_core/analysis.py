@@ -275,7 +275,9 @@ def too_few_steps_warning(config, report) -> str:
     """A sentence for a run of so few optimiser steps that it cannot learn ("" otherwise): 58 photos
     at batch 64 for 2 epochs is 2 steps, and a first user got a model at chance with no word why.
     `config` with its epochs resolved (engine.resolve_auto); `report` the dataset's scan."""
-    images = sum(report.splits.get("train", {}).values())
+    from .engine import training_images
+
+    images = training_images(config, report)  # less the validation split
     if not images or config.epochs <= 0:
         return ""
     per_epoch = math.ceil(images / config.batch_size)

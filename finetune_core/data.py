@@ -386,13 +386,13 @@ class ScanMemo:
         memo's file would be scanned as a file of the dataset (and a class folder named after it).
         Such a cache is refused by the run itself (cachestore.check_not_a_data_folder); the scan
         just goes without its memo."""
-        from .cachestore import check_not_a_data_folder
+        from .cachestore import SCANS, check_not_a_data_folder
 
-        cache, scanned = cache_folder.expanduser().resolve(), root.resolve()
-        if cache == scanned or scanned in cache.parents or cache in scanned.parents:
+        memo, scanned = (cache_folder.expanduser() / SCANS).resolve(), root.resolve()
+        if memo == scanned or scanned in memo.parents or memo in scanned.parents:
             return False
         try:
-            check_not_a_data_folder(cache)
+            check_not_a_data_folder(cache_folder)
         except ValueError:
             return False
         return True

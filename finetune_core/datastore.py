@@ -250,8 +250,8 @@ def unpacked_summary(folder: str | os.PathLike) -> tuple[str, int]:
     images by their extension, and hidden ones), so that an upload never drops files silently:
     (the sentence, how many files the scan skips)."""
     files = [p for p in Path(folder).rglob("*") if p.is_file() and "__MACOSX" not in p.parts]
-    hidden_set = {p for p in files if any(part.startswith(".") for part in p.relative_to(folder).parts)}
-    hidden = [p for p in files if p in hidden_set]
+    hidden = [p for p in files if any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    hidden_set = set(hidden)
     not_images = [p for p in files if p not in hidden_set and p.suffix.lower() not in IMAGE_EXTENSIONS
                   and p.name != FIXES_FILE]  # the review's fixes file is read, not skipped
     text = f"Unpacked {len(files):,} file{'s' if len(files) != 1 else ''} into {folder}"

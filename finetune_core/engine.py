@@ -248,6 +248,11 @@ def run_views(config: TrainConfig) -> int:
     return config.feature_views
 
 
+def training_images(config: TrainConfig, report: ScanReport) -> int:
+    """The images a run trains on: the scan's training split less the validation split it holds out."""
+    return round(len(report.samples.get("train", [])) * (1 - config.val_fraction))
+
+
 def resolve_auto(config: TrainConfig, report: ScanReport | None = None) -> TrainConfig:
     """The settings with every `auto` made concrete: the backbone ("auto": the best one whose
     weights are here), and, once the dataset's size is known from its scan, epochs 0 and
@@ -256,7 +261,7 @@ def resolve_auto(config: TrainConfig, report: ScanReport | None = None) -> Train
         config = config.replace(backbone=resolve_backbone("auto")[0])
     if report is None or not report.usable:
         return config
-    n_train = max(1, round(len(report.samples.get("train", [])) * (1 - config.val_fraction)))
+    n_train = max(1, training_images(config, report))
     if config.epochs == 0:
         if config.train_stages == "all":
             epochs = AUTO_EPOCHS_ALL_LAYERS

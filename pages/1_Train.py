@@ -183,7 +183,7 @@ def uploaded_zip(root: Path) -> str:
                               key="zip_upload", max_upload_size=datastore.MAX_ZIP_BYTES // 2**20)
     if upload is None:
         return ""
-    done = st.session_state.setdefault("unzipped", {})  # upload -> (its folder, what it holds, files skipped)
+    done = st.session_state.setdefault("unzipped_uploads", {})  # upload -> (its folder, what it holds, files skipped)
     upload_key = f"{upload.name}:{upload.size}"
     if upload_key not in done:
         try:

@@ -50,6 +50,9 @@ def test_a_cache_folder_in_the_folder_scanned_gets_no_memo(tmp_path):
         for _ in range(2):
             report = data.scan_dataset(root, scan_cache=cache)
         assert not list(root.rglob("*.json")) and report.problems == plain.problems and report.samples == plain.samples
+    beside = make_dataset(tmp_path / "cache" / "datasets" / "d2", per_class=2, test_per_class=1)
+    data.scan_dataset(beside, scan_cache=tmp_path / "cache")  # a dataset kept under the cache folder: its memo works
+    assert list((tmp_path / "cache" / cachestore.SCANS).glob("*.json"))
 
 
 def test_another_pillow_reads_every_file_again(tmp_path, monkeypatch):

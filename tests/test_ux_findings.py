@@ -135,8 +135,13 @@ def test_an_upload_says_which_files_the_scan_skips_and_a_flat_zip_is_refused_lea
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["b", "pets"]  # no leftover folder
 
 
-def test_the_train_page_unpacks_an_uploaded_zip_once_and_warns_about_the_files_it_skips(dashboard_env):
+def test_the_train_page_unpacks_an_uploaded_zip_once_and_warns_about_the_files_it_skips(dashboard_env, monkeypatch):
     from conftest import page, write_image
+    from finetune_core import datastore
+
+    summaries = []
+    summary = datastore.unpacked_summary
+    monkeypatch.setattr(datastore, "unpacked_summary", lambda folder: (summaries.append(folder), summary(folder))[1])
 
     photos = {f"pets/{c}/{c}_{k}.png": write_image(dashboard_env / "p.png", (40 * k + i * 120, 90, 200 - 30 * k),
                                                     (32, 32)).read_bytes()
@@ -149,7 +154,10 @@ def test_the_train_page_unpacks_an_uploaded_zip_once_and_warns_about_the_files_i
     assert any("the scan skips 1 of them: 1 file that is not an image (notes.txt)" in w.value for w in at.warning)
     at.run()  # a rerun keeps the folder and its summary (the zip is not unpacked twice: 'already exists')
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert any("notes.txt" in w.value for w in at.warning)
+    assert any("notes.txt" in w.value for w in at.warning) and len(summaries) == 1  # the folder walked once
+    clean = _zip({name: photo for name, photo in photos.items()})  # no file skipped, in a folder named 'skips'
+    at.file_uploader(key="zip_upload").set_value([("skips.zip", clean.getvalue(), "application/zip")]).run()
+    assert not at.warning and any("Unpacked 8 files into" in s.value and "skips" in s.value for s in at.success)
 
 
 def test_a_run_of_too_few_steps_to_learn_is_warned_about_before_launch(tmp_path):
@@ -163,3 +171,5 @@ def test_a_run_of_too_few_steps_to_learn_is_warned_about_before_launch(tmp_path)
     few = analysis.too_few_steps_warning(TrainConfig(data=str(report.root), batch_size=64, epochs=2), report)
     assert few.startswith("Only 2 training steps in all (58 training images at batch 64 is 1 step per epoch")
     assert analysis.too_few_steps_warning(TrainConfig(data=str(report.root), batch_size=8, epochs=30), report) == ""
+    held_out = TrainConfig(data=str(report.root), batch_size=8, epochs=3, val_fraction=0.5)  # 29 images: 4 steps x 3
+    assert analysis.too_few_steps_warning(held_out, report).startswith("Only 12 training steps in all (29 training")
