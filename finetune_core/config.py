@@ -572,6 +572,13 @@ def setting_warnings(config: TrainConfig) -> dict[str, list[str]]:
         where = (f"{' and '.join(how)}, it steps like {step:.3g} would on a mean loss without momentum, where {usual}"
                  if how else f"on a mean loss without momentum {usual}")
         field = warnings.setdefault("lr" if setting == "Learning rate" else "head_lr_mult", [])
+        suggested = rate * preset_step / step
+        if setting != "Learning rate" and lr != config.lr and abs(suggested / lr / config.head_lr_mult - 1) < 0.25:
+            # the head is off only through the learning rate: the multiplier it would suggest is the one set
+            field.append(f"{label} {rate:.3g} is far {'above' if step > high else 'below'} the usual range because "
+                         f"the learning rate is; the multiplier ({config.head_lr_mult:g}) is fine: change the "
+                         f"learning rate (about {lr:.2g}).")
+            continue
         if step > high:
             field.append(f"{label} {rate:.3g} is far above the usual range: {where}. Training will likely blow up "
                             f"(the run then ends diverged); try the learning-rate finder, or "

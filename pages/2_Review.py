@@ -138,7 +138,12 @@ def accept_all_section(root: str, result, fixes: list) -> None:
     if not pending:
         return
     relabel = sum(f.action == "relabel" for f in pending)
-    label = f"Accept all suggested ({relabel} relabel, {len(pending) - relabel} exclude)"
+    label = f"Accept all suggested for the training split ({relabel} relabel, {len(pending) - relabel} exclude)"
+    left = sum(1 for issue in result.issues if issue.split != "train")
+    if left:
+        st.caption(f"{left} issue{'s' if left != 1 else ''} of the test split (leaks, labels) "
+                   f"{'are' if left != 1 else 'is'} left to you, one by one below: the test split is what accuracy "
+                   "is measured on.")
     if st.button(label, key="act_accept_all",
                  help="Every undecided issue of the training split: a label issue is relabelled when the model "
                       "is as sure of the suggested class as it is, on average, of the photos labelled with it, else "

@@ -54,6 +54,8 @@ def test_the_review_page_accepts_all_suggestions_and_names_its_relabel_box(dashb
     assert not at.exception
     box = at.selectbox(key="act_relabel_to")  # a first user found it unlabelled
     assert box.label == "Relabel the selected images to" and box.proto.label_visibility.value == 0  # visible
+    assert at.button(key="act_accept_all").label == "Accept all suggested for the training split (1 relabel, 1 exclude)"
+    assert any("1 issue of the test split (leaks, labels) is left to you" in c.value for c in at.caption)
     at.button(key="act_accept_all").click().run()
     assert not at.exception
     assert [(f.action, f.path, f.to) for f in load_fixes(data / FIXES_FILE)] == [

@@ -16,9 +16,11 @@ def test_the_fast_presets_warning_suggests_a_rate_on_the_presets_scale_for_the_s
     assert len(warnings) == 2  # the learning rate, and the head's rate (lr x 10)
     lr = suggested(warnings[0], "Learning rate")
     assert 3e-3 / 3 <= lr <= 3e-3 * 3  # the preset's 3e-3 (the finder found 0.0036), not 0.00032
-    mult = suggested(warnings[1], "Head learning-rate multiplier")
-    assert f"at learning rate {lr:.2g}" in warnings[1]  # the head's suggestion goes with the suggested lr
-    assert launch_warnings(preset_config("fast", data="x", lr=lr, head_lr_mult=mult)) == []  # taking them: no warning
+    # the head is off only through the learning rate: it says the multiplier (10) is fine, and which rate to set
+    # (a first user was told to set the multiplier to about 10, the value it had)
+    assert "the multiplier (10) is fine: change the learning rate (about" in warnings[1]
+    assert "or set Head learning-rate multiplier" not in warnings[1]
+    assert launch_warnings(preset_config("fast", data="x", lr=lr)) == []  # taking the suggestion: no warning
 
 
 def test_a_head_only_suggestion_names_the_multiplier_at_the_learning_rate_typed():
