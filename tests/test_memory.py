@@ -16,10 +16,12 @@ from finetune_core import engine, memory
 
 needs_glibc = pytest.mark.skipif(not memory.supported(), reason="glibc's malloc settings exist on Linux/glibc only")
 
-ACTIVATION = 8 * 32 * 256 * 256 * 4  # bytes: 67 MB, over glibc's 32 MB mmap threshold
+SIDE = 192  # 38 MB activations: over glibc's largest mmap threshold (32 MiB), so that by default every one
+# is a fresh mmap (256 px, 67 MB, showed the same with 1.8 times the page faults to pay for in each probe)
+ACTIVATION = 8 * 32 * SIDE * SIDE * 4  # bytes
 STEPS, MEASURED_STEPS = 3, 1
 
-# Three training steps of a small conv net on 67 MB activations in a worker thread (where the
+# Three training steps of a small conv net on 38 MB activations in a worker thread (where the
 # dashboard trains), counting the page faults of the last one (the first two fault the heap in
 # once whatever the settings), then the heap before and after release_memory(). The convolutions
 # are 1x1 so that the arithmetic stays small: what is measured is the allocator, not the maths.
@@ -33,7 +35,7 @@ def work():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 1))
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    x = torch.rand(8, 3, 256, 256)
+    x = torch.rand(8, 3, {SIDE}, {SIDE})
     for i in range({STEPS}):
         if i == {STEPS - MEASURED_STEPS}:
             out['faults_before'] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -98,15 +100,15 @@ def test_the_settings_stop_the_page_faults_of_large_tensors_in_a_worker_thread()
         ([sys.executable, "-c", PROBE], clean_env()),
         ([sys.executable, "-c", PROBE], memory.tuned_environ(clean_env())),
         ([sys.executable, "-c", in_process], clean_env())]))
-    # By default every step maps fresh zeroed pages for its activations (measured: ~164k faults in
+    # By default every step maps fresh zeroed pages for its activations (measured: ~92k faults in
     # the last step); with the settings the freed blocks are reused (measured: 0).
     assert default["faults"] > MEASURED_STEPS * ACTIVATION // 4096, default
     assert tuned["faults"] * 10 < default["faults"], (tuned, default)
     # The same settings set in-process by mallopt (serve.py, the command line): the heap is reused
-    # too, but without the tunables' tcache_count=0 it still grows now and then (measured: 0 to 49k
-    # faults in the last step, against 164k).
+    # too, but without the tunables' tcache_count=0 it still grows now and then (measured at 256 px: 0 to 49k
+    # faults in the last step, against 164k; at 192 px: 0 against 92k).
     assert mallopt["faults"] * 2 < default["faults"], (mallopt, default)
-    # ... and release_memory() hands the kept heap back to the system (measured: ~390 MB).
+    # ... and release_memory() hands the kept heap back to the system (measured: ~270 MB).
     assert tuned["released"] is True
     assert tuned["rss_kept"] - tuned["rss_after_release"] > 4 * ACTIVATION, tuned
     assert mallopt["released"] is True and mallopt["rss_kept"] - mallopt["rss_after_release"] > 4 * ACTIVATION
