@@ -208,7 +208,10 @@ def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
 # Walking folders
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """A file or folder name that is not data: hidden (a leading dot), macOS's resource forks in a
+    zip, Windows' thumbnails and folder settings. One rule for the scan, the data-folder listings,
+    an upload's summary and Predict's folder of photos."""
     return name.startswith(".") or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
 
 
@@ -221,7 +224,7 @@ def _list_dir(path: Path) -> list[os.DirEntry]:
 
 
 def _subdirs(path: Path) -> list[Path]:
-    return [Path(e.path) for e in _list_dir(path) if e.is_dir() and not _is_hidden(e.name)]
+    return [Path(e.path) for e in _list_dir(path) if e.is_dir() and not is_hidden(e.name)]
 
 
 def _walk_files(folder: Path, problems: list[Problem]) -> list[Path]:
@@ -244,7 +247,7 @@ def _walk_files(folder: Path, problems: list[Problem]) -> list[Path]:
         seen.add(key)
         for entry in reversed(_list_dir(current)):
             p = Path(entry.path)
-            if _is_hidden(entry.name):
+            if is_hidden(entry.name):
                 problems.append(Problem(str(p), "hidden file or folder, skipped", WARNING))
                 continue
             try:
@@ -512,7 +515,7 @@ def scan_dataset(
         split_dirs = {"train": train_dir, "test": test_dir}
         for p in _list_dir(root):
             full = Path(p.path)
-            if full not in (train_dir, test_dir) and not _is_hidden(p.name):
+            if full not in (train_dir, test_dir) and not is_hidden(p.name):
                 problems.append(Problem(str(full), "not part of the train or test split, ignored", INFO))
     else:
         split_dirs = {"all": root}
@@ -570,7 +573,7 @@ def _check_class_folders(split_dirs: dict, root: Path, layout: str, memo: ScanMe
         class_records[split] = {}
         for entry in _list_dir(split_dir):
             p = Path(entry.path)
-            if _is_hidden(entry.name):
+            if is_hidden(entry.name):
                 problems.append(Problem(str(p), "hidden file or folder, skipped", WARNING))
                 continue
             if not entry.is_dir():

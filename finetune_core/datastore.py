@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, DatasetError, find_dataset_root
+from .data import IMAGE_EXTENSIONS, DatasetError, find_dataset_root, is_hidden
 from .fixes import FIXES_FILE
 from .runs import APP_DIR, default_runs_dir
 
@@ -121,7 +121,7 @@ def list_datasets(root: str | os.PathLike | None = None) -> list[DatasetEntry]:
     if not root.is_dir():
         return out
     for p in sorted(root.iterdir()):
-        if not p.is_dir() or p.name.startswith("."):
+        if not p.is_dir() or is_hidden(p.name):
             continue
         try:
             found, layout = find_dataset_root(p)
@@ -146,7 +146,7 @@ def browse(root: str | os.PathLike, relative: str = "") -> tuple[Path, list[str]
     folder = (root / relative).resolve()
     if not inside(root, folder) or not folder.is_dir():
         folder = root
-    subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
     return folder, subs
 
 
@@ -237,7 +237,7 @@ def extract_zip(source, dest_root: str | os.PathLike, name: str, max_unpacked: i
 def refuse_loose_images(folder: Path, name: str) -> None:
     """UploadError for a zip of photos with no class folders (images at its top): the scan would
     refuse it anyway, and the unpacked folder was left behind in the data folder."""
-    entries = [p for p in folder.iterdir() if p.name != "__MACOSX"]
+    entries = [p for p in folder.iterdir() if not is_hidden(p.name)]
     loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if loose and not any(p.is_dir() for p in entries):
         raise UploadError(f"{name}: its {len(loose)} images are at the top of the archive, with no class folders; "
@@ -250,7 +250,7 @@ def unpacked_summary(folder: str | os.PathLike) -> tuple[str, int]:
     images by their extension, and hidden ones), so that an upload never drops files silently:
     (the sentence, how many files the scan skips)."""
     files = [p for p in Path(folder).rglob("*") if p.is_file() and "__MACOSX" not in p.parts]
-    hidden = [p for p in files if any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    hidden = [p for p in files if any(is_hidden(part) for part in p.relative_to(folder).parts)]
     hidden_set = set(hidden)
     not_images = [p for p in files if p not in hidden_set and p.suffix.lower() not in IMAGE_EXTENSIONS
                   and p.name != FIXES_FILE]  # the review's fixes file is read, not skipped
@@ -268,7 +268,7 @@ def unpacked_summary(folder: str | os.PathLike) -> tuple[str, int]:
 def _dataset_folder(unpacked: Path) -> Path:
     """The folder of an unpacked zip that is the dataset: a zip of one folder (pets.zip holding
     pets/cat, pets/dog, as zipping a folder makes it) unwraps to it, not to data/pets/pets."""
-    entries = [p for p in unpacked.iterdir() if p.name != "__MACOSX"]  # macOS's resource forks, not data
+    entries = [p for p in unpacked.iterdir() if not is_hidden(p.name)]  # macOS's resource forks, .DS_Store: not data
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else unpacked
 
 

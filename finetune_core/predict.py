@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from .calibration import NOT_SURE
-from .data import IMAGE_EXTENSIONS, load_rgb, resize_size_for
+from .data import IMAGE_EXTENSIONS, is_hidden, load_rgb, resize_size_for
 from .models import build_model, classified_views, get_head, mean_logits
 from .novelty import LOW_CONFIDENCE, NEIGHBOURS, REFERENCE_FILE, UNLIKE, distances, head_inputs, load_reference
 from .prepare import normalize_batch, test_view
@@ -361,7 +361,7 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         raise PredictError(f"{folder}: {'not a folder' if folder.exists() else 'does not exist'}")
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts))
+                  and not any(is_hidden(part) for part in p.relative_to(folder).parts))
 
 
 def predict_zip(predictor: "Predictor", source, name: str, top_k: int = 3, threshold: float | None = None,

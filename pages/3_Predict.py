@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import analysis, calibration, datastore, plots
+from finetune_core import analysis, calibration, datastore, novelty, plots
 from finetune_core.datastore import runs_root
 from finetune_core.heatmaps import METHOD, HeatmapError, Heatmapper
 from finetune_core.predict import (MAX_IMAGE_BYTES, PredictError, Predictor, bundle_warning, bundle_zip_bytes,
@@ -183,7 +183,8 @@ def confidence_tab(info: RunInfo, model: Predictor, predictions) -> float:
         st.markdown(f"**Photos of none of the classes**: a photo is also \"not sure\" when it is *unlike the training "
                     f"photos*: its features (the head's input) lie further than {model.distance_threshold:.3f} from "
                     f"the {model.neighbours}th nearest of {len(model.reference):,} training photos the run kept. "
-                    f"That distance was {record['distance_method']}, so that both rules together leave at most 5% "
+                    f"That distance was {record['distance_method']}, so that both rules together leave at most "
+                    f"{novelty.MAX_IN_CLASS_NOT_SURE:.0%} "
                     f"of in-class photos \"not sure\": {record['test_not_sure_combined']:.1%} of the test photos at "
                     f"the run's thresholds (the slider moves the confidence rule only).")
     else:

@@ -39,7 +39,7 @@ def test_a_temperature_that_does_not_lower_the_held_out_error_is_not_kept(monkey
     assert kept.temperature == 1.0 and "kept 1" in kept.method and kept.ece_after == kept.ece_before
 
 
-def test_the_default_threshold_never_refuses_more_than_a_fifth_of_the_held_out_images():
+def test_the_default_threshold_never_refuses_more_than_its_cap_of_the_held_out_images():
     logits, labels = _logits(500, seed=3, accuracy=0.8)
     probs = torch.softmax(logits, 1)
     strict = calibration.choose_threshold(probs, labels)

@@ -77,6 +77,7 @@ def test_a_zip_of_one_folder_unpacks_to_the_dataset_not_a_folder_inside_it(tmp_p
         zf.writestr("pets/cat/a.png", b"x")
         zf.writestr("pets/dog/b.png", b"y")
         zf.writestr("__MACOSX/pets/._a.png", b"")
+        zf.writestr(".DS_Store", b"\0")  # Finder's, beside the folder: still a zip of one folder
     target = datastore.extract_zip(buf, tmp_path / "data", "pets.zip")
     assert target == tmp_path / "data" / "pets" and sorted(p.name for p in target.iterdir()) == ["cat", "dog"]
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["pets"]  # nothing left behind
