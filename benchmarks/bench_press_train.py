@@ -12,6 +12,7 @@ does. The library is imported before the clock starts, as in the dashboard's ser
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import resource
 import shutil
@@ -42,7 +43,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="tb-press-"))
     os.environ["TUNEBOARD_CACHE"] = str(scratch / "cache")
 
-    from finetune_core import engine  # noqa: F401 - the server has imported the library before any click
+    importlib.import_module("finetune_core.engine")  # the server has imported the library before any click
     from finetune_core.cachestore import default_cache_dir
     from finetune_core.config import preset_config
     from finetune_core.data import scan_dataset
