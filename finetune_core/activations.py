@@ -328,7 +328,7 @@ class FeatureCache:
         except OSError:
             return  # a store that cannot be written only costs time on the next run
         self.used_files.append(path)
-        evict(path.parent.parent, keep=self.used_files + self.ctx.data.entry_paths())
+        evict(path.parent.parent, keep=itertools.chain(self.used_files, self.ctx.data.entry_paths()))
 
     def _discard_partial(self) -> None:
         """A pass that did not finish (a stop, an error) leaves no file behind."""

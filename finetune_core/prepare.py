@@ -30,7 +30,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -109,10 +109,10 @@ class PreparedData:
             self.skipped.extend(failed.values())
         return list(failed.values())
 
-    def entry_paths(self) -> list:
+    def entry_paths(self) -> Iterator:
         """Where this set's decode-cache entries are (kept over others' when the cache is evicted)."""
         images = [self.train_images, self.test_images]
-        return [d.store.path(k) for d in images for k in d.keys]
+        return (d.store.path(k) for d in images for k in d.keys)  # a generator: evict reads it only when over budget
 
 
 def _open_scaled(path: str, target: int) -> Image.Image:
@@ -290,19 +290,30 @@ def index_entries(records: list[ImageRecord], kind: str, size: int, store,
     """Make sure every record has its entry (decoding only those missing) and read their
     headers. Returns (the positions in `records` of the images that decoded, their keys, their
     original sizes, the files that failed, named by their paths in `records`). With
-    `decode_missing` False, a record without an entry is listed with the size None (decoded later)."""
+    `decode_missing` False, a record without an entry is listed with the size None (decoded later):
+    only the entries the store lists are opened (a cold cache opens none)."""
     n = len(records)
     sizes = (size,) if kind == "train" else (size, resize_size_for(size))
     keys = [entry_key(r, kind, *sizes) for r in records]
+    present = None if decode_missing else store.keys()
 
     def work(i):
         return i, *read_entry_header(store, keys[i], kind, records[i].path, size, decode_missing)
+
+    def results():
+        """work(i) for every i in order, the entries not listed answered without opening them."""
+        if present is None:
+            yield from pool.map(work, range(n))
+            return
+        listed = pool.map(work, [i for i in range(n) if keys[i] in present])
+        for i in range(n):  # not decoded yet (one made meanwhile is read when its batch comes)
+            yield next(listed) if keys[i] in present else (i, None, "")
 
     rows, row_sizes, skipped = [], [], []
     done = 0
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     try:
-        for i, original, error in pool.map(work, range(n)):
+        for i, original, error in results():
             if error:
                 skipped.append(Problem(records[i].path, error, WARNING))
             else:
@@ -353,7 +364,7 @@ def prepare_data(report: ScanReport, image_size: int, cache_dir: str | os.PathLi
     test_rows, test_keys, _, skipped_test = index_entries(test_records, "test", image_size, store, test_progress,
                                                           decode_missing=not lazy_test)
     if folder is not None:
-        evict(folder, keep=[store.path(k) for k in train_keys + test_keys])
+        evict(folder, keep=(store.path(k) for k in train_keys + test_keys))
     skipped = skipped_train + skipped_test
     train_ok = [train_records[i] for i in train_rows]  # each row's own record: images and labels agree
     test_ok = [test_records[i] for i in test_rows]

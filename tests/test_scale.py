@@ -224,3 +224,56 @@ def test_the_frozen_pass_on_a_cpu_runs_in_batches_that_bound_its_memory(tmp_path
     bottom.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
     activations.FeatureCache(bottom, ctx, reporter, stages="1").get("train", 0)
     assert sum(sizes) == len(ctx.train_idx) == 80 and max(sizes) == activations.CPU_PASS_BATCH
+
+
+class CountingStore(cachestore.DiskStore):
+    """A DiskStore that counts the entries it is asked to open."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.opened: list[str] = []
+
+    def get(self, key, head=-1):
+        self.opened.append(key)
+        return super().get(key, head)
+
+
+def test_a_lazy_index_opens_only_the_entries_the_cache_holds(tmp_path, monkeypatch):
+    """Round 4's cut in a run's start (issue 22): a streamed run's index of a cold cache opened
+    every image's entry in vain (56,250 failed opens at 50,000 images); now it lists the cache
+    once and opens only the entries there, with the same result: those not there wait for their
+    batch, those there give their size, and a file known to fail is still skipped at once."""
+    root = make_dataset(tmp_path / "d", per_class=4, test_per_class=2, size=(40, 32))
+    report = scan_dataset(root)
+    cache = tmp_path / "cache"
+    stores = []
+    monkeypatch.setattr(prepare, "DiskStore", lambda folder: stores.append(CountingStore(folder)) or stores[-1])
+    cold = prepare.prepare_data(report, 28, cache_dir=cache, lazy_train=True, lazy_test=True)
+    assert stores[-1].opened == [] and cold.pending == set(range(8)) and cold.test_pending
+    warm_rows = [0, 5]  # two training images decoded, as a streamed batch leaves them
+    assert cold.decode_pending(warm_rows) == {}
+    broken = report.samples["train"][3].path
+    bad_key = cold.train_images.keys[3]
+    stores[-1].put(bad_key, prepare.failed_entry("failed to decode (test), skipped"))  # known to fail
+    again = prepare.prepare_data(report, 28, cache_dir=cache, lazy_train=True, lazy_test=True)
+    opened = set(stores[-1].opened)
+    assert opened == {cold.train_images.keys[i] for i in warm_rows} | {bad_key}
+    assert broken not in again.train_paths and [p.path for p in again.skipped] == [broken]
+    assert len(again.train_paths) == 7 and len(again.pending) == 5  # 8 - 2 decoded - 1 known to fail
+    decoded = [again.train_paths.index(cold.train_paths[i]) for i in warm_rows]
+    assert not set(decoded) & again.pending
+    assert [tuple(again.train_sizes[row]) for row in decoded] == [(40, 32), (40, 32)]
+
+
+def test_eviction_within_the_budget_does_not_read_the_set_it_keeps(tmp_path):
+    """The set's paths (a generator) are read only when the cache is over its budget."""
+    folder = tmp_path / "cache"
+    store = cachestore.DiskStore(folder / "images")
+    store.put(entry_name("one"), b"x" * 100)
+
+    def keep():
+        raise AssertionError("the kept set was read with the cache within its budget")
+        yield  # a generator
+
+    assert cachestore.evict(folder, budget=100, keep=keep()) == 0
+    assert cachestore.evict(folder, budget=50, keep=iter([store.path(entry_name("one"))])) == 100

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import make_dataset
+from conftest import make_dataset, write_image
 
 from finetune_core import cachestore, data
 
@@ -67,3 +67,25 @@ def test_another_pillow_reads_every_file_again(tmp_path, monkeypatch):
     monkeypatch.setattr(PIL, "__version__", PIL.__version__ + ".next")
     data.scan_dataset(root, scan_cache=tmp_path / "cache")
     assert len(checked) == 6
+
+
+def test_the_scan_decodes_jpegs_at_the_smallest_scale_and_still_finds_a_file_cut_short(tmp_path, monkeypatch):
+    """Round 4 (issue 22): the scan's decode, which only looks for damage, asks JPEG for its
+    smallest scale (1/8: 10-40% less CPU a file than the 1/4 it used to ask for a photo); every byte
+    is still decoded, so a photo cut short near its end is still named as truncated."""
+    from PIL import JpegImagePlugin
+
+    root = tmp_path / "set"
+    for label in ("cat", "dog"):
+        for k in range(3):
+            write_image(root / label / f"{label}_{k}.jpg", size=(500, 375), noise=30, seed=k, fmt="JPEG")
+    photo = root / "cat" / "cat_0.jpg"
+    whole = photo.read_bytes()
+    (root / "cat" / "cut.jpg").write_bytes(whole[: len(whole) * 9 // 10])  # the last tenth missing
+    asked = []
+    real = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda self, mode, size: (asked.append(size), real(self, mode, size))[1])
+    report = data.scan_dataset(root)
+    assert asked and set(asked) == {(1, 1)}
+    cut = [p for p in report.problems if p.path.endswith("cut.jpg")]
+    assert cut and "truncated" in cut[0].problem
