@@ -300,11 +300,19 @@ _CODE_LIKE = re.compile(r"(?<![\w`])([^\s`()]*[/*\\<>][^\s`()]*?)(?=[.,;:]?(?:\s
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]<>#+|~$])")
 
 
+def _looks_like_code(word: str) -> bool:
+    """A path or pattern: a /, * or backslash, or a whole <name> (as in root/<class>/*). A lone <
+    or > is not: an exception's "<urlopen error [Errno -2] ...>" spans several words, and code made
+    of its first and last ("`<urlopen` error ... not `known>`") read as broken."""
+    return any(c in word for c in "/*\\") or ("<" in word and ">" in word.split("<", 1)[1])
+
+
 def markdown_message(text: str, paths: tuple[str, ...] = ()) -> str:
-    """A message (paths, glob patterns, file names) made safe to show as Markdown: the given
-    paths (which may hold spaces) and every word that looks like a path or pattern (holds a /,
-    *, backslash, < or >) as inline code; Markdown's special characters elsewhere escaped. So
-    `root/<class>/*` stays as written instead of turning italic."""
+    """A message (paths, glob patterns, file names; an exception's text) made safe to show as
+    Markdown: the given paths (which may hold spaces) and every word that looks like a path or
+    pattern (_looks_like_code) as inline code; the rest reads as plain text, Markdown's special
+    characters (a lone < or > included) escaped. So `root/<class>/*` stays as written instead of
+    turning italic, and "<urlopen error ...>" reads as the exception said it."""
     pieces: list[str] = []
     # a given path only where it stands alone: a relative one typed ("photos") inside the full path the
     # message names ("/data/photos") would cut that path in two pieces of code, "`/data/``photos`"
@@ -317,6 +325,8 @@ def markdown_message(text: str, paths: tuple[str, ...] = ()) -> str:
             continue
         out, last = [], 0
         for m in _CODE_LIKE.finditer(part):
+            if not _looks_like_code(m.group(1)):
+                continue  # escaped with the text around it
             out.append(_MARKDOWN_SPECIALS.sub(r"\\\1", part[last:m.start()]))
             out.append(_code(m.group(1)))
             last = m.end()

@@ -321,8 +321,8 @@ def weights_download_section(backbone: str, offline: list[str]) -> None:
     st.warning(f"The ImageNet weights of {backbone} are not downloaded (about {size}). Download them now, with "
                "progress and a Stop; otherwise the run downloads them as its first step. Without internet, "
                f"choose a backbone whose weights are here: {', '.join(offline) or 'none'}.", icon="⚠️")
-    if current is not None and current["state"] == "failed":
-        st.error(current["message"], icon=":material/block:")
+    if current is not None and current["state"] == "failed":  # an exception's text, "<urlopen error ...>": as written
+        st.error(analysis.markdown_message(current["message"]), icon=":material/block:")
     elif current is not None and current["state"] == "stopped":
         st.caption(f"The last download was {current['message']}.")
     st.button("Download", key="download_weights", on_click=weights_downloads().start, args=(backbone,))
@@ -577,7 +577,8 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
                f"the dataset cannot be used: {report.reason()}" if not report.usable else
                "fix the settings marked above" if errors or config is None else
                "fix the sweep's values" if sweep_error else
-               "its weights are downloading (or stop the download)" if downloading(config) else "")
+               "its weights are downloading (or stop the download)" if downloading(config) else
+               failed_download(config))
     if blocked:
         st.caption(f"Train is disabled: {blocked}.")
     elif grid is None:
@@ -597,6 +598,15 @@ def downloading(config: TrainConfig) -> bool:
     """Whether the backbone's weights are being downloaded now (a run would fetch them too)."""
     current = weights_downloads().download(resolved_backbone(config.backbone))
     return current is not None and current["state"] == downloads.ACTIVE
+
+
+def failed_download(config: TrainConfig) -> str:
+    """Why Train is refused when the backbone's weights are still not here and their last download
+    failed ("" otherwise): the run would download them again and fail the same way."""
+    if not models.weights_to_download(config.backbone, config.weights):
+        return ""
+    backbone = resolved_backbone(config.backbone)
+    return downloads.launch_refusal(weights_downloads().download(backbone), backbone, models.offline_backbones())
 
 
 def request_launch() -> None:
