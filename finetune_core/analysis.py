@@ -147,7 +147,7 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
         if (record.get("dataset") or {}).get("layout") == "splits":  # the data came with its own test split
             inert["test_fraction"] = "the dataset has its own test split"
         row = {"run": labels[listed.id], "state": info.state, SCORE_NAME: _metric(info.score.test_acc, "{:.3f}"),
-               KEPT_NAME: info.score.kept}
+               KEPT_NAME: info.kept_text()}
         row.update({column: _metric(status.get(field), fmt) for column, field, fmt in COMPARE_METRICS})
         row["tags"] = ", ".join(info.tags)
         row["review fixes"] = review_fixes_label(record)

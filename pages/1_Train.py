@@ -110,7 +110,7 @@ def allowed_folder(path: str) -> str:
     try:
         return str(datastore.check_data_folder(path))
     except datastore.FolderNotAllowed as exc:
-        st.error(str(exc))
+        st.error(analysis.markdown_message(str(exc), paths=(path,)))
         return ""
 
 
@@ -149,8 +149,8 @@ def dataset_in_data_folder(root: Path) -> str:
         try:
             with st.spinner("Downloading hotdog.zip and checking its checksum…"):
                 st.success(f"Saved in {datastore.download_hotdog(root)}")
-        except datastore.UploadError as exc:
-            st.error(str(exc))
+        except datastore.UploadError as exc:  # offline: "<urlopen error ...>", shown as written
+            st.error(analysis.markdown_message(str(exc)))
     return path
 
 
@@ -780,9 +780,9 @@ def resume_run(run_id: str) -> None:
     try:
         manager().resume(run_id)
     except RunOwned as exc:  # another process took it over since this page was drawn
-        flash(str(exc), "error")
+        flash(analysis.markdown_message(str(exc)), "error")
     except NotResumable as exc:  # a second click, or a click on a run that ended differently since
-        flash(f"Not resumed: {exc}.", "warning")
+        flash(f"Not resumed: {analysis.markdown_message(str(exc))}.", "warning")
 
 
 def keep_form_values() -> None:

@@ -64,7 +64,7 @@ def job_section(root: str, data: str) -> None:
         return
     if job is not None and job.snapshot()["state"] in ("failed", "stopped"):
         snap = job.snapshot()
-        (st.error if snap["state"] == "failed" else st.info)(f"Review {snap['state']}: {snap['message']}")
+        (st.error if snap["state"] == "failed" else st.info)(f"Review {snap['state']}: {analysis.markdown_message(snap['message'])}")
     folds = st.number_input("Folds", 2, 10, 5, key="review_folds",
                             help="each image is predicted by a head fitted on the other folds")
     if st.button("Review this dataset", type="primary", key="review_start"):
@@ -81,7 +81,7 @@ def live_progress(root: str) -> None:
     snap = job.snapshot()
     if not job.running:
         st.rerun()  # the whole page: the result is on disk now
-    st.progress(min(1.0, snap["progress"]), text=snap["message"] or "starting…")
+    st.progress(min(1.0, snap["progress"]), text=analysis.markdown_message(snap["message"]) or "starting…")
     if st.button("Stop", key="review_stop"):
         job.stop()
 
@@ -90,7 +90,7 @@ def record(root: str, fixes: list, what: str) -> None:
     try:
         path = add_fixes(root, fixes)
     except FixesError as exc:
-        st.error(str(exc))
+        st.error(analysis.markdown_message(str(exc)))
         return
     flash(f"{len(fixes)} {what}: recorded in {path}")
     st.rerun()
@@ -249,7 +249,7 @@ def main() -> None:
     try:
         fixes = load_fixes(fixes_path(root))
     except FixesError as exc:
-        st.error(str(exc))
+        st.error(analysis.markdown_message(str(exc), paths=(str(fixes_path(root)),)))
         return
     result = load_result(result_path(root, runs_root()))
     if result is None:

@@ -70,7 +70,7 @@ def show_heatmap(info: RunInfo, model: Predictor, data: bytes, class_index: int 
     try:
         image, explained = overlay(info.path, model_stamp(info), data, class_index)
     except (HeatmapError, PredictError) as exc:
-        st.caption(f"No heatmap: {exc}")
+        st.caption(f"No heatmap: {analysis.markdown_message(str(exc))}")
         return
     st.image(image, width="stretch", caption=f"why {model.classes[explained]}")
 
@@ -146,7 +146,7 @@ def confusion_cell_section(predictions, classes, info: RunInfo) -> None:
         try:
             flash(f"{len(action)} fixes recorded in {add_fixes(root, action)}; the next training uses them")
         except FixesError as exc:
-            st.error(str(exc))
+            st.error(analysis.markdown_message(str(exc)))
             return
         st.rerun()
 
@@ -214,7 +214,7 @@ def classify_tab(info: RunInfo, model: Predictor, threshold: float) -> None:
         result = model.predict_bytes(f.getvalue(), f.name, top_k=top_k, threshold=threshold)
         cols = st.columns([1, 1, 3] if show_maps else [1, 3])
         if result.error:
-            cols[-1].error(result.error)
+            cols[-1].error(analysis.markdown_message(result.error))
             continue
         cols[0].image(f.getvalue(), width="stretch")
         if show_maps:
@@ -302,7 +302,7 @@ def main() -> None:
         model = predictor(info.path, model_stamp(info))
         predictions = RunDir(info.path).read_predictions()
     except (PredictError, OSError, ValueError) as exc:
-        st.error(f"This run cannot be used for prediction: {exc}")
+        st.error(f"This run cannot be used for prediction: {analysis.markdown_message(str(exc))}")
         return
     classes = model.classes
     st.caption(f"{model.backbone}, {len(classes)} classes, {model.image_size} px · {info.score.text()} "

@@ -1,0 +1,32 @@
+"""What a first-time user tripped on in the dashboard (round 4 of the new-user sessions), each
+shown failing before its fix: the library's part directly, the pages' through AppTest."""
+from __future__ import annotations
+
+from conftest import page
+
+
+def test_home_names_the_kept_model_as_the_runs_state_has_it(dashboard_env):
+    """Home's Recent runs said "kept model: final epoch" of a run in its first epoch, before any
+    model was kept: none yet, then the latest epoch so far, the final epoch once completed."""
+    from finetune_core.runs import CHECKPOINT_LAST, new_run_dir, owning
+
+    run = new_run_dir(dashboard_env / "runs", "first")
+    run.write_config({"config": {"name": "first", "backbone": "tiny_lite"}, "dataset": {"root": "/data/x"}})
+
+    def kept_column() -> list[str]:
+        at = page("app.py").run()
+        assert not at.exception
+        return at.dataframe[0].value["kept model"].tolist()
+
+    with owning(run):  # a live process writes it: it stays running
+        run.write_status(state="running", message="epoch 1/5, batch 3/9", progress=0.05)
+        assert kept_column() == ["none yet"]
+        run.file(CHECKPOINT_LAST).write_bytes(b"a checkpoint")
+        assert kept_column() == ["latest epoch so far"]
+        run.write_status(state="stopped", message="stopped by the user")
+    assert kept_column() == ["latest epoch"]  # not the final one: it can be resumed
+    run.write_status(state="completed", message="done", test_acc=0.9)
+    assert kept_column() == ["final epoch"]
+    run.file(CHECKPOINT_LAST).unlink()
+    run.write_status(state="failed", message="out of memory", epochs_done=0)
+    assert kept_column() == ["none"]
