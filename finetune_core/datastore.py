@@ -276,6 +276,12 @@ def _dataset_folder(unpacked: Path) -> Path:
 # The built-in example and the book's data set
 
 
+def default_dataset(address: str = "") -> str:
+    """The dataset a page opens on in a new session, as the Train page does: the one its address
+    names (?data=FOLDER, checked where it is used), else the built-in example (written once)."""
+    return address or str(ensure_example_dataset())
+
+
 def ensure_example_dataset(root: str | os.PathLike | None = None, size: int = 32) -> Path:
     """scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes) as an ImageFolder
     (root/digits/<digit>/*.png, upscaled to `size` px); written once, no internet needed."""

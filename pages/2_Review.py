@@ -29,8 +29,12 @@ def review_jobs() -> dict[str, ReviewJob]:
 
 
 def choose_dataset() -> str:
-    """The folder to review: the one chosen on the Train page, or typed here."""
+    """The folder to review: the one chosen on the Train page, or typed here. A fresh session (the
+    page opened by its address) starts where Train does: the address's ?data=, else the example."""
     default = st.session_state.get("review_data") or st.session_state.get("current_dataset", "")
+    if not default and "review_data_input" not in st.session_state:
+        with st.spinner("Writing the example dataset (once)…"):
+            default = datastore.default_dataset(st.query_params.get("data", ""))
     path = st.text_input("Dataset folder", value=default, key="review_data_input", placeholder="/path/to/photos")
     if not path:
         st.info("Choose a dataset on the Train page, or type its folder here.")

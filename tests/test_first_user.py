@@ -30,3 +30,20 @@ def test_home_names_the_kept_model_as_the_runs_state_has_it(dashboard_env):
     run.file(CHECKPOINT_LAST).unlink()
     run.write_status(state="failed", message="out of memory", epochs_done=0)
     assert kept_column() == ["none"]
+
+
+def test_the_review_page_opened_by_its_address_starts_on_trains_default_dataset(dashboard_env):
+    """/Review opened by its address (a new session) said "Choose a dataset on the Train page" while
+    Train opens on the example: it starts on the same dataset as Train, the address's ?data= first."""
+    from conftest import make_dataset
+
+    at = page("pages/2_Review.py").run()
+    assert not at.exception
+    assert at.text_input(key="review_data_input").value == str(dashboard_env / "data" / "digits")
+    assert not [i.value for i in at.info if "Choose a dataset" in i.value]
+    assert at.button(key="review_start")  # scanned, ready to review
+    data = make_dataset(dashboard_env / "data" / "pets", per_class=4, test_per_class=2)
+    at = page("pages/2_Review.py")
+    at.query_params["data"] = str(data)  # a reload of Train's address, as Train keeps it
+    at.run()
+    assert at.text_input(key="review_data_input").value == str(data) and not at.exception
