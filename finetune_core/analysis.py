@@ -4,6 +4,7 @@ confusion matrices, per-class metrics and galleries. Pure functions over pandas 
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
@@ -266,6 +267,45 @@ def long_run_warning(seconds: float | None, epochs: int) -> str:
         return ""
     return (f"This run would take about {seconds / 3600:,.1f} hours ({epochs:,} epochs): check the epochs, "
             "or start it knowing it can be stopped and resumed.")
+
+
+# A run's floor before any run has measured its speed: training images a second at 224 px faster than
+# any backbone trains here, per CPU core or per accelerator. The fastest measured on this project's 2-core
+# CPU: ResNet-18 in bf16, 32 images/s (16 a core; the GUIDE's figures): 50 a core leaves a 3x margin.
+# Fewer pixels go faster in proportion. Only for runs that train every layer: with the frozen part's
+# outputs cached (the fast preset), an epoch costs a fraction of that and no floor holds.
+FASTEST_IMAGES_PER_S_224 = {"cpu": 50.0, "cuda": 5000.0, "mps": 500.0}  # cpu: per core
+MANY_EPOCHS = 100  # more than this, with no estimate, is warned about (the book trains 5; the fast preset 15-30)
+
+
+def unmeasured_run_warning(config, report, cpu_cores: int | None = None) -> str:
+    """A sentence for a run that no recorded run can estimate ("" when there is nothing to say), so
+    that 1000 epochs typed for 10 are seen before the first run: at least N hours at a speed no
+    backbone reaches here (FASTEST_IMAGES_PER_S_224), for a run that trains every layer; else, over
+    MANY_EPOCHS epochs, that its time cannot be known yet. `config` with its epochs resolved."""
+    from .engine import training_images
+    from .models import resolve_device
+
+    images = training_images(config, report) * config.epochs
+    if not images:
+        return ""
+    if config.train_stages == "all":
+        kind = resolve_device(config.device).type
+        ceiling = FASTEST_IMAGES_PER_S_224.get(kind, FASTEST_IMAGES_PER_S_224["cuda"])
+        if kind == "cpu":
+            ceiling *= cpu_cores or os.cpu_count() or 1
+        ceiling *= (224 / config.image_size) ** 2
+        least = images / ceiling
+        if least > LONG_RUN_S:
+            return (f"This run would take at least {least / 3600:,.1f} hours: {images:,} training images "
+                    f"({config.epochs:,} epochs) at {ceiling:,.0f} images/s, faster than any backbone trains at "
+                    f"{config.image_size} px on this {kind.upper()}. Check the epochs, or start it knowing it can be "
+                    "stopped and resumed.")
+    if config.epochs > MANY_EPOCHS:
+        return (f"{config.epochs:,} epochs is far more than fine-tuning needs (the book trains 5, the fast preset 15 "
+                "to 30), and no run has measured this recipe's speed yet, so how long it takes cannot be estimated: "
+                "check the epochs, or train a few first to measure it.")
+    return ""
 
 
 MIN_STEPS = 20  # fewer optimiser steps in all than this, and a run learns next to nothing

@@ -471,7 +471,9 @@ def run_cost(config: TrainConfig, report) -> None:
     seconds, basis = analysis.cost_estimate(config, report, list_runs(runs_root()))
     st.caption(f"This run: about {format_seconds(seconds)} ({basis})." if seconds is not None
                else f"This run: no cost estimate yet ({basis}).")
-    for warning in (analysis.long_run_warning(seconds, config.epochs), analysis.too_few_steps_warning(config, report)):
+    unmeasured = analysis.unmeasured_run_warning(config, report) if seconds is None else ""  # 1000 epochs, no past run
+    for warning in (analysis.long_run_warning(seconds, config.epochs), unmeasured,
+                    analysis.too_few_steps_warning(config, report)):
         if warning:
             st.warning(warning, icon="⚠️")
 

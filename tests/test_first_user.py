@@ -47,3 +47,28 @@ def test_the_review_page_opened_by_its_address_starts_on_trains_default_dataset(
     at.query_params["data"] = str(data)  # a reload of Train's address, as Train keeps it
     at.run()
     assert at.text_input(key="review_data_input").value == str(data) and not at.exception
+
+
+def test_an_absurd_epoch_count_is_warned_about_before_any_run_has_measured_a_speed(dashboard_env):
+    """1000 epochs typed for 10, with no finished run to estimate from: the page said only "no cost
+    estimate yet". A run that trains every layer gets a floor on its time; any run, the epochs named."""
+    from finetune_core import analysis
+    from finetune_core.data import scan_dataset
+    from finetune_core.config import preset_config
+
+    digits = scan_dataset(dashboard_env / "data" / "digits")  # 1,438 training images
+    every_layer = preset_config("book-finetune", data=str(digits.root), device="cpu", image_size=224, epochs=1000)
+    warning = analysis.unmeasured_run_warning(every_layer, digits, cpu_cores=2)
+    assert warning.startswith("This run would take at least 4.0 hours: 1,438,000 training images (1,000 epochs) "
+                              "at 100 images/s"), warning
+    assert analysis.unmeasured_run_warning(every_layer.replace(epochs=5), digits, cpu_cores=2) == ""
+    cached = preset_config("fast", data=str(digits.root), device="cpu", epochs=1000)  # the frozen part cached
+    assert analysis.unmeasured_run_warning(cached, digits).startswith("1,000 epochs is far more than fine-tuning needs")
+    assert analysis.unmeasured_run_warning(cached.replace(epochs=30), digits) == ""
+
+    at = page("pages/1_Train.py").run()  # the example, no run yet
+    at.number_input(key="f_epochs").set_value(1000).run()
+    assert any("no cost estimate yet" in c.value for c in at.caption)
+    assert [w.value for w in at.warning if "1,000 epochs" in w.value], [w.value for w in at.warning]
+    at.number_input(key="f_epochs").set_value(10).run()
+    assert not [w.value for w in at.warning if "epochs" in w.value and "hours" in w.value or "far more" in w.value]
