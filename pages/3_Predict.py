@@ -50,8 +50,9 @@ def heatmapper(path: str, stamp: float) -> Heatmapper:
 
 @st.cache_data(show_spinner=False, max_entries=600)
 def overlay(path: str, stamp: float, data: bytes, class_index: int | None):
-    """The heatmap over one image (bytes: a dropped image, or a test image's file), kept for the session."""
-    images, explained = heatmapper(path, stamp).overlays([image_from_bytes(data)], class_index)
+    """The heatmap over one image (bytes: a dropped image, or a test image's file), kept for the
+    session: over the whole photo, as the photo beside it is shown (the part the model does not see faded)."""
+    images, explained = heatmapper(path, stamp).overlays([image_from_bytes(data)], class_index, framing="photo")
     return images[0], explained[0]
 
 
@@ -59,8 +60,9 @@ def heatmap_controls(model: Predictor, key: str) -> tuple[bool, int | None]:
     """(show heatmaps, the class to explain or None for the answer)."""
     c = st.columns([1, 2])
     show = c[0].toggle("Show where the model looks", key=f"heatmaps_{key}",
-                       help=f"{METHOD} heatmaps over the centre crop the model sees: red is where the evidence for "
-                            "the class is")
+                       help=f"{METHOD} heatmaps over the whole photo, framed as the photo beside it: red is where "
+                            "the evidence for the class is; the model sees the photo squeezed to a square and its "
+                            "centre, so the faded border is what it does not see")
     choice = c[1].selectbox("Explain", ["the answer"] + [str(x) for x in model.classes], key=f"explain_{key}",
                             disabled=not show, format_func=lambda x: x if x == "the answer" else f"why {x}?")
     return show, None if choice == "the answer" else [str(x) for x in model.classes].index(choice)
@@ -72,7 +74,7 @@ def show_heatmap(info: RunInfo, model: Predictor, data: bytes, class_index: int 
     except (HeatmapError, PredictError) as exc:
         st.caption(f"No heatmap: {analysis.markdown_message(str(exc))}")
         return
-    st.image(image, width="stretch", caption=f"why {model.classes[explained]}")
+    st.image(image, width="stretch", caption=f"why {model.classes[explained]} (faded: unseen by the model)")
 
 
 def model_stamp(info: RunInfo) -> float:
@@ -269,7 +271,17 @@ def folder_tab(model: Predictor, threshold: float) -> None:
     unlike = sum(r.not_sure and r.unlike for r in results)
     st.caption(f"{len(frame)} images: {len(frame) - unsure - errors} answered, {unsure} not sure ({unlike} of them "
                f"unlike the training photos), {errors} unreadable")
-    st.dataframe(frame, width="stretch", hide_index=True, key="folder_table")
+    # The error column wide and holding the reason alone (the file column names the file), and each
+    # unreadable file's reason in full below: a narrow cell showed the start of the path and cut off why.
+    shown = frame.assign(error=[r.error.partition(": ")[2] or r.error for r in results])
+    st.dataframe(shown, width="stretch", hide_index=True, key="folder_table",
+                 column_config={"error": st.column_config.TextColumn("error", width="large")})
+    unreadable = [r for r in results if r.error]
+    if unreadable:
+        with st.expander(f"Unreadable: {len(unreadable)} file{'s' if len(unreadable) > 1 else ''}, and why",
+                         expanded=len(unreadable) <= 5):
+            for r in unreadable:
+                st.markdown(f"- {analysis.markdown_message(r.error, paths=(r.name,))}")
     st.download_button("Download the CSV", frame.to_csv(index=False), file_name="predictions.csv", mime="text/csv",
                        key="download_folder_csv")
 
