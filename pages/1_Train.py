@@ -732,8 +732,12 @@ def live_curves_section() -> None:
             frames[labels[job["run_id"]]] = metrics
     if frames:
         epochs = max(j["epochs"] for j in members)
+        if any(j["state"] in ACTIVE_STATES for j in members):  # the axis grows with the run: the batches show
+            epochs = plots.live_epoch_span(frames, epochs)
         chart = chart_controls("live")
         curve_panels(frames, "live_curves", epochs=epochs, **plots.run_styles(labels), **chart)
+        st.caption(f"Train loss and accuracy: the average over the epoch so far, a point at every batch; test (or "
+                   f"validation) accuracy after each epoch. Redrawn every {CURVES_REFRESH_S:.0f} s.")
 
 
 def sweep_results(members: list[dict]) -> None:

@@ -72,3 +72,21 @@ def test_an_absurd_epoch_count_is_warned_about_before_any_run_has_measured_a_spe
     assert [w.value for w in at.warning if "1,000 epochs" in w.value], [w.value for w in at.warning]
     at.number_input(key="f_epochs").set_value(10).run()
     assert not [w.value for w in at.warning if "epochs" in w.value and "hours" in w.value or "far more" in w.value]
+
+
+def test_the_live_charts_axis_grows_with_the_run_so_the_batches_of_an_epoch_show():
+    """The live loss curve seemed to move once an epoch: every batch is drawn, but on an axis spanning
+    all 30 epochs the first took a thirtieth of the chart. The axis spans twice the epochs done."""
+    import pandas as pd
+
+    from finetune_core import plots
+
+    def logged(*epochs: float) -> dict:
+        return {"run": pd.DataFrame({"kind": ["batch"] * len(epochs), "epoch": list(epochs), "loss": [1.0] * len(epochs)})}
+
+    assert plots.live_epoch_span({}, 30) == 1 and plots.live_epoch_span(logged(0.2, 0.4), 30) == 1
+    assert plots.live_epoch_span(logged(0.5, 1.0), 30) == 2 and plots.live_epoch_span(logged(1.0, 1.25), 30) == 3
+    assert plots.live_epoch_span(logged(20.0), 30) == 30 and plots.live_epoch_span(logged(0.1), 0) == 1
+    fig = plots.overlay_figure(logged(0.1, 0.2, 0.3), metrics=("loss",), epochs=plots.live_epoch_span(logged(0.3), 30))
+    assert fig.layout.xaxis.range[1] <= 1.03  # the first epoch's three batches across the chart, not a thirtieth of it
+    assert list(fig.data[0].x) == [0.1, 0.2, 0.3]
