@@ -46,7 +46,12 @@ class UploadError(ValueError):
 
 
 class FolderNotAllowed(ValueError):
-    """A folder outside the folders the dashboard may read; the message names it and them."""
+    """A folder outside the folders the dashboard may read; the message names it and them.
+    `paths`: the paths the message names (they may hold spaces: a page shows each as one piece)."""
+
+    def __init__(self, message: str, paths: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.paths = tuple(str(p) for p in paths)
 
 
 def data_root() -> Path:
@@ -98,7 +103,7 @@ def _check_readable(path: str | os.PathLike, what: str, what_to_copy: str) -> Pa
     raise FolderNotAllowed(
         f"{folder} is outside {where}{typed}: the dashboard reads {what} only from there. Copy "
         f"{what_to_copy} there, or start the server with {EXTRA_ROOTS_VARIABLE} naming the folder "
-        f"({EXTRA_ROOTS_VARIABLE}=* allows any folder)")
+        f"({EXTRA_ROOTS_VARIABLE}=* allows any folder)", paths=(folder, path, *roots))
 
 
 def runs_root() -> Path:

@@ -110,7 +110,7 @@ def allowed_folder(path: str) -> str:
     try:
         return str(datastore.check_data_folder(path))
     except datastore.FolderNotAllowed as exc:
-        st.error(analysis.markdown_message(str(exc), paths=(path,)))
+        st.error(analysis.markdown_message(str(exc), paths=(path, *exc.paths)))
         return ""
 
 

@@ -42,7 +42,7 @@ def choose_dataset() -> str:
     try:
         path = str(datastore.check_data_folder(path))
     except datastore.FolderNotAllowed as exc:
-        st.error(analysis.markdown_message(str(exc), paths=(path,)))
+        st.error(analysis.markdown_message(str(exc), paths=(path, *exc.paths)))
         return ""
     if not os.path.isdir(path):  # said plainly, not as the scan's "[Errno 2] No such file or directory"
         st.error(analysis.markdown_message(f"{path}: {'not a folder' if os.path.exists(path) else 'does not exist'}",

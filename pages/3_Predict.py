@@ -257,7 +257,7 @@ def folder_tab(model: Predictor, threshold: float) -> None:
             st.session_state["folder_results"] = (model.source, results)
             st.session_state["folder_zip_done"] = zip_key
     except (datastore.FolderNotAllowed, datastore.UploadError, PredictError) as exc:
-        st.error(analysis.markdown_message(str(exc), paths=(folder,)))
+        st.error(analysis.markdown_message(str(exc), paths=(folder, *getattr(exc, "paths", ()))))
         return
     finally:
         bar.empty()

@@ -90,3 +90,16 @@ def test_the_live_charts_axis_grows_with_the_run_so_the_batches_of_an_epoch_show
     fig = plots.overlay_figure(logged(0.1, 0.2, 0.3), metrics=("loss",), epochs=plots.live_epoch_span(logged(0.3), 30))
     assert fig.layout.xaxis.range[1] <= 1.03  # the first epoch's three batches across the chart, not a thirtieth of it
     assert list(fig.data[0].x) == [0.1, 0.2, 0.3]
+
+
+def test_a_refused_folder_typed_with_a_tilde_is_named_whole(dashboard_env, monkeypatch):
+    """"~/photos of mine" typed: the refusal names the folder it reads, "/home/.../photos of mine", which
+    was cut in two on the page ("`/home/me/photos` of mine is outside ...")."""
+    home = dashboard_env.parent / f"{dashboard_env.name}-home"  # outside every folder the tests allow
+    monkeypatch.setenv("HOME", str(home))
+    at = page("pages/1_Train.py").run()
+    at.radio(key="data_source").set_value("A folder path").run()
+    at.text_input(key="data_path_text").set_value("~/photos of mine").run()
+    shown = [e.value for e in at.error if "is outside" in e.value]
+    assert shown and shown[0].startswith(f"`{home / 'photos of mine'}` is outside"), shown
+    assert at.button(key="train_button").disabled
