@@ -103,3 +103,13 @@ def test_a_refused_folder_typed_with_a_tilde_is_named_whole(dashboard_env, monke
     shown = [e.value for e in at.error if "is outside" in e.value]
     assert shown and shown[0].startswith(f"`{home / 'photos of mine'}` is outside"), shown
     assert at.button(key="train_button").disabled
+
+
+def test_train_disabled_by_a_setting_names_it_beside_the_button(dashboard_env):
+    """A learning rate of 0 typed at the top of the form: beside Train, far below, the page said only
+    "fix the settings marked above". It names them."""
+    at = page("pages/1_Train.py").run()
+    at.text_input(key="f_lr").set_value("0").run()
+    assert at.button(key="train_button").disabled
+    (why,) = [c.value for c in at.caption if c.value.startswith("Train is disabled")]
+    assert "Learning rate must be greater than zero, got 0" in why, why
