@@ -278,7 +278,7 @@ def folder_tab(model: Predictor, threshold: float) -> None:
                  column_config={"error": st.column_config.TextColumn("error", width="large")})
     unreadable = [r for r in results if r.error]
     if unreadable:
-        with st.expander(f"Unreadable: {len(unreadable)} file{'s' if len(unreadable) > 1 else ''}, and why",
+        with st.expander(f"Unreadable: {len(unreadable)} file{'s' if len(unreadable) > 1 else ''}, with the reason",
                          expanded=len(unreadable) <= 5):
             for r in unreadable:
                 st.markdown(f"- {analysis.markdown_message(r.error, paths=(r.name,))}")
