@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from finetune_core import cachestore, datastore, downloads, memory
+from finetune_core import analysis, cachestore, datastore, downloads, memory
 from finetune_core.config import quick_start_config
 from finetune_core.jobs import DuplicateSubmission
 from finetune_core.models import device_description, offline_backbones, resolve_device
@@ -44,7 +44,7 @@ def cache_section() -> None:
         try:
             freed = cachestore.clear_cache()
         except ValueError as exc:  # a cache folder that overlaps the data folder
-            st.error(f"Not cleared: {exc}")
+            st.error(f"Not cleared: {analysis.markdown_message(str(exc))}")
             return
         flash(f"Cleared the decode cache ({freed / 1024**2:.0f} MiB).", "info")
         st.rerun()
@@ -97,7 +97,7 @@ def recent_runs_section() -> None:
     st.dataframe([{
         "run": r.name, "state": state_label(r.state) if not r.error else "damaged",
         "dataset": r.dataset, "backbone": r.backbone,
-        SCORE_NAME: "-" if r.score.test_acc is None else f"{r.score.test_acc:.3f}", KEPT_NAME: r.score.kept,
+        SCORE_NAME: "-" if r.score.test_acc is None else f"{r.score.test_acc:.3f}", KEPT_NAME: r.kept_text(),
         "duration": format_seconds(r.duration_s), "message": r.error or r.warning or r.message,
     } for r in runs], width="stretch", hide_index=True)
 

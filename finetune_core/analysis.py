@@ -4,6 +4,7 @@ confusion matrices, per-class metrics and galleries. Pure functions over pandas 
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
@@ -147,7 +148,7 @@ def compare_table(infos: list[RunInfo]) -> tuple[pd.DataFrame, list[str]]:
         if (record.get("dataset") or {}).get("layout") == "splits":  # the data came with its own test split
             inert["test_fraction"] = "the dataset has its own test split"
         row = {"run": labels[listed.id], "state": info.state, SCORE_NAME: _metric(info.score.test_acc, "{:.3f}"),
-               KEPT_NAME: info.score.kept}
+               KEPT_NAME: info.kept_text()}
         row.update({column: _metric(status.get(field), fmt) for column, field, fmt in COMPARE_METRICS})
         row["tags"] = ", ".join(info.tags)
         row["review fixes"] = review_fixes_label(record)
@@ -268,6 +269,45 @@ def long_run_warning(seconds: float | None, epochs: int) -> str:
             "or start it knowing it can be stopped and resumed.")
 
 
+# A run's floor before any run has measured its speed: training images a second at 224 px faster than
+# any backbone trains here, per CPU core or per accelerator. The fastest measured on this project's 2-core
+# CPU: ResNet-18 in bf16, 32 images/s (16 a core; the GUIDE's figures): 50 a core leaves a 3x margin.
+# Fewer pixels go faster in proportion. Only for runs that train every layer: with the frozen part's
+# outputs cached (the fast preset), an epoch costs a fraction of that and no floor holds.
+FASTEST_IMAGES_PER_S_224 = {"cpu": 50.0, "cuda": 5000.0, "mps": 500.0}  # cpu: per core
+MANY_EPOCHS = 100  # more than this, with no estimate, is warned about (the book trains 5; the fast preset 15-30)
+
+
+def unmeasured_run_warning(config, report, cpu_cores: int | None = None) -> str:
+    """A sentence for a run that no recorded run can estimate ("" when there is nothing to say), so
+    that 1000 epochs typed for 10 are seen before the first run: at least N hours at a speed no
+    backbone reaches here (FASTEST_IMAGES_PER_S_224), for a run that trains every layer; else, over
+    MANY_EPOCHS epochs, that its time cannot be known yet. `config` with its epochs resolved."""
+    from .engine import training_images
+    from .models import resolve_device
+
+    images = training_images(config, report) * config.epochs
+    if not images:
+        return ""
+    if config.train_stages == "all":
+        kind = resolve_device(config.device).type
+        ceiling = FASTEST_IMAGES_PER_S_224.get(kind, FASTEST_IMAGES_PER_S_224["cuda"])
+        if kind == "cpu":
+            ceiling *= cpu_cores or os.cpu_count() or 1
+        ceiling *= (224 / config.image_size) ** 2
+        least = images / ceiling
+        if least > LONG_RUN_S:
+            return (f"This run would take at least {least / 3600:,.1f} hours: {images:,} training images "
+                    f"({config.epochs:,} epochs) at {ceiling:,.0f} images/s, faster than any backbone trains at "
+                    f"{config.image_size} px on this {kind.upper()}. Check the epochs, or start it knowing it can be "
+                    "stopped and resumed.")
+    if config.epochs > MANY_EPOCHS:
+        return (f"{config.epochs:,} epochs is far more than fine-tuning needs (the book trains 5, the fast preset 15 "
+                "to 30), and no run has measured this recipe's speed yet, so how long it takes cannot be estimated: "
+                "check the epochs, or train a few first to measure it.")
+    return ""
+
+
 MIN_STEPS = 20  # fewer optimiser steps in all than this, and a run learns next to nothing
 
 
@@ -300,11 +340,19 @@ _CODE_LIKE = re.compile(r"(?<![\w`])([^\s`()]*[/*\\<>][^\s`()]*?)(?=[.,;:]?(?:\s
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]<>#+|~$])")
 
 
+def _looks_like_code(word: str) -> bool:
+    """A path or pattern: a /, * or backslash, or a whole <name> (as in root/<class>/*). A lone <
+    or > is not: an exception's "<urlopen error [Errno -2] ...>" spans several words, and code made
+    of its first and last ("`<urlopen` error ... not `known>`") read as broken."""
+    return any(c in word for c in "/*\\") or ("<" in word and ">" in word.split("<", 1)[1])
+
+
 def markdown_message(text: str, paths: tuple[str, ...] = ()) -> str:
-    """A message (paths, glob patterns, file names) made safe to show as Markdown: the given
-    paths (which may hold spaces) and every word that looks like a path or pattern (holds a /,
-    *, backslash, < or >) as inline code; Markdown's special characters elsewhere escaped. So
-    `root/<class>/*` stays as written instead of turning italic."""
+    """A message (paths, glob patterns, file names; an exception's text) made safe to show as
+    Markdown: the given paths (which may hold spaces) and every word that looks like a path or
+    pattern (_looks_like_code) as inline code; the rest reads as plain text, Markdown's special
+    characters (a lone < or > included) escaped. So `root/<class>/*` stays as written instead of
+    turning italic, and "<urlopen error ...>" reads as the exception said it."""
     pieces: list[str] = []
     # a given path only where it stands alone: a relative one typed ("photos") inside the full path the
     # message names ("/data/photos") would cut that path in two pieces of code, "`/data/``photos`"
@@ -317,6 +365,8 @@ def markdown_message(text: str, paths: tuple[str, ...] = ()) -> str:
             continue
         out, last = [], 0
         for m in _CODE_LIKE.finditer(part):
+            if not _looks_like_code(m.group(1)):
+                continue  # escaped with the text around it
             out.append(_MARKDOWN_SPECIALS.sub(r"\\\1", part[last:m.start()]))
             out.append(_code(m.group(1)))
             last = m.end()

@@ -46,7 +46,12 @@ class UploadError(ValueError):
 
 
 class FolderNotAllowed(ValueError):
-    """A folder outside the folders the dashboard may read; the message names it and them."""
+    """A folder outside the folders the dashboard may read; the message names it and them.
+    `paths`: the paths the message names (they may hold spaces: a page shows each as one piece)."""
+
+    def __init__(self, message: str, paths: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.paths = tuple(str(p) for p in paths)
 
 
 def data_root() -> Path:
@@ -98,7 +103,7 @@ def _check_readable(path: str | os.PathLike, what: str, what_to_copy: str) -> Pa
     raise FolderNotAllowed(
         f"{folder} is outside {where}{typed}: the dashboard reads {what} only from there. Copy "
         f"{what_to_copy} there, or start the server with {EXTRA_ROOTS_VARIABLE} naming the folder "
-        f"({EXTRA_ROOTS_VARIABLE}=* allows any folder)")
+        f"({EXTRA_ROOTS_VARIABLE}=* allows any folder)", paths=(folder, path, *roots))
 
 
 def runs_root() -> Path:
@@ -274,6 +279,12 @@ def _dataset_folder(unpacked: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------
 # The built-in example and the book's data set
+
+
+def default_dataset(address: str = "") -> str:
+    """The dataset a page opens on in a new session, as the Train page does: the one its address
+    names (?data=FOLDER, checked where it is used), else the built-in example (written once)."""
+    return address or str(ensure_example_dataset())
 
 
 def ensure_example_dataset(root: str | os.PathLike | None = None, size: int = 32) -> Path:

@@ -189,6 +189,18 @@ def _shutdown_at_exit(ref: "weakref.ref[WeightsDownloads]") -> None:
         downloads.shutdown()
 
 
+def launch_refusal(snapshot: dict | None, backbone: str, offline: list[str]) -> str:
+    """Why a run of `backbone` with its ImageNet weights is refused before launch ("" if it is not),
+    for weights still not on this machine (`models.weights_to_download`): the last download of them
+    failed (no network, most often), so the run, which would fetch them as its first step, would
+    fail the same way (a first user pressed Train and got that failure). What to do, named."""
+    if snapshot is None or snapshot.get("state") != "failed":
+        return ""
+    return (f"the download of {backbone}'s ImageNet weights failed (the message above says why): press Download "
+            f"to try again, choose a backbone whose weights are here ({', '.join(offline) or 'none'}), or set the "
+            "weights to 'none (random init)'")
+
+
 MIB = 1024**2  # sizes are shown in MiB, as the _MB environment variables are read (cachestore.megabytes_from_env)
 
 

@@ -112,15 +112,63 @@ class Heatmapper:
                 maps = cam(x.clone(), targets=[ClassifierOutputTarget(c) for c in explained])
         return np.clip(np.nan_to_num(maps.astype(np.float32)), 0.0, 1.0), explained
 
-    def overlays(self, images: list[Image.Image], class_index: int | None = None) -> tuple[list[Image.Image], list[int]]:
-        """The heatmaps laid over the centre crops (the jet colour map, half and half)."""
+    def overlays(self, images: list[Image.Image], class_index: int | None = None,
+                 framing: str = "crop") -> tuple[list[Image.Image], list[int]]:
+        """The heatmaps laid over the images (the jet colour map, half and half): over the centre
+        crops the model sees (`framing="crop"`), or over the whole photos (`"photo"`, photo_overlay),
+        which is how a page shows the photo beside it."""
         from pytorch_grad_cam.utils.image import show_cam_on_image
 
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, got {framing!r}")
         maps, explained = self.heatmaps(images, class_index)
+        if framing == "photo":
+            return [photo_overlay(img, m, self.predictor.image_size) for img, m in zip(images, maps)], explained
         _, crops = self.inputs(images)
         return [Image.fromarray(show_cam_on_image(crop.astype(np.float32) / 255, m, use_rgb=True,
                                                   image_weight=OVERLAY_WEIGHT))
                 for crop, m in zip(crops, maps)], explained
+
+
+FRAMINGS = ("crop", "photo")
+PHOTO_PX = 512  # the long side of a whole-photo overlay (a camera's 4000 px photo is shown smaller anyway)
+OUTSIDE_SHADE = 0.35  # what is left of the photo's contrast outside the part the model sees
+
+
+def crop_box(width: int, height: int, image_size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) in a width x height photo of what the model sees: the test view
+    (prepare.test_view) squeezes the photo to R x R and keeps the centre S x S, which is the same
+    share of each side whatever the photo's shape (224 of 256: the centre 87.5%)."""
+    from .data import resize_size_for
+
+    resize = resize_size_for(image_size)
+    start = int(round((resize - image_size) / 2.0))  # torchvision's center_crop
+    return (round(start * width / resize), round(start * height / resize),
+            round((start + image_size) * width / resize), round((start + image_size) * height / resize))
+
+
+def photo_overlay(image: Image.Image, heatmap: np.ndarray, image_size: int) -> Image.Image:
+    """A heatmap over the centre crop (S x S), laid over the whole photo instead: the map stretched
+    back onto the part of the photo the model sees (crop_box), the rest of the photo shown faded
+    (the model never sees it). Same framing as the photo itself, which the Predict page shows
+    beside it (the crop's overlay beside the whole photo compared two different pictures)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    photo = image.convert("RGB")
+    scale = min(PHOTO_PX, max(max(photo.size), image_size)) / max(photo.size)  # tiny photos up to the crop's size
+    if scale != 1:
+        photo = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
+    left, top, right, bottom = crop_box(photo.width, photo.height, image_size)
+    stretched = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F").resize(
+        (max(1, right - left), max(1, bottom - top)), Image.BILINEAR)
+    full = np.zeros((photo.height, photo.width), dtype=np.float32)
+    full[top:bottom, left:right] = np.clip(np.asarray(stretched), 0.0, 1.0)[:bottom - top, :right - left]
+    pixels = np.asarray(photo, dtype=np.float32)
+    out = show_cam_on_image(pixels / 255, full, use_rgb=True, image_weight=OVERLAY_WEIGHT)
+    outside = np.ones(full.shape, dtype=bool)
+    outside[top:bottom, left:right] = False
+    out[outside] = (pixels[outside] * OUTSIDE_SHADE + 255 * (1 - OUTSIDE_SHADE)).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def peak(heatmap: np.ndarray) -> tuple[int, int]:

@@ -182,6 +182,16 @@ _BUILDING: dict[tuple, threading.Event] = {}  # keys being built, and the event 
 FIGURES_CACHED = 32
 
 
+def live_epoch_span(runs: dict[str, pd.DataFrame], epochs: int) -> int:
+    """The epochs a live chart's axis spans: twice the epochs logged so far (at least one), up to the
+    run's total. The axis spanned every epoch from the start, as the book's animator does: 30 epochs
+    left the first a thirtieth of the chart, and a first user saw the loss move per epoch only,
+    though every batch is drawn. It now grows with the run, never more than half empty."""
+    done = max((float(f["epoch"].max()) for f in runs.values() if "epoch" in f and f["epoch"].notna().any()),
+               default=0.0)
+    return int(min(max(epochs, 1), max(1, math.ceil(2 * done - 1e-9))))
+
+
 def cached_panel_figures(runs: dict[str, pd.DataFrame], **kwargs) -> list[go.Figure]:
     """panel_figures, built once for the same curves and options in this process: the live views of
     several sessions refreshing every second, and Compare on finished runs, then cost one build.

@@ -628,6 +628,19 @@ class RunInfo:
 
         return asdict(self)
 
+    def kept_text(self) -> str:
+        """Which model the run keeps, in words that match its state (a listing's KEPT_NAME column):
+        a completed run's score.kept; none before its first checkpoint (queued, its first epoch, or
+        ended before it); "so far" while it runs; the latest epoch, not the final one, of a run that
+        did not complete. Home said "final epoch" of a run in its first epoch."""
+        if self.state == "completed":
+            return self.score.kept
+        active = self.state in ACTIVE_STATES
+        if not self.has_checkpoint:
+            return "none yet" if active else "none"
+        kept = self.score.kept if self.score.kept == KEPT_BEST else "latest epoch"
+        return f"{kept} so far" if active else kept
+
 
 def _duration(status: dict) -> float | None:
     """The run's wall time, every segment of a resumed run included: the time it had behind it

@@ -110,7 +110,7 @@ def allowed_folder(path: str) -> str:
     try:
         return str(datastore.check_data_folder(path))
     except datastore.FolderNotAllowed as exc:
-        st.error(str(exc))
+        st.error(analysis.markdown_message(str(exc), paths=(path, *exc.paths)))
         return ""
 
 
@@ -149,8 +149,8 @@ def dataset_in_data_folder(root: Path) -> str:
         try:
             with st.spinner("Downloading hotdog.zip and checking its checksum…"):
                 st.success(f"Saved in {datastore.download_hotdog(root)}")
-        except datastore.UploadError as exc:
-            st.error(str(exc))
+        except datastore.UploadError as exc:  # offline: "<urlopen error ...>", shown as written
+            st.error(analysis.markdown_message(str(exc)))
     return path
 
 
@@ -321,8 +321,8 @@ def weights_download_section(backbone: str, offline: list[str]) -> None:
     st.warning(f"The ImageNet weights of {backbone} are not downloaded (about {size}). Download them now, with "
                "progress and a Stop; otherwise the run downloads them as its first step. Without internet, "
                f"choose a backbone whose weights are here: {', '.join(offline) or 'none'}.", icon="⚠️")
-    if current is not None and current["state"] == "failed":
-        st.error(current["message"], icon=":material/block:")
+    if current is not None and current["state"] == "failed":  # an exception's text, "<urlopen error ...>": as written
+        st.error(analysis.markdown_message(current["message"]), icon=":material/block:")
     elif current is not None and current["state"] == "stopped":
         st.caption(f"The last download was {current['message']}.")
     st.button("Download", key="download_weights", on_click=weights_downloads().start, args=(backbone,))
@@ -471,7 +471,9 @@ def run_cost(config: TrainConfig, report) -> None:
     seconds, basis = analysis.cost_estimate(config, report, list_runs(runs_root()))
     st.caption(f"This run: about {format_seconds(seconds)} ({basis})." if seconds is not None
                else f"This run: no cost estimate yet ({basis}).")
-    for warning in (analysis.long_run_warning(seconds, config.epochs), analysis.too_few_steps_warning(config, report)):
+    unmeasured = analysis.unmeasured_run_warning(config, report) if seconds is None else ""  # 1000 epochs, no past run
+    for warning in (analysis.long_run_warning(seconds, config.epochs), unmeasured,
+                    analysis.too_few_steps_warning(config, report)):
         if warning:
             st.warning(warning, icon="⚠️")
 
@@ -575,9 +577,11 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
     blocked = ("choose a dataset" if not data_path else
                "the dataset could not be read" if report is None else
                f"the dataset cannot be used: {report.reason()}" if not report.usable else
-               "fix the settings marked above" if errors or config is None else
+               f"fix the settings marked above ({'; '.join(errors.values())})" if errors else  # named: far up the page
+               "fix the settings marked above" if config is None else
                "fix the sweep's values" if sweep_error else
-               "its weights are downloading (or stop the download)" if downloading(config) else "")
+               "its weights are downloading (or stop the download)" if downloading(config) else
+               failed_download(config))
     if blocked:
         st.caption(f"Train is disabled: {blocked}.")
     elif grid is None:
@@ -597,6 +601,15 @@ def downloading(config: TrainConfig) -> bool:
     """Whether the backbone's weights are being downloaded now (a run would fetch them too)."""
     current = weights_downloads().download(resolved_backbone(config.backbone))
     return current is not None and current["state"] == downloads.ACTIVE
+
+
+def failed_download(config: TrainConfig) -> str:
+    """Why Train is refused when the backbone's weights are still not here and their last download
+    failed ("" otherwise): the run would download them again and fail the same way."""
+    if not models.weights_to_download(config.backbone, config.weights):
+        return ""
+    backbone = resolved_backbone(config.backbone)
+    return downloads.launch_refusal(weights_downloads().download(backbone), backbone, models.offline_backbones())
 
 
 def request_launch() -> None:
@@ -720,8 +733,12 @@ def live_curves_section() -> None:
             frames[labels[job["run_id"]]] = metrics
     if frames:
         epochs = max(j["epochs"] for j in members)
+        if any(j["state"] in ACTIVE_STATES for j in members):  # the axis grows with the run: the batches show
+            epochs = plots.live_epoch_span(frames, epochs)
         chart = chart_controls("live")
         curve_panels(frames, "live_curves", epochs=epochs, **plots.run_styles(labels), **chart)
+        st.caption(f"Train loss and accuracy: the average over the epoch so far, a point at every batch; test (or "
+                   f"validation) accuracy after each epoch. Redrawn every {CURVES_REFRESH_S:.0f} s.")
 
 
 def sweep_results(members: list[dict]) -> None:
@@ -770,9 +787,9 @@ def resume_run(run_id: str) -> None:
     try:
         manager().resume(run_id)
     except RunOwned as exc:  # another process took it over since this page was drawn
-        flash(str(exc), "error")
+        flash(analysis.markdown_message(str(exc)), "error")
     except NotResumable as exc:  # a second click, or a click on a run that ended differently since
-        flash(f"Not resumed: {exc}.", "warning")
+        flash(f"Not resumed: {analysis.markdown_message(str(exc))}.", "warning")
 
 
 def keep_form_values() -> None:

@@ -94,7 +94,7 @@ def manage_section(by_id: dict[str, RunInfo]) -> None:
                 delete_run(info.path)
                 flash(f"Deleted {analysis.markdown_text(info.name)}.")
             except RuntimeError as exc:
-                flash(str(exc), "error")
+                flash(analysis.markdown_message(str(exc)), "error")
             st.rerun()
         if no.button("Cancel", key="delete_cancel"):
             del st.session_state["confirm_delete"]

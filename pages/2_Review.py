@@ -29,8 +29,12 @@ def review_jobs() -> dict[str, ReviewJob]:
 
 
 def choose_dataset() -> str:
-    """The folder to review: the one chosen on the Train page, or typed here."""
+    """The folder to review: the one chosen on the Train page, or typed here. A fresh session (the
+    page opened by its address) starts where Train does: the address's ?data=, else the example."""
     default = st.session_state.get("review_data") or st.session_state.get("current_dataset", "")
+    if not default and "review_data_input" not in st.session_state:
+        with st.spinner("Writing the example dataset (once)…"):
+            default = datastore.default_dataset(st.query_params.get("data", ""))
     path = st.text_input("Dataset folder", value=default, key="review_data_input", placeholder="/path/to/photos")
     if not path:
         st.info("Choose a dataset on the Train page, or type its folder here.")
@@ -38,7 +42,7 @@ def choose_dataset() -> str:
     try:
         path = str(datastore.check_data_folder(path))
     except datastore.FolderNotAllowed as exc:
-        st.error(analysis.markdown_message(str(exc), paths=(path,)))
+        st.error(analysis.markdown_message(str(exc), paths=(path, *exc.paths)))
         return ""
     if not os.path.isdir(path):  # said plainly, not as the scan's "[Errno 2] No such file or directory"
         st.error(analysis.markdown_message(f"{path}: {'not a folder' if os.path.exists(path) else 'does not exist'}",
@@ -64,7 +68,7 @@ def job_section(root: str, data: str) -> None:
         return
     if job is not None and job.snapshot()["state"] in ("failed", "stopped"):
         snap = job.snapshot()
-        (st.error if snap["state"] == "failed" else st.info)(f"Review {snap['state']}: {snap['message']}")
+        (st.error if snap["state"] == "failed" else st.info)(f"Review {snap['state']}: {analysis.markdown_message(snap['message'])}")
     folds = st.number_input("Folds", 2, 10, 5, key="review_folds",
                             help="each image is predicted by a head fitted on the other folds")
     if st.button("Review this dataset", type="primary", key="review_start"):
@@ -81,7 +85,7 @@ def live_progress(root: str) -> None:
     snap = job.snapshot()
     if not job.running:
         st.rerun()  # the whole page: the result is on disk now
-    st.progress(min(1.0, snap["progress"]), text=snap["message"] or "starting…")
+    st.progress(min(1.0, snap["progress"]), text=analysis.markdown_message(snap["message"]) or "starting…")
     if st.button("Stop", key="review_stop"):
         job.stop()
 
@@ -90,7 +94,7 @@ def record(root: str, fixes: list, what: str) -> None:
     try:
         path = add_fixes(root, fixes)
     except FixesError as exc:
-        st.error(str(exc))
+        st.error(analysis.markdown_message(str(exc)))
         return
     flash(f"{len(fixes)} {what}: recorded in {path}")
     st.rerun()
@@ -249,7 +253,7 @@ def main() -> None:
     try:
         fixes = load_fixes(fixes_path(root))
     except FixesError as exc:
-        st.error(str(exc))
+        st.error(analysis.markdown_message(str(exc), paths=(str(fixes_path(root)),)))
         return
     result = load_result(result_path(root, runs_root()))
     if result is None:

@@ -50,8 +50,9 @@ def heatmapper(path: str, stamp: float) -> Heatmapper:
 
 @st.cache_data(show_spinner=False, max_entries=600)
 def overlay(path: str, stamp: float, data: bytes, class_index: int | None):
-    """The heatmap over one image (bytes: a dropped image, or a test image's file), kept for the session."""
-    images, explained = heatmapper(path, stamp).overlays([image_from_bytes(data)], class_index)
+    """The heatmap over one image (bytes: a dropped image, or a test image's file), kept for the
+    session: over the whole photo, as the photo beside it is shown (the part the model does not see faded)."""
+    images, explained = heatmapper(path, stamp).overlays([image_from_bytes(data)], class_index, framing="photo")
     return images[0], explained[0]
 
 
@@ -59,8 +60,9 @@ def heatmap_controls(model: Predictor, key: str) -> tuple[bool, int | None]:
     """(show heatmaps, the class to explain or None for the answer)."""
     c = st.columns([1, 2])
     show = c[0].toggle("Show where the model looks", key=f"heatmaps_{key}",
-                       help=f"{METHOD} heatmaps over the centre crop the model sees: red is where the evidence for "
-                            "the class is")
+                       help=f"{METHOD} heatmaps over the whole photo, framed as the photo beside it: red is where "
+                            "the evidence for the class is; the model sees the photo squeezed to a square and its "
+                            "centre, so the faded border is what it does not see")
     choice = c[1].selectbox("Explain", ["the answer"] + [str(x) for x in model.classes], key=f"explain_{key}",
                             disabled=not show, format_func=lambda x: x if x == "the answer" else f"why {x}?")
     return show, None if choice == "the answer" else [str(x) for x in model.classes].index(choice)
@@ -70,9 +72,9 @@ def show_heatmap(info: RunInfo, model: Predictor, data: bytes, class_index: int 
     try:
         image, explained = overlay(info.path, model_stamp(info), data, class_index)
     except (HeatmapError, PredictError) as exc:
-        st.caption(f"No heatmap: {exc}")
+        st.caption(f"No heatmap: {analysis.markdown_message(str(exc))}")
         return
-    st.image(image, width="stretch", caption=f"why {model.classes[explained]}")
+    st.image(image, width="stretch", caption=f"why {model.classes[explained]} (faded: unseen by the model)")
 
 
 def model_stamp(info: RunInfo) -> float:
@@ -146,7 +148,7 @@ def confusion_cell_section(predictions, classes, info: RunInfo) -> None:
         try:
             flash(f"{len(action)} fixes recorded in {add_fixes(root, action)}; the next training uses them")
         except FixesError as exc:
-            st.error(str(exc))
+            st.error(analysis.markdown_message(str(exc)))
             return
         st.rerun()
 
@@ -215,7 +217,7 @@ def classify_tab(info: RunInfo, model: Predictor, threshold: float) -> None:
         result = model.predict_bytes(f.getvalue(), f.name, top_k=top_k, threshold=threshold)
         cols = st.columns([1, 1, 3] if show_maps else [1, 3])
         if result.error:
-            cols[-1].error(result.error)
+            cols[-1].error(analysis.markdown_message(result.error))
             continue
         cols[0].image(f.getvalue(), width="stretch")
         if show_maps:
@@ -256,7 +258,7 @@ def folder_tab(model: Predictor, threshold: float) -> None:
             st.session_state["folder_results"] = (model.source, results)
             st.session_state["folder_zip_done"] = zip_key
     except (datastore.FolderNotAllowed, datastore.UploadError, PredictError) as exc:
-        st.error(analysis.markdown_message(str(exc), paths=(folder,)))
+        st.error(analysis.markdown_message(str(exc), paths=(folder, *getattr(exc, "paths", ()))))
         return
     finally:
         bar.empty()
@@ -270,7 +272,17 @@ def folder_tab(model: Predictor, threshold: float) -> None:
     unlike = sum(r.not_sure and r.unlike for r in results)
     st.caption(f"{len(frame)} images: {len(frame) - unsure - errors} answered, {unsure} not sure ({unlike} of them "
                f"unlike the training photos), {errors} unreadable")
-    st.dataframe(frame, width="stretch", hide_index=True, key="folder_table")
+    # The error column wide and holding the reason alone (the file column names the file), and each
+    # unreadable file's reason in full below: a narrow cell showed the start of the path and cut off why.
+    shown = frame.assign(error=[r.error.partition(": ")[2] or r.error for r in results])
+    st.dataframe(shown, width="stretch", hide_index=True, key="folder_table",
+                 column_config={"error": st.column_config.TextColumn("error", width="large")})
+    unreadable = [r for r in results if r.error]
+    if unreadable:
+        with st.expander(f"Unreadable: {len(unreadable)} file{'s' if len(unreadable) > 1 else ''}, with the reason",
+                         expanded=len(unreadable) <= 5):
+            for r in unreadable:
+                st.markdown(f"- {analysis.markdown_message(r.error, paths=(r.name,))}")
     st.download_button("Download the CSV", frame.to_csv(index=False), file_name="predictions.csv", mime="text/csv",
                        key="download_folder_csv")
 
@@ -303,7 +315,7 @@ def main() -> None:
         model = predictor(info.path, model_stamp(info))
         predictions = RunDir(info.path).read_predictions()
     except (PredictError, OSError, ValueError) as exc:
-        st.error(f"This run cannot be used for prediction: {exc}")
+        st.error(f"This run cannot be used for prediction: {analysis.markdown_message(str(exc))}")
         return
     classes = model.classes
     st.caption(f"{model.backbone}, {len(classes)} classes, {model.image_size} px · {info.score.text()} "

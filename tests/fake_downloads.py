@@ -59,3 +59,8 @@ def garbled_download(backbone: str, report) -> Path:
     sys.stdout.write("tuneboard-download {not json\n")
     sys.stdout.flush()
     return _fake_hub_download(backbone, report, pause=0)
+
+
+def offline_download(backbone: str, report) -> Path:
+    """What urllib says on a machine without a network: an error whose text is in angle brackets."""
+    raise OSError("<urlopen error [Errno -2] Name or service not known>")

@@ -213,6 +213,20 @@ def test_messages_show_paths_and_patterns_as_code_not_markdown():
         "`/srv/data/nosuchdir`: does not exist"
 
 
+def test_an_exceptions_text_in_angle_brackets_reads_as_written_with_its_paths_as_code():
+    """A run that failed offline said "(URLError: `<urlopen` error [Errno -2] Name or service not `known>`)"
+    on the Live tab: the first and last words of "<urlopen error ...>" made code. They are text now."""
+    message = ("WeightsUnavailable: resnet18 could not be downloaded (URLError: <urlopen error [Errno -2] Name or "
+               "service not known>). Place resnet18-f37072fd.pth (from https://download.pytorch.org/models/r.pth) "
+               "in /srv/torch/hub/checkpoints")
+    shown = analysis.markdown_message(message)
+    assert "(URLError: \\<urlopen error \\[Errno -2\\] Name or service not known\\>)" in shown, shown
+    assert "`https://download.pytorch.org/models/r.pth`" in shown and shown.endswith("`/srv/torch/hub/checkpoints`")
+    assert "`" not in shown.split("(from")[0]  # nothing before the paths turned into code
+    assert analysis.markdown_message("a <module> and <class 'ValueError'>") == \
+        "a `<module>` and \\<class 'ValueError'\\>"  # a whole <name> is still a pattern
+
+
 @pytest.mark.slow
 def test_compare_table_marks_the_settings_that_differ(finished_runs):
     table, differing = analysis.compare_table(list_runs(finished_runs))

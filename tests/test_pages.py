@@ -455,7 +455,7 @@ def test_a_typed_folder_outside_the_data_root_is_refused_by_name(dashboard_env, 
     outside = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
     at = use_folder(page("pages/1_Train.py").run(), outside)
     errors = " ".join(e.value for e in at.error)
-    assert f"{outside.resolve()} is outside the data folder {(dashboard_env / 'data').resolve()}" in errors
+    assert f"`{outside.resolve()}` is outside the data folder `{(dashboard_env / 'data').resolve()}`" in errors
     assert at.button(key="train_button").disabled
     inside = make_dataset(dashboard_env / "data" / "mine", per_class=4, test_per_class=2)
     at = use_folder(at, inside)

@@ -205,3 +205,50 @@ def test_the_predict_page_shows_calibration_not_sure_heatmaps_and_classifies_a_z
     assert len(table) == len(paths) + 1 and set(table["answer"]) == {"not sure", ""}
     assert "broken.jpg" in set(table["file"])  # named, relative to the zip (its one folder unwrapped)
     assert at.get("download_button")
+
+
+def test_the_heatmap_is_laid_over_the_whole_photo_as_the_photo_beside_it_is_framed(calibrated_run):
+    """Predict showed the whole photo beside a heatmap over the centre crop: two framings. The page's
+    overlay is the whole photo, the map on the part the model sees, the rest faded."""
+    from PIL import Image
+
+    from finetune_core import heatmaps
+
+    mapper = heatmaps.Heatmapper(Predictor.from_run(calibrated_run))
+    size = mapper.predictor.image_size  # 32: the test view squeezes to 37 x 37 and keeps the centre 32
+    wide = Image.new("RGB", (160, 40), (40, 60, 220))
+    (crop,), _ = mapper.overlays([wide])
+    (whole,), explained = mapper.overlays([wide], framing="photo")
+    assert crop.size == (size, size) and whole.size == (160, 40)  # the photo's own shape
+    left, top, right, bottom = heatmaps.crop_box(160, 40, size)
+    assert (left, top, right, bottom) == (9, 2, 147, 37)  # 37 px squeezed, cut at 2 and 34 (torchvision rounds so)
+    pixels = np.asarray(whole).astype(int)
+    faded = (np.array([40, 60, 220]) * heatmaps.OUTSIDE_SHADE + 255 * (1 - heatmaps.OUTSIDE_SHADE)).astype(int)
+    assert (pixels[:, :left] == faded).all() and (pixels[:top] == faded).all()  # not seen: the photo, faded
+    assert (np.abs(pixels[top:bottom, left:right] - faded).sum(axis=2) > 0).all()  # the map on what it sees
+    assert explained == mapper.heatmaps([wide])[1]
+    with pytest.raises(ValueError, match="framing"):
+        mapper.overlays([wide], framing="centre")
+
+
+def test_a_folders_unreadable_files_are_named_with_their_whole_reason(calibrated_run, dashboard_env):
+    """The error cell of A folder's table was too narrow: it showed the start of the file's path and
+    cut off why. The column is wide, and each unreadable file's reason is written out below the table."""
+    import shutil
+
+    from conftest import page, write_image
+
+    shutil.copytree(calibrated_run, dashboard_env / "runs" / calibrated_run.name)
+    folder = dashboard_env / "data" / "to classify"
+    write_image(folder / "fine.png")
+    (folder / "a photo from the camera roll.jpg").write_bytes(b"not a photo at all")
+    at = page("pages/3_Predict.py").run()
+    at.text_input(key="predict_folder").set_value(str(folder)).run()
+    at.button(key="predict_folder_go").click().run()
+    assert not at.exception
+    (table,) = [d for d in at.dataframe if "error" in d.value.columns]
+    assert json.loads(table.proto.columns)["error"]["width"] == "large"
+    why = table.value.set_index("file").loc["a photo from the camera roll.jpg", "error"]
+    assert why.startswith("not an image that can be read (")  # the reason, not the path it began with
+    assert [m.value for m in at.markdown if "camera roll" in m.value and why in m.value]
+    assert any(e.label.startswith("Unreadable: 1 file") for e in at.expander)

@@ -141,3 +141,33 @@ def test_stop_after_the_child_completed_says_the_weights_were_kept(hub_home, mon
     assert wait_until(lambda: jobs._downloads[NAME].process.poll() is not None, timeout=60)
     assert jobs.stop(NAME)["state"] == "completed"
     assert models.hub_cached_file(models.backbone_spec(NAME)) is not None
+
+
+@pytest.mark.slow
+def test_after_a_failed_download_train_is_refused_naming_the_backbone_and_the_error_reads_as_written(
+        dashboard_env, hub_home, monkeypatch):
+    """A first user's Download failed (no network) and Train stayed enabled: the run then downloaded
+    the weights again and failed. Train is refused, naming the backbone and what to do; the error
+    ("<urlopen error ...>") is shown as its text, not half turned into code."""
+    import tuneboard_ui
+    from conftest import make_dataset, page
+
+    monkeypatch.setattr(downloads, "FETCH", "fake_downloads:offline_download")
+    tuneboard_ui.weights_downloads.clear()  # a manager made now, with the fake
+    data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
+    at = page("pages/1_Train.py").run()
+    at.radio(key="data_source").set_value("A folder path").run()
+    at.text_input(key="data_path_text").set_value(str(data)).run()
+    at.selectbox(key="f_backbone").set_value(NAME).run()
+    assert not at.button(key="train_button").disabled  # not downloaded: the run would fetch them
+    at.button(key="download_weights").click().run()
+    assert wait_until(lambda: tuneboard_ui.weights_downloads().download(NAME)["state"] == "failed", timeout=60)
+    at.run()
+    assert at.button(key="train_button").disabled
+    refusal = [c.value for c in at.caption if c.value.startswith("Train is disabled")]
+    assert refusal and f"the download of {NAME}'s ImageNet weights failed" in refusal[0], refusal
+    assert "press Download to try again" in refusal[0] and "'none (random init)'" in refusal[0]
+    (shown,) = [e.value for e in at.error if "urlopen" in e.value]
+    assert "\\<urlopen error \\[Errno -2\\] Name or service not known\\>" in shown, shown  # escaped, no code
+    at.radio(key="f_weights_kind").set_value("none (random init)").run()  # one of the ways out it names
+    assert not at.button(key="train_button").disabled and not at.exception
