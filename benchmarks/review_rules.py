@@ -137,6 +137,8 @@ def main() -> None:
             table.setdefault(name, []).append((a, wrong, int((~keep).sum())))
         print("seed", s, "flagged", int(flagged.sum()), {k: v[-1] for k, v in table.items()}, flush=True)
     print()
+    if not table:
+        return
     for h in heads:
         print(f"== head {h}: clean {clean[h]:.4f}, clean minus copies+quality {clean_nocopies[h]:.4f}")
         base_f = np.mean([t[0][h] for t in table["nothing (flipped)"]])
