@@ -14,13 +14,17 @@ the training loss of a head fitted on all images (what fastai's cleaner does).
 
     nice -n 10 python benchmarks/bench_review.py --dataset trashnet6 --out benchmarks/results/bench_review.md
 
-`--loop` measures whether the review pays, as a user would go: train with the fast preset, review
-(which reads that run's cached activations), accept every suggestion the Review page's "Accept all
-suggested" records (review.suggested_fixes), train again with the same seed; on the dataset as it
-is and on a copy with 5% of its training labels flipped at random (their test split untouched):
+`--loop` measures whether the review pays, as a user would go, paired over several training seeds:
+per seed a fast-preset run on the dataset as it is and on a copy with 5% of its training labels
+flipped at random (the same flips for every seed; their test split untouched); one review of the
+flipped copy (which reads a finished run's cached activations when there is one) whose suggestions
+"Accept all suggested" records (review.suggested_fixes); and per seed a run on the fixed copy.
+The stages may overlap (one file per result under --work):
 
-    nice -n 10 python benchmarks/bench_review.py --dataset trashnet6 --loop \
-        --out benchmarks/results/bench_review_loop.md
+    nice -n 19 python benchmarks/bench_review.py --loop --work W --seeds 0,1,2 --jobs 6 --stage before \
+        --train-args "--backbone efficientnet_lite0 --image-size 224 --epochs 7 --feature-views 1" &
+    nice -n 19 python benchmarks/bench_review.py --loop --work W --seeds 0,1,2 --jobs 3 --stage after
+    python benchmarks/bench_review.py --loop --work W --stage report --out benchmarks/results/bench_review_loop.md
 """
 from __future__ import annotations
 
