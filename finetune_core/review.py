@@ -1044,7 +1044,8 @@ def suggested_fixes(result: ReviewResult, fixes) -> list:
     copy within the split is a second photo of the object and an exact one costs nothing to keep,
     and a blurred or dark photo with a right label still teaches; excluding them fixes no error
     (bench_review.py --loop: last round's Accept all excluded 32 photos whose label was right, 27 of
-    them copies or blurred). Test-split issues are left to a person too: the test split is the
+    them copies or blurred; benchmarks/review_rules.py: excluding them bought nothing on flipped labels
+    and cost 0.2-0.4 points on trashnet6's own). Test-split issues are left to a person too: the test split is the
     yardstick, and relabelling a test image to the model's answer or dropping it raises the test
     accuracy without making the model any better."""
     done = decided(result, fixes)
