@@ -14,13 +14,17 @@ the training loss of a head fitted on all images (what fastai's cleaner does).
 
     nice -n 10 python benchmarks/bench_review.py --dataset trashnet6 --out benchmarks/results/bench_review.md
 
-`--loop` measures whether the review pays, as a user would go: train with the fast preset, review
-(which reads that run's cached activations), accept every suggestion the Review page's "Accept all
-suggested" records (review.suggested_fixes), train again with the same seed; on the dataset as it
-is and on a copy with 5% of its training labels flipped at random (their test split untouched):
+`--loop` measures whether the review pays, as a user would go, paired over several training seeds:
+per seed a fast-preset run on the dataset as it is and on a copy with 5% of its training labels
+flipped at random (the same flips for every seed; their test split untouched); one review of the
+flipped copy (which reads a finished run's cached activations when there is one) whose suggestions
+"Accept all suggested" records (review.suggested_fixes); and per seed a run on the fixed copy.
+The stages may overlap (one file per result under --work):
 
-    nice -n 10 python benchmarks/bench_review.py --dataset trashnet6 --loop \
-        --out benchmarks/results/bench_review_loop.md
+    nice -n 19 python benchmarks/bench_review.py --loop --work W --seeds 0,1,2 --jobs 6 --stage before \
+        --train-args "--backbone efficientnet_lite0 --image-size 224 --epochs 7 --feature-views 1" &
+    nice -n 19 python benchmarks/bench_review.py --loop --work W --seeds 0,1,2 --jobs 3 --stage after
+    python benchmarks/bench_review.py --loop --work W --stage report --out benchmarks/results/bench_review_loop.md
 """
 from __future__ import annotations
 
@@ -105,28 +109,29 @@ def plant_flips(src: Path, dst: Path, seed: int, share: float = 0.05) -> dict:
 
 def train_fast(data: Path, runs_dir: Path, name: str, seed: int, overrides: tuple[str, ...] = ()) -> dict:
     """One fast-preset run through the command line, as a fresh process: its test accuracy, run
-    folder, wall and CPU time (of the process and its children) and the load average around it."""
-    import resource
+    folder, wall and CPU time (user + sys of the process and its children, by /usr/bin/time, so that
+    several runs can go at once) and the load average around it."""
     import subprocess
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load = Path("/proc/loadavg").read_text().split()[0]
+    times = runs_dir / f"{name}.time"
+    runs_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "finetune_core", "train", "--preset", "fast", "--data", str(data),
+    out = subprocess.run(["/usr/bin/time", "-f", "%U %S", "-o", str(times),
+                          sys.executable, "-m", "finetune_core", "train", "--preset", "fast", "--data", str(data),
                           "--runs-dir", str(runs_dir), "--seed", str(seed), "--name", name, "--json", "--quiet",
                           *overrides],
                          cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode:
         raise RuntimeError(f"training {name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    run = sorted((p for p in runs_dir.iterdir() if (p / "status.json").is_file() and name in p.name),
+    run = sorted((p for p in runs_dir.iterdir() if (p / "status.json").is_file() and p.name.endswith(name)),
                  key=lambda p: p.stat().st_mtime)[-1]
     status = json.loads((run / "status.json").read_text())
     predictions = __import__("pandas").read_csv(run / "predictions.csv")
+    user, sys_ = (float(v) for v in times.read_text().split()[-2:])
     return {"run": run.name, "test_acc": status["test_acc"], "test_images": len(predictions), "wall_s": round(wall),
-            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime),
-            "load": f"{load}-{Path('/proc/loadavg').read_text().split()[0]}"}
+            "cpu_s": round(user + sys_), "load": f"{load}-{Path('/proc/loadavg').read_text().split()[0]}"}
 
 
 def review_and_accept(data: Path, runs_dir: Path, flips: dict | None) -> dict:
@@ -165,62 +170,103 @@ def review_and_accept(data: Path, runs_dir: Path, flips: dict | None) -> dict:
 
 
 def loop(args) -> None:
+    """Paired runs over several training seeds: per seed, the dataset as shipped, the flipped copy
+    (the same planted flips for every seed), and the flipped copy after one review whose suggestions
+    are all accepted. `--stage before` trains the first two for every seed, `--stage after` reviews
+    and trains the third (so that the "before" runs can start while the fixes' rule is decided);
+    `--work` keeps the copies, the runs and the results between stages."""
     import os
+    from concurrent.futures import ThreadPoolExecutor
 
-    work = Path(tempfile.mkdtemp(prefix="bench-loop-"))
-    os.environ["TUNEBOARD_CACHE"] = str(work / "cache")  # cold, and shared by the runs and the reviews
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["TUNEBOARD_CACHE"] = str(work / "cache")  # cold at first, shared by the runs and the reviews
     runs_dir = work / "runs"
     clean, flipped = work / args.dataset, work / f"{args.dataset}-flipped"
-    shutil.copytree(DATASETS / args.dataset, clean, ignore=shutil.ignore_patterns("MANIFEST*"))
-    flips = plant_flips(DATASETS / args.dataset, flipped, args.seed)
-    results: dict = {"dataset": args.dataset, "seed": args.seed, "flipped": len(flips), "work": str(work)}
-    json_out = Path(args.out).with_suffix(".json") if args.out else work / "loop.json"
+    state, done = work / "loop.json", work / "results"  # one file per run and for the review: stages may overlap
+    done.mkdir(exist_ok=True)
+    if not clean.is_dir():
+        shutil.copytree(DATASETS / args.dataset, clean, ignore=shutil.ignore_patterns("MANIFEST*"))
+        flips = plant_flips(DATASETS / args.dataset, flipped, args.seed)
+        state.write_text(json.dumps({"dataset": args.dataset, "flip_seed": args.seed, "flipped": len(flips),
+                                     "work": str(work), "overrides": args.train_args,
+                                     "flips": {str(Path(p).relative_to(flipped)): c for p, c in flips.items()}},
+                                    indent=1))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    overrides = tuple(json.loads(state.read_text())["overrides"].split())
 
-    def step(key: str, value: dict) -> None:
-        results[key] = value
-        json_out.write_text(json.dumps(results, indent=1))
+    def results() -> dict:
+        out = json.loads(state.read_text())
+        out["runs"] = {f.stem.replace("-", " "): json.loads(f.read_text()) for f in sorted(done.glob("*.json"))
+                       if f.stem != "review"}
+        if (done / "review.json").is_file():
+            out["review"] = json.loads((done / "review.json").read_text())
+        if args.out:
+            Path(args.out).with_suffix(".json").write_text(json.dumps(out, indent=1))
+        return out
+
+    def train(key: str, data: Path, seed: int) -> None:
+        file = done / f"{key.replace(' ', '-')}.json"
+        if file.is_file():
+            return
+        value = train_fast(data, runs_dir, key.replace(" ", "-"), seed, overrides)
+        file.write_text(json.dumps(value, indent=1))
         print(key, json.dumps(value), flush=True)
 
-    overrides = tuple(args.train_args.split())
-    results["overrides"] = " ".join(overrides)
-    step("clean before", train_fast(clean, runs_dir, "clean-before", args.seed, overrides))
-    step("flipped before", train_fast(flipped, runs_dir, "flipped-before", args.seed, overrides))
-    step("flipped review", review_and_accept(flipped, runs_dir, flips))
-    step("flipped after", train_fast(flipped, runs_dir, "flipped-after", args.seed, overrides))
-    step("clean review", review_and_accept(clean, runs_dir, None))
-    step("clean after", train_fast(clean, runs_dir, "clean-after", args.seed, overrides))
-    text = "\n".join(loop_report(results))
+    todo = []
+    if args.stage in ("before", "all"):
+        todo += [(f"clean {s}", clean, s) for s in seeds] + [(f"flipped {s}", flipped, s) for s in seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda t: train(*t), todo))
+    if args.stage in ("after", "all"):
+        if not (done / "review.json").is_file():
+            flips = {str(flipped / p): c for p, c in json.loads(state.read_text())["flips"].items()}
+            review = review_and_accept(flipped, runs_dir, flips)
+            (done / "review.json").write_text(json.dumps(review, indent=1))
+            print("review", json.dumps(review), flush=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda t: train(*t), [(f"after {s}", flipped, s) for s in seeds]))
+    text = "\n".join(loop_report(results()))
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
 
 
 def loop_report(r: dict) -> list[str]:
-    acc = {k: r[k]["test_acc"] for k in ("clean before", "flipped before", "flipped after", "clean after") if k in r}
-    lines = [f"# bench_review --loop: {r['dataset']}, the fast preset {r.get('overrides', '')}, seed {r['seed']}", "",
-             "| training labels | run | test acc | test images | fixes accepted | wall s | CPU s | load |",
-             "|---|---|---|---|---|---|---|---|"]
-    for key, labels, review in (("clean before", "as shipped", None), ("clean after", "as shipped", "clean review"),
-                                ("flipped before", f"{r['flipped']} flipped (5%)", None),
-                                ("flipped after", f"{r['flipped']} flipped (5%)", "flipped review")):
-        if key in r:
-            fixes = r[review]["accepted"] if review else {}
-            lines.append(f"| {labels} | {key.split()[1]} review | {r[key]['test_acc']:.4f} | {r[key]['test_images']} | "
-                         + (", ".join(f"{n} {a}" for a, n in fixes.items() if n) or "-")
-                         + f" | {r[key]['wall_s']} | {r[key]['cpu_s']} | {r[key]['load']} |")
-    if {"clean before", "flipped before", "flipped after"} <= acc.keys():
-        cost = acc["clean before"] - acc["flipped before"]
-        regained = acc["flipped after"] - acc["flipped before"]
-        lines += ["", f"The flips cost {cost:+.4f} of test accuracy; after review {regained:+.4f} of it came back"
-                      + (f" ({regained / cost:.0%})." if cost > 0 else ".")]
-    for review in ("flipped review", "clean review"):
-        if review in r:
-            v = r[review]
-            lines += ["", f"{review}: {v['review_wall_s']} s wall, {v['review_cpu_s']} s CPU, features: "
-                          f"{v['features_from']}; issues {json.dumps({k: n for k, n in v['issues'].items() if n})}; "
-                          f"accepted by kind {json.dumps(v['accepted_by_kind'])}"]
-            if "flips" in v:
-                lines.append("planted flips: " + ", ".join(f"{k} {n}" for k, n in v["flips"].items()))
+    runs = r["runs"]
+    seeds = sorted({int(k.split()[1]) for k in runs})
+    lines = [f"# bench_review --loop: {r['dataset']}, the fast preset {r.get('overrides', '')}, "
+             f"{r['flipped']} training labels flipped at random (flip seed {r['flip_seed']}), training seeds "
+             + ", ".join(map(str, seeds)), "",
+             "| seed | as shipped | 5% flipped | flipped, after review | flips cost | recovered | share |",
+             "|---|---|---|---|---|---|---|"]
+    costs, regained = [], []
+    for s in seeds:
+        acc = {k: runs[f"{k} {s}"]["test_acc"] for k in ("clean", "flipped", "after") if f"{k} {s}" in runs}
+        cells = [f"{acc[k]:.4f}" if k in acc else "-" for k in ("clean", "flipped", "after")]
+        cost = acc["clean"] - acc["flipped"] if {"clean", "flipped"} <= acc.keys() else None
+        back = acc["after"] - acc["flipped"] if {"after", "flipped"} <= acc.keys() else None
+        if cost is not None and back is not None:
+            costs.append(cost)
+            regained.append(back)
+        lines.append(f"| {s} | " + " | ".join(cells) + " | " + (f"{cost:+.4f}" if cost is not None else "-") + " | "
+                     + (f"{back:+.4f}" if back is not None else "-") + " | "
+                     + (f"{back / cost:.0%}" if cost and back is not None else "-") + " |")
+    if costs:
+        cost, back = float(np.mean(costs)), float(np.mean(regained))
+        lines.append(f"| mean of {len(costs)} | | | | {cost:+.4f} | {back:+.4f} | "
+                     + (f"{back / cost:.0%}" if cost > 0 else "-") + " |")
+    lines += ["", "| run | test acc | test images | wall s | CPU s (user + sys) | load |", "|---|---|---|---|---|---|"]
+    for key, v in sorted(runs.items()):
+        lines.append(f"| {key} | {v['test_acc']:.4f} | {v['test_images']} | {v['wall_s']} | {v['cpu_s']} | "
+                     f"{v['load']} |")
+    if "review" in r:
+        v = r["review"]
+        lines += ["", f"review of the flipped copy: {v['review_wall_s']} s wall, {v['review_cpu_s']} s CPU, features: "
+                      f"{v['features_from']}; issues {json.dumps({k: n for k, n in v['issues'].items() if n})}; "
+                      f"accepted {json.dumps(v['accepted'])}, by kind {json.dumps(v['accepted_by_kind'])}"]
+        if "flips" in v:
+            lines.append("planted flips: " + ", ".join(f"{k} {n}" for k, n in v["flips"].items()))
     return lines
 
 
@@ -369,6 +415,12 @@ def main() -> None:
                         "'--epochs 7 --feature-views 2' on a loaded machine")
     parser.add_argument("--copies-from", default="", help="a --dump file: only the near-copy detector, from its "
                         "features and the pHashes of the planted dataset made again")
+    parser.add_argument("--seeds", default="0,1,2", help="--loop: the training seeds (--seed plants the flips)")
+    parser.add_argument("--jobs", type=int, default=1, help="--loop: fast-preset runs at once")
+    parser.add_argument("--stage", default="all", choices=("before", "after", "all", "report"),
+                        help="--loop: 'before' trains as shipped and flipped, 'after' reviews and trains again "
+                        "(the two may run at once), 'report' writes the tables of what has finished")
+    parser.add_argument("--work", default="", help="--loop: the folder kept between stages (copies, runs, state)")
     parser.add_argument("--loop-report", default="", help="the --loop table again from its .json (also a loop "
                         "that has not finished)")
     args = parser.parse_args()

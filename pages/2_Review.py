@@ -16,7 +16,8 @@ from finetune_core.data import DatasetError, scan_dataset
 from finetune_core.datastore import runs_root
 from finetune_core.fixes import FixesError, add_fixes, dataset_stamp, fixes_path, load_fixes, undo_fix
 from finetune_core.review import (KIND_LABELS, KINDS, RELABEL_CONFIDENCE, ReviewJob, decided, fixes_for, load_result,
-                                  result_path, suggested_action, suggested_fixes)
+                                  left_to_a_person, result_path, suggested_action,
+                                  suggested_fixes)
 from tuneboard_ui import LIVE_REFRESH_S, flash, page, picture
 
 PER_PAGE = 12
@@ -137,24 +138,32 @@ def suggestion_words(issue, relabel_above: dict | None) -> str:
 
 
 def accept_all_section(root: str, result, fixes: list) -> None:
-    """One click for every suggestion on the training split (review.suggested_fixes)."""
+    """One click for every label issue's suggestion on the training split (review.suggested_fixes)."""
     pending = suggested_fixes(result, fixes)
+    left = left_to_a_person(result, fixes)
+    words = []
+    if left["train"]:
+        words.append(f"{left['train']} cop{'ies' if left['train'] != 1 else 'y'} or poor photo"
+                     f"{'s' if left['train'] != 1 else ''} of the training split (a second photo of an object, or a "
+                     "blurred one with a right label, is not an error)")
+    if left["test"]:
+        words.append(f"{left['test']} issue{'s' if left['test'] != 1 else ''} of the test split (leaks, labels: "
+                     "it is what accuracy is measured on)")
+    if words:
+        st.caption(f"{' and '.join(words)} {'are' if left['train'] + left['test'] != 1 else 'is'} left to you, one "
+                   "by one below.")
     if not pending:
         return
     relabel = sum(f.action == "relabel" for f in pending)
-    label = f"Accept all suggested for the training split ({relabel} relabel, {len(pending) - relabel} exclude)"
-    left = sum(1 for issue in result.issues if issue.split != "train")
-    if left:
-        st.caption(f"{left} issue{'s' if left != 1 else ''} of the test split (leaks, labels) "
-                   f"{'are' if left != 1 else 'is'} left to you, one by one below: the test split is what accuracy "
-                   "is measured on.")
+    label = (f"Accept all suggested label fixes of the training split ({relabel} relabel, "
+             f"{len(pending) - relabel} exclude)")
     if st.button(label, key="act_accept_all",
-                 help="Every undecided issue of the training split: a label issue is relabelled when the model "
-                      "is as sure of the suggested class as it is, on average, of the photos labelled with it, else "
-                      "excluded; copies and poor "
-                      "photos are excluded. Issues of the test split are left to you: it is what accuracy is "
-                      "measured on, and changing it to the model's answer would only flatter the model. Each fix "
-                      "can be undone below."):
+                 help="Every undecided label issue of the training split: relabelled when the model is as sure of "
+                      "the suggested class as it is, on average, of the photos labelled with it, else excluded. "
+                      "Copies within the training split and poor photos are left to you (excluding them fixes no "
+                      "label), and so are issues of the test split: it is what accuracy is measured on, and "
+                      "changing it to the model's answer would only flatter the model. Each fix can be undone "
+                      "below."):
         record(root, pending, "suggestions accepted")
 
 
