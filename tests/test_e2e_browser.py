@@ -44,12 +44,15 @@ def browser_page(chromium_page):
 
 @pytest.fixture(autouse=True)
 def screenshot_on_failure(request):
-    """What the page showed when a test gave up: artifacts/e2e/failed-<test>.png."""
+    """What the page showed when a test gave up: artifacts/e2e/failed-<test>.png. The page is asked for
+    before the test runs (asked for in teardown, pytest had already torn it down: an error on top of the
+    failure, and no screenshot)."""
+    page = request.getfixturevalue("browser_page") if "browser_page" in request.fixturenames else None
     yield
     report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed and "browser_page" in request.fixturenames:
+    if report is not None and report.failed and page is not None:
         SHOTS.mkdir(parents=True, exist_ok=True)
-        request.getfixturevalue("browser_page").screenshot(path=str(SHOTS / f"failed-{request.node.name}.png"))
+        page.screenshot(path=str(SHOTS / f"failed-{request.node.name}.png"))
 
 
 SHOTS = Path(os.environ.get("TUNEBOARD_SCREENSHOTS", ROOT / "artifacts" / "e2e"))
@@ -275,9 +278,11 @@ def test_the_dashboard_end_to_end(server, browser_page):
     # 5. Predict: drop an image, then a text file.
     page.goto(f"{url}/Predict")
     page.get_by_text("of the kept model").first.wait_for()
+    wait_idle(page)  # the page's whole run first: a file set while it still draws can land in an element it replaces
     page.get_by_role("tab", name="Classify your images").click()
     image = write_image(server["tmp"] / "a_red_thing.png", (220, 40, 40), (64, 64), noise=20)
-    page.locator("input[type=file]").first.set_input_files(str(image))
+    uploader = page.locator(".st-key-classify_upload input[type=file]")
+    uploader.set_input_files(str(image))
     page.get_by_text("a_red_thing.png:", exact=False).wait_for()
     answer = page.get_by_text("a_red_thing.png:", exact=False).inner_text()
     from finetune_core.predict import Predictor
@@ -290,7 +295,7 @@ def test_the_dashboard_end_to_end(server, browser_page):
     shot(page, "07-predict")
     notes = server["tmp"] / "notes.txt"
     notes.write_text("this is not an image")
-    page.locator("input[type=file]").first.set_input_files(str(notes))
+    uploader.set_input_files(str(notes))
     page.get_by_text("not an image that can be read", exact=False).wait_for()
     shot(page, "08-predict-not-an-image")
 
