@@ -56,6 +56,12 @@ class Prediction:
     unlike: bool = False          # far from every training photo's features (novelty.py): "not sure" however confident
 
     @property
+    def reason(self) -> str:
+        """Why an image could not be read, without the name its error begins with."""
+        prefix = f"{self.name}: "
+        return self.error[len(prefix):] if self.error.startswith(prefix) else self.error
+
+    @property
     def low_confidence(self) -> bool:
         return bool(self.top) and self.top[0][1] < self.threshold
 
@@ -375,10 +381,17 @@ def predict_zip(predictor: "Predictor", source, name: str, top_k: int = 3, thres
 
     with tempfile.TemporaryDirectory(prefix="tuneboard-predict-") as tmp:
         folder = extract_zip(source, tmp, "upload", class_folders=False)  # photos, not a dataset
-        results = predictor.predict_folder(folder, top_k, threshold, progress=progress)
-        for r in results:
-            r.name = relative_name(r.name, folder)
-            r.error = r.error.replace(f"{folder}/", "")
+        results = relative_to(predictor.predict_folder(folder, top_k, threshold, progress=progress), folder)
+    return results
+
+
+def relative_to(results: list[Prediction], folder: str | os.PathLike) -> list[Prediction]:
+    """The results' names and error texts relative to `folder` (a zip's temporary folder, a folder
+    named on the page): an error then begins with the name the table shows, so the page can name the
+    file whole (a folder with spaces in its path was cut into pieces of code)."""
+    for r in results:
+        r.name = relative_name(r.name, Path(folder))
+        r.error = r.error.replace(f"{folder}/", "")
     return results
 
 

@@ -11,7 +11,7 @@ from finetune_core import analysis, calibration, datastore, novelty, plots
 from finetune_core.datastore import runs_root
 from finetune_core.heatmaps import METHOD, HeatmapError, Heatmapper
 from finetune_core.predict import (MAX_IMAGE_BYTES, PredictError, Predictor, bundle_warning, bundle_zip_bytes,
-                                   export_bundle, image_from_bytes, predict_zip, predictions_frame, relative_name)
+                                   export_bundle, image_from_bytes, predict_zip, predictions_frame, relative_to)
 from finetune_core.runs import CHECKPOINT_LAST, PREDICTIONS, RunDir, RunInfo, list_runs
 from tuneboard_ui import keep_run_choice, page, picture, state_label
 
@@ -249,9 +249,7 @@ def folder_tab(model: Predictor, threshold: float) -> None:
     try:
         if go:
             path = datastore.check_data_folder(folder.strip())
-            results = model.predict_folder(path, threshold=threshold, progress=progress)
-            for r in results:
-                r.name = relative_name(r.name, path)
+            results = relative_to(model.predict_folder(path, threshold=threshold, progress=progress), path)
             st.session_state["folder_results"] = (model.source, results)
         elif zip_key is not None and st.session_state.get("folder_zip_done") != zip_key:  # a new zip, or run
             results = predict_zip(model, upload, upload.name, threshold=threshold, progress=progress)
@@ -274,7 +272,7 @@ def folder_tab(model: Predictor, threshold: float) -> None:
                f"unlike the training photos), {errors} unreadable")
     # The error column wide and holding the reason alone (the file column names the file), and each
     # unreadable file's reason in full below: a narrow cell showed the start of the path and cut off why.
-    shown = frame.assign(error=[r.error.partition(": ")[2] or r.error for r in results])
+    shown = frame.assign(error=[r.reason for r in results])
     st.dataframe(shown, width="stretch", hide_index=True, key="folder_table",
                  column_config={"error": st.column_config.TextColumn("error", width="large")})
     unreadable = [r for r in results if r.error]

@@ -250,5 +250,7 @@ def test_a_folders_unreadable_files_are_named_with_their_whole_reason(calibrated
     assert json.loads(table.proto.columns)["error"]["width"] == "large"
     why = table.value.set_index("file").loc["a photo from the camera roll.jpg", "error"]
     assert why.startswith("not an image that can be read (")  # the reason, not the path it began with
-    assert [m.value for m in at.markdown if "camera roll" in m.value and why in m.value]
+    # the file named whole, as one piece of code (with the folder's path left in, '/.../to classify/a photo...'
+    # was cut at its spaces into pieces of code)
+    assert [m.value for m in at.markdown if "`a photo from the camera roll.jpg`" in m.value and why in m.value]
     assert any(e.label.startswith("Unreadable: 1 file") for e in at.expander)
