@@ -1060,15 +1060,16 @@ def suggested_fixes(result: ReviewResult, fixes) -> list:
 
 
 def left_to_a_person(result: ReviewResult, fixes) -> dict[str, int]:
-    """The undecided issues Accept all does not cover, by where they are: {"test": issues of the
-    test split, "train": copies and poor photos of the training split} (the page names both)."""
+    """The photos with undecided issues that Accept all does not cover, by where they are: {"test":
+    photos of the test split, "train": copies and poor photos of the training split} (the page names
+    both). Photos, not issues: a dark photo that is also a near copy is one photo to look at."""
     done = decided(result, fixes)
-    out = {"test": 0, "train": 0}
+    out: dict[str, set[str]] = {"test": set(), "train": set()}
     for issue in result.issues:
         if done.get(issue.path) or done.get(f"{issue.path}|{issue.kind}"):
             continue
         if issue.split != "train":
-            out["test"] += 1
+            out["test"].add(issue.path)
         elif issue.kind not in ACCEPT_ALL_KINDS:
-            out["train"] += 1
-    return out
+            out["train"].add(issue.path)
+    return {where: len(paths) for where, paths in out.items()}

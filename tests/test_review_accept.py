@@ -36,7 +36,8 @@ def test_accept_all_relabels_where_the_model_is_sure_excludes_where_unsure_and_l
                     other=str(tmp_path / "train/cat/b.png")),
               Issue("exact_duplicate", str(tmp_path / "train/dog/d.png"), "train", "dog",
                     other=str(tmp_path / "train/dog/a.png")),
-              Issue("dark", str(tmp_path / "train/dog/dark.png"), "train", "dog")]
+              Issue("dark", str(tmp_path / "train/dog/dark.png"), "train", "dog"),
+              Issue("blurry", str(tmp_path / "train/dog/dark.png"), "train", "dog")]  # one photo, two issues
     already = [Fix("keep", "train/dog/kept.png", kind="label")]
     labels = np.array([0, 0, 1, 1])  # the mean probability of each class on the images labelled with it
     probs = np.array([[0.7, 0.3], [0.5, 0.5], [0.1, 0.9], [0.3, 0.7]])
@@ -47,7 +48,7 @@ def test_accept_all_relabels_where_the_model_is_sure_excludes_where_unsure_and_l
     assert [(f.action, f.path, f.to) for f in fixes] == [("relabel", "train/cat/sure.png", "dog"),
                                                          ("exclude", "train/cat/unsure.png", "")]
     # what the page names as left to a person: the two test issues, the copies and the dark photo
-    # (sure.png's near copy is undecided until its relabel is recorded)
+    # (sure.png's near copy is undecided until its relabel is recorded); photos, not issues
     assert left_to_a_person(review, already) == {"test": 2, "train": 4}
     assert left_to_a_person(review, already + fixes) == {"test": 2, "train": 3}
 
