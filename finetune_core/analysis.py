@@ -294,6 +294,10 @@ def unmeasured_run_warning(config, report, cpu_cores: int | None = None) -> str:
         ceiling = FASTEST_IMAGES_PER_S_224.get(kind, FASTEST_IMAGES_PER_S_224["cuda"])
         if kind == "cpu":
             ceiling *= cpu_cores or os.cpu_count() or 1
+        else:  # one process per GPU (distributed.default_processes): each at most the ceiling
+            from .distributed import default_processes
+
+            ceiling *= default_processes(config.processes, config.device)
         ceiling *= (224 / config.image_size) ** 2
         least = images / ceiling
         if least > LONG_RUN_S:

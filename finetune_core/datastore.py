@@ -283,8 +283,14 @@ def _dataset_folder(unpacked: Path) -> Path:
 
 def default_dataset(address: str = "") -> str:
     """The dataset a page opens on in a new session, as the Train page does: the one its address
-    names (?data=FOLDER, checked where it is used), else the built-in example (written once)."""
-    return address or str(ensure_example_dataset())
+    names (?data=FOLDER, checked where it is used), else the built-in example (written once); ""
+    (the page asks for a folder) where the example cannot be written (a read-only data folder)."""
+    if address:
+        return address
+    try:
+        return str(ensure_example_dataset())
+    except (OSError, ImportError):
+        return ""
 
 
 def ensure_example_dataset(root: str | os.PathLike | None = None, size: int = 32) -> Path:

@@ -577,7 +577,7 @@ def launch_section(config: TrainConfig | None, errors: dict[str, str], data_path
     blocked = ("choose a dataset" if not data_path else
                "the dataset could not be read" if report is None else
                f"the dataset cannot be used: {report.reason()}" if not report.usable else
-               f"fix the settings marked above ({'; '.join(errors.values())})" if errors else  # named: far up the page
+               f"fix the settings marked above ({analysis.markdown_message('; '.join(errors.values()))})" if errors else  # named: far up the page
                "fix the settings marked above" if config is None else
                "fix the sweep's values" if sweep_error else
                "its weights are downloading (or stop the download)" if downloading(config) else

@@ -49,9 +49,27 @@ def test_the_review_page_opened_by_its_address_starts_on_trains_default_dataset(
     assert at.text_input(key="review_data_input").value == str(data) and not at.exception
 
 
-def test_an_absurd_epoch_count_is_warned_about_before_any_run_has_measured_a_speed(dashboard_env):
+def test_a_data_folder_the_example_cannot_be_written_to_leaves_review_asking_for_a_folder(monkeypatch):
+    """Writing the example is how a fresh Review session finds its default: where that fails (a
+    read-only data folder) the page asks for a folder instead of stopping with a traceback."""
+    from finetune_core import datastore
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/srv/photos/digits")
+
+    monkeypatch.setattr(datastore, "ensure_example_dataset", read_only)
+    assert datastore.default_dataset() == ""
+    assert datastore.default_dataset("/srv/photos/pets") == "/srv/photos/pets"
+    at = page("pages/2_Review.py").run()
+    assert not at.exception
+    assert [i.value for i in at.info if "Choose a dataset" in i.value]
+
+
+def test_an_absurd_epoch_count_is_warned_about_before_any_run_has_measured_a_speed(dashboard_env, monkeypatch):
     """1000 epochs typed for 10, with no finished run to estimate from: the page said only "no cost
     estimate yet". A run that trains every layer gets a floor on its time; any run, the epochs named."""
+    import torch
+
     from finetune_core import analysis
     from finetune_core.data import scan_dataset
     from finetune_core.config import preset_config
@@ -62,6 +80,15 @@ def test_an_absurd_epoch_count_is_warned_about_before_any_run_has_measured_a_spe
     assert warning.startswith("This run would take at least 4.0 hours: 1,438,000 training images (1,000 epochs) "
                               "at 100 images/s"), warning
     assert analysis.unmeasured_run_warning(every_layer.replace(epochs=5), digits, cpu_cores=2) == ""
+    # on GPUs, one process each: 8 of them at most 8 times one's speed (the floor was 8 times too high)
+    from finetune_core import models
+
+    monkeypatch.setattr(models, "resolve_device", lambda device: torch.device("cuda"))
+    one_gpu = analysis.unmeasured_run_warning(every_layer.replace(device="cuda", epochs=200_000, processes=1), digits)
+    eight = analysis.unmeasured_run_warning(every_layer.replace(device="cuda", epochs=200_000, processes=8), digits)
+    assert one_gpu.startswith("This run would take at least 16.0 hours") and "at 5,000 images/s" in one_gpu, one_gpu
+    assert eight.startswith("This run would take at least 2.0 hours") and "at 40,000 images/s" in eight, eight
+    monkeypatch.undo()
     cached = preset_config("fast", data=str(digits.root), device="cpu", epochs=1000)  # the frozen part cached
     assert analysis.unmeasured_run_warning(cached, digits).startswith("1,000 epochs is far more than fine-tuning needs")
     assert analysis.unmeasured_run_warning(cached.replace(epochs=30), digits) == ""
