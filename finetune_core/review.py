@@ -102,7 +102,8 @@ KIND_LABELS = {"label": "Label issue", "exact_duplicate": "Exact copy", "near_du
 # relabel only when the model is confident in the suggested class, else exclude: suggested_action).
 SUGGESTED_ACTION = {"label": "relabel", "leak": "drop_leak", "exact_duplicate": "exclude",
                     "near_duplicate": "exclude", **{k: "exclude" for k in QUALITY_KINDS}}
-ACCEPT_ALL_KINDS = ("label",)     # what "Accept all suggested" answers on the training split (suggested_fixes)
+ACCEPT_ALL_KINDS = ("label",)     # what "Accept all suggested" answers on the training split (suggested_fixes),
+                                  # with an exact copy filed under another class (accepted_by_accept_all)
 RELABEL_CONFIDENCE = 0.5        # a saved review without per-class thresholds (method["relabel_above"]) relabels
                                 # from this probability of the suggested class (more likely than all others together)
 
@@ -873,9 +874,13 @@ def copy_issues(report: ScanReport, images: ImagePass, notes: list[str] | None =
             j = first_of[sha[p]]
             exact.add(k)
             kind = "leak" if split(k) != split(j) else "exact_duplicate"
+            conflict = kind == "exact_duplicate" and labels[k] != labels[j]  # one photo, two labels: one is wrong
             issues.append(Issue(kind, p, split(k), classes[labels[k]], score=1.0, other=paths[j],
-                                detail="the same file as " + ("a training image" if kind == "leak"
-                                                              else "another image")))
+                                suggested=classes[labels[j]] if conflict else "",
+                                detail="the same file as " + ("a training image" if kind == "leak" else
+                                                              f"an image filed under {classes[labels[j]]}: one of "
+                                                              "the two labels is wrong" if conflict else
+                                                              "another image")))
         else:
             first_of[sha[p]] = k
     both = tuple(np.concatenate([images.hashes["train"][k], images.hashes["test"][k]]) for k in range(3))
@@ -1037,6 +1042,14 @@ def decided(result: ReviewResult, fixes) -> dict[str, str]:
     return out
 
 
+def accepted_by_accept_all(issue: Issue) -> bool:
+    """Whether "Accept all suggested" answers this issue: a label issue of the training split, or an
+    exact copy within it filed under another class than the photo it copies (the same bytes under
+    two labels teach both: the copy is left out, and the label step judges the photo it copies)."""
+    conflict = issue.kind == "exact_duplicate" and bool(issue.suggested) and issue.suggested != issue.given
+    return issue.split == "train" and (issue.kind in ACCEPT_ALL_KINDS or conflict)
+
+
 def suggested_fixes(result: ReviewResult, fixes) -> list:
     """What "Accept all suggested" records: the suggested fix (suggested_action) of every label issue
     of the training split (ACCEPT_ALL_KINDS) that `fixes` (the fixes file's entries) does not answer
@@ -1051,7 +1064,7 @@ def suggested_fixes(result: ReviewResult, fixes) -> list:
     done = decided(result, fixes)
     chosen, seen = [], set()
     for issue in result.issues:
-        if issue.split != "train" or issue.kind not in ACCEPT_ALL_KINDS or issue.path in seen \
+        if not accepted_by_accept_all(issue) or issue.path in seen \
                 or done.get(issue.path) or done.get(f"{issue.path}|{issue.kind}"):
             continue
         seen.add(issue.path)
@@ -1070,6 +1083,6 @@ def left_to_a_person(result: ReviewResult, fixes) -> dict[str, int]:
             continue
         if issue.split != "train":
             out["test"].add(issue.path)
-        elif issue.kind not in ACCEPT_ALL_KINDS:
+        elif not accepted_by_accept_all(issue):
             out["train"].add(issue.path)
     return {where: len(paths) for where, paths in out.items()}

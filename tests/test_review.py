@@ -232,6 +232,8 @@ def test_review_finds_a_flipped_label_a_leak_and_a_dark_photo_end_to_end(tmp_pat
     plant_dark_blurred_uniform(dark, tmp_path / "p")
     shutil.copy(tmp_path / "p" / "dark.png", dark.with_suffix(".png"))
     dark.unlink()
+    twin = sorted((data / "train" / "ants").glob("*.jpg"))[2]
+    shutil.copy(twin, data / "train" / "bees" / "twin.jpg")  # one photo filed under both classes
 
     assert main(["review", str(data), "--json", "--image-size", "128"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -240,6 +242,13 @@ def test_review_finds_a_flipped_label_a_leak_and_a_dark_photo_end_to_end(tmp_pat
     assert (label["given"], label["suggested"]) == ("ants", "bees")
     assert by_path[("leak.jpg", "leak")]["other"] == str(leaked)
     assert (dark.with_suffix(".png").name, "dark") in by_path  # the planted dark photo
+    conflict = by_path[("twin.jpg", "exact_duplicate")]
+    assert (conflict["given"], conflict["suggested"], conflict["other"]) == ("bees", "ants", str(twin))
+    from finetune_core.review import Issue, ReviewResult, suggested_fixes
+
+    review = ReviewResult(root=str(data), classes=result["classes"], issues=[Issue(**i) for i in result["issues"]],
+                          images={}, method={})
+    assert ("exclude", "train/bees/twin.jpg") in {(f.action, f.path) for f in suggested_fixes(review, [])}
     assert set(result["issues"][0]) >= {"kind", "path", "given", "suggested", "score", "other"}
     flagged_labels = [i for i in result["issues"] if i["kind"] == "label"]
     assert len(flagged_labels) <= 3  # few false alarms on 60 training photos
