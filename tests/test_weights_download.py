@@ -106,16 +106,10 @@ def test_the_train_page_says_the_weights_are_not_downloaded_and_offers_a_downloa
     """Before launch: "not downloaded (about N MiB)" and Download; during it a progress bar, Stop,
     Train disabled, and Home lists it; Stop ends it and the page says so."""
     import tuneboard_ui
-    from conftest import make_dataset, page
+    from conftest import page
 
     monkeypatch.setenv("FAKE_DOWNLOAD_PAUSE", "5")  # 30 s: it is still running when Stop is clicked
-    monkeypatch.setattr(downloads, "FETCH", SLOW_FAKE)
-    tuneboard_ui.weights_downloads.clear()  # a manager made now, with the fake
-    data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
-    at = page("pages/1_Train.py").run()
-    at.radio(key="data_source").set_value("A folder path").run()
-    at.text_input(key="data_path_text").set_value(str(data)).run()
-    at.selectbox(key="f_backbone").set_value(NAME).run()
+    at = train_page_choosing_the_backbone(dashboard_env, monkeypatch, SLOW_FAKE)
     warned = [w.value for w in at.warning if "not downloaded" in w.value]
     assert warned and f"{NAME} are not downloaded (about 6.1 MiB)" in warned[0], [w.value for w in at.warning]
     at.button(key="download_weights").click().run()
@@ -143,6 +137,21 @@ def test_stop_after_the_child_completed_says_the_weights_were_kept(hub_home, mon
     assert models.hub_cached_file(models.backbone_spec(NAME)) is not None
 
 
+def train_page_choosing_the_backbone(dashboard_env, monkeypatch, fetch: str):
+    """The Train page on a tiny dataset with NAME chosen, its downloads made by `fetch` (a fake)."""
+    import tuneboard_ui
+    from conftest import make_dataset, page
+
+    monkeypatch.setattr(downloads, "FETCH", fetch)
+    tuneboard_ui.weights_downloads.clear()  # a manager made now, with the fake
+    data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
+    at = page("pages/1_Train.py").run()
+    at.radio(key="data_source").set_value("A folder path").run()
+    at.text_input(key="data_path_text").set_value(str(data)).run()
+    at.selectbox(key="f_backbone").set_value(NAME).run()
+    return at
+
+
 @pytest.mark.slow
 def test_after_a_failed_download_train_is_refused_naming_the_backbone_and_the_error_reads_as_written(
         dashboard_env, hub_home, monkeypatch):
@@ -150,15 +159,8 @@ def test_after_a_failed_download_train_is_refused_naming_the_backbone_and_the_er
     the weights again and failed. Train is refused, naming the backbone and what to do; the error
     ("<urlopen error ...>") is shown as its text, not half turned into code."""
     import tuneboard_ui
-    from conftest import make_dataset, page
 
-    monkeypatch.setattr(downloads, "FETCH", "fake_downloads:offline_download")
-    tuneboard_ui.weights_downloads.clear()  # a manager made now, with the fake
-    data = make_dataset(dashboard_env / "tiny", per_class=4, test_per_class=2)
-    at = page("pages/1_Train.py").run()
-    at.radio(key="data_source").set_value("A folder path").run()
-    at.text_input(key="data_path_text").set_value(str(data)).run()
-    at.selectbox(key="f_backbone").set_value(NAME).run()
+    at = train_page_choosing_the_backbone(dashboard_env, monkeypatch, "fake_downloads:offline_download")
     assert not at.button(key="train_button").disabled  # not downloaded: the run would fetch them
     at.button(key="download_weights").click().run()
     assert wait_until(lambda: tuneboard_ui.weights_downloads().download(NAME)["state"] == "failed", timeout=60)
