@@ -75,6 +75,7 @@ from .novelty import (REFERENCE_FILE, choose_distance_threshold, cross_validated
 from .prepare import (PreparedData, augment_batch, center_view_batch, normalize_batch, prepare_data,
                       validation_split)
 from .runs import (CHECKPOINT_BEST, CHECKPOINT_LAST, PREDICTIONS, RunDir, atomic_write_file, claim_run, now_iso,
+                   resume_clause,
                    release_run, run_score, status_before_resume, status_put_back, without_before_resume)
 
 Event = dict
@@ -1181,7 +1182,7 @@ def train(config: TrainConfig, run_dir: RunDir | str | os.PathLike, on_event: Ev
                                   message=(f"stopped: {reason}" if reason else "stopped by the user")
                                   + (" (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
                                      or getattr(stop_event, "interrupted", False) else "")
-                                  + ("; it can be resumed from its last checkpoint" if run.has_checkpoint() else ""),
+                                  + resume_clause(run.has_checkpoint()),
                                   **summary())
         if isinstance(exc, KeyboardInterrupt):
             interrupted = exc

@@ -39,6 +39,7 @@ from .engine import config_record, resolve_auto, train
 from .models import resolve_device
 from .phases import PhaseMeter
 from .runs import (ACTIVE_STATES, BEFORE_RESUME, META, RESUMABLE_STATES, RunDir, claim_run, launched_pid,
+                   resume_clause,
                    list_runs, mark_interrupted, new_run_dir, now_iso, release_run, run_info, status_before_resume,
                    status_put_back)
 from .sweep import is_sweep_group
@@ -307,8 +308,7 @@ class JobManager:
                 continue  # a torchrun child outlives this server: it owns the run and writes its end itself
             job.run.write_status(state="interrupted", ended_at=now_iso(),
                                  message="interrupted: the server shut down before the run could stop"
-                                         + ("; it can be resumed from its last checkpoint"
-                                            if job.run.has_checkpoint() else ""))
+                                         + resume_clause(job.run.has_checkpoint()))
 
     # --- the worker ----------------------------------------------------------------------------
     def _work(self, device: str) -> None:

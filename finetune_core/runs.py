@@ -769,9 +769,15 @@ def delete_run(path: str | os.PathLike) -> None:
     shutil.rmtree(run.path, ignore_errors=True)
 
 
+def resume_clause(has_checkpoint: bool) -> str:
+    """How a stopped or interrupted run's message ends: whether it can be resumed, and if not, why
+    and what to do (a run stopped in its first epoch showed no Resume and said nothing of it)."""
+    return ("; it can be resumed from its last checkpoint" if has_checkpoint else
+            "; it ended before its first epoch did, so there is no checkpoint to resume: press Train to start it again")
+
+
 def interrupted_message(state: str, has_checkpoint: bool) -> str:
-    return (f"interrupted: the process writing this run ended while it was {state}"
-            + ("; it can be resumed from its last checkpoint" if has_checkpoint else ""))
+    return f"interrupted: the process writing this run ended while it was {state}" + resume_clause(has_checkpoint)
 
 
 def mark_interrupted(runs_dir: str | os.PathLike, alive: Callable[[RunDir], bool] = lambda run: False) -> list[str]:

@@ -166,6 +166,8 @@ def test_a_stop_while_decoding_ends_the_run_without_decoding_the_rest(tmp_path, 
 
     status = train(tiny_train_config(data), tmp_path / "run", on_event=on_event, stop_event=stop, cache_dir="")
     assert status["state"] == "stopped"
+    # nothing to resume, and the run says so (a first user saw no Resume button and no reason)
+    assert status["message"].endswith("there is no checkpoint to resume: press Train to start it again")
     workers = min(8, os.cpu_count() or 1)
     # At most the images until the next progress call (which raises) and those already in hand.
     assert len(started_after_stop) <= prepare.PROGRESS_EVERY + workers, len(started_after_stop)
