@@ -171,11 +171,15 @@ def confidence_tab(info: RunInfo, model: Predictor, predictions) -> float:
         return threshold
     st.markdown(f"**Temperature {record['temperature']:.2f}** ({record['method']}). Expected calibration error on "
                 f"the test split: **{record['ece_before']:.3f}** before, **{record['ece_after']:.3f}** after. The "
-                f"run's threshold, {record['threshold']:.2f}, was chosen for at most {record['max_error']:.0%} "
-                "errors among the answered images.")
+                f"run's threshold, {record['threshold']:.2f}, "
+                + (f"aims at {record['max_error']:.0%} errors among the answered images, which this model cannot "
+                   "reach (below)." if record.get("threshold_capped") else
+                   f"was chosen for at most {record['max_error']:.0%} errors among the answered images."))
     if record.get("threshold_capped"):
-        st.warning(f"This model is often wrong even where it answers: {record['test_error_answered'] or 0:.1%} of the "
-                   f"test photos it answers are wrong. Keeping that to {record['max_error']:.0%} would have meant "
+        st.warning(f"This model is often wrong even where it answers: at the run's threshold, "
+                   f"{record['test_error_answered'] or 0:.1%} of the test photos it answers are wrong (measured when the "
+                   f"run ended; the line above the slider counts at the slider's value). Keeping that to "
+                   f"{record['max_error']:.0%} would have meant "
                    f"\"not sure\" for more than {calibration.MAX_NOT_SURE:.0%} of the photos, so the threshold stops "
                    f"at {calibration.MAX_NOT_SURE:.0%} \"not sure\". Train longer or on more photos; or raise the "
                    "slider for fewer wrong answers and more \"not sure\".")

@@ -254,3 +254,23 @@ def test_a_folders_unreadable_files_are_named_with_their_whole_reason(calibrated
     # was cut at its spaces into pieces of code)
     assert [m.value for m in at.markdown if "`a photo from the camera roll.jpg`" in m.value and why in m.value]
     assert any(e.label.startswith("Unreadable: 1 file") for e in at.expander)
+
+
+def test_the_confidence_tab_says_a_capped_threshold_misses_its_error_rate_instead_of_claiming_it(
+        calibrated_run, dashboard_env):
+    """A first user read "chosen for at most 5% errors" above a warning that 30.7% of the answers were
+    wrong: a threshold the cap stopped says it aims at 5% and cannot reach it."""
+    import shutil
+
+    from conftest import page
+
+    run = dashboard_env / "runs" / calibrated_run.name
+    shutil.copytree(calibrated_run, run)
+    status = json.loads((run / "status.json").read_text())
+    status["calibration"].update(threshold=0.28, threshold_capped=True, test_error_answered=0.307, max_error=0.05)
+    (run / "status.json").write_text(json.dumps(status))
+    at = page("pages/3_Predict.py").run()
+    assert not at.exception
+    said = " ".join(m.value for m in at.markdown if "run's threshold" in m.value)
+    assert "cannot reach" in said and "was chosen for at most" not in said, said
+    assert [w.value for w in at.warning if "30.7% of the test photos it answers are wrong" in w.value]
