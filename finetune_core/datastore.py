@@ -240,9 +240,14 @@ def extract_zip(source, dest_root: str | os.PathLike, name: str, max_unpacked: i
 
 
 def refuse_loose_images(folder: Path, name: str) -> None:
-    """UploadError for a zip of photos with no class folders (images at its top): the scan would
-    refuse it anyway, and the unpacked folder was left behind in the data folder."""
+    """UploadError for a zip with no images, or of photos with no class folders (images at its top):
+    the scan would refuse it anyway, and the unpacked folder was left behind in the data folder."""
     entries = [p for p in folder.iterdir() if not is_hidden(p.name)]
+    if not any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+               and not any(is_hidden(part) for part in p.relative_to(folder).parts) for p in folder.rglob("*")):
+        # the scan would refuse it too, and the folder stayed behind, listed as a dataset (a first user's)
+        raise UploadError(f"{name}: holds no images (none of {', '.join(sorted(IMAGE_EXTENSIONS))}); put each "
+                          "class's photos in a folder named after the class and zip those folders; nothing was kept")
     loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if loose and not any(p.is_dir() for p in entries):
         raise UploadError(f"{name}: its {len(loose)} images are at the top of the archive, with no class folders; "

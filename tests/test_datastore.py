@@ -28,6 +28,18 @@ def zip_bytes(entries: dict[str, bytes], links: dict[str, str] | None = None) ->
     return buf
 
 
+def test_a_zip_with_no_images_is_refused_and_leaves_nothing_behind(tmp_path):
+    """A first user's zip of notes was unpacked, refused by the scan, and left in the data folder,
+    where it was then listed as a dataset."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("notes/a/readme.txt", "no photos here")
+        zf.writestr("notes/b/.hidden.png", b"x")  # hidden: not an image the scan reads
+    with pytest.raises(datastore.UploadError, match="notes.zip: holds no images .*nothing was kept"):
+        datastore.extract_zip(buf, tmp_path / "data", "notes.zip")
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
 def test_example_dataset_is_real_digits_written_once(example_digits):
     """The session's copy (conftest), as the page tests use it: asked for again, it is not rewritten."""
     path = example_digits
