@@ -177,7 +177,10 @@ def issues_section(root: str, result, fixes: list) -> None:
     for col, (kind, n) in zip(cols, [(k, n) for k, n in counts.items() if n]):
         col.metric(KIND_LABELS[kind], n)
     with st.expander("Class health", expanded=bool(result.health_notes)):
-        st.dataframe(result.class_health, hide_index=True, width="stretch")
+        st.dataframe(result.class_health, hide_index=True, width="stretch", column_config={
+            "class": "Class", "train": "Training images", "test": "Test images",
+            "share": st.column_config.NumberColumn("Share of training", format="percent"),
+            "label_issues": "Suspected wrong labels", "copies": "Copies", "low_quality": "Poor photos"})
         for note in result.health_notes:
             st.warning(note)
     accept_all_section(root, result, fixes)

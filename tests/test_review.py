@@ -262,7 +262,9 @@ def write_review_result(root: Path, runs: Path) -> None:
     issues = [Issue("label", str(root / "train" / "cat" / "cat_0.png"), "train", "cat", "dog", 0.97, confidence=0.97,
                     detail="planted"),
               Issue("dark", str(root / "train" / "dog" / "dog_1.png"), "train", "dog", score=0.5, detail="planted")]
-    save_result(ReviewResult(root=report.root, classes=report.classes, issues=issues,
+    health = [{"class": "cat", "train": 4, "test": 2, "share": 0.5, "label_issues": 1, "copies": 0, "low_quality": 0},
+              {"class": "dog", "train": 4, "test": 2, "share": 0.5, "label_issues": 0, "copies": 0, "low_quality": 1}]
+    save_result(ReviewResult(root=report.root, classes=report.classes, issues=issues, class_health=health,
                              images={"train": 8, "test": 4}, method={"backbone": "test", "folds": 5}),
                 result_path(report.root, runs))
 
@@ -275,6 +277,10 @@ def test_review_page_relabels_excludes_and_undoes_and_the_train_page_counts(dash
     at.session_state["current_dataset"] = str(data)
     at.run()
     assert not at.exception
+    # class health in words and a share in percent (a first user saw 'label_issues' and 0.0987)
+    (health,) = [d for d in at.dataframe if "label_issues" in d.value.columns]
+    shown = json.loads(health.proto.columns)
+    assert shown["label_issues"]["label"] == "Suspected wrong labels" and shown["share"]["type_config"]["format"] == "percent"
     at.checkbox(key=f"sel-label-{data.resolve() / 'train' / 'cat' / 'cat_0.png'}").check().run()
     at.selectbox(key="act_relabel_to").set_value("dog")
     at.button(key="act_relabel").click().run()
