@@ -28,6 +28,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -213,6 +214,15 @@ def is_hidden(name: str) -> bool:
     zip, Windows' thumbnails and folder settings. One rule for the scan, the data-folder listings,
     an upload's summary and Predict's folder of photos."""
     return name.startswith(".") or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
+
+
+def images_under(folder: Path) -> Iterator[Path]:
+    """Every file under `folder` (sub-folders included) with an image extension, hidden ones
+    (is_hidden, at any depth) left out, in no particular order."""
+    for p in folder.rglob("*"):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() \
+                and not any(is_hidden(part) for part in p.relative_to(folder).parts):
+            yield p
 
 
 def _list_dir(path: Path) -> list[os.DirEntry]:

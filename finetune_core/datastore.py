@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, DatasetError, find_dataset_root, is_hidden
+from .data import IMAGE_EXTENSIONS, DatasetError, find_dataset_root, images_under, is_hidden
 from .fixes import FIXES_FILE
 from .runs import APP_DIR, default_runs_dir
 
@@ -243,8 +243,7 @@ def refuse_loose_images(folder: Path, name: str) -> None:
     """UploadError for a zip with no images, or of photos with no class folders (images at its top):
     the scan would refuse it anyway, and the unpacked folder was left behind in the data folder."""
     entries = [p for p in folder.iterdir() if not is_hidden(p.name)]
-    if not any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-               and not any(is_hidden(part) for part in p.relative_to(folder).parts) for p in folder.rglob("*")):
+    if next(images_under(folder), None) is None:
         # the scan would refuse it too, and the folder stayed behind, listed as a dataset (a first user's)
         raise UploadError(f"{name}: holds no images (none of {', '.join(sorted(IMAGE_EXTENSIONS))}); put each "
                           "class's photos in a folder named after the class and zip those folders; nothing was kept")

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from .calibration import NOT_SURE
-from .data import IMAGE_EXTENSIONS, is_hidden, load_rgb, resize_size_for
+from .data import images_under, load_rgb, resize_size_for
 from .models import build_model, classified_views, get_head, mean_logits
 from .novelty import LOW_CONFIDENCE, NEIGHBOURS, REFERENCE_FILE, UNLIKE, distances, head_inputs, load_reference
 from .prepare import normalize_batch, test_view
@@ -366,8 +366,7 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise PredictError(f"{folder}: {'not a folder' if folder.exists() else 'does not exist'}")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not any(is_hidden(part) for part in p.relative_to(folder).parts))
+    return sorted(images_under(folder))
 
 
 def predict_zip(predictor: "Predictor", source, name: str, top_k: int = 3, threshold: float | None = None,
